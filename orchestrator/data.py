@@ -1,0 +1,222 @@
+"""Datasets: CIFAR-10/100 from their standard python layouts, synthetic CIFAR-shaped data, ImageNet
+folders.
+
+CIFAR is held whole as one uint8 tensor and augmented in batches on the training device (the
+airbench approach): normalise with the per-channel means and stds of the original Torch code,
+random horizontal flip, 4-pixel zero pad and random 32x32 crop. All randomness comes from a
+generator seeded by (seed, epoch), so an epoch's batches are a pure function of the seed: a
+resumed run sees the same data, and every rank of a data-parallel replica sees the same batch.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+# Means and stds (0-255 scale) of fb.resnet.torch's CIFAR loaders, which the paper's code used.
+NORMALIZATION = {
+    "cifar10": ((125.3, 123.0, 113.9), (63.0, 62.1, 66.7)),
+    "cifar100": ((129.3, 124.1, 112.4), (68.2, 65.4, 70.4)),
+    "synthetic": ((127.5, 127.5, 127.5), (64.0, 64.0, 64.0)),
+}
+LAYOUT = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                "labels"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels"),
+}
+# md5 sums of the official python-version files; other copies load with a warning.
+OFFICIAL_MD5 = {
+    "data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "test_batch": "40351d587109b95175f43aff81a1287e",
+    "train": "16019d7e3df5f24257cddd939b257f8d",
+    "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+}
+CLASSES = {"cifar10": 10, "cifar100": 100, "synthetic": 10}
+
+
+class DataError(RuntimeError):
+    """A dataset that is missing, unreadable or malformed; the message says how to fix it."""
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8, (N, 3, 32, 32)
+    labels: torch.Tensor  # int64, (N,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, size: int | None) -> "Split":
+        if size is None or size >= len(self):
+            return self
+        return Split(self.images[:size], self.labels[:size])
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """The CIFAR batches are pickles: allow only the numpy types they contain, never code."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")} | {
+        (f"numpy{core}.{mod}", fn) for core in (".core", "._core")
+        for mod, fn in (("multiarray", "_reconstruct"), ("numeric", "_frombuffer"))}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"unexpected object {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _read_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Images, labels, and whether the file is the official release (by md5)."""
+    raw = path.read_bytes()
+    try:
+        batch = _CifarUnpickler(io.BytesIO(raw), encoding="latin1").load()
+        # Keys are str in the official (Python 2) files read with latin1, bytes in some copies.
+        batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+        data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(batch[label_key], dtype=np.int64)
+    except Exception as exc:
+        raise DataError(f"{path} is not a readable CIFAR batch ({exc}); delete it and download "
+                        f"again, or replace it with an intact copy") from None
+    if len(data) != len(labels):
+        raise DataError(f"{path}: {len(data)} images but {len(labels)} labels; replace the file")
+    return data, labels, hashlib.md5(raw).hexdigest() == OFFICIAL_MD5.get(path.name)
+
+
+def _download(name: str, data_dir: Path) -> None:
+    from torchvision import datasets
+
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    try:
+        cls(str(data_dir), train=True, download=True)
+    except Exception as exc:
+        folder = data_dir / LAYOUT[name][0]
+        raise DataError(
+            f"{name} is not in {folder} and could not be downloaded ({type(exc).__name__}); "
+            f"put the python-version files ({LAYOUT[name][0]}/ from "
+            f"https://www.cs.toronto.edu/~kriz/cifar.html) under {data_dir}, or pass --data-dir "
+            f"pointing at the folder that contains {LAYOUT[name][0]}/") from None
+
+
+def load_cifar(name: str, data_dir: str | Path, download: bool = True) -> tuple[Split, Split]:
+    """(train, test) of CIFAR-10 or CIFAR-100 from `data_dir/<standard folder>/`."""
+    folder_name, train_files, test_files, label_key = LAYOUT[name]
+    data_dir = Path(data_dir).expanduser().resolve()
+    folder = data_dir / folder_name
+    if not folder.is_dir():
+        if not download:
+            raise DataError(f"{name} not found: expected {folder}/ (the python-version files)")
+        _download(name, data_dir)
+    splits, unofficial = [], []
+    for files in (train_files, test_files):
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            raise DataError(f"{folder} is incomplete: missing {', '.join(missing)}; "
+                            f"download {name} again into {data_dir}")
+        parts = [_read_batch(folder / f, label_key) for f in files]
+        images = torch.from_numpy(np.concatenate([p[0] for p in parts]))
+        labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))
+        splits.append(Split(images, labels))
+        unofficial += [f for f, p in zip(files, parts) if not p[2]]
+    if unofficial:
+        warnings.warn(f"{folder}: {', '.join(unofficial)} differ from the official release (md5); "
+                      f"errors may not match published numbers", stacklevel=2)
+    return splits[0], splits[1]
+
+
+def synthetic_cifar(train_size: int = 2048, test_size: int = 512, num_classes: int = 10,
+                    seed: int = 0) -> tuple[Split, Split]:
+    """CIFAR-shaped data that a small net can learn: each class is a fixed smooth pattern plus
+    noise, so tests can check that training lowers the loss."""
+    g = torch.Generator().manual_seed(seed)
+    # Smooth per-class colour patterns (a 4x4 grid upsampled): visible after global pooling.
+    coarse = torch.rand(num_classes, 3, 4, 4, generator=g) * 255
+    templates = torch.nn.functional.interpolate(coarse, size=32, mode="bilinear")
+
+    def make(n: int) -> Split:
+        labels = torch.randint(0, num_classes, (n,), generator=g)
+        noise = torch.randint(0, 256, (n, 3, 32, 32), generator=g).float()
+        images = (0.5 * templates[labels] + 0.5 * noise).round().clamp(0, 255).to(torch.uint8)
+        return Split(images, labels)
+
+    return make(train_size), make(test_size)
+
+
+def load_dataset(name: str, data_dir: str | Path | None, train_size: int | None = None,
+                 test_size: int | None = None, seed: int = 0) -> tuple[Split, Split]:
+    """Train and test splits for 'cifar10', 'cifar100' or 'synthetic', optionally subset."""
+    if name == "synthetic":
+        train, test = synthetic_cifar(train_size or 2048, test_size or 512, seed=seed)
+    else:
+        if data_dir is None:
+            raise DataError(f"{name} needs a data dir: pass --data-dir DIR")
+        train, test = load_cifar(name, data_dir)
+    return train.subset(train_size), test.subset(test_size)
+
+
+class Batches:
+    """Batches of one split, normalised and (for training) augmented on `device`.
+
+    Epoch e's order and augmentation depend only on (seed, e). `shard=(index, count)` gives one
+    data-parallel replica its slice of every global batch.
+    """
+
+    def __init__(self, split: Split, dataset: str, batch_size: int, device: torch.device | str,
+                 train: bool, seed: int = 0, shard: tuple[int, int] = (0, 1),
+                 channels_last: bool = False):
+        self.split, self.batch_size, self.train, self.seed = split, batch_size, train, seed
+        self.device = torch.device(device)
+        self.shard_index, self.shard_count = shard
+        if batch_size % self.shard_count:
+            raise ValueError(f"batch size {batch_size} is not divisible by {self.shard_count} "
+                             f"data-parallel replicas")
+        mean, std = NORMALIZATION[dataset]
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+        self.images = split.images.to(self.device)
+        self.labels = split.labels.to(self.device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __len__(self) -> int:
+        n = len(self.split)
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        n = len(self.split)
+        order = torch.randperm(n, generator=g) if self.train else torch.arange(n)
+        if self.train:
+            flips = torch.rand(n, generator=g) < 0.5
+            shifts = torch.randint(0, 9, (n, 2), generator=g)  # crop offset in the padded image
+        for step in range(start_step, len(self)):
+            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+            per = len(idx) // self.shard_count if self.train else len(idx)
+            if self.train:
+                idx = idx[self.shard_index * per:(self.shard_index + 1) * per]
+            dev_idx = idx.to(self.device)
+            x = (self.images[dev_idx].float() - self.mean) / self.std
+            if self.train:
+                x = augment(x, flips[idx].to(self.device), shifts[idx].to(self.device))
+            yield x.contiguous(memory_format=self.memory_format), self.labels[dev_idx]
+
+
+def augment(x: torch.Tensor, flip: torch.Tensor, shift: torch.Tensor, pad: int = 4) -> torch.Tensor:
+    """Flip where `flip`, then zero-pad by `pad` and crop back at offsets `shift` (rows, cols)."""
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    n, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    rows = (shift[:, 0:1] + torch.arange(h, device=x.device))[:, None, :, None]  # (n,1,h,1)
+    cols = (shift[:, 1:2] + torch.arange(w, device=x.device))[:, None, None, :]  # (n,1,1,w)
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chans = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chans, rows, cols]

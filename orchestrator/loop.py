@@ -1,0 +1,252 @@
+"""The training loop: one process, or one Ray Train worker.
+
+`train_loop(config, session)` knows nothing about where it runs. The session decides where
+metrics, step logs and checkpoints go: `LocalSession` (files, a progress bar) for
+`python -m orchestrator.train`; a Ray session reports through `ray.train.report`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models.blocks import set_fused
+from models.multi_resnet import create_model
+from orchestrator.config import TrainConfig
+from orchestrator.data import CLASSES, Batches, load_dataset
+
+# The faster execution form per device type, measured by bench/models_bench.py (bench/RESULTS.md).
+FASTEST_FORM = {"cpu": "reference", "cuda": "fused"}
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+class Session(Protocol):
+    interactive: bool  # show a progress bar
+
+    def restore(self) -> dict | None: ...
+    def log_step(self, record: dict) -> None: ...
+    def report(self, metrics: dict, state: dict) -> None: ...
+
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda requested but no GPU is visible; use --device cpu")
+    return torch.device(cfg.device)
+
+
+def execution_form(cfg: TrainConfig, device: torch.device) -> str:
+    return FASTEST_FORM.get(device.type, "reference") if cfg.execution == "auto" else cfg.execution
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, total_steps: int):
+    # Weight decay on every parameter, BN included, as in the original Torch SGD.
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    milestones = sorted({max(1, round(m * total_steps)) for m in cfg.lr_milestones})
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, cfg.lr_gamma)
+    return optimizer, scheduler
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Batches) -> float:
+    """Top-1 error (a fraction) over the whole split."""
+    model.eval()
+    wrong = total = 0
+    for x, y in batches.epoch(0):
+        wrong += (model(x).argmax(1) != y).sum().item()
+        total += len(y)
+    return wrong / max(total, 1)
+
+
+def train_loop(cfg: TrainConfig, session: Session) -> dict:
+    """Train `cfg` to the end (or from the session's checkpoint); returns the final metrics."""
+    device = resolve_device(cfg)
+    torch.manual_seed(cfg.seed)
+    train_split, test_split = load_dataset(cfg.dataset, cfg.data_dir, cfg.train_size,
+                                           cfg.test_size, cfg.seed)
+    if CLASSES[cfg.dataset] != cfg.architecture.num_classes:
+        raise ValueError(f"{cfg.dataset} has {CLASSES[cfg.dataset]} classes, the architecture "
+                         f"{cfg.architecture.num_classes}")
+    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cpu"
+    train_batches = Batches(train_split, cfg.dataset, cfg.batch_size, device, train=True,
+                            seed=cfg.seed, channels_last=channels_last)
+    test_batches = Batches(test_split, cfg.dataset, max(cfg.batch_size, 256), device, train=False,
+                           channels_last=channels_last)
+    if len(train_batches) == 0:
+        raise ValueError(f"train_size {len(train_split)} is smaller than one batch "
+                         f"({cfg.batch_size}); raise train_size or lower batch_size")
+
+    model = create_model(cfg.architecture).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    set_fused(model, execution_form(cfg, device) == "fused")
+
+    per_epoch = len(train_batches)
+    total_steps = min(cfg.steps or math.inf, cfg.epochs * per_epoch)
+    epochs = math.ceil(total_steps / per_epoch)
+    optimizer, scheduler = build_optimizer(cfg, model, total_steps)
+
+    start_epoch, step, best = 0, 0, math.inf
+    state = session.restore()
+    if state is not None:
+        if state["architecture"] != cfg.architecture.model_dump(mode="json"):
+            raise CheckpointError(
+                f"the checkpoint holds a different architecture ({state['architecture']}); "
+                f"use a fresh checkpoint dir or the matching architecture flags")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, step, best = state["epoch"], state["step"], state["best_test_error"]
+        set_rng_state(state["rng"])
+
+    metrics: dict = state["metrics"] if state is not None else {}
+    for epoch in range(start_epoch, epochs):
+        started = time.perf_counter()
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        wrong = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        steps_this_epoch = min(per_epoch, total_steps - epoch * per_epoch)
+        bar = tqdm(total=steps_this_epoch, desc=f"epoch {epoch + 1}/{epochs}", unit="step",
+                   disable=not session.interactive, leave=False, file=sys.stderr)
+        for i, (x, y) in enumerate(train_batches.epoch(epoch)):
+            if i == steps_this_epoch:
+                break
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(f"loss became {loss_value} at step {step} (epoch "
+                                       f"{epoch + 1}); lower the learning rate")
+            loss_sum += loss.detach() * len(y)
+            wrong += (out.argmax(1) != y).sum()
+            seen += len(y)
+            session.log_step({"kind": "step", "step": step, "epoch": epoch + 1,
+                              "loss": loss_value, "lr": lr})
+            bar.update()
+            bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
+        bar.close()
+        train_time = time.perf_counter() - started
+        test_error = evaluate(model, test_batches)
+        best = min(best, test_error)
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum.item() / seen,
+            "train_error": wrong.item() / seen,
+            "test_error": test_error,
+            "best_test_error": best,
+            "lr": optimizer.param_groups[0]["lr"],
+            "images_per_s": seen / train_time,
+            "epoch_time_s": time.perf_counter() - started,
+            "step": step,
+        }
+        state = {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step,
+            "best_test_error": best, "rng": rng_state(), "metrics": metrics,
+            "architecture": cfg.architecture.model_dump(mode="json"),
+        }
+        session.report(metrics, state)
+    return metrics
+
+
+def save_atomic(state: dict, path: Path) -> None:
+    """Write to a temporary file, then rename: a crash never leaves a partial checkpoint."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}); "
+                              f"delete it to start over") from None
+
+
+class LocalSession:
+    """One process: epoch lines on stdout, JSON lines to a file, checkpoints in a folder."""
+
+    def __init__(self, cfg: TrainConfig, interactive: bool | None = None, echo: bool = True):
+        self.interactive = sys.stderr.isatty() if interactive is None else interactive
+        self.echo = echo
+        self.dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+        self.resume = cfg.resume
+        self.log = None
+        if cfg.log_json:
+            Path(cfg.log_json).parent.mkdir(parents=True, exist_ok=True)
+            self.log = open(cfg.log_json, "a" if cfg.resume else "w")
+
+    def restore(self) -> dict | None:
+        if not self.resume:
+            return None
+        path = self.dir / CHECKPOINT_FILE
+        if not path.is_file():
+            raise CheckpointError(f"no checkpoint in {self.dir} to resume from; run without "
+                                  f"--resume to start training")
+        return load_checkpoint(path)
+
+    def log_step(self, record: dict) -> None:
+        if self.log:
+            self.log.write(json.dumps(record) + "\n")
+
+    def report(self, metrics: dict, state: dict) -> None:
+        if self.log:
+            keys = ("epoch", "train_loss", "train_error", "test_error", "lr", "images_per_s",
+                    "epoch_time_s")
+            self.log.write(json.dumps({"kind": "epoch", **{k: metrics[k] for k in keys}}) + "\n")
+            self.log.flush()
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            save_atomic(state, self.dir / CHECKPOINT_FILE)
+        if self.echo:
+            print(f"epoch {metrics['epoch']:>3}  train loss {metrics['train_loss']:.4f}  "
+                  f"train err {100 * metrics['train_error']:5.2f}%  "
+                  f"test err {100 * metrics['test_error']:5.2f}%  lr {metrics['lr']:.4g}  "
+                  f"{metrics['images_per_s']:7.1f} img/s  {metrics['epoch_time_s']:6.1f} s",
+                  flush=True)
+
+    def close(self) -> None:
+        if self.log:
+            self.log.close()

@@ -1,0 +1,47 @@
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def real_cifar10_dir() -> Path | None:
+    """The folder holding cifar-10-batches-py/, from MULTIRES_CIFAR10_DIR (set by .ci/run)."""
+    path = os.environ.get("MULTIRES_CIFAR10_DIR")
+    if path and (Path(path) / "cifar-10-batches-py" / "data_batch_1").is_file():
+        return Path(path)
+    return None
+
+
+@pytest.fixture
+def cifar10_dir() -> Path:
+    path = real_cifar10_dir()
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("MULTIRES_CIFAR10_DIR must point at real CIFAR-10 in CI")
+        pytest.skip("real CIFAR-10 not available: set MULTIRES_CIFAR10_DIR")
+    return path
+
+
+def write_cifar_layout(root: Path, name: str, train: int = 200, test: int = 100,
+                       seed: int = 0) -> Path:
+    """Synthetic files in the standard python layout (the official CIFAR-100 format: a dict
+    with byte-string keys, as Python 2 pickled it)."""
+    rng = np.random.default_rng(seed)
+    if name == "cifar100":
+        folder, files, key, classes = root / "cifar-100-python", {"train": train, "test": test}, \
+            b"fine_labels", 100
+    else:
+        per = train // 5
+        folder, key, classes = root / "cifar-10-batches-py", b"labels", 10
+        files = {**{f"data_batch_{i}": per for i in range(1, 6)}, "test_batch": test}
+    folder.mkdir(parents=True)
+    for fname, n in files.items():
+        record = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                  key: rng.integers(0, classes, n).tolist()}
+        if name == "cifar100":
+            record[b"coarse_labels"] = rng.integers(0, 20, n).tolist()
+        with open(folder / fname, "wb") as f:
+            pickle.dump(record, f, protocol=2)
+    return folder

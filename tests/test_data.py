@@ -1,0 +1,126 @@
+"""Data: the standard CIFAR layouts, clear errors, and the batched augmentation."""
+import pickle
+
+import pytest
+import torch
+
+from orchestrator import data
+from orchestrator.data import Batches, DataError, Split, augment, load_cifar, load_dataset
+from tests.conftest import write_cifar_layout
+
+
+@pytest.mark.parametrize("name, classes", [("cifar10", 10), ("cifar100", 100)])
+def test_reads_the_standard_layout(tmp_path, name, classes):
+    folder = write_cifar_layout(tmp_path, name, train=250, test=60)
+    with pytest.warns(UserWarning, match="differ from the official release"):
+        train, test = load_cifar(name, tmp_path)
+    assert train.images.shape == (250, 3, 32, 32) and train.images.dtype == torch.uint8
+    assert test.labels.shape == (60,) and int(train.labels.max()) < classes
+    # Pixels keep the R|G|B plane order of the files.
+    first = next(folder.glob("data_batch_1" if name == "cifar10" else "train"))
+    raw = pickle.loads(first.read_bytes(), encoding="bytes")[b"data"][0]
+    assert torch.equal(train.images[0].flatten(), torch.from_numpy(raw))
+
+
+def test_missing_data_offline_says_where_to_put_it(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(DataError, match=r"cifar-10-batches-py.*could not be downloaded.*put the"):
+        load_cifar("cifar10", tmp_path)
+
+
+def test_missing_and_corrupt_files(tmp_path):
+    folder = write_cifar_layout(tmp_path, "cifar10")
+    (folder / "data_batch_3").unlink()
+    with pytest.raises(DataError, match="missing data_batch_3"):
+        load_cifar("cifar10", tmp_path)
+    (folder / "data_batch_3").write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match="data_batch_3 is not a readable CIFAR batch"):
+        load_cifar("cifar10", tmp_path)
+
+
+def test_pickles_cannot_run_code(tmp_path):
+    folder = write_cifar_layout(tmp_path, "cifar10")
+
+    class Exploit:
+        def __reduce__(self):
+            return (print, ("owned",))
+
+    (folder / "data_batch_1").write_bytes(pickle.dumps({"data": Exploit(), "labels": []}))
+    with pytest.raises(DataError, match="unexpected object builtins.print"):
+        load_cifar("cifar10", tmp_path)
+
+
+def test_real_cifar10(cifar10_dir):
+    train, test = load_dataset("cifar10", cifar10_dir)
+    assert len(train) == 50_000 and len(test) == 10_000
+    assert torch.bincount(train.labels).tolist() == [5000] * 10
+    batches = Batches(train.subset(5000), "cifar10", 500, "cpu", train=False)
+    x = torch.cat([b for b, _ in batches.epoch(0)])
+    # Normalised with the original code's statistics: about zero mean and unit std per channel.
+    assert x.mean((0, 2, 3)).abs().max() < 0.05
+    assert (x.std((0, 2, 3)) - 1).abs().max() < 0.05
+
+
+def reference_augment(image: torch.Tensor, flip: bool, dy: int, dx: int) -> torch.Tensor:
+    if flip:
+        image = image.flip(2)
+    padded = torch.zeros(image.shape[0], 40, 40)
+    padded[:, 4:36, 4:36] = image
+    return padded[:, dy:dy + 32, dx:dx + 32]
+
+
+def test_batched_augmentation_matches_per_image_reference():
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 32, 32)
+    flip = torch.rand(16) < 0.5
+    shift = torch.randint(0, 9, (16, 2))
+    out = augment(x, flip, shift)
+    for i in range(16):
+        expected = reference_augment(x[i], bool(flip[i]), int(shift[i, 0]), int(shift[i, 1]))
+        assert torch.equal(out[i], expected)
+
+
+def small_split(n: int = 96) -> Split:
+    g = torch.Generator().manual_seed(3)
+    return Split(torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8),
+                 torch.arange(n))
+
+
+def test_epochs_are_seeded_and_cover_the_data():
+    split = small_split()
+    a = Batches(split, "cifar10", 32, "cpu", train=True, seed=5)
+    b = Batches(split, "cifar10", 32, "cpu", train=True, seed=5)
+    c = Batches(split, "cifar10", 32, "cpu", train=True, seed=6)
+    ea, eb, ec = list(a.epoch(0)), list(b.epoch(0)), list(c.epoch(0))
+    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(ea, eb))
+    assert not torch.equal(ea[0][1], ec[0][1])
+    assert sorted(torch.cat([y for _, y in ea]).tolist()) == list(range(96))
+    assert not torch.equal(torch.cat([y for _, y in a.epoch(1)]), torch.cat([y for _, y in ea]))
+    # The augmentation is not the identity: some images are flipped or moved.
+    plain = Batches(split, "cifar10", 96, "cpu", train=False)
+    normalised = next(iter(plain.epoch(0)))[0]
+    x0, y0 = ea[0]
+    assert not torch.equal(x0, normalised[y0])
+
+
+def test_shards_split_every_global_batch():
+    split = small_split()
+    whole = list(Batches(split, "cifar10", 32, "cpu", train=True, seed=1).epoch(2))
+    shards = [list(Batches(split, "cifar10", 32, "cpu", train=True, seed=1,
+                           shard=(i, 2)).epoch(2)) for i in range(2)]
+    for step, (x, y) in enumerate(whole):
+        assert torch.equal(torch.cat([shards[0][step][0], shards[1][step][0]]), x)
+        assert torch.equal(torch.cat([shards[0][step][1], shards[1][step][1]]), y)
+
+
+def test_synthetic_data_is_deterministic_and_sized():
+    a, _ = data.synthetic_cifar(64, 16, seed=1)
+    b, _ = data.synthetic_cifar(64, 16, seed=1)
+    assert torch.equal(a.images, b.images) and a.images.shape == (64, 3, 32, 32)
+    train, test = load_dataset("synthetic", None, train_size=40, test_size=8)
+    assert len(train) == 40 and len(test) == 8

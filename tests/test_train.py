@@ -1,0 +1,167 @@
+"""Single-process training: learning, exact resume, determinism, logs and clear errors."""
+import json
+
+import pytest
+import torch
+
+from orchestrator.config import TrainConfig
+from orchestrator.loop import CHECKPOINT_FILE, LocalSession, load_checkpoint, train_loop
+from orchestrator.train import main as train_main
+
+TINY = dict(dataset="synthetic", architecture=dict(depth=8, k=2), train_size=256,
+            test_size=64, batch_size=64, epochs=3, device="cpu")
+
+
+def tiny(**overrides) -> TrainConfig:
+    return TrainConfig(**{**TINY, **overrides})
+
+
+def read_log(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_training_lowers_the_loss_and_logs_json(tmp_path):
+    log = tmp_path / "log.jsonl"
+    cfg = tiny(epochs=4, train_size=512, lr=0.05, log_json=str(log))
+    session = LocalSession(cfg, interactive=False, echo=False)
+    final = train_loop(cfg, session)
+    session.close()
+    records = read_log(log)
+    steps = [r for r in records if r["kind"] == "step"]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert len(steps) == 4 * 8 and [r["step"] for r in steps] == list(range(1, 33))
+    assert set(steps[0]) == {"kind", "step", "epoch", "loss", "lr"}
+    assert set(epochs[0]) == {"kind", "epoch", "train_loss", "train_error", "test_error", "lr",
+                              "images_per_s", "epoch_time_s"}
+    # Untrained, the loss stays at ln(10) = 2.30 and the error at chance (0.9).
+    assert epochs[-1]["train_loss"] < 0.85 * epochs[0]["train_loss"]
+    assert final["test_error"] < 0.75
+    # lr x0.1 at 50% and 75% of the steps.
+    assert steps[15]["lr"] == pytest.approx(0.05) and steps[16]["lr"] == pytest.approx(0.005)
+    assert steps[24]["lr"] == pytest.approx(0.0005)
+
+
+def final_weights(cfg: TrainConfig) -> dict:
+    train_loop(cfg, LocalSession(cfg, interactive=False, echo=False))
+    return load_checkpoint(cfg.checkpoint_dir and __import__("pathlib").Path(cfg.checkpoint_dir)
+                           / CHECKPOINT_FILE)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    whole = final_weights(tiny(checkpoint_dir=str(tmp_path / "whole")))
+
+    cfg = tiny(checkpoint_dir=str(tmp_path / "cut"))
+    session = LocalSession(cfg, interactive=False, echo=False)
+    report = session.report
+
+    def report_then_stop(metrics, state):
+        report(metrics, state)
+        if metrics["epoch"] == 2:
+            raise Interrupt
+
+    session.report = report_then_stop
+    with pytest.raises(Interrupt):
+        train_loop(cfg, session)
+    assert load_checkpoint(tmp_path / "cut" / CHECKPOINT_FILE)["epoch"] == 2
+    resumed = final_weights(tiny(checkpoint_dir=str(tmp_path / "cut"), resume=True))
+
+    assert resumed["epoch"] == whole["epoch"] == 3
+    for name, tensor in whole["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    assert resumed["metrics"]["test_error"] == whole["metrics"]["test_error"]
+
+
+def test_same_seed_same_weights_other_seed_differs(tmp_path):
+    a = final_weights(tiny(epochs=1, checkpoint_dir=str(tmp_path / "a")))
+    b = final_weights(tiny(epochs=1, checkpoint_dir=str(tmp_path / "b")))
+    c = final_weights(tiny(epochs=1, seed=1, checkpoint_dir=str(tmp_path / "c")))
+    assert all(torch.equal(a["model"][n], b["model"][n]) for n in a["model"])
+    assert not torch.equal(a["model"]["stem.weight"], c["model"]["stem.weight"])
+
+
+def test_steps_limit_and_fused_execution(tmp_path):
+    log = tmp_path / "log.jsonl"
+    cfg = tiny(steps=6, execution="fused", log_json=str(log))
+    final = train_loop(cfg, LocalSession(cfg, interactive=False, echo=False))
+    steps = [r for r in read_log(log) if r["kind"] == "step"]
+    assert len(steps) == 6 and final["epoch"] == 2 and final["step"] == 6
+
+
+def test_cli_trains_and_resumes(tmp_path, capsys):
+    args = ["--dataset", "synthetic", "--depth", "8", "--k", "2", "--train-size", "128",
+            "--test-size", "32", "--batch-size", "32", "--epochs", "2", "--device", "cpu",
+            "--checkpoint-dir", str(tmp_path / "ck"), "--log-json", str(tmp_path / "log.jsonl")]
+    assert train_main(args) == 0
+    out = capsys.readouterr().out
+    assert "epoch   2" in out and "done: final test error" in out
+    config = tmp_path / "run.yaml"
+    config.write_text("dataset: synthetic\narchitecture: {depth: 8, k: 2}\nepochs: 3\n"
+                      "train_size: 128\ntest_size: 32\nbatch_size: 32\ndevice: cpu\n")
+    assert train_main(["--config", str(config), "--checkpoint-dir", str(tmp_path / "ck"),
+                       "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "epoch   3" in out and "epoch   1" not in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--depth", "21"], r"depth must be 6n\+2"),
+    (["--dataset", "synthetic", "--depth", "8", "--resume"], "resume needs checkpoint_dir"),
+    (["--depth", "8", "--k", "0", "--dataset", "synthetic"], "architecture.k"),
+    (["--dataset", "synthetic", "--depth", "8", "--train-size", "10"], "smaller than one batch"),
+    (["--dataset", "synthetic", "--depth", "8", "--lr", "-1"], "lr: Input should be greater"),
+])
+def test_bad_input_is_one_clear_line(args, message, capsys):
+    assert train_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1
+    assert __import__("re").search(message, err), err
+
+
+def test_bad_yaml_and_unknown_keys(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: [1,\n")
+    assert train_main(["--config", str(bad)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    bad.write_text("epochz: 3\n")
+    assert train_main(["--config", str(bad)]) == 2
+    assert "epochz: unknown key" in capsys.readouterr().err
+
+
+def test_missing_dataset_offline(tmp_path, capsys, monkeypatch):
+    import torchvision.datasets
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    assert train_main(["--depth", "8", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "could not be downloaded" in err and str(tmp_path) in err
+
+
+def test_checkpoint_errors(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    base = ["--dataset", "synthetic", "--train-size", "64", "--test-size", "16", "--batch-size",
+            "32", "--epochs", "1", "--device", "cpu", "--checkpoint-dir", str(ck)]
+    assert train_main(base + ["--depth", "8"]) == 0
+    assert train_main(base + ["--depth", "14", "--resume"]) == 2
+    assert "different architecture" in capsys.readouterr().err
+    data = (ck / CHECKPOINT_FILE).read_bytes()
+    (ck / CHECKPOINT_FILE).write_bytes(data[: len(data) // 2])  # truncated
+    assert train_main(base + ["--depth", "8", "--resume"]) == 2
+    assert "not a readable checkpoint" in capsys.readouterr().err
+    assert train_main(base + ["--depth", "8", "--resume", "--checkpoint-dir",
+                              str(tmp_path / "empty")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert not list(ck.glob(".*tmp*"))  # no partial files left behind
+
+
+def test_real_cifar10_learns(cifar10_dir, tmp_path):
+    """A few hundred steps on real CIFAR-10 bring test error well below chance (90%)."""
+    cfg = TrainConfig(architecture=dict(depth=8, k=2), dataset="cifar10",
+                      data_dir=str(cifar10_dir), train_size=20_000, test_size=2000, steps=300,
+                      batch_size=128, lr=0.1, device="cpu", log_json=str(tmp_path / "l.jsonl"))
+    final = train_loop(cfg, LocalSession(cfg, interactive=False, echo=False))
+    assert final["test_error"] < 0.55, final
