@@ -43,7 +43,8 @@ class TrainConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     execution: Literal["auto", "reference", "fused"] = Field(
         "auto", description="auto: the faster form on this device (bench/RESULTS.md)")
-    channels_last: bool | None = Field(None, description="None: on for CPU, where it is faster")
+    channels_last: bool = Field(True, description="NHWC memory format: faster on CPU and GPU "
+                                "(bench/RESULTS.md)")
 
     log_json: str | None = None
     checkpoint_dir: str | None = None

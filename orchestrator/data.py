@@ -220,3 +220,31 @@ def augment(x: torch.Tensor, flip: torch.Tensor, shift: torch.Tensor, pad: int =
     batch = torch.arange(n, device=x.device)[:, None, None, None]
     chans = torch.arange(c, device=x.device)[None, :, None, None]
     return padded[batch, chans, rows, cols]
+
+
+IMAGENET_NORMALIZATION = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def imagenet_loaders(data_dir: str | Path, batch_size: int, workers: int = 8,
+                     shard: tuple[int, int] = (0, 1)):
+    """Train and val DataLoaders over torchvision's ImageFolder layout (`train/<class>/*.JPEG`,
+    `val/<class>/*.JPEG`): scale and aspect-ratio augmentation, 224x224 crops, as fb.resnet.torch.
+    Too large to hold in memory, ImageNet is decoded by worker processes instead."""
+    from torch.utils.data import DataLoader, DistributedSampler
+    from torchvision import datasets, transforms
+
+    root = Path(data_dir)
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise DataError(f"ImageNet not found: expected {root / split}/<class>/<images>")
+    normalize = transforms.Normalize(*IMAGENET_NORMALIZATION)
+    train = datasets.ImageFolder(root / "train", transforms.Compose([
+        transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(), normalize]))
+    val = datasets.ImageFolder(root / "val", transforms.Compose([
+        transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(), normalize]))
+    index, count = shard
+    sampler = DistributedSampler(train, count, index, shuffle=True) if count > 1 else None
+    return (DataLoader(train, batch_size // count, shuffle=sampler is None, sampler=sampler,
+                       num_workers=workers, drop_last=True, pin_memory=True),
+            DataLoader(val, batch_size, num_workers=workers, pin_memory=True))

@@ -98,17 +98,16 @@ def train_loop(cfg: TrainConfig, session: Session) -> dict:
     if CLASSES[cfg.dataset] != cfg.architecture.num_classes:
         raise ValueError(f"{cfg.dataset} has {CLASSES[cfg.dataset]} classes, the architecture "
                          f"{cfg.architecture.num_classes}")
-    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cpu"
     train_batches = Batches(train_split, cfg.dataset, cfg.batch_size, device, train=True,
-                            seed=cfg.seed, channels_last=channels_last)
+                            seed=cfg.seed, channels_last=cfg.channels_last)
     test_batches = Batches(test_split, cfg.dataset, max(cfg.batch_size, 256), device, train=False,
-                           channels_last=channels_last)
+                           channels_last=cfg.channels_last)
     if len(train_batches) == 0:
         raise ValueError(f"train_size {len(train_split)} is smaller than one batch "
                          f"({cfg.batch_size}); raise train_size or lower batch_size")
 
     model = create_model(cfg.architecture).to(device)
-    if channels_last:
+    if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     set_fused(model, execution_form(cfg, device) == "fused")
 

@@ -124,3 +124,19 @@ def test_synthetic_data_is_deterministic_and_sized():
     assert torch.equal(a.images, b.images) and a.images.shape == (64, 3, 32, 32)
     train, test = load_dataset("synthetic", None, train_size=40, test_size=8)
     assert len(train) == 40 and len(test) == 8
+
+
+def test_imagenet_folder_layout(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls in ("n01", "n02"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (300, 260), (40 * i, 90, 200)).save(tmp_path / split / cls / f"{i}.JPEG")
+    train, val = data.imagenet_loaders(tmp_path, batch_size=2, workers=0)
+    x, y = next(iter(train))
+    assert x.shape == (2, 3, 224, 224) and y.dtype == torch.int64
+    assert next(iter(val))[0].shape == (2, 3, 224, 224)
+    with pytest.raises(DataError, match="ImageNet not found"):
+        data.imagenet_loaders(tmp_path / "nowhere", batch_size=2)
