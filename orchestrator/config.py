@@ -6,11 +6,12 @@ defaults live here and nowhere else. The recipe defaults are the paper's: SGD wi
 """
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from models.multi_resnet import Architecture
 
@@ -95,3 +96,208 @@ def load_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
     return data
+
+
+# ----------------------------------------------------------------------------- studies
+
+ARCH_KEYS = set(Architecture.model_fields) - {"dataset"}
+RECIPE_KEYS = {"lr", "weight_decay", "momentum", "batch_size", "seed", "epochs", "nesterov"}
+METRICS = ("test_error", "best_test_error", "train_loss", "train_gflops", "time_total_s")
+
+
+class IntRange(Strict):
+    type: Literal["int"]
+    low: int
+    high: int
+    step: int = Field(1, ge=1)
+    log: bool = False
+
+    def values(self) -> list[int]:
+        return list(range(self.low, self.high + 1, self.step))
+
+
+class FloatRange(Strict):
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+
+
+class Choice(Strict):
+    type: Literal["categorical"] = "categorical"
+    choices: list[Any] = Field(min_length=1)
+
+
+Distribution = Annotated[IntRange | FloatRange | Choice, Field(discriminator="type")]
+
+
+class Budget(Strict):
+    """Trials whose parameter count falls outside [min_params, max_params] are not trained."""
+    min_params: int | None = Field(None, ge=0)
+    max_params: int | None = Field(None, ge=1)
+
+    def reason(self, params: int) -> str | None:
+        if self.min_params is not None and params < self.min_params:
+            return f"{params:,} parameters < min_params {self.min_params:,}"
+        if self.max_params is not None and params > self.max_params:
+            return f"{params:,} parameters > max_params {self.max_params:,}"
+        return None
+
+
+class Objective(Strict):
+    metric: Literal[METRICS] = "test_error"
+    mode: Literal["min", "max"] = "min"
+
+
+class Searcher(Strict):
+    sampler: Literal["tpe", "random", "grid"] = "tpe"
+    seed: int = 0
+    objectives: list[Objective] = Field(default_factory=lambda: [Objective()], min_length=1)
+
+
+class Scheduler(Strict):
+    type: Literal["none", "asha"] = "none"
+    grace_period: int = Field(1, ge=1, description="epochs before a trial can be stopped")
+    reduction_factor: float = Field(3, gt=1)
+
+
+class Resources(Strict):
+    workers: int = Field(1, ge=1, description="Ray Train workers per trial")
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+    driver_cpus: float = Field(0.1, ge=0, description="the trial driver only waits on workers")
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts per trial")
+
+
+class Tracking(Strict):
+    experiment: str | None = Field(None, description="default: the study name")
+    tracking_uri: str | None = Field(None, description="default: sqlite:///<cwd>/mlflow.db")
+    log_checkpoint: bool = Field(False, description="log each trial's final checkpoint")
+
+
+class StudyConfig(Strict):
+    """A study file: what to train (`train`), what to vary (`space`), how to search and where
+    results go. Keys in `space` are architecture keys or recipe keys; a plain value fixes it."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    space: dict[str, Distribution | int | float | str | bool | list[int]] = Field(
+        default_factory=dict)
+    budget: Budget = Field(default_factory=Budget)
+    searcher: Searcher = Field(default_factory=Searcher)
+    scheduler: Scheduler = Field(default_factory=Scheduler)
+    trials: int = Field(1, ge=1)
+    concurrency: int = Field(1, ge=1)
+    resources: Resources = Field(default_factory=Resources)
+    mlflow: Tracking = Field(default_factory=Tracking)
+    storage_path: str = "results"
+
+    @field_validator("space")
+    @classmethod
+    def _known_keys(cls, space: dict) -> dict:
+        for key in space:
+            if key not in ARCH_KEYS | RECIPE_KEYS:
+                raise ValueError(f"unknown key {key!r}; use one of "
+                                 f"{', '.join(sorted(ARCH_KEYS | RECIPE_KEYS))}")
+        return space
+
+    @model_validator(mode="after")
+    def _check(self) -> "StudyConfig":
+        for key in ("log_json", "checkpoint_dir"):
+            if getattr(self.train, key):
+                raise ValueError(f"train.{key} is managed by the sweep; remove it")
+        if len(self.searcher.objectives) > 1 and self.scheduler.type == "asha":
+            raise ValueError("scheduler.type asha needs a single objective; use one objective "
+                             "or scheduler.type none")
+        if self.searcher.sampler == "grid":
+            for key, dist in self.searched().items():
+                if not isinstance(dist, (Choice, IntRange)):
+                    raise ValueError(f"space.{key}: the grid sampler needs categorical or int "
+                                     f"values")
+        for key, dist in self.searched().items():
+            if key in ARCH_KEYS and isinstance(dist, FloatRange):
+                raise ValueError(f"space.{key}: architecture keys take int or categorical values")
+        self.architectures()  # building each one validates it
+        return self
+
+    def searched(self) -> dict:
+        return {k: v for k, v in self.space.items() if isinstance(v, (IntRange, FloatRange, Choice))}
+
+    def fixed(self) -> dict:
+        return {k: v for k, v in self.space.items() if k not in self.searched()}
+
+    def trial_config(self, sampled: dict) -> TrainConfig:
+        """The full run config of one trial: `train`, then fixed space values, then samples."""
+        fields = self.train.model_dump(exclude_unset=True)
+        arch = self.train.architecture.model_dump(exclude_unset=True)
+        for key, value in {**self.fixed(), **sampled}.items():
+            if key in ARCH_KEYS:
+                arch[key] = tuple(value) if key == "blocks" else value
+            else:
+                fields[key] = value
+        fields["architecture"] = arch
+        return TrainConfig(**fields)
+
+    def architectures(self, limit: int = 20_000) -> list[Architecture]:
+        """Every architecture the space can produce; raises naming the key of an invalid one."""
+        options = {}
+        for key, value in self.space.items():
+            if key not in ARCH_KEYS:
+                continue
+            if isinstance(value, Choice):
+                options[key] = value.choices
+            elif isinstance(value, IntRange):
+                options[key] = value.values()
+            else:
+                options[key] = [value]
+        count = 1
+        for values in options.values():
+            count *= len(values)
+        if count > limit:
+            raise ValueError(f"space: {count} architectures; narrow the ranges (at most {limit})")
+        archs = []
+        for combo in itertools.product(*options.values()):
+            sampled = dict(zip(options, combo))
+            try:
+                archs.append(self.trial_config(sampled).architecture)
+            except ValidationError as err:
+                keys = ", ".join(f"{k}={v}" for k, v in sampled.items())
+                raise ValueError(f"space: {keys} is not a valid architecture: "
+                                 f"{describe(err)}") from None
+        return archs
+
+    @property
+    def experiment_name(self) -> str:
+        return self.mlflow.experiment or self.name
+
+    def tracking_uri(self) -> str:
+        return self.mlflow.tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+    def storage_dir(self) -> Path:
+        return Path(self.storage_path).expanduser().resolve()
+
+
+def set_dotted(data: dict, dotted: str, value: Any) -> None:
+    """`--set train.epochs=3` style override into a nested dict."""
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {key} is not a mapping")
+    node[keys[-1]] = value
+
+
+def load_study(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
+    """Read, override (`key=value`, values parsed as YAML) and validate a study file."""
+    data = load_yaml(path)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected key=value, e.g. --set train.epochs=3")
+        key, raw = item.split("=", 1)
+        set_dotted(data, key.strip(), yaml.safe_load(raw))
+    try:
+        return StudyConfig(**data)
+    except ValidationError as err:
+        raise ConfigError(f"{path}: {describe(err)}") from None

@@ -175,6 +175,7 @@ def train_loop(cfg: TrainConfig, session: Session) -> dict:
             "images_per_s": seen / train_time,
             "epoch_time_s": time.perf_counter() - started,
             "step": step,
+            "epochs_total": epochs,
         }
         state = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
