@@ -263,8 +263,8 @@ class StudyConfig(Strict):
                 archs.append(self.trial_config(sampled).architecture)
             except ValidationError as err:
                 keys = ", ".join(f"{k}={v}" for k, v in sampled.items())
-                raise ValueError(f"space: {keys} is not a valid architecture: "
-                                 f"{describe(err)}") from None
+                raise ValueError(f"space: {keys} is no valid architecture: "
+                                 f"{describe(err).removeprefix('architecture: ')}") from None
         return archs
 
     @property

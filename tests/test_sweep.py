@@ -1,0 +1,116 @@
+"""The sweep end to end on a real local Ray instance (one for the whole test run) and a real
+MLflow database, read back after the run."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from models.multi_resnet import Architecture
+from models.summary import summarize
+from orchestrator.sweep import main as sweep_main
+
+SMOKE = str(Path(__file__).parent.parent / "search_spaces" / "smoke.yaml")
+PARENT = "mlflow.parentRunId"
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    import ray
+
+    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=True,
+             log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def runs(uri: str, experiment: str = "smoke"):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    found = client.search_runs([exp.experiment_id]) if exp else []
+    parents = [r for r in found if PARENT not in r.data.tags]
+    children = [r for r in found if PARENT in r.data.tags]
+    return client, parents, children
+
+
+def test_smoke_study_end_to_end(ray_address, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    # A parameter budget that the depth-14 k=1 net (172,506) exceeds: that trial is pruned.
+    assert sweep_main([SMOKE, "--set", "budget.max_params=160000"]) == 0
+    out = capsys.readouterr().out
+    assert "best:" in out and str(tmp_path / "results" / "smoke") in out
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the default: mlflow.db in the working dir
+    client, parents, children = runs(uri)
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert {c.data.tags[PARENT] for c in children} == {parent.info.run_id}
+    assert parent.data.metrics["trials_trained"] + parent.data.metrics["trials_pruned"] == 4
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"study.yaml", "resolved_study.json", "summary.csv", "best.json"} <= artifacts
+
+    pruned = [c for c in children if "pruned_reason" in c.data.tags]
+    trained = [c for c in children if "pruned_reason" not in c.data.tags]
+    assert pruned and all(c.info.status == "KILLED" for c in pruned)
+    assert "max_params 160,000" in pruned[0].data.tags["pruned_reason"]
+    for child in trained:
+        tags, params = child.data.tags, child.data.params
+        assert child.info.status in ("FINISHED", "KILLED")  # KILLED: stopped early by ASHA
+        arch = Architecture(depth=int(params["arch.depth"]), k=int(params["arch.k"]))
+        assert int(tags["params"]) == summarize(arch)["params"] == int(params["params"])
+        assert child.info.run_name == f"{arch.name}-s0"
+        assert tags["git_commit"] and tags["version.torch"] and tags["parallel_layout"]
+        for key in ("train_loss", "train_error", "test_error", "lr", "images_per_s",
+                    "epoch_time_s"):
+            steps = [m.step for m in client.get_metric_history(child.info.run_id, key)]
+            assert steps == list(range(1, len(steps) + 1)) and steps, key
+        if child.info.status == "FINISHED":
+            assert len(client.get_metric_history(child.info.run_id, "test_error")) == 2
+            assert "final_test_error" in child.data.metrics
+    # Checkpoints landed in the results folder.
+    assert list((tmp_path / "results" / "smoke").glob("train-*/checkpoint_*/checkpoint.pt"))
+
+
+def test_interrupted_sweep_resumes_without_duplicates(ray_address, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [SMOKE, "--storage-path", str(tmp_path / "results"), "--tracking-uri", uri,
+            "--set", "trials=3", "--set", "concurrency=1", "--set", "scheduler.type=none"]
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", *args], env=env,
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(1)
+        try:
+            _, _, children = runs(uri)
+        except Exception:  # the database is still being created
+            continue
+        if any(c.info.status == "FINISHED" for c in children):
+            break
+    assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    output = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 130, output[-3000:]
+
+    _, parents, children = runs(uri)
+    assert len(parents) == 1 and parents[0].info.status == "KILLED"
+    assert not [c for c in children if c.info.status == "RUNNING"]
+    finished = {c.info.run_id: c.info.end_time for c in children if c.info.status == "FINISHED"}
+    assert 1 <= len(finished) < 3
+
+    assert sweep_main(args) == 0  # the same command again resumes
+    client, parents2, children2 = runs(uri)
+    assert [p.info.run_id for p in parents2] == [parents[0].info.run_id]
+    assert parents2[0].info.status == "FINISHED"
+    assert len(children2) == 3 and all(c.info.status == "FINISHED" for c in children2)
+    assert len({c.data.tags["trial_id"] for c in children2}) == 3
+    for child in children2:
+        history = client.get_metric_history(child.info.run_id, "test_error")
+        assert [m.step for m in history] == [1, 2]  # no epoch logged twice, none missing
+        if child.info.run_id in finished:  # finished trials were not retrained
+            assert child.info.end_time == finished[child.info.run_id]
