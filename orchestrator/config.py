@@ -165,7 +165,7 @@ class Resources(Strict):
     workers: int = Field(1, ge=1, description="Ray Train workers per trial")
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)
-    driver_cpus: float = Field(0.1, ge=0, description="the trial driver only waits on workers")
+    driver_cpus: float = Field(0.1, gt=0, description="the trial driver only waits on workers")
     max_failures: int = Field(0, ge=-1, description="worker-group restarts per trial")
 
 

@@ -60,6 +60,8 @@ def build_searcher(study: StudyConfig):
     from ray.tune.search.optuna import OptunaSearch
 
     s = study.searcher
+    if not study.searched():
+        return None  # a fixed configuration: Tune's default generator repeats it `trials` times
     if s.sampler == "tpe":
         sampler = optuna.samplers.TPESampler(seed=s.seed)
     elif s.sampler == "random":
@@ -85,7 +87,8 @@ def build_scheduler(study: StudyConfig):
 
 
 def planned_trials(study: StudyConfig) -> int:
-    return grid_size(study) if study.searcher.sampler == "grid" else study.trials
+    grid_search = study.searcher.sampler == "grid" and study.searched()
+    return grid_size(study) if grid_search else study.trials
 
 
 # ----------------------------------------------------------------------------- one trial
@@ -142,6 +145,8 @@ def estimated_cost(study: StudyConfig, flops: int) -> float:
 def first_trials(study: StudyConfig, count: int) -> list[dict]:
     """What the searcher would start first (all of it for a grid or a fixed space)."""
     searcher = build_searcher(study)
+    if searcher is None:
+        return [{}] * min(count, study.trials)
     out = []
     for i in range(count):
         suggestion = searcher.suggest(f"dry{i}")
@@ -154,9 +159,7 @@ def first_trials(study: StudyConfig, count: int) -> list[dict]:
 def dry_run(study: StudyConfig, count: int) -> None:
     from models.summary import summarize
 
-    if not study.searched():
-        count = 1
-    elif study.searcher.sampler == "grid":
+    if study.searcher.sampler == "grid" and study.searched():
         count = grid_size(study)
     rows = []
     for sampled in first_trials(study, count):

@@ -108,3 +108,11 @@ def test_dry_run_prints_architectures_and_budget(tmp_path, capsys):
     assert "pruned: 172,506 parameters > max_params 160,000" in out or \
            "pruned: 343,674 parameters > max_params 160,000" in out
     assert not (tmp_path / "results").exists()
+
+
+def test_multi_objective_search(tmp_path, capsys):
+    data = with_changes(scheduler={"type": "none"}, searcher__objectives=[
+        {"metric": "test_error", "mode": "min"}, {"metric": "train_gflops", "mode": "min"}])
+    study = load_study(write(tmp_path, data))
+    assert len(first_trials(study, 3)) == 3
+    assert sweep_main([str(write(tmp_path, data)), "--dry-run"]) == 0

@@ -40,7 +40,8 @@ def runs(uri: str, experiment: str = "smoke"):
 def test_smoke_study_end_to_end(ray_address, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     # A parameter budget that the depth-14 k=1 net (172,506) exceeds: that trial is pruned.
-    assert sweep_main([SMOKE, "--set", "budget.max_params=160000"]) == 0
+    assert sweep_main([SMOKE, "--set", "budget.max_params=160000",
+                       "--set", "mlflow.log_checkpoint=true"]) == 0
     out = capsys.readouterr().out
     assert "best:" in out and str(tmp_path / "results" / "smoke") in out
 
@@ -72,6 +73,8 @@ def test_smoke_study_end_to_end(ray_address, tmp_path, monkeypatch, capsys):
         if child.info.status == "FINISHED":
             assert len(client.get_metric_history(child.info.run_id, "test_error")) == 2
             assert "final_test_error" in child.data.metrics
+            logged = [a.path for a in client.list_artifacts(child.info.run_id, "checkpoint")]
+            assert logged == ["checkpoint/checkpoint.pt"]
     # Checkpoints landed in the results folder.
     assert list((tmp_path / "results" / "smoke").glob("train-*/checkpoint_*/checkpoint.pt"))
 
