@@ -23,6 +23,33 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ParallelConfig(Strict):
+    """Degrees of the mesh: data x pipeline x branch parallelism (one process each)."""
+
+    dp: int = Field(1, ge=1, description="data-parallel replicas")
+    pp: int = Field(1, ge=1, description="pipeline stages (consecutive blocks, balanced by FLOPs)")
+    bp: int = Field(1, ge=1, description="branch-parallel ranks sharing each block's k functions")
+    microbatches: int = Field(1, ge=1, description="pipeline micro-batches per replica batch")
+    schedule: Literal["gpipe", "1f1b"] = "gpipe"
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.pp * self.bp
+
+    @property
+    def layout(self) -> str:
+        return f"dp={self.dp},pp={self.pp},bp={self.bp},mb={self.microbatches},{self.schedule}"
+
+    @classmethod
+    def parse(cls, text: str) -> "ParallelConfig":
+        """'dp=2,pp=1,bp=2' (also microbatches=4, schedule=1f1b)."""
+        fields = {}
+        for part in filter(None, text.split(",")):
+            key, _, value = part.partition("=")
+            fields[key.strip()] = value.strip()
+        return cls(**fields)
+
+
 class TrainConfig(Strict):
     architecture: Architecture = Field(default_factory=lambda: Architecture(depth=20, k=4))
     dataset: Literal["cifar10", "cifar100", "synthetic"] = "cifar10"
@@ -47,6 +74,10 @@ class TrainConfig(Strict):
     channels_last: bool = Field(True, description="NHWC memory format: faster on CPU and GPU "
                                 "(bench/RESULTS.md)")
 
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    dtype: Literal["float32", "float64"] = Field("float32", description="float64 for exactness "
+                                                  "checks of parallel layouts")
+
     log_json: str | None = None
     checkpoint_dir: str | None = None
     resume: bool = False
@@ -62,6 +93,19 @@ class TrainConfig(Strict):
             raise ValueError("lr_milestones must be fractions between 0 and 1, e.g. [0.5, 0.75]")
         if self.resume and not self.checkpoint_dir:
             raise ValueError("resume needs checkpoint_dir: pass --checkpoint-dir DIR")
+        p, arch = self.parallel, self.architecture
+        if p.bp > arch.k:
+            raise ValueError(f"parallel.bp={p.bp} exceeds k={arch.k}: each branch-parallel rank "
+                             f"needs at least one function; use bp <= k")
+        if p.pp > sum(arch.stage_blocks):
+            raise ValueError(f"parallel.pp={p.pp} exceeds the {sum(arch.stage_blocks)} blocks; "
+                             f"use pp <= number of blocks")
+        if self.batch_size % (p.dp * p.microbatches):
+            raise ValueError(f"batch_size {self.batch_size} does not split into dp={p.dp} x "
+                             f"microbatches={p.microbatches}; make it a multiple of "
+                             f"{p.dp * p.microbatches}")
+        if p.schedule == "1f1b" and p.pp > 1 and p.microbatches < p.pp:
+            raise ValueError(f"parallel.schedule 1f1b needs microbatches >= pp ({p.pp})")
         return self
 
 

@@ -15,13 +15,11 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.blocks import set_fused
-from models.multi_resnet import create_model
 from orchestrator.config import TrainConfig
 from orchestrator.data import CLASSES, Batches, load_dataset
+from orchestrator.parallel import ShardedModel
 
 # The faster execution form per device type, measured by bench/models_bench.py (bench/RESULTS.md).
 FASTEST_FORM = {"cpu": "reference", "cuda": "fused"}
@@ -41,7 +39,7 @@ class Session(Protocol):
 
     def restore(self) -> dict | None: ...
     def log_step(self, record: dict) -> None: ...
-    def report(self, metrics: dict, state: dict) -> None: ...
+    def report(self, metrics: dict, state: dict | None) -> None: ...  # state on rank 0 only
 
 
 def resolve_device(cfg: TrainConfig) -> torch.device:
@@ -78,38 +76,30 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Batches) -> float:
-    """Top-1 error (a fraction) over the whole split."""
-    model.eval()
-    wrong = total = 0
-    for x, y in batches.epoch(0):
-        wrong += (model(x).argmax(1) != y).sum().item()
-        total += len(y)
-    return wrong / max(total, 1)
-
-
 def train_loop(cfg: TrainConfig, session: Session) -> dict:
-    """Train `cfg` to the end (or from the session's checkpoint); returns the final metrics."""
+    """Train `cfg` to the end (or from the session's checkpoint); returns the final metrics.
+
+    Runs as one process, or as one rank of the mesh that `cfg.parallel` describes (every rank
+    calls it; the collectives inside keep them in step)."""
     device = resolve_device(cfg)
-    torch.manual_seed(cfg.seed)
     train_split, test_split = load_dataset(cfg.dataset, cfg.data_dir, cfg.train_size,
                                            cfg.test_size, cfg.seed)
     if CLASSES[cfg.dataset] != cfg.architecture.num_classes:
         raise ValueError(f"{cfg.dataset} has {CLASSES[cfg.dataset]} classes, the architecture "
                          f"{cfg.architecture.num_classes}")
+    sharded = ShardedModel(cfg, device, fused=execution_form(cfg, device) == "fused")
+    model = sharded.model
+    p = cfg.parallel
     train_batches = Batches(train_split, cfg.dataset, cfg.batch_size, device, train=True,
-                            seed=cfg.seed, channels_last=cfg.channels_last)
-    test_batches = Batches(test_split, cfg.dataset, max(cfg.batch_size, 256), device, train=False,
+                            seed=cfg.seed, shard=(sharded.mesh.dp_rank, p.dp),
+                            channels_last=cfg.channels_last)
+    # Pipeline stages keep the shapes of the first step: evaluate in training-sized batches.
+    test_size = cfg.batch_size if p.pp > 1 else max(cfg.batch_size, 256)
+    test_batches = Batches(test_split, cfg.dataset, test_size, device, train=False,
                            channels_last=cfg.channels_last)
     if len(train_batches) == 0:
         raise ValueError(f"train_size {len(train_split)} is smaller than one batch "
                          f"({cfg.batch_size}); raise train_size or lower batch_size")
-
-    model = create_model(cfg.architecture).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    set_fused(model, execution_form(cfg, device) == "fused")
 
     per_epoch = len(train_batches)
     total_steps = min(cfg.steps or math.inf, cfg.epochs * per_epoch)
@@ -123,9 +113,10 @@ def train_loop(cfg: TrainConfig, session: Session) -> dict:
             raise CheckpointError(
                 f"the checkpoint holds a different architecture ({state['architecture']}); "
                 f"use a fresh checkpoint dir or the matching architecture flags")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        sharded.load_canonical(state, optimizer)
         scheduler.load_state_dict(state["scheduler"])
+        for group in optimizer.param_groups:
+            group["lr"] = scheduler.get_last_lr()[0]
         start_epoch, step, best = state["epoch"], state["step"], state["best_test_error"]
         set_rng_state(state["rng"])
 
@@ -133,9 +124,7 @@ def train_loop(cfg: TrainConfig, session: Session) -> dict:
     for epoch in range(start_epoch, epochs):
         started = time.perf_counter()
         model.train()
-        loss_sum = torch.zeros((), device=device)
-        wrong = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
+        totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, wrong, images
         steps_this_epoch = min(per_epoch, total_steps - epoch * per_epoch)
         bar = tqdm(total=steps_this_epoch, desc=f"epoch {epoch + 1}/{epochs}", unit="step",
                    disable=not session.interactive, leave=False, file=sys.stderr)
@@ -143,32 +132,31 @@ def train_loop(cfg: TrainConfig, session: Session) -> dict:
             if i == steps_this_epoch:
                 break
             lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
-            out = model(x)
-            loss = F.cross_entropy(out, y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            stats = sharded.train_step(x, y)
             optimizer.step()
+            sharded.after_step()
             scheduler.step()
             step += 1
-            loss_value = loss.item()
+            loss_value = (stats[0] / stats[2]).item()
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(f"loss became {loss_value} at step {step} (epoch "
                                        f"{epoch + 1}); lower the learning rate")
-            loss_sum += loss.detach() * len(y)
-            wrong += (out.argmax(1) != y).sum()
-            seen += len(y)
+            totals += stats
             session.log_step({"kind": "step", "step": step, "epoch": epoch + 1,
                               "loss": loss_value, "lr": lr})
             bar.update()
             bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
         bar.close()
         train_time = time.perf_counter() - started
-        test_error = evaluate(model, test_batches)
+        sharded.check_replicas()
+        test_error = sharded.evaluate(test_batches)
         best = min(best, test_error)
+        loss_sum, wrong, seen = totals.tolist()
         metrics = {
             "epoch": epoch + 1,
-            "train_loss": loss_sum.item() / seen,
-            "train_error": wrong.item() / seen,
+            "train_loss": loss_sum / seen,
+            "train_error": wrong / seen,
             "test_error": test_error,
             "best_test_error": best,
             "lr": optimizer.param_groups[0]["lr"],
@@ -177,12 +165,12 @@ def train_loop(cfg: TrainConfig, session: Session) -> dict:
             "step": step,
             "epochs_total": epochs,
         }
-        state = {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step,
-            "best_test_error": best, "rng": rng_state(), "metrics": metrics,
-            "architecture": cfg.architecture.model_dump(mode="json"),
-        }
+        state = sharded.canonical_state(optimizer)  # a collective; the full state on rank 0
+        if state is not None:
+            state.update({
+                "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step,
+                "best_test_error": best, "rng": rng_state(), "metrics": metrics,
+                "architecture": cfg.architecture.model_dump(mode="json")})
         session.report(metrics, state)
     return metrics
 

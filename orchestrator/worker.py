@@ -21,7 +21,6 @@ class RaySession:
     interactive = False
 
     def __init__(self, cfg: TrainConfig):
-        self.context = ray.train.get_context()
         info = summarize(cfg.architecture)
         self.flops, self.batch_size = info["flops"], cfg.batch_size
 
@@ -35,10 +34,10 @@ class RaySession:
     def log_step(self, record: dict) -> None:
         pass  # per-step records stay in the worker; Tune and MLflow receive epochs
 
-    def report(self, metrics: dict, state: dict) -> None:
+    def report(self, metrics: dict, state: dict | None) -> None:
         # Training cost so far: forward + backward is about 3x the forward FLOPs.
         metrics = {**metrics, "train_gflops": 3 * self.flops * metrics["step"] * self.batch_size / 1e9}
-        if self.context.get_world_rank() != 0:
+        if state is None:  # not world rank 0: the checkpoint comes from rank 0
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as folder:

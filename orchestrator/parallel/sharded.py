@@ -1,0 +1,197 @@
+"""One rank's share of a Multi-ResNet under a data x pipeline x branch mesh.
+
+`ShardedModel` builds the plain model, shards it from outside (branch.py, pipeline.py) and runs
+what the training loop needs: a training step whose gradients equal those of one process that
+splits the global batch the same way (dp replicas x micro-batches, each normalised by its own
+BatchNorm statistics), evaluation, and checkpoints in the canonical single-device layout. With
+every degree 1 it is simply the model.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from models.blocks import set_fused
+from models.multi_resnet import create_model
+from orchestrator.config import TrainConfig
+from orchestrator.parallel.branch import apply_branch_parallel
+from orchestrator.parallel.mesh import build_mesh
+from orchestrator.parallel.pipeline import build_schedule, keep_stage
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class ReplicaMismatch(RuntimeError):
+    """Parameters that should be identical across ranks are not."""
+
+
+class ShardedModel:
+    def __init__(self, cfg: TrainConfig, device: torch.device, fused: bool):
+        self.cfg, self.device, p = cfg, device, cfg.parallel
+        self.mesh = build_mesh(p, device)
+        self.world = p.world_size
+        torch.manual_seed(cfg.seed)  # every rank builds the same full model, then keeps its share
+        model = create_model(cfg.architecture).to(device, DTYPES[cfg.dtype])
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        set_fused(model, fused)
+        if p.bp > 1:
+            apply_branch_parallel(model, self.mesh.group("bp"), p.bp, self.mesh.bp_rank)
+        self.schedule = None
+        if p.pp > 1:
+            keep_stage(model, self.mesh.pp_rank, p.pp)
+            self.schedule = build_schedule(model, self.mesh.pp_rank, p.pp, device,
+                                           self.mesh.group("pp"), p.microbatches, p.schedule,
+                                           cfg.channels_last)
+        self.model = model
+        self.names = {param: name for name, param in model.named_parameters()}
+        # The ranks whose loss and predictions count for metrics: one per dp replica.
+        self.counts = self.mesh.last_stage and self.mesh.bp_rank == 0
+
+    # ------------------------------------------------------------------------- training
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Forward and backward on this replica's batch; gradients averaged over replicas and
+        micro-batches. Returns [loss sum, wrong, images] of the global batch on every rank."""
+        x = x.to(DTYPES[self.cfg.dtype])
+        mb = self.cfg.parallel.microbatches
+        stats = torch.zeros(3, device=self.device, dtype=torch.float64)
+        if self.schedule is not None:
+            losses: list[torch.Tensor] = []
+            if self.mesh.first_stage:
+                self.schedule.step(x)
+            elif self.mesh.last_stage:
+                out = self.schedule.step(target=y, losses=losses)
+                stats += self._stats(torch.stack(losses).mean().detach(), out, y)
+            else:
+                self.schedule.step()
+        else:
+            loss_sum = 0.0
+            outs = []
+            for xs, ys in zip(x.tensor_split(mb), y.tensor_split(mb)):
+                out = self.model(xs)
+                loss = F.cross_entropy(out, ys) / mb
+                loss.backward()
+                loss_sum = loss_sum + loss.detach()
+                outs.append(out.detach())
+            if self.counts:
+                stats += self._stats(loss_sum, torch.cat(outs), y)
+        self._average_gradients()
+        return self.reduce(stats)
+
+    @staticmethod
+    def _stats(mean_loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        n = len(y)
+        return torch.stack([mean_loss.double() * n, (out.argmax(1) != y).sum().double(),
+                            torch.tensor(float(n), device=out.device, dtype=torch.float64)])
+
+    def _average_gradients(self) -> None:
+        group = self.mesh.group("dp")
+        if group is None:
+            return
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=group)
+        flat /= self.cfg.parallel.dp
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def after_step(self) -> None:
+        """Keep data-parallel replicas identical: average their BatchNorm running statistics."""
+        group = self.mesh.group("dp")
+        if group is None:
+            return
+        for buf in self.model.buffers():
+            if buf.is_floating_point():
+                dist.all_reduce(buf, group=group)
+                buf /= self.cfg.parallel.dp
+
+    def reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    # ------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, batches) -> float:
+        """Top-1 error over the split. Each replica takes its slice of every batch, padded to a
+        fixed size (pipeline stages need fixed shapes); padded images do not count."""
+        self.model.eval()
+        dp = self.cfg.parallel.dp
+        size = batches.batch_size // dp
+        wrong = torch.zeros(2, device=self.device, dtype=torch.float64)
+        for x, y in batches.epoch(0):
+            x = x.tensor_split(dp)[self.mesh.dp_rank].to(DTYPES[self.cfg.dtype])
+            y = y.tensor_split(dp)[self.mesh.dp_rank]
+            valid = len(y)
+            if valid < size:  # pad the last batch
+                x = torch.cat([x, x.new_zeros((size - valid, *x.shape[1:]))])
+            out = self._forward_eval(x, torch.cat([y, y.new_zeros(size - valid)]))
+            if self.counts and out is not None:
+                wrong[0] += (out[:valid].argmax(1) != y).sum()
+                wrong[1] += valid
+        self.reduce(wrong)
+        return (wrong[0] / wrong[1].clamp(min=1)).item()
+
+    def _forward_eval(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        if self.schedule is None:
+            return self.model(x)
+        if self.mesh.first_stage:
+            self.schedule.eval(x)
+            return None
+        if self.mesh.last_stage:
+            return self.schedule.eval(target=y)
+        self.schedule.eval()
+        return None
+
+    # ------------------------------------------------------------------------- checkpoints
+    def canonical_state(self, optimizer: torch.optim.Optimizer) -> dict | None:
+        """The single-device state_dict (and momentum by parameter name), on world rank 0."""
+        local = {"model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                 "momentum": {self.names[p]: s["momentum_buffer"].cpu()
+                              for p, s in optimizer.state.items() if "momentum_buffer" in s}}
+        if self.world == 1:
+            return local
+        gathered = [None] * self.world if self.mesh.world_rank == 0 else None
+        dist.gather_object(local, gathered, dst=0)
+        if gathered is None:
+            return None
+        merged = {"model": {}, "momentum": {}}
+        for part in gathered:  # replicated entries are identical on every rank holding them
+            merged["model"].update(part["model"])
+            merged["momentum"].update(part["momentum"])
+        return merged
+
+    def load_canonical(self, state: dict, optimizer: torch.optim.Optimizer) -> None:
+        """Load this rank's share of a canonical state (saved under any mesh)."""
+        own = self.model.state_dict()
+        missing = [k for k in own if k not in state["model"]]
+        if missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} entries, e.g. {missing[0]}")
+        self.model.load_state_dict({k: state["model"][k] for k in own})
+        for param, name in self.names.items():
+            if name in state["momentum"]:
+                buf = state["momentum"][name].to(param.device, param.dtype)
+                optimizer.state[param]["momentum_buffer"] = buf.contiguous(
+                    memory_format=torch.channels_last if param.dim() == 4 and
+                    self.cfg.channels_last else torch.contiguous_format)
+
+    def check_replicas(self) -> None:
+        """Parameters replicated across a branch- or data-parallel group must be identical."""
+        for dim, replicated in (("bp", lambda n: ".functions." not in n), ("dp", lambda n: True)):
+            group = self.mesh.group(dim)
+            if group is None:
+                continue
+            names = sorted(n for n in self.names.values() if replicated(n))
+            params = dict(self.model.named_parameters())
+            sums = torch.stack([params[n].detach().double().abs().sum() for n in names]
+                               + [params[n].detach().double().sum() for n in names])
+            high, low = sums.clone(), sums.clone()
+            dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+            dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+            diverged = [names[i % len(names)] for i in torch.nonzero(high != low).flatten()]
+            if diverged:
+                raise ReplicaMismatch(f"{dim} replicas of {diverged[0]} differ; "
+                                      f"{len(set(diverged))} replicated parameters diverged")
