@@ -206,7 +206,8 @@ class Scheduler(Strict):
 
 
 class Resources(Strict):
-    workers: int = Field(1, ge=1, description="Ray Train workers per trial")
+    workers: int | None = Field(None, ge=1, description="Ray Train workers per trial; default "
+                                "and only valid value: parallel.dp x pp x bp")
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)
     driver_cpus: float = Field(0.1, gt=0, description="the trial driver only waits on workers")
@@ -233,6 +234,7 @@ class StudyConfig(Strict):
     scheduler: Scheduler = Field(default_factory=Scheduler)
     trials: int = Field(1, ge=1)
     concurrency: int = Field(1, ge=1)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     resources: Resources = Field(default_factory=Resources)
     mlflow: Tracking = Field(default_factory=Tracking)
     storage_path: str = "results"
@@ -251,6 +253,14 @@ class StudyConfig(Strict):
         for key in ("log_json", "checkpoint_dir"):
             if getattr(self.train, key):
                 raise ValueError(f"train.{key} is managed by the sweep; remove it")
+        if self.train.parallel not in (ParallelConfig(), self.parallel):
+            raise ValueError("train.parallel: give the mesh as the top-level parallel: key")
+        world = self.parallel.world_size
+        if self.resources.workers is None:
+            self.resources.workers = world
+        elif self.resources.workers != world:
+            raise ValueError(f"resources.workers={self.resources.workers} but parallel dp x pp x "
+                             f"bp = {world}; drop resources.workers or match it")
         if len(self.searcher.objectives) > 1 and self.scheduler.type == "asha":
             raise ValueError("scheduler.type asha needs a single objective; use one objective "
                              "or scheduler.type none")
@@ -281,6 +291,7 @@ class StudyConfig(Strict):
             else:
                 fields[key] = value
         fields["architecture"] = arch
+        fields["parallel"] = self.parallel
         return TrainConfig(**fields)
 
     def architectures(self, limit: int = 20_000) -> list[Architecture]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from orchestrator.config import TrainConfig
@@ -194,15 +195,18 @@ def load_checkpoint(path: Path) -> dict:
 
 
 class LocalSession:
-    """One process: epoch lines on stdout, JSON lines to a file, checkpoints in a folder."""
+    """Epoch lines on stdout and JSON lines to a file (from the lead rank only), checkpoints in a
+    folder (written by world rank 0, the one that holds the gathered state)."""
 
     def __init__(self, cfg: TrainConfig, interactive: bool | None = None, echo: bool = True):
-        self.interactive = sys.stderr.isatty() if interactive is None else interactive
-        self.echo = echo
+        self.lead = not dist.is_initialized() or dist.get_rank() == 0
+        self.interactive = self.lead and (sys.stderr.isatty() if interactive is None
+                                          else interactive)
+        self.echo = echo and self.lead
         self.dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
         self.resume = cfg.resume
         self.log = None
-        if cfg.log_json:
+        if cfg.log_json and self.lead:
             Path(cfg.log_json).parent.mkdir(parents=True, exist_ok=True)
             self.log = open(cfg.log_json, "a" if cfg.resume else "w")
 
@@ -219,15 +223,18 @@ class LocalSession:
         if self.log:
             self.log.write(json.dumps(record) + "\n")
 
-    def report(self, metrics: dict, state: dict) -> None:
+    def report(self, metrics: dict, state: dict | None) -> None:
+        self.write_epoch(metrics)
+        if self.dir is not None and state is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            save_atomic(state, self.dir / CHECKPOINT_FILE)
+
+    def write_epoch(self, metrics: dict) -> None:
         if self.log:
             keys = ("epoch", "train_loss", "train_error", "test_error", "lr", "images_per_s",
                     "epoch_time_s")
             self.log.write(json.dumps({"kind": "epoch", **{k: metrics[k] for k in keys}}) + "\n")
             self.log.flush()
-        if self.dir is not None:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            save_atomic(state, self.dir / CHECKPOINT_FILE)
         if self.echo:
             print(f"epoch {metrics['epoch']:>3}  train loss {metrics['train_loss']:.4f}  "
                   f"train err {100 * metrics['train_error']:5.2f}%  "

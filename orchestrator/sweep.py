@@ -95,13 +95,11 @@ def planned_trials(study: StudyConfig) -> int:
 
 def trial_driver(config: dict, study_data: dict) -> None:
     """Runs inside a Tune trial: builds the trial's TrainConfig and fits a TorchTrainer."""
-    import ray.train
     import ray.tune
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from models.summary import summarize
-    from orchestrator.worker import train_loop_per_worker
+    from orchestrator.worker import build_trainer
 
     study = StudyConfig(**study_data)
     cfg = study.trial_config({k: config[k] for k in study.searched()})
@@ -113,21 +111,12 @@ def trial_driver(config: dict, study_data: dict) -> None:
                             for o in study.searcher.objectives}})
         return
     res = study.resources
-    trial_id = ray.tune.get_context().get_trial_id()
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=cfg.model_dump(mode="json"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=res.workers, use_gpu=res.gpus_per_worker > 0,
-            resources_per_worker={"CPU": res.cpus_per_worker,
-                                  **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})}),
-        run_config=ray.train.RunConfig(
-            # Same (storage_path, name) on a restarted trial: Ray Train restores its checkpoint.
-            name=f"train-{trial_id}",
-            storage_path=str(study.storage_dir() / study.name),
-            callbacks=[TuneReportCallback()],
-            failure_config=ray.train.FailureConfig(max_failures=res.max_failures)),
-    )
+    # Same (storage_path, name) on a restarted trial: Ray Train restores its checkpoint.
+    trainer = build_trainer(cfg, name=f"train-{ray.tune.get_context().get_trial_id()}",
+                            storage_path=str(study.storage_dir() / study.name), echo=False,
+                            cpus_per_worker=res.cpus_per_worker,
+                            gpus_per_worker=res.gpus_per_worker, max_failures=res.max_failures,
+                            callbacks=[TuneReportCallback()])
     trainer.fit()
 
 
@@ -316,7 +305,7 @@ def fit(study: StudyConfig, results_dir: Path, restoring: bool, parent, digest: 
             {"parent_run_id": parent.run_id, "config_hash": digest,
              "tracking_uri": study.tracking_uri(), "experiment": study.experiment_name}))
         tracker = TrialTracker(study.tracking_uri(), study, parent.experiment_id, parent.run_id,
-                               layout=f"workers={study.resources.workers}")
+                                      layout=study.parallel.layout)
         tuner = Tuner(
             trainable,
             tune_config=ray.tune.TuneConfig(

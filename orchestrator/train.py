@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -19,7 +20,7 @@ from orchestrator.loop import CheckpointError, LocalSession, TrainingDiverged, t
 
 # Flag name -> TrainConfig field, for the flags that map one to one.
 RUN_FLAGS = ("dataset", "data_dir", "train_size", "test_size", "epochs", "steps", "batch_size",
-             "lr", "momentum", "weight_decay", "seed", "device", "execution", "log_json",
+             "lr", "momentum", "weight_decay", "seed", "device", "execution", "dtype", "log_json",
              "checkpoint_dir")
 
 
@@ -46,6 +47,10 @@ def parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("execution and output")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"])
     run.add_argument("--execution", choices=["auto", "reference", "fused"])
+    run.add_argument("--dtype", choices=["float32", "float64"])
+    run.add_argument("--parallel", metavar="dp=2,pp=1,bp=2", help="mesh degrees (also "
+                     "microbatches=M, schedule=gpipe|1f1b); more than one rank runs as a local "
+                     "Ray Train job with one worker per rank")
     run.add_argument("--log-json", help="write one JSON line per step and per epoch here")
     run.add_argument("--checkpoint-dir", help="save a checkpoint here after every epoch")
     run.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
@@ -60,6 +65,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
             fields[name] = getattr(args, name)
     if getattr(args, "resume", False):
         fields["resume"] = True
+    if getattr(args, "parallel", None):
+        fields["parallel"] = {**fields.get("parallel", {}), **parse_pairs(args.parallel)}
     arch_flags = architecture_fields(args)
     if arch_flags:
         fields["architecture"] = {**fields.get("architecture", {}), **arch_flags}
@@ -70,16 +77,61 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         raise ConfigError(describe(err)) from None
 
 
+def parse_pairs(text: str) -> dict:
+    pairs = {}
+    for part in filter(None, text.split(",")):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise ConfigError(f"--parallel {text}: expected key=value pairs like dp=2,bp=2")
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def run_on_ray(cfg: TrainConfig) -> dict:
+    """More than one rank: a local Ray Train run (or on RAY_ADDRESS), one worker per rank."""
+    import os
+    import tempfile
+
+    import ray
+
+    from orchestrator.worker import build_trainer
+
+    world = cfg.parallel.world_size
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    # One CPU per rank where the machine has them; ranks share CPUs on a smaller machine.
+    cpus_per_worker = min(1.0, ray.cluster_resources().get("CPU", 1) / world)
+    gpus = ray.cluster_resources().get("GPU", 0) if cfg.device != "cpu" else 0
+    gpus_per_worker = 1 if gpus >= world else 0
+    if cfg.data_dir:
+        cfg = cfg.model_copy(update={"data_dir": str(Path(cfg.data_dir).resolve())})
+    if cfg.log_json:
+        cfg = cfg.model_copy(update={"log_json": str(Path(cfg.log_json).resolve())})
+    storage = Path(cfg.checkpoint_dir).resolve() if cfg.checkpoint_dir else \
+        Path(tempfile.mkdtemp(prefix="multires-"))
+    if (storage / "train").exists() and cfg.checkpoint_dir and not cfg.resume:
+        raise ConfigError(f"{storage / 'train'} exists; pass --resume to continue it or choose "
+                          f"another --checkpoint-dir")
+    if cfg.resume and not (storage / "train").exists():
+        raise ConfigError(f"no run to resume in {storage}; run without --resume")
+    result = build_trainer(cfg, name="train", storage_path=str(storage), echo=True,
+                           cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker).fit()
+    return result.metrics
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     debug = getattr(args, "debug", False)
     try:
         cfg = build_config(args)
-        session = LocalSession(cfg)
-        try:
-            final = train_loop(cfg, session)
-        finally:
-            session.close()
+        if cfg.parallel.world_size > 1:
+            final = run_on_ray(cfg)
+        else:
+            session = LocalSession(cfg)
+            try:
+                final = train_loop(cfg, session)
+            finally:
+                session.close()
     except KeyboardInterrupt:
         print("interrupted; continue with the same command plus --resume "
               "(checkpoints are written at the end of each epoch)", file=sys.stderr)

@@ -45,3 +45,14 @@ def write_cifar_layout(root: Path, name: str, train: int = 200, test: int = 100,
         with open(folder / fname, "wb") as f:
             pickle.dump(record, f, protocol=2)
     return folder
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """One local Ray instance (2 CPUs, loopback) for the whole test run."""
+    import ray
+
+    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=True,
+             log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

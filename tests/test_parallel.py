@@ -4,6 +4,7 @@ Every mesh must compute what one process computes when it splits the global batc
 (dp replicas x micro-batches, each normalised by its own BatchNorm statistics): the loss, every
 gradient (gathered to the canonical layout) and the parameters after one SGD step, in float64.
 """
+import json
 import math
 
 import pytest
@@ -173,3 +174,25 @@ def test_checkpoint_saved_under_one_mesh_resumes_under_another(tmp_path):
         torch.testing.assert_close(resumed["momentum"][name], tensor, rtol=1e-9, atol=1e-12)
     assert math.isclose(resumed["metrics"]["train_loss"], reference["metrics"]["train_loss"],
                         rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("mesh", ["dp=2", "dp=2,bp=2"])
+def test_ray_train_run_reports_the_one_process_losses(ray_address, tmp_path, mesh):
+    """orchestrator.train with 2 and 4 Ray Train workers: the step losses of one process that
+    cuts each batch into the same two halves (dp=2 <-> 2 micro-batches)."""
+    from orchestrator.train import main as train_main
+
+    common = ["--dataset", "synthetic", "--depth", "8", "--k", "2", "--train-size", "128",
+              "--test-size", "32", "--batch-size", "32", "--epochs", "2", "--device", "cpu",
+              "--dtype", "float64"]
+    assert train_main(common + ["--parallel", mesh, "--log-json", str(tmp_path / "ray.jsonl")]) == 0
+    assert train_main(common + ["--parallel", "microbatches=2",
+                                "--log-json", str(tmp_path / "one.jsonl")]) == 0
+
+    def losses(name):
+        return [json.loads(line)["loss"] for line in open(tmp_path / name)
+                if '"step"' in line]
+
+    ray_losses, one_losses = losses("ray.jsonl"), losses("one.jsonl")
+    assert len(ray_losses) == len(one_losses) == 8
+    assert ray_losses == pytest.approx(one_losses, rel=1e-9)

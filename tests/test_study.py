@@ -116,3 +116,16 @@ def test_multi_objective_search(tmp_path, capsys):
     study = load_study(write(tmp_path, data))
     assert len(first_trials(study, 3)) == 3
     assert sweep_main([str(write(tmp_path, data)), "--dry-run"]) == 0
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(parallel={"bp": 2}), r"k=1 is no valid architecture: parallel.bp=2 exceeds k=1"),
+    (dict(parallel={"dp": 2}, resources__workers=3), "resources.workers=3 but parallel"),
+    (dict(parallel={"pp": 5}), "exceeds the 3 blocks"),
+])
+def test_bad_parallel_layouts_in_studies(tmp_path, changes, message):
+    with pytest.raises(ConfigError, match=message):
+        load_study(write(tmp_path, with_changes(**changes)))
+    study = load_study(write(tmp_path, with_changes(parallel={"dp": 2})))
+    assert study.resources.workers == 2
+    assert study.trial_config({"depth": 8, "k": 2, "lr": 0.1}).parallel.dp == 2

@@ -18,16 +18,6 @@ SMOKE = str(Path(__file__).parent.parent / "search_spaces" / "smoke.yaml")
 PARENT = "mlflow.parentRunId"
 
 
-@pytest.fixture(scope="session")
-def ray_address():
-    import ray
-
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=True,
-             log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
 def runs(uri: str, experiment: str = "smoke"):
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
@@ -117,3 +107,16 @@ def test_interrupted_sweep_resumes_without_duplicates(ray_address, tmp_path):
         assert [m.step for m in history] == [1, 2]  # no epoch logged twice, none missing
         if child.info.run_id in finished:  # finished trials were not retrained
             assert child.info.end_time == finished[child.info.run_id]
+
+
+def test_trial_on_a_data_parallel_mesh(ray_address, tmp_path):
+    """`parallel:` in a study sets each trial's Ray Train workers: two ranks, dp=2."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [SMOKE, "--storage-path", str(tmp_path / "results"), "--tracking-uri", uri,
+            "--set", "trials=1", "--set", "parallel.dp=2", "--set", "resources.cpus_per_worker=0.5",
+            "--set", "scheduler.type=none", "--set", "train.epochs=1"]
+    assert sweep_main(args) == 0
+    client, _, children = runs(uri)
+    assert len(children) == 1 and children[0].info.status == "FINISHED"
+    assert children[0].data.tags["parallel_layout"].startswith("dp=2,pp=1,bp=1")
+    assert len(client.get_metric_history(children[0].info.run_id, "test_error")) == 1
