@@ -184,47 +184,69 @@ FUSED_CASES = [
 ]
 
 
+def forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    out = model(x.to(next(model.parameters()).dtype))
+    model.zero_grad()
+    nn.functional.cross_entropy(out, y).backward()
+    return out.detach()
+
+
 @pytest.mark.parametrize("device", DEVICES)
-# float64 shows the two forms compute the same function (two steps, so the parameters after an
-# SGD step are compared too); float32 that they agree to its rounding. Chained float32 steps
-# diverge chaotically from any reference, float32 loop form included, so float32 checks one step.
-@pytest.mark.parametrize("dtype, tol, steps", [(torch.float64, 1e-10, 2), (torch.float32, 1e-3, 1)])
 @pytest.mark.parametrize("fields", FUSED_CASES, ids=lambda f: Architecture(**f).name)
-def test_fused_matches_reference(fields, dtype, tol, steps, device, monkeypatch):
-    if device == "cuda":  # TF32 (cuDNN's default) keeps 10 mantissa bits: compare true float32
-        monkeypatch.setattr(torch.backends.cudnn.conv, "fp32_precision", "ieee")
-        monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", "ieee")
+def test_fused_matches_reference_in_float64(fields, device):
+    """Same function: forward, every gradient, BN running statistics, the parameters after two
+    SGD steps, and evaluation mode, to float64 rounding."""
     torch.manual_seed(1)
-    ref = randomise(create_model(**fields)).to(device, dtype)
+    ref = randomise(create_model(**fields)).to(device, torch.float64)
     fused = set_fused(copy.deepcopy(ref), True)
-    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    fused_opt = torch.optim.SGD(fused.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    x = torch.randn(16, 3, 32, 32, device=device, dtype=dtype)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+            for m in (ref, fused)]
+    x = torch.randn(16, 3, 32, 32, device=device, dtype=torch.float64)
     y = torch.randint(0, 10, (16,), device=device)
 
-    def close(a, b):  # relative to the tensor's norm, as float32 rounding errors are
-        assert torch.linalg.vector_norm(a - b) <= tol * max(torch.linalg.vector_norm(a), 1e-6)
+    def close(a, b):
+        assert torch.linalg.vector_norm(a - b) <= 1e-10 * max(torch.linalg.vector_norm(a), 1e-6)
 
-    for step in range(steps):
-        outs = []
-        for model, opt in ((ref, ref_opt), (fused, fused_opt)):
-            out = model(x)
-            loss = nn.functional.cross_entropy(out, y)
-            opt.zero_grad()
-            loss.backward()
-            outs.append(out.detach())
-        close(*outs)
-        for (name, p), q in zip(ref.named_parameters(), fused.parameters()):
+    for _ in range(2):
+        close(forward_backward(ref, x, y), forward_backward(fused, x, y))
+        for p, q in zip(ref.parameters(), fused.parameters()):
             close(p.grad, q.grad)
         for a, b in zip(ref.buffers(), fused.buffers()):
-            close(a.to(dtype), b.to(dtype))  # running statistics and batch counters
-        ref_opt.step()
-        fused_opt.step()
+            close(a.double(), b.double())  # running statistics and batch counters
+        for opt in opts:
+            opt.step()
         for p, q in zip(ref.parameters(), fused.parameters()):
             close(p.detach(), q.detach())
     ref.eval(), fused.eval()
     with torch.no_grad():
         close(ref(x), fused(x))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fields", FUSED_CASES, ids=lambda f: Architecture(**f).name)
+def test_fused_agrees_with_reference_in_float32(fields, device, monkeypatch):
+    """Both float32 forms against the float64 result. Outputs agree to float32 rounding (1e-5).
+    A gradient can move more: an element that rounds across zero flips a ReLU mask, which the
+    loop form suffers as much as the fused one (up to ~5e-3 measured, on either form); a wrong
+    computation shows errors of order 1."""
+    if device == "cuda":  # TF32 (cuDNN's default) keeps 10 mantissa bits: compare true float32
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", "ieee")
+    torch.manual_seed(1)
+    truth = randomise(create_model(**fields)).to(device, torch.float64)
+    ref = copy.deepcopy(truth).float()
+    fused = set_fused(copy.deepcopy(ref), True)
+    x = torch.randn(16, 3, 32, 32, device=device, dtype=torch.float64)
+    y = torch.randint(0, 10, (16,), device=device)
+    exact, *approx = [forward_backward(m, x, y).double() for m in (truth, ref, fused)]
+
+    def rel(a, b):
+        return (torch.linalg.vector_norm(a.double() - b) / torch.linalg.vector_norm(b)).item()
+
+    assert max(rel(a, exact) for a in approx) < 1e-5
+    errors = [max(rel(q.grad, p.grad), rel(r.grad, p.grad))
+              for p, q, r in zip(truth.parameters(), ref.parameters(), fused.parameters())]
+    assert max(errors) < 2e-2
 
 
 def test_state_dicts_load_into_either_form():

@@ -18,7 +18,7 @@ from orchestrator.loop import CHECKPOINT_FILE, LocalSession, load_checkpoint, tr
 from orchestrator.parallel import ShardedModel
 from orchestrator.parallel.branch import owned_functions
 from orchestrator.parallel.pipeline import partition, stage_block_keys
-from tests.parallel_harness import run_ranks
+from orchestrator.parallel.local import run_ranks
 
 BATCH = 8
 

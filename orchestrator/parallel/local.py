@@ -1,10 +1,12 @@
-"""Run a function on N local processes joined by gloo (the CPU backend), for parallel tests."""
+"""Run a function on N local processes joined into one process group, without Ray: for the
+parity tests and the parallel benchmark (gloo on CPU; nccl with one GPU per process)."""
 from __future__ import annotations
 
 import os
 import socket
 import traceback
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -15,9 +17,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, fn, args, errors):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _entry(rank: int, world: int, port: int, backend: str, fn, args, errors):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    else:
+        torch.set_num_threads(1)  # one core per rank, as a 1-CPU Ray Train worker
+    dist.init_process_group(backend, rank=rank, world_size=world)
     try:
         fn(rank, *args)
     except BaseException:
@@ -27,12 +33,12 @@ def _entry(rank: int, world: int, port: int, fn, args, errors):
         dist.destroy_process_group()
 
 
-def run_ranks(world: int, fn, *args) -> None:
+def run_ranks(world: int, fn, *args, backend: str = "gloo") -> None:
     """fn(rank, *args) on `world` processes; raises with the first rank's traceback."""
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, errors))
+    procs = [ctx.Process(target=_entry, args=(r, world, port, backend, fn, args, errors))
              for r in range(world)]
     for p in procs:
         p.start()
