@@ -196,3 +196,19 @@ def test_ray_train_run_reports_the_one_process_losses(ray_address, tmp_path, mes
     ray_losses, one_losses = losses("ray.jsonl"), losses("one.jsonl")
     assert len(ray_losses) == len(one_losses) == 8
     assert ray_losses == pytest.approx(one_losses, rel=1e-9)
+
+
+def _diverge_rank(rank, cfg: TrainConfig):
+    from orchestrator.parallel.sharded import ReplicaMismatch
+
+    sharded = ShardedModel(cfg, torch.device("cpu"), fused=False)
+    sharded.check_replicas()  # identical after construction
+    if rank == 1:
+        with torch.no_grad():
+            sharded.model.head[-1].weight.add_(1e-3)  # replicated across the bp group
+    with pytest.raises(ReplicaMismatch, match="bp replicas of head.4.weight differ"):
+        sharded.check_replicas()
+
+
+def test_replicated_parameters_are_checked():
+    run_ranks(2, _diverge_rank, config(dict(bp=2)))
