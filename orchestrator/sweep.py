@@ -17,10 +17,9 @@ import json
 import math
 import os
 import sys
-from functools import partial
 from pathlib import Path
 
-from orchestrator.config import Choice, ConfigError, FloatRange, IntRange, StudyConfig, load_study
+from orchestrator.config import ConfigError, FloatRange, IntRange, StudyConfig, load_study
 
 STATE_FILE = "multires_study.json"
 
@@ -181,8 +180,10 @@ def start_ray(study: StudyConfig) -> int:
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         try:
-            ray.init(address=address) if address else ray.init(num_cpus=os.cpu_count(),
-                                                               include_dashboard=True)
+            if address:
+                ray.init(address=address)
+            else:  # a local instance, listening on loopback only
+                ray.init(num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1")
         except Exception as exc:
             raise ConfigError(f"cannot reach the Ray cluster at RAY_ADDRESS={address} "
                               f"({type(exc).__name__}); start it or unset RAY_ADDRESS") from None
