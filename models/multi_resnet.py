@@ -124,8 +124,8 @@ class Architecture(BaseModel):
         parts = [f"d{self.total_depth}", f"k{self.k}", f"w{self.width}"]
         if self.block_type == "bottleneck" and self.dataset != "imagenet":
             parts.append("bn")
-        if self.blocks is not None and self.dataset != "imagenet":
-            parts.append("b" + "".join(map(str, self.blocks)))
+        if self.blocks is not None and self.dataset != "imagenet" and len(set(self.blocks)) > 1:
+            parts.append("b" + ".".join(map(str, self.blocks)))
         return "-".join(parts)
 
 

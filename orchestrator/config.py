@@ -220,6 +220,36 @@ class Tracking(Strict):
     log_checkpoint: bool = Field(False, description="log each trial's final checkpoint")
 
 
+class PairDesign(Strict):
+    """Matched pairs as in the paper: a k=1 net and the net with k=factor functions and about
+    the same parameters (orchestrator.analysis.matched_multi). Give the deep nets' per-stage
+    blocks, or parameter budgets to pick them."""
+    deep: list[tuple[int, int, int]] | None = None
+    budgets: list[float] | None = None
+    factors: list[int] = Field(default_factory=lambda: [4], min_length=1)
+    width: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "PairDesign":
+        if (self.deep is None) == (self.budgets is None):
+            raise ValueError("pairs: give either deep (per-stage blocks) or budgets (parameters)")
+        if any(c < 2 for c in self.factors):
+            raise ValueError("pairs.factors: each factor must be at least 2")
+        return self
+
+    def configurations(self) -> list[dict]:
+        from orchestrator.analysis import deep_for_budget, matched_multi
+
+        deeps = self.deep or [deep_for_budget(b, self.width) for b in self.budgets]
+        out = []
+        for deep in deeps:
+            out.append({"blocks": list(deep), "k": 1, "width": self.width})
+            for c in self.factors:
+                out.append({"blocks": list(matched_multi(tuple(deep), c, width=self.width)),
+                            "k": c, "width": self.width})
+        return out
+
+
 class StudyConfig(Strict):
     """A study file: what to train (`train`), what to vary (`space`), how to search and where
     results go. Keys in `space` are architecture keys or recipe keys; a plain value fixes it."""
@@ -229,6 +259,9 @@ class StudyConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     space: dict[str, Distribution | int | float | str | bool | list[int]] = Field(
         default_factory=dict)
+    configurations: list[dict[str, Any]] = Field(
+        default_factory=list, description="explicit architectures, searched as one choice")
+    pairs: PairDesign | None = Field(None, description="matched pairs, added to configurations")
     budget: Budget = Field(default_factory=Budget)
     searcher: Searcher = Field(default_factory=Searcher)
     scheduler: Scheduler = Field(default_factory=Scheduler)
@@ -250,6 +283,15 @@ class StudyConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "StudyConfig":
+        if self.pairs is not None:
+            for design in self.pairs.configurations():
+                if design not in self.configurations:
+                    self.configurations.append(design)
+        for i, design in enumerate(self.configurations):
+            for key in design:
+                if key not in ARCH_KEYS | RECIPE_KEYS or key in self.space:
+                    raise ValueError(f"configurations[{i}].{key}: not an architecture or recipe "
+                                     f"key, or also in space; remove it")
         for key in ("log_json", "checkpoint_dir"):
             if getattr(self.train, key):
                 raise ValueError(f"train.{key} is managed by the sweep; remove it")
@@ -276,16 +318,27 @@ class StudyConfig(Strict):
         return self
 
     def searched(self) -> dict:
-        return {k: v for k, v in self.space.items() if isinstance(v, (IntRange, FloatRange, Choice))}
+        found = {k: v for k, v in self.space.items() if isinstance(v, (IntRange, FloatRange, Choice))}
+        if self.configurations:
+            found["config"] = Choice(choices=list(range(len(self.configurations))))
+        return found
 
     def fixed(self) -> dict:
         return {k: v for k, v in self.space.items() if k not in self.searched()}
 
+    def sampled_values(self, sampled: dict) -> dict:
+        """Sampled keys, with a sampled configuration index expanded into its keys."""
+        values = {k: v for k, v in sampled.items() if k != "config"}
+        if "config" in sampled:
+            values = {**self.configurations[sampled["config"]], **values}
+        return values
+
     def trial_config(self, sampled: dict) -> TrainConfig:
         """The full run config of one trial: `train`, then fixed space values, then samples."""
         fields = self.train.model_dump(exclude_unset=True)
-        arch = self.train.architecture.model_dump(exclude_unset=True)
-        for key, value in {**self.fixed(), **sampled}.items():
+        arch = (self.train.architecture.model_dump(exclude_unset=True)
+                if "architecture" in self.train.model_fields_set else {})
+        for key, value in {**self.fixed(), **self.sampled_values(sampled)}.items():
             if key in ARCH_KEYS:
                 arch[key] = tuple(value) if key == "blocks" else value
             else:
@@ -296,7 +349,7 @@ class StudyConfig(Strict):
 
     def architectures(self, limit: int = 20_000) -> list[Architecture]:
         """Every architecture the space can produce; raises naming the key of an invalid one."""
-        options = {}
+        options = {"config": list(range(len(self.configurations)))} if self.configurations else {}
         for key, value in self.space.items():
             if key not in ARCH_KEYS:
                 continue
@@ -317,7 +370,7 @@ class StudyConfig(Strict):
             try:
                 archs.append(self.trial_config(sampled).architecture)
             except ValidationError as err:
-                keys = ", ".join(f"{k}={v}" for k, v in sampled.items())
+                keys = ", ".join(f"{k}={v}" for k, v in self.sampled_values(sampled).items())
                 raise ValueError(f"space: {keys} is no valid architecture: "
                                  f"{describe(err).removeprefix('architecture: ')}") from None
         return archs

@@ -1,0 +1,215 @@
+"""Deeper or wider: matched pairs, the error difference against depth, and n0 with its uncertainty.
+
+Input: one row per trained run with columns depth, k, width, params, seed, test_error (percent).
+A pair is a k=1 network and a multi-residual network (k>1, same width) whose parameter counts
+agree within `tolerance`. For each pair, diff = error(multi) - error(deep): positive where depth
+wins. n0 is the multi-residual depth at which diff crosses zero from positive to negative (linear
+interpolation between the bracketing pairs); its interval comes from a bootstrap over seeds
+(each configuration's runs resampled with replacement).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+COLUMNS = ["depth", "k", "width", "params", "seed", "test_error"]
+CONFIG = ["depth", "k", "width", "params"]
+
+
+def configuration_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per configuration: median, mean and std of test error over seeds (the paper's form)."""
+    grouped = runs.groupby(CONFIG, as_index=False)["test_error"]
+    table = grouped.agg(median="median", mean="mean", std="std", runs="count")
+    table["std"] = table["std"].fillna(0.0)
+    extra = [c for c in ("flops", "name") if c in runs]
+    if extra:
+        table = table.merge(runs.groupby(CONFIG, as_index=False)[extra].first(), on=CONFIG)
+    return table.sort_values(["k", "depth"]).reset_index(drop=True)
+
+
+def find_pairs(runs: pd.DataFrame, tolerance: float = 0.1) -> list[tuple[tuple, tuple]]:
+    """(deep, multi) configuration keys: each multi-residual configuration with the k=1
+    configuration of the same width closest in parameters, if within `tolerance`."""
+    configs = runs[CONFIG].drop_duplicates()
+    deep = configs[configs.k == 1]
+    pairs = []
+    for _, multi in configs[configs.k > 1].iterrows():
+        same = deep[deep.width == multi.width]
+        if same.empty:
+            continue
+        gap = (same.params - multi.params).abs() / multi.params
+        best = same.loc[gap.idxmin()]
+        if gap.min() <= tolerance:
+            pairs.append((tuple(best[CONFIG]), tuple(multi[CONFIG])))
+    return sorted(pairs, key=lambda p: p[1][0])
+
+
+@dataclass
+class N0:
+    value: float | None           # None when the data do not bracket a crossing
+    low: float | None = None      # 95% bootstrap interval
+    high: float | None = None
+    bracket: tuple[int, int] | None = None
+    message: str = ""
+
+    def line(self) -> str:
+        if self.value is None:
+            return f"n0: not found ({self.message})"
+        if self.low is None:
+            return f"n0: {self.value:.1f} ({self.message})"
+        return f"n0: {self.value:.1f} (95% CI {self.low:.1f}-{self.high:.1f}; {self.message})"
+
+
+def crossing(depths: np.ndarray, diffs: np.ndarray) -> tuple[float, tuple[int, int]] | None:
+    """The first depth where diff goes from > 0 (depth wins) to <= 0 (functions win)."""
+    for i in range(len(depths) - 1):
+        a, b = diffs[i], diffs[i + 1]
+        if a > 0 >= b:
+            x = depths[i] + (depths[i + 1] - depths[i]) * a / (a - b)
+            return float(x), (int(depths[i]), int(depths[i + 1]))
+    return None
+
+
+def _errors(runs: pd.DataFrame) -> dict[tuple, np.ndarray]:
+    return {key: group.test_error.to_numpy() for key, group in runs.groupby(CONFIG)}
+
+
+def pair_differences(runs: pd.DataFrame, pairs, n_boot: int = 2000,
+                     seed: int = 0) -> pd.DataFrame:
+    """Per pair: mean error difference (multi - deep) and its 95% bootstrap interval."""
+    rng = np.random.default_rng(seed)
+    errors = _errors(runs)
+    rows = []
+    for deep, multi in pairs:
+        d, m = errors[deep], errors[multi]
+        boot = (rng.choice(m, (n_boot, len(m))).mean(1) - rng.choice(d, (n_boot, len(d))).mean(1))
+        rows.append({"deep_depth": deep[0], "multi_depth": multi[0], "k": multi[1],
+                     "width": multi[2], "deep_params": deep[3], "multi_params": multi[3],
+                     "deep_error": d.mean(), "multi_error": m.mean(),
+                     "diff": m.mean() - d.mean(), "diff_low": np.percentile(boot, 2.5),
+                     "diff_high": np.percentile(boot, 97.5)})
+    return pd.DataFrame(rows)
+
+
+def estimate_n0(runs: pd.DataFrame, pairs, n_boot: int = 2000, seed: int = 0) -> N0:
+    """n0 from the pair differences against the multi-residual depth, with a bootstrap interval."""
+    if len(pairs) < 2:
+        return N0(None, message=f"{len(pairs)} matched pair(s); need pairs at two or more depths")
+    errors = _errors(runs)
+    pairs = sorted(pairs, key=lambda p: p[1][0])
+    depths = np.array([multi[0] for _, multi in pairs], dtype=float)
+    diffs = np.array([errors[m].mean() - errors[d].mean() for d, m in pairs])
+    found = crossing(depths, diffs)
+    if found is None:
+        if (diffs > 0).all():
+            hint = f"depth wins at every depth up to {int(depths[-1])}; add deeper pairs"
+        elif (diffs <= 0).all():
+            hint = f"functions win from depth {int(depths[0])} on; add shallower pairs"
+        else:
+            hint = "the difference does not change sign from positive to negative"
+        return N0(None, message=f"no crossing: {hint}")
+    value, bracket = found
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(n_boot):
+        boot = np.array([rng.choice(errors[m], len(errors[m])).mean()
+                         - rng.choice(errors[d], len(errors[d])).mean() for d, m in pairs])
+        hit = crossing(depths, boot)
+        if hit is not None:
+            samples.append(hit[0])
+    seeds = min(len(errors[k]) for pair in pairs for k in pair)
+    if seeds < 2:
+        return N0(value, bracket=bracket, message=f"between depths {bracket[0]} and "
+                  f"{bracket[1]}; one run per configuration, no interval")
+    low, high = np.percentile(samples, [2.5, 97.5])
+    share = len(samples) / n_boot
+    return N0(value, float(low), float(high), bracket,
+              f"between depths {bracket[0]} and {bracket[1]}, {seeds}+ seeds per configuration, "
+              f"{share:.0%} of resamples cross")
+
+
+def pareto_front(points: pd.DataFrame, x: str = "flops", y: str = "test_error") -> pd.DataFrame:
+    """Rows not dominated in (lower x, lower y)."""
+    ordered = points.sort_values([x, y])
+    front, best = [], np.inf
+    for _, row in ordered.iterrows():
+        if row[y] < best:
+            front.append(row)
+            best = row[y]
+    return pd.DataFrame(front)
+
+
+def read_csv(path) -> pd.DataFrame:
+    runs = pd.read_csv(path)
+    missing = [c for c in COLUMNS if c not in runs]
+    if missing:
+        raise ValueError(f"{path}: missing columns {', '.join(missing)}; expected "
+                         f"{','.join(COLUMNS)} (test_error in percent)")
+    return runs
+
+
+PAPER_TABLE_II = pd.DataFrame([
+    # depth, k, width, params, seed, test_error: the medians of Table II (five runs each).
+    (24, 1, 1, 292_954, 0, 7.75), (68, 1, 1, 1_047_450, 0, 6.27), (110, 1, 1, 1_727_962, 0, 6.02),
+    (8, 4, 1, 297_146, 0, 9.28), (20, 4, 1, 1_074_874, 0, 6.31), (30, 4, 1, 1_778_362, 0, 5.89),
+], columns=COLUMNS)
+
+
+# ----------------------------------------------------------------------------- designing pairs
+
+def matched_multi(deep_blocks: tuple[int, ...], factor: int, tolerance: float = 0.03,
+                  width: int = 1) -> tuple[int, ...]:
+    """The paper's construction: the multi-residual net with k=factor and 1/factor of the deep
+    net's blocks per stage (rounded up), then blocks removed (middle stage first, as the paper's
+    (5,4,5)) until its parameters are within `tolerance` of the deep net's."""
+    from models.multi_resnet import Architecture
+    from models.summary import summarize
+
+    def params(blocks, k):
+        return summarize(Architecture(blocks=blocks, k=k, width=width))["params"]
+
+    target = params(tuple(deep_blocks), 1)
+    blocks = [-(-n // factor) for n in deep_blocks]
+    order = [1, 0, 2]
+    step = 0
+    while params(tuple(blocks), factor) > target * (1 + tolerance):
+        stage = order[step % 3]
+        step += 1
+        if blocks[stage] > 1:
+            blocks[stage] -= 1
+        if step > 100:
+            break
+    return tuple(blocks)
+
+
+def deep_for_budget(budget: float, width: int = 1) -> tuple[int, ...]:
+    """The k=1 net with near-uniform stages (later stages never longer) closest to `budget`."""
+    from models.multi_resnet import Architecture
+    from models.summary import summarize
+
+    best = None
+    for n in range(1, 200):
+        for cut in ((0, 0, 0), (0, 0, 1), (0, 1, 1)):
+            blocks = tuple(n - c for c in cut)
+            if min(blocks) < 1:
+                continue
+            p = summarize(Architecture(blocks=blocks, k=1, width=width))["params"]
+            gap = abs(p - budget) / budget
+            if best is None or gap < best[0]:
+                best = (gap, blocks)
+            if p > 2 * budget:
+                return best[1]
+    return best[1]
+
+
+def generate_pairs(budgets: list[float], factors: list[int], width: int = 1
+                   ) -> list[tuple[tuple[int, ...], tuple[int, ...], int]]:
+    """(deep blocks, multi blocks, k) for each budget and factor."""
+    out = []
+    for budget in budgets:
+        deep = deep_for_budget(budget, width)
+        for c in factors:
+            out.append((deep, matched_multi(deep, c, width=width), c))
+    return out
