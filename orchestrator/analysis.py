@@ -162,26 +162,26 @@ PAPER_TABLE_II = pd.DataFrame([
 def matched_multi(deep_blocks: tuple[int, ...], factor: int, tolerance: float = 0.03,
                   width: int = 1) -> tuple[int, ...]:
     """The paper's construction: the multi-residual net with k=factor and 1/factor of the deep
-    net's blocks per stage (rounded up), then blocks removed (middle stage first, as the paper's
-    (5,4,5)) until its parameters are within `tolerance` of the deep net's."""
+    net's blocks per stage (rounded up); then, while its parameters are more than `tolerance`
+    away from the deep net's, the one-block change (remove or add, any stage) that brings them
+    closest, as the paper removed a block to turn (5,5,5) into (5,4,5)."""
     from models.multi_resnet import Architecture
     from models.summary import summarize
 
-    def params(blocks, k):
-        return summarize(Architecture(blocks=blocks, k=k, width=width))["params"]
+    def gap(blocks) -> float:
+        p = summarize(Architecture(blocks=blocks, k=factor, width=width))["params"]
+        return abs(p / target - 1)
 
-    target = params(tuple(deep_blocks), 1)
-    blocks = [-(-n // factor) for n in deep_blocks]
-    order = [1, 0, 2]
-    step = 0
-    while params(tuple(blocks), factor) > target * (1 + tolerance):
-        stage = order[step % 3]
-        step += 1
-        if blocks[stage] > 1:
-            blocks[stage] -= 1
-        if step > 100:
-            break
-    return tuple(blocks)
+    target = summarize(Architecture(blocks=tuple(deep_blocks), k=1, width=width))["params"]
+    blocks = tuple(-(-n // factor) for n in deep_blocks)
+    while gap(blocks) > tolerance:
+        moves = [tuple(b + (d if i == s else 0) for i, b in enumerate(blocks))
+                 for s in range(len(blocks)) for d in (-1, 1)]
+        best = min((m for m in moves if min(m) >= 1), key=gap)
+        if gap(best) >= gap(blocks):
+            break  # no single block brings it closer
+        blocks = best
+    return blocks
 
 
 def deep_for_budget(budget: float, width: int = 1) -> tuple[int, ...]:

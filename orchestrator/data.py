@@ -143,13 +143,14 @@ def synthetic_cifar(train_size: int = 2048, test_size: int = 512, num_classes: i
     coarse = torch.rand(num_classes, 3, 4, 4, generator=g) * 255
     templates = torch.nn.functional.interpolate(coarse, size=32, mode="bilinear")
 
-    def make(n: int) -> Split:
-        labels = torch.randint(0, num_classes, (n,), generator=g)
-        noise = torch.randint(0, 256, (n, 3, 32, 32), generator=g).float()
+    def make(n: int, stream: int) -> Split:  # one generator per split: sizes do not interact
+        gs = torch.Generator().manual_seed(seed * 1_000_003 + stream)
+        labels = torch.randint(0, num_classes, (n,), generator=gs)
+        noise = torch.randint(0, 256, (n, 3, 32, 32), generator=gs).float()
         images = (0.5 * templates[labels] + 0.5 * noise).round().clamp(0, 255).to(torch.uint8)
         return Split(images, labels)
 
-    return make(train_size), make(test_size)
+    return make(train_size, 1), make(test_size, 2)
 
 
 def load_dataset(name: str, data_dir: str | Path | None, train_size: int | None = None,

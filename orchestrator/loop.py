@@ -171,7 +171,8 @@ def train_loop(cfg: TrainConfig, session: Session) -> dict:
             state.update({
                 "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step,
                 "best_test_error": best, "rng": rng_state(), "metrics": metrics,
-                "architecture": cfg.architecture.model_dump(mode="json")})
+                "architecture": cfg.architecture.model_dump(mode="json"),
+                "config": cfg.model_dump(mode="json")})
         session.report(metrics, state)
     return metrics
 

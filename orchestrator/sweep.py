@@ -293,7 +293,7 @@ def fit(study: StudyConfig, results_dir: Path, restoring: bool, parent, digest: 
     from orchestrator.tracking import TrialTracker
 
     trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(trial_driver, study_data=study.model_dump(mode="json")),
+        ray.tune.with_parameters(trial_driver, study_data=study.model_dump(mode="json", exclude_unset=True)),
         {"cpu": study.resources.driver_cpus})
     if restoring:
         print(f"resuming study {study.name} from {results_dir}")

@@ -119,3 +119,34 @@ def test_trial_on_a_data_parallel_mesh(ray_address, tmp_path):
     assert len(children) == 1 and children[0].info.status == "FINISHED"
     assert children[0].data.tags["parallel_layout"].startswith("dp=2,pp=1,bp=1")
     assert len(client.get_metric_history(children[0].info.run_id, "test_error")) == 1
+
+
+def test_pair_study_end_to_end_with_report(ray_address, tmp_path, capsys):
+    """A matched-pair study on synthetic data: sweep, then the report from MLflow, logged back
+    to the study's parent run with its figures."""
+    import yaml
+
+    from orchestrator.report import main as report_main
+
+    study = yaml.safe_load(Path(SMOKE).read_text())
+    study.update(name="pairs", space={"seed": 0, "lr": 0.05},
+                 pairs={"deep": [[4, 4, 3], [4, 4, 4]], "factors": [2]},
+                 searcher={"sampler": "grid"}, scheduler={"type": "none"})
+    path = tmp_path / "pairs.yaml"
+    path.write_text(yaml.safe_dump(study))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert sweep_main([str(path), "--storage-path", str(tmp_path / "results"),
+                       "--tracking-uri", uri]) == 0
+    capsys.readouterr()
+    assert report_main(["--experiment", "pairs", "--tracking-uri", uri, "--out",
+                        str(tmp_path / "report"), "--bootstrap", "200"]) == 0
+    out = capsys.readouterr().out
+    assert any(line.startswith("n0: ") for line in out.splitlines())
+    assert "depth 24 (292,954)" in out  # the pre-resnet-24 of the first pair
+    client, parents, children = runs(uri, "pairs")
+    assert len(children) == 4
+    logged = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
+    assert {"report/report.md", "report/difference_vs_depth.png",
+            "report/pareto_error_vs_flops.png", "report/error_vs_epoch.png"} <= logged
+    for name in ("difference_vs_depth.png", "pareto_error_vs_flops.png", "error_vs_epoch.png"):
+        assert (tmp_path / "report" / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")

@@ -1,0 +1,104 @@
+"""Locating n0: the analysis on known inputs, pair generation, the report and the lesion tool."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from models.multi_resnet import Architecture
+from models.summary import summarize
+from orchestrator.analysis import (PAPER_TABLE_II, estimate_n0, find_pairs, generate_pairs,
+                                   matched_multi, pair_differences)
+from orchestrator.report import main as report_main
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def constructed(seeds: int, noise: float = 0.2, crossing_at: float = 20.0,
+                depths=(8, 14, 20, 26, 32), seed: int = 0) -> pd.DataFrame:
+    """Pairs whose true difference is 0.1 * (crossing_at - depth), plus noise per run."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for depth in depths:
+        params = 100_000 * depth
+        true_diff = 0.1 * (crossing_at - depth)
+        for s in range(seeds):
+            rows.append((3 * depth, 1, 1, params, s, 6.0 + rng.normal(0, noise)))
+            rows.append((depth, 4, 1, params + 1000, s, 6.0 + true_diff + rng.normal(0, noise)))
+    return pd.DataFrame(rows, columns=["depth", "k", "width", "params", "seed", "test_error"])
+
+
+def test_known_crossing_is_found_with_an_interval():
+    runs = constructed(seeds=10)
+    pairs = find_pairs(runs)
+    assert [m[0] for _, m in pairs] == [8, 14, 20, 26, 32]
+    n0 = estimate_n0(runs, pairs, n_boot=500)
+    assert n0.value == pytest.approx(20, abs=3)
+    assert n0.low < 20 < n0.high
+    assert n0.line().startswith("n0: ") and "95% CI" in n0.line()
+
+
+def test_no_crossing_says_so_and_what_to_add():
+    runs = constructed(seeds=3, crossing_at=60, noise=0.0)
+    n0 = estimate_n0(runs, find_pairs(runs))
+    assert n0.value is None and "add deeper pairs" in n0.line()
+    runs = constructed(seeds=3, crossing_at=2, noise=0.0)
+    assert "add shallower pairs" in estimate_n0(runs, find_pairs(runs)).line()
+
+
+def test_paper_table_ii_places_n0_near_20():
+    n0 = estimate_n0(PAPER_TABLE_II, find_pairs(PAPER_TABLE_II))
+    assert 8 < n0.value < 30 and abs(n0.value - 20) < 5
+
+
+def test_bootstrap_intervals_shrink_with_more_seeds():
+    widths = []
+    for seeds in (3, 30):
+        runs = constructed(seeds=seeds, seed=1)
+        diffs = pair_differences(runs, find_pairs(runs), n_boot=1000)
+        widths.append((diffs.diff_high - diffs.diff_low).mean())
+    assert widths[1] < 0.5 * widths[0]
+
+
+def test_pair_generation_reproduces_the_papers_pairs():
+    def params(blocks, k):
+        return summarize(Architecture(blocks=blocks, k=k))["params"]
+
+    for deep, multi in [((4, 4, 3), (1, 1, 1)), ((11, 11, 11), (3, 3, 3)),
+                        ((18, 18, 18), (5, 4, 5))]:
+        assert matched_multi(deep, 4) == multi
+        assert abs(params(multi, 4) / params(deep, 1) - 1) <= 0.03
+    for deep, multi, k in generate_pairs([0.29e6, 1.0e6, 1.7e6], [2, 4]):
+        assert abs(params(multi, k) / params(deep, 1) - 1) <= 0.03
+
+
+def test_report_from_csv_writes_markdown_and_figures(tmp_path, capsys):
+    csv = tmp_path / "published.csv"
+    constructed(seeds=5).to_csv(csv, index=False)
+    assert report_main(["--from-csv", str(csv), "--out", str(tmp_path / "out"),
+                        "--bootstrap", "300"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("n0: ") for line in lines)
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "n0:" in text and "median (mean ± std)" in text and "difference_vs_depth.png" in text
+    assert (tmp_path / "out" / "difference_vs_depth.png").read_bytes().startswith(PNG)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("depth,k\n8,1\n")
+    assert report_main(["--from-csv", str(bad)]) == 2
+    assert "missing columns" in capsys.readouterr().err
+
+
+def test_lesion_of_nothing_reproduces_the_models_error(tmp_path, capsys):
+    from orchestrator.lesion import main as lesion_main
+    from orchestrator.train import main as train_main
+
+    assert train_main(["--dataset", "synthetic", "--depth", "8", "--k", "2", "--train-size",
+                       "256", "--test-size", "128", "--batch-size", "64", "--epochs", "2",
+                       "--device", "cpu", "--checkpoint-dir", str(tmp_path / "ck")]) == 0
+    capsys.readouterr()
+    assert lesion_main([str(tmp_path / "ck" / "checkpoint.pt"), "--out",
+                        str(tmp_path / "lesion")]) == 0
+    table = pd.read_csv(tmp_path / "lesion" / "lesion.csv")
+    state = torch.load(tmp_path / "ck" / "checkpoint.pt", weights_only=True)
+    assert table.test_error.iloc[0] == pytest.approx(state["metrics"]["test_error"])
+    assert len(table) == 1 + 3 + 3 * 2  # nothing, 3 blocks, 2 functions of each
+    assert (tmp_path / "lesion" / "lesion.png").read_bytes().startswith(PNG)
