@@ -21,6 +21,13 @@ def input_size(arch: Architecture) -> int:
     return 224 if arch.dataset == "imagenet" else 32
 
 
+@lru_cache(maxsize=4096)
+def parameter_count(arch: Architecture) -> int:
+    """Parameters only (cheaper than summarize: no forward pass)."""
+    with torch.device("meta"):
+        return count_parameters(create_model(arch))
+
+
 @lru_cache(maxsize=256)
 def summarize(arch: Architecture) -> dict:
     """Name, depth, parameters and forward FLOPs (multiply-add = 2 FLOPs) for one image."""

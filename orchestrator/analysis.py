@@ -166,13 +166,12 @@ def matched_multi(deep_blocks: tuple[int, ...], factor: int, tolerance: float = 
     away from the deep net's, the one-block change (remove or add, any stage) that brings them
     closest, as the paper removed a block to turn (5,5,5) into (5,4,5)."""
     from models.multi_resnet import Architecture
-    from models.summary import summarize
+    from models.summary import parameter_count
 
     def gap(blocks) -> float:
-        p = summarize(Architecture(blocks=blocks, k=factor, width=width))["params"]
-        return abs(p / target - 1)
+        return abs(parameter_count(Architecture(blocks=blocks, k=factor, width=width)) / target - 1)
 
-    target = summarize(Architecture(blocks=tuple(deep_blocks), k=1, width=width))["params"]
+    target = parameter_count(Architecture(blocks=tuple(deep_blocks), k=1, width=width))
     blocks = tuple(-(-n // factor) for n in deep_blocks)
     while gap(blocks) > tolerance:
         moves = [tuple(b + (d if i == s else 0) for i, b in enumerate(blocks))
@@ -187,7 +186,7 @@ def matched_multi(deep_blocks: tuple[int, ...], factor: int, tolerance: float = 
 def deep_for_budget(budget: float, width: int = 1) -> tuple[int, ...]:
     """The k=1 net with near-uniform stages (later stages never longer) closest to `budget`."""
     from models.multi_resnet import Architecture
-    from models.summary import summarize
+    from models.summary import parameter_count
 
     best = None
     for n in range(1, 200):
@@ -195,7 +194,7 @@ def deep_for_budget(budget: float, width: int = 1) -> tuple[int, ...]:
             blocks = tuple(n - c for c in cut)
             if min(blocks) < 1:
                 continue
-            p = summarize(Architecture(blocks=blocks, k=1, width=width))["params"]
+            p = parameter_count(Architecture(blocks=blocks, k=1, width=width))
             gap = abs(p - budget) / budget
             if best is None or gap < best[0]:
                 best = (gap, blocks)
