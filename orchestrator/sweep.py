@@ -252,8 +252,9 @@ def summarize_results(results, study: StudyConfig) -> list[dict]:
 def run(study: StudyConfig, study_text: str, resume: bool) -> int:
     from ray.tune import Tuner
 
-    from orchestrator.tracking import StudyRun, connect
+    from orchestrator.tracking import StudyRun, check_scheme, connect
 
+    check_scheme(study.tracking_uri())
     concurrency = start_ray(study)
     study = resolve_paths(study)
     results_dir = study.storage_dir() / study.name

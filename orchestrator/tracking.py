@@ -8,10 +8,12 @@ children: the parent's id is kept in the study's results folder, children are fo
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import time
 from importlib import metadata
 from pathlib import Path
+from urllib.parse import urlparse
 
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
@@ -23,6 +25,10 @@ from orchestrator.config import StudyConfig, TrainConfig
 
 EPOCH_METRICS = ("train_loss", "train_error", "test_error", "lr", "images_per_s", "epoch_time_s",
                  "train_gflops")
+
+
+# For the reachability check only; later calls keep MLflow's patient retries.
+QUICK_CHECK = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 class TrackingError(RuntimeError):
@@ -47,14 +53,34 @@ def git_commit(folder: Path | None = None) -> str:
         return "unknown"
 
 
+SCHEMES = {"", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks"}
+
+
+def check_scheme(tracking_uri: str) -> None:
+    scheme = urlparse(tracking_uri).scheme
+    if scheme not in SCHEMES:
+        raise TrackingError(f"tracking URI {tracking_uri}: unknown scheme {scheme!r}; use "
+                            f"sqlite:///PATH/mlflow.db or http://HOST:PORT of an mlflow server")
+
+
 def connect(tracking_uri: str) -> MlflowClient:
-    """A client for `tracking_uri`, checked to answer before anything is trained."""
-    client = MlflowClient(tracking_uri)
+    """A client for `tracking_uri`, checked to answer (quickly: one try, 10 s) before anything is
+    trained."""
+    check_scheme(tracking_uri)
+    saved = {k: os.environ.get(k) for k in QUICK_CHECK}
+    os.environ.update(QUICK_CHECK)
     try:
+        client = MlflowClient(tracking_uri)
         client.search_experiments(max_results=1)
     except Exception as exc:
         raise TrackingError(f"MLflow at {tracking_uri} cannot be used ({type(exc).__name__}); "
                             f"start the server or pass another --tracking-uri") from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return client
 
 

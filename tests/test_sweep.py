@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from models.multi_resnet import Architecture
@@ -150,3 +151,32 @@ def test_pair_study_end_to_end_with_report(ray_address, tmp_path, capsys):
             "report/pareto_error_vs_flops.png", "report/error_vs_epoch.png"} <= logged
     for name in ("difference_vs_depth.png", "pareto_error_vs_flops.png", "error_vs_epoch.png"):
         assert (tmp_path / "report" / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_diverging_trial_fails_with_its_reason_and_the_sweep_goes_on(ray_address, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert sweep_main([SMOKE, "--storage-path", str(tmp_path / "results"), "--tracking-uri", uri,
+                       "--set", "space.depth=8", "--set", "space.k=1", "--set",
+                       "space.lr={type: categorical, choices: [0.05, 1.0e+8]}",
+                       "--set", "searcher.sampler=grid", "--set", "scheduler.type=none",
+                       "--set", "train.epochs=1"]) == 0
+    _, parents, children = runs(uri)
+    status = {c.data.params["lr"]: c for c in children}
+    assert status["0.05"].info.status == "FINISHED"
+    failed = status["100000000.0"]
+    assert failed.info.status == "FAILED"
+    assert "loss became nan" in failed.data.tags["failure"]
+    assert parents[0].info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("uri, message", [
+    ("foo://bar", "unknown scheme 'foo'"),
+    ("http://127.0.0.1:9", "MLflow at http://127.0.0.1:9 cannot be used"),
+])
+def test_unusable_tracking_server_fails_before_training(ray_address, tmp_path, capsys, uri,
+                                                        message):
+    assert sweep_main([SMOKE, "--storage-path", str(tmp_path / "results"),
+                       "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "results").exists()
