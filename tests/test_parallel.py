@@ -6,6 +6,9 @@ gradient (gathered to the canonical layout) and the parameters after one SGD ste
 """
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -185,7 +188,10 @@ def test_ray_train_run_reports_the_one_process_losses(ray_address, tmp_path, mes
     common = ["--dataset", "synthetic", "--depth", "8", "--k", "2", "--train-size", "128",
               "--test-size", "32", "--batch-size", "32", "--epochs", "2", "--device", "cpu",
               "--dtype", "float64"]
-    assert train_main(common + ["--parallel", mesh, "--log-json", str(tmp_path / "ray.jsonl")]) == 0
+    # Its own driver process, on the test's Ray instance: the run's actors end with it.
+    subprocess.run([sys.executable, "-m", "orchestrator.train", *common, "--parallel", mesh,
+                    "--log-json", str(tmp_path / "ray.jsonl")], check=True, capture_output=True,
+                   env={**os.environ, "RAY_ADDRESS": ray_address})
     assert train_main(common + ["--parallel", "microbatches=2",
                                 "--log-json", str(tmp_path / "one.jsonl")]) == 0
 
