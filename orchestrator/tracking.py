@@ -84,6 +84,14 @@ def connect(tracking_uri: str) -> MlflowClient:
     return client
 
 
+def artifact_location(tracking_uri: str) -> str | None:
+    """Beside a sqlite database, artifacts go to its folder (not to ./mlruns of whatever folder
+    the sweep started in); servers and other stores keep their own default."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+
+
 def run_name(cfg: TrainConfig) -> str:
     return f"{cfg.architecture.name}-s{cfg.seed}"
 
@@ -107,7 +115,8 @@ class StudyRun:
         self.client, self.study = client, study
         experiment = client.get_experiment_by_name(study.experiment_name)
         if experiment is None:
-            self.experiment_id = client.create_experiment(study.experiment_name)
+            self.experiment_id = client.create_experiment(
+                study.experiment_name, artifact_location=artifact_location(study.tracking_uri()))
         else:
             if experiment.lifecycle_stage == "deleted":
                 client.restore_experiment(experiment.experiment_id)

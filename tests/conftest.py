@@ -52,7 +52,7 @@ def ray_address():
     """One local Ray instance (2 CPUs, loopback) for the whole test run."""
     import ray
 
-    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=True,
+    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=True,
              log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
