@@ -183,7 +183,8 @@ def start_ray(study: StudyConfig) -> int:
             if address:
                 ray.init(address=address)
             else:  # a local instance, listening on loopback only
-                ray.init(address="local", num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1")
+                ray.init(num_cpus=os.cpu_count(), include_dashboard=True,
+                         _node_ip_address="127.0.0.1")
         except Exception as exc:
             raise ConfigError(f"cannot reach the Ray cluster at RAY_ADDRESS={address} "
                               f"({type(exc).__name__}); start it or unset RAY_ADDRESS") from None

@@ -99,8 +99,7 @@ def run_on_ray(cfg: TrainConfig) -> dict:
     world = cfg.parallel.world_size
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address) if address else ray.init(address="local",
-                                                          _node_ip_address="127.0.0.1")
+        ray.init(address=address) if address else ray.init(_node_ip_address="127.0.0.1")
     # One CPU per rank where the machine has them; ranks share CPUs on a smaller machine.
     cpus_per_worker = min(1.0, ray.cluster_resources().get("CPU", 1) / world)
     gpus = ray.cluster_resources().get("GPU", 0) if cfg.device != "cpu" else 0
