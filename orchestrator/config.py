@@ -211,13 +211,17 @@ class Resources(Strict):
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)
     driver_cpus: float = Field(0.1, gt=0, description="the trial driver only waits on workers")
-    max_failures: int = Field(0, ge=-1, description="worker-group restarts per trial")
+    max_failures: int = Field(0, ge=-1, description="restarts per trial from its last "
+                              "checkpoint: of its workers (Ray Train) and of the trial (Tune, "
+                              "when its driver's node is lost); -1: no limit")
 
 
 class Tracking(Strict):
     experiment: str | None = Field(None, description="default: the study name")
     tracking_uri: str | None = Field(None, description="default: sqlite:///<cwd>/mlflow.db")
     log_checkpoint: bool = Field(False, description="log each trial's final checkpoint")
+    outage_wait_s: float = Field(300, ge=0, description="at the end of a sweep, how long to wait "
+                                 "for an unreachable MLflow before listing what it did not get")
 
 
 class PairDesign(Strict):

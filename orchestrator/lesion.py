@@ -84,12 +84,14 @@ def plot(table: pd.DataFrame, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m orchestrator.lesion", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m orchestrator.lesion",
+                                description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", help="checkpoint.pt written by orchestrator.train or a sweep")
     p.add_argument("--dataset", help="default: the checkpoint's")
     p.add_argument("--data-dir", help="default: the checkpoint's")
     p.add_argument("--test-size", type=int, help="evaluate on the first N test images")
     p.add_argument("--out", default="lesion", help="folder for lesion.csv and lesion.png")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
     try:
         state = load_checkpoint(Path(args.checkpoint))
@@ -101,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                                args.test_size or config.get("test_size"))
         table = lesion_study(model, Batches(test, dataset, 500, "cpu", train=False))
     except (CheckpointError, DataError, KeyError, RuntimeError) as exc:
+        if args.debug:
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out)

@@ -30,9 +30,13 @@ class ReportError(RuntimeError):
 
 def runs_from_mlflow(tracking_uri: str, experiment: str, parent_id: str | None = None):
     """(runs table, per-epoch test error histories, parent run id) of a study's finished trials."""
-    from mlflow.tracking import MlflowClient
+    from orchestrator.tracking import connect
 
-    client = MlflowClient(tracking_uri)
+    database = tracking_uri.removeprefix("sqlite:///")
+    if tracking_uri.startswith("sqlite:///") and not Path(database).is_file():
+        raise ReportError(f"no MLflow database at {database}; run the study there first or "
+                          f"pass its --tracking-uri")
+    client = connect(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ReportError(f"no MLflow experiment {experiment!r} at {tracking_uri}; check "
@@ -170,7 +174,10 @@ def build_report(runs: pd.DataFrame, out: Path, title: str, histories: dict | No
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m orchestrator.report", description=__doc__.split("\n")[0])
+    from orchestrator.tracking import TrackingError
+
+    p = argparse.ArgumentParser(prog="python -m orchestrator.report",
+                                description=__doc__.split("\n")[0])
     source = p.add_mutually_exclusive_group()
     source.add_argument("--experiment", help="MLflow experiment (the study name)")
     source.add_argument("--from-csv", help="CSV with depth,k,width,params,seed,test_error (%)")
@@ -180,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--pair-tolerance", type=float, default=0.1,
                    help="largest relative parameter gap within a pair")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
     if not args.experiment and not args.from_csv:
         p.error("give --experiment NAME (MLflow) or --from-csv FILE")
@@ -194,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out or f"report-{name}")
         n0, path = build_report(runs, out, f"Deeper or wider: {name}", histories,
                                 args.bootstrap, args.pair_tolerance)
-    except (ReportError, ValueError, FileNotFoundError) as exc:
+    except (ReportError, TrackingError, ValueError, FileNotFoundError) as exc:
+        if args.debug:
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
     tables = path.read_text().split("![")[0].replace(n0.line() + "\n", "")

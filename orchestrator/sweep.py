@@ -15,8 +15,8 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import sys
+import time
 from pathlib import Path
 
 from orchestrator.config import ConfigError, FloatRange, IntRange, StudyConfig, load_study
@@ -95,10 +95,9 @@ def planned_trials(study: StudyConfig) -> int:
 def trial_driver(config: dict, study_data: dict) -> None:
     """Runs inside a Tune trial: builds the trial's TrainConfig and fits a TorchTrainer."""
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from models.summary import summarize
-    from orchestrator.worker import build_trainer
+    from orchestrator.worker import TuneReport, build_trainer
 
     study = StudyConfig(**study_data)
     cfg = study.trial_config({k: config[k] for k in study.searched()})
@@ -106,8 +105,7 @@ def trial_driver(config: dict, study_data: dict) -> None:
     reason = study.budget.reason(params)
     if reason is not None:  # outside the parameter budget: recorded, not trained
         ray.tune.report({"pruned": True, "pruned_reason": reason, "params": params, "epoch": 0,
-                         **{o.metric: (1.0 if o.mode == "min" else 0.0)
-                            for o in study.searcher.objectives}})
+                         **worst_objectives(study)})
         return
     res = study.resources
     # Same (storage_path, name) on a restarted trial: Ray Train restores its checkpoint.
@@ -115,8 +113,13 @@ def trial_driver(config: dict, study_data: dict) -> None:
                             storage_path=str(study.storage_dir() / study.name), echo=False,
                             cpus_per_worker=res.cpus_per_worker,
                             gpus_per_worker=res.gpus_per_worker, max_failures=res.max_failures,
-                            callbacks=[TuneReportCallback()])
+                            callbacks=[TuneReport(worst_objectives(study))])
     trainer.fit()
+
+
+def worst_objectives(study: StudyConfig) -> dict[str, float]:
+    """What a pruned or diverged trial tells the searcher: the worst error (or 0 when maximised)."""
+    return {o.metric: (1.0 if o.mode == "min" else 0.0) for o in study.searcher.objectives}
 
 
 # ----------------------------------------------------------------------------- dry run
@@ -177,17 +180,9 @@ def start_ray(study: StudyConfig) -> int:
     """Connect to RAY_ADDRESS or start a local Ray; return how many trials fit at once."""
     import ray
 
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        try:
-            if address:
-                ray.init(address=address)
-            else:  # a local instance, listening on loopback only
-                ray.init(num_cpus=os.cpu_count(), include_dashboard=True,
-                         _node_ip_address="127.0.0.1")
-        except Exception as exc:
-            raise ConfigError(f"cannot reach the Ray cluster at RAY_ADDRESS={address} "
-                              f"({type(exc).__name__}); start it or unset RAY_ADDRESS") from None
+    from orchestrator.worker import init_ray
+
+    init_ray()
     total = ray.cluster_resources()
     res = study.resources
     cpus, gpus = total.get("CPU", 0), total.get("GPU", 0)
@@ -238,7 +233,8 @@ def summarize_results(results, study: StudyConfig) -> list[dict]:
         sampled = {k: result.config[k] for k in study.searched() if k in result.config}
         cfg = study.trial_config(sampled)
         info = summarize(cfg.architecture)
-        status = ("pruned" if m.get("pruned") else "error" if result.error else
+        status = ("pruned" if m.get("pruned") else
+                  "error" if result.error or m.get("diverged") else
                   "stopped" if m.get("epoch", 0) < m.get("epochs_total", 0) else "done")
         rows.append({
             "trial": m.get("trial_id", "?"), "architecture": cfg.architecture.name,
@@ -256,35 +252,54 @@ def run(study: StudyConfig, study_text: str, resume: bool) -> int:
     from orchestrator.tracking import StudyRun, check_scheme, connect
 
     check_scheme(study.tracking_uri())
+    study = resolve_paths(study)  # the data checked before anything is started
     concurrency = start_ray(study)
-    study = resolve_paths(study)
     results_dir = study.storage_dir() / study.name
     state = read_state(results_dir)
     digest = config_hash(study)
     restoring = state is not None and Tuner.can_restore(str(results_dir))
     if resume and not restoring:
         raise ConfigError(f"nothing to resume in {results_dir}; run without --resume")
-    if restoring and state["config_hash"] != digest:
+    if state is not None and state["config_hash"] != digest:
         raise ConfigError(f"{results_dir} holds study {study.name} with a different "
                           f"configuration; use another --storage-path or remove that folder")
 
     parent = StudyRun(connect(study.tracking_uri()), study)
-    parent.open(state["parent_run_id"] if restoring else None, results_dir, study_text)
+    # A driver killed before Tune first saved its state leaves a parent run and nothing to
+    # restore: the fresh start continues that parent run instead of leaving it RUNNING.
+    parent.open(state and state["parent_run_id"], results_dir, study_text)
     try:
         results = fit(study, results_dir, restoring, parent, digest, concurrency)
     except BaseException as exc:
-        parent.close("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        parent.close("KILLED" if interrupted else "FAILED")
+        deliver_tracking(study, results_dir, 0 if interrupted else study.mlflow.outage_wait_s)
         raise
     ended = results.num_terminated + results.num_errors
     if ended < planned_trials(study):
         parent.close("KILLED")
+        deliver_tracking(study, results_dir, study.mlflow.outage_wait_s)
         print(f"\nsweep interrupted after {ended} of {planned_trials(study)} trials; run the same "
               f"command again (or add --resume) to continue", file=sys.stderr)
         return 130
     rows = summarize_results(results, study)
     report_summary(rows, study, parent, results_dir)
     parent.close("FINISHED")
+    deliver_tracking(study, results_dir, study.mlflow.outage_wait_s)
     return 0 if any(r["status"] in ("done", "stopped") for r in rows) else 1
+
+
+def deliver_tracking(study: StudyConfig, results_dir: Path, wait_s: float) -> None:
+    """Deliver MLflow updates held back by an outage; list what could not be in the results."""
+    from orchestrator.tracking import outbox
+
+    lost = outbox(study.tracking_uri()).drain(wait_s)
+    if lost:
+        path = results_dir / "mlflow_undelivered.txt"
+        path.write_text("".join(f"{what}\n" for what in lost))
+        print(f"warning: MLflow at {study.tracking_uri()} did not answer; {len(lost)} updates "
+              f"were not delivered (listed in {path}); every trial's results are in "
+              f"{results_dir}", file=sys.stderr)
 
 
 def fit(study: StudyConfig, results_dir: Path, restoring: bool, parent, digest: str,
@@ -295,7 +310,8 @@ def fit(study: StudyConfig, results_dir: Path, restoring: bool, parent, digest: 
     from orchestrator.tracking import TrialTracker
 
     trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(trial_driver, study_data=study.model_dump(mode="json", exclude_unset=True)),
+        ray.tune.with_parameters(trial_driver,
+                                 study_data=study.model_dump(mode="json", exclude_unset=True)),
         {"cpu": study.resources.driver_cpus})
     if restoring:
         print(f"resuming study {study.name} from {results_dir}")
@@ -304,9 +320,11 @@ def fit(study: StudyConfig, results_dir: Path, restoring: bool, parent, digest: 
                               resume_errored=False, restart_errored=False)
     else:
         results_dir.mkdir(parents=True, exist_ok=True)
-        (results_dir / STATE_FILE).write_text(json.dumps(
+        staged = results_dir / f".{STATE_FILE}.tmp"
+        staged.write_text(json.dumps(
             {"parent_run_id": parent.run_id, "config_hash": digest,
              "tracking_uri": study.tracking_uri(), "experiment": study.experiment_name}))
+        staged.replace(results_dir / STATE_FILE)  # whole or absent, even if killed here
         tracker = TrialTracker(study.tracking_uri(), study, parent.experiment_id, parent.run_id,
                                       layout=study.parallel.layout)
         tuner = Tuner(
@@ -316,27 +334,37 @@ def fit(study: StudyConfig, results_dir: Path, restoring: bool, parent, digest: 
                 num_samples=planned_trials(study), max_concurrent_trials=concurrency),
             run_config=ray.tune.RunConfig(
                 name=study.name, storage_path=str(study.storage_dir()), callbacks=[tracker],
-                failure_config=ray.tune.FailureConfig(max_failures=0)),
+                # A trial whose driver's node was lost restarts from its last checkpoint too.
+                failure_config=ray.tune.FailureConfig(
+                    max_failures=study.resources.max_failures)),
         )
     return tuner.fit()
 
 
 def report_summary(rows: list[dict], study: StudyConfig, parent, results_dir: Path) -> None:
     import pandas as pd
+    from mlflow.entities import Metric
+
+    from orchestrator.tracking import outbox
 
     table = pd.DataFrame(rows).sort_values("best_test_error", na_position="last")
     print("\n" + table.to_string(index=False))
     trained = table[table["status"].isin(["done", "stopped"])]
-    client, run_id = parent.client, parent.run_id
-    client.log_text(run_id, table.to_csv(index=False), "summary.csv")
-    client.log_metric(run_id, "trials_trained", len(trained))
-    client.log_metric(run_id, "trials_pruned", int((table["status"] == "pruned").sum()))
+    client, run_id, send = parent.client, parent.run_id, outbox(study.tracking_uri()).put
+    summary_csv = table.to_csv(index=False)
+    send("summary.csv", lambda: client.log_text(run_id, summary_csv, "summary.csv"))
+    counts = {"trials_trained": len(trained),
+              "trials_pruned": int((table["status"] == "pruned").sum())}
     if len(trained):
         best = trained.iloc[0]
-        client.log_metric(run_id, "best_test_error", float(best["best_test_error"]))
-        client.log_dict(run_id, json.loads(best.to_json()), "best.json")
+        counts["best_test_error"] = float(best["best_test_error"])
+        best_json = json.loads(best.to_json())
+        send("best.json", lambda: client.log_dict(run_id, best_json, "best.json"))
         print(f"\nbest: {best['architecture']} seed {best['seed']} ({best['params']:,} params): "
               f"test error {100 * best['best_test_error']:.2f}%")
+    now = int(time.time() * 1000)
+    send("study metrics", lambda: client.log_batch(
+        run_id, metrics=[Metric(k, v, now, 0) for k, v in counts.items()]))
     print(f"results: {results_dir}\nMLflow: {study.tracking_uri()} experiment "
           f"'{study.experiment_name}', parent run {run_id} (compare with `mlflow ui "
           f"--backend-store-uri {study.tracking_uri()}`)")

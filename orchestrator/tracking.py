@@ -10,7 +10,11 @@ from __future__ import annotations
 import math
 import os
 import subprocess
+import sys
 import time
+from collections import deque
+from collections.abc import Callable
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from urllib.parse import urlparse
@@ -27,8 +31,9 @@ EPOCH_METRICS = ("train_loss", "train_error", "test_error", "lr", "images_per_s"
                  "train_gflops")
 
 
-# For the reachability check only; later calls keep MLflow's patient retries.
-QUICK_CHECK = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# One quick try per request: the reachability check fails fast, and while a server is down the
+# outbox holds updates back instead of blocking Tune's loop in MLflow's long retries.
+QUICK_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 class TrackingError(RuntimeError):
@@ -67,21 +72,98 @@ def connect(tracking_uri: str) -> MlflowClient:
     """A client for `tracking_uri`, checked to answer (quickly: one try, 10 s) before anything is
     trained."""
     check_scheme(tracking_uri)
-    saved = {k: os.environ.get(k) for k in QUICK_CHECK}
-    os.environ.update(QUICK_CHECK)
     try:
-        client = MlflowClient(tracking_uri)
-        client.search_experiments(max_results=1)
+        with quick_http():
+            client = MlflowClient(tracking_uri)
+            client.search_experiments(max_results=1)
     except Exception as exc:
         raise TrackingError(f"MLflow at {tracking_uri} cannot be used ({type(exc).__name__}); "
                             f"start the server or pass another --tracking-uri") from None
+    return client
+
+
+@contextmanager
+def quick_http():
+    saved = {k: os.environ.get(k) for k in QUICK_HTTP}
+    os.environ.update({k: v for k, v in QUICK_HTTP.items() if saved[k] is None})
+    try:
+        yield
     finally:
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    return client
+
+
+def retryable(exc: Exception) -> bool:
+    """Unreachable, timed out or a server error: worth another try. A 4xx is not."""
+    from mlflow.exceptions import MlflowException
+
+    return not isinstance(exc, MlflowException) or exc.get_http_status_code() >= 500
+
+
+class Outbox:
+    """The sweep's MLflow updates, delivered in order; held back while MLflow cannot be reached.
+
+    Training never waits on MLflow: a failed update stays queued with everything after it and is
+    retried with the next update (at most every `retry_s`), and at the end of the sweep
+    (`drain`). One outbox per tracking URI in the sweep's driver process, shared by the parent
+    run and the trial tracker (which Tune re-creates on restore), so their order is kept."""
+
+    retry_s = 20.0
+
+    def __init__(self, tracking_uri: str):
+        self.tracking_uri = tracking_uri
+        self.pending: deque[tuple[str, Callable[[], object]]] = deque()
+        self.next_try = 0.0
+        self.down_since: float | None = None
+
+    def put(self, what: str, update: Callable[[], object]) -> None:
+        self.pending.append((what, update))
+        self.flush()
+
+    def flush(self) -> bool:
+        """Deliver what is queued (unless a recent try failed); True when nothing is left."""
+        if time.time() < self.next_try:
+            return False
+        while self.pending:
+            what, update = self.pending[0]
+            try:
+                with quick_http():
+                    update()
+            except Exception as exc:
+                if not retryable(exc):  # a rejected update would hold back all later ones
+                    print(f"warning: MLflow rejected {what}: {exc}", file=sys.stderr)
+                    self.pending.popleft()
+                    continue
+                if self.down_since is None:
+                    self.down_since = time.time()
+                    print(f"warning: MLflow at {self.tracking_uri} unreachable "
+                          f"({type(exc).__name__}); training goes on, updates are held and "
+                          f"delivered when it answers", file=sys.stderr)
+                self.next_try = time.time() + self.retry_s
+                return False
+            self.pending.popleft()
+        if self.down_since is not None:
+            print(f"MLflow at {self.tracking_uri} answers again after "
+                  f"{time.time() - self.down_since:.0f} s; held updates delivered", file=sys.stderr)
+            self.down_since = None
+        return True
+
+    def drain(self, wait_s: float) -> list[str]:
+        """Keep trying for up to `wait_s` seconds; return what could not be delivered."""
+        deadline = time.time() + wait_s
+        while True:
+            self.next_try = 0.0
+            if self.flush() or time.time() >= deadline:
+                return [what for what, _ in self.pending]
+            time.sleep(min(self.retry_s, deadline - time.time()))
+
+
+OUTBOXES: dict[str, Outbox] = {}
+
+
+def outbox(tracking_uri: str) -> Outbox:
+    return OUTBOXES.setdefault(tracking_uri, Outbox(tracking_uri))
 
 
 def artifact_location(tracking_uri: str) -> str | None:
@@ -140,23 +222,31 @@ class StudyRun:
         """End the parent; children still RUNNING (an interrupted sweep) end as KILLED."""
         if self.run_id is None:
             return
-        for run in self.client.search_runs(
-                [self.experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.run_id}' "
-                                      f"and attributes.status = 'RUNNING'"):
-            self.client.set_terminated(run.info.run_id, "KILLED")
-        self.client.set_terminated(self.run_id, status)
+        client, experiment_id, run_id = self.client, self.experiment_id, self.run_id
+
+        def end():
+            for run in client.search_runs(
+                    [experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run_id}' "
+                                     f"and attributes.status = 'RUNNING'"):
+                client.set_terminated(run.info.run_id, "KILLED")
+            client.set_terminated(run_id, status)
+        outbox(self.study.tracking_uri()).put(f"end of parent run ({status})", end)
 
 
 class TrialTracker(Callback):
-    """A Tune callback that mirrors every trial into a child run of the study's parent run."""
+    """A Tune callback that mirrors every trial into a child run of the study's parent run.
+    Updates go through the outbox, so an MLflow outage never stops the sweep."""
 
     def __init__(self, tracking_uri: str, study: StudyConfig, experiment_id: str,
                  parent_run_id: str, layout: str):
         self.args = (tracking_uri, study, experiment_id, parent_run_id, layout)
         self.client, self.study, self.layout = MlflowClient(tracking_uri), study, layout
         self.experiment_id, self.parent_run_id = experiment_id, parent_run_id
-        self.runs: dict[str, str] = {}       # trial_id -> run_id
-        self.logged: dict[str, int] = {}     # run_id -> last epoch logged
+        self.outbox = outbox(tracking_uri)
+        self.runs: dict[str, str] = {}       # trial_id -> run_id, once created
+        self.logged: dict[str, int] = {}     # trial_id -> last epoch logged (or queued)
+        self.ended: set[str] = set()         # trials whose run has its final state
+        self.restored = False                # the restored study's trials compared with runs
         self.commit = git_commit()
         for run in self.client.search_runs([experiment_id],
                                            f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'"):
@@ -164,7 +254,10 @@ class TrialTracker(Callback):
             if trial_id:
                 self.runs[trial_id] = run.info.run_id
                 history = self.client.get_metric_history(run.info.run_id, "test_error")
-                self.logged[run.info.run_id] = max((m.step for m in history), default=0)
+                self.logged[trial_id] = max((m.step for m in history), default=0)
+                if run.info.status == "FINISHED" or {"pruned_reason", "stopped_early",
+                                                     "failure"} & set(run.data.tags):
+                    self.ended.add(trial_id)
 
     def __reduce__(self):
         # Tune pickles its callbacks with the experiment; a restored tracker re-reads its state
@@ -174,68 +267,118 @@ class TrialTracker(Callback):
     def trial_config(self, trial) -> TrainConfig:
         return self.study.trial_config({k: trial.config[k] for k in self.study.searched()})
 
+    def on_step_begin(self, iteration, trials, **info):
+        if self.restored:
+            return
+        self.restored = True
+        # A trial started after Tune last saved the study (it saves every 10 s or more) and
+        # before the driver was killed is unknown to the restored study, which samples and
+        # trains it again as a new trial: its run is ended and deleted (`mlflow runs restore`
+        # brings it back), so that each trial of the study has one run.
+        known = {trial.trial_id for trial in trials}
+        for trial_id in [t for t in self.logged if t not in known]:
+            print(f"warning: trial {trial_id} started after the study was last saved; it runs "
+                  f"again as a new trial and its MLflow run is deleted", file=sys.stderr)
+            self.put(trial_id, "forgotten", lambda run_id: self.client.set_tag(
+                run_id, "forgotten", "started after the study was last saved; trained again "
+                                     "as a new trial of the restored study"))
+            self.put(trial_id, "end", lambda run_id: self.client.set_terminated(run_id, "KILLED"))
+            self.put(trial_id, "deletion", lambda run_id: self.client.delete_run(run_id))
+            del self.logged[trial_id]
+
     def on_trial_start(self, iteration, trials, trial, **info):
-        if trial.trial_id in self.runs:  # resumed: continue the same child run
-            self.client.update_run(self.runs[trial.trial_id], status="RUNNING")
+        trial_id = trial.trial_id
+        if trial_id in self.ended:
+            # Ended before the driver was killed, but after Tune last saved its state: Tune runs
+            # it again, and it ends at once from its final checkpoint. Its run stays as it was.
+            return
+        if trial_id in self.logged:  # resumed: continue the same child run
+            self.put(trial_id, "restart",
+                     lambda run_id: self.client.update_run(run_id, status="RUNNING"))
             return
         cfg = self.trial_config(trial)
         summary = summarize(cfg.architecture)
         tags = {MLFLOW_PARENT_RUN_ID: self.parent_run_id, MLFLOW_RUN_NAME: run_name(cfg),
-                "trial_id": trial.trial_id, "study": self.study.name, "seed": str(cfg.seed),
+                "trial_id": trial_id, "study": self.study.name, "seed": str(cfg.seed),
                 "params": str(summary["params"]), "flops": str(summary["flops"]),
                 "architecture": cfg.architecture.name, "parallel_layout": self.layout,
                 "git_commit": self.commit, **package_versions()}
-        run = self.client.create_run(self.experiment_id, run_name=run_name(cfg), tags=tags)
-        run_id = run.info.run_id
         params = [Param(k, v) for k, v in flat_params(cfg).items()]
         params += [Param("params", str(summary["params"])), Param("flops", str(summary["flops"]))]
-        self.client.log_batch(run_id, params=params)
-        self.runs[trial.trial_id], self.logged[run_id] = run_id, 0
+
+        def create():
+            self.runs[trial_id] = self.client.create_run(
+                self.experiment_id, run_name=run_name(cfg), tags=tags).info.run_id
+        self.logged[trial_id] = 0
+        self.outbox.put(f"trial {trial_id} start", create)
+        self.put(trial_id, "params", lambda run_id: self.client.log_batch(run_id, params=params))
+
+    def put(self, trial_id: str, what: str, update: Callable[[str], object]) -> None:
+        """Queue one idempotent update of a trial's run (its id is known once it is created)."""
+        self.outbox.put(f"trial {trial_id} {what}", lambda: update(self.runs[trial_id]))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        run_id = self.runs.get(trial.trial_id)
-        if run_id is None or result.get("pruned"):
+        trial_id = trial.trial_id
+        if (trial_id not in self.logged or trial_id in self.ended or result.get("pruned")
+                or result.get("diverged")):
             return
         epoch = int(result.get("epoch", 0))
-        if epoch <= self.logged.get(run_id, 0):
+        if epoch <= self.logged[trial_id]:
             return  # already logged before a restart
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(result[k]), now, epoch) for k in EPOCH_METRICS
                    if k in result and math.isfinite(float(result[k]))]
-        self.client.log_batch(run_id, metrics=metrics)
-        self.logged[run_id] = epoch
+        self.logged[trial_id] = epoch
+        self.put(trial_id, f"epoch {epoch}",
+                 lambda run_id: self.client.log_batch(run_id, metrics=metrics))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        run_id = self.runs.get(trial.trial_id)
-        if run_id is None:
+        trial_id = trial.trial_id
+        if trial_id not in self.logged or trial_id in self.ended:
             return
+        self.ended.add(trial_id)
         last = trial.last_result or {}
+        client = self.client
         if last.get("pruned"):
-            self.client.set_tag(run_id, "pruned_reason", last.get("pruned_reason", ""))
-            self.client.set_terminated(run_id, "KILLED")
+            reason = last.get("pruned_reason", "")
+            self.put(trial_id, "pruned", lambda run_id: client.set_tag(run_id, "pruned_reason",
+                                                                       reason))
+            self.put(trial_id, "end", lambda run_id: client.set_terminated(run_id, "KILLED"))
+            return
+        if last.get("diverged"):
+            self.fail(trial_id, last["diverged"])
             return
         final = {"final_test_error": last.get("test_error"),
                  "best_test_error": last.get("best_test_error"),
                  "final_train_loss": last.get("train_loss"),
                  "time_total_s": last.get("time_total_s")}
         now = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0)
-                                               for k, v in final.items() if v is not None])
+        metrics = [Metric(k, float(v), now, 0) for k, v in final.items() if v is not None]
+        self.put(trial_id, "final metrics", lambda run_id: client.log_batch(run_id,
+                                                                            metrics=metrics))
         stopped_early = last.get("epoch", 0) < last.get("epochs_total", 0)
+        checkpoint = last.get("checkpoint_path")
         if stopped_early:
-            self.client.set_tag(run_id, "stopped_early", f"scheduler stopped it after epoch "
-                                                         f"{last.get('epoch')}")
-        elif self.study.mlflow.log_checkpoint and last.get("checkpoint_path"):
-            self.client.log_artifacts(run_id, last["checkpoint_path"], "checkpoint")
-        self.client.set_terminated(run_id, "KILLED" if stopped_early else "FINISHED")
+            note = f"scheduler stopped it after epoch {last.get('epoch')}"
+            self.put(trial_id, "stop", lambda run_id: client.set_tag(run_id, "stopped_early",
+                                                                     note))
+        elif self.study.mlflow.log_checkpoint and checkpoint:
+            self.put(trial_id, "checkpoint",
+                     lambda run_id: client.log_artifacts(run_id, checkpoint, "checkpoint"))
+        status = "KILLED" if stopped_early else "FINISHED"
+        self.put(trial_id, "end", lambda run_id: client.set_terminated(run_id, status))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        run_id = self.runs.get(trial.trial_id)
-        if run_id is None:
+        trial_id = trial.trial_id
+        if trial_id not in self.logged or trial_id in self.ended:
             return
-        self.client.set_tag(run_id, "failure", failure_reason(trial))
-        self.client.set_terminated(run_id, "FAILED")
+        self.ended.add(trial_id)
+        self.fail(trial_id, failure_reason(trial))
 
+    def fail(self, trial_id: str, reason: str) -> None:
+        self.put(trial_id, "failure", lambda run_id: self.client.set_tag(run_id, "failure",
+                                                                         reason))
+        self.put(trial_id, "end", lambda run_id: self.client.set_terminated(run_id, "FAILED"))
 
 
 def failure_reason(trial) -> str:

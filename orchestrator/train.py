@@ -89,17 +89,14 @@ def parse_pairs(text: str) -> dict:
 
 def run_on_ray(cfg: TrainConfig) -> dict:
     """More than one rank: a local Ray Train run (or on RAY_ADDRESS), one worker per rank."""
-    import os
     import tempfile
 
     import ray
 
-    from orchestrator.worker import build_trainer
+    from orchestrator.worker import build_trainer, init_ray
 
     world = cfg.parallel.world_size
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address) if address else ray.init(_node_ip_address="127.0.0.1")
+    init_ray()
     # One CPU per rank where the machine has them; ranks share CPUs on a smaller machine.
     cpus_per_worker = min(1.0, ray.cluster_resources().get("CPU", 1) / world)
     gpus = ray.cluster_resources().get("GPU", 0) if cfg.device != "cpu" else 0
@@ -117,6 +114,8 @@ def run_on_ray(cfg: TrainConfig) -> dict:
         raise ConfigError(f"no run to resume in {storage}; run without --resume")
     result = build_trainer(cfg, name="train", storage_path=str(storage), echo=True,
                            cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker).fit()
+    if "diverged" in result.metrics:
+        raise TrainingDiverged(result.metrics["diverged"])
     return result.metrics
 
 

@@ -8,14 +8,18 @@ through `TuneReportCallback`. Ray Train has already joined the workers into one 
 """
 from __future__ import annotations
 
+import os
+import socket
 import tempfile
 from pathlib import Path
 
 import ray.train
+from ray.tune.integration.ray_train import TuneReportCallback
 
 from models.summary import summarize
-from orchestrator.config import TrainConfig
-from orchestrator.loop import CHECKPOINT_FILE, LocalSession, load_checkpoint, save_atomic, train_loop
+from orchestrator.config import ConfigError, TrainConfig
+from orchestrator.loop import (CHECKPOINT_FILE, LocalSession, TrainingDiverged, load_checkpoint,
+                               save_atomic, train_loop)
 
 
 class RaySession(LocalSession):
@@ -31,11 +35,18 @@ class RaySession(LocalSession):
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as folder:
-            return load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+            state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+        # The report that carried this checkpoint may have died with the process (or node) that
+        # sent it: send its epoch's metrics again (the tracker logs an epoch once).
+        ray.train.report(self.with_cost(state["metrics"]))
+        return state
+
+    def with_cost(self, metrics: dict) -> dict:
+        # Training cost so far: forward + backward is about 3x the forward FLOPs.
+        return {**metrics, "train_gflops": 3 * self.flops * metrics["step"] * self.batch_size / 1e9}
 
     def report(self, metrics: dict, state: dict | None) -> None:
-        # Training cost so far: forward + backward is about 3x the forward FLOPs.
-        metrics = {**metrics, "train_gflops": 3 * self.flops * metrics["step"] * self.batch_size / 1e9}
+        metrics = self.with_cost(metrics)
         self.write_epoch(metrics)
         if state is None:  # not world rank 0: the checkpoint comes from rank 0
             ray.train.report(metrics)
@@ -43,6 +54,20 @@ class RaySession(LocalSession):
         with tempfile.TemporaryDirectory() as folder:
             save_atomic(state, Path(folder) / CHECKPOINT_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+class TuneReport(TuneReportCallback):
+    """Ray Train's reports to Tune (in a trial); a diverged run's report also carries the
+    worst objective values, for the searcher and the scheduler."""
+
+    def __init__(self, worst: dict[str, float]):
+        super().__init__()
+        self.worst = worst
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if "diverged" in metrics[0]:
+            metrics = [{**self.worst, **metrics[0]}]
+        super().after_report(run_context, metrics, checkpoint)
 
 
 def build_trainer(cfg: TrainConfig, *, name: str, storage_path: str, echo: bool,
@@ -70,5 +95,36 @@ def train_loop_per_worker(config: dict) -> None:
     session = RaySession(cfg, echo=config.get("echo", False))
     try:
         train_loop(cfg, session)
+    except TrainingDiverged as exc:
+        # Reported, not raised: Ray Train retries a raised error, and this one would come back.
+        ray.train.report({"diverged": str(exc)})
     finally:
         session.close()
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Connect to the cluster at RAY_ADDRESS (`auto`: the one `ray start` began on this machine;
+    host:port is checked first, as Ray itself waits minutes where nothing answers), or start a
+    private local Ray that listens on 127.0.0.1 only."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if not address:
+        # Ray gives a local node the machine's routable address, and its servers then listen on
+        # every interface; its loopback-only mode (meant for laptops) keeps them on 127.0.0.1.
+        os.environ[LOOPBACK_ONLY] = "0"  # for the processes Ray starts
+        ray._private.ray_constants.ENABLE_RAY_CLUSTER = False  # read when ray was imported
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True)
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        if port.isdigit():
+            socket.create_connection((host, int(port)), timeout=10).close()
+        ray.init(address=address)
+    except Exception as exc:
+        raise ConfigError(f"cannot reach the Ray cluster at RAY_ADDRESS={address} "
+                          f"({type(exc).__name__}); start it, fix the address or unset "
+                          f"RAY_ADDRESS") from None
+
+
+LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"

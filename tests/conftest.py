@@ -52,7 +52,9 @@ def ray_address():
     """One local Ray instance (2 CPUs, loopback) for the whole test run."""
     import ray
 
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=True,
-             log_to_driver=False)
+    from orchestrator.worker import init_ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    init_ray(num_cpus=2)  # as the commands start it
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()

@@ -1,30 +1,15 @@
 """The sweep end to end on a real local Ray instance (one for the whole test run) and a real
 MLflow database, read back after the run."""
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 from models.multi_resnet import Architecture
 from models.summary import summarize
 from orchestrator.sweep import main as sweep_main
-
-SMOKE = str(Path(__file__).parent.parent / "search_spaces" / "smoke.yaml")
-PARENT = "mlflow.parentRunId"
-
-
-def runs(uri: str, experiment: str = "smoke"):
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    found = client.search_runs([exp.experiment_id]) if exp else []
-    parents = [r for r in found if PARENT not in r.data.tags]
-    children = [r for r in found if PARENT in r.data.tags]
-    return client, parents, children
+from tests.sweeps import (PARENT, SMOKE, assert_resumes_once, child_statuses, runs, start_sweep,
+                          wait_for)
 
 
 def test_smoke_study_end_to_end(ray_address, tmp_path, monkeypatch, capsys):
@@ -70,43 +55,19 @@ def test_smoke_study_end_to_end(ray_address, tmp_path, monkeypatch, capsys):
 
 
 def test_interrupted_sweep_resumes_without_duplicates(ray_address, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = [SMOKE, "--storage-path", str(tmp_path / "results"), "--tracking-uri", uri,
-            "--set", "trials=3", "--set", "concurrency=1", "--set", "scheduler.type=none"]
-    env = {**os.environ, "RAY_ADDRESS": ray_address}
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", *args], env=env,
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        time.sleep(1)
-        try:
-            _, _, children = runs(uri)
-        except Exception:  # the database is still being created
-            continue
-        if any(c.info.status == "FINISHED" for c in children):
-            break
-    assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+    uri, results = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "results"
+    args = ["--storage-path", str(results), "--tracking-uri", uri, "--set", "trials=3",
+            "--set", "concurrency=1", "--set", "scheduler.type=none"]
+    proc = start_sweep(args, ray_address, cwd=tmp_path)
+    wait_for(lambda: "FINISHED" in child_statuses(uri), proc)
     proc.send_signal(signal.SIGINT)  # Ctrl-C
-    output = proc.communicate(timeout=120)[0].decode()
+    output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130, output[-3000:]
 
     _, parents, children = runs(uri)
     assert len(parents) == 1 and parents[0].info.status == "KILLED"
     assert not [c for c in children if c.info.status == "RUNNING"]
-    finished = {c.info.run_id: c.info.end_time for c in children if c.info.status == "FINISHED"}
-    assert 1 <= len(finished) < 3
-
-    assert sweep_main(args) == 0  # the same command again resumes
-    client, parents2, children2 = runs(uri)
-    assert [p.info.run_id for p in parents2] == [parents[0].info.run_id]
-    assert parents2[0].info.status == "FINISHED"
-    assert len(children2) == 3 and all(c.info.status == "FINISHED" for c in children2)
-    assert len({c.data.tags["trial_id"] for c in children2}) == 3
-    for child in children2:
-        history = client.get_metric_history(child.info.run_id, "test_error")
-        assert [m.step for m in history] == [1, 2]  # no epoch logged twice, none missing
-        if child.info.run_id in finished:  # finished trials were not retrained
-            assert child.info.end_time == finished[child.info.run_id]
+    assert_resumes_once(args, uri, results)
 
 
 def test_trial_on_a_data_parallel_mesh(ray_address, tmp_path):

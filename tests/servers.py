@@ -1,0 +1,68 @@
+"""Real servers for tests (Ray nodes, MLflow), each started in a process group of its own and
+stopped by that group only, on loopback ports."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from orchestrator.parallel.local import free_port
+from orchestrator.tracking import quick_http
+
+BIN = Path(sys.executable).parent
+
+
+def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    """A command in a session of its own, so that it and everything it starts stop together."""
+    return subprocess.Popen(cmd, stdout=log.open("a"), stderr=subprocess.STDOUT,
+                            env=env or os.environ, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    for signum, wait in ((sig, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + wait
+        while time.time() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+    proc.poll()
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1 with a sqlite backend in `folder`; stop() and start() again
+    on the same port and database to simulate an outage."""
+
+    def __init__(self, folder: Path, env: dict | None = None):
+        self.folder, self.env, self.port = folder, env, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90) -> "MlflowServer":
+        self.proc = start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port",
+                           str(self.port), "--backend-store-uri",
+                           f"sqlite:///{self.folder / 'mlflow.db'}", "--artifacts-destination",
+                           str(self.folder / "artifacts")], self.folder / "mlflow.log", self.env)
+        deadline = time.time() + timeout
+        while True:
+            try:
+                with quick_http():
+                    MlflowClient(self.uri).search_experiments(max_results=1)
+                return self
+            except Exception:
+                assert self.proc.poll() is None and time.time() < deadline, \
+                    (self.folder / "mlflow.log").read_text()[-2000:]
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+            self.proc = None

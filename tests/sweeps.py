@@ -1,0 +1,75 @@
+"""The smoke study run by tests, in-process or as a driver process of its own, and its MLflow runs
+read back."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from orchestrator.sweep import main as sweep_main
+from orchestrator.tracking import quick_http
+
+SMOKE = str(Path(__file__).parent.parent / "search_spaces" / "smoke.yaml")
+PARENT = "mlflow.parentRunId"
+
+
+def start_sweep(args: list[str], ray_address: str, **kw) -> subprocess.Popen:
+    """The smoke study in a driver process of its own on the test run's Ray instance, as
+    `ray job submit` would run it."""
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", SMOKE, *args],
+                            env={**os.environ, "RAY_ADDRESS": ray_address},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def runs(uri: str, experiment: str = "smoke"):
+    """(client, parent runs, child runs) of an experiment."""
+    with quick_http():
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(experiment)
+        found = client.search_runs([exp.experiment_id]) if exp else []
+    parents = [r for r in found if PARENT not in r.data.tags]
+    children = [r for r in found if PARENT in r.data.tags]
+    return client, parents, children
+
+
+def child_statuses(uri: str) -> list[str]:
+    try:
+        return [c.info.status for c in runs(uri)[2]]
+    except Exception:  # the database is still being created
+        return []
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the sweep ended early:\n{proc.stdout.read()[-3000:]}"
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.5)
+
+
+def checkpoints(results: Path, trial: str = "*") -> list[Path]:
+    return list(results.glob(f"smoke/train-{trial}/checkpoint_*/checkpoint.pt"))
+
+
+def assert_resumes_once(args: list[str], uri: str, results: Path) -> None:
+    """After an interrupted sweep of 3 trials of 2 epochs: the same command resumes it in the
+    same parent run; finished trials are left alone; every epoch is trained and logged once."""
+    _, (parent,), children = runs(uri)
+    finished = {c.info.run_id: c.info.end_time for c in children if c.info.status == "FINISHED"}
+    assert finished
+
+    assert sweep_main([SMOKE, *args]) == 0
+    client, parents, children = runs(uri)
+    assert [p.info.run_id for p in parents] == [parent.info.run_id]
+    assert parents[0].info.status == "FINISHED"
+    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
+    assert len({c.data.tags["trial_id"] for c in children}) == 3
+    for child in children:
+        history = client.get_metric_history(child.info.run_id, "test_error")
+        assert [m.step for m in history] == [1, 2]  # no epoch logged twice, none missing
+        # Each epoch trained once: one checkpoint per epoch, whatever was retried.
+        assert len(checkpoints(results, child.data.tags["trial_id"])) == 2
+        if child.info.run_id in finished:  # finished trials were not retrained
+            assert child.info.end_time == finished[child.info.run_id]

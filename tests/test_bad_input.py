@@ -1,0 +1,121 @@
+"""Bad input, one table: each case exits 2 with one line that names the problem and the fix,
+leaves nothing behind (no files, no MLflow database or runs) and shows no traceback unless
+--debug is given. (The study schema's own cases are in test_study.py.)"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.lesion import main as lesion_main
+from orchestrator.report import main as report_main
+from orchestrator.sweep import main as sweep_main
+from orchestrator.train import main as train_main
+from tests.conftest import write_cifar_layout
+
+SMOKE = (Path(__file__).parent.parent / "search_spaces" / "smoke.yaml").read_text()
+TINY = ["--dataset", "synthetic", "--depth", "8", "--train-size", "128", "--test-size", "64",
+        "--batch-size", "64", "--epochs", "1", "--device", "cpu"]
+
+
+def study(tmp: Path, text: str = SMOKE) -> str:
+    path = tmp / "inputs" / "study.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def cifar(tmp: Path, damage: str) -> str:
+    folder = write_cifar_layout(tmp / "inputs" / "data", "cifar10")
+    if damage == "missing":
+        (folder / "data_batch_3").unlink()
+    else:
+        (folder / "data_batch_3").write_bytes(b"\x80\x02 not a pickle")
+    return str(tmp / "inputs" / "data")
+
+
+def checkpoint(tmp: Path, damage: str) -> str:
+    """A real checkpoint from one epoch of training, then damaged."""
+    folder = tmp / "inputs" / "ckpt"
+    assert train_main([*TINY, "--k", "1", "--checkpoint-dir", str(folder)]) == 0
+    path = folder / "checkpoint.pt"
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "garbage":
+        path.write_bytes(os.urandom(4096))
+    return str(folder)
+
+
+def sweep(tmp, path, *more):
+    return sweep_main([path, "--storage-path", str(tmp / "results"),
+                       "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", *more])
+
+
+CASES = {
+    "malformed YAML": (lambda t: sweep(t, study(t, "name: x\nspace: {depth: [8,\n")),
+                       "not valid YAML (line 3); fix the syntax"),
+    "YAML not a mapping": (lambda t: sweep(t, study(t, "- depth\n- k\n")),
+                           "expected a mapping of keys to values"),
+    "unknown key": (lambda t: sweep(t, study(t, SMOKE + "colour: red\n")),
+                    "colour: unknown key"),
+    "wrong type": (lambda t: sweep(t, study(t), "--set", "trials=many"),
+                   "trials: Input should be a valid integer"),
+    "impossible architecture": (lambda t: sweep(t, study(t), "--set", "space.depth=21"),
+                                "depth must be 6n+2"),
+    "impossible mesh": (lambda t: sweep(t, study(t), "--set", "space.k=1",
+                                        "--set", "parallel.bp=2"),
+                        "parallel.bp=2 exceeds k=1"),
+    "missing dataset file": (lambda t: sweep(t, study(t), "--set", "train.dataset=cifar10",
+                                             "--data-dir", cifar(t, "missing")),
+                             "is incomplete: missing data_batch_3; download cifar10 again"),
+    "corrupt dataset file": (lambda t: sweep(t, study(t), "--set", "train.dataset=cifar10",
+                                             "--data-dir", cifar(t, "corrupt")),
+                             "data_batch_3 is not a readable CIFAR batch"),
+    "unknown tracking scheme": (lambda t: sweep(t, study(t), "--tracking-uri", "foo://x"),
+                                "unknown scheme 'foo'; use sqlite:///PATH/mlflow.db"),
+    "truncated checkpoint": (lambda t: train_main([*TINY, "--k", "1", "--resume",
+                                                   "--checkpoint-dir",
+                                                   checkpoint(t, "truncated")]),
+                             "checkpoint.pt is not a readable checkpoint"),
+    "corrupt checkpoint for a lesion": (
+        lambda t: lesion_main([str(Path(checkpoint(t, "garbage")) / "checkpoint.pt"),
+                               "--out", str(t / "lesion")]),
+        "checkpoint.pt is not a readable checkpoint"),
+    "checkpoint of another architecture": (
+        lambda t: train_main([*TINY, "--k", "2", "--epochs", "2", "--resume",
+                              "--checkpoint-dir", checkpoint(t, "none")]),
+        "the checkpoint holds a different architecture"),
+    "report without a database": (
+        lambda t: report_main(["--experiment", "nope", "--out", str(t / "report")]),
+        "no MLflow database at"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_fails_in_one_line_and_leaves_nothing(case, tmp_path, capsys, monkeypatch):
+    command, message = CASES[case]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "inputs").mkdir()
+    assert command(tmp_path) == 2  # an exception escaping here would fail the test
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    # Nothing besides the inputs: no results, no MLflow database, no partial checkpoint.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs"]
+
+
+def test_unreachable_cluster_and_debug_traceback(tmp_path):
+    (tmp_path / "inputs").mkdir()
+    path = study(tmp_path)
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}
+    command = [sys.executable, "-m", "orchestrator.sweep", path, "--storage-path",
+               str(tmp_path / "results"), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.strip() == ("error: cannot reach the Ray cluster at RAY_ADDRESS=127.0.0.1:1 "
+                                  "(ConnectionRefusedError); start it, fix the address or unset "
+                                  "RAY_ADDRESS")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs"]
+    debug = subprocess.run([*command, "--debug"], env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+    assert "cannot reach the Ray cluster" in debug.stderr
