@@ -30,10 +30,10 @@ class ReportError(RuntimeError):
 
 def runs_from_mlflow(tracking_uri: str, experiment: str, parent_id: str | None = None):
     """(runs table, per-epoch test error histories, parent run id) of a study's finished trials."""
-    from orchestrator.tracking import connect
+    from orchestrator.tracking import connect, sqlite_path
 
-    database = tracking_uri.removeprefix("sqlite:///")
-    if tracking_uri.startswith("sqlite:///") and not Path(database).is_file():
+    database = sqlite_path(tracking_uri)
+    if database is not None and not database.is_file():
         raise ReportError(f"no MLflow database at {database}; run the study there first or "
                           f"pass its --tracking-uri")
     client = connect(tracking_uri)

@@ -272,34 +272,19 @@ def run(study: StudyConfig, study_text: str, resume: bool) -> int:
         results = fit(study, results_dir, restoring, parent, digest, concurrency)
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)
-        parent.close("KILLED" if interrupted else "FAILED")
-        deliver_tracking(study, results_dir, 0 if interrupted else study.mlflow.outage_wait_s)
+        parent.close("KILLED" if interrupted else "FAILED",
+                     0 if interrupted else study.mlflow.outage_wait_s)
         raise
     ended = results.num_terminated + results.num_errors
     if ended < planned_trials(study):
-        parent.close("KILLED")
-        deliver_tracking(study, results_dir, study.mlflow.outage_wait_s)
+        parent.close("KILLED", study.mlflow.outage_wait_s)
         print(f"\nsweep interrupted after {ended} of {planned_trials(study)} trials; run the same "
               f"command again (or add --resume) to continue", file=sys.stderr)
         return 130
     rows = summarize_results(results, study)
     report_summary(rows, study, parent, results_dir)
-    parent.close("FINISHED")
-    deliver_tracking(study, results_dir, study.mlflow.outage_wait_s)
+    parent.close("FINISHED", study.mlflow.outage_wait_s)
     return 0 if any(r["status"] in ("done", "stopped") for r in rows) else 1
-
-
-def deliver_tracking(study: StudyConfig, results_dir: Path, wait_s: float) -> None:
-    """Deliver MLflow updates held back by an outage; list what could not be in the results."""
-    from orchestrator.tracking import outbox
-
-    lost = outbox(study.tracking_uri()).drain(wait_s)
-    if lost:
-        path = results_dir / "mlflow_undelivered.txt"
-        path.write_text("".join(f"{what}\n" for what in lost))
-        print(f"warning: MLflow at {study.tracking_uri()} did not answer; {len(lost)} updates "
-              f"were not delivered (listed in {path}); every trial's results are in "
-              f"{results_dir}", file=sys.stderr)
 
 
 def fit(study: StudyConfig, results_dir: Path, restoring: bool, parent, digest: str,

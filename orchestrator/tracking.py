@@ -166,12 +166,18 @@ def outbox(tracking_uri: str) -> Outbox:
     return OUTBOXES.setdefault(tracking_uri, Outbox(tracking_uri))
 
 
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a `sqlite:///PATH` URI."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri.removeprefix("sqlite:///"))
+
+
 def artifact_location(tracking_uri: str) -> str | None:
     """Beside a sqlite database, artifacts go to its folder (not to ./mlruns of whatever folder
     the sweep started in); servers and other stores keep their own default."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return None
-    return (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    database = sqlite_path(tracking_uri)
+    return None if database is None else (database.parent / "mlartifacts").as_uri()
 
 
 def run_name(cfg: TrainConfig) -> str:
@@ -204,8 +210,10 @@ class StudyRun:
                 client.restore_experiment(experiment.experiment_id)
             self.experiment_id = experiment.experiment_id
         self.run_id: str | None = None
+        self.results_dir: Path | None = None
 
     def open(self, run_id: str | None, results_dir: Path, study_text: str) -> str:
+        self.results_dir = results_dir
         if run_id is not None:
             self.client.update_run(run_id, status="RUNNING")
             self.run_id = run_id
@@ -218,8 +226,10 @@ class StudyRun:
         self.client.log_dict(self.run_id, self.study.model_dump(mode="json"), "resolved_study.json")
         return self.run_id
 
-    def close(self, status: str) -> None:
-        """End the parent; children still RUNNING (an interrupted sweep) end as KILLED."""
+    def close(self, status: str, wait_s: float) -> None:
+        """End the parent; children still RUNNING (an interrupted sweep) end as KILLED. Updates
+        held back by an outage are delivered, waiting up to `wait_s`; what MLflow still did not
+        get is listed in the study's results folder."""
         if self.run_id is None:
             return
         client, experiment_id, run_id = self.client, self.experiment_id, self.run_id
@@ -230,7 +240,15 @@ class StudyRun:
                                      f"and attributes.status = 'RUNNING'"):
                 client.set_terminated(run.info.run_id, "KILLED")
             client.set_terminated(run_id, status)
-        outbox(self.study.tracking_uri()).put(f"end of parent run ({status})", end)
+        uri = self.study.tracking_uri()
+        outbox(uri).put(f"end of parent run ({status})", end)
+        lost = outbox(uri).drain(wait_s)
+        if lost:
+            path = self.results_dir / "mlflow_undelivered.txt"
+            path.write_text("".join(f"{what}\n" for what in lost))
+            print(f"warning: MLflow at {uri} did not answer; {len(lost)} updates were not "
+                  f"delivered (listed in {path}); every trial's results are in "
+                  f"{self.results_dir}", file=sys.stderr)
 
 
 class TrialTracker(Callback):
@@ -313,14 +331,17 @@ class TrialTracker(Callback):
         self.outbox.put(f"trial {trial_id} start", create)
         self.put(trial_id, "params", lambda run_id: self.client.log_batch(run_id, params=params))
 
+    def tracked(self, trial_id: str) -> bool:
+        """The trial has a run (created or queued) that has not reached its final state."""
+        return trial_id in self.logged and trial_id not in self.ended
+
     def put(self, trial_id: str, what: str, update: Callable[[str], object]) -> None:
         """Queue one idempotent update of a trial's run (its id is known once it is created)."""
         self.outbox.put(f"trial {trial_id} {what}", lambda: update(self.runs[trial_id]))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         trial_id = trial.trial_id
-        if (trial_id not in self.logged or trial_id in self.ended or result.get("pruned")
-                or result.get("diverged")):
+        if not self.tracked(trial_id) or result.get("pruned") or result.get("diverged"):
             return
         epoch = int(result.get("epoch", 0))
         if epoch <= self.logged[trial_id]:
@@ -334,7 +355,7 @@ class TrialTracker(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         trial_id = trial.trial_id
-        if trial_id not in self.logged or trial_id in self.ended:
+        if not self.tracked(trial_id):
             return
         self.ended.add(trial_id)
         last = trial.last_result or {}
@@ -370,7 +391,7 @@ class TrialTracker(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         trial_id = trial.trial_id
-        if trial_id not in self.logged or trial_id in self.ended:
+        if not self.tracked(trial_id):
             return
         self.ended.add(trial_id)
         self.fail(trial_id, failure_reason(trial))

@@ -21,6 +21,9 @@ from orchestrator.config import ConfigError, TrainConfig
 from orchestrator.loop import (CHECKPOINT_FILE, LocalSession, TrainingDiverged, load_checkpoint,
                                save_atomic, train_loop)
 
+# Ray's loopback-only mode for a single machine (see init_ray).
+LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
 
 class RaySession(LocalSession):
     def __init__(self, cfg: TrainConfig, echo: bool):
@@ -126,5 +129,3 @@ def init_ray(num_cpus: int | None = None) -> None:
                           f"({type(exc).__name__}); start it, fix the address or unset "
                           f"RAY_ADDRESS") from None
 
-
-LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
