@@ -23,9 +23,22 @@ def input_size(arch: Architecture) -> int:
 
 @lru_cache(maxsize=4096)
 def parameter_count(arch: Architecture) -> int:
-    """Parameters only (cheaper than summarize: no forward pass)."""
-    with torch.device("meta"):
-        return count_parameters(create_model(arch))
+    """Parameters only, without building the whole network (studies count hundreds): the blocks
+    after the first of a stage are identical, so the count is that of the net with one block per
+    stage plus, per stage, the extra blocks times what a second block adds there."""
+    blocks = arch.stage_blocks
+    if arch.dataset == "imagenet" or max(blocks) <= 2:
+        with torch.device("meta"):
+            return count_parameters(create_model(arch))
+    fields = arch.model_dump(exclude={"depth", "blocks"})
+
+    def with_blocks(counts) -> int:
+        return parameter_count(Architecture(**fields, blocks=tuple(counts)))
+
+    one = with_blocks([1] * len(blocks))
+    second = [with_blocks([2 if i == s else 1 for i in range(len(blocks))]) - one
+              for s in range(len(blocks))]
+    return one + sum((n - 1) * extra for n, extra in zip(blocks, second))
 
 
 @lru_cache(maxsize=256)

@@ -4,8 +4,9 @@ Input: one row per trained run with columns depth, k, width, params, seed, test_
 A pair is a k=1 network and a multi-residual network (k>1, same width) whose parameter counts
 agree within `tolerance`. For each pair, diff = error(multi) - error(deep): positive where depth
 wins. n0 is the multi-residual depth at which diff crosses zero from positive to negative (linear
-interpolation between the bracketing pairs); its interval comes from a bootstrap over seeds
-(each configuration's runs resampled with replacement).
+interpolation between the bracketing pairs); its 95% interval comes from draws of every
+configuration's mean error given its runs and the seed noise pooled over the study
+(`difference_draws`), the crossing found in each draw.
 """
 from __future__ import annotations
 
@@ -54,12 +55,21 @@ class N0:
     bracket: tuple[int, int] | None = None
     message: str = ""
 
+    @property
+    def width(self) -> float:
+        """The interval's width in depth units (inf when unknown or open-ended)."""
+        if self.low is None:
+            return float("inf")
+        return self.high - self.low
+
     def line(self) -> str:
         if self.value is None:
             return f"n0: not found ({self.message})"
         if self.low is None:
             return f"n0: {self.value:.1f} ({self.message})"
-        return f"n0: {self.value:.1f} (95% CI {self.low:.1f}-{self.high:.1f}; {self.message})"
+        low = "below the shallowest pair" if self.low == -np.inf else f"{self.low:.1f}"
+        high = "beyond the deepest pair" if self.high == np.inf else f"{self.high:.1f}"
+        return f"n0: {self.value:.1f} (95% CI {low} to {high}; {self.message})"
 
 
 def crossing(depths: np.ndarray, diffs: np.ndarray) -> tuple[float, tuple[int, int]] | None:
@@ -76,25 +86,85 @@ def _errors(runs: pd.DataFrame) -> dict[tuple, np.ndarray]:
     return {key: group.test_error.to_numpy() for key, group in runs.groupby(CONFIG)}
 
 
-def pair_differences(runs: pd.DataFrame, pairs, n_boot: int = 2000,
-                     seed: int = 0) -> pd.DataFrame:
-    """Per pair: mean error difference (multi - deep) and its 95% bootstrap interval."""
+def seed_noise(runs: pd.DataFrame) -> tuple[float, int]:
+    """The standard deviation of a run's test error around its configuration's mean, pooled over
+    configurations (seed noise is about the same for every net of a study), and its degrees of
+    freedom (runs - configurations; 0 when each configuration has one run)."""
+    mean = runs.groupby(CONFIG)["test_error"].transform("mean")
+    dof = len(runs) - runs.groupby(CONFIG).ngroups
+    if dof <= 0:
+        return float("nan"), 0
+    return float(np.sqrt(((runs.test_error - mean) ** 2).sum() / dof)), dof
+
+
+def difference_draws(runs: pd.DataFrame, pairs, n: int = 2000, seed: int = 0) -> np.ndarray:
+    """(n, pairs) draws of each pair's true difference (multi - deep) given the runs: each
+    configuration's mean plus seed noise of the pooled size, itself drawn from its chi-square
+    distribution (so a few runs give honest, t-like intervals). Pairs sharing a configuration
+    share its draw."""
     rng = np.random.default_rng(seed)
     errors = _errors(runs)
+    sd, dof = seed_noise(runs)
+    keys = sorted({key for pair in pairs for key in pair})
+    sigma = sd * np.sqrt(dof / rng.chisquare(dof, n))
+    draws = {key: errors[key].mean() + sigma * rng.standard_normal(n) / np.sqrt(len(errors[key]))
+             for key in keys}
+    return np.stack([draws[m] - draws[d] for d, m in pairs], axis=1)
+
+
+def pair_differences(runs: pd.DataFrame, pairs, n_boot: int = 2000,
+                     seed: int = 0) -> pd.DataFrame:
+    """Per pair: mean error difference (multi - deep) and its 95% interval (without an interval
+    when no configuration has two runs)."""
+    errors = _errors(runs)
+    draws = difference_draws(runs, pairs, n_boot, seed) if seed_noise(runs)[1] else None
     rows = []
-    for deep, multi in pairs:
+    for i, (deep, multi) in enumerate(pairs):
         d, m = errors[deep], errors[multi]
-        boot = (rng.choice(m, (n_boot, len(m))).mean(1) - rng.choice(d, (n_boot, len(d))).mean(1))
+        low, high = (np.percentile(draws[:, i], [2.5, 97.5]) if draws is not None
+                     else (np.nan, np.nan))
         rows.append({"deep_depth": deep[0], "multi_depth": multi[0], "k": multi[1],
                      "width": multi[2], "deep_params": deep[3], "multi_params": multi[3],
-                     "deep_error": d.mean(), "multi_error": m.mean(),
-                     "diff": m.mean() - d.mean(), "diff_low": np.percentile(boot, 2.5),
-                     "diff_high": np.percentile(boot, 97.5)})
+                     "deep_error": d.mean(), "multi_error": m.mean(), "deep_runs": len(d),
+                     "multi_runs": len(m), "diff": m.mean() - d.mean(), "diff_low": low,
+                     "diff_high": high})
     return pd.DataFrame(rows)
 
 
+def crossings(depths: np.ndarray, diffs: np.ndarray) -> np.ndarray:
+    """`crossing` for each row of diffs (draws x pairs); rows without one give +inf when depth
+    wins at the deepest pair (n0 lies deeper) and -inf otherwise (n0 lies shallower)."""
+    hit = (diffs[:, :-1] > 0) & (diffs[:, 1:] <= 0)
+    found = hit.any(axis=1)
+    i = hit.argmax(axis=1)
+    rows = np.arange(len(diffs))
+    a, b = diffs[rows, i], diffs[rows, i + 1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x = depths[i] + (depths[i + 1] - depths[i]) * a / (a - b)
+    beyond = np.where(diffs[:, -1] > 0, np.inf, -np.inf)
+    return np.where(found, x, beyond)
+
+
+def crossing_draws(runs: pd.DataFrame, pairs, n: int = 2000, seed: int = 0) -> np.ndarray | None:
+    """Where the difference crosses zero in each of n draws (`crossings`), pairs sorted by depth;
+    None when no configuration has two runs."""
+    if not pairs or not seed_noise(runs)[1]:
+        return None
+    pairs = sorted(pairs, key=lambda p: p[1][0])
+    depths = np.array([multi[0] for _, multi in pairs], dtype=float)
+    return crossings(depths, difference_draws(runs, pairs, n, seed))
+
+
+def interval(samples: np.ndarray) -> tuple[float, float]:
+    """The central 95% of crossing draws (ends may be infinite)."""
+    return (float(np.quantile(samples, 0.025, method="lower")),
+            float(np.quantile(samples, 0.975, method="higher")))
+
+
 def estimate_n0(runs: pd.DataFrame, pairs, n_boot: int = 2000, seed: int = 0) -> N0:
-    """n0 from the pair differences against the multi-residual depth, with a bootstrap interval."""
+    """n0 from the pair differences against the multi-residual depth, with a 95% interval from
+    draws of the differences (`difference_draws`). An interval end beyond the studied depths is
+    infinite: the data do not rule out that n0 lies outside them."""
     if len(pairs) < 2:
         return N0(None, message=f"{len(pairs)} matched pair(s); need pairs at two or more depths")
     errors = _errors(runs)
@@ -111,23 +181,13 @@ def estimate_n0(runs: pd.DataFrame, pairs, n_boot: int = 2000, seed: int = 0) ->
             hint = "the difference does not change sign from positive to negative"
         return N0(None, message=f"no crossing: {hint}")
     value, bracket = found
-    rng = np.random.default_rng(seed)
-    samples = []
-    for _ in range(n_boot):
-        boot = np.array([rng.choice(errors[m], len(errors[m])).mean()
-                         - rng.choice(errors[d], len(errors[d])).mean() for d, m in pairs])
-        hit = crossing(depths, boot)
-        if hit is not None:
-            samples.append(hit[0])
-    seeds = min(len(errors[k]) for pair in pairs for k in pair)
-    if seeds < 2:
+    if not seed_noise(runs)[1]:
         return N0(value, bracket=bracket, message=f"between depths {bracket[0]} and "
                   f"{bracket[1]}; one run per configuration, no interval")
-    low, high = np.percentile(samples, [2.5, 97.5])
-    share = len(samples) / n_boot
-    return N0(value, float(low), float(high), bracket,
-              f"between depths {bracket[0]} and {bracket[1]}, {seeds}+ seeds per configuration, "
-              f"{share:.0%} of resamples cross")
+    low, high = interval(crossing_draws(runs, pairs, n_boot, seed))
+    seeds = min(len(errors[k]) for pair in pairs for k in pair)
+    return N0(value, low, high, bracket,
+              f"between depths {bracket[0]} and {bracket[1]}, {seeds}+ seeds per configuration")
 
 
 def pareto_front(points: pd.DataFrame, x: str = "flops", y: str = "test_error") -> pd.DataFrame:

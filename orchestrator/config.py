@@ -7,11 +7,14 @@ defaults live here and nowhere else. The recipe defaults are the paper's: SGD wi
 from __future__ import annotations
 
 import itertools
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
 
 from models.multi_resnet import Architecture
 
@@ -145,7 +148,7 @@ def load_yaml(path: str | Path) -> dict:
 # ----------------------------------------------------------------------------- studies
 
 ARCH_KEYS = set(Architecture.model_fields) - {"dataset"}
-RECIPE_KEYS = {"lr", "weight_decay", "momentum", "batch_size", "seed", "epochs", "nesterov"}
+RECIPE_KEYS = {"lr", "weight_decay", "momentum", "batch_size", "epochs", "nesterov"}
 METRICS = ("test_error", "best_test_error", "train_loss", "train_gflops", "time_total_s")
 
 
@@ -176,7 +179,8 @@ Distribution = Annotated[IntRange | FloatRange | Choice, Field(discriminator="ty
 
 
 class Budget(Strict):
-    """Trials whose parameter count falls outside [min_params, max_params] are not trained."""
+    """Architectures whose parameter count falls outside [min_params, max_params] are not part
+    of the study's space: never sampled, listed in the dry run and the parent run."""
     min_params: int | None = Field(None, ge=0)
     max_params: int | None = Field(None, ge=1)
 
@@ -194,9 +198,21 @@ class Objective(Strict):
 
 
 class Searcher(Strict):
-    sampler: Literal["tpe", "random", "grid"] = "tpe"
+    sampler: Literal["n0", "tpe", "random", "grid"] = Field(
+        "tpe", description="n0: matched pairs chosen to narrow n0 (orchestrator.n0_search); "
+        "tpe, random, grid: Optuna's samplers over the feasible architectures")
     seed: int = 0
     objectives: list[Objective] = Field(default_factory=lambda: [Objective()], min_length=1)
+
+
+class N0Settings(Strict):
+    """How the n0 searcher decides (searcher.sampler: n0)."""
+    target_width: float = Field(6.0, gt=0, description="stop once the 95% interval of n0 is "
+                                "narrower than this many layers")
+    min_seeds: int = Field(2, ge=1, description="seeds each configuration of a pair gets when "
+                           "the pair is first trained")
+    pair_tolerance: float = Field(0.1, gt=0, lt=1, description="largest relative parameter gap "
+                                  "between the two nets of a pair")
 
 
 class Scheduler(Strict):
@@ -254,9 +270,32 @@ class PairDesign(Strict):
         return out
 
 
+@dataclass
+class Candidate:
+    """One architecture the study's keys can produce."""
+    name: str                  # unique within the study: the value the searcher chooses
+    fields: dict[str, Any]     # its architecture keys
+    architecture: Architecture
+    params: int
+    excluded: str | None       # why it is outside the budget; None: feasible
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A k=1 net and the k>1 net of about the same parameters; `depth` is the latter's."""
+    deep: str
+    multi: str
+    depth: int
+
+
 class StudyConfig(Strict):
     """A study file: what to train (`train`), what to vary (`space`), how to search and where
-    results go. Keys in `space` are architecture keys or recipe keys; a plain value fixes it."""
+    results go. Keys in `space` are architecture keys or recipe keys; a plain value fixes it.
+
+    The architectures the keys allow and the budget admits are the study's space (`feasible`):
+    searchers choose among them by name (the `arch` key of a trial's config). Seeds are
+    replicates: every trial takes one of `seeds`, and no (architecture, recipe, seed) is
+    trained twice."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str = ""
@@ -264,22 +303,43 @@ class StudyConfig(Strict):
     space: dict[str, Distribution | int | float | str | bool | list[int]] = Field(
         default_factory=dict)
     configurations: list[dict[str, Any]] = Field(
-        default_factory=list, description="explicit architectures, searched as one choice")
+        default_factory=list, description="explicit architectures (architecture keys)")
     pairs: PairDesign | None = Field(None, description="matched pairs, added to configurations")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1,
+                             description="the replicate seeds a configuration may be trained "
+                             "with; a number N means 0..N-1")
     budget: Budget = Field(default_factory=Budget)
     searcher: Searcher = Field(default_factory=Searcher)
+    n0: N0Settings = Field(default_factory=N0Settings)
     scheduler: Scheduler = Field(default_factory=Scheduler)
-    trials: int = Field(1, ge=1)
+    trials: int = Field(1, ge=1, description="the most trials the study may train")
     concurrency: int = Field(1, ge=1)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     resources: Resources = Field(default_factory=Resources)
     mlflow: Tracking = Field(default_factory=Tracking)
     storage_path: str = "results"
 
+    _candidates: list[Candidate] = PrivateAttr(default_factory=list)
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _seed_count(cls, seeds: Any) -> Any:
+        return list(range(seeds)) if isinstance(seeds, int) and seeds > 0 else seeds
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+            raise ValueError("seeds must be distinct and >= 0, e.g. [0, 1, 2] or a count: 3")
+        return seeds
+
     @field_validator("space")
     @classmethod
     def _known_keys(cls, space: dict) -> dict:
         for key in space:
+            if key == "seed":
+                raise ValueError("seed: seeds are replicates, not searched; list them as the "
+                                 "top-level key seeds: [0, 1, 2] (or a count: seeds: 3)")
             if key not in ARCH_KEYS | RECIPE_KEYS:
                 raise ValueError(f"unknown key {key!r}; use one of "
                                  f"{', '.join(sorted(ARCH_KEYS | RECIPE_KEYS))}")
@@ -293,9 +353,9 @@ class StudyConfig(Strict):
                     self.configurations.append(design)
         for i, design in enumerate(self.configurations):
             for key in design:
-                if key not in ARCH_KEYS | RECIPE_KEYS or key in self.space:
-                    raise ValueError(f"configurations[{i}].{key}: not an architecture or recipe "
-                                     f"key, or also in space; remove it")
+                if key not in ARCH_KEYS or key in self.space:
+                    raise ValueError(f"configurations[{i}].{key}: not an architecture key, or "
+                                     f"also in space; remove it")
         for key in ("log_json", "checkpoint_dir"):
             if getattr(self.train, key):
                 raise ValueError(f"train.{key} is managed by the sweep; remove it")
@@ -310,74 +370,144 @@ class StudyConfig(Strict):
         if len(self.searcher.objectives) > 1 and self.scheduler.type == "asha":
             raise ValueError("scheduler.type asha needs a single objective; use one objective "
                              "or scheduler.type none")
-        if self.searcher.sampler == "grid":
-            for key, dist in self.searched().items():
-                if not isinstance(dist, (Choice, IntRange)):
-                    raise ValueError(f"space.{key}: the grid sampler needs categorical or int "
-                                     f"values")
-        for key, dist in self.searched().items():
+        for key, dist in self.space.items():
             if key in ARCH_KEYS and isinstance(dist, FloatRange):
                 raise ValueError(f"space.{key}: architecture keys take int or categorical values")
-        self.architectures()  # building each one validates it
+            if (self.searcher.sampler in ("grid", "n0") and key in RECIPE_KEYS
+                    and isinstance(dist, (FloatRange, IntRange, Choice))):
+                if self.searcher.sampler == "n0":
+                    raise ValueError(f"space.{key}: the n0 searcher compares architectures at "
+                                     f"one recipe; fix {key} to one value")
+                if isinstance(dist, FloatRange):
+                    raise ValueError(f"space.{key}: the grid sampler needs categorical or int "
+                                     f"values")
+        self._candidates = self._enumerate()
+        if not self.feasible():
+            params = sorted(c.params for c in self._candidates)
+            raise ValueError(f"budget: none of the space's {len(params)} architectures "
+                             f"({params[0]:,} to {params[-1]:,} parameters) is within "
+                             f"min_params..max_params; widen the budget or the space's "
+                             f"depth/k/width")
+        if self.searcher.sampler == "n0":
+            self._check_n0()
         return self
 
-    def searched(self) -> dict:
-        found = {k: v for k, v in self.space.items() if isinstance(v, (IntRange, FloatRange, Choice))}
-        if self.configurations:
-            found["config"] = Choice(choices=list(range(len(self.configurations))))
-        return found
+    def _check_n0(self) -> None:
+        if self.scheduler.type != "none":
+            raise ValueError("scheduler.type: the n0 searcher compares the two nets of a pair at "
+                             "the same number of epochs; use scheduler.type none")
+        if [(o.metric, o.mode) for o in self.searcher.objectives] != [("test_error", "min")]:
+            raise ValueError("searcher.objectives: the n0 searcher reads the test error; drop "
+                             "objectives")
+        depths = {pair.depth for pair in self.pairs_to_train()}
+        if len(depths) < 2:
+            raise ValueError(f"space: the n0 searcher needs matched pairs (a k=1 and a k>1 net "
+                             f"within {self.n0.pair_tolerance:.0%} in parameters) at two or more "
+                             f"depths, found {len(depths)}; widen space.depth and space.k, the "
+                             f"budget, or give pairs:")
 
-    def fixed(self) -> dict:
-        return {k: v for k, v in self.space.items() if k not in self.searched()}
-
-    def sampled_values(self, sampled: dict) -> dict:
-        """Sampled keys, with a sampled configuration index expanded into its keys."""
-        values = {k: v for k, v in sampled.items() if k != "config"}
-        if "config" in sampled:
-            values = {**self.configurations[sampled["config"]], **values}
-        return values
-
-    def trial_config(self, sampled: dict) -> TrainConfig:
-        """The full run config of one trial: `train`, then fixed space values, then samples."""
+    def _run_config(self, arch: dict, recipe: dict) -> TrainConfig:
         fields = self.train.model_dump(exclude_unset=True)
-        arch = (self.train.architecture.model_dump(exclude_unset=True)
-                if "architecture" in self.train.model_fields_set else {})
-        for key, value in {**self.fixed(), **self.sampled_values(sampled)}.items():
-            if key in ARCH_KEYS:
-                arch[key] = tuple(value) if key == "blocks" else value
-            else:
-                fields[key] = value
-        fields["architecture"] = arch
+        fields.update(recipe)
+        fields["architecture"] = {key: tuple(value) if key == "blocks" else value
+                                  for key, value in arch.items()}
         fields["parallel"] = self.parallel
         return TrainConfig(**fields)
 
-    def architectures(self, limit: int = 20_000) -> list[Architecture]:
-        """Every architecture the space can produce; raises naming the key of an invalid one."""
-        options = {"config": list(range(len(self.configurations)))} if self.configurations else {}
+    def _enumerate(self, limit: int = 20_000) -> list[Candidate]:
+        """Every architecture the keys can produce, once; raises naming the keys of an invalid
+        one."""
+        from models.summary import parameter_count
+
+        options = {}
         for key, value in self.space.items():
-            if key not in ARCH_KEYS:
-                continue
-            if isinstance(value, Choice):
-                options[key] = value.choices
-            elif isinstance(value, IntRange):
-                options[key] = value.values()
-            else:
-                options[key] = [value]
-        count = 1
-        for values in options.values():
-            count *= len(values)
+            if key in ARCH_KEYS:
+                options[key] = (value.choices if isinstance(value, Choice) else
+                                value.values() if isinstance(value, IntRange) else [value])
+        designs = self.configurations or [{}]
+        count = len(designs) * math.prod(len(v) for v in options.values())
         if count > limit:
             raise ValueError(f"space: {count} architectures; narrow the ranges (at most {limit})")
-        archs = []
-        for combo in itertools.product(*options.values()):
-            sampled = dict(zip(options, combo))
-            try:
-                archs.append(self.trial_config(sampled).architecture)
-            except ValidationError as err:
-                keys = ", ".join(f"{k}={v}" for k, v in self.sampled_values(sampled).items())
-                raise ValueError(f"space: {keys} is no valid architecture: "
-                                 f"{describe(err).removeprefix('architecture: ')}") from None
-        return archs
+        base = (self.train.architecture.model_dump(exclude_unset=True)
+                if "architecture" in self.train.model_fields_set else {})
+        found: dict[Architecture, Candidate] = {}
+        names: set[str] = set()
+        for design in designs:
+            for combo in itertools.product(*options.values()):
+                chosen = {**design, **dict(zip(options, combo))}
+                try:
+                    arch = self._run_config({**base, **chosen}, {}).architecture
+                except ValidationError as err:
+                    keys = ", ".join(f"{k}={v}" for k, v in chosen.items())
+                    raise ValueError(f"space: {keys} is no valid architecture: "
+                                     f"{describe(err).removeprefix('architecture: ')}") from None
+                if arch in found:
+                    continue
+                name = arch.name if arch.name not in names else f"{arch.name}-{arch.shortcut_type}"
+                names.add(name)
+                params = parameter_count(arch)
+                found[arch] = Candidate(name, {**base, **chosen}, arch, params,
+                                        self.budget.reason(params))
+        return list(found.values())
+
+    def architectures(self) -> list[Architecture]:
+        """Every architecture the keys produce, inside the budget or not."""
+        return [c.architecture for c in self._candidates]
+
+    def feasible(self) -> list[Candidate]:
+        """The study's space: the architectures inside the budget."""
+        return [c for c in self._candidates if c.excluded is None]
+
+    def excluded(self) -> list[Candidate]:
+        return [c for c in self._candidates if c.excluded is not None]
+
+    def pairs_to_train(self) -> list[Pair]:
+        """The matched pairs among the feasible architectures, by the multi-residual depth."""
+        import pandas as pd
+
+        from orchestrator.analysis import find_pairs
+
+        feasible = self.feasible()
+        table = pd.DataFrame([{"depth": c.architecture.total_depth, "k": c.architecture.k,
+                               "width": c.architecture.width, "params": c.params}
+                              for c in feasible])
+        by_key = {tuple(row): c.name for row, c in zip(table.itertuples(index=False), feasible)}
+        return [Pair(by_key[deep], by_key[multi], int(multi[0]))
+                for deep, multi in find_pairs(table, self.n0.pair_tolerance)]
+
+    def searched(self) -> dict:
+        """What a searcher chooses per trial (the seed aside): `arch` among the feasible names,
+        and the recipe keys given as distributions."""
+        found = {k: v for k, v in self.space.items()
+                 if k in RECIPE_KEYS and isinstance(v, (IntRange, FloatRange, Choice))}
+        names = [c.name for c in self.feasible()]
+        return {"arch": Choice(choices=names), **found} if len(names) > 1 else found
+
+    def fixed(self) -> dict:
+        return {k: v for k, v in self.space.items()
+                if k in RECIPE_KEYS and k not in self.searched()}
+
+    def space_size(self) -> float:
+        """Distinct trials the space holds: configurations x seeds (inf with a float range)."""
+        size = len(self.seeds)
+        for dist in self.searched().values():
+            if isinstance(dist, FloatRange):
+                return math.inf
+            size *= len(dist.choices if isinstance(dist, Choice) else dist.values())
+        return size
+
+    def candidate(self, sampled: dict) -> Candidate:
+        feasible = self.feasible()
+        if "arch" not in sampled:
+            return feasible[0]
+        return next(c for c in feasible if c.name == sampled["arch"])
+
+    def trial_config(self, sampled: dict) -> TrainConfig:
+        """The full run config of one trial: `train`, then fixed space values, then what was
+        chosen (`arch`: a feasible architecture's name, `seed`, recipe keys)."""
+        recipe = {**self.fixed(), **{k: v for k, v in sampled.items() if k in RECIPE_KEYS}}
+        recipe["seed"] = sampled.get("seed", self.seeds[0])
+        return self._run_config(self.candidate(sampled).fields, recipe)
 
     @property
     def experiment_name(self) -> str:

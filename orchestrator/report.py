@@ -71,13 +71,15 @@ def runs_from_mlflow(tracking_uri: str, experiment: str, parent_id: str | None =
 def plot_differences(diffs: pd.DataFrame, n0: N0, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.axhline(0, color="grey", lw=1)
-    err = [diffs["diff"] - diffs.diff_low, diffs.diff_high - diffs["diff"]]
+    err = [(diffs["diff"] - diffs.diff_low).fillna(0),  # no interval: no bar
+           (diffs.diff_high - diffs["diff"]).fillna(0)]
     ax.errorbar(diffs.multi_depth, diffs["diff"], yerr=err, fmt="o-", capsize=4,
                 label="error(multi-resnet) - error(resnet), 95% CI")
     if n0.value is not None:
         ax.axvline(n0.value, color="C3", ls="--", label=f"n0 = {n0.value:.1f}")
-        if n0.low is not None:
-            ax.axvspan(n0.low, n0.high, color="C3", alpha=0.15)
+        if n0.low is not None:  # an open end is drawn to the studied depths' edge
+            edges = diffs.multi_depth.min(), diffs.multi_depth.max()
+            ax.axvspan(max(n0.low, edges[0]), min(n0.high, edges[1]), color="C3", alpha=0.15)
     ax.set_xlabel("depth of the multi-residual network")
     ax.set_ylabel("test error difference (points)")
     ax.set_title("Deeper or wider: matched pairs")
@@ -165,12 +167,19 @@ def build_report(runs: pd.DataFrame, out: Path, title: str, histories: dict | No
             markdown_table(shown), ""]
     if len(pair_rows):
         text += ["Matched pairs: error(multi-resnet) - error(resnet) in points, with a 95% "
-                 "bootstrap interval over seeds (negative: the wider net wins).", "",
+                 "interval from the seed noise pooled over configurations (negative: the wider "
+                 "net wins).", "",
                  markdown_table(pair_rows), ""]
     text += [f"![{f}]({f})" for f in figures]
     path = out / "report.md"
     path.write_text("\n".join(text) + "\n")
     return n0, path
+
+
+def show(path: Path, n0: N0) -> None:
+    """The report's tables, then n0 on a line of its own."""
+    print(path.read_text().split("![")[0].replace(n0.line() + "\n", "").rstrip())
+    print(n0.line())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracking-uri", default=f"sqlite:///{Path.cwd() / 'mlflow.db'}")
     p.add_argument("--run-id", help="the study's parent run (default: the latest)")
     p.add_argument("--out", help="output folder (default report-<name>)")
-    p.add_argument("--bootstrap", type=int, default=2000)
+    p.add_argument("--draws", type=int, default=2000,
+                   help="random draws behind the 95%% intervals")
     p.add_argument("--pair-tolerance", type=float, default=0.1,
                    help="largest relative parameter gap within a pair")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -201,15 +211,13 @@ def main(argv: list[str] | None = None) -> int:
             name = args.experiment
         out = Path(args.out or f"report-{name}")
         n0, path = build_report(runs, out, f"Deeper or wider: {name}", histories,
-                                args.bootstrap, args.pair_tolerance)
+                                args.draws, args.pair_tolerance)
     except (ReportError, TrackingError, ValueError, FileNotFoundError) as exc:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    tables = path.read_text().split("![")[0].replace(n0.line() + "\n", "")
-    print(tables.rstrip())
-    print(n0.line())
+    show(path, n0)
     if parent is not None:
         from mlflow.tracking import MlflowClient
 

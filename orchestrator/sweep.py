@@ -19,59 +19,20 @@ import sys
 import time
 from pathlib import Path
 
-from orchestrator.config import ConfigError, FloatRange, IntRange, StudyConfig, load_study
+from orchestrator.config import ConfigError, StudyConfig, load_study
 
 STATE_FILE = "multires_study.json"
 
 
 # ----------------------------------------------------------------------------- searching
 
-def optuna_space(study: StudyConfig) -> dict:
-    import optuna.distributions as d
-
-    space = {}
-    for key, dist in study.searched().items():
-        if isinstance(dist, IntRange):
-            space[key] = d.IntDistribution(dist.low, dist.high, step=dist.step, log=dist.log)
-        elif isinstance(dist, FloatRange):
-            space[key] = d.FloatDistribution(dist.low, dist.high, log=dist.log)
-        else:
-            space[key] = d.CategoricalDistribution([json_safe(c) for c in dist.choices])
-    return space
-
-
-def json_safe(value):
-    return tuple(value) if isinstance(value, list) else value
-
-
-def grid(study: StudyConfig) -> dict[str, list]:
-    return {k: (v.values() if isinstance(v, IntRange) else [json_safe(c) for c in v.choices])
-            for k, v in study.searched().items()}
-
-
-def grid_size(study: StudyConfig) -> int:
-    return math.prod(len(v) for v in grid(study).values())
-
-
-def build_searcher(study: StudyConfig):
-    """An Optuna sampler as the Ray Tune searcher (TPE by default), seeded."""
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
-    s = study.searcher
-    if not study.searched():
-        return None  # a fixed configuration: Tune's default generator repeats it `trials` times
-    if s.sampler == "tpe":
-        sampler = optuna.samplers.TPESampler(seed=s.seed)
-    elif s.sampler == "random":
-        sampler = optuna.samplers.RandomSampler(seed=s.seed)
-    else:
-        sampler = optuna.samplers.GridSampler(grid(study), seed=s.seed)
-    metrics = [o.metric for o in s.objectives]
-    modes = [o.mode for o in s.objectives]
-    single = len(metrics) == 1
-    return OptunaSearch(space=optuna_space(study), metric=metrics[0] if single else metrics,
-                        mode=modes[0] if single else modes, sampler=sampler)
+def planned_trials(study: StudyConfig) -> int:
+    """Trials the study trains at most: the grid, or `trials` within the space's size."""
+    if study.searcher.sampler == "grid":
+        return int(study.space_size())
+    if study.searcher.sampler == "n0":
+        return study.trials
+    return int(min(study.trials, study.space_size()))
 
 
 def build_scheduler(study: StudyConfig):
@@ -85,28 +46,16 @@ def build_scheduler(study: StudyConfig):
                          reduction_factor=study.scheduler.reduction_factor)
 
 
-def planned_trials(study: StudyConfig) -> int:
-    grid_search = study.searcher.sampler == "grid" and study.searched()
-    return grid_size(study) if grid_search else study.trials
-
-
 # ----------------------------------------------------------------------------- one trial
 
 def trial_driver(config: dict, study_data: dict) -> None:
     """Runs inside a Tune trial: builds the trial's TrainConfig and fits a TorchTrainer."""
     import ray.tune
 
-    from models.summary import summarize
     from orchestrator.worker import TuneReport, build_trainer
 
     study = StudyConfig(**study_data)
-    cfg = study.trial_config({k: config[k] for k in study.searched()})
-    params = summarize(cfg.architecture)["params"]
-    reason = study.budget.reason(params)
-    if reason is not None:  # outside the parameter budget: recorded, not trained
-        ray.tune.report({"pruned": True, "pruned_reason": reason, "params": params, "epoch": 0,
-                         **worst_objectives(study)})
-        return
+    cfg = study.trial_config(config)
     res = study.resources
     # Same (storage_path, name) on a restarted trial: Ray Train restores its checkpoint.
     trainer = build_trainer(cfg, name=f"train-{ray.tune.get_context().get_trial_id()}",
@@ -118,7 +67,7 @@ def trial_driver(config: dict, study_data: dict) -> None:
 
 
 def worst_objectives(study: StudyConfig) -> dict[str, float]:
-    """What a pruned or diverged trial tells the searcher: the worst error (or 0 when maximised)."""
+    """What a diverged trial tells the searcher: the worst error (or 0 when maximised)."""
     return {o.metric: (1.0 if o.mode == "min" else 0.0) for o in study.searcher.objectives}
 
 
@@ -134,36 +83,44 @@ def estimated_cost(study: StudyConfig, flops: int) -> float:
 
 
 def first_trials(study: StudyConfig, count: int) -> list[dict]:
-    """What the searcher would start first (all of it for a grid or a fixed space)."""
+    """What the searcher would start first, before any result comes back."""
+    from orchestrator.searchers import build_searcher
+
     searcher = build_searcher(study)
-    if searcher is None:
-        return [{}] * min(count, study.trials)
     out = []
     for i in range(count):
         suggestion = searcher.suggest(f"dry{i}")
-        if suggestion is None:
+        if not isinstance(suggestion, dict):
             break
-        out.append(dict(suggestion))
+        out.append(suggestion)
     return out
 
 
 def dry_run(study: StudyConfig, count: int) -> None:
     from models.summary import summarize
 
-    if study.searcher.sampler == "grid" and study.searched():
-        count = grid_size(study)
+    feasible, excluded = study.feasible(), study.excluded()
+    print(f"study {study.name}: {len(feasible)} architectures in the budget, "
+          f"{len(excluded)} outside it (never sampled)")
+    if excluded:
+        print_table([{"outside the budget": c.name, "why": c.excluded} for c in excluded])
     rows = []
-    for sampled in first_trials(study, count):
+    trials = first_trials(study, count)
+    for sampled in trials:
         cfg = study.trial_config(sampled)
         info = summarize(cfg.architecture)
-        reason = study.budget.reason(info["params"])
-        rows.append({"sampled": ", ".join(f"{k}={v}" for k, v in sampled.items()) or "-",
-                     "architecture": cfg.architecture.name, "params": f"{info['params']:,}",
+        rows.append({"architecture": cfg.architecture.name, "seed": cfg.seed,
+                     **{k: v for k, v in sampled.items() if k not in ("arch", "seed")},
+                     "params": f"{info['params']:,}",
                      "GFLOPs/img": f"{info['flops'] / 1e9:.3f}",
-                     "train PFLOPs": f"{estimated_cost(study, info['flops']) / 1e15:.2f}",
-                     "budget": "pruned: " + reason if reason else "ok"})
-    print(f"study {study.name}: {planned_trials(study)} trials planned, "
-          f"sampler {study.searcher.sampler} (seed {study.searcher.seed}); first {len(rows)}:")
+                     "train PFLOPs": f"{estimated_cost(study, info['flops']) / 1e15:.2f}"})
+    if study.searcher.sampler == "n0":
+        pairs = ", ".join(f"{p.deep} / {p.multi}" for p in study.pairs_to_train())
+        print(f"matched pairs (k=1 / k>1): {pairs}")
+    waits = len(trials) < count and study.searcher.sampler == "n0"
+    print(f"\nat most {planned_trials(study)} trials, sampler {study.searcher.sampler} (seed "
+          f"{study.searcher.seed}), seeds {study.seeds}; the first {len(rows)}"
+          f"{' (then it waits for their results)' if waits else ''}:")
     print_table(rows)
 
 
@@ -229,21 +186,29 @@ def summarize_results(results, study: StudyConfig) -> list[dict]:
 
     rows = []
     for result in results:
+        if result.config is None:
+            continue  # a trial that never started (interrupted)
         m = result.metrics or {}
-        sampled = {k: result.config[k] for k in study.searched() if k in result.config}
-        cfg = study.trial_config(sampled)
+        cfg = study.trial_config(result.config)
         info = summarize(cfg.architecture)
-        status = ("pruned" if m.get("pruned") else
-                  "error" if result.error or m.get("diverged") else
+        status = ("error" if result.error or m.get("diverged") else
                   "stopped" if m.get("epoch", 0) < m.get("epochs_total", 0) else "done")
         rows.append({
-            "trial": m.get("trial_id", "?"), "architecture": cfg.architecture.name,
-            "seed": cfg.seed, "params": info["params"], "GFLOPs": round(info["flops"] / 1e9, 3),
-            "epochs": m.get("epoch", 0),
-            "best_test_error": m.get("best_test_error") if not m.get("pruned") else None,
-            "final_test_error": m.get("test_error") if not m.get("pruned") else None,
-            "time_s": round(m.get("time_total_s", 0.0), 1), "status": status})
+            "trial": m.get("trial_id", "?"), "architecture": study.candidate(result.config).name,
+            "seed": cfg.seed, "depth": cfg.architecture.total_depth, "k": cfg.architecture.k,
+            "width": cfg.architecture.width, "params": info["params"], "flops": info["flops"],
+            "epochs": m.get("epoch", 0), "best_test_error": m.get("best_test_error"),
+            "final_test_error": m.get("test_error"),
+            "time_s": round(m.get("time_total_s", 0.0), 1), "status": status,
+            "history": epoch_history(result.metrics_dataframe)})
     return rows
+
+
+def epoch_history(frame):
+    """(epoch, test error) per epoch of a trial, or None when it reported none."""
+    if frame is None or not {"epoch", "test_error"} <= set(frame.columns):
+        return None
+    return frame[["epoch", "test_error"]].dropna()
 
 
 def run(study: StudyConfig, study_text: str, resume: bool) -> int:
@@ -276,13 +241,24 @@ def run(study: StudyConfig, study_text: str, resume: bool) -> int:
                      0 if interrupted else study.mlflow.outage_wait_s)
         raise
     ended = results.num_terminated + results.num_errors
-    if ended < planned_trials(study):
-        parent.close("KILLED", study.mlflow.outage_wait_s)
-        print(f"\nsweep interrupted after {ended} of {planned_trials(study)} trials; run the same "
-              f"command again (or add --resume) to continue", file=sys.stderr)
-        return 130
     rows = summarize_results(results, study)
+    verdict = None
+    if ended < len(rows):  # trials that never ended: interrupted
+        interrupted = True
+    elif study.searcher.sampler == "n0":
+        from orchestrator.searchers import search_verdict
+
+        verdict = search_verdict(study, rows)  # None: the search wanted more trials
+        interrupted = verdict is None
+    else:
+        interrupted = ended < planned_trials(study)
+    if interrupted:
+        parent.close("KILLED", study.mlflow.outage_wait_s)
+        print(f"\nsweep interrupted after {ended} trials; run the same command again (or add "
+              f"--resume) to continue", file=sys.stderr)
+        return 130
     report_summary(rows, study, parent, results_dir)
+    report_n0(rows, study, parent, results_dir, verdict)
     parent.close("FINISHED", study.mlflow.outage_wait_s)
     return 0 if any(r["status"] in ("done", "stopped") for r in rows) else 1
 
@@ -292,6 +268,7 @@ def fit(study: StudyConfig, results_dir: Path, restoring: bool, parent, digest: 
     import ray.tune
     from ray.tune import Tuner
 
+    from orchestrator.searchers import build_searcher
     from orchestrator.tracking import TrialTracker
 
     trainable = ray.tune.with_resources(
@@ -300,7 +277,8 @@ def fit(study: StudyConfig, results_dir: Path, restoring: bool, parent, digest: 
         {"cpu": study.resources.driver_cpus})
     if restoring:
         print(f"resuming study {study.name} from {results_dir}")
-        # The MLflow tracker comes back with the experiment (see TrialTracker.__reduce__).
+        # The MLflow tracker and the searcher's state come back with the experiment (see
+        # TrialTracker.__reduce__ and orchestrator.searchers).
         tuner = Tuner.restore(str(results_dir), trainable=trainable, resume_unfinished=True,
                               resume_errored=False, restart_errored=False)
     else:
@@ -332,14 +310,14 @@ def report_summary(rows: list[dict], study: StudyConfig, parent, results_dir: Pa
 
     from orchestrator.tracking import outbox
 
-    table = pd.DataFrame(rows).sort_values("best_test_error", na_position="last")
+    table = pd.DataFrame(rows).drop(columns=["history"]).sort_values("best_test_error",
+                                                                      na_position="last")
     print("\n" + table.to_string(index=False))
     trained = table[table["status"].isin(["done", "stopped"])]
     client, run_id, send = parent.client, parent.run_id, outbox(study.tracking_uri()).put
     summary_csv = table.to_csv(index=False)
     send("summary.csv", lambda: client.log_text(run_id, summary_csv, "summary.csv"))
-    counts = {"trials_trained": len(trained),
-              "trials_pruned": int((table["status"] == "pruned").sum())}
+    counts = {"trials_trained": len(trained)}
     if len(trained):
         best = trained.iloc[0]
         counts["best_test_error"] = float(best["best_test_error"])
@@ -353,6 +331,43 @@ def report_summary(rows: list[dict], study: StudyConfig, parent, results_dir: Pa
     print(f"results: {results_dir}\nMLflow: {study.tracking_uri()} experiment "
           f"'{study.experiment_name}', parent run {run_id} (compare with `mlflow ui "
           f"--backend-store-uri {study.tracking_uri()}`)")
+
+
+def report_n0(rows: list[dict], study: StudyConfig, parent, results_dir: Path,
+              verdict: str | None) -> None:
+    """Where the trials pair up: n0 as `orchestrator.report` gives it, printed, written to
+    results/STUDY/report/ and logged to the parent run (report.md, figures, n0 metrics)."""
+    import pandas as pd
+    from mlflow.entities import Metric, RunTag
+
+    from orchestrator.analysis import find_pairs
+    from orchestrator.report import build_report, show
+    from orchestrator.tracking import outbox
+
+    done = [r for r in rows if r["status"] == "done" and r["final_test_error"] is not None]
+    keys = ["depth", "k", "width", "params", "seed", "flops"]
+    runs = pd.DataFrame([{**{k: r[k] for k in keys}, "name": r["architecture"],
+                          "test_error": 100 * r["final_test_error"]} for r in done])
+    if runs.empty or not find_pairs(runs, study.n0.pair_tolerance):
+        return
+    histories = {r["trial"]: ({k: r[k] for k in keys},
+                              [(int(e), 100 * v) for e, v in r["history"].itertuples(index=False)])
+                 for r in done if r["history"] is not None}
+    n0, path = build_report(runs, results_dir / "report", f"Deeper or wider: {study.name}",
+                            histories, tolerance=study.n0.pair_tolerance)
+    print()
+    show(path, n0)
+    if verdict:
+        print(f"n0 search: {verdict}")
+    client, run_id, send = parent.client, parent.run_id, outbox(study.tracking_uri()).put
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, v, now, 0) for k, v in
+               (("n0", n0.value), ("n0_low", n0.low), ("n0_high", n0.high))
+               if v is not None and math.isfinite(v)]
+    folder = str(path.parent)
+    send("report", lambda: client.log_artifacts(run_id, folder, "report"))
+    send("n0 metrics", lambda: client.log_batch(run_id, metrics=metrics, tags=[
+        RunTag("n0", n0.line())] + ([RunTag("n0_search", verdict)] if verdict else [])))
 
 
 # ----------------------------------------------------------------------------- command line

@@ -224,6 +224,12 @@ class StudyRun:
         self.run_id = run.info.run_id
         self.client.log_text(self.run_id, study_text, "study.yaml")
         self.client.log_dict(self.run_id, self.study.model_dump(mode="json"), "resolved_study.json")
+        # The space the searcher chooses from, and what the budget left out (never sampled).
+        space = "architecture,params,budget\n" + "".join(
+            f"{c.name},{c.params},{c.excluded or 'in budget'}\n"
+            for c in self.study.feasible() + self.study.excluded())
+        self.client.log_text(self.run_id, space, "architectures.csv")
+        self.client.log_param(self.run_id, "architectures_in_budget", len(self.study.feasible()))
         return self.run_id
 
     def close(self, status: str, wait_s: float) -> None:
@@ -273,7 +279,7 @@ class TrialTracker(Callback):
                 self.runs[trial_id] = run.info.run_id
                 history = self.client.get_metric_history(run.info.run_id, "test_error")
                 self.logged[trial_id] = max((m.step for m in history), default=0)
-                if run.info.status == "FINISHED" or {"pruned_reason", "stopped_early",
+                if run.info.status == "FINISHED" or {"stopped_early",
                                                      "failure"} & set(run.data.tags):
                     self.ended.add(trial_id)
 
@@ -283,7 +289,7 @@ class TrialTracker(Callback):
         return TrialTracker, self.args
 
     def trial_config(self, trial) -> TrainConfig:
-        return self.study.trial_config({k: trial.config[k] for k in self.study.searched()})
+        return self.study.trial_config(trial.config)
 
     def on_step_begin(self, iteration, trials, **info):
         if self.restored:
@@ -341,7 +347,7 @@ class TrialTracker(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         trial_id = trial.trial_id
-        if not self.tracked(trial_id) or result.get("pruned") or result.get("diverged"):
+        if not self.tracked(trial_id) or result.get("diverged"):
             return
         epoch = int(result.get("epoch", 0))
         if epoch <= self.logged[trial_id]:
@@ -360,12 +366,6 @@ class TrialTracker(Callback):
         self.ended.add(trial_id)
         last = trial.last_result or {}
         client = self.client
-        if last.get("pruned"):
-            reason = last.get("pruned_reason", "")
-            self.put(trial_id, "pruned", lambda run_id: client.set_tag(run_id, "pruned_reason",
-                                                                       reason))
-            self.put(trial_id, "end", lambda run_id: client.set_terminated(run_id, "KILLED"))
-            return
         if last.get("diverged"):
             self.fail(trial_id, last["diverged"])
             return

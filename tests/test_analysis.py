@@ -75,7 +75,7 @@ def test_report_from_csv_writes_markdown_and_figures(tmp_path, capsys):
     csv = tmp_path / "published.csv"
     constructed(seeds=5).to_csv(csv, index=False)
     assert report_main(["--from-csv", str(csv), "--out", str(tmp_path / "out"),
-                        "--bootstrap", "300"]) == 0
+                        "--draws", "300"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith("n0: ") for line in lines)
     text = (tmp_path / "out" / "report.md").read_text()
@@ -102,3 +102,62 @@ def test_lesion_of_nothing_reproduces_the_models_error(tmp_path, capsys):
     assert table.test_error.iloc[0] == pytest.approx(state["metrics"]["test_error"])
     assert len(table) == 1 + 3 + 3 * 2  # nothing, 3 blocks, 2 functions of each
     assert (tmp_path / "lesion" / "lesion.png").read_bytes().startswith(PNG)
+
+
+def test_interval_covers_the_true_crossing_at_its_stated_rate():
+    """Over 100 constructed studies (3 seeds, noise 0.2), the 95% interval contains the true
+    crossing in at least 88 (a binomial 95% at n=100 falls below 88 with ~1% chance)."""
+    hits = 0
+    for seed in range(100):
+        runs = constructed(seeds=3, noise=0.2, crossing_at=23.0, seed=seed)
+        n0 = estimate_n0(runs, find_pairs(runs), n_boot=400)
+        hits += n0.value is not None and n0.low <= 23.0 <= n0.high
+    assert hits >= 88
+
+
+def test_open_ended_interval_when_the_deepest_pair_is_unsure():
+    runs = constructed(seeds=2, noise=0.3, crossing_at=30.0, seed=0)
+    n0 = estimate_n0(runs, find_pairs(runs), n_boot=500)
+    assert n0.value is not None and n0.high == np.inf and n0.width == np.inf
+    assert "beyond the deepest pair" in n0.line()
+
+
+def test_n0_policy_brackets_bisects_then_adds_seeds_and_stops():
+    """The n0 searcher on a noiseless ladder of 9 pairs crossing at 29: the bracket (8, 32, 56),
+    then the pair at 26 between 8 and 32 ... it never trains a (net, seed) twice and stops,
+    saying why, with the crossing between adjacent pairs."""
+    from orchestrator.config import Pair
+    from orchestrator.searchers import N0Policy
+
+    depths = [8, 14, 20, 26, 32, 38, 44, 50, 56]
+    configs, pairs = {}, []
+    for d in depths:
+        configs[f"deep{d}"] = (4 * d, 1, 1, 1000 * d)
+        configs[f"multi{d}"] = (d, 4, 1, 1000 * d + 10)
+        pairs.append(Pair(f"deep{d}", f"multi{d}", d))
+    rng = np.random.default_rng(0)
+
+    def error(name, seed):
+        depth = int(name.removeprefix("deep").removeprefix("multi"))
+        gap = 0.1 * (29 - depth) if name.startswith("multi") else 0.0
+        return 6.0 + gap + rng.normal(0, 0.05)
+
+    policy = N0Policy(configs, pairs, [0, 1, 2, 3], target_width=2.0, max_trials=72,
+                      min_seeds=2, draws=400)
+    first = []
+    while (item := policy.suggest()) is not None:
+        first.append(item)
+    assert {name for name, _ in first} == {"deep8", "multi8", "deep32", "multi32", "deep56",
+                                           "multi56"} and len(first) == 12
+    order = list(first)
+    while not policy.stopped:
+        for name, seed in [k for k, v in policy.taken.items() if v is None]:
+            policy.observe(name, seed, error(name, seed))
+        while (item := policy.suggest()) is not None:
+            order.append(item)
+    assert len(order) == len(set(order)) < 72
+    opened = sorted(policy.pairs[i].depth for i in policy.opened)
+    assert {26, 32} <= set(opened) and 14 not in opened  # bisected towards 29, not away
+    n0, _, _ = policy.estimate()
+    assert n0.bracket == (26, 32) and 26 < n0.value < 32
+    assert policy.stopped.startswith(("converged", "no trial left"))

@@ -319,3 +319,19 @@ def test_flops_equal_an_independent_count(fields):
             m.register_forward_hook(hook)
     model(torch.randn(1, 3, 32, 32))
     assert summarize(Architecture(**fields))["flops"] == 2 * sum(macs)
+
+
+@pytest.mark.parametrize("fields", [
+    dict(depth=110, k=1), dict(depth=56, k=3, width=2), dict(blocks=(5, 4, 5), k=4),
+    dict(depth=29, k=2, block="bottleneck"), dict(depth=20, k=3, shortcut="B"),
+    dict(depth=164, k=1, block="bottleneck", dataset="cifar100"), dict(depth=50, k=2,
+                                                                       dataset="imagenet"),
+])
+def test_fast_parameter_count_equals_the_built_network(fields):
+    """Studies count hundreds of architectures from one net per stage pattern; the count must
+    be the built network's."""
+    from models.summary import parameter_count
+
+    arch = Architecture(**fields)
+    with torch.device("meta"):
+        assert parameter_count(arch) == count_parameters(create_model(arch))

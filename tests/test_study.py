@@ -1,11 +1,12 @@
 """Study files: the schema, bad input, the searcher and --dry-run (no Ray needed)."""
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from orchestrator.config import ConfigError, load_study
-from orchestrator.sweep import first_trials, grid_size, main as sweep_main
+from orchestrator.sweep import first_trials, main as sweep_main, planned_trials
 
 SPACES = Path(__file__).parent.parent / "search_spaces"
 SMOKE = yaml.safe_load((SPACES / "smoke.yaml").read_text())
@@ -31,7 +32,9 @@ def with_changes(**changes) -> dict:
 @pytest.mark.parametrize("path", sorted(SPACES.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_study_is_valid(path):
     study = load_study(path)
-    assert study.architectures()
+    assert study.feasible()
+    trials = first_trials(study, 100)
+    assert trials and len({tuple(sorted(t.items())) for t in trials}) == len(trials)
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -43,6 +46,16 @@ def test_every_shipped_study_is_valid(path):
     (dict(space__depth={"type": "float", "low": 8, "high": 20}), "architecture keys take int"),
     (dict(space__colour=3), "unknown key 'colour'"),
     (dict(space__lr={"type": "uniform", "low": 0.1, "high": 1}), "space.lr"),
+    (dict(space__seed={"type": "categorical", "choices": [0, 1]}),
+     "seeds are replicates, not searched; list them as the top-level key seeds"),
+    (dict(seeds=[0, 0]), "seeds must be distinct"),
+    (dict(budget={"min_params": 10_000_000}), r"budget: none of the space's 4 architectures "
+     r"\(75,290 to 343,674 parameters\) is within min_params..max_params; widen"),
+    (dict(searcher__sampler="n0"), "space.lr: the n0 searcher compares architectures at one "
+     "recipe; fix lr to one value"),
+    (dict(searcher__sampler="n0", space__lr=0.1), "scheduler.type: the n0 searcher compares"),
+    (dict(searcher__sampler="n0", scheduler={"type": "none"}, space__lr=0.1, space__k=2),
+     "the n0 searcher needs matched pairs"),
     (dict(resources__workers=0), "resources.workers: Input should be greater than or equal to 1"),
     (dict(train__checkpoint_dir="x"), "managed by the sweep"),
     (dict(searcher__objectives=[{"metric": "test_error"}, {"metric": "train_gflops"}]),
@@ -76,9 +89,11 @@ def test_malformed_yaml_and_overrides(tmp_path, capsys):
 
 def test_trial_config_merges_train_fixed_and_sampled():
     study = load_study(SPACES / "smoke.yaml")
-    cfg = study.trial_config({"depth": 14, "k": 2, "lr": 0.05})
+    assert [c.name for c in study.feasible()] == ["d8-k1-w1", "d8-k2-w1", "d14-k1-w1",
+                                                 "d14-k2-w1"]
+    cfg = study.trial_config({"arch": "d14-k2-w1", "lr": 0.05, "seed": 3})
     assert (cfg.architecture.total_depth, cfg.architecture.k, cfg.lr) == (14, 2, 0.05)
-    assert cfg.seed == 0 and cfg.dataset == "synthetic" and cfg.epochs == 2
+    assert cfg.seed == 3 and cfg.dataset == "synthetic" and cfg.epochs == 2
 
 
 def test_same_seed_proposes_the_same_first_trials():
@@ -89,24 +104,43 @@ def test_same_seed_proposes_the_same_first_trials():
     assert first_trials(other, 6) != a
 
 
-def test_grid_sampler_proposes_every_combination(tmp_path):
-    data = with_changes(searcher__sampler="grid")
+def test_grid_sampler_proposes_every_combination_with_every_seed(tmp_path):
+    data = with_changes(searcher__sampler="grid", seeds=2)
     data["space"]["lr"] = {"type": "categorical", "choices": [0.05, 0.1]}
     study = load_study(write(tmp_path, data))
-    assert grid_size(study) == 8
-    trials = first_trials(study, 8)
-    assert {(t["depth"], t["k"], t["lr"]) for t in trials} == {
-        (d, k, lr) for d in (8, 14) for k in (1, 2) for lr in (0.05, 0.1)}
+    assert planned_trials(study) == 16
+    trials = first_trials(study, 20)
+    assert sorted((t["arch"], t["lr"], t["seed"]) for t in trials) == sorted(
+        (f"d{d}-k{k}-w1", lr, s) for d in (8, 14) for k in (1, 2) for lr in (0.05, 0.1)
+        for s in (0, 1))
 
 
-def test_dry_run_prints_architectures_and_budget(tmp_path, capsys):
-    data = with_changes(budget={"max_params": 160_000})
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+def test_samplers_never_repeat_a_trial_and_give_seeds_in_turn(tmp_path, sampler):
+    """The main study's space under Optuna's samplers: 9 architectures in the budget x 5 seeds;
+    asked for more, every proposal is distinct and inside the budget, then the space is done."""
+    study = load_study(SPACES / "depth_vs_k.yaml", [f"searcher.sampler={sampler}",
+                                                   "trials=80"])
+    assert len(study.feasible()) == 9 and planned_trials(study) == 45
+    trials = first_trials(study, 80)
+    assert len(trials) == 45
+    assert len({(t["arch"], t["seed"]) for t in trials}) == 45
+    assert {t["arch"] for t in trials} == {c.name for c in study.feasible()}
+    for t in trials:  # seeds in turn: a configuration's seeds before it, all taken
+        earlier = [u["seed"] for u in trials[:trials.index(t)] if u["arch"] == t["arch"]]
+        assert t["seed"] == len(earlier)
+
+
+def test_dry_run_lists_the_budget_once_and_proposes_only_inside_it(tmp_path, capsys):
+    data = with_changes(budget={"max_params": 160_000}, trials=10, space__lr=0.1)
     assert sweep_main([str(write(tmp_path, data)), "--dry-run", "--dry-run-trials", "5"]) == 0
     out = capsys.readouterr().out
-    assert "5 trials planned" not in out and "4 trials planned" in out
-    assert "d8-k2-w1" in out and "149,242" in out
-    assert "pruned: 172,506 parameters > max_params 160,000" in out or \
-           "pruned: 343,674 parameters > max_params 160,000" in out
+    assert "2 architectures in the budget, 2 outside it (never sampled)" in out
+    assert "172,506 parameters > max_params 160,000" in out
+    assert "343,674 parameters > max_params 160,000" in out
+    assert "at most 2 trials" in out  # 2 architectures x 1 seed
+    proposals = out.split("the first")[1]
+    assert "d8-k2-w1" in proposals and "d14" not in proposals
     assert not (tmp_path / "results").exists()
 
 
@@ -128,4 +162,57 @@ def test_bad_parallel_layouts_in_studies(tmp_path, changes, message):
         load_study(write(tmp_path, with_changes(**changes)))
     study = load_study(write(tmp_path, with_changes(parallel={"dp": 2})))
     assert study.resources.workers == 2
-    assert study.trial_config({"depth": 8, "k": 2, "lr": 0.1}).parallel.dp == 2
+    assert study.trial_config({"arch": "d8-k2-w1", "lr": 0.1}).parallel.dp == 2
+
+
+def test_searcher_state_survives_save_and_restore(tmp_path):
+    """What Tune does on resume: a fresh searcher restored from the saved one continues where
+    it stopped, never repeating a trial (n0 and TPE)."""
+    from orchestrator.searchers import build_searcher
+
+    for sampler in ("n0", "tpe"):
+        study = load_study(SPACES / "depth_vs_k.yaml", [f"searcher.sampler={sampler}"])
+        first = build_searcher(study)
+        before = [first.suggest(f"t{i}") for i in range(6)]
+        first.on_trial_complete("t0", {"test_error": 0.07, "epoch": 200})
+        first.save(str(tmp_path / f"{sampler}.pkl"))
+        again = build_searcher(study)
+        again.restore(str(tmp_path / f"{sampler}.pkl"))
+        after = [again.suggest(f"t{i}") for i in range(6, 12)]
+        seen = [(t["arch"], t["seed"]) for t in before + after if isinstance(t, dict)]
+        assert len(seen) == len(set(seen)) >= 10
+
+
+def test_sweep_end_logs_n0_to_the_parent_run(tmp_path, capsys):
+    """The end of a pair study (no Ray): n0 printed, report and n0 metrics in MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.sweep import report_n0
+    from orchestrator.tracking import StudyRun
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    study = load_study(SPACES / "paper_table2.yaml", [f"mlflow.tracking_uri={uri}"])
+    parent = StudyRun(MlflowClient(uri), study)
+    parent.open(None, tmp_path, "name: paper_table2\n")
+    rng = np.random.default_rng(0)
+    rows = []
+    for pair in study.pairs_to_train():  # Table II's medians, five noisy seeds each
+        for name, error in ((pair.deep, {8: 7.75, 20: 6.27, 30: 6.02}[pair.depth]),
+                            (pair.multi, {8: 9.28, 20: 6.31, 30: 5.89}[pair.depth])):
+            arch = next(c for c in study.feasible() if c.name == name)
+            for seed in study.seeds:
+                rows.append({"trial": f"{name}-{seed}", "architecture": name, "seed": seed,
+                             "depth": arch.architecture.total_depth, "k": arch.architecture.k,
+                             "width": 1, "params": arch.params, "flops": 1,
+                             "final_test_error": (error + rng.normal(0, 0.05)) / 100,
+                             "status": "done", "history": None})
+    report_n0(rows, study, parent, tmp_path, "converged: test")
+    parent.close("FINISHED", 0)
+    out = capsys.readouterr().out
+    assert "n0: 2" in out and "n0 search: converged: test" in out
+    run = MlflowClient(uri).get_run(parent.run_id)
+    assert 20 < run.data.metrics["n0"] < 30
+    assert run.data.metrics["n0_low"] <= run.data.metrics["n0"] <= run.data.metrics["n0_high"]
+    assert run.data.tags["n0"].startswith("n0: 2") and run.data.tags["n0_search"]
+    logged = {a.path for a in MlflowClient(uri).list_artifacts(parent.run_id, "report")}
+    assert "report/report.md" in logged and "report/difference_vs_depth.png" in logged

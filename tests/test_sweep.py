@@ -14,7 +14,7 @@ from tests.sweeps import (PARENT, SMOKE, assert_resumes_once, child_statuses, ru
 
 def test_smoke_study_end_to_end(ray_address, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    # A parameter budget that the depth-14 k=1 net (172,506) exceeds: that trial is pruned.
+    # A parameter budget that the depth-14 nets (172,506 and 343,674) exceed: never sampled.
     assert sweep_main([SMOKE, "--set", "budget.max_params=160000",
                        "--set", "mlflow.log_checkpoint=true"]) == 0
     out = capsys.readouterr().out
@@ -26,16 +26,18 @@ def test_smoke_study_end_to_end(ray_address, tmp_path, monkeypatch, capsys):
     parent = parents[0]
     assert parent.info.status == "FINISHED"
     assert {c.data.tags[PARENT] for c in children} == {parent.info.run_id}
-    assert parent.data.metrics["trials_trained"] + parent.data.metrics["trials_pruned"] == 4
+    assert parent.data.metrics["trials_trained"] == 4
+    assert parent.data.params["architectures_in_budget"] == "2"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"study.yaml", "resolved_study.json", "summary.csv", "best.json"} <= artifacts
+    assert {"study.yaml", "resolved_study.json", "summary.csv", "best.json",
+            "architectures.csv"} <= artifacts
+    listed = Path(client.download_artifacts(parent.info.run_id, "architectures.csv",
+                                            str(tmp_path))).read_text()
+    assert "d14-k1-w1,172506,172,506 parameters > max_params 160,000" in listed
 
-    pruned = [c for c in children if "pruned_reason" in c.data.tags]
-    trained = [c for c in children if "pruned_reason" not in c.data.tags]
-    assert pruned and all(c.info.status == "KILLED" for c in pruned)
-    assert "max_params 160,000" in pruned[0].data.tags["pruned_reason"]
-    for child in trained:
+    for child in children:
         tags, params = child.data.tags, child.data.params
+        assert tags["architecture"].startswith("d8-")  # the depth-14 nets are outside
         assert child.info.status in ("FINISHED", "KILLED")  # KILLED: stopped early by ASHA
         arch = Architecture(depth=int(params["arch.depth"]), k=int(params["arch.k"]))
         assert int(tags["params"]) == summarize(arch)["params"] == int(params["params"])
@@ -83,35 +85,44 @@ def test_trial_on_a_data_parallel_mesh(ray_address, tmp_path):
     assert len(client.get_metric_history(children[0].info.run_id, "test_error")) == 1
 
 
-def test_pair_study_end_to_end_with_report(ray_address, tmp_path, capsys):
-    """A matched-pair study on synthetic data: sweep, then the report from MLflow, logged back
-    to the study's parent run with its figures."""
+def test_pair_study_with_the_n0_searcher_ends_with_n0(ray_address, tmp_path, capsys):
+    """A matched-pair study on synthetic data with the n0 searcher: the bracket (both pairs, one
+    seed), then a second seed where the difference is unsure, then it stops and says why; the
+    sweep prints the report and n0 and logs them to the parent run; orchestrator.report reads
+    the same study back from MLflow."""
     import yaml
 
     from orchestrator.report import main as report_main
 
     study = yaml.safe_load(Path(SMOKE).read_text())
-    study.update(name="pairs", space={"seed": 0, "lr": 0.05},
-                 pairs={"deep": [[4, 4, 3], [4, 4, 4]], "factors": [2]},
-                 searcher={"sampler": "grid"}, scheduler={"type": "none"})
+    study.update(name="pairs", space={"lr": 0.05}, seeds=2, trials=12,
+                 pairs={"deep": [[2, 2, 2], [4, 4, 4]], "factors": [2]},
+                 searcher={"sampler": "n0"}, n0={"min_seeds": 1, "target_width": 0.01},
+                 scheduler={"type": "none"})
+    study["train"]["epochs"] = 1
     path = tmp_path / "pairs.yaml"
     path.write_text(yaml.safe_dump(study))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert sweep_main([str(path), "--storage-path", str(tmp_path / "results"),
                        "--tracking-uri", uri]) == 0
-    capsys.readouterr()
-    assert report_main(["--experiment", "pairs", "--tracking-uri", uri, "--out",
-                        str(tmp_path / "report"), "--bootstrap", "200"]) == 0
-    out = capsys.readouterr().out
-    assert any(line.startswith("n0: ") for line in out.splitlines())
-    assert "depth 24 (292,954)" in out  # the pre-resnet-24 of the first pair
+    out = capsys.readouterr().out.splitlines()
+    n0_line = next(line for line in out if line.startswith("n0: "))
+    verdict = next(line for line in out if line.startswith("n0 search: "))
+    assert "no trial left" in verdict or "n0 not found" in verdict
+    assert any("depth 26 (" in line for line in out)  # the pre-resnet-26 of the second pair
     client, parents, children = runs(uri, "pairs")
-    assert len(children) == 4
-    logged = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
+    trained = {(c.data.tags["architecture"], c.data.tags["seed"]) for c in children}
+    assert len(children) == len(trained) and 6 <= len(trained) <= 8  # none twice
+    parent = parents[0]
+    assert parent.data.tags["n0"] == n0_line
+    if not n0_line.startswith("n0: not found"):
+        assert {"n0", "n0_low", "n0_high"} & set(parent.data.metrics)
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.md", "report/difference_vs_depth.png",
             "report/pareto_error_vs_flops.png", "report/error_vs_epoch.png"} <= logged
-    for name in ("difference_vs_depth.png", "pareto_error_vs_flops.png", "error_vs_epoch.png"):
-        assert (tmp_path / "report" / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert report_main(["--experiment", "pairs", "--tracking-uri", uri, "--out",
+                        str(tmp_path / "report"), "--draws", "200"]) == 0
+    assert n0_line.split(" (")[0] in capsys.readouterr().out
 
 
 def test_diverging_trial_fails_with_its_reason_and_the_sweep_goes_on(ray_address, tmp_path):
