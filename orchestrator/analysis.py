@@ -112,16 +112,16 @@ def difference_draws(runs: pd.DataFrame, pairs, n: int = 2000, seed: int = 0) ->
     return np.stack([draws[m] - draws[d] for d, m in pairs], axis=1)
 
 
-def pair_differences(runs: pd.DataFrame, pairs, n_boot: int = 2000,
+def pair_differences(runs: pd.DataFrame, pairs, draws: int = 2000,
                      seed: int = 0) -> pd.DataFrame:
     """Per pair: mean error difference (multi - deep) and its 95% interval (without an interval
     when no configuration has two runs)."""
     errors = _errors(runs)
-    draws = difference_draws(runs, pairs, n_boot, seed) if seed_noise(runs)[1] else None
+    sampled = difference_draws(runs, pairs, draws, seed) if seed_noise(runs)[1] else None
     rows = []
     for i, (deep, multi) in enumerate(pairs):
         d, m = errors[deep], errors[multi]
-        low, high = (np.percentile(draws[:, i], [2.5, 97.5]) if draws is not None
+        low, high = (np.percentile(sampled[:, i], [2.5, 97.5]) if sampled is not None
                      else (np.nan, np.nan))
         rows.append({"deep_depth": deep[0], "multi_depth": multi[0], "k": multi[1],
                      "width": multi[2], "deep_params": deep[3], "multi_params": multi[3],
@@ -161,7 +161,7 @@ def interval(samples: np.ndarray) -> tuple[float, float]:
             float(np.quantile(samples, 0.975, method="higher")))
 
 
-def estimate_n0(runs: pd.DataFrame, pairs, n_boot: int = 2000, seed: int = 0) -> N0:
+def estimate_n0(runs: pd.DataFrame, pairs, draws: int = 2000, seed: int = 0) -> N0:
     """n0 from the pair differences against the multi-residual depth, with a 95% interval from
     draws of the differences (`difference_draws`). An interval end beyond the studied depths is
     infinite: the data do not rule out that n0 lies outside them."""
@@ -184,7 +184,7 @@ def estimate_n0(runs: pd.DataFrame, pairs, n_boot: int = 2000, seed: int = 0) ->
     if not seed_noise(runs)[1]:
         return N0(value, bracket=bracket, message=f"between depths {bracket[0]} and "
                   f"{bracket[1]}; one run per configuration, no interval")
-    low, high = interval(crossing_draws(runs, pairs, n_boot, seed))
+    low, high = interval(crossing_draws(runs, pairs, draws, seed))
     seeds = min(len(errors[k]) for pair in pairs for k in pair)
     return N0(value, low, high, bracket,
               f"between depths {bracket[0]} and {bracket[1]}, {seeds}+ seeds per configuration")

@@ -135,12 +135,12 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 
 def build_report(runs: pd.DataFrame, out: Path, title: str, histories: dict | None = None,
-                 n_boot: int = 2000, tolerance: float = 0.1) -> tuple[N0, Path]:
+                 draws: int = 2000, tolerance: float = 0.1) -> tuple[N0, Path]:
     out.mkdir(parents=True, exist_ok=True)
     table = configuration_table(runs)
     pairs = find_pairs(runs, tolerance)
-    diffs = pair_differences(runs, pairs, n_boot)
-    n0 = estimate_n0(runs, pairs, n_boot)
+    diffs = pair_differences(runs, pairs, draws)
+    n0 = estimate_n0(runs, pairs, draws)
 
     shown = table.assign(error=[f"{m:.2f} ({a:.2f}±{s:.2f})" for m, a, s in
                                 zip(table["median"], table["mean"], table["std"])])

@@ -15,10 +15,11 @@ SMOKE = str(Path(__file__).parent.parent / "search_spaces" / "smoke.yaml")
 PARENT = "mlflow.parentRunId"
 
 
-def start_sweep(args: list[str], ray_address: str, **kw) -> subprocess.Popen:
-    """The smoke study in a driver process of its own on the test run's Ray instance, as
-    `ray job submit` would run it."""
-    return subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", SMOKE, *args],
+def start_sweep(args: list[str], ray_address: str, study: str = SMOKE,
+                **kw) -> subprocess.Popen:
+    """A study (the smoke study by default) in a driver process of its own on the test run's
+    Ray instance, as `ray job submit` would run it."""
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", study, *args],
                             env={**os.environ, "RAY_ADDRESS": ray_address},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
@@ -34,9 +35,9 @@ def runs(uri: str, experiment: str = "smoke"):
     return client, parents, children
 
 
-def child_statuses(uri: str) -> list[str]:
+def child_statuses(uri: str, experiment: str = "smoke") -> list[str]:
     try:
-        return [c.info.status for c in runs(uri)[2]]
+        return [c.info.status for c in runs(uri, experiment)[2]]
     except Exception:  # the database is still being created
         return []
 

@@ -31,7 +31,7 @@ def test_known_crossing_is_found_with_an_interval():
     runs = constructed(seeds=10)
     pairs = find_pairs(runs)
     assert [m[0] for _, m in pairs] == [8, 14, 20, 26, 32]
-    n0 = estimate_n0(runs, pairs, n_boot=500)
+    n0 = estimate_n0(runs, pairs, draws=500)
     assert n0.value == pytest.approx(20, abs=3)
     assert n0.low < 20 < n0.high
     assert n0.line().startswith("n0: ") and "95% CI" in n0.line()
@@ -54,7 +54,7 @@ def test_bootstrap_intervals_shrink_with_more_seeds():
     widths = []
     for seeds in (3, 30):
         runs = constructed(seeds=seeds, seed=1)
-        diffs = pair_differences(runs, find_pairs(runs), n_boot=1000)
+        diffs = pair_differences(runs, find_pairs(runs), draws=1000)
         widths.append((diffs.diff_high - diffs.diff_low).mean())
     assert widths[1] < 0.5 * widths[0]
 
@@ -110,14 +110,14 @@ def test_interval_covers_the_true_crossing_at_its_stated_rate():
     hits = 0
     for seed in range(100):
         runs = constructed(seeds=3, noise=0.2, crossing_at=23.0, seed=seed)
-        n0 = estimate_n0(runs, find_pairs(runs), n_boot=400)
+        n0 = estimate_n0(runs, find_pairs(runs), draws=400)
         hits += n0.value is not None and n0.low <= 23.0 <= n0.high
     assert hits >= 88
 
 
 def test_open_ended_interval_when_the_deepest_pair_is_unsure():
     runs = constructed(seeds=2, noise=0.3, crossing_at=30.0, seed=0)
-    n0 = estimate_n0(runs, find_pairs(runs), n_boot=500)
+    n0 = estimate_n0(runs, find_pairs(runs), draws=500)
     assert n0.value is not None and n0.high == np.inf and n0.width == np.inf
     assert "beyond the deepest pair" in n0.line()
 

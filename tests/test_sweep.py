@@ -85,34 +85,54 @@ def test_trial_on_a_data_parallel_mesh(ray_address, tmp_path):
     assert len(client.get_metric_history(children[0].info.run_id, "test_error")) == 1
 
 
-def test_pair_study_with_the_n0_searcher_ends_with_n0(ray_address, tmp_path, capsys):
-    """A matched-pair study on synthetic data with the n0 searcher: the bracket (both pairs, one
-    seed), then a second seed where the difference is unsure, then it stops and says why; the
-    sweep prints the report and n0 and logs them to the parent run; orchestrator.report reads
-    the same study back from MLflow."""
+def pair_study(tmp_path: Path, **changes) -> Path:
+    """Two matched pairs (pre-resnet-14 / multi-resnet-8 and pre-resnet-26 / multi-resnet-14,
+    k=2) on synthetic data, one epoch, with the n0 searcher: one seed each first, two at most."""
     import yaml
-
-    from orchestrator.report import main as report_main
 
     study = yaml.safe_load(Path(SMOKE).read_text())
     study.update(name="pairs", space={"lr": 0.05}, seeds=2, trials=12,
                  pairs={"deep": [[2, 2, 2], [4, 4, 4]], "factors": [2]},
                  searcher={"sampler": "n0"}, n0={"min_seeds": 1, "target_width": 0.01},
-                 scheduler={"type": "none"})
+                 scheduler={"type": "none"}, **changes)
     study["train"]["epochs"] = 1
     path = tmp_path / "pairs.yaml"
     path.write_text(yaml.safe_dump(study))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert sweep_main([str(path), "--storage-path", str(tmp_path / "results"),
-                       "--tracking-uri", uri]) == 0
+    return path
+
+
+def test_n0_study_resumes_and_ends_with_n0(ray_address, tmp_path, capsys):
+    """A matched-pair study with the n0 searcher, interrupted (Ctrl-C) and run again: the
+    searcher's state comes back with Tune's (Tuner.restore), finished trials are kept, no
+    (net, seed) is trained twice; the bracket (both pairs, one seed), a second seed where the
+    difference is unsure, then it stops and says why; the sweep prints the report and n0 and
+    logs them to the parent run; orchestrator.report reads the same study back from MLflow."""
+    from orchestrator.report import main as report_main
+
+    path = pair_study(tmp_path)
+    uri, results = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "results"
+    args = ["--storage-path", str(results), "--tracking-uri", uri]
+    proc = start_sweep(args, ray_address, study=str(path), cwd=tmp_path)
+    wait_for(lambda: child_statuses(uri, "pairs").count("FINISHED") >= 2, proc)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output[-3000:]
+    _, _, before = runs(uri, "pairs")
+    finished = {c.info.run_id: c.info.end_time for c in before if c.info.status == "FINISHED"}
+
+    assert sweep_main([str(path), *args]) == 0
     out = capsys.readouterr().out.splitlines()
     n0_line = next(line for line in out if line.startswith("n0: "))
     verdict = next(line for line in out if line.startswith("n0 search: "))
     assert "no trial left" in verdict or "n0 not found" in verdict
     assert any("depth 26 (" in line for line in out)  # the pre-resnet-26 of the second pair
     client, parents, children = runs(uri, "pairs")
-    trained = {(c.data.tags["architecture"], c.data.tags["seed"]) for c in children}
-    assert len(children) == len(trained) and 6 <= len(trained) <= 8  # none twice
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    trained = [(c.data.tags["architecture"], c.data.tags["seed"]) for c in children]
+    assert len(trained) == len(set(trained)) and 6 <= len(trained) <= 8
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert all(c.info.end_time == finished[c.info.run_id] for c in children
+               if c.info.run_id in finished)  # finished trials were not retrained
     parent = parents[0]
     assert parent.data.tags["n0"] == n0_line
     if not n0_line.startswith("n0: not found"):
