@@ -226,11 +226,15 @@ class N0Policy:
                 if self.configs[self.pairs[i].deep] in have
                 and self.configs[self.pairs[i].multi] in have]
 
+    def keys(self, pairs: list[int]) -> list[tuple[tuple, tuple]]:
+        """The analysis keys (deep, multi) of these pairs."""
+        return [(self.configs[self.pairs[i].deep], self.configs[self.pairs[i].multi])
+                for i in pairs]
+
     def estimate(self) -> tuple[N0, pd.DataFrame, list[int]]:
         runs = self.runs()
         trained = self.trained_pairs(runs)
-        keys = [(self.configs[self.pairs[i].deep], self.configs[self.pairs[i].multi])
-                for i in trained]
+        keys = self.keys(trained)
         return estimate_n0(runs, keys, self.draws), runs, trained
 
     def decide(self) -> None:
@@ -240,8 +244,7 @@ class N0Policy:
                 self.open(i)
             return
         n0, runs, trained = self.estimate()
-        keys = [(self.configs[self.pairs[i].deep], self.configs[self.pairs[i].multi])
-                for i in trained]
+        keys = self.keys(trained)
         samples = crossing_draws(runs, keys, self.draws)
         if samples is not None:
             low, high = interval(samples)
@@ -282,8 +285,7 @@ class N0Policy:
         no interval yet, every trained pair in the span."""
         if not trained:
             return []
-        keys = [(self.configs[self.pairs[i].deep], self.configs[self.pairs[i].multi])
-                for i in trained]
+        keys = self.keys(trained)
         diffs = pair_differences(runs, keys, self.draws)
         depths = sorted(self.pairs[i].depth for i in trained)
         low = max((d for d in depths if d <= span[0]), default=depths[0])

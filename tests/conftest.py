@@ -58,3 +58,14 @@ def ray_address():
     init_ray(num_cpus=2)  # as the commands start it
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+SLOW_FIXTURES = {"ray_address", "cluster", "cifar10_dir"}
+
+
+def pytest_collection_modifyitems(items):
+    """What starts Ray, a cluster or servers, or trains on real data, is `slow`: the inner loop
+    is `python -m pytest -m "not slow"`; the README's command still runs everything."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
