@@ -1,11 +1,18 @@
-"""Training-step throughput of the two execution forms, and of the data pipeline.
+"""Training-step throughput of the execution forms and of the run settings, and of the data
+pipeline.
 
     python bench/models_bench.py                       # CPU: d20-k4 and d110-k1, batch 128
     python bench/models_bench.py --device cuda --models d20-k4,d110-k1,d26-k2-w10,d200-k5-bn
+    python bench/models_bench.py --settings before,default --models d20-k4,d68-k1
 
 Variants run interleaved, round after round, so that a noisy machine affects all alike; the table
-reports the median images/s per variant and its ratio to the reference form. One step is forward,
+reports the median images/s per variant and its ratio to the first variant. One step is forward,
 backward and an SGD update on random data (the data pipeline is measured on its own).
+
+`--settings` times the trials' own step (`orchestrator.step.TrainingStep`) under named settings,
+PRECISION-COMPILE-FORM (e.g. bf16-cudagraphs-fused), `default` (what `auto` resolves to on the
+device), and `before`: fp32, eager, the fastest form, the loss read back after every step (the
+step before the step object existed).
 """
 from __future__ import annotations
 
@@ -89,6 +96,54 @@ def bench_forms(arch: Architecture, device: torch.device, batch: int, steps: int
     return rows
 
 
+def settings_runner(arch: Architecture, setting: str, device: torch.device, batch: int):
+    from orchestrator.config import TrainConfig
+    from orchestrator.parallel import ShardedModel
+    from orchestrator.step import TrainingStep
+
+    cfg = TrainConfig(architecture=arch.model_dump(exclude_unset=True), dataset="synthetic",
+                      batch_size=batch, device=device.type, lr=0.01)
+    fields = {}
+    if setting == "before":
+        fields = {"precision": "fp32", "compile": "none"}
+    elif setting != "default":
+        precision, compile_mode, form = setting.split("-")
+        fields = {"precision": precision, "compile": compile_mode, "execution": form}
+    cfg = cfg.model_copy(update=fields).resolved(device.type == "cuda")
+    sharded = ShardedModel(cfg, device)
+    sharded.model.train()
+    step = TrainingStep(cfg, sharded, total_steps=10**6)
+    x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), device=device)
+    name = f"{cfg.precision}-{cfg.compile}-{cfg.execution}"
+
+    def run():
+        step(x, y)
+        if setting == "before":
+            step.read()  # the per-step .item() of the loop before the step object
+
+    return ("before: " if setting == "before" else "") + name, run
+
+
+def bench_settings(arch: Architecture, settings: list[str], device: torch.device, batch: int,
+                   steps: int, rounds: int) -> list[dict]:
+    runners = dict(settings_runner(arch, s, device, batch) for s in settings)
+    for run in runners.values():  # warm-up: compilation, CUDA-graph recording, autotuning
+        started = time.perf_counter()
+        time_steps(run, device, 4)
+        print(f"  {arch.name} {next(k for k, v in runners.items() if v is run)}: warm-up "
+              f"{time.perf_counter() - started:.1f} s", flush=True)
+    times = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            times[name].append(time_steps(run, device, steps))
+    base = statistics.median(next(iter(times.values())))
+    return [{"model": arch.name, "setting": name, "batch": batch,
+             "ms_per_step": 1e3 * statistics.median(ts),
+             "images_per_s": batch / statistics.median(ts),
+             "speedup_vs_first": base / statistics.median(ts)} for name, ts in times.items()]
+
+
 def bench_data(device: torch.device, batch: int, steps: int) -> dict:
     train, _ = synthetic_cifar(train_size=batch * steps, test_size=1)
     batches = Batches(train, "synthetic", batch, device, train=True)
@@ -109,20 +164,34 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="steps per timing")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--layouts", default="both", choices=["both", "nchw", "nhwc"])
+    p.add_argument("--settings", help="compare run settings instead of forms, e.g. "
+                   "before,default,bf16-none-fused (see above)")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args()
     device = torch.device(args.device)
     layouts = {"both": [False, True], "nchw": [False], "nhwc": [True]}[args.layouts]
     rows = []
     for name in args.models.split(","):
-        rows += bench_forms(parse_model(name), device, args.batch, args.steps, args.rounds, layouts)
+        if args.settings:
+            rows += bench_settings(parse_model(name), args.settings.split(","), device,
+                                   args.batch, args.steps, args.rounds)
+        else:
+            rows += bench_forms(parse_model(name), device, args.batch, args.steps, args.rounds,
+                                layouts)
     data = bench_data(device, 512, 40)
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"{'model':<14}{'form':<11}{'layout':<8}{'ms/step':>9}{'img/s':>9}{'vs first':>9}")
-    for r in rows:
-        print(f"{r['model']:<14}{r['form']:<11}{'NHWC' if r['channels_last'] else 'NCHW':<8}"
-              f"{r['ms_per_step']:>9.1f}{r['images_per_s']:>9.1f}{r['speedup_vs_first']:>9.2f}")
+    if args.settings:
+        print(f"{'model':<14}{'setting':<34}{'ms/step':>9}{'img/s':>9}{'vs first':>9}")
+        for r in rows:
+            print(f"{r['model']:<14}{r['setting']:<34}{r['ms_per_step']:>9.1f}"
+                  f"{r['images_per_s']:>9.1f}{r['speedup_vs_first']:>9.2f}")
+    else:
+        print(f"{'model':<14}{'form':<11}{'layout':<8}{'ms/step':>9}{'img/s':>9}{'vs first':>9}")
+        for r in rows:
+            print(f"{r['model']:<14}{r['form']:<11}{'NHWC' if r['channels_last'] else 'NCHW':<8}"
+                  f"{r['ms_per_step']:>9.1f}{r['images_per_s']:>9.1f}"
+                  f"{r['speedup_vs_first']:>9.2f}")
     print(f"data pipeline (batch 512, augmentation on {device.type}): "
           f"{data['data_pipeline_images_per_s']:,.0f} images/s")
     if args.json:

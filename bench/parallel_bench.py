@@ -27,6 +27,7 @@ import torch.distributed as dist
 from orchestrator.config import TrainConfig
 from orchestrator.parallel import ShardedModel
 from orchestrator.parallel.local import run_ranks
+from orchestrator.step import TrainingStep
 
 COMM = {"s": 0.0}
 
@@ -45,10 +46,12 @@ def _timed_all_reduce(original):
 def _rank(rank, cfg: TrainConfig, steps: int, out_dir: str):
     dist.all_reduce = _timed_all_reduce(dist.all_reduce)  # branch.py and sharded.py call this
     device = torch.device("cuda", rank) if cfg.device == "cuda" else torch.device("cpu")
-    sharded = ShardedModel(cfg, device, fused=cfg.execution == "fused")
+    cfg = cfg.model_copy(update={"precision": "fp32", "compile": "none"}).resolved(
+        device.type == "cuda")
+    sharded = ShardedModel(cfg, device)
+    sharded.model.train()
     p = cfg.parallel
-    opt = torch.optim.SGD(sharded.model.parameters(), lr=0.01, momentum=0.9, nesterov=True,
-                          weight_decay=1e-4)
+    step = TrainingStep(cfg, sharded, total_steps=10**6)
     replica = cfg.batch_size // p.dp
     x = torch.randn(replica, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (replica,), device=device)
@@ -58,9 +61,7 @@ def _rank(rank, cfg: TrainConfig, steps: int, out_dir: str):
             torch.cuda.synchronize()
         COMM["s"] = 0.0
         start = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        sharded.train_step(x, y)
-        opt.step()
+        step(x, y)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= 2:

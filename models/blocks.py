@@ -185,9 +185,12 @@ def _batch_norm_stacked(bns: list[nn.BatchNorm2d], h: torch.Tensor) -> torch.Ten
 def _batch_norm_shared_input(bns: list[nn.BatchNorm2d], x: torch.Tensor) -> torch.Tensor:
     """k BatchNorms that all read the same x: normalise once, then k affine transforms.
 
-    Returns the k results stacked on the channel axis (N, k*C, H, W).
+    Returns the k results stacked on the channel axis (N, k*C, H, W), in x's dtype. Statistics
+    are computed and kept in the parameters' precision (fp32 under autocast), as nn.BatchNorm2d
+    does with a bf16 or fp16 input.
     """
     k, bn0 = len(bns), bns[0]
+    out_dtype, x = x.dtype, x.to(bn0.weight.dtype)
     weight = _stack([b.weight for b in bns])[None, :, None, None]
     bias = _stack([b.bias for b in bns])[None, :, None, None]
     if bn0.training or not bn0.track_running_stats:
@@ -201,11 +204,11 @@ def _batch_norm_shared_input(bns: list[nn.BatchNorm2d], x: torch.Tensor) -> torc
                     b.running_mean.lerp_(mean, bn0.momentum)
                     b.running_var.lerp_(unbiased, bn0.momentum)
                     b.num_batches_tracked.add_(1)
-        return x_hat.repeat(1, k, 1, 1) * weight + bias
+        return (x_hat.repeat(1, k, 1, 1) * weight + bias).to(out_dtype)
     # Evaluation: each function has its own running statistics, so each gets its own affine map.
     inv_std = torch.rsqrt(_stack([b.running_var for b in bns]) + bn0.eps)[None, :, None, None]
     mean = _stack([b.running_mean for b in bns])[None, :, None, None]
-    return (x.repeat(1, k, 1, 1) - mean) * (inv_std * weight) + bias
+    return ((x.repeat(1, k, 1, 1) - mean) * (inv_std * weight) + bias).to(out_dtype)
 
 
 def _conv(layer: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:

@@ -18,6 +18,19 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from models.multi_resnet import Architecture
 
+# The faster execution form per device type, measured by bench/models_bench.py (bench/RESULTS.md).
+FASTEST_FORM = {"cpu": "reference", "cuda": "fused"}
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic (AMX or AVX512-BF16): there, bf16 training steps ran
+    1.5-1.8x as fast as fp32 (bench/RESULTS.md); elsewhere bf16 is emulated, and slower."""
+    import torch
+
+    try:
+        return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    except AttributeError:  # private helpers of torch.cpu: assume the plain case if they go
+        return False
 # Which dataset family the network is built for (stem, head and number of classes).
 ARCH_DATASET = {"cifar10": "cifar10", "cifar100": "cifar100", "synthetic": "cifar10"}
 
@@ -74,6 +87,18 @@ class TrainConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     execution: Literal["auto", "reference", "fused"] = Field(
         "auto", description="auto: the faster form on this device (bench/RESULTS.md)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="autocast dtype of forward and backward (parameters, optimizer and "
+        "BatchNorm statistics stay fp32); fp16 adds a gradient scaler. auto: bf16 on CUDA and "
+        "on CPUs with bf16 arithmetic (AMX, AVX512-BF16), else fp32 (bench/RESULTS.md)")
+    compile: Literal["auto", "none", "default", "cudagraphs"] = Field(
+        "auto", description="torch.compile of the model: default (inductor) or cudagraphs "
+        "(inductor + CUDA graphs, mode reduce-overhead). auto: cudagraphs on CUDA where the "
+        "mesh allows it (pp=1, bp=1), none on CPU")
+    grad_clip_norm: float | None = Field(None, gt=0, description="clip the global gradient "
+                                         "norm to this value")
+    log_every: int = Field(50, ge=1, description="steps between step-log lines; each reads the "
+                           "loss from the device, the steps between run without waiting")
     channels_last: bool = Field(True, description="NHWC memory format: faster on CPU and GPU "
                                 "(bench/RESULTS.md)")
 
@@ -109,7 +134,36 @@ class TrainConfig(Strict):
                              f"{p.dp * p.microbatches}")
         if p.schedule == "1f1b" and p.pp > 1 and p.microbatches < p.pp:
             raise ValueError(f"parallel.schedule 1f1b needs microbatches >= pp ({p.pp})")
+        if self.dtype == "float64" and self.precision not in ("auto", "fp32"):
+            raise ValueError(f"precision {self.precision} needs dtype float32; float64 runs "
+                             f"without autocast: use precision fp32")
+        if self.compile not in ("auto", "none") and (p.pp > 1 or p.bp > 1):
+            raise ValueError(f"compile {self.compile} works on meshes without pipeline or branch "
+                             f"parallelism (pp=1, bp=1); use compile: none (or auto)")
+        if self.compile == "cudagraphs" and self.device == "cpu":
+            raise ValueError("compile cudagraphs needs device cuda; on CPU use compile: none or "
+                             "default")
         return self
+
+    def resolved(self, cuda_available: bool) -> "TrainConfig":
+        """The same run with every `auto` replaced by what runs where CUDA is (not) available:
+        device, execution form, precision and compile mode. This is what a run records."""
+        if self.device == "cuda" and not cuda_available:
+            raise ConfigError("device: cuda requested but no GPU is visible; use device cpu")
+        device = "cuda" if self.device == "auto" and cuda_available else \
+            ("cpu" if self.device == "auto" else self.device)
+        cuda, plain_mesh = device == "cuda", self.parallel.pp == self.parallel.bp == 1
+        update = {"device": device}
+        if self.execution == "auto":
+            update["execution"] = FASTEST_FORM[device]
+        if self.precision == "auto":
+            fast_bf16 = cuda or cpu_computes_bf16()
+            update["precision"] = "bf16" if fast_bf16 and self.dtype == "float32" else "fp32"
+        if self.compile == "auto":
+            update["compile"] = "cudagraphs" if cuda and plain_mesh else "none"
+        if self.compile == "cudagraphs" and not cuda:
+            raise ConfigError("compile: cudagraphs needs a GPU; use compile none or default")
+        return self.model_copy(update=update)
 
 
 class ConfigError(ValueError):
@@ -225,8 +279,17 @@ class Resources(Strict):
     workers: int | None = Field(None, ge=1, description="Ray Train workers per trial; default "
                                 "and only valid value: parallel.dp x pp x bp")
     cpus_per_worker: float = Field(1, gt=0)
-    gpus_per_worker: float = Field(0, ge=0)
+    gpus_per_worker: float = Field(0, ge=0, description="a fraction (e.g. 0.25) packs trials "
+                                   "on a GPU, each held to that share of its memory")
     driver_cpus: float = Field(0.1, gt=0, description="the trial driver only waits on workers")
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _whole_or_fraction(cls, gpus: float) -> float:
+        if gpus > 1 and gpus != int(gpus):
+            raise ValueError(f"{gpus} GPUs: give a fraction up to 1 (trials share a GPU) or a "
+                             f"whole number")
+        return gpus
     max_failures: int = Field(0, ge=-1, description="restarts per trial from its last "
                               "checkpoint: of its workers (Ray Train) and of the trial (Tune, "
                               "when its driver's node is lost); -1: no limit")
@@ -361,6 +424,9 @@ class StudyConfig(Strict):
                 raise ValueError(f"train.{key} is managed by the sweep; remove it")
         if self.train.parallel not in (ParallelConfig(), self.parallel):
             raise ValueError("train.parallel: give the mesh as the top-level parallel: key")
+        if self.train.device == "cuda" and not self.resources.gpus_per_worker:
+            raise ValueError("train.device cuda needs GPUs: set resources.gpus_per_worker (e.g. "
+                             "1, or 0.25 to pack four trials on a GPU)")
         world = self.parallel.world_size
         if self.resources.workers is None:
             self.resources.workers = world
@@ -507,7 +573,8 @@ class StudyConfig(Strict):
         chosen (`arch`: a feasible architecture's name, `seed`, recipe keys)."""
         recipe = {**self.fixed(), **{k: v for k, v in sampled.items() if k in RECIPE_KEYS}}
         recipe["seed"] = sampled.get("seed", self.seeds[0])
-        return self._run_config(self.candidate(sampled).fields, recipe)
+        run = self._run_config(self.candidate(sampled).fields, recipe)
+        return run.resolved(cuda_available=self.resources.gpus_per_worker > 0)
 
     @property
     def experiment_name(self) -> str:

@@ -18,12 +18,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from orchestrator.config import TrainConfig
+from orchestrator.config import ConfigError, TrainConfig
 from orchestrator.data import CLASSES, Batches, load_dataset
 from orchestrator.parallel import ShardedModel
+from orchestrator.step import TrainingStep
 
-# The faster execution form per device type, measured by bench/models_bench.py (bench/RESULTS.md).
-FASTEST_FORM = {"cpu": "reference", "cuda": "fused"}
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
@@ -35,33 +34,23 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says why and what to do."""
 
 
+class OutOfMemory(RuntimeError):
+    """The run does not fit in the GPU memory it was given; the message says what to lower."""
+
+
+def out_of_memory(cfg: TrainConfig, share: float | None = None) -> str:
+    held = f"its {share:g} share of a GPU" if share else "the GPU"
+    more = ", or raise resources.gpus_per_worker" if share else ""
+    return (f"out of GPU memory: {cfg.architecture.name} at batch_size {cfg.batch_size} does not "
+            f"fit in {held}; lower batch_size, use precision bf16 (or fp16){more}")
+
+
 class Session(Protocol):
     interactive: bool  # show a progress bar
 
     def restore(self) -> dict | None: ...
     def log_step(self, record: dict) -> None: ...
     def report(self, metrics: dict, state: dict | None) -> None: ...  # state on rank 0 only
-
-
-def resolve_device(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: cuda requested but no GPU is visible; use --device cpu")
-    return torch.device(cfg.device)
-
-
-def execution_form(cfg: TrainConfig, device: torch.device) -> str:
-    return FASTEST_FORM.get(device.type, "reference") if cfg.execution == "auto" else cfg.execution
-
-
-def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, total_steps: int):
-    # Weight decay on every parameter, BN included, as in the original Torch SGD.
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
-    milestones = sorted({max(1, round(m * total_steps)) for m in cfg.lr_milestones})
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, cfg.lr_gamma)
-    return optimizer, scheduler
 
 
 def rng_state() -> dict:
@@ -82,96 +71,92 @@ def train_loop(cfg: TrainConfig, session: Session) -> dict:
 
     Runs as one process, or as one rank of the mesh that `cfg.parallel` describes (every rank
     calls it; the collectives inside keep them in step)."""
-    device = resolve_device(cfg)
+    cfg = cfg.resolved(torch.cuda.is_available())
+    device = torch.device(cfg.device)
     train_split, test_split = load_dataset(cfg.dataset, cfg.data_dir, cfg.train_size,
                                            cfg.test_size, cfg.seed)
     if CLASSES[cfg.dataset] != cfg.architecture.num_classes:
-        raise ValueError(f"{cfg.dataset} has {CLASSES[cfg.dataset]} classes, the architecture "
-                         f"{cfg.architecture.num_classes}")
-    sharded = ShardedModel(cfg, device, fused=execution_form(cfg, device) == "fused")
-    model = sharded.model
+        raise ConfigError(f"{cfg.dataset} has {CLASSES[cfg.dataset]} classes, the architecture "
+                          f"{cfg.architecture.num_classes}")
+    sharded = ShardedModel(cfg, device)
     p = cfg.parallel
     train_batches = Batches(train_split, cfg.dataset, cfg.batch_size, device, train=True,
                             seed=cfg.seed, shard=(sharded.mesh.dp_rank, p.dp),
                             channels_last=cfg.channels_last)
-    # Pipeline stages keep the shapes of the first step: evaluate in training-sized batches.
-    test_size = cfg.batch_size if p.pp > 1 else max(cfg.batch_size, 256)
+    # Pipeline stages and CUDA graphs keep the shapes of the first step: evaluate in batches of
+    # the training size there.
+    fixed_shapes = p.pp > 1 or cfg.compile != "none"
+    test_size = cfg.batch_size if fixed_shapes else max(cfg.batch_size, 256)
     test_batches = Batches(test_split, cfg.dataset, test_size, device, train=False,
                            channels_last=cfg.channels_last)
     if len(train_batches) == 0:
-        raise ValueError(f"train_size {len(train_split)} is smaller than one batch "
-                         f"({cfg.batch_size}); raise train_size or lower batch_size")
+        raise ConfigError(f"train_size {len(train_split)} is smaller than one batch "
+                          f"({cfg.batch_size}); raise train_size or lower batch_size")
 
     per_epoch = len(train_batches)
     total_steps = min(cfg.steps or math.inf, cfg.epochs * per_epoch)
     epochs = math.ceil(total_steps / per_epoch)
-    optimizer, scheduler = build_optimizer(cfg, model, total_steps)
+    train_step = TrainingStep(cfg, sharded, total_steps)
 
-    start_epoch, step, best = 0, 0, math.inf
+    start_epoch, best = 0, math.inf
     state = session.restore()
     if state is not None:
         if state["architecture"] != cfg.architecture.model_dump(mode="json"):
             raise CheckpointError(
                 f"the checkpoint holds a different architecture ({state['architecture']}); "
                 f"use a fresh checkpoint dir or the matching architecture flags")
-        sharded.load_canonical(state, optimizer)
-        scheduler.load_state_dict(state["scheduler"])
-        for group in optimizer.param_groups:
-            group["lr"] = scheduler.get_last_lr()[0]
-        start_epoch, step, best = state["epoch"], state["step"], state["best_test_error"]
+        train_step.load_state_dict(state)
+        start_epoch, best = state["epoch"], state["best_test_error"]
         set_rng_state(state["rng"])
 
     metrics: dict = state["metrics"] if state is not None else {}
     for epoch in range(start_epoch, epochs):
         started = time.perf_counter()
-        model.train()
-        totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, wrong, images
+        sharded.model.train()
+        seen = loss_sum = wrong = 0.0
         steps_this_epoch = min(per_epoch, total_steps - epoch * per_epoch)
         bar = tqdm(total=steps_this_epoch, desc=f"epoch {epoch + 1}/{epochs}", unit="step",
                    disable=not session.interactive, leave=False, file=sys.stderr)
         for i, (x, y) in enumerate(train_batches.epoch(epoch)):
             if i == steps_this_epoch:
                 break
-            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
-            optimizer.zero_grad(set_to_none=True)
-            stats = sharded.train_step(x, y)
-            optimizer.step()
-            sharded.after_step()
-            scheduler.step()
-            step += 1
-            loss_value = (stats[0] / stats[2]).item()
-            if not math.isfinite(loss_value):
-                raise TrainingDiverged(f"loss became {loss_value} at step {step} (epoch "
-                                       f"{epoch + 1}); lower the learning rate")
-            totals += stats
-            session.log_step({"kind": "step", "step": step, "epoch": epoch + 1,
-                              "loss": loss_value, "lr": lr})
+            lr = train_step.lr  # the rate this step uses
+            train_step(x, y)
             bar.update()
-            bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
+            if (i + 1) % cfg.log_every and i + 1 < steps_this_epoch:
+                continue  # the device runs ahead; nothing is read back until the next log line
+            window = train_step.read()
+            if window.first_nonfinite is not None:
+                raise TrainingDiverged(
+                    f"loss became non-finite at step {window.first_nonfinite} (epoch "
+                    f"{(window.first_nonfinite - 1) // per_epoch + 1}); lower the learning rate")
+            seen, loss_sum, wrong = seen + window.images, loss_sum + window.loss_sum, \
+                wrong + window.wrong
+            session.log_step({"kind": "step", "step": train_step.steps_done, "epoch": epoch + 1,
+                              "loss": window.loss, "lr": lr})
+            bar.set_postfix(loss=f"{window.loss:.3f}", refresh=False)
         bar.close()
         train_time = time.perf_counter() - started
         sharded.check_replicas()
-        test_error = sharded.evaluate(test_batches)
+        test_error = sharded.evaluate(test_batches, train_step.forward_context)
         best = min(best, test_error)
-        loss_sum, wrong, seen = totals.tolist()
         metrics = {
             "epoch": epoch + 1,
             "train_loss": loss_sum / seen,
             "train_error": wrong / seen,
             "test_error": test_error,
             "best_test_error": best,
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": train_step.lr,
             "images_per_s": seen / train_time,
             "epoch_time_s": time.perf_counter() - started,
-            "step": step,
+            "step": train_step.steps_done,
             "epochs_total": epochs,
         }
-        state = sharded.canonical_state(optimizer)  # a collective; the full state on rank 0
+        state = train_step.state_dict()  # a collective; the full state on rank 0
         if state is not None:
             state.update({
-                "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step,
-                "best_test_error": best, "rng": rng_state(), "metrics": metrics,
-                "architecture": cfg.architecture.model_dump(mode="json"),
+                "epoch": epoch + 1, "best_test_error": best, "rng": rng_state(),
+                "metrics": metrics, "architecture": cfg.architecture.model_dump(mode="json"),
                 "config": cfg.model_dump(mode="json")})
         session.report(metrics, state)
     return metrics

@@ -11,17 +11,23 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
 from pydantic import ValidationError
 
 from models.summary import add_architecture_flags, architecture_fields
 from orchestrator.config import ConfigError, TrainConfig, describe, load_yaml
 from orchestrator.data import DataError
-from orchestrator.loop import CheckpointError, LocalSession, TrainingDiverged, train_loop
+from orchestrator.loop import (CheckpointError, LocalSession, OutOfMemory, TrainingDiverged,
+                               out_of_memory, train_loop)
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingDiverged)
 
 # Flag name -> TrainConfig field, for the flags that map one to one.
 RUN_FLAGS = ("dataset", "data_dir", "train_size", "test_size", "epochs", "steps", "batch_size",
-             "lr", "momentum", "weight_decay", "seed", "device", "execution", "dtype", "log_json",
-             "checkpoint_dir")
+             "lr", "momentum", "weight_decay", "grad_clip_norm", "seed", "device", "execution",
+             "precision", "compile", "dtype", "log_json", "log_every", "checkpoint_dir")
+# Exit statuses: bad input the user can fix, out of GPU memory, anything else (a bug).
+EXIT_USER_ERROR, EXIT_OUT_OF_MEMORY, EXIT_INTERNAL = 2, 3, 1
 
 
 def parser() -> argparse.ArgumentParser:
@@ -43,15 +49,22 @@ def parser() -> argparse.ArgumentParser:
     recipe.add_argument("--lr", type=float)
     recipe.add_argument("--momentum", type=float)
     recipe.add_argument("--weight-decay", type=float)
+    recipe.add_argument("--grad-clip-norm", type=float, help="clip the global gradient norm")
     recipe.add_argument("--seed", type=int)
     run = p.add_argument_group("execution and output")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"])
     run.add_argument("--execution", choices=["auto", "reference", "fused"])
+    run.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                     help="autocast dtype (auto: bf16 on CUDA and bf16-capable CPUs)")
+    run.add_argument("--compile", choices=["auto", "none", "default", "cudagraphs"],
+                     help="torch.compile mode (auto: cudagraphs on CUDA, none on CPU)")
     run.add_argument("--dtype", choices=["float32", "float64"])
     run.add_argument("--parallel", metavar="dp=2,pp=1,bp=2", help="mesh degrees (also "
                      "microbatches=M, schedule=gpipe|1f1b); more than one rank runs as a local "
                      "Ray Train job with one worker per rank")
-    run.add_argument("--log-json", help="write one JSON line per step and per epoch here")
+    run.add_argument("--log-json", help="write JSON lines here: one per epoch and one every "
+                     "--log-every steps")
+    run.add_argument("--log-every", type=int, help="steps between step lines (default 50)")
     run.add_argument("--checkpoint-dir", help="save a checkpoint here after every epoch")
     run.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
     run.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -112,11 +125,24 @@ def run_on_ray(cfg: TrainConfig) -> dict:
                           f"another --checkpoint-dir")
     if cfg.resume and not (storage / "train").exists():
         raise ConfigError(f"no run to resume in {storage}; run without --resume")
-    result = build_trainer(cfg, name="train", storage_path=str(storage), echo=True,
-                           cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker).fit()
+    trainer = build_trainer(cfg, name="train", storage_path=str(storage), echo=True,
+                            cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
+    try:
+        result = trainer.fit()
+    except ray.train.WorkerGroupError as exc:
+        raise worker_cause(exc) from None
     if "diverged" in result.metrics:
         raise TrainingDiverged(result.metrics["diverged"])
     return result.metrics
+
+
+def worker_cause(exc: Exception) -> Exception:
+    """The first worker's own exception when it is one we explain, else Ray's."""
+    for failure in exc.worker_failures.values():
+        cause = getattr(failure, "cause", None) or failure  # a RayTaskError wraps it
+        if isinstance(cause, USER_ERRORS + (OutOfMemory,)):
+            return cause
+    return exc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,12 +162,23 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; continue with the same command plus --resume "
               "(checkpoints are written at the end of each epoch)", file=sys.stderr)
         return 130
-    except (ConfigError, DataError, CheckpointError, TrainingDiverged, ValueError,
-            RuntimeError) as exc:
+    except USER_ERRORS as exc:
         if debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
+    except (OutOfMemory, torch.OutOfMemoryError) as exc:
+        if debug:
+            raise
+        print(f"error: {exc if isinstance(exc, OutOfMemory) else out_of_memory(cfg)}",
+              file=sys.stderr)
+        return EXIT_OUT_OF_MEMORY
+    except Exception as exc:
+        if debug:
+            raise
+        print(f"internal error: {type(exc).__name__}: {exc}\n(a bug, not your input: rerun "
+              f"with --debug for the traceback and report it)", file=sys.stderr)
+        return EXIT_INTERNAL
     print(f"done: final test error {100 * final['test_error']:.2f}%, "
           f"best {100 * final['best_test_error']:.2f}% after {final['epoch']} epochs")
     return 0

@@ -14,12 +14,13 @@ import tempfile
 from pathlib import Path
 
 import ray.train
+import torch
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from models.summary import summarize
 from orchestrator.config import ConfigError, TrainConfig
-from orchestrator.loop import (CHECKPOINT_FILE, LocalSession, TrainingDiverged, load_checkpoint,
-                               save_atomic, train_loop)
+from orchestrator.loop import (CHECKPOINT_FILE, LocalSession, OutOfMemory, TrainingDiverged,
+                               load_checkpoint, out_of_memory, save_atomic, train_loop)
 
 # Ray's loopback-only mode for a single machine (see init_ray).
 LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -95,14 +96,28 @@ def build_trainer(cfg: TrainConfig, *, name: str, storage_path: str, echo: bool,
 def train_loop_per_worker(config: dict) -> None:
     """config: {"run": TrainConfig fields, "echo": print epoch lines}."""
     cfg = TrainConfig(**config["run"])
+    share = limit_gpu_memory()
     session = RaySession(cfg, echo=config.get("echo", False))
     try:
         train_loop(cfg, session)
     except TrainingDiverged as exc:
         # Reported, not raised: Ray Train retries a raised error, and this one would come back.
         ray.train.report({"diverged": str(exc)})
+    except torch.OutOfMemoryError:
+        raise OutOfMemory(out_of_memory(cfg, share)) from None
     finally:
         session.close()
+
+
+def limit_gpu_memory() -> float | None:
+    """A worker given a fraction of a GPU (resources.gpus_per_worker < 1) may allocate that
+    fraction of its memory, so that trials packed on one GPU cannot starve each other: one that
+    needs more fails with an out-of-memory error naming its share. Returns the fraction."""
+    share = ray.get_runtime_context().get_assigned_resources().get("GPU", 0)
+    if 0 < share < 1 and torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(share)
+        return share
+    return None
 
 
 def init_ray(num_cpus: int | None = None) -> None:

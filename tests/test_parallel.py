@@ -22,13 +22,15 @@ from orchestrator.parallel import ShardedModel
 from orchestrator.parallel.branch import owned_functions
 from orchestrator.parallel.pipeline import partition, stage_block_keys
 from orchestrator.parallel.local import run_ranks
+from orchestrator.step import TrainingStep
 
 BATCH = 8
 
 
 def config(parallel: dict, k: int = 4, **extra) -> TrainConfig:
+    extra = {"dtype": "float64", **extra}
     return TrainConfig(architecture=dict(depth=8, k=k), dataset="synthetic", batch_size=BATCH,
-                       device="cpu", dtype="float64", parallel=parallel, **extra)
+                       device="cpu", parallel=parallel, **extra)
 
 
 def global_batch():
@@ -42,16 +44,17 @@ def sgd(params):
 
 
 def _step_rank(rank, cfg: TrainConfig, out_path):
-    sharded = ShardedModel(cfg, torch.device("cpu"), fused=False)
+    cfg = cfg.resolved(cuda_available=False)
+    sharded = ShardedModel(cfg, torch.device("cpu"))
+    step = TrainingStep(cfg, sharded, total_steps=10)
     x, y = global_batch()
     p = cfg.parallel
     xs, ys = x.tensor_split(p.dp)[sharded.mesh.dp_rank], y.tensor_split(p.dp)[sharded.mesh.dp_rank]
-    opt = sgd(sharded.model.parameters())
     sharded.model.train()
-    stats = sharded.train_step(xs.contiguous(memory_format=torch.channels_last), ys)
+    step(xs.to(torch.float32 if cfg.dtype == "float32" else torch.float64)
+         .contiguous(memory_format=torch.channels_last), ys)
+    loss = step.read().loss
     grads = {sharded.names[q]: q.grad.clone() for q in sharded.model.parameters()}
-    opt.step()
-    sharded.after_step()
     sharded.check_replicas()
     params = {n: q.detach().clone() for n, q in sharded.model.named_parameters()}
     gathered = [None] * dist.get_world_size() if rank == 0 else None
@@ -61,8 +64,7 @@ def _step_rank(rank, cfg: TrainConfig, out_path):
         for g, q in gathered:
             merged_grads.update(g)
             merged_params.update(q)
-        torch.save({"loss": (stats[0] / stats[2]).item(), "grads": merged_grads,
-                    "params": merged_params}, out_path)
+        torch.save({"loss": loss, "grads": merged_grads, "params": merged_params}, out_path)
 
 
 def reference_step(cfg: TrainConfig):
@@ -76,7 +78,9 @@ def reference_step(cfg: TrainConfig):
               for xm, ym in zip(xr.tensor_split(p.microbatches), yr.tensor_split(p.microbatches))]
     loss = sum(F.cross_entropy(model(xm), ym) for xm, ym in chunks) / len(chunks)
     loss.backward()
-    grads = {n: q.grad.clone() for n, q in model.named_parameters()}
+    grads = {n: q.grad.clone() for n, q in model.named_parameters()}  # before any clipping
+    if cfg.grad_clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
     sgd(model.parameters()).step()
     return loss.item(), grads, {n: q.detach().clone() for n, q in model.named_parameters()}
 
@@ -131,7 +135,7 @@ def test_bad_meshes_fail_before_any_worker_starts(parallel, message):
 
 def test_mesh_size_must_match_the_processes():
     with pytest.raises(ValueError, match="dp x pp x bp = 2 but 1 processes run"):
-        ShardedModel(config(dict(dp=2)), torch.device("cpu"), fused=False)
+        ShardedModel(config(dict(dp=2)).resolved(False), torch.device("cpu"))
 
 
 class Stop(Exception):
@@ -187,7 +191,7 @@ def test_ray_train_run_reports_the_one_process_losses(ray_address, tmp_path, mes
 
     common = ["--dataset", "synthetic", "--depth", "8", "--k", "2", "--train-size", "128",
               "--test-size", "32", "--batch-size", "32", "--epochs", "2", "--device", "cpu",
-              "--dtype", "float64"]
+              "--dtype", "float64", "--log-every", "1"]
     # Its own driver process, on the test's Ray instance: the run's actors end with it.
     subprocess.run([sys.executable, "-m", "orchestrator.train", *common, "--parallel", mesh,
                     "--log-json", str(tmp_path / "ray.jsonl")], check=True, capture_output=True,
@@ -207,7 +211,7 @@ def test_ray_train_run_reports_the_one_process_losses(ray_address, tmp_path, mes
 def _diverge_rank(rank, cfg: TrainConfig):
     from orchestrator.parallel.sharded import ReplicaMismatch
 
-    sharded = ShardedModel(cfg, torch.device("cpu"), fused=False)
+    sharded = ShardedModel(cfg.resolved(False), torch.device("cpu"))
     sharded.check_replicas()  # identical after construction
     if rank == 1:
         with torch.no_grad():

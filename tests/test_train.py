@@ -22,7 +22,7 @@ def read_log(path):
 
 def test_training_lowers_the_loss_and_logs_json(tmp_path):
     log = tmp_path / "log.jsonl"
-    cfg = tiny(epochs=4, train_size=512, lr=0.05, log_json=str(log))
+    cfg = tiny(epochs=4, train_size=512, lr=0.05, log_json=str(log), log_every=1)
     session = LocalSession(cfg, interactive=False, echo=False)
     final = train_loop(cfg, session)
     session.close()
@@ -85,7 +85,7 @@ def test_same_seed_same_weights_other_seed_differs(tmp_path):
 
 def test_steps_limit_and_fused_execution(tmp_path):
     log = tmp_path / "log.jsonl"
-    cfg = tiny(steps=6, execution="fused", log_json=str(log))
+    cfg = tiny(steps=6, execution="fused", log_json=str(log), log_every=1)
     final = train_loop(cfg, LocalSession(cfg, interactive=False, echo=False))
     steps = [r for r in read_log(log) if r["kind"] == "step"]
     assert len(steps) == 6 and final["epoch"] == 2 and final["step"] == 6

@@ -13,7 +13,6 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -91,14 +90,11 @@ class _ToChannelsLast(torch.autograd.Function):
         return grad.contiguous()
 
 
-def mean_cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(output, target)
-
-
 def build_schedule(stage_model: MultiResNet, stage: int, stages: int, device: torch.device,
-                   group, microbatches: int, schedule: str, channels_last: bool):
-    """The pipeline schedule of this rank. Gradients are averaged over micro-batches
-    (scale_grads), matching a mean loss over the replica's batch."""
+                   group, microbatches: int, schedule: str, channels_last: bool, loss_fn):
+    """The pipeline schedule of this rank; `loss_fn(output, target)` on the last stage.
+    Gradients are averaged over micro-batches (scale_grads), matching a mean loss over the
+    replica's batch."""
     # Activations cross stages as contiguous tensors (what point-to-point sends need), and
     # go back to the model's memory format on arrival.
     if stage != stages - 1:
@@ -107,4 +103,4 @@ def build_schedule(stage_model: MultiResNet, stage: int, stages: int, device: to
         stage_model.register_forward_pre_hook(lambda module, args: (_ToChannelsLast.apply(args[0]),))
     pipe_stage = PipelineStage(stage_model, stage, stages, device, group=group)
     return SCHEDULES[schedule](pipe_stage, n_microbatches=microbatches,
-                               loss_fn=mean_cross_entropy, scale_grads=True)
+                               loss_fn=loss_fn, scale_grads=True)

@@ -1,12 +1,17 @@
 """One rank's share of a Multi-ResNet under a data x pipeline x branch mesh.
 
 `ShardedModel` builds the plain model, shards it from outside (branch.py, pipeline.py) and runs
-what the training loop needs: a training step whose gradients equal those of one process that
-splits the global batch the same way (dp replicas x micro-batches, each normalised by its own
-BatchNorm statistics), evaluation, and checkpoints in the canonical single-device layout. With
-every degree 1 it is simply the model.
+what depends on the sharding: forward and backward whose gradients equal those of one process
+that splits the global batch the same way (dp replicas x micro-batches, each normalised by its own
+BatchNorm statistics), the collectives that keep replicas identical, the global gradient norm,
+evaluation, and checkpoints in the canonical single-device layout. The training step around it
+(precision, optimizer, clipping, metrics) is `orchestrator.step.TrainingStep`. With every degree 1
+it is simply the model.
 """
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -20,6 +25,11 @@ from orchestrator.parallel.mesh import build_mesh
 from orchestrator.parallel.pipeline import build_schedule, keep_stage
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+LossScale = Callable[[torch.Tensor], torch.Tensor] | None
+
+
+def _unscaled(loss: torch.Tensor) -> torch.Tensor:
+    return loss
 
 
 class ReplicaMismatch(RuntimeError):
@@ -27,7 +37,7 @@ class ReplicaMismatch(RuntimeError):
 
 
 class ShardedModel:
-    def __init__(self, cfg: TrainConfig, device: torch.device, fused: bool):
+    def __init__(self, cfg: TrainConfig, device: torch.device):
         self.cfg, self.device, p = cfg, device, cfg.parallel
         self.mesh = build_mesh(p, device)
         self.world = p.world_size
@@ -35,57 +45,67 @@ class ShardedModel:
         model = create_model(cfg.architecture).to(device, DTYPES[cfg.dtype])
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        set_fused(model, fused)
+        set_fused(model, cfg.execution == "fused")
         if p.bp > 1:
             apply_branch_parallel(model, self.mesh.group("bp"), p.bp, self.mesh.bp_rank)
         self.schedule = None
+        self._scale_loss: LossScale = _unscaled
+        self._stage_losses: list[torch.Tensor] = []
         if p.pp > 1:
             keep_stage(model, self.mesh.pp_rank, p.pp)
             self.schedule = build_schedule(model, self.mesh.pp_rank, p.pp, device,
                                            self.mesh.group("pp"), p.microbatches, p.schedule,
-                                           cfg.channels_last)
+                                           cfg.channels_last, self._pipeline_loss)
         self.model = model
         self.names = {param: name for name, param in model.named_parameters()}
-        # The ranks whose loss and predictions count for metrics: one per dp replica.
-        self.counts = self.mesh.last_stage and self.mesh.bp_rank == 0
+        # The ranks whose losses and predictions make the metrics: one per dp replica.
+        self.reports_metrics = self.mesh.last_stage and self.mesh.bp_rank == 0
 
     # ------------------------------------------------------------------------- training
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Forward and backward on this replica's batch; gradients averaged over replicas and
-        micro-batches. Returns [loss sum, wrong, images] of the global batch on every rank."""
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, forward_context,
+                         scale_loss: LossScale = None) -> torch.Tensor:
+        """Forward (inside `forward_context()`, e.g. autocast) and backward on this replica's
+        batch, gradients summed over micro-batches as a mean loss (`scale_loss` applied: a loss
+        scaler's `scale`).
+        Returns this rank's [loss sum, wrong predictions], zero where it does not report."""
         x = x.to(DTYPES[self.cfg.dtype])
         mb = self.cfg.parallel.microbatches
-        stats = torch.zeros(3, device=self.device, dtype=torch.float64)
+        stats = torch.zeros(2, device=self.device, dtype=torch.float64)
+        scale_loss = scale_loss or _unscaled
         if self.schedule is not None:
-            losses: list[torch.Tensor] = []
-            if self.mesh.first_stage:
-                self.schedule.step(x)
-            elif self.mesh.last_stage:
-                out = self.schedule.step(target=y, losses=losses)
-                stats += self._stats(torch.stack(losses).mean().detach(), out, y)
-            else:
-                self.schedule.step()
-        else:
-            loss_sum = 0.0
-            outs = []
-            for xs, ys in zip(x.tensor_split(mb), y.tensor_split(mb)):
+            self._scale_loss, self._stage_losses = scale_loss, []
+            with forward_context():
+                if self.mesh.first_stage:
+                    self.schedule.step(x)
+                elif self.mesh.last_stage:
+                    out = self.schedule.step(target=y)
+                    # The last mb calls are this step's (the first step also computes a loss on a
+                    # stand-in output to infer shapes).
+                    losses = self._stage_losses[-mb:]
+                    if self.reports_metrics:
+                        stats += self._stats(torch.stack(losses).mean(), out, y)
+                else:
+                    self.schedule.step()
+            return stats
+        for xs, ys in zip(x.tensor_split(mb), y.tensor_split(mb)):
+            with forward_context():
                 out = self.model(xs)
-                loss = F.cross_entropy(out, ys) / mb
-                loss.backward()
-                loss_sum = loss_sum + loss.detach()
-                outs.append(out.detach())
-            if self.counts:
-                stats += self._stats(loss_sum, torch.cat(outs), y)
-        self._average_gradients()
-        return self.reduce(stats)
+                loss = F.cross_entropy(out, ys)
+            scale_loss(loss / mb).backward()
+            if self.reports_metrics:  # read now: a CUDA-graph output is reused by the next call
+                stats += self._stats(loss.detach(), out.detach(), ys)
+        return stats
+
+    def _pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(output, target)
+        self._stage_losses.append(loss.detach())
+        return self._scale_loss(loss)
 
     @staticmethod
     def _stats(mean_loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        n = len(y)
-        return torch.stack([mean_loss.double() * n, (out.argmax(1) != y).sum().double(),
-                            torch.tensor(float(n), device=out.device, dtype=torch.float64)])
+        return torch.stack([mean_loss.double() * len(y), (out.argmax(1) != y).sum().double()])
 
-    def _average_gradients(self) -> None:
+    def average_gradients(self) -> None:
         group = self.mesh.group("dp")
         if group is None:
             return
@@ -98,7 +118,22 @@ class ShardedModel:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
 
-    def after_step(self) -> None:
+    def clip_gradients(self, max_norm: float) -> torch.Tensor:
+        """Clip to the global gradient norm of the whole model (every parameter counted once:
+        shards summed over bp and pp, parameters replicated in a bp group taken from its rank
+        0); returns that norm. No host sync."""
+        owned = [p.grad for p, name in self.names.items() if p.grad is not None
+                 and (self.mesh.bp_rank == 0 or ".functions." in name)]
+        squares = torch.nn.utils.get_total_norm(owned).double().square() if owned else \
+            torch.zeros((), device=self.device, dtype=torch.float64)
+        for dim in ("bp", "pp"):
+            if self.mesh.group(dim) is not None:
+                dist.all_reduce(squares, group=self.mesh.group(dim))
+        norm = squares.sqrt()
+        torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), max_norm, norm)
+        return norm
+
+    def sync_batchnorm_statistics(self) -> None:
         """Keep data-parallel replicas identical: average their BatchNorm running statistics."""
         group = self.mesh.group("dp")
         if group is None:
@@ -108,14 +143,14 @@ class ShardedModel:
                 dist.all_reduce(buf, group=group)
                 buf /= self.cfg.parallel.dp
 
-    def reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+    def reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         if self.world > 1:
-            dist.all_reduce(tensor)
+            dist.all_reduce(tensor, op=op)
         return tensor
 
     # ------------------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def evaluate(self, batches) -> float:
+    def evaluate(self, batches, forward_context=contextlib.nullcontext) -> float:
         """Top-1 error over the split. Each replica takes its slice of every batch, padded to a
         fixed size (pipeline stages need fixed shapes); padded images do not count."""
         self.model.eval()
@@ -128,8 +163,9 @@ class ShardedModel:
             valid = len(y)
             if valid < size:  # pad the last batch
                 x = torch.cat([x, x.new_zeros((size - valid, *x.shape[1:]))])
-            out = self._forward_eval(x, torch.cat([y, y.new_zeros(size - valid)]))
-            if self.counts and out is not None:
+            with forward_context():
+                out = self._forward_eval(x, torch.cat([y, y.new_zeros(size - valid)]))
+            if self.reports_metrics and out is not None:
                 wrong[0] += (out[:valid].argmax(1) != y).sum()
                 wrong[1] += valid
         self.reduce(wrong)
