@@ -101,10 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     add_architecture_flags(parser)
     parser.add_argument("--dataset", choices=["cifar10", "cifar100", "imagenet"], default="cifar10")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     try:
         arch = Architecture(dataset=args.dataset, **architecture_fields(args))
     except ValidationError as err:
+        if args.debug:
+            raise
         parser.error(validation_message(err))
     info = summarize(arch)
     if args.json:

@@ -207,6 +207,15 @@ def read_csv(path) -> pd.DataFrame:
     if missing:
         raise ValueError(f"{path}: missing columns {', '.join(missing)}; expected "
                          f"{','.join(COLUMNS)} (test_error in percent)")
+    for column in COLUMNS:  # an empty or non-numeric cell would silently become NaN
+        values = pd.to_numeric(runs[column], errors="coerce")
+        bad = runs.index[values.isna()]
+        if len(bad):
+            cell = runs[column][bad[0]]
+            problem = "is empty" if pd.isna(cell) else f"holds {str(cell)!r}, not a number"
+            raise ValueError(f"{path}: row {bad[0] + 2}, column {column} {problem}; give every "
+                             f"cell a number")
+        runs[column] = values
     return runs
 
 

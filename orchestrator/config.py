@@ -70,8 +70,9 @@ class TrainConfig(Strict):
     architecture: Architecture = Field(default_factory=lambda: Architecture(depth=20, k=4))
     dataset: Literal["cifar10", "cifar100", "synthetic"] = "cifar10"
     data_dir: str | None = Field(None, description="folder holding cifar-10-batches-py/ etc.")
-    train_size: int | None = Field(None, ge=1, description="use the first N training images")
-    test_size: int | None = Field(None, ge=1, description="use the first N test images")
+    train_size: int | None = Field(None, ge=1, le=10**9, description="use the first N "
+                                   "training images")
+    test_size: int | None = Field(None, ge=1, le=10**9, description="use the first N test images")
 
     epochs: int = Field(200, ge=1)
     steps: int | None = Field(None, ge=1, description="stop after this many steps in total")
@@ -173,7 +174,18 @@ class ConfigError(ValueError):
 def describe(err: ValidationError, prefix: str = "") -> str:
     """Pydantic errors as one line: `key.path: problem` for each."""
     parts = []
-    for e in err.errors():
+    errors = err.errors()
+    # A mapping with `type:` failed as that member of a union: its error is the one to show, not
+    # the other alternatives' ("Input should be a valid integer", ...).
+    unions = {e["loc"][:i] for e in errors for i, part in enumerate(e["loc"])
+              if str(part).startswith("tagged-union[")}
+    for e in errors:
+        cut = next((i for i, part in enumerate(e["loc"])
+                    if str(part).startswith("tagged-union[")), None)
+        if cut is not None:
+            e = {**e, "loc": e["loc"][:cut] + e["loc"][cut + 2:]}
+        elif e["loc"][:-1] in unions:
+            continue
         loc = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
@@ -188,6 +200,10 @@ def load_yaml(path: str | Path) -> dict:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a folder; give the YAML file in it") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file; give a YAML file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
@@ -206,18 +222,36 @@ RECIPE_KEYS = {"lr", "weight_decay", "momentum", "batch_size", "epochs", "nester
 METRICS = ("test_error", "best_test_error", "train_loss", "train_gflops", "time_total_s")
 
 
-class IntRange(Strict):
+class Range(Strict):
+    """low..high (a log scale needs low > 0), checked where Optuna would check it: at load."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Range":
+        if self.low > self.high:
+            raise ValueError(f"low {self.low} is above high {self.high}; swap them")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log: true needs low > 0 (got {self.low}); raise low or drop log")
+        return self
+
+
+class IntRange(Range):
     type: Literal["int"]
     low: int
     high: int
     step: int = Field(1, ge=1)
     log: bool = False
 
-    def values(self) -> list[int]:
-        return list(range(self.low, self.high + 1, self.step))
+    def values(self) -> range:  # a range: its length is known without building the list
+        return range(self.low, self.high + 1, self.step)
+
+    @model_validator(mode="after")
+    def _log_step(self) -> "IntRange":
+        if self.log and self.step != 1:
+            raise ValueError("log: true takes step 1 only; drop step or log")
+        return self
 
 
-class FloatRange(Strict):
+class FloatRange(Range):
     type: Literal["float"]
     low: float
     high: float
@@ -439,6 +473,8 @@ class StudyConfig(Strict):
         for key, dist in self.space.items():
             if key in ARCH_KEYS and isinstance(dist, FloatRange):
                 raise ValueError(f"space.{key}: architecture keys take int or categorical values")
+            if key in RECIPE_KEYS:
+                self._check_recipe_values(key, dist)
             if (self.searcher.sampler in ("grid", "n0") and key in RECIPE_KEYS
                     and isinstance(dist, (FloatRange, IntRange, Choice))):
                 if self.searcher.sampler == "n0":
@@ -457,6 +493,20 @@ class StudyConfig(Strict):
         if self.searcher.sampler == "n0":
             self._check_n0()
         return self
+
+    def _check_recipe_values(self, key: str, dist: Any) -> None:
+        """Every value a recipe key may take must make a valid run: the ends of a range, each
+        choice, or the fixed value."""
+        values = (dist.choices if isinstance(dist, Choice) else [dist.low, dist.high]
+                  if isinstance(dist, (IntRange, FloatRange)) else [dist])
+        base = self.train.model_dump(exclude_unset=True)
+        for value in values:
+            try:
+                TrainConfig(**{**base, key: value})
+            except ValidationError as err:
+                problem = describe(err).removeprefix(f"{key}: ")
+                raise ValueError(f"space.{key}: the value {value} is not a valid {key} "
+                                 f"({problem}); narrow the range or the choices") from None
 
     def _check_n0(self) -> None:
         if self.scheduler.type != "none":
@@ -581,7 +631,12 @@ class StudyConfig(Strict):
         return self.mlflow.experiment or self.name
 
     def tracking_uri(self) -> str:
-        return self.mlflow.tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+        uri = self.mlflow.tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+        database = uri.removeprefix("sqlite:///")
+        if uri.startswith("sqlite:///") and not Path(database).is_absolute():
+            # Relative to the folder the sweep starts in, wherever Ray runs the trials.
+            uri = f"sqlite:///{Path(database).resolve()}"
+        return uri
 
     def storage_dir(self) -> Path:
         return Path(self.storage_path).expanduser().resolve()
@@ -605,7 +660,12 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
         if "=" not in item:
             raise ConfigError(f"--set {item}: expected key=value, e.g. --set train.epochs=3")
         key, raw = item.split("=", 1)
-        set_dotted(data, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item}: the value is not valid YAML; quote it or close its "
+                              f"brackets") from None
+        set_dotted(data, key.strip(), value)
     try:
         return StudyConfig(**data)
     except ValidationError as err:

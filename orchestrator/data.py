@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,9 +98,12 @@ def _download(name: str, data_dir: Path) -> None:
     from torchvision import datasets
 
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    created = [p for p in (data_dir, *data_dir.parents) if not p.exists()]  # deepest first
     try:
         cls(str(data_dir), train=True, download=True)
     except Exception as exc:
+        for path in created:  # leave no folder behind that only the failed download made
+            shutil.rmtree(path, ignore_errors=True)
         folder = data_dir / LAYOUT[name][0]
         raise DataError(
             f"{name} is not in {folder} and could not be downloaded ({type(exc).__name__}); "
@@ -124,6 +128,12 @@ def load_cifar(name: str, data_dir: str | Path, download: bool = True) -> tuple[
             raise DataError(f"{folder} is incomplete: missing {', '.join(missing)}; "
                             f"download {name} again into {data_dir}")
         parts = [_read_batch(folder / f, label_key) for f in files]
+        for f, (_, batch_labels, _) in zip(files, parts):
+            if len(batch_labels) and not 0 <= batch_labels.min() <= batch_labels.max() < \
+                    CLASSES[name]:
+                raise DataError(f"{folder / f}: labels from {batch_labels.min()} to "
+                                f"{batch_labels.max()}, not 0..{CLASSES[name] - 1}; download "
+                                f"{name} again into {data_dir}")
         images = torch.from_numpy(np.concatenate([p[0] for p in parts]))
         labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))
         splits.append(Split(images, labels))

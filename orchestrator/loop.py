@@ -6,10 +6,12 @@ metrics, step logs and checkpoints go: `LocalSession` (files, a progress bar) fo
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Protocol
@@ -101,10 +103,7 @@ def train_loop(cfg: TrainConfig, session: Session) -> dict:
     start_epoch, best = 0, math.inf
     state = session.restore()
     if state is not None:
-        if state["architecture"] != cfg.architecture.model_dump(mode="json"):
-            raise CheckpointError(
-                f"the checkpoint holds a different architecture ({state['architecture']}); "
-                f"use a fresh checkpoint dir or the matching architecture flags")
+        check_same_run(state, cfg)
         train_step.load_state_dict(state)
         start_epoch, best = state["epoch"], state["best_test_error"]
         set_rng_state(state["rng"])
@@ -162,39 +161,123 @@ def train_loop(cfg: TrainConfig, session: Session) -> dict:
     return metrics
 
 
+# What changes a run's result; a resumed run must keep all of it (the mesh, the execution form
+# and compile mode may change: they compute the same thing).
+RESULT_KEYS = ("dataset", "train_size", "test_size", "epochs", "steps", "batch_size", "lr",
+               "momentum", "nesterov", "weight_decay", "lr_milestones", "lr_gamma",
+               "grad_clip_norm", "seed", "precision", "dtype")
+
+
+def check_same_run(state: dict, cfg: TrainConfig) -> None:
+    if state["architecture"] != cfg.architecture.model_dump(mode="json"):
+        raise CheckpointError(
+            f"the checkpoint holds a different architecture ({state['architecture']}); "
+            f"use a fresh checkpoint dir or the matching architecture flags")
+    saved, now = state["config"], cfg.model_dump(mode="json")
+    changed = [key for key in RESULT_KEYS if key in saved and saved[key] != now[key]]
+    if changed:
+        was = ", ".join(f"{key}={saved[key]}" for key in changed)
+        asked = ", ".join(f"{key}={now[key]}" for key in changed)
+        raise CheckpointError(f"the checkpoint was trained with {was}, this run asks for "
+                              f"{asked}; resume with the checkpoint's values or start a fresh "
+                              f"--checkpoint-dir")
+
+
 def save_atomic(state: dict, path: Path) -> None:
     """Write to a temporary file, then rename: a crash never leaves a partial checkpoint."""
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # from a writer killed mid-save
+        stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
+# What every checkpoint of this loop holds (TrainingStep.state_dict and the loop's own keys).
+CHECKPOINT_KEYS = ("model", "momentum", "scheduler", "step", "epoch", "best_test_error", "rng",
+                   "metrics", "architecture", "config")
+
+
 def load_checkpoint(path: Path) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}); "
                               f"delete it to start over") from None
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a training checkpoint (it lacks "
+                              f"{', '.join(missing)}); delete it to start over")
+    return state
+
+
+def check_outputs(cfg: TrainConfig, checkpoint_dir: bool = True) -> None:
+    """Before any training: a new run never replaces an earlier run's checkpoint or log, and
+    the folders it will write to can be written."""
+    if cfg.log_json:
+        log = Path(cfg.log_json)
+        if not cfg.resume and log.is_file() and log.stat().st_size:
+            raise ConfigError(f"--log-json {log} exists; pass --resume to continue its run, or "
+                              f"choose another file")
+        _check_writable(log.parent, f"--log-json {log}")
+    if checkpoint_dir and cfg.checkpoint_dir:
+        folder = Path(cfg.checkpoint_dir)
+        if not cfg.resume and (folder / CHECKPOINT_FILE).exists():
+            raise CheckpointError(f"{folder / CHECKPOINT_FILE} exists; pass --resume to continue "
+                                  f"that run, or choose another --checkpoint-dir")
+        _check_writable(folder, f"--checkpoint-dir {folder}")
+
+
+def _check_writable(folder: Path, what: str) -> None:
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot write there ({exc.strerror or exc}); choose a "
+                          f"writable folder") from None
+    finally:
+        for path in created:  # nothing is left behind until the run writes there
+            with contextlib.suppress(OSError):
+                path.rmdir()
+
+
+def keep_log_until(path: Path, step: int, epoch: int) -> None:
+    """On resume: drop the log lines of steps after the checkpoint (they are trained again)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        record = json.loads(line)
+        if (record["step"] <= step if record["kind"] == "step" else record["epoch"] <= epoch):
+            kept.append(line)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 class LocalSession:
     """Epoch lines on stdout and JSON lines to a file (from the lead rank only), checkpoints in a
-    folder (written by world rank 0, the one that holds the gathered state)."""
+    folder (written by world rank 0, the one that holds the gathered state). `guard`: refuse to
+    replace an earlier run's outputs (off where Ray restarts a worker of the same run)."""
 
-    def __init__(self, cfg: TrainConfig, interactive: bool | None = None, echo: bool = True):
+    def __init__(self, cfg: TrainConfig, interactive: bool | None = None, echo: bool = True,
+                 guard: bool = True):
         self.lead = not dist.is_initialized() or dist.get_rank() == 0
         self.interactive = self.lead and (sys.stderr.isatty() if interactive is None
                                           else interactive)
         self.echo = echo and self.lead
         self.dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
         self.resume = cfg.resume
+        self.log_path = Path(cfg.log_json) if cfg.log_json and self.lead else None
         self.log = None
-        if cfg.log_json and self.lead:
-            Path(cfg.log_json).parent.mkdir(parents=True, exist_ok=True)
-            self.log = open(cfg.log_json, "a" if cfg.resume else "w")
+        if guard and self.lead:
+            check_outputs(cfg)
 
     def restore(self) -> dict | None:
         if not self.resume:
@@ -203,11 +286,21 @@ class LocalSession:
         if not path.is_file():
             raise CheckpointError(f"no checkpoint in {self.dir} to resume from; run without "
                                   f"--resume to start training")
-        return load_checkpoint(path)
+        state = load_checkpoint(path)
+        if self.log_path is not None:
+            keep_log_until(self.log_path, state["step"], state["epoch"])
+        return state
+
+    def _write(self, line: str) -> None:
+        if self.log_path is None:
+            return
+        if self.log is None:  # opened at the first line: a run that fails earlier writes nothing
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self.log = open(self.log_path, "a" if self.resume else "w")
+        self.log.write(line)
 
     def log_step(self, record: dict) -> None:
-        if self.log:
-            self.log.write(json.dumps(record) + "\n")
+        self._write(json.dumps(record) + "\n")
 
     def report(self, metrics: dict, state: dict | None) -> None:
         self.write_epoch(metrics)
@@ -216,10 +309,10 @@ class LocalSession:
             save_atomic(state, self.dir / CHECKPOINT_FILE)
 
     def write_epoch(self, metrics: dict) -> None:
-        if self.log:
+        if self.log_path is not None:
             keys = ("epoch", "train_loss", "train_error", "test_error", "lr", "images_per_s",
                     "epoch_time_s")
-            self.log.write(json.dumps({"kind": "epoch", **{k: metrics[k] for k in keys}}) + "\n")
+            self._write(json.dumps({"kind": "epoch", **{k: metrics[k] for k in keys}}) + "\n")
             self.log.flush()
         if self.echo:
             print(f"epoch {metrics['epoch']:>3}  train loss {metrics['train_loss']:.4f}  "

@@ -30,7 +30,7 @@ class ReportError(RuntimeError):
 
 def runs_from_mlflow(tracking_uri: str, experiment: str, parent_id: str | None = None):
     """(runs table, per-epoch test error histories, parent run id) of a study's finished trials."""
-    from orchestrator.tracking import connect, sqlite_path
+    from orchestrator.tracking import all_runs, connect, sqlite_path
 
     database = sqlite_path(tracking_uri)
     if database is not None and not database.is_file():
@@ -41,7 +41,7 @@ def runs_from_mlflow(tracking_uri: str, experiment: str, parent_id: str | None =
     if exp is None:
         raise ReportError(f"no MLflow experiment {experiment!r} at {tracking_uri}; check "
                           f"--experiment and --tracking-uri")
-    found = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
+    found = all_runs(client, [exp.experiment_id], order_by=["attributes.start_time DESC"])
     parents = [r for r in found if PARENT not in r.data.tags]
     if parent_id is None:
         if not parents:
@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.experiment and not args.from_csv:
         p.error("give --experiment NAME (MLflow) or --from-csv FILE")
+    if args.draws < 100:
+        p.error(f"--draws {args.draws}: intervals need at least 100 draws (default 2000)")
     try:
         if args.from_csv:
             runs, histories, parent = read_csv(args.from_csv), None, None
@@ -210,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                                                        args.run_id)
             name = args.experiment
         out = Path(args.out or f"report-{name}")
+        if out.exists() and not out.is_dir():
+            raise ReportError(f"--out {out} is a file; give a folder for the report")
         n0, path = build_report(runs, out, f"Deeper or wider: {name}", histories,
                                 args.draws, args.pair_tolerance)
     except (ReportError, TrackingError, ValueError, FileNotFoundError) as exc:

@@ -95,10 +95,29 @@ def quick_http():
 
 
 def retryable(exc: Exception) -> bool:
-    """Unreachable, timed out or a server error: worth another try. A 4xx is not."""
+    """Unreachable, timed out or a server error: an outage, worth another try. A 4xx answer, or
+    any other exception (a bug in the update), is not: retrying would hold back every later
+    update."""
+    import requests
     from mlflow.exceptions import MlflowException
 
-    return not isinstance(exc, MlflowException) or exc.get_http_status_code() >= 500
+    if isinstance(exc, MlflowException):
+        return exc.get_http_status_code() >= 500
+    return isinstance(exc, (requests.exceptions.RequestException, ConnectionError,
+                            TimeoutError))
+
+
+def all_runs(client: MlflowClient, experiment_ids: list[str], filter_string: str = "",
+             order_by: list[str] | None = None) -> list:
+    """Every matching run: search_runs answers in pages of at most 1,000."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string, max_results=1000,
+                                  order_by=order_by, page_token=token)
+        runs += page
+        token = page.token
+        if not token:
+            return runs
 
 
 class Outbox:
@@ -131,8 +150,10 @@ class Outbox:
                 with quick_http():
                     update()
             except Exception as exc:
-                if not retryable(exc):  # a rejected update would hold back all later ones
-                    print(f"warning: MLflow rejected {what}: {exc}", file=sys.stderr)
+                if not retryable(exc):  # reported at once; the updates after it go on
+                    print(f"warning: MLflow update {what} failed ({type(exc).__name__}: "
+                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); "
+                          f"skipped", file=sys.stderr)
                     self.pending.popleft()
                     continue
                 if self.down_since is None:
@@ -241,9 +262,9 @@ class StudyRun:
         client, experiment_id, run_id = self.client, self.experiment_id, self.run_id
 
         def end():
-            for run in client.search_runs(
-                    [experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run_id}' "
-                                     f"and attributes.status = 'RUNNING'"):
+            for run in all_runs(client, [experiment_id],
+                                f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run_id}' "
+                                f"and attributes.status = 'RUNNING'"):
                 client.set_terminated(run.info.run_id, "KILLED")
             client.set_terminated(run_id, status)
         uri = self.study.tracking_uri()
@@ -272,8 +293,8 @@ class TrialTracker(Callback):
         self.ended: set[str] = set()         # trials whose run has its final state
         self.restored = False                # the restored study's trials compared with runs
         self.commit = git_commit()
-        for run in self.client.search_runs([experiment_id],
-                                           f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'"):
+        for run in all_runs(self.client, [experiment_id],
+                            f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'"):
             trial_id = run.data.tags.get("trial_id")
             if trial_id:
                 self.runs[trial_id] = run.info.run_id

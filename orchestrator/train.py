@@ -17,8 +17,8 @@ from pydantic import ValidationError
 from models.summary import add_architecture_flags, architecture_fields
 from orchestrator.config import ConfigError, TrainConfig, describe, load_yaml
 from orchestrator.data import DataError
-from orchestrator.loop import (CheckpointError, LocalSession, OutOfMemory, TrainingDiverged,
-                               out_of_memory, train_loop)
+from orchestrator.loop import (CHECKPOINT_FILE, CheckpointError, LocalSession, OutOfMemory,
+                               TrainingDiverged, check_outputs, out_of_memory, train_loop)
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingDiverged)
 
@@ -125,6 +125,7 @@ def run_on_ray(cfg: TrainConfig) -> dict:
                           f"another --checkpoint-dir")
     if cfg.resume and not (storage / "train").exists():
         raise ConfigError(f"no run to resume in {storage}; run without --resume")
+    check_outputs(cfg, checkpoint_dir=False)  # Ray Train keeps the checkpoints in storage/train
     trainer = build_trainer(cfg, name="train", storage_path=str(storage), echo=True,
                             cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
     try:
@@ -148,6 +149,7 @@ def worker_cause(exc: Exception) -> Exception:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     debug = getattr(args, "debug", False)
+    cfg = None
     try:
         cfg = build_config(args)
         if cfg.parallel.world_size > 1:
@@ -159,8 +161,11 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 session.close()
     except KeyboardInterrupt:
-        print("interrupted; continue with the same command plus --resume "
-              "(checkpoints are written at the end of each epoch)", file=sys.stderr)
+        saved = cfg is not None and cfg.checkpoint_dir and \
+            (Path(cfg.checkpoint_dir) / CHECKPOINT_FILE).is_file()
+        print("interrupted; " + ("continue with the same command plus --resume" if saved else
+              "no checkpoint was written yet (one is written at the end of each epoch with "
+              "--checkpoint-dir): run the command again to start over"), file=sys.stderr)
         return 130
     except USER_ERRORS as exc:
         if debug:
@@ -176,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if debug:
             raise
-        print(f"internal error: {type(exc).__name__}: {exc}\n(a bug, not your input: rerun "
-              f"with --debug for the traceback and report it)", file=sys.stderr)
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        print(f"internal error: {type(exc).__name__}: {first_line}\n(a bug, not your input: "
+              f"rerun with --debug for the traceback and report it)", file=sys.stderr)
         return EXIT_INTERNAL
     print(f"done: final test error {100 * final['test_error']:.2f}%, "
           f"best {100 * final['best_test_error']:.2f}% after {final['epoch']} epochs")

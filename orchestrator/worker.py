@@ -30,7 +30,7 @@ class RaySession(LocalSession):
     def __init__(self, cfg: TrainConfig, echo: bool):
         # Checkpoints go to Ray Train's storage, not to a folder of our own.
         super().__init__(cfg.model_copy(update={"checkpoint_dir": None, "resume": False}),
-                         interactive=False, echo=echo)
+                         interactive=False, echo=echo, guard=False)
         info = summarize(cfg.architecture)
         self.flops, self.batch_size = info["flops"], cfg.batch_size
 

@@ -29,9 +29,27 @@ def cifar(tmp: Path, damage: str) -> str:
     folder = write_cifar_layout(tmp / "inputs" / "data", "cifar10")
     if damage == "missing":
         (folder / "data_batch_3").unlink()
+    elif damage == "labels":
+        import pickle
+
+        record = pickle.loads((folder / "data_batch_3").read_bytes())
+        record[b"labels"][5] = 99
+        (folder / "data_batch_3").write_bytes(pickle.dumps(record, protocol=2))
     else:
         (folder / "data_batch_3").write_bytes(b"\x80\x02 not a pickle")
     return str(tmp / "inputs" / "data")
+
+
+def binary(tmp: Path) -> str:
+    path = tmp / "inputs" / "study.bin"
+    path.write_bytes(bytes(range(256)) * 4)
+    return str(path)
+
+
+def csv(tmp: Path, text: str, name: str = "runs.csv") -> str:
+    path = tmp / "inputs" / name
+    path.write_text(text)
+    return str(path)
 
 
 def checkpoint(tmp: Path, damage: str) -> str:
@@ -43,6 +61,10 @@ def checkpoint(tmp: Path, damage: str) -> str:
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     elif damage == "garbage":
         path.write_bytes(os.urandom(4096))
+    elif damage == "empty dict":
+        import torch
+
+        torch.save({}, path)
     return str(folder)
 
 
@@ -71,6 +93,32 @@ CASES = {
     "corrupt dataset file": (lambda t: sweep(t, study(t), "--set", "train.dataset=cifar10",
                                              "--data-dir", cifar(t, "corrupt")),
                              "data_batch_3 is not a readable CIFAR batch"),
+    "labels outside the classes": (lambda t: train_main([*TINY, "--dataset", "cifar10",
+                                                         "--data-dir", cifar(t, "labels")]),
+                                   "data_batch_3: labels from 0 to 99, not 0..9; download "
+                                   "cifar10 again"),
+    "a report CSV with an empty cell": (
+        lambda t: report_main(["--from-csv", csv(t, "depth,k,width,params,seed,test_error\n"
+                                                    "20,4,1,1074874,0,\n"),
+                               "--out", str(t / "report")]),
+        "row 2, column test_error is empty; give every cell a number"),
+    "a checkpoint of the wrong structure": (
+        lambda t: train_main([*TINY, "--k", "1", "--resume", "--checkpoint-dir",
+                              checkpoint(t, "empty dict")]),
+        "checkpoint.pt is not a training checkpoint (it lacks model, momentum, scheduler"),
+    "an --set value that is not YAML": (lambda t: sweep(t, study(t), "--set", "trials=[1,"),
+                                        "--set trials=[1,: the value is not valid YAML"),
+    "a folder as the study": (lambda t: sweep(t, str(t / "inputs")),
+                              "inputs is a folder; give the YAML file in it"),
+    "a binary file as the study": (lambda t: sweep(t, binary(t)),
+                                   "study.bin is not a text file; give a YAML file"),
+    "an absurd train size": (lambda t: train_main([*TINY, "--train-size", str(10**20)]),
+                             "train_size: Input should be less than or equal to 1000000000"),
+    "a report into a file": (
+        lambda t: report_main(["--from-csv", csv(t, "depth,k,width,params,seed,test_error\n"
+                                                    "20,4,1,1074874,0,6.3\n"),
+                               "--out", csv(t, "not a folder", "notes.txt")]),
+        "notes.txt is a file; give a folder for the report"),
     "unknown tracking scheme": (lambda t: sweep(t, study(t), "--tracking-uri", "foo://x"),
                                 "unknown scheme 'foo'; use sqlite:///PATH/mlflow.db"),
     "truncated checkpoint": (lambda t: train_main([*TINY, "--k", "1", "--resume",

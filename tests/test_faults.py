@@ -162,3 +162,48 @@ def test_run_of_a_trial_the_restored_study_forgot_is_ended_and_deleted(tmp_path)
     (deleted,) = client.search_runs([parent.experiment_id], run_view_type=ViewType.DELETED_ONLY)
     assert deleted.data.tags["trial_id"] == "forgot" and deleted.info.status == "KILLED"
     assert "forgotten" in deleted.data.tags
+
+
+def test_a_failing_update_is_not_an_outage(capsys):
+    """Only connection failures and 5xx answers hold the outbox back; a 4xx answer or a bug in
+    one update is reported at once and the updates after it are delivered."""
+    import requests
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    from orchestrator.tracking import Outbox
+
+    delivered = []
+
+    def fail(exc):
+        def update():
+            raise exc
+        return update
+
+    box = Outbox("http://127.0.0.1:1")
+    box.put("run of trial a", fail(MlflowException("bad name",
+                                                   error_code=INVALID_PARAMETER_VALUE)))
+    box.put("metrics of trial a", fail(KeyError("run_id")))
+    box.put("run of trial b", lambda: delivered.append("b"))
+    assert delivered == ["b"] and not box.pending and box.down_since is None
+    err = capsys.readouterr().err
+    assert "MLflow update run of trial a failed (MlflowException: bad name); skipped" in err
+    assert "MLflow update metrics of trial a failed (KeyError: 'run_id'); skipped" in err
+    box.put("epoch 1 of trial b", fail(requests.exceptions.ConnectionError("refused")))
+    box.put("epoch 2 of trial b", lambda: delivered.append("b2"))
+    assert delivered == ["b"] and len(box.pending) == 2 and box.down_since is not None
+    assert "unreachable (ConnectionError)" in capsys.readouterr().err
+
+
+def test_every_run_is_read_past_mlflows_first_page(tmp_path):
+    """search_runs answers 1,000 runs at a time; the tracker and the report read them all."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.tracking import all_runs
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("many")
+    for _ in range(1003):
+        client.create_run(experiment)
+    assert len(client.search_runs([experiment])) == 1000
+    assert len({run.info.run_id for run in all_runs(client, [experiment])}) == 1003

@@ -45,6 +45,19 @@ def test_every_shipped_study_is_valid(path):
     (dict(space__k={"type": "int", "low": 0, "high": 2}), "k=0 is no valid architecture: architecture.k: Input should be greater"),
     (dict(space__depth={"type": "float", "low": 8, "high": 20}), "architecture keys take int"),
     (dict(space__colour=3), "unknown key 'colour'"),
+    # Search ranges are checked at load, before Ray or MLflow (they used to fail in Optuna).
+    (dict(space__lr={"type": "float", "low": -1, "high": 0.1}),
+     r"space.lr: the value -1.0 is not a valid lr \(Input should be greater than 0\)"),
+    (dict(space__batch_size={"type": "categorical", "choices": [1, 128]}),
+     "space.batch_size: the value 1 is not a valid batch_size"),
+    (dict(space__epochs={"type": "int", "low": -5, "high": 3}),
+     "space.epochs: the value -5 is not a valid epochs"),
+    (dict(space__lr={"type": "float", "low": 0.5, "high": 0.1}),
+     "study.yaml: space.lr: low 0.5 is above high 0.1; swap them$"),
+    (dict(space__lr={"type": "float", "low": 0, "high": 0.1, "log": True}),
+     r"study.yaml: space.lr: log: true needs low > 0 \(got 0.0\); raise low or drop log$"),
+    (dict(space__depth={"type": "int", "low": 8, "high": 10_000_000, "step": 6}),
+     "space: 3333332 architectures; narrow the ranges"),
     (dict(space__lr={"type": "uniform", "low": 0.1, "high": 1}), "space.lr"),
     (dict(space__seed={"type": "categorical", "choices": [0, 1]}),
      "seeds are replicates, not searched; list them as the top-level key seeds"),
@@ -94,6 +107,15 @@ def test_trial_config_merges_train_fixed_and_sampled():
     cfg = study.trial_config({"arch": "d14-k2-w1", "lr": 0.05, "seed": 3})
     assert (cfg.architecture.total_depth, cfg.architecture.k, cfg.lr) == (14, 2, 0.05)
     assert cfg.seed == 3 and cfg.dataset == "synthetic" and cfg.epochs == 2
+
+
+def test_a_relative_sqlite_uri_is_the_database_in_the_starting_folder(tmp_path, monkeypatch):
+    from orchestrator.tracking import artifact_location
+
+    monkeypatch.chdir(tmp_path)
+    study = load_study(SPACES / "smoke.yaml", ["mlflow.tracking_uri=sqlite:///runs/mlflow.db"])
+    assert study.tracking_uri() == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    assert artifact_location(study.tracking_uri()) == (tmp_path / "runs" / "mlartifacts").as_uri()
 
 
 def test_same_seed_proposes_the_same_first_trials():

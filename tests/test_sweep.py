@@ -157,7 +157,7 @@ def test_diverging_trial_fails_with_its_reason_and_the_sweep_goes_on(ray_address
     assert status["0.05"].info.status == "FINISHED"
     failed = status["100000000.0"]
     assert failed.info.status == "FAILED"
-    assert "loss became nan" in failed.data.tags["failure"]
+    assert "loss became non-finite at step" in failed.data.tags["failure"]
     assert parents[0].info.status == "FINISHED"
 
 

@@ -91,20 +91,78 @@ def test_steps_limit_and_fused_execution(tmp_path):
     assert len(steps) == 6 and final["epoch"] == 2 and final["step"] == 6
 
 
-def test_cli_trains_and_resumes(tmp_path, capsys):
+def test_cli_trains_and_resumes(tmp_path, capsys, monkeypatch):
+    """Ctrl-C after epoch 2 of 3 (a checkpoint exists: the advice is --resume), then the same
+    run from a YAML file with --resume; the JSON log keeps one line per step."""
     args = ["--dataset", "synthetic", "--depth", "8", "--k", "2", "--train-size", "128",
-            "--test-size", "32", "--batch-size", "32", "--epochs", "2", "--device", "cpu",
-            "--checkpoint-dir", str(tmp_path / "ck"), "--log-json", str(tmp_path / "log.jsonl")]
-    assert train_main(args) == 0
-    out = capsys.readouterr().out
-    assert "epoch   2" in out and "done: final test error" in out
+            "--test-size", "32", "--batch-size", "32", "--epochs", "3", "--device", "cpu",
+            "--checkpoint-dir", str(tmp_path / "ck"), "--log-json", str(tmp_path / "log.jsonl"),
+            "--log-every", "1"]
+    report = LocalSession.report
+
+    def report_then_interrupt(self, metrics, state):
+        report(self, metrics, state)
+        if metrics["epoch"] == 2:  # a step of epoch 3 is logged, then Ctrl-C
+            self.log_step({"kind": "step", "step": 9, "epoch": 3, "loss": 0.0, "lr": 0.1})
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(LocalSession, "report", report_then_interrupt)
+    assert train_main(args) == 130
+    captured = capsys.readouterr()
+    assert "epoch   2" in captured.out and "continue with the same command plus --resume" \
+        in captured.err
+    monkeypatch.setattr(LocalSession, "report", report)
     config = tmp_path / "run.yaml"
     config.write_text("dataset: synthetic\narchitecture: {depth: 8, k: 2}\nepochs: 3\n"
-                      "train_size: 128\ntest_size: 32\nbatch_size: 32\ndevice: cpu\n")
+                      "train_size: 128\ntest_size: 32\nbatch_size: 32\ndevice: cpu\n"
+                      "log_every: 1\n")
     assert train_main(["--config", str(config), "--checkpoint-dir", str(tmp_path / "ck"),
-                       "--resume"]) == 0
+                       "--log-json", str(tmp_path / "log.jsonl"), "--resume"]) == 0
     out = capsys.readouterr().out
-    assert "epoch   3" in out and "epoch   1" not in out
+    assert "epoch   3" in out and "epoch   1" not in out and "done: final test error" in out
+    steps = [r["step"] for r in read_log(tmp_path / "log.jsonl") if r["kind"] == "step"]
+    assert steps == list(range(1, 13))  # the line logged after the checkpoint is not kept
+
+
+def test_interrupted_before_any_checkpoint_says_so(tmp_path, capsys, monkeypatch):
+    import orchestrator.train as train
+
+    def interrupt(cfg, session):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train_loop", interrupt)
+    assert train_main(["--dataset", "synthetic", "--depth", "8", "--checkpoint-dir",
+                       str(tmp_path / "ck")]) == 130
+    err = capsys.readouterr().err
+    assert "no checkpoint was written yet" in err and "--resume" not in err
+
+
+def test_a_new_run_never_replaces_an_earlier_one(tmp_path, capsys):
+    """Without --resume an existing checkpoint or log is refused before anything is written;
+    with --resume every key that changes the result must match."""
+    base = ["--dataset", "synthetic", "--depth", "8", "--train-size", "64", "--test-size", "16",
+            "--batch-size", "32", "--epochs", "2", "--device", "cpu"]
+    ck, log = tmp_path / "ck", tmp_path / "l.jsonl"
+    assert train_main(base + ["--checkpoint-dir", str(ck), "--log-json", str(log)]) == 0
+    saved, logged = (ck / CHECKPOINT_FILE).read_bytes(), log.read_text()
+    capsys.readouterr()
+    assert train_main(base + ["--epochs", "1", "--checkpoint-dir", str(ck)]) == 2
+    assert "checkpoint.pt exists; pass --resume to continue that run, or choose another " \
+        "--checkpoint-dir" in capsys.readouterr().err
+    assert train_main(base + ["--log-json", str(log), "--train-size", "1"]) == 2  # also bad data
+    assert "l.jsonl exists; pass --resume to continue its run" in capsys.readouterr().err
+    assert (ck / CHECKPOINT_FILE).read_bytes() == saved and log.read_text() == logged
+    assert train_main(base + ["--checkpoint-dir", str(ck), "--resume", "--lr", "0.5", "--seed",
+                              "7", "--batch-size", "16"]) == 2
+    assert ("the checkpoint was trained with batch_size=32, lr=0.1, seed=0, this run asks for "
+            "batch_size=16, lr=0.5, seed=7; resume with the checkpoint's values or start a "
+            "fresh --checkpoint-dir") in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("a file")
+    assert train_main(base + ["--checkpoint-dir", str(tmp_path / "notes.txt" / "ck")]) == 2
+    captured = capsys.readouterr()
+    assert "notes.txt/ck: cannot write there (Not a directory); choose a writable folder" \
+        in captured.err
+    assert "epoch" not in captured.out  # refused before the first epoch
 
 
 @pytest.mark.parametrize("args, message", [
@@ -134,11 +192,16 @@ def test_bad_yaml_and_unknown_keys(tmp_path, capsys):
 def test_missing_dataset_offline(tmp_path, capsys, monkeypatch):
     import torchvision.datasets
 
-    monkeypatch.setattr(torchvision.datasets, "CIFAR10",
-                        lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
-    assert train_main(["--depth", "8", "--data-dir", str(tmp_path)]) == 2
+    def offline(root, **kwargs):  # as torchvision does: the folder first, then the download
+        __import__("pathlib").Path(root).mkdir(parents=True)
+        raise OSError("offline")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    data = tmp_path / "new" / "data"
+    assert train_main(["--depth", "8", "--data-dir", str(data)]) == 2
     err = capsys.readouterr().err
-    assert "could not be downloaded" in err and str(tmp_path) in err
+    assert "could not be downloaded" in err and str(data) in err
+    assert not (tmp_path / "new").exists()  # no empty folders left behind
 
 
 def test_checkpoint_errors(tmp_path, capsys):
@@ -165,3 +228,21 @@ def test_real_cifar10_learns(cifar10_dir, tmp_path):
                       batch_size=128, lr=0.1, device="cpu", log_json=str(tmp_path / "l.jsonl"))
     final = train_loop(cfg, LocalSession(cfg, interactive=False, echo=False))
     assert final["test_error"] < 0.55, final
+
+
+def test_a_save_clears_what_a_killed_writer_left(tmp_path):
+    """A writer SIGKILLed mid-save leaves its temporary file; the next save removes it (the
+    checkpoint itself is only ever replaced by a complete, fsynced file)."""
+    from orchestrator.loop import save_atomic
+
+    stale = tmp_path / f".{CHECKPOINT_FILE}.tmp-99999"
+    stale.write_bytes(b"half a checkpoint")
+    save_atomic({"epoch": 1}, tmp_path / CHECKPOINT_FILE)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_FILE]
+    assert torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True) == {"epoch": 1}
+
+
+def test_every_command_takes_debug():
+    from models.summary import main as summary_main
+
+    assert summary_main(["--depth", "20", "--k", "4", "--debug"]) == 0
