@@ -8,19 +8,25 @@ through `TuneReportCallback`. Ray Train has already joined the workers into one 
 """
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray.train
 import torch
+from ray.train.torch import TorchConfig
+# Private: Ray's own process-group backend, reused for everything but the rendezvous.
+from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from models.summary import summarize
 from orchestrator.config import ConfigError, TrainConfig
 from orchestrator.loop import (CHECKPOINT_FILE, LocalSession, OutOfMemory, TrainingDiverged,
                                load_checkpoint, out_of_memory, save_atomic, train_loop)
+from orchestrator.parallel import process_group
 
 # Ray's loopback-only mode for a single machine (see init_ray).
 LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -74,6 +80,37 @@ class TuneReport(TuneReportCallback):
         super().after_report(run_context, metrics, checkpoint)
 
 
+@dataclass
+class ScopedTorchConfig(TorchConfig):
+    """Ray Train's torch process group with its rendezvous store listening on the address the
+    ranks use (127.0.0.1 when a trial's workers share a machine), not on every interface."""
+
+    @property
+    def backend_cls(self):
+        return _ScopedTorchBackend
+
+
+class _ScopedTorchBackend(_TorchBackend):
+    def on_start(self, worker_group, backend_config: TorchConfig):
+        world_size = len(worker_group)
+        if len(set(worker_group.execute(_node_id))) == 1:
+            address = process_group.LOOPBACK
+        else:
+            address = worker_group.execute_single(0, ray.util.get_node_ip_address)
+        gpus = worker_group.get_resources_per_worker().get("GPU", 0)
+        backend = backend_config.backend or ("nccl" if gpus else "gloo")
+        port = worker_group.execute_single(0, process_group.listen, address)
+        worker_group.execute(_set_torch_distributed_env_vars)
+        timeout = datetime.timedelta(seconds=backend_config.timeout_s)
+        ray.get([worker_group.execute_single_async(rank, process_group.join, backend, rank,
+                                                   world_size, address, port, timeout)
+                 for rank in range(world_size)])
+
+
+def _node_id() -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
 def build_trainer(cfg: TrainConfig, *, name: str, storage_path: str, echo: bool,
                   cpus_per_worker: float = 1, gpus_per_worker: float = 0, max_failures: int = 0,
                   callbacks: list | None = None):
@@ -85,6 +122,7 @@ def build_trainer(cfg: TrainConfig, *, name: str, storage_path: str, echo: bool,
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"run": cfg.model_dump(mode="json"), "echo": echo},
+        torch_config=ScopedTorchConfig(),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.parallel.world_size,
                                                use_gpu=gpus_per_worker > 0,
                                                resources_per_worker=resources),

@@ -1,6 +1,7 @@
 """Safety: a local Ray listens on loopback only; checkpoints and study files never run code."""
 import ipaddress
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,36 @@ def test_local_ray_listens_on_loopback_only(ray_address):
     held = listening_addresses(descendants(os.getpid()))
     assert len(held) >= 5  # GCS, raylet, dashboard, agents...
     assert [h for h in held if not is_loopback(h[0])] == []
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
+def test_training_listens_on_loopback_only(ray_address, tmp_path):
+    """While a two-rank run trains, its process group's store and gloo's sockets are on
+    127.0.0.1 (torch's own rendezvous puts the store on every interface)."""
+    from orchestrator.train import main as train_main
+
+    before = set(listening_addresses(descendants(os.getpid())))
+    seen: set[tuple[str, int]] = set()
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            seen.update(listening_addresses(descendants(os.getpid())))
+            done.wait(0.2)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        code = train_main(["--dataset", "synthetic", "--depth", "8", "--epochs", "3",
+                           "--train-size", "512", "--test-size", "128", "--batch-size", "32",
+                           "--parallel", "dp=2", "--checkpoint-dir", str(tmp_path / "ck")])
+    finally:
+        done.set()
+        watcher.join()
+    assert code == 0
+    opened = seen - before
+    assert len(opened) >= 3  # the store, and gloo's listener on each rank
+    assert [h for h in opened if not is_loopback(h[0])] == []
 
 
 class RunsCode:

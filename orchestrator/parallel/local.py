@@ -2,7 +2,6 @@
 parity tests and the parallel benchmark (gloo on CPU; nccl with one GPU per process)."""
 from __future__ import annotations
 
-import os
 import socket
 import traceback
 
@@ -10,20 +9,23 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from orchestrator.parallel import process_group
+
 
 def free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((process_group.LOOPBACK, 0))
         return s.getsockname()[1]
 
 
 def _entry(rank: int, world: int, port: int, backend: str, fn, args, errors):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if backend == "nccl":
         torch.cuda.set_device(rank)
     else:
         torch.set_num_threads(1)  # one core per rank, as a 1-CPU Ray Train worker
-    dist.init_process_group(backend, rank=rank, world_size=world)
+    if rank == 0:
+        process_group.listen(process_group.LOOPBACK, port)
+    process_group.join(backend, rank, world, process_group.LOOPBACK, port)
     try:
         fn(rank, *args)
     except BaseException:
