@@ -9,7 +9,7 @@ Variants run interleaved, round after round, so that a noisy machine affects all
 reports the median images/s per variant and its ratio to the first variant. One step is forward,
 backward and an SGD update on random data (the data pipeline is measured on its own).
 
-`--settings` times the trials' own step (`orchestrator.step.TrainingStep`) under named settings,
+`--settings` times the trials' own step (`orchestrator.run.step.TrainingStep`) under named settings,
 PRECISION-COMPILE-FORM (e.g. bf16-cudagraphs-fused), `default` (what `auto` resolves to on the
 device), and `before`: fp32, eager, the fastest form, the loss read back after every step (the
 step before the step object existed).
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from models.blocks import set_fused
 from models.multi_resnet import Architecture, create_model
-from orchestrator.data import Batches, synthetic_cifar
+from orchestrator.run.data import Batches, synthetic_cifar
 
 
 def parse_model(name: str) -> Architecture:
@@ -97,9 +97,9 @@ def bench_forms(arch: Architecture, device: torch.device, batch: int, steps: int
 
 
 def settings_runner(arch: Architecture, setting: str, device: torch.device, batch: int):
-    from orchestrator.config import TrainConfig
-    from orchestrator.parallel import ShardedModel
-    from orchestrator.step import TrainingStep
+    from orchestrator.parallel import RankEngine
+    from orchestrator.run.config import TrainConfig
+    from orchestrator.run.step import TrainingStep
 
     cfg = TrainConfig(architecture=arch.model_dump(exclude_unset=True), dataset="synthetic",
                       batch_size=batch, device=device.type, lr=0.01)
@@ -110,9 +110,9 @@ def settings_runner(arch: Architecture, setting: str, device: torch.device, batc
         precision, compile_mode, form = setting.split("-")
         fields = {"precision": precision, "compile": compile_mode, "execution": form}
     cfg = cfg.model_copy(update=fields).resolved(device.type == "cuda")
-    sharded = ShardedModel(cfg, device)
-    sharded.model.train()
-    step = TrainingStep(cfg, sharded, total_steps=10**6)
+    engine = RankEngine(cfg, device)
+    engine.model.train()
+    step = TrainingStep(cfg, engine, total_steps=10**6)
     x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,), device=device)
     name = f"{cfg.precision}-{cfg.compile}-{cfg.execution}"

@@ -10,11 +10,11 @@ k=1 net's is a(n0/depth - 1) points (positive below n0, as the paper's Table II:
 Each simulated study draws its own n0 (12-50), a and sd. Every trial trains the full schedule
 (no early stopping), so trained epochs = trials x epochs.
 
-The searchers are the sweep's own (`orchestrator.searchers`), driven through Ray Tune's Searcher
+The searchers are the sweep's own (`orchestrator.study.searchers`, `orchestrator.study.n0_search`), driven through Ray Tune's Searcher
 interface: the grid (every configuration with every seed), random and TPE (Optuna, given 40% of
 the grid's trials) and the n0 searcher (target width 10 layers, a trial budget of 42, under half
 the grid; it decides in batches, as with unlimited concurrency).
-Every study's n0 and its 95% interval come from `orchestrator.analysis.estimate_n0` on what was
+Every study's n0 and its 95% interval come from `orchestrator.analysis.n0.estimate_n0` on what was
 trained. Reported: trained epochs as a fraction of the grid's, how often the interval contains
 the true n0 (a study that finds no crossing counts as a miss), and the median interval width.
 """
@@ -29,9 +29,10 @@ import optuna
 import pandas as pd
 from ray.tune.search import Searcher
 
-from orchestrator.analysis import estimate_n0, find_pairs
-from orchestrator.config import Pair
-from orchestrator.searchers import N0Policy, N0Search, replicate_search
+from orchestrator.analysis.n0 import estimate_n0, find_pairs
+from orchestrator.study.n0_search import N0Policy, N0Search
+from orchestrator.study.pairs import Pair
+from orchestrator.study.searchers import replicate_search
 
 DEPTHS = [8, 14, 20, 26, 32, 38, 44, 50, 56]
 SEEDS = [0, 1, 2, 3, 4]  # Table II: five runs per net

@@ -17,6 +17,7 @@ import argparse
 import json
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,10 +25,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from orchestrator.config import TrainConfig
-from orchestrator.parallel import ShardedModel
-from orchestrator.parallel.local import run_ranks
-from orchestrator.step import TrainingStep
+# tests.ranks: the local launcher the parity tests use too.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from orchestrator.parallel import RankEngine  # noqa: E402
+from orchestrator.run.config import TrainConfig  # noqa: E402
+from orchestrator.run.step import TrainingStep  # noqa: E402
+from tests.ranks import run_ranks  # noqa: E402
 
 COMM = {"s": 0.0}
 
@@ -44,14 +47,14 @@ def _timed_all_reduce(original):
 
 
 def _rank(rank, cfg: TrainConfig, steps: int, out_dir: str):
-    dist.all_reduce = _timed_all_reduce(dist.all_reduce)  # branch.py and sharded.py call this
+    dist.all_reduce = _timed_all_reduce(dist.all_reduce)  # branch.py and engine.py call this
     device = torch.device("cuda", rank) if cfg.device == "cuda" else torch.device("cpu")
     cfg = cfg.model_copy(update={"precision": "fp32", "compile": "none"}).resolved(
         device.type == "cuda")
-    sharded = ShardedModel(cfg, device)
-    sharded.model.train()
+    engine = RankEngine(cfg, device)
+    engine.model.train()
     p = cfg.parallel
-    step = TrainingStep(cfg, sharded, total_steps=10**6)
+    step = TrainingStep(cfg, engine, total_steps=10**6)
     replica = cfg.batch_size // p.dp
     x = torch.randn(replica, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (replica,), device=device)

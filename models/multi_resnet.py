@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from models.blocks import (BasicFunction, BottleneckFunction, MultiResidualBlock, PreActivation,
-                           shortcut, set_fused)
+                           set_fused, shortcut)
 
 IMAGENET_BLOCKS = {
     18: ("basic", (2, 2, 2, 2)),

@@ -1,17 +1,10 @@
-"""`python -m models.summary`: parameter count and forward FLOPs per image of a Multi-ResNet.
-
-    python -m models.summary --depth 110 --k 1
-    python -m models.summary --depth 26 --k 2 --width 10 --json
-"""
+"""Parameter count and forward FLOPs per image of a Multi-ResNet (torch's FlopCounterMode on the
+meta device). The command is `python -m orchestrator.summary`."""
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from functools import lru_cache
 
 import torch
-from pydantic import ValidationError
 from torch.utils.flop_counter import FlopCounterMode
 
 from models.multi_resnet import Architecture, count_parameters, create_model
@@ -61,64 +54,3 @@ def summarize(arch: Architecture) -> dict:
         "params": count_parameters(model),
         "flops": int(counter.get_total_flops()),
     }
-
-
-def add_architecture_flags(parser: argparse.ArgumentParser) -> None:
-    """The architecture flags shared by models.summary and orchestrator.train."""
-    parser.add_argument("--depth", type=int, help="layers along one function (6n+2 basic, 9n+2 "
-                        "bottleneck on CIFAR; 18/34/50/101/152/200 on ImageNet)")
-    parser.add_argument("--k", type=int, help="residual functions per block (default 1)")
-    parser.add_argument("--width", type=int, help="widening factor w (default 1)")
-    parser.add_argument("--block", choices=["basic", "bottleneck"])
-    parser.add_argument("--blocks", type=parse_blocks, help="blocks per stage, e.g. 4,4,3")
-    parser.add_argument("--shortcut", choices=["A", "B"])
-
-
-def parse_blocks(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 4,4,3, got {text!r}")
-
-
-def architecture_fields(args: argparse.Namespace) -> dict:
-    names = ("depth", "k", "width", "block", "blocks", "shortcut")
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
-
-
-def validation_message(err: ValidationError) -> str:
-    """One line per problem: the field and what is wrong with it."""
-    lines = []
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"{where}: {msg}" if where else msg)
-    return "; ".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m models.summary", description=__doc__.split("\n")[0])
-    add_architecture_flags(parser)
-    parser.add_argument("--dataset", choices=["cifar10", "cifar100", "imagenet"], default="cifar10")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = parser.parse_args(argv)
-    try:
-        arch = Architecture(dataset=args.dataset, **architecture_fields(args))
-    except ValidationError as err:
-        if args.debug:
-            raise
-        parser.error(validation_message(err))
-    info = summarize(arch)
-    if args.json:
-        print(json.dumps(info))
-    else:
-        print(f"multi-resnet {info['name']} ({info['dataset']}, {info['block']} blocks "
-              f"{tuple(info['blocks'])}, shortcut {info['shortcut']})")
-        print(f"parameters: {info['params']:,}")
-        print(f"forward FLOPs per image: {info['flops']:,} ({info['flops'] / 1e9:.3f} GFLOPs)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

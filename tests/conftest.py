@@ -52,7 +52,7 @@ def ray_address():
     """One local Ray instance (2 CPUs, loopback) for the whole test run."""
     import ray
 
-    from orchestrator.worker import init_ray
+    from orchestrator.cluster.driver import init_ray
 
     os.environ.pop("RAY_ADDRESS", None)
     init_ray(num_cpus=2)  # as the commands start it

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from orchestrator.parallel.local import free_port
-from orchestrator.tracking import quick_http
+from orchestrator.study.mlflow_client import quick_http
+from tests.ranks import free_port
 
 BIN = Path(sys.executable).parent
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from orchestrator.study.mlflow_client import quick_http
 from orchestrator.sweep import main as sweep_main
-from orchestrator.tracking import quick_http
 
 SMOKE = str(Path(__file__).parent.parent / "search_spaces" / "smoke.yaml")
 PARENT = "mlflow.parentRunId"

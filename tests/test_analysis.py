@@ -6,9 +6,9 @@ import torch
 
 from models.multi_resnet import Architecture
 from models.summary import summarize
-from orchestrator.analysis import (PAPER_TABLE_II, estimate_n0, find_pairs, generate_pairs,
-                                   matched_multi, pair_differences)
+from orchestrator.analysis.n0 import PAPER_TABLE_II, estimate_n0, find_pairs, pair_differences
 from orchestrator.report import main as report_main
+from orchestrator.study.pairs import generate_pairs, matched_multi
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -126,8 +126,8 @@ def test_n0_policy_brackets_bisects_then_adds_seeds_and_stops():
     """The n0 searcher on a noiseless ladder of 9 pairs crossing at 29: the bracket (8, 32, 56),
     then the pair at 26 between 8 and 32 ... it never trains a (net, seed) twice and stops,
     saying why, with the crossing between adjacent pairs."""
-    from orchestrator.config import Pair
-    from orchestrator.searchers import N0Policy
+    from orchestrator.study.n0_search import N0Policy
+    from orchestrator.study.pairs import Pair
 
     depths = [8, 14, 20, 26, 32, 38, 44, 50, 56]
     configs, pairs = {}, []

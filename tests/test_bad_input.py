@@ -65,6 +65,12 @@ def checkpoint(tmp: Path, damage: str) -> str:
         import torch
 
         torch.save({}, path)
+    elif damage == "weights of another net":
+        import torch
+
+        state = torch.load(path, weights_only=True)
+        state["architecture"]["k"] = 3  # the weights are those of a k=1 net
+        torch.save(state, path)
     return str(folder)
 
 
@@ -129,6 +135,10 @@ CASES = {
         lambda t: lesion_main([str(Path(checkpoint(t, "garbage")) / "checkpoint.pt"),
                                "--out", str(t / "lesion")]),
         "checkpoint.pt is not a readable checkpoint"),
+    "a lesion of weights that do not match their architecture": (
+        lambda t: lesion_main([str(Path(checkpoint(t, "weights of another net")) /
+                                   "checkpoint.pt"), "--out", str(t / "lesion")]),
+        "its model does not match its architecture (RuntimeError: Error(s) in loading"),
     "checkpoint of another architecture": (
         lambda t: train_main([*TINY, "--k", "2", "--epochs", "2", "--resume",
                               "--checkpoint-dir", checkpoint(t, "none")]),
@@ -167,3 +177,22 @@ def test_unreachable_cluster_and_debug_traceback(tmp_path):
                            timeout=120)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
     assert "cannot reach the Ray cluster" in debug.stderr
+
+
+@pytest.mark.parametrize("command", [
+    ["orchestrator.sweep", "search_spaces/smoke.yaml", "--dry-run"],
+    ["orchestrator.train", "--dataset", "synthetic", "--depth", "8", "--epochs", "1"],
+])
+def test_ctrl_c_while_the_libraries_load_ends_in_one_line(command):
+    """A command imports torch, Ray and MLflow after it starts: Ctrl-C in those first seconds
+    is an interruption like any other, not a traceback."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", *command], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    time.sleep(0.5)  # the first imports take seconds
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and out == ""
+    assert err.startswith("interrupted; ") and err.count("\n") == 1, err

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.parallel.local import free_port
-from orchestrator.worker import LOOPBACK_ONLY
+from orchestrator.cluster.driver import LOOPBACK_ONLY
+from tests.ranks import free_port
 from tests.servers import BIN, MlflowServer, start, stop
 from tests.sweeps import runs
 

@@ -4,16 +4,17 @@ import pickle
 import pytest
 import torch
 
-from orchestrator import data
-from orchestrator.data import Batches, DataError, Split, augment, load_cifar, load_dataset
+from orchestrator.errors import DataError
+from orchestrator.run import data
+from orchestrator.run.data import Batches, Split, augment, load_cifar, load_dataset
 from tests.conftest import write_cifar_layout
 
 
 @pytest.mark.parametrize("name, classes", [("cifar10", 10), ("cifar100", 100)])
-def test_reads_the_standard_layout(tmp_path, name, classes):
+def test_reads_the_standard_layout(tmp_path, name, classes, caplog):
     folder = write_cifar_layout(tmp_path, name, train=250, test=60)
-    with pytest.warns(UserWarning, match="differ from the official release"):
-        train, test = load_cifar(name, tmp_path)
+    train, test = load_cifar(name, tmp_path)
+    assert "differ from the official release" in caplog.text
     assert train.images.shape == (250, 3, 32, 32) and train.images.dtype == torch.uint8
     assert test.labels.shape == (60,) and int(train.labels.max()) < classes
     # Pixels keep the R|G|B plane order of the files.
@@ -126,17 +127,19 @@ def test_synthetic_data_is_deterministic_and_sized():
     assert len(train) == 40 and len(test) == 8
 
 
-def test_imagenet_folder_layout(tmp_path):
-    from PIL import Image
+def test_the_dataset_registry_is_the_one_list_of_datasets():
+    """The run schema's dataset choices come from the registry, and each entry's family
+    builds nets with its number of classes."""
+    from typing import get_args
 
-    for split in ("train", "val"):
-        for cls in ("n01", "n02"):
-            (tmp_path / split / cls).mkdir(parents=True)
-            for i in range(2):
-                Image.new("RGB", (300, 260), (40 * i, 90, 200)).save(tmp_path / split / cls / f"{i}.JPEG")
-    train, val = data.imagenet_loaders(tmp_path, batch_size=2, workers=0)
-    x, y = next(iter(train))
-    assert x.shape == (2, 3, 224, 224) and y.dtype == torch.int64
-    assert next(iter(val))[0].shape == (2, 3, 224, 224)
-    with pytest.raises(DataError, match="ImageNet not found"):
-        data.imagenet_loaders(tmp_path / "nowhere", batch_size=2)
+    from models.multi_resnet import Architecture
+    from orchestrator.run.config import TrainConfig
+    from orchestrator.run.data import DATASETS
+
+    assert set(get_args(TrainConfig.model_fields["dataset"].annotation)) == set(DATASETS)
+    for name, entry in DATASETS.items():
+        cfg = TrainConfig(dataset=name, architecture=dict(depth=8))
+        assert cfg.architecture.dataset == entry.architecture
+        assert cfg.architecture.num_classes == entry.classes
+        assert Architecture(depth=8, dataset=entry.architecture).num_classes == entry.classes
+

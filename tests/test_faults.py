@@ -143,8 +143,9 @@ def test_run_of_a_trial_the_restored_study_forgot_is_ended_and_deleted(tmp_path)
     trial (started after Tune's last save) is ended, tagged and deleted; the others are kept."""
     from types import SimpleNamespace
 
-    from orchestrator.config import load_study
-    from orchestrator.tracking import StudyRun, TrialTracker, connect
+    from orchestrator.study.config import load_study
+    from orchestrator.study.mlflow_client import connect
+    from orchestrator.study.tracking import StudyRun, TrialTracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     study = load_study(SMOKE, [f"mlflow.tracking_uri={uri}"])
@@ -164,14 +165,14 @@ def test_run_of_a_trial_the_restored_study_forgot_is_ended_and_deleted(tmp_path)
     assert "forgotten" in deleted.data.tags
 
 
-def test_a_failing_update_is_not_an_outage(capsys):
+def test_a_failing_update_is_not_an_outage(caplog):
     """Only connection failures and 5xx answers hold the outbox back; a 4xx answer or a bug in
     one update is reported at once and the updates after it are delivered."""
     import requests
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-    from orchestrator.tracking import Outbox
+    from orchestrator.study.mlflow_client import Outbox
 
     delivered = []
 
@@ -186,20 +187,20 @@ def test_a_failing_update_is_not_an_outage(capsys):
     box.put("metrics of trial a", fail(KeyError("run_id")))
     box.put("run of trial b", lambda: delivered.append("b"))
     assert delivered == ["b"] and not box.pending and box.down_since is None
-    err = capsys.readouterr().err
+    err = caplog.text
     assert "MLflow update run of trial a failed (MlflowException: bad name); skipped" in err
     assert "MLflow update metrics of trial a failed (KeyError: 'run_id'); skipped" in err
     box.put("epoch 1 of trial b", fail(requests.exceptions.ConnectionError("refused")))
     box.put("epoch 2 of trial b", lambda: delivered.append("b2"))
     assert delivered == ["b"] and len(box.pending) == 2 and box.down_since is not None
-    assert "unreachable (ConnectionError)" in capsys.readouterr().err
+    assert "unreachable (ConnectionError)" in caplog.text
 
 
 def test_every_run_is_read_past_mlflows_first_page(tmp_path):
     """search_runs answers 1,000 runs at a time; the tracker and the report read them all."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.tracking import all_runs
+    from orchestrator.study.mlflow_client import all_runs
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.create_experiment("many")

@@ -10,8 +10,8 @@ from torch import nn
 
 from models.blocks import MultiResidualBlock, ResidualFunctions, TypeAShortcut, set_fused
 from models.multi_resnet import Architecture, count_parameters, create_model
-from models.summary import main as summary_main
 from models.summary import summarize
+from orchestrator.summary import main as summary_main
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -294,10 +294,9 @@ def test_summary_cli(capsys):
     assert summary_main(["--depth", "26", "--k", "2", "--width", "10"]) == 0
     text = capsys.readouterr().out
     assert "72,690,714" in text and "GFLOPs" in text
-    with pytest.raises(SystemExit) as exit_info:
-        summary_main(["--depth", "21"])
-    assert exit_info.value.code == 2
-    assert "6n+2" in capsys.readouterr().err
+    assert summary_main(["--depth", "21"]) == 2
+    assert capsys.readouterr().err == ("error: depth must be 6n+2 for basic blocks (e.g. 20), "
+                                       "got 21\n")
 
 
 @pytest.mark.parametrize("fields", [dict(depth=8, k=3), dict(depth=11, k=2, block="bottleneck"),

@@ -16,13 +16,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from models.multi_resnet import create_model
-from orchestrator.config import ParallelConfig, TrainConfig
-from orchestrator.loop import CHECKPOINT_FILE, LocalSession, load_checkpoint, train_loop
-from orchestrator.parallel import ShardedModel
+from orchestrator.parallel import RankEngine
 from orchestrator.parallel.branch import owned_functions
 from orchestrator.parallel.pipeline import partition, stage_block_keys
-from orchestrator.parallel.local import run_ranks
-from orchestrator.step import TrainingStep
+from orchestrator.results import CHECKPOINT_FILE
+from orchestrator.run.checkpoint import load_checkpoint
+from orchestrator.run.config import ParallelConfig, TrainConfig
+from orchestrator.run.loop import train_loop
+from orchestrator.run.session import LocalSession
+from orchestrator.run.step import TrainingStep
+from tests.ranks import run_ranks
 
 BATCH = 8
 
@@ -45,18 +48,18 @@ def sgd(params):
 
 def _step_rank(rank, cfg: TrainConfig, out_path):
     cfg = cfg.resolved(cuda_available=False)
-    sharded = ShardedModel(cfg, torch.device("cpu"))
-    step = TrainingStep(cfg, sharded, total_steps=10)
+    engine = RankEngine(cfg, torch.device("cpu"))
+    step = TrainingStep(cfg, engine, total_steps=10)
     x, y = global_batch()
     p = cfg.parallel
-    xs, ys = x.tensor_split(p.dp)[sharded.mesh.dp_rank], y.tensor_split(p.dp)[sharded.mesh.dp_rank]
-    sharded.model.train()
+    xs, ys = x.tensor_split(p.dp)[engine.mesh.dp_rank], y.tensor_split(p.dp)[engine.mesh.dp_rank]
+    engine.model.train()
     step(xs.to(torch.float32 if cfg.dtype == "float32" else torch.float64)
          .contiguous(memory_format=torch.channels_last), ys)
     loss = step.read().loss
-    grads = {sharded.names[q]: q.grad.clone() for q in sharded.model.parameters()}
-    sharded.check_replicas()
-    params = {n: q.detach().clone() for n, q in sharded.model.named_parameters()}
+    grads = {engine.names[q]: q.grad.clone() for q in engine.model.parameters()}
+    engine.check_replicas()
+    params = {n: q.detach().clone() for n, q in engine.model.named_parameters()}
     gathered = [None] * dist.get_world_size() if rank == 0 else None
     dist.gather_object((grads, params), gathered, dst=0)
     if rank == 0:
@@ -85,20 +88,26 @@ def reference_step(cfg: TrainConfig):
     return loss.item(), grads, {n: q.detach().clone() for n, q in model.named_parameters()}
 
 
+# One mesh per kind of parallelism runs in the inner loop; their combinations and schedules in
+# the whole suite (marked slow).
 MESHES = [
-    (dict(bp=2), 4),
     (dict(pp=2), 4),
     (dict(dp=2), 4),
-    (dict(dp=2, bp=2), 4),
-    (dict(pp=2, bp=2), 4),
     (dict(bp=2), 5),  # k=5 on bp=2: 3 + 2 functions
-    (dict(pp=2, microbatches=2, schedule="1f1b"), 4),
-    (dict(pp=3, microbatches=2), 2),
+    pytest.param(dict(bp=2), 4, marks=pytest.mark.slow),
+    pytest.param(dict(dp=2, bp=2), 4, marks=pytest.mark.slow),
+    pytest.param(dict(pp=2, bp=2), 4, marks=pytest.mark.slow),
+    pytest.param(dict(pp=2, microbatches=2, schedule="1f1b"), 4, marks=pytest.mark.slow),
+    pytest.param(dict(pp=3, microbatches=2), 2, marks=pytest.mark.slow),
 ]
 
 
+def mesh_id(parallel: dict, k: int) -> str:
+    return ParallelConfig(**parallel).layout + f"-k{k}"
+
+
 @pytest.mark.parametrize("parallel, k", MESHES,
-                         ids=[ParallelConfig(**m).layout + f"-k{k}" for m, k in MESHES])
+                         ids=[mesh_id(*getattr(m, "values", m)) for m in MESHES])
 def test_mesh_matches_one_process(tmp_path, parallel, k):
     cfg = config(parallel, k=k)
     run_ranks(cfg.parallel.world_size, _step_rank, cfg, tmp_path / "out.pt")
@@ -135,7 +144,7 @@ def test_bad_meshes_fail_before_any_worker_starts(parallel, message):
 
 def test_mesh_size_must_match_the_processes():
     with pytest.raises(ValueError, match="dp x pp x bp = 2 but 1 processes run"):
-        ShardedModel(config(dict(dp=2)).resolved(False), torch.device("cpu"))
+        RankEngine(config(dict(dp=2)).resolved(False), torch.device("cpu"))
 
 
 class Stop(Exception):
@@ -159,6 +168,7 @@ def _train_rank(rank, cfg: TrainConfig, stop_after: int | None):
         pass
 
 
+@pytest.mark.slow  # three process groups of two and four ranks: about 20 s
 def test_checkpoint_saved_under_one_mesh_resumes_under_another(tmp_path):
     base = dict(train_size=32, test_size=16, epochs=2)
     whole = config({}, checkpoint_dir=str(tmp_path / "whole"), **base)
@@ -209,15 +219,15 @@ def test_ray_train_run_reports_the_one_process_losses(ray_address, tmp_path, mes
 
 
 def _diverge_rank(rank, cfg: TrainConfig):
-    from orchestrator.parallel.sharded import ReplicaMismatch
+    from orchestrator.parallel.engine import ReplicaMismatch
 
-    sharded = ShardedModel(cfg.resolved(False), torch.device("cpu"))
-    sharded.check_replicas()  # identical after construction
+    engine = RankEngine(cfg.resolved(False), torch.device("cpu"))
+    engine.check_replicas()  # identical after construction
     if rank == 1:
         with torch.no_grad():
-            sharded.model.head[-1].weight.add_(1e-3)  # replicated across the bp group
+            engine.model.head[-1].weight.add_(1e-3)  # replicated across the bp group
     with pytest.raises(ReplicaMismatch, match="bp replicas of head.4.weight differ"):
-        sharded.check_replicas()
+        engine.check_replicas()
 
 
 def test_replicated_parameters_are_checked():

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.loop import CheckpointError, load_checkpoint
+from orchestrator.errors import CheckpointError
+from orchestrator.run.checkpoint import load_checkpoint
 from orchestrator.sweep import main as sweep_main
 
 

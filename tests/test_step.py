@@ -10,11 +10,13 @@ import json
 import pytest
 import torch
 
-from orchestrator.config import ConfigError, StudyConfig, TrainConfig
-from orchestrator.parallel import ShardedModel
-from orchestrator.parallel.local import run_ranks
-from orchestrator.step import TrainingStep
-from orchestrator.tracking import flat_params
+from orchestrator.errors import ConfigError
+from orchestrator.parallel import RankEngine
+from orchestrator.run.config import TrainConfig
+from orchestrator.run.step import TrainingStep
+from orchestrator.study.config import StudyConfig
+from orchestrator.study.tracking import flat_params
+from tests.ranks import run_ranks
 from tests.test_parallel import _step_rank, config, reference_step
 
 # 16-bit convolutions: the loss to ~1e-3 (bf16, 8 bits of mantissa) or ~1e-5 (fp16, 11 bits);
@@ -30,22 +32,25 @@ def relative_error(got: dict, want: dict) -> float:
 
 
 # bf16 in both forms on every kind of mesh; fp16 (its loss scaler inside the pipeline schedule and
-# its overflow check agreed across ranks) once per mesh kind.
+# its overflow check agreed across ranks) once per mesh kind. Meshes run in the whole suite.
 MIXED = [("bf16", form, mesh) for form in ("reference", "fused")
          for mesh in ({}, dict(bp=2), dict(pp=2))]
-MIXED += [("fp16", "reference", {}), ("fp16", "fused", dict(bp=2)), ("fp16", "reference", dict(pp=2))]
+MIXED += [("fp16", "reference", {}), ("fp16", "fused", dict(bp=2)),
+          ("fp16", "reference", dict(pp=2))]
 
 
-@pytest.mark.parametrize("precision, form, mesh", MIXED,
-                         ids=[f"{p}-{f}-{'-'.join(f'{k}{v}' for k, v in m.items()) or 'one'}"
-                              for p, f, m in MIXED])
+@pytest.mark.parametrize("precision, form, mesh", [
+    pytest.param(*case, marks=[pytest.mark.slow] if case[2] else [],
+                 id=f"{case[0]}-{case[1]}-{'-'.join(f'{k}{v}' for k, v in case[2].items())}"
+                    if case[2] else f"{case[0]}-{case[1]}-one")
+    for case in MIXED])
 def test_mixed_precision_step_matches_fp32(tmp_path, precision, form, mesh):
     cfg = config(mesh, dtype="float32", precision=precision, execution=form)
     run_ranks(cfg.parallel.world_size, _step_rank, cfg, tmp_path / "out.pt")
     got = torch.load(tmp_path / "out.pt")
     loss, grads, params = reference_step(config(mesh))
     torch.manual_seed(0)
-    initial = {n: q.detach().double() for n, q in ShardedModel(
+    initial = {n: q.detach().double() for n, q in RankEngine(
         config({}).resolved(False), torch.device("cpu")).model.named_parameters()}
     assert got["loss"] == pytest.approx(loss, rel=LOSS_RTOL[precision])
     assert relative_error(got["grads"], grads) < GRAD_RTOL[precision]
@@ -56,7 +61,9 @@ def test_mixed_precision_step_matches_fp32(tmp_path, precision, form, mesh):
     assert all(q.dtype == torch.float32 for q in got["params"].values())
 
 
-@pytest.mark.parametrize("mesh", [{}, dict(pp=2, bp=2)], ids=["one", "pp2-bp2"])
+@pytest.mark.parametrize("mesh", [pytest.param({}, id="one"),
+                                  pytest.param(dict(pp=2, bp=2), id="pp2-bp2",
+                                               marks=pytest.mark.slow)])
 def test_clipping_uses_the_global_norm(tmp_path, mesh):
     cfg = config(mesh, grad_clip_norm=0.05)
     run_ranks(cfg.parallel.world_size, _step_rank, cfg, tmp_path / "out.pt")
@@ -74,7 +81,7 @@ def test_clipping_uses_the_global_norm(tmp_path, mesh):
 def test_step_reads_the_device_only_when_asked():
     cfg = TrainConfig(architecture=dict(depth=8, k=2), dataset="synthetic", batch_size=8,
                       device="cpu").resolved(False)
-    step = TrainingStep(cfg, ShardedModel(cfg, torch.device("cpu")), total_steps=10)
+    step = TrainingStep(cfg, RankEngine(cfg, torch.device("cpu")), total_steps=10)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     step(x, y)
     step(x, y)
@@ -89,7 +96,7 @@ def test_step_reads_the_device_only_when_asked():
 
 @pytest.mark.parametrize("cpu_bf16", [False, True])
 def test_resolved_settings_follow_the_device(monkeypatch, cpu_bf16):
-    monkeypatch.setattr("orchestrator.config.cpu_computes_bf16", lambda: cpu_bf16)
+    monkeypatch.setattr("orchestrator.run.config.cpu_computes_bf16", lambda: cpu_bf16)
     cfg = TrainConfig()
     gpu, cpu = cfg.resolved(cuda_available=True), cfg.resolved(cuda_available=False)
     assert (gpu.device, gpu.precision, gpu.compile, gpu.execution) == \
@@ -108,7 +115,7 @@ def test_resolved_settings_follow_the_device(monkeypatch, cpu_bf16):
 
 
 def test_studies_record_what_their_trials_run(monkeypatch):
-    monkeypatch.setattr("orchestrator.config.cpu_computes_bf16", lambda: False)
+    monkeypatch.setattr("orchestrator.run.config.cpu_computes_bf16", lambda: False)
     study = dict(name="s", space={"depth": 8}, train={"dataset": "synthetic"})
     on_gpus = StudyConfig(**study, resources={"gpus_per_worker": 0.25})
     params = flat_params(on_gpus.trial_config({}))
@@ -145,14 +152,17 @@ def test_out_of_memory_and_bugs_are_not_bad_input(monkeypatch, capsys, raised, s
     def fail(cfg, session):
         raise raised
 
-    monkeypatch.setattr(train, "train_loop", fail)
+    monkeypatch.setattr("orchestrator.run.loop.train_loop", fail)
     assert train.main(RUN) == status
     assert message in capsys.readouterr().err
 
 
 @pytest.mark.slow  # fp16 convolutions are slow on a CPU: about a minute
 def test_fp16_run_resumes_with_its_loss_scale(tmp_path):
-    from orchestrator.loop import CHECKPOINT_FILE, LocalSession, load_checkpoint, train_loop
+    from orchestrator.results import CHECKPOINT_FILE
+    from orchestrator.run.checkpoint import load_checkpoint
+    from orchestrator.run.loop import train_loop
+    from orchestrator.run.session import LocalSession
     from tests.test_parallel import _train_rank
 
     def run(folder, **extra):
@@ -178,7 +188,10 @@ def test_fp16_run_resumes_with_its_loss_scale(tmp_path):
 def test_compiled_run_trains_like_the_eager_one(tmp_path):
     """compile: default (inductor; the model compiled in place, so checkpoints keep their
     names) in the fused form: the same losses as eager, to float32 rounding."""
-    from orchestrator.loop import CHECKPOINT_FILE, LocalSession, load_checkpoint, train_loop
+    from orchestrator.results import CHECKPOINT_FILE
+    from orchestrator.run.checkpoint import load_checkpoint
+    from orchestrator.run.loop import train_loop
+    from orchestrator.run.session import LocalSession
 
     runs = {}
     for mode in ("none", "default"):
@@ -203,8 +216,8 @@ def test_a_trial_on_a_gpu_share_is_held_to_it(monkeypatch):
     and running out names the share and what to change."""
     import types
 
-    from orchestrator import worker
-    from orchestrator.loop import OutOfMemory
+    from orchestrator.cluster import worker
+    from orchestrator.errors import OutOfMemory
 
     limits = []
     monkeypatch.setattr(worker.ray, "get_runtime_context", lambda: types.SimpleNamespace(

@@ -5,8 +5,11 @@ import numpy as np
 import pytest
 import yaml
 
-from orchestrator.config import ConfigError, load_study
-from orchestrator.sweep import first_trials, main as sweep_main, planned_trials
+from orchestrator.errors import ConfigError
+from orchestrator.study.config import load_study
+from orchestrator.study.summary import first_trials
+from orchestrator.study.trials import planned_trials
+from orchestrator.sweep import main as sweep_main
 
 SPACES = Path(__file__).parent.parent / "search_spaces"
 SMOKE = yaml.safe_load((SPACES / "smoke.yaml").read_text())
@@ -110,7 +113,7 @@ def test_trial_config_merges_train_fixed_and_sampled():
 
 
 def test_a_relative_sqlite_uri_is_the_database_in_the_starting_folder(tmp_path, monkeypatch):
-    from orchestrator.tracking import artifact_location
+    from orchestrator.study.mlflow_client import artifact_location
 
     monkeypatch.chdir(tmp_path)
     study = load_study(SPACES / "smoke.yaml", ["mlflow.tracking_uri=sqlite:///runs/mlflow.db"])
@@ -190,7 +193,7 @@ def test_bad_parallel_layouts_in_studies(tmp_path, changes, message):
 def test_searcher_state_survives_save_and_restore(tmp_path):
     """What Tune does on resume: a fresh searcher restored from the saved one continues where
     it stopped, never repeating a trial (n0 and TPE)."""
-    from orchestrator.searchers import build_searcher
+    from orchestrator.study.searchers import build_searcher
 
     for sampler in ("n0", "tpe"):
         study = load_study(SPACES / "depth_vs_k.yaml", [f"searcher.sampler={sampler}"])
@@ -209,8 +212,8 @@ def test_sweep_end_logs_n0_to_the_parent_run(tmp_path, capsys):
     """The end of a pair study (no Ray): n0 printed, report and n0 metrics in MLflow."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.sweep import report_n0
-    from orchestrator.tracking import StudyRun
+    from orchestrator.study.summary import report_n0
+    from orchestrator.study.tracking import StudyRun
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     study = load_study(SPACES / "paper_table2.yaml", [f"mlflow.tracking_uri={uri}"])
@@ -238,3 +241,36 @@ def test_sweep_end_logs_n0_to_the_parent_run(tmp_path, capsys):
     assert run.data.tags["n0"].startswith("n0: 2") and run.data.tags["n0_search"]
     logged = {a.path for a in MlflowClient(uri).list_artifacts(parent.run_id, "report")}
     assert "report/report.md" in logged and "report/difference_vs_depth.png" in logged
+
+
+def test_the_sampler_registry_is_the_one_list_of_samplers():
+    """searcher.sampler accepts exactly n0 and the registry's Optuna samplers, and each entry
+    builds a searcher that suggests a trial of the study."""
+    from typing import get_args
+
+    from orchestrator.study.samplers import OPTUNA_SAMPLERS
+    from orchestrator.study.searchers import build_searcher
+    from orchestrator.study.settings import SearcherSettings
+
+    allowed = set(get_args(SearcherSettings.model_fields["sampler"].annotation))
+    assert allowed == {"n0", *OPTUNA_SAMPLERS}
+    for name in OPTUNA_SAMPLERS:
+        lr = "space.lr={type: categorical, choices: [0.1, 0.05]}"
+        study = load_study(SPACES / "smoke.yaml", [f"searcher.sampler={name}", lr])
+        suggestion = build_searcher(study).suggest("t0")
+        assert suggestion["arch"] in {c.name for c in study.feasible()}
+        assert suggestion["lr"] in (0.1, 0.05) and suggestion["seed"] in study.seeds
+
+
+
+def test_one_outcome_for_every_reader():
+    """The summary, the tracker and the searchers read a trial's outcome through outcome()."""
+    from orchestrator.results import DIVERGED, outcome, trained, training_flops
+
+    done = {"epoch": 5, "epochs_total": 5, "test_error": 0.3}
+    assert outcome(done) == "done" and trained("done")
+    assert outcome({**done, "epoch": 2}) == "stopped" and trained("stopped")
+    assert outcome({DIVERGED: "loss became non-finite at step 4"}) == "diverged"
+    assert outcome(done, errored=True) == "failed" and outcome(None) == "failed"
+    assert not trained("diverged") and not trained("failed")
+    assert training_flops(1e6, steps=10, batch_size=128) == 3 * 1e6 * 10 * 128

@@ -4,8 +4,11 @@ import json
 import pytest
 import torch
 
-from orchestrator.config import TrainConfig
-from orchestrator.loop import CHECKPOINT_FILE, LocalSession, load_checkpoint, train_loop
+from orchestrator.results import CHECKPOINT_FILE
+from orchestrator.run.checkpoint import load_checkpoint
+from orchestrator.run.config import TrainConfig
+from orchestrator.run.loop import train_loop
+from orchestrator.run.session import LocalSession
 from orchestrator.train import main as train_main
 
 TINY = dict(dataset="synthetic", architecture=dict(depth=8, k=2), train_size=256,
@@ -125,12 +128,11 @@ def test_cli_trains_and_resumes(tmp_path, capsys, monkeypatch):
 
 
 def test_interrupted_before_any_checkpoint_says_so(tmp_path, capsys, monkeypatch):
-    import orchestrator.train as train
 
     def interrupt(cfg, session):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "train_loop", interrupt)
+    monkeypatch.setattr("orchestrator.run.loop.train_loop", interrupt)
     assert train_main(["--dataset", "synthetic", "--depth", "8", "--checkpoint-dir",
                        str(tmp_path / "ck")]) == 130
     err = capsys.readouterr().err
@@ -233,7 +235,7 @@ def test_real_cifar10_learns(cifar10_dir, tmp_path):
 def test_a_save_clears_what_a_killed_writer_left(tmp_path):
     """A writer SIGKILLed mid-save leaves its temporary file; the next save removes it (the
     checkpoint itself is only ever replaced by a complete, fsynced file)."""
-    from orchestrator.loop import save_atomic
+    from orchestrator.run.checkpoint import save_atomic
 
     stale = tmp_path / f".{CHECKPOINT_FILE}.tmp-99999"
     stale.write_bytes(b"half a checkpoint")
@@ -243,6 +245,6 @@ def test_a_save_clears_what_a_killed_writer_left(tmp_path):
 
 
 def test_every_command_takes_debug():
-    from models.summary import main as summary_main
+    from orchestrator.summary import main as summary_main
 
     assert summary_main(["--depth", "20", "--k", "4", "--debug"]) == 0

@@ -1,10 +1,12 @@
 """Data x pipeline x branch parallelism for Multi-ResNet, applied from outside the model.
+May import models and orchestrator.run.config; nothing here knows Ray.
 
 mesh.py      the degrees as one DeviceMesh (pp outermost, dp, bp innermost)
 branch.py    each rank keeps its share of every block's k functions; f/g autograd operators
 pipeline.py  consecutive blocks as pipeline stages balanced by FLOPs (torch.distributed.pipelining)
-sharded.py   one rank's view: the local model, forward/backward, evaluation, canonical checkpoints
+engine.py    one rank's engine: the local model, forward/backward, evaluation, canonical checkpoints
+process_group.py  joining the ranks, with every listener on the address the ranks use
 """
-from orchestrator.parallel.sharded import ShardedModel
+from orchestrator.parallel.engine import RankEngine
 
-__all__ = ["ShardedModel"]
+__all__ = ["RankEngine"]

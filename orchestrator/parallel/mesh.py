@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from orchestrator.config import ParallelConfig
+from orchestrator.run.config import ParallelConfig
 
 DIMS = ("pp", "dp", "bp")
 

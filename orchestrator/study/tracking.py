@@ -3,41 +3,34 @@
 Everything is written from the sweep's driver process through `MlflowClient` with explicit run
 ids (workers never talk to MLflow), so a resumed sweep reopens the same parent and the same
 children: the parent's id is kept in the study's results folder, children are found by their
-`trial_id` tag, and epochs already logged are not logged twice.
+`trial_id` tag, and epochs already logged are not logged twice. `finished_trials` reads a study
+back for the report.
 """
 from __future__ import annotations
 
+import logging
 import math
-import os
 import subprocess
-import sys
 import time
-from collections import deque
 from collections.abc import Callable
-from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from urllib.parse import urlparse
 
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from ray.tune import Callback
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
 from models.summary import summarize
-from orchestrator.config import StudyConfig, TrainConfig
+from orchestrator.errors import ReportError
+from orchestrator.results import DIVERGED, EPOCH_METRICS, STOPPED, outcome
+from orchestrator.run.config import TrainConfig
+from orchestrator.study.config import StudyConfig
+from orchestrator.study.mlflow_client import (all_runs, artifact_location, connect, outbox,
+                                              sqlite_path)
 
-EPOCH_METRICS = ("train_loss", "train_error", "test_error", "lr", "images_per_s", "epoch_time_s",
-                 "train_gflops")
-
-
-# One quick try per request: the reachability check fails fast, and while a server is down the
-# outbox holds updates back instead of blocking Tune's loop in MLflow's long retries.
-QUICK_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-
-
-class TrackingError(RuntimeError):
-    """The tracking server cannot be used; the message says what to check."""
+log = logging.getLogger(__name__)
 
 
 def package_versions() -> dict[str, str]:
@@ -56,149 +49,6 @@ def git_commit(folder: Path | None = None) -> str:
                               capture_output=True, text=True, timeout=5).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-SCHEMES = {"", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks"}
-
-
-def check_scheme(tracking_uri: str) -> None:
-    scheme = urlparse(tracking_uri).scheme
-    if scheme not in SCHEMES:
-        raise TrackingError(f"tracking URI {tracking_uri}: unknown scheme {scheme!r}; use "
-                            f"sqlite:///PATH/mlflow.db or http://HOST:PORT of an mlflow server")
-
-
-def connect(tracking_uri: str) -> MlflowClient:
-    """A client for `tracking_uri`, checked to answer (quickly: one try, 10 s) before anything is
-    trained."""
-    check_scheme(tracking_uri)
-    try:
-        with quick_http():
-            client = MlflowClient(tracking_uri)
-            client.search_experiments(max_results=1)
-    except Exception as exc:
-        raise TrackingError(f"MLflow at {tracking_uri} cannot be used ({type(exc).__name__}); "
-                            f"start the server or pass another --tracking-uri") from None
-    return client
-
-
-@contextmanager
-def quick_http():
-    saved = {k: os.environ.get(k) for k in QUICK_HTTP}
-    os.environ.update({k: v for k, v in QUICK_HTTP.items() if saved[k] is None})
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-
-
-def retryable(exc: Exception) -> bool:
-    """Unreachable, timed out or a server error: an outage, worth another try. A 4xx answer, or
-    any other exception (a bug in the update), is not: retrying would hold back every later
-    update."""
-    import requests
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(exc, MlflowException):
-        return exc.get_http_status_code() >= 500
-    return isinstance(exc, (requests.exceptions.RequestException, ConnectionError,
-                            TimeoutError))
-
-
-def all_runs(client: MlflowClient, experiment_ids: list[str], filter_string: str = "",
-             order_by: list[str] | None = None) -> list:
-    """Every matching run: search_runs answers in pages of at most 1,000."""
-    runs, token = [], None
-    while True:
-        page = client.search_runs(experiment_ids, filter_string, max_results=1000,
-                                  order_by=order_by, page_token=token)
-        runs += page
-        token = page.token
-        if not token:
-            return runs
-
-
-class Outbox:
-    """The sweep's MLflow updates, delivered in order; held back while MLflow cannot be reached.
-
-    Training never waits on MLflow: a failed update stays queued with everything after it and is
-    retried with the next update (at most every `retry_s`), and at the end of the sweep
-    (`drain`). One outbox per tracking URI in the sweep's driver process, shared by the parent
-    run and the trial tracker (which Tune re-creates on restore), so their order is kept."""
-
-    retry_s = 20.0
-
-    def __init__(self, tracking_uri: str):
-        self.tracking_uri = tracking_uri
-        self.pending: deque[tuple[str, Callable[[], object]]] = deque()
-        self.next_try = 0.0
-        self.down_since: float | None = None
-
-    def put(self, what: str, update: Callable[[], object]) -> None:
-        self.pending.append((what, update))
-        self.flush()
-
-    def flush(self) -> bool:
-        """Deliver what is queued (unless a recent try failed); True when nothing is left."""
-        if time.time() < self.next_try:
-            return False
-        while self.pending:
-            what, update = self.pending[0]
-            try:
-                with quick_http():
-                    update()
-            except Exception as exc:
-                if not retryable(exc):  # reported at once; the updates after it go on
-                    print(f"warning: MLflow update {what} failed ({type(exc).__name__}: "
-                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); "
-                          f"skipped", file=sys.stderr)
-                    self.pending.popleft()
-                    continue
-                if self.down_since is None:
-                    self.down_since = time.time()
-                    print(f"warning: MLflow at {self.tracking_uri} unreachable "
-                          f"({type(exc).__name__}); training goes on, updates are held and "
-                          f"delivered when it answers", file=sys.stderr)
-                self.next_try = time.time() + self.retry_s
-                return False
-            self.pending.popleft()
-        if self.down_since is not None:
-            print(f"MLflow at {self.tracking_uri} answers again after "
-                  f"{time.time() - self.down_since:.0f} s; held updates delivered", file=sys.stderr)
-            self.down_since = None
-        return True
-
-    def drain(self, wait_s: float) -> list[str]:
-        """Keep trying for up to `wait_s` seconds; return what could not be delivered."""
-        deadline = time.time() + wait_s
-        while True:
-            self.next_try = 0.0
-            if self.flush() or time.time() >= deadline:
-                return [what for what, _ in self.pending]
-            time.sleep(min(self.retry_s, deadline - time.time()))
-
-
-OUTBOXES: dict[str, Outbox] = {}
-
-
-def outbox(tracking_uri: str) -> Outbox:
-    return OUTBOXES.setdefault(tracking_uri, Outbox(tracking_uri))
-
-
-def sqlite_path(tracking_uri: str) -> Path | None:
-    """The database file of a `sqlite:///PATH` URI."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return None
-    return Path(tracking_uri.removeprefix("sqlite:///"))
-
-
-def artifact_location(tracking_uri: str) -> str | None:
-    """Beside a sqlite database, artifacts go to its folder (not to ./mlruns of whatever folder
-    the sweep started in); servers and other stores keep their own default."""
-    database = sqlite_path(tracking_uri)
-    return None if database is None else (database.parent / "mlartifacts").as_uri()
 
 
 def run_name(cfg: TrainConfig) -> str:
@@ -273,9 +123,9 @@ class StudyRun:
         if lost:
             path = self.results_dir / "mlflow_undelivered.txt"
             path.write_text("".join(f"{what}\n" for what in lost))
-            print(f"warning: MLflow at {uri} did not answer; {len(lost)} updates were not "
-                  f"delivered (listed in {path}); every trial's results are in "
-                  f"{self.results_dir}", file=sys.stderr)
+            log.warning(f"MLflow at {uri} did not answer; {len(lost)} updates were not "
+                        f"delivered (listed in {path}); every trial's results are in "
+                        f"{self.results_dir}")
 
 
 class TrialTracker(Callback):
@@ -322,8 +172,8 @@ class TrialTracker(Callback):
         # brings it back), so that each trial of the study has one run.
         known = {trial.trial_id for trial in trials}
         for trial_id in [t for t in self.logged if t not in known]:
-            print(f"warning: trial {trial_id} started after the study was last saved; it runs "
-                  f"again as a new trial and its MLflow run is deleted", file=sys.stderr)
+            log.warning(f"trial {trial_id} started after the study was last saved; it runs "
+                        f"again as a new trial and its MLflow run is deleted")
             self.put(trial_id, "forgotten", lambda run_id: self.client.set_tag(
                 run_id, "forgotten", "started after the study was last saved; trained again "
                                      "as a new trial of the restored study"))
@@ -368,7 +218,7 @@ class TrialTracker(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         trial_id = trial.trial_id
-        if not self.tracked(trial_id) or result.get("diverged"):
+        if not self.tracked(trial_id) or result.get(DIVERGED):
             return
         epoch = int(result.get("epoch", 0))
         if epoch <= self.logged[trial_id]:
@@ -387,8 +237,8 @@ class TrialTracker(Callback):
         self.ended.add(trial_id)
         last = trial.last_result or {}
         client = self.client
-        if last.get("diverged"):
-            self.fail(trial_id, last["diverged"])
+        if last.get(DIVERGED):
+            self.fail(trial_id, last[DIVERGED])
             return
         final = {"final_test_error": last.get("test_error"),
                  "best_test_error": last.get("best_test_error"),
@@ -398,8 +248,8 @@ class TrialTracker(Callback):
         metrics = [Metric(k, float(v), now, 0) for k, v in final.items() if v is not None]
         self.put(trial_id, "final metrics", lambda run_id: client.log_batch(run_id,
                                                                             metrics=metrics))
-        stopped_early = last.get("epoch", 0) < last.get("epochs_total", 0)
-        checkpoint = last.get("checkpoint_path")
+        stopped_early = outcome(last) == STOPPED
+        checkpoint = last.get(CHECKPOINT_PATH_KEY)
         if stopped_early:
             note = f"scheduler stopped it after epoch {last.get('epoch')}"
             self.put(trial_id, "stop", lambda run_id: client.set_tag(run_id, "stopped_early",
@@ -428,3 +278,43 @@ def failure_reason(trial) -> str:
     text = Path(path).read_text() if path and Path(path).is_file() else ""
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1][:500] if lines else "trial failed"
+
+
+def finished_trials(tracking_uri: str, experiment: str, parent_id: str | None = None):
+    """(runs table, per-epoch test error histories, parent run id) of a study's finished trials
+    (the latest study of the experiment unless `parent_id`), for the report."""
+    import pandas as pd
+
+    database = sqlite_path(tracking_uri)
+    if database is not None and not database.is_file():
+        raise ReportError(f"no MLflow database at {database}; run the study there first or "
+                          f"pass its --tracking-uri")
+    client = connect(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ReportError(f"no MLflow experiment {experiment!r} at {tracking_uri}; check "
+                          f"--experiment and --tracking-uri")
+    found = all_runs(client, [exp.experiment_id], order_by=["attributes.start_time DESC"])
+    parents = [r for r in found if MLFLOW_PARENT_RUN_ID not in r.data.tags]
+    if parent_id is None:
+        if not parents:
+            raise ReportError(f"experiment {experiment!r} has no study run")
+        parent_id = parents[0].info.run_id
+    rows, histories = [], {}
+    for run in found:
+        tags, params = run.data.tags, run.data.params
+        if (tags.get(MLFLOW_PARENT_RUN_ID) != parent_id
+                or "final_test_error" not in run.data.metrics):
+            continue  # other sweeps, pruned, failed or unfinished trials
+        if "stopped_early" in tags:
+            continue  # a trial stopped by ASHA is not a finished training
+        rows.append({"depth": int(params["arch.depth"]), "k": int(params["arch.k"]),
+                     "width": int(params["arch.width"]), "params": int(params["params"]),
+                     "seed": int(params["seed"]), "flops": int(params["flops"]),
+                     "test_error": 100 * run.data.metrics["final_test_error"],
+                     "name": tags.get("architecture", "")})
+        history = client.get_metric_history(run.info.run_id, "test_error")
+        histories[run.info.run_id] = (rows[-1], sorted((m.step, 100 * m.value) for m in history))
+    if not rows:
+        raise ReportError(f"no finished trials under study run {parent_id}")
+    return pd.DataFrame(rows), histories, parent_id

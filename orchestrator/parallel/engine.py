@@ -1,12 +1,12 @@
 """One rank's share of a Multi-ResNet under a data x pipeline x branch mesh.
 
-`ShardedModel` builds the plain model, shards it from outside (branch.py, pipeline.py) and runs
+`RankEngine` builds the plain model, shards it from outside (branch.py, pipeline.py) and runs
 what depends on the sharding: forward and backward whose gradients equal those of one process
 that splits the global batch the same way (dp replicas x micro-batches, each normalised by its own
 BatchNorm statistics), the collectives that keep replicas identical, the global gradient norm,
 evaluation, and checkpoints in the canonical single-device layout. The training step around it
-(precision, optimizer, clipping, metrics) is `orchestrator.step.TrainingStep`. With every degree 1
-it is simply the model.
+(precision, optimizer, clipping, metrics) is `orchestrator.run.step.TrainingStep`. With every
+degree 1 it is simply the model.
 """
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ import torch.nn.functional as F
 
 from models.blocks import set_fused
 from models.multi_resnet import create_model
-from orchestrator.config import TrainConfig
 from orchestrator.parallel.branch import apply_branch_parallel
 from orchestrator.parallel.mesh import build_mesh
 from orchestrator.parallel.pipeline import build_schedule, keep_stage
+from orchestrator.run.config import TrainConfig
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 LossScale = Callable[[torch.Tensor], torch.Tensor] | None
@@ -36,7 +36,7 @@ class ReplicaMismatch(RuntimeError):
     """Parameters that should be identical across ranks are not."""
 
 
-class ShardedModel:
+class RankEngine:
     def __init__(self, cfg: TrainConfig, device: torch.device):
         self.cfg, self.device, p = cfg, device, cfg.parallel
         self.mesh = build_mesh(p, device)

@@ -1,6 +1,6 @@
 """The training step: one object owns everything between two batches.
 
-    zero_grad -> forward/backward of this rank's share (ShardedModel) under the precision
+    zero_grad -> forward/backward of this rank's share (RankEngine) under the precision
     policy -> gradients averaged over data-parallel replicas -> loss scale undone (fp16) ->
     optional clipping -> optimizer and LR step -> BatchNorm statistics averaged over replicas
 
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from orchestrator.config import TrainConfig
-from orchestrator.parallel import ShardedModel
+from orchestrator.parallel import RankEngine
+from orchestrator.run.config import TrainConfig
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_MODES = {"default": "default", "cudagraphs": "reduce-overhead"}
@@ -65,19 +65,19 @@ def build_scaler(device: torch.device, world: int):
 
 
 class TrainingStep:
-    def __init__(self, cfg: TrainConfig, sharded: ShardedModel, total_steps: int):
+    def __init__(self, cfg: TrainConfig, engine: RankEngine, total_steps: int):
         if "auto" in (cfg.device, cfg.precision, cfg.compile, cfg.execution):
             raise ValueError("TrainingStep needs a resolved config (TrainConfig.resolved)")
-        self.cfg, self.sharded, device = cfg, sharded, sharded.device
+        self.cfg, self.engine, device = cfg, engine, engine.device
         self.batch_size = cfg.batch_size
         dtype = AUTOCAST_DTYPES[cfg.precision]
         self._autocast = functools.partial(torch.autocast, device.type, dtype=dtype) if dtype \
             else contextlib.nullcontext
-        self.optimizer, self.scheduler = build_optimizer(cfg, sharded.model, total_steps)
-        self.scaler = build_scaler(device, sharded.world) if cfg.precision == "fp16" else None
+        self.optimizer, self.scheduler = build_optimizer(cfg, engine.model, total_steps)
+        self.scaler = build_scaler(device, engine.world) if cfg.precision == "fp16" else None
         if cfg.compile != "none":
             # In place: parameter names, and so checkpoints, stay those of the plain model.
-            sharded.model.compile(mode=COMPILE_MODES[cfg.compile])
+            engine.model.compile(mode=COMPILE_MODES[cfg.compile])
         self.graphs = cfg.compile == "cudagraphs"
         self.steps_done = 0
         self._since_read = 0
@@ -100,21 +100,21 @@ class TrainingStep:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """One step on this rank's share of the global batch (x, y)."""
-        sharded, optimizer = self.sharded, self.optimizer
+        engine, optimizer = self.engine, self.optimizer
         optimizer.zero_grad(set_to_none=True)
-        stats = sharded.forward_backward(x, y, self.forward_context,
+        stats = engine.forward_backward(x, y, self.forward_context,
                                          self.scaler.scale if self.scaler else None)
-        sharded.average_gradients()
+        engine.average_gradients()
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
         if self.cfg.grad_clip_norm is not None:
-            sharded.clip_gradients(self.cfg.grad_clip_norm)
+            engine.clip_gradients(self.cfg.grad_clip_norm)
         if self.scaler is not None:
             self.scaler.step(optimizer)  # skipped (on every rank) when a gradient overflowed
             self.scaler.update()
         else:
             optimizer.step()
-        sharded.sync_batchnorm_statistics()
+        engine.sync_batchnorm_statistics()
         self.scheduler.step()
         self._track(stats)
         self.steps_done += 1
@@ -130,8 +130,8 @@ class TrainingStep:
     def read(self) -> Window:
         """The steps since the last read, summed over the mesh; waits for the device."""
         totals, first = self._totals.clone(), self._first_nonfinite.clone()
-        self.sharded.reduce(totals)
-        self.sharded.reduce(first, op=torch.distributed.ReduceOp.MIN)
+        self.engine.reduce(totals)
+        self.engine.reduce(first, op=torch.distributed.ReduceOp.MIN)
         (loss_sum, wrong), first = totals.tolist(), int(first)
         window = Window(self._since_read, self._since_read * self.batch_size, loss_sum, wrong,
                         None if first == NOT_SEEN else first)
@@ -142,7 +142,7 @@ class TrainingStep:
     # ------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict | None:
         """Everything about training a checkpoint holds, on world rank 0 (a collective)."""
-        state = self.sharded.canonical_state(self.optimizer)
+        state = self.engine.canonical_state(self.optimizer)
         if state is not None:
             state.update({"scheduler": self.scheduler.state_dict(), "step": self.steps_done,
                           "precision": self.cfg.precision})
@@ -151,7 +151,7 @@ class TrainingStep:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.sharded.load_canonical(state, self.optimizer)
+        self.engine.load_canonical(state, self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         for group in self.optimizer.param_groups:
             group["lr"] = self.scheduler.get_last_lr()[0]

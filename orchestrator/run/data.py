@@ -1,5 +1,6 @@
-"""Datasets: CIFAR-10/100 from their standard python layouts, synthetic CIFAR-shaped data, ImageNet
-folders.
+"""Datasets: CIFAR-10/100 from their standard python layouts and synthetic CIFAR-shaped data, one
+`DATASETS` entry each (adding a dataset is one entry: classes, normalisation, the architecture
+family its nets are built for, and a loader).
 
 CIFAR is held whole as one uint8 tensor and augmented in batches on the training device (the
 airbench approach): normalise with the per-channel means and stds of the original Torch code,
@@ -11,22 +12,20 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import pickle
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
-# Means and stds (0-255 scale) of fb.resnet.torch's CIFAR loaders, which the paper's code used.
-NORMALIZATION = {
-    "cifar10": ((125.3, 123.0, 113.9), (63.0, 62.1, 66.7)),
-    "cifar100": ((129.3, 124.1, 112.4), (68.2, 65.4, 70.4)),
-    "synthetic": ((127.5, 127.5, 127.5), (64.0, 64.0, 64.0)),
-}
+from orchestrator.errors import DataError
+
+log = logging.getLogger(__name__)
+
 LAYOUT = {
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
                 "labels"),
@@ -43,13 +42,6 @@ OFFICIAL_MD5 = {
     "train": "16019d7e3df5f24257cddd939b257f8d",
     "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
 }
-CLASSES = {"cifar10": 10, "cifar100": 100, "synthetic": 10}
-
-
-class DataError(RuntimeError):
-    """A dataset that is missing, unreadable or malformed; the message says how to fix it."""
-
-
 @dataclass
 class Split:
     images: torch.Tensor  # uint8, (N, 3, 32, 32)
@@ -130,17 +122,17 @@ def load_cifar(name: str, data_dir: str | Path, download: bool = True) -> tuple[
         parts = [_read_batch(folder / f, label_key) for f in files]
         for f, (_, batch_labels, _) in zip(files, parts):
             if len(batch_labels) and not 0 <= batch_labels.min() <= batch_labels.max() < \
-                    CLASSES[name]:
+                    DATASETS[name].classes:
                 raise DataError(f"{folder / f}: labels from {batch_labels.min()} to "
-                                f"{batch_labels.max()}, not 0..{CLASSES[name] - 1}; download "
-                                f"{name} again into {data_dir}")
+                                f"{batch_labels.max()}, not 0..{DATASETS[name].classes - 1}; "
+                                f"download {name} again into {data_dir}")
         images = torch.from_numpy(np.concatenate([p[0] for p in parts]))
         labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))
         splits.append(Split(images, labels))
         unofficial += [f for f, p in zip(files, parts) if not p[2]]
     if unofficial:
-        warnings.warn(f"{folder}: {', '.join(unofficial)} differ from the official release (md5); "
-                      f"errors may not match published numbers", stacklevel=2)
+        log.warning(f"{folder}: {', '.join(unofficial)} differ from the official release (md5); "
+                    f"errors may not match published numbers")
     return splits[0], splits[1]
 
 
@@ -163,15 +155,45 @@ def synthetic_cifar(train_size: int = 2048, test_size: int = 512, num_classes: i
     return make(train_size, 1), make(test_size, 2)
 
 
-def load_dataset(name: str, data_dir: str | Path | None, train_size: int | None = None,
-                 test_size: int | None = None, seed: int = 0) -> tuple[Split, Split]:
-    """Train and test splits for 'cifar10', 'cifar100' or 'synthetic', optionally subset."""
-    if name == "synthetic":
-        train, test = synthetic_cifar(train_size or 2048, test_size or 512, seed=seed)
-    else:
+@dataclass(frozen=True)
+class Dataset:
+    """One dataset a run can train on."""
+    classes: int
+    normalization: tuple[tuple[float, ...], tuple[float, ...]]  # per-channel mean, std (0-255)
+    architecture: str   # the family its nets are built for (stem, head): Architecture.dataset
+    # (data_dir, train_size, test_size, seed) -> (train, test); may download where allowed
+    load: Callable[[Path | None, int | None, int | None, int], tuple[Split, Split]]
+    train_images: int  # in the whole training split (for cost estimates)
+    needs_files: bool = True  # read from data_dir (checked, and fetched, before a study starts)
+
+
+def _cifar(name: str):
+    def load(data_dir, train_size, test_size, seed):
         if data_dir is None:
             raise DataError(f"{name} needs a data dir: pass --data-dir DIR")
-        train, test = load_cifar(name, data_dir)
+        return load_cifar(name, data_dir)
+    return load
+
+
+# Means and stds of fb.resnet.torch's CIFAR loaders, which the paper's code used.
+DATASETS: dict[str, Dataset] = {
+    "cifar10": Dataset(10, ((125.3, 123.0, 113.9), (63.0, 62.1, 66.7)), "cifar10",
+                       _cifar("cifar10"), 50_000),
+    "cifar100": Dataset(100, ((129.3, 124.1, 112.4), (68.2, 65.4, 70.4)), "cifar100",
+                        _cifar("cifar100"), 50_000),
+    "synthetic": Dataset(10, ((127.5, 127.5, 127.5), (64.0, 64.0, 64.0)), "cifar10",
+                         lambda data_dir, train_size, test_size, seed: synthetic_cifar(
+                             train_size or 2048, test_size or 512, seed=seed),
+                         2048, needs_files=False),
+}
+
+
+def load_dataset(name: str, data_dir: str | Path | None, train_size: int | None = None,
+                 test_size: int | None = None, seed: int = 0) -> tuple[Split, Split]:
+    """Train and test splits of a `DATASETS` entry, optionally the first N of each."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)}")
+    train, test = DATASETS[name].load(data_dir, train_size, test_size, seed)
     return train.subset(train_size), test.subset(test_size)
 
 
@@ -191,7 +213,7 @@ class Batches:
         if batch_size % self.shard_count:
             raise ValueError(f"batch size {batch_size} is not divisible by {self.shard_count} "
                              f"data-parallel replicas")
-        mean, std = NORMALIZATION[dataset]
+        mean, std = DATASETS[dataset].normalization
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
         self.images = split.images.to(self.device)
@@ -231,31 +253,3 @@ def augment(x: torch.Tensor, flip: torch.Tensor, shift: torch.Tensor, pad: int =
     batch = torch.arange(n, device=x.device)[:, None, None, None]
     chans = torch.arange(c, device=x.device)[None, :, None, None]
     return padded[batch, chans, rows, cols]
-
-
-IMAGENET_NORMALIZATION = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-
-
-def imagenet_loaders(data_dir: str | Path, batch_size: int, workers: int = 8,
-                     shard: tuple[int, int] = (0, 1)):
-    """Train and val DataLoaders over torchvision's ImageFolder layout (`train/<class>/*.JPEG`,
-    `val/<class>/*.JPEG`): scale and aspect-ratio augmentation, 224x224 crops, as fb.resnet.torch.
-    Too large to hold in memory, ImageNet is decoded by worker processes instead."""
-    from torch.utils.data import DataLoader, DistributedSampler
-    from torchvision import datasets, transforms
-
-    root = Path(data_dir)
-    for split in ("train", "val"):
-        if not (root / split).is_dir():
-            raise DataError(f"ImageNet not found: expected {root / split}/<class>/<images>")
-    normalize = transforms.Normalize(*IMAGENET_NORMALIZATION)
-    train = datasets.ImageFolder(root / "train", transforms.Compose([
-        transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(), normalize]))
-    val = datasets.ImageFolder(root / "val", transforms.Compose([
-        transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(), normalize]))
-    index, count = shard
-    sampler = DistributedSampler(train, count, index, shuffle=True) if count > 1 else None
-    return (DataLoader(train, batch_size // count, shuffle=sampler is None, sampler=sampler,
-                       num_workers=workers, drop_last=True, pin_memory=True),
-            DataLoader(val, batch_size, num_workers=workers, pin_memory=True))

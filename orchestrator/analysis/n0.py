@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from orchestrator.errors import ReportError
+
 COLUMNS = ["depth", "k", "width", "params", "seed", "test_error"]
 CONFIG = ["depth", "k", "width", "params"]
 
@@ -202,10 +204,15 @@ def pareto_front(points: pd.DataFrame, x: str = "flops", y: str = "test_error") 
 
 
 def read_csv(path) -> pd.DataFrame:
-    runs = pd.read_csv(path)
+    """Runs from a CSV with the COLUMNS (test_error in percent), every cell checked."""
+    try:
+        runs = pd.read_csv(path)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise ReportError(f"{path} is not a readable CSV ({type(exc).__name__}); give a CSV "
+                          f"with columns {','.join(COLUMNS)}") from None
     missing = [c for c in COLUMNS if c not in runs]
     if missing:
-        raise ValueError(f"{path}: missing columns {', '.join(missing)}; expected "
+        raise ReportError(f"{path}: missing columns {', '.join(missing)}; expected "
                          f"{','.join(COLUMNS)} (test_error in percent)")
     for column in COLUMNS:  # an empty or non-numeric cell would silently become NaN
         values = pd.to_numeric(runs[column], errors="coerce")
@@ -213,7 +220,7 @@ def read_csv(path) -> pd.DataFrame:
         if len(bad):
             cell = runs[column][bad[0]]
             problem = "is empty" if pd.isna(cell) else f"holds {str(cell)!r}, not a number"
-            raise ValueError(f"{path}: row {bad[0] + 2}, column {column} {problem}; give every "
+            raise ReportError(f"{path}: row {bad[0] + 2}, column {column} {problem}; give every "
                              f"cell a number")
         runs[column] = values
     return runs
@@ -224,60 +231,3 @@ PAPER_TABLE_II = pd.DataFrame([
     (24, 1, 1, 292_954, 0, 7.75), (68, 1, 1, 1_047_450, 0, 6.27), (110, 1, 1, 1_727_962, 0, 6.02),
     (8, 4, 1, 297_146, 0, 9.28), (20, 4, 1, 1_074_874, 0, 6.31), (30, 4, 1, 1_778_362, 0, 5.89),
 ], columns=COLUMNS)
-
-
-# ----------------------------------------------------------------------------- designing pairs
-
-def matched_multi(deep_blocks: tuple[int, ...], factor: int, tolerance: float = 0.03,
-                  width: int = 1) -> tuple[int, ...]:
-    """The paper's construction: the multi-residual net with k=factor and 1/factor of the deep
-    net's blocks per stage (rounded up); then, while its parameters are more than `tolerance`
-    away from the deep net's, the one-block change (remove or add, any stage) that brings them
-    closest, as the paper removed a block to turn (5,5,5) into (5,4,5)."""
-    from models.multi_resnet import Architecture
-    from models.summary import parameter_count
-
-    def gap(blocks) -> float:
-        return abs(parameter_count(Architecture(blocks=blocks, k=factor, width=width)) / target - 1)
-
-    target = parameter_count(Architecture(blocks=tuple(deep_blocks), k=1, width=width))
-    blocks = tuple(-(-n // factor) for n in deep_blocks)
-    while gap(blocks) > tolerance:
-        moves = [tuple(b + (d if i == s else 0) for i, b in enumerate(blocks))
-                 for s in range(len(blocks)) for d in (-1, 1)]
-        best = min((m for m in moves if min(m) >= 1), key=gap)
-        if gap(best) >= gap(blocks):
-            break  # no single block brings it closer
-        blocks = best
-    return blocks
-
-
-def deep_for_budget(budget: float, width: int = 1) -> tuple[int, ...]:
-    """The k=1 net with near-uniform stages (later stages never longer) closest to `budget`."""
-    from models.multi_resnet import Architecture
-    from models.summary import parameter_count
-
-    best = None
-    for n in range(1, 200):
-        for cut in ((0, 0, 0), (0, 0, 1), (0, 1, 1)):
-            blocks = tuple(n - c for c in cut)
-            if min(blocks) < 1:
-                continue
-            p = parameter_count(Architecture(blocks=blocks, k=1, width=width))
-            gap = abs(p - budget) / budget
-            if best is None or gap < best[0]:
-                best = (gap, blocks)
-            if p > 2 * budget:
-                return best[1]
-    return best[1]
-
-
-def generate_pairs(budgets: list[float], factors: list[int], width: int = 1
-                   ) -> list[tuple[tuple[int, ...], tuple[int, ...], int]]:
-    """(deep blocks, multi blocks, k) for each budget and factor."""
-    out = []
-    for budget in budgets:
-        deep = deep_for_budget(budget, width)
-        for c in factors:
-            out.append((deep, matched_multi(deep, c, width=width), c))
-    return out

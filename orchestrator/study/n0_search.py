@@ -1,162 +1,21 @@
-"""Searchers of a study, as Ray Tune `Searcher`s: each trial they suggest is one architecture
-(by name, `arch`), its recipe values and one replicate seed.
-
-- `ReplicateSearch`: an Optuna sampler (TPE, random, grid through Ray Tune's `OptunaSearch`)
-  chooses configurations; each gets the study's seeds in turn. A configuration whose seeds are
-  all taken (finished, running or queued) is not trained again: Optuna is told what it gave (or
-  that it is still running) and asked again.
-- `N0Search`: trains matched pairs where they most narrow the interval of n0 (`N0Policy`), and
-  stops when the interval is narrow enough.
-
-Both keep their whole state in `save`/`restore`, which Tune calls with its experiment state, so a
-resumed study (`Tuner.restore`) never repeats a trial.
-"""
+"""The n0 searcher: which matched pair (and seed) to train next so that the interval of n0 narrows
+fastest, and when to stop. `N0Policy` is pure (no Ray; bench/n0_search.py replays it on
+published numbers); `N0Search` is the same policy as a Ray Tune searcher."""
 from __future__ import annotations
 
-import json
 import math
-import pickle
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 from ray.tune.search import Searcher
 
-from orchestrator.analysis import (N0, crossing_draws, estimate_n0, interval,
-                                   pair_differences)
-from orchestrator.config import Pair, StudyConfig
+from orchestrator.analysis.n0 import N0, crossing_draws, estimate_n0, interval, pair_differences
+from orchestrator.results import DIVERGED, DONE
+from orchestrator.study.config import StudyConfig
+from orchestrator.study.pairs import Pair
+from orchestrator.study.searchers import WAIT, Stateful
 
-WAIT = None  # Tune asks again later
-
-
-class Stateful(Searcher):
-    """Save and restore everything the searcher holds (Tune calls these with its own state)."""
-
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__dict__, f)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
-
-    def set_search_properties(self, metric, mode, config, **spec) -> bool:
-        return True  # set at construction from the study
-
-
-# ----------------------------------------------------------------------------- replicates
-
-def config_key(config: dict) -> str:
-    """A trial's configuration without its seed, as a stable string."""
-    return json.dumps({k: v for k, v in sorted(config.items()) if k != "seed"}, default=str)
-
-
-class ReplicateSearch(Stateful):
-    """An Optuna sampler over the study's feasible configurations; seeds are replicates."""
-
-    attempts = 200  # proposals of already-taken configurations before the space counts as done
-
-    def __init__(self, optuna_search, seeds: list[int], metric, mode):
-        super().__init__(metric=metric, mode=mode)
-        self.optuna, self.seeds = optuna_search, list(seeds)
-        self.taken: dict[str, tuple[str, int]] = {}       # trial id -> (configuration, seed)
-        self.optuna_id: dict[str, str] = {}               # trial id -> Optuna's trial id
-        self.results: dict[str, list[dict]] = {}          # configuration -> finished results
-        self.asked = 0
-
-    def suggest(self, trial_id: str):
-        if self.optuna is None:  # nothing to choose: the one configuration, seed after seed
-            return self.claim(trial_id, trial_id, {}, None)
-        for _ in range(self.attempts):
-            self.asked += 1
-            ask_id = f"ask{self.asked}"
-            config = self.optuna.suggest(ask_id)
-            if config in (None, Searcher.FINISHED):
-                return config
-            suggestion = self.claim(trial_id, ask_id, config, config.get("seed"))
-            if suggestion is not Searcher.FINISHED:
-                return suggestion
-            # Taken: Optuna learns what this configuration gave, or that it is still running.
-            done = self.results.get(config_key(config))
-            self.optuna.on_trial_complete(ask_id, result=done[-1] if done else None,
-                                          error=not done)
-        return Searcher.FINISHED
-
-    def claim(self, trial_id: str, ask_id: str, config: dict, seed: int | None):
-        key = config_key(config)
-        used = {s for k, s in self.taken.values() if k == key}
-        if seed is None:  # replicates: the next seed this configuration has not had
-            seed = next((s for s in self.seeds if s not in used), None)
-        if seed is None or seed in used:
-            return Searcher.FINISHED
-        self.taken[trial_id] = (key, seed)
-        self.optuna_id[trial_id] = ask_id
-        return {**config, "seed": seed}
-
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if self.optuna is not None and trial_id in self.optuna_id:
-            self.optuna.on_trial_result(self.optuna_id[trial_id], result)
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None,
-                          error: bool = False) -> None:
-        if trial_id not in self.taken:
-            return
-        if result and not error and "diverged" not in result:
-            self.results.setdefault(self.taken[trial_id][0], []).append(result)
-        if self.optuna is not None:
-            self.optuna.on_trial_complete(self.optuna_id[trial_id], result=result, error=error)
-
-
-def build_replicate_search(study: StudyConfig) -> ReplicateSearch:
-    """An Optuna sampler (seeded) as the Ray Tune searcher, over `study.searched()`; the grid
-    sampler's grid holds the seeds too (every configuration with every seed)."""
-    import optuna.distributions as d
-
-    from orchestrator.config import FloatRange, IntRange
-
-    s = study.searcher
-    metrics = [o.metric for o in s.objectives]
-    modes = [o.mode for o in s.objectives]
-    metric, mode = (metrics[0], modes[0]) if len(metrics) == 1 else (metrics, modes)
-    searched = study.searched()
-    if not searched:
-        return ReplicateSearch(None, study.seeds, metric, mode)
-    space = {}
-    for key, dist in searched.items():
-        if isinstance(dist, IntRange):
-            space[key] = d.IntDistribution(dist.low, dist.high, step=dist.step, log=dist.log)
-        elif isinstance(dist, FloatRange):
-            space[key] = d.FloatDistribution(dist.low, dist.high, log=dist.log)
-        else:
-            space[key] = d.CategoricalDistribution([json_safe(c) for c in dist.choices])
-    return replicate_search(space, study.seeds, s.sampler, s.seed, metric, mode)
-
-
-def replicate_search(space: dict, seeds: list[int], sampler: str, sampler_seed: int, metric,
-                     mode) -> ReplicateSearch:
-    """`space`: Optuna distributions by key. The grid sampler's grid holds the seeds too."""
-    import optuna
-    import optuna.distributions as d
-    from ray.tune.search.optuna import OptunaSearch
-
-    if sampler == "tpe":
-        chosen = optuna.samplers.TPESampler(seed=sampler_seed)
-    elif sampler == "random":
-        chosen = optuna.samplers.RandomSampler(seed=sampler_seed)
-    else:
-        space = {**space, "seed": d.CategoricalDistribution(seeds)}
-        grid = {k: list(v.choices) if isinstance(v, d.CategoricalDistribution)
-                else list(range(v.low, v.high + 1, v.step)) for k, v in space.items()}
-        chosen = optuna.samplers.GridSampler(grid, seed=sampler_seed)
-    return ReplicateSearch(OptunaSearch(space=space, metric=metric, mode=mode, sampler=chosen),
-                           seeds, metric, mode)
-
-
-def json_safe(value):
-    return tuple(value) if isinstance(value, list) else value
-
-
-# ----------------------------------------------------------------------------- n0
 
 @dataclass
 class N0Policy:
@@ -338,7 +197,7 @@ def search_verdict(study: StudyConfig, rows: list[dict]) -> str | None:
     policy = n0_policy(study)
     for row in rows:
         error = row["final_test_error"]
-        ok = row["status"] == "done" and error is not None
+        ok = row["status"] == DONE and error is not None
         policy.observe(row["architecture"], row["seed"], 100 * error if ok else float("nan"))
     policy.opened = {i for i, pair in enumerate(policy.pairs)
                      if any(name in (pair.deep, pair.multi) for name, _ in policy.taken)}
@@ -368,12 +227,6 @@ class N0Search(Stateful):
                           error: bool = False) -> None:
         if trial_id not in self.trials:
             return
-        ok = result and not error and "diverged" not in result and "test_error" in result
+        ok = result and not error and DIVERGED not in result and "test_error" in result
         self.policy.observe(*self.trials[trial_id],
                             100 * result["test_error"] if ok else float("nan"))
-
-
-def build_searcher(study: StudyConfig) -> Searcher:
-    if study.searcher.sampler == "n0":
-        return N0Search(n0_policy(study))
-    return build_replicate_search(study)

@@ -1,5 +1,5 @@
 """Run a function on N local processes joined into one process group, without Ray: for the
-parity tests and the parallel benchmark (gloo on CPU; nccl with one GPU per process)."""
+parity tests and bench/parallel_bench.py (gloo on CPU; nccl with one GPU per process)."""
 from __future__ import annotations
 
 import socket

@@ -1,0 +1,94 @@
+"""Lesion study: delete one block, or one function of a block, from a trained network at test time
+and measure the test error of each deletion (Veit et al., 2016; the ensemble evidence of the
+paper's Section III). The command is `python -m orchestrator.lesion`.
+
+Deleting a block removes all of its residual functions and keeps its shortcut (and shared
+pre-activation), so the data flow stays intact; in a downsampling block the shortcut is then the
+only path, which is why those deletions hurt more.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
+
+from models.multi_resnet import Architecture, MultiResNet, create_model  # noqa: E402
+from orchestrator.analysis.report import save_figure  # noqa: E402
+from orchestrator.errors import CheckpointError  # noqa: E402
+from orchestrator.run.checkpoint import load_checkpoint  # noqa: E402
+from orchestrator.run.data import Batches  # noqa: E402
+
+
+def load_model(path: Path) -> tuple[MultiResNet, dict]:
+    """The trained network of a checkpoint, and the run config it was trained with."""
+    state = load_checkpoint(path)
+    try:
+        model = create_model(Architecture(**state["architecture"]))
+        model.load_state_dict(state["model"])
+    except (ValidationError, TypeError, RuntimeError) as exc:
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: its model does not match its architecture "
+                              f"({type(exc).__name__}: {first_line}); use an intact "
+                              f"checkpoint") from None
+    return model, state["config"]
+
+
+@torch.no_grad()
+def test_error(model: MultiResNet, batches: Batches) -> float:
+    model.eval()
+    wrong = total = 0
+    for x, y in batches.epoch(0):
+        wrong += (model(x).argmax(1) != y).sum().item()
+        total += len(y)
+    return wrong / total
+
+
+def without(model: MultiResNet, block: str, function: str | None = None) -> MultiResNet:
+    """A copy of `model` without one function of `block`, or without all of them."""
+    lesioned = copy.deepcopy(model)
+    functions = lesioned.blocks[block].functions
+    for key in ([function] if function is not None else list(functions)):
+        del functions[key]
+    return lesioned
+
+
+def lesion_study(model: MultiResNet, batches: Batches) -> pd.DataFrame:
+    rows = [{"deleted": "nothing", "block": None, "function": None, "downsampling": False,
+             "test_error": test_error(model, batches)}]
+    for key, block in model.blocks.items():
+        downsampling = not isinstance(block.shortcut, torch.nn.Identity)
+        rows.append({"deleted": f"block {key}", "block": int(key), "function": None,
+                     "downsampling": downsampling,
+                     "test_error": test_error(without(model, key), batches)})
+        if len(block.functions) > 1:
+            for f in block.functions:
+                rows.append({"deleted": f"block {key} function {f}", "block": int(key),
+                             "function": int(f), "downsampling": downsampling,
+                             "test_error": test_error(without(model, key, f), batches)})
+    return pd.DataFrame(rows)
+
+
+def plot(table: pd.DataFrame, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    full = table.test_error.iloc[0]
+    blocks = table[table.function.isna() & table.block.notna()]
+    functions = table[table.function.notna()]
+    ax.axhline(100 * full, color="grey", lw=1, label="nothing deleted")
+    ax.plot(blocks.block, 100 * blocks.test_error, "o-", label="one block deleted")
+    if len(functions):
+        ax.scatter(functions.block, 100 * functions.test_error, s=12, color="C1",
+                   label="one function deleted")
+    down = blocks[blocks.downsampling]
+    ax.scatter(down.block, 100 * down.test_error, marker="x", color="C3", s=60,
+               label="downsampling block")
+    ax.set_xlabel("block")
+    ax.set_ylabel("test error (%)")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)

@@ -1,0 +1,156 @@
+"""What every command shares: one error convention, logging, and the common flags.
+
+A command module imports only this and argparse at the top; `run_command` parses its flags, then
+loads the heavy libraries (torch, Ray, MLflow: the command's `preload`), then runs its work. So
+`--help` answers at once, and Ctrl-C while the libraries load ends at once in one line (nothing
+has started yet; an interrupt inside an import is otherwise swallowed by some libraries, or
+leaves them half initialised).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import signal
+import sys
+import tempfile
+import threading
+import traceback
+from collections.abc import Callable, Iterable
+
+from orchestrator.errors import UserError
+
+EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 130
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (a redirected or captured stream)."""
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(_Plain())
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
+class _Plain(logging.Formatter):
+    """Info as the message alone; warnings and errors prefixed as `warning: ...`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        return message if record.levelno < logging.WARNING else \
+            f"{record.levelname.lower()}: {message}"
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """The project's diagnostics (logger `orchestrator`) on stderr; debug lines with verbose."""
+    logger = logging.getLogger("orchestrator")
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        logger.addHandler(_Stderr())
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error instead of one line")
+
+
+Advice = Callable[[argparse.Namespace], str] | str
+
+
+def run_command(parser: argparse.ArgumentParser, work: Callable[[argparse.Namespace], int | None],
+                argv: list[str] | None = None, interrupted: Advice = "interrupted",
+                preload: Callable[[argparse.Namespace], Iterable[str]] | Iterable[str] = ()
+                ) -> int:
+    """Parse argv, import the `preload` modules, run the command's work and return its exit
+    status: 0 (or what work returns); for a `UserError`, its one line and its status (2, or 3
+    for out of GPU memory); for Ctrl-C, the `interrupted` advice and 130; for anything else (a
+    bug), "internal error", where the traceback was written, and 1. With --debug, errors raise
+    with their traceback."""
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
+    advice = (lambda: interrupted(args)) if callable(interrupted) else (lambda: interrupted)
+    setup_logging()
+    try:
+        _load(preload(args) if callable(preload) else preload, advice)
+        return work(args) or 0
+    except KeyboardInterrupt:
+        print(advice(), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except UserError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_status
+    except Exception as exc:
+        if debug:
+            raise
+        with tempfile.NamedTemporaryFile("w", prefix="multires-traceback-", suffix=".txt",
+                                         delete=False) as f:
+            traceback.print_exc(file=f)
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        print(f"internal error: {type(exc).__name__}: {first_line}\n(a bug, not your input: the "
+              f"traceback is in {f.name}; please report it)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _load(modules: Iterable[str], advice: Callable[[], str]) -> None:
+    """Import `modules`; Ctrl-C meanwhile prints the advice and exits at once (130)."""
+    if threading.current_thread() is not threading.main_thread():
+        for module in modules:  # signal handlers belong to the main thread
+            importlib.import_module(module)
+        return
+
+    def quit_now(signum, frame):
+        print(advice(), file=sys.stderr, flush=True)
+        os._exit(EXIT_INTERRUPTED)
+
+    previous = signal.signal(signal.SIGINT, quit_now)
+    try:
+        for module in modules:
+            importlib.import_module(module)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def command(parser: Callable[[], argparse.ArgumentParser],
+            work: Callable[[argparse.Namespace], int | None], interrupted: Advice = "interrupted",
+            preload: Callable[[argparse.Namespace], Iterable[str]] | Iterable[str] = ()
+            ) -> Callable[[list[str] | None], int]:
+    """A command's `main(argv=None) -> exit status`, through `run_command`."""
+    def main(argv: list[str] | None = None) -> int:
+        return run_command(parser(), work, argv, interrupted, preload)
+    return main
+
+
+def parse_blocks(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 4,4,3, "
+                                         f"got {text!r}") from None
+
+
+ARCHITECTURE_FLAGS = ("depth", "k", "width", "block", "blocks", "shortcut")
+
+
+def add_architecture_flags(parser) -> None:
+    """The architecture flags of orchestrator.train and orchestrator.summary."""
+    parser.add_argument("--depth", type=int, help="layers along one function (6n+2 basic, 9n+2 "
+                        "bottleneck on CIFAR; 18/34/50/101/152/200 on ImageNet)")
+    parser.add_argument("--k", type=int, help="residual functions per block (default 1)")
+    parser.add_argument("--width", type=int, help="widening factor w (default 1)")
+    parser.add_argument("--block", choices=["basic", "bottleneck"])
+    parser.add_argument("--blocks", type=parse_blocks, help="blocks per stage, e.g. 4,4,3")
+    parser.add_argument("--shortcut", choices=["A", "B"])
+
+
+def architecture_fields(args: argparse.Namespace) -> dict:
+    return {n: getattr(args, n) for n in ARCHITECTURE_FLAGS if getattr(args, n, None) is not None}

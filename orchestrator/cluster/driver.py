@@ -1,0 +1,141 @@
+"""The driver's side of Ray: connect to a cluster (or start a private local one), and a
+`TorchTrainer` whose workers are a run's ranks (`orchestrator.cluster.worker`)."""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+
+# Private: Ray's own process-group backend, reused for everything but the rendezvous.
+from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
+
+from orchestrator.cluster.worker import train_loop_per_worker
+from orchestrator.errors import ConfigError, TrainingDiverged, UserError
+from orchestrator.parallel import process_group
+from orchestrator.results import DIVERGED
+from orchestrator.run.config import TrainConfig
+from orchestrator.run.session import check_outputs
+
+# Ray's loopback-only mode for a single machine (see init_ray).
+LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Connect to the cluster at RAY_ADDRESS (`auto`: the one `ray start` began on this machine;
+    host:port is checked first, as Ray itself waits minutes where nothing answers), or start a
+    private local Ray that listens on 127.0.0.1 only."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if not address:
+        # Ray gives a local node the machine's routable address, and its servers then listen on
+        # every interface; its loopback-only mode (meant for laptops) keeps them on 127.0.0.1.
+        os.environ[LOOPBACK_ONLY] = "0"  # for the processes Ray starts
+        ray._private.ray_constants.ENABLE_RAY_CLUSTER = False  # read when ray was imported
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True)
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        if port.isdigit():
+            socket.create_connection((host, int(port)), timeout=10).close()
+        ray.init(address=address)
+    except Exception as exc:
+        raise ConfigError(f"cannot reach the Ray cluster at RAY_ADDRESS={address} "
+                          f"({type(exc).__name__}); start it, fix the address or unset "
+                          f"RAY_ADDRESS") from None
+
+
+@dataclass
+class ScopedTorchConfig(TorchConfig):
+    """Ray Train's torch process group with its rendezvous store listening on the address the
+    ranks use (127.0.0.1 when a trial's workers share a machine), not on every interface."""
+
+    @property
+    def backend_cls(self):
+        return _ScopedTorchBackend
+
+
+class _ScopedTorchBackend(_TorchBackend):
+    def on_start(self, worker_group, backend_config: TorchConfig):
+        world_size = len(worker_group)
+        if len(set(worker_group.execute(_node_id))) == 1:
+            address = process_group.LOOPBACK
+        else:
+            address = worker_group.execute_single(0, ray.util.get_node_ip_address)
+        gpus = worker_group.get_resources_per_worker().get("GPU", 0)
+        backend = backend_config.backend or ("nccl" if gpus else "gloo")
+        port = worker_group.execute_single(0, process_group.listen, address)
+        worker_group.execute(_set_torch_distributed_env_vars)
+        timeout = datetime.timedelta(seconds=backend_config.timeout_s)
+        ray.get([worker_group.execute_single_async(rank, process_group.join, backend, rank,
+                                                   world_size, address, port, timeout)
+                 for rank in range(world_size)])
+
+
+def _node_id() -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
+def build_trainer(cfg: TrainConfig, *, name: str, storage_path: str, echo: bool,
+                  cpus_per_worker: float = 1, gpus_per_worker: float = 0, max_failures: int = 0,
+                  callbacks: list | None = None):
+    """A TorchTrainer with one worker per rank of cfg.parallel's mesh. The same (storage_path,
+    name) restores the run from its latest checkpoint."""
+    resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"run": cfg.model_dump(mode="json"), "echo": echo},
+        torch_config=ScopedTorchConfig(),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.parallel.world_size,
+                                               use_gpu=gpus_per_worker > 0,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(name=name, storage_path=storage_path,
+                                       callbacks=callbacks or [],
+                                       failure_config=ray.train.FailureConfig(max_failures)))
+
+
+def run_on_ray(cfg: TrainConfig) -> dict:
+    """More than one rank: a local Ray Train run (or on RAY_ADDRESS), one worker per rank."""
+    world = cfg.parallel.world_size
+    init_ray()
+    # One CPU per rank where the machine has them; ranks share CPUs on a smaller machine.
+    cpus_per_worker = min(1.0, ray.cluster_resources().get("CPU", 1) / world)
+    gpus = ray.cluster_resources().get("GPU", 0) if cfg.device != "cpu" else 0
+    gpus_per_worker = 1 if gpus >= world else 0
+    if cfg.data_dir:
+        cfg = cfg.model_copy(update={"data_dir": str(Path(cfg.data_dir).resolve())})
+    if cfg.log_json:
+        cfg = cfg.model_copy(update={"log_json": str(Path(cfg.log_json).resolve())})
+    storage = Path(cfg.checkpoint_dir).resolve() if cfg.checkpoint_dir else \
+        Path(tempfile.mkdtemp(prefix="multires-"))
+    if (storage / "train").exists() and cfg.checkpoint_dir and not cfg.resume:
+        raise ConfigError(f"{storage / 'train'} exists; pass --resume to continue it or choose "
+                          f"another --checkpoint-dir")
+    if cfg.resume and not (storage / "train").exists():
+        raise ConfigError(f"no run to resume in {storage}; run without --resume")
+    check_outputs(cfg, checkpoint_dir=False)  # Ray Train keeps the checkpoints in storage/train
+    trainer = build_trainer(cfg, name="train", storage_path=str(storage), echo=True,
+                            cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
+    try:
+        result = trainer.fit()
+    except ray.train.WorkerGroupError as exc:
+        raise worker_cause(exc) from None
+    if DIVERGED in result.metrics:
+        raise TrainingDiverged(result.metrics[DIVERGED])
+    return result.metrics
+
+
+def worker_cause(exc: Exception) -> Exception:
+    """The first worker's own exception when it is one we explain, else Ray's."""
+    for failure in exc.worker_failures.values():
+        cause = getattr(failure, "cause", None) or failure  # a RayTaskError wraps it
+        if isinstance(cause, UserError):
+            return cause
+    return exc

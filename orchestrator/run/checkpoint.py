@@ -1,0 +1,65 @@
+"""Checkpoints: written whole or not at all, read without running code, checked to belong to the
+run that resumes from them."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from orchestrator.errors import CheckpointError
+from orchestrator.run.config import TrainConfig
+
+# What changes a run's result; a resumed run must keep all of it (the mesh, the execution form
+# and compile mode may change: they compute the same thing).
+RESULT_KEYS = ("dataset", "train_size", "test_size", "epochs", "steps", "batch_size", "lr",
+               "momentum", "nesterov", "weight_decay", "lr_milestones", "lr_gamma",
+               "grad_clip_norm", "seed", "precision", "dtype")
+
+
+def check_same_run(state: dict, cfg: TrainConfig) -> None:
+    if state["architecture"] != cfg.architecture.model_dump(mode="json"):
+        raise CheckpointError(
+            f"the checkpoint holds a different architecture ({state['architecture']}); "
+            f"use a fresh checkpoint dir or the matching architecture flags")
+    saved, now = state["config"], cfg.model_dump(mode="json")
+    changed = [key for key in RESULT_KEYS if key in saved and saved[key] != now[key]]
+    if changed:
+        was = ", ".join(f"{key}={saved[key]}" for key in changed)
+        asked = ", ".join(f"{key}={now[key]}" for key in changed)
+        raise CheckpointError(f"the checkpoint was trained with {was}, this run asks for "
+                              f"{asked}; resume with the checkpoint's values or start a fresh "
+                              f"--checkpoint-dir")
+
+
+def save_atomic(state: dict, path: Path) -> None:
+    """Write to a temporary file, then rename: a crash never leaves a partial checkpoint."""
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # from a writer killed mid-save
+        stale.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# What every checkpoint of this loop holds (TrainingStep.state_dict and the loop's own keys).
+CHECKPOINT_KEYS = ("model", "momentum", "scheduler", "step", "epoch", "best_test_error", "rng",
+                   "metrics", "architecture", "config")
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}); "
+                              f"delete it to start over") from None
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a training checkpoint (it lacks "
+                              f"{', '.join(missing)}); delete it to start over")
+    return state

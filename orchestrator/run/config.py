@@ -1,0 +1,198 @@
+"""The one schema for a training run: data, recipe, architecture, execution.
+
+Every entry point (the `orchestrator.train` flags, YAML files, sweep trials) builds a `TrainConfig`;
+defaults live here and nowhere else. The recipe defaults are the paper's: SGD with Nesterov momentum
+0.9, lr 0.1, weight decay 1e-4, batch 128, lr x0.1 at 50% and 75% of training.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from models.multi_resnet import Architecture
+from orchestrator.errors import ConfigError
+from orchestrator.run.data import DATASETS
+
+# The faster execution form per device type, measured by bench/models_bench.py (bench/RESULTS.md).
+FASTEST_FORM = {"cpu": "reference", "cuda": "fused"}
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic (AMX or AVX512-BF16): there, bf16 training steps ran
+    1.5-1.8x as fast as fp32 (bench/RESULTS.md); elsewhere bf16 is emulated, and slower."""
+    import torch
+
+    try:
+        return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    except AttributeError:  # private helpers of torch.cpu: assume the plain case if they go
+        return False
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ParallelConfig(Strict):
+    """Degrees of the mesh: data x pipeline x branch parallelism (one process each)."""
+
+    dp: int = Field(1, ge=1, description="data-parallel replicas")
+    pp: int = Field(1, ge=1, description="pipeline stages (consecutive blocks, balanced by FLOPs)")
+    bp: int = Field(1, ge=1, description="branch-parallel ranks sharing each block's k functions")
+    microbatches: int = Field(1, ge=1, description="pipeline micro-batches per replica batch")
+    schedule: Literal["gpipe", "1f1b"] = "gpipe"
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.pp * self.bp
+
+    @property
+    def layout(self) -> str:
+        return f"dp={self.dp},pp={self.pp},bp={self.bp},mb={self.microbatches},{self.schedule}"
+
+
+class TrainConfig(Strict):
+    architecture: Architecture = Field(default_factory=lambda: Architecture(depth=20, k=4))
+    dataset: Literal[tuple(DATASETS)] = "cifar10"
+    data_dir: str | None = Field(None, description="folder holding cifar-10-batches-py/ etc.")
+    train_size: int | None = Field(None, ge=1, le=10**9, description="use the first N "
+                                   "training images")
+    test_size: int | None = Field(None, ge=1, le=10**9, description="use the first N test images")
+
+    epochs: int = Field(200, ge=1)
+    steps: int | None = Field(None, ge=1, description="stop after this many steps in total")
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(1e-4, ge=0)
+    lr_milestones: tuple[float, ...] = Field((0.5, 0.75), description="fractions of training")
+    lr_gamma: float = Field(0.1, gt=0)
+    seed: int = Field(0, ge=0)
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    execution: Literal["auto", "reference", "fused"] = Field(
+        "auto", description="auto: the faster form on this device (bench/RESULTS.md)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="autocast dtype of forward and backward (parameters, optimizer and "
+        "BatchNorm statistics stay fp32); fp16 adds a gradient scaler. auto: bf16 on CUDA and "
+        "on CPUs with bf16 arithmetic (AMX, AVX512-BF16), else fp32 (bench/RESULTS.md)")
+    compile: Literal["auto", "none", "default", "cudagraphs"] = Field(
+        "auto", description="torch.compile of the model: default (inductor) or cudagraphs "
+        "(inductor + CUDA graphs, mode reduce-overhead). auto: cudagraphs on CUDA where the "
+        "mesh allows it (pp=1, bp=1), none on CPU")
+    grad_clip_norm: float | None = Field(None, gt=0, description="clip the global gradient "
+                                         "norm to this value")
+    log_every: int = Field(50, ge=1, description="steps between step-log lines; each reads the "
+                           "loss from the device, the steps between run without waiting")
+    channels_last: bool = Field(True, description="NHWC memory format: faster on CPU and GPU "
+                                "(bench/RESULTS.md)")
+
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    dtype: Literal["float32", "float64"] = Field("float32", description="float64 for exactness "
+                                                  "checks of parallel layouts")
+
+    log_json: str | None = None
+    checkpoint_dir: str | None = None
+    resume: bool = False
+
+    @model_validator(mode="after")
+    def _match_architecture_to_dataset(self) -> "TrainConfig":
+        wanted = DATASETS[self.dataset].architecture
+        if self.architecture.dataset != wanted:
+            fields = self.architecture.model_dump(exclude_unset=True)
+            fields["dataset"] = wanted
+            self.architecture = Architecture(**fields)
+        if any(not 0 < m < 1 for m in self.lr_milestones):
+            raise ValueError("lr_milestones must be fractions between 0 and 1, e.g. [0.5, 0.75]")
+        if self.resume and not self.checkpoint_dir:
+            raise ValueError("resume needs checkpoint_dir: pass --checkpoint-dir DIR")
+        p, arch = self.parallel, self.architecture
+        if p.bp > arch.k:
+            raise ValueError(f"parallel.bp={p.bp} exceeds k={arch.k}: each branch-parallel rank "
+                             f"needs at least one function; use bp <= k")
+        if p.pp > sum(arch.stage_blocks):
+            raise ValueError(f"parallel.pp={p.pp} exceeds the {sum(arch.stage_blocks)} blocks; "
+                             f"use pp <= number of blocks")
+        if self.batch_size % (p.dp * p.microbatches):
+            raise ValueError(f"batch_size {self.batch_size} does not split into dp={p.dp} x "
+                             f"microbatches={p.microbatches}; make it a multiple of "
+                             f"{p.dp * p.microbatches}")
+        if p.schedule == "1f1b" and p.pp > 1 and p.microbatches < p.pp:
+            raise ValueError(f"parallel.schedule 1f1b needs microbatches >= pp ({p.pp})")
+        if self.dtype == "float64" and self.precision not in ("auto", "fp32"):
+            raise ValueError(f"precision {self.precision} needs dtype float32; float64 runs "
+                             f"without autocast: use precision fp32")
+        if self.compile not in ("auto", "none") and (p.pp > 1 or p.bp > 1):
+            raise ValueError(f"compile {self.compile} works on meshes without pipeline or branch "
+                             f"parallelism (pp=1, bp=1); use compile: none (or auto)")
+        if self.compile == "cudagraphs" and self.device == "cpu":
+            raise ValueError("compile cudagraphs needs device cuda; on CPU use compile: none or "
+                             "default")
+        return self
+
+    def resolved(self, cuda_available: bool) -> "TrainConfig":
+        """The same run with every `auto` replaced by what runs where CUDA is (not) available:
+        device, execution form, precision and compile mode. This is what a run records."""
+        if self.device == "cuda" and not cuda_available:
+            raise ConfigError("device: cuda requested but no GPU is visible; use device cpu")
+        device = "cuda" if self.device == "auto" and cuda_available else \
+            ("cpu" if self.device == "auto" else self.device)
+        cuda, plain_mesh = device == "cuda", self.parallel.pp == self.parallel.bp == 1
+        update = {"device": device}
+        if self.execution == "auto":
+            update["execution"] = FASTEST_FORM[device]
+        if self.precision == "auto":
+            fast_bf16 = cuda or cpu_computes_bf16()
+            update["precision"] = "bf16" if fast_bf16 and self.dtype == "float32" else "fp32"
+        if self.compile == "auto":
+            update["compile"] = "cudagraphs" if cuda and plain_mesh else "none"
+        if self.compile == "cudagraphs" and not cuda:
+            raise ConfigError("compile: cudagraphs needs a GPU; use compile none or default")
+        return self.model_copy(update=update)
+
+
+def describe(err: ValidationError, prefix: str = "") -> str:
+    """Pydantic errors as one line: `key.path: problem` for each."""
+    parts = []
+    errors = err.errors()
+    # A mapping with `type:` failed as that member of a union: its error is the one to show, not
+    # the other alternatives' ("Input should be a valid integer", ...).
+    unions = {e["loc"][:i] for e in errors for i, part in enumerate(e["loc"])
+              if str(part).startswith("tagged-union[")}
+    for e in errors:
+        cut = next((i for i, part in enumerate(e["loc"])
+                    if str(part).startswith("tagged-union[")), None)
+        if cut is not None:
+            e = {**e, "loc": e["loc"][:cut] + e["loc"][cut + 2:]}
+        elif e["loc"][:-1] in unions:
+            continue
+        loc = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; remove it or check its spelling"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a folder; give the YAML file in it") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file; give a YAML file") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}; fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+    return data

@@ -1,0 +1,145 @@
+"""The training loop: one process, or one rank of a mesh (a Ray Train worker or a local process).
+
+`train_loop(config, session)` knows nothing about where it runs. The session decides where
+metrics, step logs and checkpoints go: `LocalSession` (files, a progress bar) for
+`python -m orchestrator.train`; `orchestrator.cluster.worker.RaySession` reports through
+`ray.train.report`.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Protocol
+
+import torch
+from tqdm import tqdm
+
+from orchestrator.errors import ConfigError, TrainingDiverged
+from orchestrator.parallel import RankEngine
+from orchestrator.run.checkpoint import check_same_run
+from orchestrator.run.config import TrainConfig
+from orchestrator.run.data import DATASETS, Batches, load_dataset
+from orchestrator.run.step import TrainingStep
+
+
+def out_of_memory(cfg: TrainConfig, share: float | None = None) -> str:
+    held = f"its {share:g} share of a GPU" if share else "the GPU"
+    more = ", or raise resources.gpus_per_worker" if share else ""
+    return (f"out of GPU memory: {cfg.architecture.name} at batch_size {cfg.batch_size} does not "
+            f"fit in {held}; lower batch_size, use precision bf16 (or fp16){more}")
+
+
+class Session(Protocol):
+    interactive: bool  # show a progress bar
+
+    def restore(self) -> dict | None: ...
+    def log_step(self, record: dict) -> None: ...
+    def report(self, metrics: dict, state: dict | None) -> None: ...  # state on rank 0 only
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train_loop(cfg: TrainConfig, session: Session) -> dict:
+    """Train `cfg` to the end (or from the session's checkpoint); returns the final metrics.
+
+    Runs as one process, or as one rank of the mesh that `cfg.parallel` describes (every rank
+    calls it; the collectives inside keep them in step)."""
+    cfg = cfg.resolved(torch.cuda.is_available())
+    device = torch.device(cfg.device)
+    train_split, test_split = load_dataset(cfg.dataset, cfg.data_dir, cfg.train_size,
+                                           cfg.test_size, cfg.seed)
+    classes = DATASETS[cfg.dataset].classes
+    if classes != cfg.architecture.num_classes:
+        raise ConfigError(f"{cfg.dataset} has {classes} classes, the architecture "
+                          f"{cfg.architecture.num_classes}")
+    engine = RankEngine(cfg, device)
+    p = cfg.parallel
+    train_batches = Batches(train_split, cfg.dataset, cfg.batch_size, device, train=True,
+                            seed=cfg.seed, shard=(engine.mesh.dp_rank, p.dp),
+                            channels_last=cfg.channels_last)
+    # Pipeline stages and CUDA graphs keep the shapes of the first step: evaluate in batches of
+    # the training size there.
+    fixed_shapes = p.pp > 1 or cfg.compile != "none"
+    test_size = cfg.batch_size if fixed_shapes else max(cfg.batch_size, 256)
+    test_batches = Batches(test_split, cfg.dataset, test_size, device, train=False,
+                           channels_last=cfg.channels_last)
+    if len(train_batches) == 0:
+        raise ConfigError(f"train_size {len(train_split)} is smaller than one batch "
+                          f"({cfg.batch_size}); raise train_size or lower batch_size")
+
+    per_epoch = len(train_batches)
+    total_steps = min(cfg.steps or math.inf, cfg.epochs * per_epoch)
+    epochs = math.ceil(total_steps / per_epoch)
+    train_step = TrainingStep(cfg, engine, total_steps)
+
+    start_epoch, best = 0, math.inf
+    state = session.restore()
+    if state is not None:
+        check_same_run(state, cfg)
+        train_step.load_state_dict(state)
+        start_epoch, best = state["epoch"], state["best_test_error"]
+        set_rng_state(state["rng"])
+
+    metrics: dict = state["metrics"] if state is not None else {}
+    for epoch in range(start_epoch, epochs):
+        started = time.perf_counter()
+        engine.model.train()
+        seen = loss_sum = wrong = 0.0
+        steps_this_epoch = min(per_epoch, total_steps - epoch * per_epoch)
+        bar = tqdm(total=steps_this_epoch, desc=f"epoch {epoch + 1}/{epochs}", unit="step",
+                   disable=not session.interactive, leave=False, file=sys.stderr)
+        for i, (x, y) in enumerate(train_batches.epoch(epoch)):
+            if i == steps_this_epoch:
+                break
+            lr = train_step.lr  # the rate this step uses
+            train_step(x, y)
+            bar.update()
+            if (i + 1) % cfg.log_every and i + 1 < steps_this_epoch:
+                continue  # the device runs ahead; nothing is read back until the next log line
+            window = train_step.read()
+            if window.first_nonfinite is not None:
+                raise TrainingDiverged(
+                    f"loss became non-finite at step {window.first_nonfinite} (epoch "
+                    f"{(window.first_nonfinite - 1) // per_epoch + 1}); lower the learning rate")
+            seen, loss_sum, wrong = seen + window.images, loss_sum + window.loss_sum, \
+                wrong + window.wrong
+            session.log_step({"kind": "step", "step": train_step.steps_done, "epoch": epoch + 1,
+                              "loss": window.loss, "lr": lr})
+            bar.set_postfix(loss=f"{window.loss:.3f}", refresh=False)
+        bar.close()
+        train_time = time.perf_counter() - started
+        engine.check_replicas()
+        test_error = engine.evaluate(test_batches, train_step.forward_context)
+        best = min(best, test_error)
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / seen,
+            "train_error": wrong / seen,
+            "test_error": test_error,
+            "best_test_error": best,
+            "lr": train_step.lr,
+            "images_per_s": seen / train_time,
+            "epoch_time_s": time.perf_counter() - started,
+            "step": train_step.steps_done,
+            "epochs_total": epochs,
+        }
+        state = train_step.state_dict()  # a collective; the full state on rank 0
+        if state is not None:
+            state.update({
+                "epoch": epoch + 1, "best_test_error": best, "rng": rng_state(),
+                "metrics": metrics, "architecture": cfg.architecture.model_dump(mode="json"),
+                "config": cfg.model_dump(mode="json")})
+        session.report(metrics, state)
+    return metrics

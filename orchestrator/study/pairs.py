@@ -1,0 +1,97 @@
+"""Matched pairs as the paper builds them: a k=1 net and the k>1 net of about the same parameters.
+`PairDesign` is a study's `pairs:` key; the functions construct the nets."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import Field, model_validator
+
+from models.multi_resnet import Architecture
+from models.summary import parameter_count
+from orchestrator.run.config import Strict
+
+
+class PairDesign(Strict):
+    """Matched pairs as in the paper: a k=1 net and the net with k=factor functions and about
+    the same parameters (`matched_multi` below). Give the deep nets' per-stage
+    blocks, or parameter budgets to pick them."""
+    deep: list[tuple[int, int, int]] | None = None
+    budgets: list[float] | None = None
+    factors: list[int] = Field(default_factory=lambda: [4], min_length=1)
+    width: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "PairDesign":
+        if (self.deep is None) == (self.budgets is None):
+            raise ValueError("pairs: give either deep (per-stage blocks) or budgets (parameters)")
+        if any(c < 2 for c in self.factors):
+            raise ValueError("pairs.factors: each factor must be at least 2")
+        return self
+
+    def configurations(self) -> list[dict]:
+        deeps = self.deep or [deep_for_budget(b, self.width) for b in self.budgets]
+        out = []
+        for deep in deeps:
+            out.append({"blocks": list(deep), "k": 1, "width": self.width})
+            for c in self.factors:
+                out.append({"blocks": list(matched_multi(tuple(deep), c, width=self.width)),
+                            "k": c, "width": self.width})
+        return out
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A k=1 net and the k>1 net of about the same parameters; `depth` is the latter's."""
+    deep: str
+    multi: str
+    depth: int
+
+
+
+def matched_multi(deep_blocks: tuple[int, ...], factor: int, tolerance: float = 0.03,
+                  width: int = 1) -> tuple[int, ...]:
+    """The paper's construction: the multi-residual net with k=factor and 1/factor of the deep
+    net's blocks per stage (rounded up); then, while its parameters are more than `tolerance`
+    away from the deep net's, the one-block change (remove or add, any stage) that brings them
+    closest, as the paper removed a block to turn (5,5,5) into (5,4,5)."""
+    def gap(blocks) -> float:
+        return abs(parameter_count(Architecture(blocks=blocks, k=factor, width=width)) / target - 1)
+
+    target = parameter_count(Architecture(blocks=tuple(deep_blocks), k=1, width=width))
+    blocks = tuple(-(-n // factor) for n in deep_blocks)
+    while gap(blocks) > tolerance:
+        moves = [tuple(b + (d if i == s else 0) for i, b in enumerate(blocks))
+                 for s in range(len(blocks)) for d in (-1, 1)]
+        best = min((m for m in moves if min(m) >= 1), key=gap)
+        if gap(best) >= gap(blocks):
+            break  # no single block brings it closer
+        blocks = best
+    return blocks
+
+
+def deep_for_budget(budget: float, width: int = 1) -> tuple[int, ...]:
+    """The k=1 net with near-uniform stages (later stages never longer) closest to `budget`."""
+    best = None
+    for n in range(1, 200):
+        for cut in ((0, 0, 0), (0, 0, 1), (0, 1, 1)):
+            blocks = tuple(n - c for c in cut)
+            if min(blocks) < 1:
+                continue
+            p = parameter_count(Architecture(blocks=blocks, k=1, width=width))
+            gap = abs(p - budget) / budget
+            if best is None or gap < best[0]:
+                best = (gap, blocks)
+            if p > 2 * budget:
+                return best[1]
+    return best[1]
+
+
+def generate_pairs(budgets: list[float], factors: list[int], width: int = 1
+                   ) -> list[tuple[tuple[int, ...], tuple[int, ...], int]]:
+    """(deep blocks, multi blocks, k) for each budget and factor."""
+    out = []
+    for budget in budgets:
+        deep = deep_for_budget(budget, width)
+        for c in factors:
+            out.append((deep, matched_multi(deep, c, width=width), c))
+    return out

@@ -1,0 +1,130 @@
+"""The parts of a study file below the study itself: search ranges, budget, searcher, n0 rules,
+trial scheduler, resources and MLflow settings."""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from models.multi_resnet import Architecture
+from orchestrator.results import OBJECTIVE_METRICS
+from orchestrator.run.config import Strict
+from orchestrator.study.samplers import OPTUNA_SAMPLERS
+
+ARCH_KEYS = set(Architecture.model_fields) - {"dataset"}
+RECIPE_KEYS = {"lr", "weight_decay", "momentum", "batch_size", "epochs", "nesterov"}
+
+
+class Range(Strict):
+    """low..high (a log scale needs low > 0), checked where Optuna would check it: at load."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Range":
+        if self.low > self.high:
+            raise ValueError(f"low {self.low} is above high {self.high}; swap them")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log: true needs low > 0 (got {self.low}); raise low or drop log")
+        return self
+
+
+class IntRange(Range):
+    type: Literal["int"]
+    low: int
+    high: int
+    step: int = Field(1, ge=1)
+    log: bool = False
+
+    def values(self) -> range:  # a range: its length is known without building the list
+        return range(self.low, self.high + 1, self.step)
+
+    @model_validator(mode="after")
+    def _log_step(self) -> "IntRange":
+        if self.log and self.step != 1:
+            raise ValueError("log: true takes step 1 only; drop step or log")
+        return self
+
+
+class FloatRange(Range):
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+
+
+class Choice(Strict):
+    type: Literal["categorical"] = "categorical"
+    choices: list[Any] = Field(min_length=1)
+
+
+Distribution = Annotated[IntRange | FloatRange | Choice, Field(discriminator="type")]
+
+
+class Budget(Strict):
+    """Architectures whose parameter count falls outside [min_params, max_params] are not part
+    of the study's space: never sampled, listed in the dry run and the parent run."""
+    min_params: int | None = Field(None, ge=0)
+    max_params: int | None = Field(None, ge=1)
+
+    def reason(self, params: int) -> str | None:
+        if self.min_params is not None and params < self.min_params:
+            return f"{params:,} parameters < min_params {self.min_params:,}"
+        if self.max_params is not None and params > self.max_params:
+            return f"{params:,} parameters > max_params {self.max_params:,}"
+        return None
+
+
+class Objective(Strict):
+    metric: Literal[OBJECTIVE_METRICS] = "test_error"
+    mode: Literal["min", "max"] = "min"
+
+
+class SearcherSettings(Strict):
+    sampler: Literal[("n0", *OPTUNA_SAMPLERS)] = Field(
+        "tpe", description="n0: matched pairs chosen to narrow n0 (orchestrator.study.n0_search); "
+        "tpe, random, grid: Optuna's samplers over the feasible architectures")
+    seed: int = 0
+    objectives: list[Objective] = Field(default_factory=lambda: [Objective()], min_length=1)
+
+
+class N0Settings(Strict):
+    """How the n0 searcher decides (searcher.sampler: n0)."""
+    target_width: float = Field(6.0, gt=0, description="stop once the 95% interval of n0 is "
+                                "narrower than this many layers")
+    min_seeds: int = Field(2, ge=1, description="seeds each configuration of a pair gets when "
+                           "the pair is first trained")
+    pair_tolerance: float = Field(0.1, gt=0, lt=1, description="largest relative parameter gap "
+                                  "between the two nets of a pair")
+
+
+class TrialSchedulerSettings(Strict):
+    type: Literal["none", "asha"] = "none"
+    grace_period: int = Field(1, ge=1, description="epochs before a trial can be stopped")
+    reduction_factor: float = Field(3, gt=1)
+
+
+class Resources(Strict):
+    workers: int | None = Field(None, ge=1, description="Ray Train workers per trial; default "
+                                "and only valid value: parallel.dp x pp x bp")
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0, description="a fraction (e.g. 0.25) packs trials "
+                                   "on a GPU, each held to that share of its memory")
+    driver_cpus: float = Field(0.1, gt=0, description="the trial driver only waits on workers")
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _whole_or_fraction(cls, gpus: float) -> float:
+        if gpus > 1 and gpus != int(gpus):
+            raise ValueError(f"{gpus} GPUs: give a fraction up to 1 (trials share a GPU) or a "
+                             f"whole number")
+        return gpus
+    max_failures: int = Field(0, ge=-1, description="restarts per trial from its last "
+                              "checkpoint: of its workers (Ray Train) and of the trial (Tune, "
+                              "when its driver's node is lost); -1: no limit")
+
+
+class MlflowSettings(Strict):
+    experiment: str | None = Field(None, description="default: the study name")
+    tracking_uri: str | None = Field(None, description="default: sqlite:///<cwd>/mlflow.db")
+    log_checkpoint: bool = Field(False, description="log each trial's final checkpoint")
+    outage_wait_s: float = Field(300, ge=0, description="at the end of a sweep, how long to wait "
+                                 "for an unreachable MLflow before listing what it did not get")

@@ -1,0 +1,167 @@
+"""What a study shows: the dry run's first trials, and at the end the summary table, the best
+run and the n0 report (printed, written to the results folder, logged to the parent run)."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from orchestrator.results import DONE, outcome, trained, training_flops
+from orchestrator.run.data import DATASETS
+from orchestrator.study.config import StudyConfig
+from orchestrator.study.trials import planned_trials
+
+
+def estimated_cost(study: StudyConfig, flops: int) -> float:
+    """Training FLOPs of one trial: every image of every epoch (or `steps`)."""
+    train = study.train
+    train_size = train.train_size or DATASETS[train.dataset].train_images
+    steps = train.epochs * (train_size // train.batch_size)
+    if train.steps:
+        steps = min(steps, train.steps)
+    return training_flops(flops, steps, train.batch_size)
+
+
+def first_trials(study: StudyConfig, count: int) -> list[dict]:
+    """What the searcher would start first, before any result comes back."""
+    from orchestrator.study.searchers import build_searcher
+
+    searcher = build_searcher(study)
+    out = []
+    for i in range(count):
+        suggestion = searcher.suggest(f"dry{i}")
+        if not isinstance(suggestion, dict):
+            break
+        out.append(suggestion)
+    return out
+
+
+def dry_run(study: StudyConfig, count: int) -> None:
+    from models.summary import summarize
+
+    feasible, excluded = study.feasible(), study.excluded()
+    print(f"study {study.name}: {len(feasible)} architectures in the budget, "
+          f"{len(excluded)} outside it (never sampled)")
+    if excluded:
+        print_table([{"outside the budget": c.name, "why": c.excluded} for c in excluded])
+    rows = []
+    trials = first_trials(study, count)
+    for sampled in trials:
+        cfg = study.trial_config(sampled)
+        info = summarize(cfg.architecture)
+        rows.append({"architecture": cfg.architecture.name, "seed": cfg.seed,
+                     **{k: v for k, v in sampled.items() if k not in ("arch", "seed")},
+                     "params": f"{info['params']:,}",
+                     "GFLOPs/img": f"{info['flops'] / 1e9:.3f}",
+                     "train PFLOPs": f"{estimated_cost(study, info['flops']) / 1e15:.2f}"})
+    if study.searcher.sampler == "n0":
+        pairs = ", ".join(f"{p.deep} / {p.multi}" for p in study.pairs_to_train())
+        print(f"matched pairs (k=1 / k>1): {pairs}")
+    waits = len(trials) < count and study.searcher.sampler == "n0"
+    print(f"\nat most {planned_trials(study)} trials, sampler {study.searcher.sampler} (seed "
+          f"{study.searcher.seed}), seeds {study.seeds}; the first {len(rows)}"
+          f"{' (then it waits for their results)' if waits else ''}:")
+    print_table(rows)
+
+
+def print_table(rows: list[dict]) -> None:
+    import pandas as pd
+
+    if rows:
+        print(pd.DataFrame(rows).to_string(index=False))
+
+
+def summarize_results(results, study: StudyConfig) -> list[dict]:
+    from models.summary import summarize
+
+    rows = []
+    for result in results:
+        if result.config is None:
+            continue  # a trial that never started (interrupted)
+        m = result.metrics or {}
+        cfg = study.trial_config(result.config)
+        info = summarize(cfg.architecture)
+        status = outcome(m, errored=bool(result.error))
+        rows.append({
+            "trial": m.get("trial_id", "?"), "architecture": study.candidate(result.config).name,
+            "seed": cfg.seed, "depth": cfg.architecture.total_depth, "k": cfg.architecture.k,
+            "width": cfg.architecture.width, "params": info["params"], "flops": info["flops"],
+            "epochs": m.get("epoch", 0), "best_test_error": m.get("best_test_error"),
+            "final_test_error": m.get("test_error"),
+            "time_s": round(m.get("time_total_s", 0.0), 1), "status": status,
+            "history": epoch_history(result.metrics_dataframe)})
+    return rows
+
+
+def epoch_history(frame):
+    """(epoch, test error) per epoch of a trial, or None when it reported none."""
+    if frame is None or not {"epoch", "test_error"} <= set(frame.columns):
+        return None
+    return frame[["epoch", "test_error"]].dropna()
+
+
+def report_summary(rows: list[dict], study: StudyConfig, parent, results_dir: Path) -> None:
+    import pandas as pd
+    from mlflow.entities import Metric
+
+    from orchestrator.study.tracking import outbox
+
+    table = pd.DataFrame(rows).drop(columns=["history"]).sort_values("best_test_error",
+                                                                      na_position="last")
+    print("\n" + table.to_string(index=False))
+    finished = table[table["status"].map(trained)]
+    client, run_id, send = parent.client, parent.run_id, outbox(study.tracking_uri()).put
+    summary_csv = table.to_csv(index=False)
+    send("summary.csv", lambda: client.log_text(run_id, summary_csv, "summary.csv"))
+    study_metrics = {"trials_trained": len(finished)}
+    if len(finished):
+        best = finished.iloc[0]
+        study_metrics["best_test_error"] = float(best["best_test_error"])
+        best_json = json.loads(best.to_json())
+        send("best.json", lambda: client.log_dict(run_id, best_json, "best.json"))
+        print(f"\nbest: {best['architecture']} seed {best['seed']} ({best['params']:,} params): "
+              f"test error {100 * best['best_test_error']:.2f}%")
+    now = int(time.time() * 1000)
+    send("study metrics", lambda: client.log_batch(
+        run_id, metrics=[Metric(k, v, now, 0) for k, v in study_metrics.items()]))
+    print(f"results: {results_dir}\nMLflow: {study.tracking_uri()} experiment "
+          f"'{study.experiment_name}', parent run {run_id} (compare with `mlflow ui "
+          f"--backend-store-uri {study.tracking_uri()}`)")
+
+
+def report_n0(rows: list[dict], study: StudyConfig, parent, results_dir: Path,
+              verdict: str | None) -> None:
+    """Where the trials pair up: n0 as `orchestrator.report` gives it, printed, written to
+    results/STUDY/report/ and logged to the parent run (report.md, figures, n0 metrics)."""
+    import pandas as pd
+    from mlflow.entities import Metric, RunTag
+
+    from orchestrator.analysis.n0 import find_pairs
+    from orchestrator.analysis.report import build_report, show
+    from orchestrator.study.tracking import outbox
+
+    done = [r for r in rows if r["status"] == DONE and r["final_test_error"] is not None]
+    keys = ["depth", "k", "width", "params", "seed", "flops"]
+    runs = pd.DataFrame([{**{k: r[k] for k in keys}, "name": r["architecture"],
+                          "test_error": 100 * r["final_test_error"]} for r in done])
+    if runs.empty or not find_pairs(runs, study.n0.pair_tolerance):
+        return
+    histories = {r["trial"]: ({k: r[k] for k in keys},
+                              [(int(e), 100 * v) for e, v in r["history"].itertuples(index=False)])
+                 for r in done if r["history"] is not None}
+    n0, path = build_report(runs, results_dir / "report", f"Deeper or wider: {study.name}",
+                            histories, tolerance=study.n0.pair_tolerance)
+    print()
+    show(path, n0)
+    if verdict:
+        print(f"n0 search: {verdict}")
+    client, run_id, send = parent.client, parent.run_id, outbox(study.tracking_uri()).put
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, v, now, 0) for k, v in
+               (("n0", n0.value), ("n0_low", n0.low), ("n0_high", n0.high))
+               if v is not None and math.isfinite(v)]
+    folder = str(path.parent)
+    send("report", lambda: client.log_artifacts(run_id, folder, "report"))
+    send("n0 metrics", lambda: client.log_batch(run_id, metrics=metrics, tags=[
+        RunTag("n0", n0.line())] + ([RunTag("n0_search", verdict)] if verdict else [])))

@@ -1,0 +1,165 @@
+"""A study as Ray Tune trials of Ray Train runs, tracked in MLflow.
+
+Study file -> StudyConfig -> Tuner(searcher, trial scheduler) -> trial driver -> TorchTrainer ->
+workers (`orchestrator.cluster.worker`) -> ray.train.report -> Tune -> MLflow (`tracking`).
+Running the same command again after Ctrl-C (or with --resume) continues the study with
+`Tuner.restore`: finished trials are kept, unfinished ones resume from their last checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from orchestrator.errors import ConfigError
+from orchestrator.results import trained
+from orchestrator.run.data import DATASETS
+from orchestrator.study.config import StudyConfig
+from orchestrator.study.trials import planned_trials
+
+STATE_FILE = "multires_study.json"
+log = logging.getLogger(__name__)
+
+
+def start_ray(study: StudyConfig) -> int:
+    """Connect to RAY_ADDRESS or start a local Ray; return how many trials fit at once."""
+    import ray
+
+    from orchestrator.cluster.driver import init_ray
+
+    init_ray()
+    total = ray.cluster_resources()
+    res = study.resources
+    cpus, gpus = total.get("CPU", 0), total.get("GPU", 0)
+    if res.workers * res.cpus_per_worker + res.driver_cpus > cpus:
+        raise ConfigError(f"resources.workers: {res.workers} workers x {res.cpus_per_worker} CPUs "
+                          f"(+{res.driver_cpus} for the trial driver) exceed the cluster's "
+                          f"{cpus:g} CPUs; lower resources.workers or resources.cpus_per_worker")
+    if res.workers * res.gpus_per_worker > gpus:
+        raise ConfigError(f"resources.gpus_per_worker: {res.workers} x {res.gpus_per_worker} GPUs "
+                          f"exceed the cluster's {gpus:g}; lower it or add GPU nodes")
+    fit = int(cpus // (res.workers * res.cpus_per_worker + res.driver_cpus))
+    if res.gpus_per_worker:
+        fit = min(fit, int(gpus // (res.workers * res.gpus_per_worker)))
+    return max(1, min(study.concurrency, fit))
+
+
+def resolve_paths(study: StudyConfig) -> StudyConfig:
+    """Make every path absolute (trials run in other folders, or on other machines) and fetch
+    the dataset once, before any trial starts."""
+    train = study.train
+    if DATASETS[train.dataset].needs_files:
+        data_dir = str(Path(train.data_dir or "data").expanduser().resolve())
+        # Downloads when absent and online; checks the files.
+        DATASETS[train.dataset].load(data_dir, None, None, train.seed)
+        train = train.model_copy(update={"data_dir": data_dir})
+    mlflow = study.mlflow.model_copy(update={"tracking_uri": study.tracking_uri()})
+    return study.model_copy(update={"train": train, "mlflow": mlflow,
+                                    "storage_path": str(study.storage_dir())})
+
+
+def config_hash(study: StudyConfig) -> str:
+    return hashlib.sha256(json.dumps(study.model_dump(mode="json"), sort_keys=True).encode()
+                          ).hexdigest()[:16]
+
+
+def read_state(results_dir: Path) -> dict | None:
+    path = results_dir / STATE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run(study: StudyConfig, study_text: str, resume: bool) -> int:
+    from ray.tune import Tuner
+
+    from orchestrator.study.mlflow_client import check_scheme, connect
+    from orchestrator.study.summary import report_n0, report_summary, summarize_results
+    from orchestrator.study.tracking import StudyRun
+
+    check_scheme(study.tracking_uri())
+    study = resolve_paths(study)  # the data checked before anything is started
+    concurrency = start_ray(study)
+    results_dir = study.storage_dir() / study.name
+    state = read_state(results_dir)
+    digest = config_hash(study)
+    restoring = state is not None and Tuner.can_restore(str(results_dir))
+    if resume and not restoring:
+        raise ConfigError(f"nothing to resume in {results_dir}; run without --resume")
+    if state is not None and state["config_hash"] != digest:
+        raise ConfigError(f"{results_dir} holds study {study.name} with a different "
+                          f"configuration; use another --storage-path or remove that folder")
+
+    parent = StudyRun(connect(study.tracking_uri()), study)
+    # A driver killed before Tune first saved its state leaves a parent run and nothing to
+    # restore: the fresh start continues that parent run instead of leaving it RUNNING.
+    parent.open(state and state["parent_run_id"], results_dir, study_text)
+    try:
+        results = fit(study, results_dir, restoring, parent, digest, concurrency)
+    except BaseException as exc:
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        parent.close("KILLED" if interrupted else "FAILED",
+                     0 if interrupted else study.mlflow.outage_wait_s)
+        raise
+    ended = results.num_terminated + results.num_errors
+    rows = summarize_results(results, study)
+    verdict = None
+    if ended < len(rows):  # trials that never ended: interrupted
+        interrupted = True
+    elif study.searcher.sampler == "n0":
+        from orchestrator.study.n0_search import search_verdict
+
+        verdict = search_verdict(study, rows)  # None: the search wanted more trials
+        interrupted = verdict is None
+    else:
+        interrupted = ended < planned_trials(study)
+    if interrupted:
+        parent.close("KILLED", study.mlflow.outage_wait_s)
+        log.warning(f"sweep interrupted after {ended} trials; run the same command again (or "
+                    f"add --resume) to continue")
+        return 130
+    report_summary(rows, study, parent, results_dir)
+    report_n0(rows, study, parent, results_dir, verdict)
+    parent.close("FINISHED", study.mlflow.outage_wait_s)
+    return 0 if any(trained(r["status"]) for r in rows) else 1
+
+
+def fit(study: StudyConfig, results_dir: Path, restoring: bool, parent, digest: str,
+        concurrency: int):
+    import ray.tune
+    from ray.tune import Tuner
+
+    from orchestrator.study.searchers import build_searcher
+    from orchestrator.study.tracking import TrialTracker
+    from orchestrator.study.trials import build_scheduler, trial_driver
+
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(trial_driver,
+                                 study_data=study.model_dump(mode="json", exclude_unset=True)),
+        {"cpu": study.resources.driver_cpus})
+    if restoring:
+        log.info(f"resuming study {study.name} from {results_dir}")
+        # The MLflow tracker and the searcher's state come back with the experiment (see
+        # TrialTracker.__reduce__ and orchestrator.study.searchers).
+        tuner = Tuner.restore(str(results_dir), trainable=trainable, resume_unfinished=True,
+                              resume_errored=False, restart_errored=False)
+    else:
+        results_dir.mkdir(parents=True, exist_ok=True)
+        staged = results_dir / f".{STATE_FILE}.tmp"
+        staged.write_text(json.dumps(
+            {"parent_run_id": parent.run_id, "config_hash": digest,
+             "tracking_uri": study.tracking_uri(), "experiment": study.experiment_name}))
+        staged.replace(results_dir / STATE_FILE)  # whole or absent, even if killed here
+        tracker = TrialTracker(study.tracking_uri(), study, parent.experiment_id, parent.run_id,
+                               layout=study.parallel.layout)
+        tuner = Tuner(
+            trainable,
+            tune_config=ray.tune.TuneConfig(
+                search_alg=build_searcher(study), scheduler=build_scheduler(study),
+                num_samples=planned_trials(study), max_concurrent_trials=concurrency),
+            run_config=ray.tune.RunConfig(
+                name=study.name, storage_path=str(study.storage_dir()), callbacks=[tracker],
+                # A trial whose driver's node was lost restarts from its last checkpoint too.
+                failure_config=ray.tune.FailureConfig(
+                    max_failures=study.resources.max_failures)),
+        )
+    return tuner.fit()

@@ -1,0 +1,79 @@
+"""The folders are layers: each imports only the layers below it (the package docstrings say
+which), so that models stay plain modules, a single run needs no Ray, and the analysis no MLflow.
+Checked on every import statement, those inside functions included."""
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+BASE = {"orchestrator.errors", "orchestrator.results"}
+# package -> the project packages (and modules) it may import, besides itself
+ALLOWED = {
+    "models": set(),
+    "orchestrator.errors": set(),
+    "orchestrator.results": set(),
+    "orchestrator.parallel": {"models", "orchestrator.run.config"} | BASE,
+    "orchestrator.run": {"models", "orchestrator.parallel"} | BASE,
+    "orchestrator.analysis": {"models", "orchestrator.run"} | BASE,
+    "orchestrator.cluster": {"models", "orchestrator.parallel", "orchestrator.run"} | BASE,
+    "orchestrator.study": {"models", "orchestrator.parallel", "orchestrator.run",
+                           "orchestrator.analysis", "orchestrator.cluster"} | BASE,
+    "orchestrator.cli": BASE,
+}
+# Libraries a layer must not need: a single run trains without Ray, MLflow or Optuna.
+FORBIDDEN = {
+    "models": {"ray", "mlflow", "optuna", "orchestrator", "argparse"},
+    "orchestrator.parallel": {"ray", "mlflow", "optuna"},
+    "orchestrator.run": {"ray", "mlflow", "optuna"},
+    "orchestrator.analysis": {"ray", "mlflow", "optuna"},
+    "orchestrator.cluster": {"mlflow", "optuna", "ray.tune"},
+}
+COMMANDS = {"orchestrator.train", "orchestrator.sweep", "orchestrator.report",
+            "orchestrator.lesion", "orchestrator.summary"}
+
+
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+def layer(name: str) -> str | None:
+    return next((key for key in sorted(ALLOWED, key=len, reverse=True)
+                 if name == key or name.startswith(key + ".")), None)
+
+
+def imports(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            found.append(node.module)
+    return found
+
+
+MODULES = sorted(p for folder in ("models", "orchestrator") for p in (ROOT / folder).rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: module_name(p))
+def test_each_module_imports_only_the_layers_below_it(path):
+    name = module_name(path)
+    if name in COMMANDS or name == "orchestrator":
+        return  # the commands sit on top and may import any layer
+    own = layer(name)
+    assert own is not None, f"{name} belongs to no layer; add it to ALLOWED"
+    allowed = ALLOWED[own] | {own}
+    for target in imports(path):
+        root = target.split(".")[0]
+        if root in ("models", "orchestrator"):
+            assert any(target == a or target.startswith(a + ".") for a in allowed), \
+                f"{name} imports {target}, which its layer ({own}) may not"
+        for banned in FORBIDDEN.get(own, ()):
+            assert not (target == banned or target.startswith(banned + ".")), \
+                f"{name} imports {target}; the {own} layer must not need {banned}"
+
+
+def test_every_package_says_what_it_may_import():
+    for init in sorted((ROOT / "orchestrator").rglob("__init__.py")):
+        text = ast.get_docstring(ast.parse(init.read_text())) or ""
+        assert "import" in text, f"{init.relative_to(ROOT)}: say what the package may import"
