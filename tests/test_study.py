@@ -241,6 +241,21 @@ def test_sweep_end_logs_n0_to_the_parent_run(tmp_path, capsys):
     assert run.data.tags["n0"].startswith("n0: 2") and run.data.tags["n0_search"]
     logged = {a.path for a in MlflowClient(uri).list_artifacts(parent.run_id, "report")}
     assert "report/report.md" in logged and "report/difference_vs_depth.png" in logged
+    # MLflow's UI opens the experiment on its training runs, not on a GenAI overview.
+    experiment = MlflowClient(uri).get_experiment(parent.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_trial_names_show_what_was_searched():
+    """Two trials of one architecture and seed that differ in a searched lr differ in name."""
+    study = load_study(SPACES / "smoke.yaml")
+    assert "lr" in study.searched()
+    arch = study.feasible()[0].name
+    first = study.trial_name({"arch": arch, "seed": 0, "lr": 0.0531})
+    second = study.trial_name({"arch": arch, "seed": 0, "lr": 0.0877})
+    assert first == f"{arch}-s0-lr0.0531" and second == f"{arch}-s0-lr0.0877"
+    fixed = load_study(SPACES / "smoke.yaml", ["space.lr=0.05"])
+    assert fixed.trial_name({"arch": arch, "seed": 1}) == f"{arch}-s1"
 
 
 def test_the_sampler_registry_is_the_one_list_of_samplers():

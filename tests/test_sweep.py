@@ -35,13 +35,14 @@ def test_smoke_study_end_to_end(ray_address, tmp_path, monkeypatch, capsys):
                                             str(tmp_path))).read_text()
     assert "d14-k1-w1,172506,172,506 parameters > max_params 160,000" in listed
 
+    assert len({child.info.run_name for child in children}) == len(children)
     for child in children:
         tags, params = child.data.tags, child.data.params
         assert tags["architecture"].startswith("d8-")  # the depth-14 nets are outside
         assert child.info.status in ("FINISHED", "KILLED")  # KILLED: stopped early by ASHA
         arch = Architecture(depth=int(params["arch.depth"]), k=int(params["arch.k"]))
         assert int(tags["params"]) == summarize(arch)["params"] == int(params["params"])
-        assert child.info.run_name == f"{arch.name}-s0"
+        assert child.info.run_name == f"{arch.name}-s0-lr{float(params['lr']):.3g}"
         assert tags["git_commit"] and tags["version.torch"] and tags["parallel_layout"]
         for key in ("train_loss", "train_error", "test_error", "lr", "images_per_s",
                     "epoch_time_s"):

@@ -244,6 +244,15 @@ class StudyConfig(Strict):
         names = [c.name for c in self.feasible()]
         return {"arch": Choice(choices=names), **found} if len(names) > 1 else found
 
+    def trial_name(self, sampled: dict) -> str:
+        """A trial's readable name: its architecture, seed and searched recipe values, e.g.
+        `d20-k4-w1-s0` or `d8-k2-w1-s1-lr0.053`."""
+        cfg = self.trial_config(sampled)
+        searched = sorted(k for k in self.searched() if k in RECIPE_KEYS)
+        values = "".join(f"-{k}{getattr(cfg, k):.3g}" if isinstance(getattr(cfg, k), float)
+                         else f"-{k}{getattr(cfg, k)}" for k in searched)
+        return f"{cfg.architecture.name}-s{cfg.seed}{values}"
+
     def fixed(self) -> dict:
         return {k: v for k, v in self.space.items()
                 if k in RECIPE_KEYS and k not in self.searched()}

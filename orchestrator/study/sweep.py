@@ -155,7 +155,8 @@ def fit(study: StudyConfig, results_dir: Path, restoring: bool, parent, digest: 
             trainable,
             tune_config=ray.tune.TuneConfig(
                 search_alg=build_searcher(study), scheduler=build_scheduler(study),
-                num_samples=planned_trials(study), max_concurrent_trials=concurrency),
+                num_samples=planned_trials(study), max_concurrent_trials=concurrency,
+                trial_name_creator=lambda trial: study.trial_name(trial.config)),
             run_config=ray.tune.RunConfig(
                 name=study.name, storage_path=str(study.storage_dir()), callbacks=[tracker],
                 # A trial whose driver's node was lost restarts from its last checkpoint too.

@@ -31,6 +31,9 @@ from orchestrator.study.mlflow_client import (all_runs, artifact_location, conne
                                               sqlite_path)
 
 log = logging.getLogger(__name__)
+# Without it, MLflow 3's UI opens an experiment on its GenAI overview (traces, token usage); with
+# it, on the training runs.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def package_versions() -> dict[str, str]:
@@ -49,10 +52,6 @@ def git_commit(folder: Path | None = None) -> str:
                               capture_output=True, text=True, timeout=5).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def run_name(cfg: TrainConfig) -> str:
-    return f"{cfg.architecture.name}-s{cfg.seed}"
 
 
 def flat_params(cfg: TrainConfig) -> dict[str, str]:
@@ -75,11 +74,14 @@ class StudyRun:
         experiment = client.get_experiment_by_name(study.experiment_name)
         if experiment is None:
             self.experiment_id = client.create_experiment(
-                study.experiment_name, artifact_location=artifact_location(study.tracking_uri()))
+                study.experiment_name, artifact_location=artifact_location(study.tracking_uri()),
+                tags=dict([EXPERIMENT_KIND]))
         else:
             if experiment.lifecycle_stage == "deleted":
                 client.restore_experiment(experiment.experiment_id)
             self.experiment_id = experiment.experiment_id
+            if experiment.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+                client.set_experiment_tag(self.experiment_id, *EXPERIMENT_KIND)
         self.run_id: str | None = None
         self.results_dir: Path | None = None
 
@@ -142,10 +144,12 @@ class TrialTracker(Callback):
         self.logged: dict[str, int] = {}     # trial_id -> last epoch logged (or queued)
         self.ended: set[str] = set()         # trials whose run has its final state
         self.restored = False                # the restored study's trials compared with runs
+        self.names: set[str] = set()         # run names given in this study
         self.commit = git_commit()
         for run in all_runs(self.client, [experiment_id],
                             f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'"):
             trial_id = run.data.tags.get("trial_id")
+            self.names.add(run.info.run_name)
             if trial_id:
                 self.runs[trial_id] = run.info.run_id
                 history = self.client.get_metric_history(run.info.run_id, "test_error")
@@ -192,8 +196,12 @@ class TrialTracker(Callback):
                      lambda run_id: self.client.update_run(run_id, status="RUNNING"))
             return
         cfg = self.trial_config(trial)
+        name = self.study.trial_name(trial.config)
+        if name in self.names:  # rounding made two searched values look alike
+            name = f"{name}-{trial_id}"
+        self.names.add(name)
         summary = summarize(cfg.architecture)
-        tags = {MLFLOW_PARENT_RUN_ID: self.parent_run_id, MLFLOW_RUN_NAME: run_name(cfg),
+        tags = {MLFLOW_PARENT_RUN_ID: self.parent_run_id, MLFLOW_RUN_NAME: name,
                 "trial_id": trial_id, "study": self.study.name, "seed": str(cfg.seed),
                 "params": str(summary["params"]), "flops": str(summary["flops"]),
                 "architecture": cfg.architecture.name, "parallel_layout": self.layout,
@@ -203,7 +211,7 @@ class TrialTracker(Callback):
 
         def create():
             self.runs[trial_id] = self.client.create_run(
-                self.experiment_id, run_name=run_name(cfg), tags=tags).info.run_id
+                self.experiment_id, run_name=name, tags=tags).info.run_id
         self.logged[trial_id] = 0
         self.outbox.put(f"trial {trial_id} start", create)
         self.put(trial_id, "params", lambda run_id: self.client.log_batch(run_id, params=params))
