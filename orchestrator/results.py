@@ -6,6 +6,8 @@ from __future__ import annotations
 # Reported at the end of every epoch (the loop), logged per epoch to MLflow (the tracker).
 EPOCH_METRICS = ("train_loss", "train_error", "test_error", "lr", "images_per_s", "epoch_time_s",
                  "train_gflops")
+# Worker system metrics (CPU, memory, GPU) are reported under MLflow's own prefix.
+SYSTEM_PREFIX = "system/"
 # What a study may optimise (searcher.objectives[].metric).
 OBJECTIVE_METRICS = ("test_error", "best_test_error", "train_loss", "train_gflops",
                      "time_total_s")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from mlflow.entities import ViewType
 
@@ -208,3 +209,39 @@ def test_every_run_is_read_past_mlflows_first_page(tmp_path):
         client.create_run(experiment)
     assert len(client.search_runs([experiment])) == 1000
     assert len({run.info.run_id for run in all_runs(client, [experiment])}) == 1003
+
+
+def test_system_metrics_reach_the_trials_run(tmp_path):
+    """A worker's sampler (CPU, memory; GPU where there is one) averages its samples between
+    reports, and the tracker logs them per epoch under MLflow's system/ names."""
+    from types import SimpleNamespace
+
+    from orchestrator.cluster.system_metrics import SystemSampler
+    from orchestrator.study.config import load_study
+    from orchestrator.study.mlflow_client import connect
+    from orchestrator.study.tracking import StudyRun, TrialTracker
+
+    sampler = SystemSampler(interval_s=0.05)
+    end = time.perf_counter() + 0.3
+    while time.perf_counter() < end:
+        pass  # busy: the samples see this process work
+    sampled = sampler.read()
+    sampler.close()
+    assert not sampler.samples and not sampler.thread.is_alive()
+    assert 0 <= sampled["system/cpu_utilization_percentage"] <= 100
+    assert sampled["system/process_memory_rss_megabytes"] > 10
+    assert 0 < sampled["system/system_memory_usage_percentage"] < 100
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    study = load_study(SMOKE, [f"mlflow.tracking_uri={uri}"])
+    parent = StudyRun(connect(uri), study)
+    parent.open(None, tmp_path, "")
+    tracker = TrialTracker(uri, study, parent.experiment_id, parent.run_id, layout="dp=1")
+    trial = SimpleNamespace(trial_id="t1", config={"arch": study.feasible()[0].name, "seed": 0,
+                                                   "lr": 0.05})
+    tracker.on_trial_start(0, [trial], trial)
+    tracker.on_trial_result(0, [trial], trial, {"epoch": 1, "test_error": 0.5, **sampled})
+    history = parent.client.get_metric_history(tracker.runs["t1"],
+                                               "system/cpu_utilization_percentage")
+    assert [(m.step, m.value) for m in history] == [
+        (1, pytest.approx(sampled["system/cpu_utilization_percentage"]))]

@@ -15,6 +15,7 @@ import ray.train
 import torch
 
 from models.summary import summarize
+from orchestrator.cluster.system_metrics import SystemSampler
 from orchestrator.errors import OutOfMemory, TrainingDiverged
 from orchestrator.results import CHECKPOINT_FILE, DIVERGED, training_flops
 from orchestrator.run.checkpoint import load_checkpoint, save_atomic
@@ -30,6 +31,9 @@ class RaySession(LocalSession):
                          interactive=False, echo=echo, guard=False)
         info = summarize(cfg.architecture)
         self.flops, self.batch_size = info["flops"], cfg.batch_size
+        device = torch.device("cuda", torch.cuda.current_device()) \
+            if cfg.device != "cpu" and torch.cuda.is_available() else None
+        self.system = SystemSampler(device)
 
     def restore(self) -> dict | None:
         checkpoint = ray.train.get_checkpoint()
@@ -49,12 +53,17 @@ class RaySession(LocalSession):
     def report(self, metrics: dict, state: dict | None) -> None:
         metrics = self.with_cost(metrics)
         self.write_epoch(metrics)
+        metrics.update(self.system.read())
         if state is None:  # not world rank 0: the checkpoint comes from rank 0
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as folder:
             save_atomic(state, Path(folder) / CHECKPOINT_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+    def close(self) -> None:
+        self.system.close()
+        super().close()
 
 
 def train_loop_per_worker(config: dict) -> None:

@@ -24,7 +24,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
 from models.summary import summarize
 from orchestrator.errors import ReportError
-from orchestrator.results import DIVERGED, EPOCH_METRICS, STOPPED, outcome
+from orchestrator.results import DIVERGED, EPOCH_METRICS, STOPPED, SYSTEM_PREFIX, outcome
 from orchestrator.run.config import TrainConfig
 from orchestrator.study.config import StudyConfig
 from orchestrator.study.mlflow_client import (all_runs, artifact_location, connect, outbox,
@@ -232,7 +232,8 @@ class TrialTracker(Callback):
         if epoch <= self.logged[trial_id]:
             return  # already logged before a restart
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(result[k]), now, epoch) for k in EPOCH_METRICS
+        keys = [*EPOCH_METRICS, *(k for k in result if k.startswith(SYSTEM_PREFIX))]
+        metrics = [Metric(k, float(result[k]), now, epoch) for k in keys
                    if k in result and math.isfinite(float(result[k]))]
         self.logged[trial_id] = epoch
         self.put(trial_id, f"epoch {epoch}",
