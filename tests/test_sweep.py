@@ -12,6 +12,29 @@ from tests.sweeps import (PARENT, SMOKE, assert_resumes_once, child_statuses, ru
                           wait_for)
 
 
+def assert_best_model_loads(uri: str, name: str, children) -> None:
+    """The best trial's network, registered under the study's name, loads as a plain
+    nn.Module and gives its run's final test error on the study's test split."""
+    import mlflow.pytorch
+    import torch
+
+    from orchestrator.run.data import Batches, load_dataset
+
+    mlflow.set_tracking_uri(uri)
+    version = mlflow.MlflowClient(uri).get_model_version(name, "1")
+    (run,) = [c for c in children if c.info.run_id == version.run_id]
+    best = min(c.data.metrics["best_test_error"] for c in children
+               if "best_test_error" in c.data.metrics)
+    assert run.data.metrics["best_test_error"] == best
+    model = mlflow.pytorch.load_model(f"models:/{name}/1")
+    assert isinstance(model, torch.nn.Module)
+    _, test = load_dataset("synthetic", None, 256, 128, seed=int(run.data.params["seed"]))
+    wrong = sum((model(x).argmax(1) != y).sum().item()
+                for x, y in Batches(test, "synthetic", 64, "cpu", train=False).epoch(0))
+    # The trial evaluated under its precision (bf16 where the CPU has it), this in fp32.
+    assert abs(wrong / len(test) - run.data.metrics["final_test_error"]) <= 2 / len(test)
+
+
 def test_smoke_study_end_to_end(ray_address, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     # A parameter budget that the depth-14 nets (172,506 and 343,674) exceed: never sampled.
@@ -36,6 +59,7 @@ def test_smoke_study_end_to_end(ray_address, tmp_path, monkeypatch, capsys):
     assert "d14-k1-w1,172506,172,506 parameters > max_params 160,000" in listed
 
     assert len({child.info.run_name for child in children}) == len(children)
+    assert_best_model_loads(uri, "smoke", children)
     for child in children:
         tags, params = child.data.tags, child.data.params
         assert tags["architecture"].startswith("d8-")  # the depth-14 nets are outside

@@ -7,7 +7,7 @@ import math
 import time
 from pathlib import Path
 
-from orchestrator.results import DONE, outcome, trained, training_flops
+from orchestrator.results import CHECKPOINT_FILE, DONE, outcome, trained, training_flops
 from orchestrator.run.data import DATASETS
 from orchestrator.study.config import StudyConfig
 from orchestrator.study.trials import planned_trials
@@ -101,7 +101,8 @@ def epoch_history(frame):
     return frame[["epoch", "test_error"]].dropna()
 
 
-def report_summary(rows: list[dict], study: StudyConfig, parent, results_dir: Path) -> None:
+def report_summary(rows: list[dict], study: StudyConfig, parent, results_dir: Path) -> str | None:
+    """The summary table, printed and logged to the parent run; returns the best trial's id."""
     import pandas as pd
     from mlflow.entities import Metric
 
@@ -128,6 +129,46 @@ def report_summary(rows: list[dict], study: StudyConfig, parent, results_dir: Pa
     print(f"results: {results_dir}\nMLflow: {study.tracking_uri()} experiment "
           f"'{study.experiment_name}', parent run {run_id} (compare with `mlflow ui "
           f"--backend-store-uri {study.tracking_uri()}`)")
+    return best["trial"] if len(finished) else None
+
+
+def register_best_model(results, trial_id: str, study: StudyConfig, parent) -> None:
+    """The best trial's final network, logged to its run with `mlflow.pytorch` and registered
+    under the study's name: `mlflow.pytorch.load_model("models:/<study>/<version>")` gives a
+    plain nn.Module. Saved as an exported graph (torch.export, MLflow's pt2 format): loading it
+    runs no pickled code and needs neither this project nor its classes."""
+    import mlflow.pytorch
+    import torch
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    from models.multi_resnet import create_model
+    from models.summary import input_size
+    from orchestrator.run.checkpoint import load_checkpoint
+    from orchestrator.study.mlflow_client import all_runs, outbox
+
+    result = next((r for r in results if (r.metrics or {}).get("trial_id") == trial_id), None)
+    if result is None or result.checkpoint is None:
+        return
+    with result.checkpoint.as_directory() as folder:
+        state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+    arch = study.trial_config(result.config).architecture
+    model = create_model(arch)
+    model.load_state_dict(state["model"])
+    model.eval()
+    size = input_size(arch)
+    uri, client, name = study.tracking_uri(), parent.client, study.experiment_name
+
+    def log():
+        (run,) = all_runs(client, [parent.experiment_id],
+                          f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.run_id}' and "
+                          f"tags.trial_id = '{trial_id}'")
+        mlflow.set_tracking_uri(uri)
+        mlflow.pytorch.log_model(model, name="model", run_id=run.info.run_id,
+                                 registered_model_name=name,
+                                 input_example=torch.zeros(2, 3, size, size).numpy(),
+                                 pip_requirements=[f"torch>={torch.__version__.split('+')[0]}"])
+    outbox(uri).put("best model", log)
+    print(f"best model: models:/{name}/<version> (mlflow.pytorch.load_model)")
 
 
 def report_n0(rows: list[dict], study: StudyConfig, parent, results_dir: Path,

@@ -73,7 +73,8 @@ def run(study: StudyConfig, study_text: str, resume: bool) -> int:
     from ray.tune import Tuner
 
     from orchestrator.study.mlflow_client import check_scheme, connect
-    from orchestrator.study.summary import report_n0, report_summary, summarize_results
+    from orchestrator.study.summary import (register_best_model, report_n0, report_summary,
+                                            summarize_results)
     from orchestrator.study.tracking import StudyRun
 
     check_scheme(study.tracking_uri())
@@ -117,7 +118,9 @@ def run(study: StudyConfig, study_text: str, resume: bool) -> int:
         log.warning(f"sweep interrupted after {ended} trials; run the same command again (or "
                     f"add --resume) to continue")
         return 130
-    report_summary(rows, study, parent, results_dir)
+    best = report_summary(rows, study, parent, results_dir)
+    if best is not None:
+        register_best_model(results, best, study, parent)
     report_n0(rows, study, parent, results_dir, verdict)
     parent.close("FINISHED", study.mlflow.outage_wait_s)
     return 0 if any(trained(r["status"]) for r in rows) else 1
