@@ -62,13 +62,13 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                         help="show the traceback of an error instead of one line")
 
 
-Advice = Callable[[argparse.Namespace], str] | str
+Work = Callable[[argparse.Namespace], int | None]
+Advice = Callable[[argparse.Namespace], str] | str  # what to do after Ctrl-C
+Preload = Callable[[argparse.Namespace], Iterable[str]] | Iterable[str]  # modules to import
 
 
-def run_command(parser: argparse.ArgumentParser, work: Callable[[argparse.Namespace], int | None],
-                argv: list[str] | None = None, interrupted: Advice = "interrupted",
-                preload: Callable[[argparse.Namespace], Iterable[str]] | Iterable[str] = ()
-                ) -> int:
+def run_command(parser: argparse.ArgumentParser, work: Work, argv: list[str] | None = None,
+                interrupted: Advice = "interrupted", preload: Preload = ()) -> int:
     """Parse argv, import the `preload` modules, run the command's work and return its exit
     status: 0 (or what work returns); for a `UserError`, its one line and its status (2, or 3
     for out of GPU memory); for Ctrl-C, the `interrupted` advice and 130; for anything else (a
@@ -103,26 +103,23 @@ def run_command(parser: argparse.ArgumentParser, work: Callable[[argparse.Namesp
 
 def _load(modules: Iterable[str], advice: Callable[[], str]) -> None:
     """Import `modules`; Ctrl-C meanwhile prints the advice and exits at once (130)."""
-    if threading.current_thread() is not threading.main_thread():
-        for module in modules:  # signal handlers belong to the main thread
-            importlib.import_module(module)
-        return
-
     def quit_now(signum, frame):
         print(advice(), file=sys.stderr, flush=True)
         os._exit(EXIT_INTERRUPTED)
 
-    previous = signal.signal(signal.SIGINT, quit_now)
+    # Signal handlers belong to the main thread (a command run from another thread just loads).
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, quit_now) if main_thread else None
     try:
         for module in modules:
             importlib.import_module(module)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
 
 
-def command(parser: Callable[[], argparse.ArgumentParser],
-            work: Callable[[argparse.Namespace], int | None], interrupted: Advice = "interrupted",
-            preload: Callable[[argparse.Namespace], Iterable[str]] | Iterable[str] = ()
+def command(parser: Callable[[], argparse.ArgumentParser], work: Work,
+            interrupted: Advice = "interrupted", preload: Preload = ()
             ) -> Callable[[list[str] | None], int]:
     """A command's `main(argv=None) -> exit status`, through `run_command`."""
     def main(argv: list[str] | None = None) -> int:

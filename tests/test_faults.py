@@ -225,8 +225,8 @@ def test_system_metrics_reach_the_trials_run(tmp_path):
     end = time.perf_counter() + 0.3
     while time.perf_counter() < end:
         pass  # busy: the samples see this process work
-    sampled = sampler.read()
     sampler.close()
+    sampled = sampler.read()
     assert not sampler.samples and not sampler.thread.is_alive()
     assert 0 <= sampled["system/cpu_utilization_percentage"] <= 100
     assert sampled["system/process_memory_rss_megabytes"] > 10

@@ -42,6 +42,7 @@ def test_smoke_study_end_to_end(ray_address, tmp_path, monkeypatch, capsys):
                        "--set", "mlflow.log_checkpoint=true"]) == 0
     out = capsys.readouterr().out
     assert "best:" in out and str(tmp_path / "results" / "smoke") in out
+    assert 'best model: mlflow.pytorch.load_model("models:/smoke/1")' in out
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the default: mlflow.db in the working dir
     client, parents, children = runs(uri)

@@ -15,10 +15,9 @@ from orchestrator.results import SYSTEM_PREFIX
 class SystemSampler:
     """Samples every `interval_s` seconds; `read()` returns the means since the last read."""
 
-    def __init__(self, device: torch.device | None = None, interval_s: float = 2.0):
+    def __init__(self, gpu: bool = False, interval_s: float = 2.0):
         self.process = psutil.Process()
-        cuda = device is not None and device.type == "cuda"
-        self.gpu = (device.index or 0) if cuda else None
+        self.gpu = gpu  # the worker's GPU: the one it sees first (Ray sets CUDA_VISIBLE_DEVICES)
         self.samples: list[dict[str, float]] = []
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -39,13 +38,13 @@ class SystemSampler:
                "system_memory_usage_megabytes": memory.used / 2**20,
                "system_memory_usage_percentage": memory.percent,
                "process_memory_rss_megabytes": self.process.memory_info().rss / 2**20}
-        if self.gpu is not None:
-            total = torch.cuda.get_device_properties(self.gpu).total_memory
-            reserved = torch.cuda.memory_reserved(self.gpu)  # the allocator's count: no sync
-            out[f"gpu_{self.gpu}_memory_usage_megabytes"] = reserved / 2**20
-            out[f"gpu_{self.gpu}_memory_usage_percentage"] = 100 * reserved / total
+        if self.gpu:
+            total = torch.cuda.get_device_properties(0).total_memory
+            reserved = torch.cuda.memory_reserved(0)  # the allocator's count: no sync
+            out["gpu_0_memory_usage_megabytes"] = reserved / 2**20
+            out["gpu_0_memory_usage_percentage"] = 100 * reserved / total
             try:
-                out[f"gpu_{self.gpu}_utilization_percentage"] = torch.cuda.utilization(self.gpu)
+                out["gpu_0_utilization_percentage"] = torch.cuda.utilization(0)
             except Exception:  # NVML (pynvml) is optional: no utilisation without it
                 pass
         return out

@@ -31,9 +31,7 @@ class RaySession(LocalSession):
                          interactive=False, echo=echo, guard=False)
         info = summarize(cfg.architecture)
         self.flops, self.batch_size = info["flops"], cfg.batch_size
-        device = torch.device("cuda", torch.cuda.current_device()) \
-            if cfg.device != "cpu" and torch.cuda.is_available() else None
-        self.system = SystemSampler(device)
+        self.system = SystemSampler(gpu=cfg.device != "cpu" and torch.cuda.is_available())
 
     def restore(self) -> dict | None:
         checkpoint = ray.train.get_checkpoint()

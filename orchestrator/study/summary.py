@@ -138,8 +138,11 @@ def register_best_model(results, trial_id: str, study: StudyConfig, parent) -> N
     plain nn.Module. Saved as an exported graph (torch.export, MLflow's pt2 format): loading it
     runs no pickled code and needs neither this project nor its classes."""
     import mlflow.pytorch
+    import pyarrow.fs
+    import ray.train
     import torch
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
     from models.multi_resnet import create_model
     from models.summary import input_size
@@ -147,9 +150,13 @@ def register_best_model(results, trial_id: str, study: StudyConfig, parent) -> N
     from orchestrator.study.mlflow_client import all_runs, outbox
 
     result = next((r for r in results if (r.metrics or {}).get("trial_id") == trial_id), None)
-    if result is None or result.checkpoint is None:
+    path = (result.metrics or {}).get(CHECKPOINT_PATH_KEY) if result is not None else None
+    if path is None:
         return
-    with result.checkpoint.as_directory() as folder:
+    # The trial's last Ray Train checkpoint, on the study's storage (a folder or a URI).
+    storage = study.storage_path
+    filesystem = pyarrow.fs.FileSystem.from_uri(storage)[0] if "://" in storage else None
+    with ray.train.Checkpoint(path, filesystem=filesystem).as_directory() as folder:
         state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
     arch = study.trial_config(result.config).architecture
     model = create_model(arch)
@@ -163,12 +170,13 @@ def register_best_model(results, trial_id: str, study: StudyConfig, parent) -> N
                           f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.run_id}' and "
                           f"tags.trial_id = '{trial_id}'")
         mlflow.set_tracking_uri(uri)
-        mlflow.pytorch.log_model(model, name="model", run_id=run.info.run_id,
-                                 registered_model_name=name,
-                                 input_example=torch.zeros(2, 3, size, size).numpy(),
-                                 pip_requirements=[f"torch>={torch.__version__.split('+')[0]}"])
+        info = mlflow.pytorch.log_model(
+            model, name="model", run_id=run.info.run_id, registered_model_name=name,
+            input_example=torch.zeros(2, 3, size, size).numpy(),
+            pip_requirements=[f"torch>={torch.__version__.split('+')[0]}"])
+        print(f"best model: mlflow.pytorch.load_model(\"models:/{name}/"
+              f"{info.registered_model_version}\")")
     outbox(uri).put("best model", log)
-    print(f"best model: models:/{name}/<version> (mlflow.pytorch.load_model)")
 
 
 def report_n0(rows: list[dict], study: StudyConfig, parent, results_dir: Path,
