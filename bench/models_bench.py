@@ -9,8 +9,8 @@ Variants run interleaved, round after round, so that a noisy machine affects all
 reports the median images/s per variant and its ratio to the first variant. One step is forward,
 backward and an SGD update on random data (the data pipeline is measured on its own).
 
-`--settings` times the trials' own step (`orchestrator.run.step.TrainingStep`) under named settings,
-PRECISION-COMPILE-FORM (e.g. bf16-cudagraphs-fused), `default` (what `auto` resolves to on the
+`--settings` times the trials' own step (`orchestrator.run.step.TrainingStep`) under named
+settings, PRECISION-COMPILE-FORM (e.g. bf16-cudagraphs-fused), `default` (what `auto` resolves to on the
 device), and `before`: fp32, eager, the fastest form, the loss read back after every step (the
 step before the step object existed).
 """

@@ -10,8 +10,8 @@ k=1 net's is a(n0/depth - 1) points (positive below n0, as the paper's Table II:
 Each simulated study draws its own n0 (12-50), a and sd. Every trial trains the full schedule
 (no early stopping), so trained epochs = trials x epochs.
 
-The searchers are the sweep's own (`orchestrator.study.searchers`, `orchestrator.study.n0_search`), driven through Ray Tune's Searcher
-interface: the grid (every configuration with every seed), random and TPE (Optuna, given 40% of
+The searchers are the sweep's own (`orchestrator.study.searchers`,
+`orchestrator.study.n0_search`), driven through Ray Tune's Searcher interface: the grid (every configuration with every seed), random and TPE (Optuna, given 40% of
 the grid's trials) and the n0 searcher (target width 10 layers, a trial budget of 42, under half
 the grid; it decides in batches, as with unlimited concurrency).
 Every study's n0 and its 95% interval come from `orchestrator.analysis.n0.estimate_n0` on what was
