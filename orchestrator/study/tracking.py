@@ -4,7 +4,8 @@ Everything is written from the sweep's driver process through `MlflowClient` wit
 ids (workers never talk to MLflow), so a resumed sweep reopens the same parent and the same
 children: the parent's id is kept in the study's results folder, children are found by their
 `trial_id` tag, and epochs already logged are not logged twice. `finished_trials` reads a study
-back for the report.
+back for the report. (Over 300 lines: the writer and the reader of one run layout, kept together
+so that tags and parameter names change in one place.)
 """
 from __future__ import annotations
 
