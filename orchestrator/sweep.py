@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from orchestrator.cli import add_common_flags, command
 
@@ -30,9 +29,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run-trials", type=int, default=10)
     p.add_argument("--resume", action="store_true", help="continue the study (the default when "
                    "its results folder exists); fail if there is nothing to resume")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own output (its logs, "
+                   "Tune's tables, the workers' lines) instead of writing it to ray.log in the "
+                   "results folder")
     add_common_flags(p)
     return p
-
 
 
 def sweep_command(args: argparse.Namespace) -> int:
@@ -51,13 +52,14 @@ def sweep_command(args: argparse.Namespace) -> int:
         return 0
     from orchestrator.study.sweep import run
 
-    return run(study, Path(args.study).read_text(), args.resume)
+    return run(study, args.study, args.resume, args.verbose)
 
 
 main = command(parser, sweep_command,
                interrupted="interrupted; run the same command again to resume",
                preload=("orchestrator.study.sweep", "orchestrator.study.summary",
                         "orchestrator.study.searchers", "orchestrator.study.tracking",
+                        "orchestrator.study.fit", "orchestrator.study.console",
                         "orchestrator.cluster.driver"))
 
 

@@ -159,3 +159,26 @@ class TrainingStep:
             self.scaler.load_state_dict(state["scaler"])
         self.steps_done = state["step"]
         self._step_number.fill_(self.steps_done)
+
+
+def seconds_per_step(cfg: TrainConfig, steps: int = 2) -> float:
+    """A short measurement: seconds per training step of `cfg` (one process, this machine's
+    device, random images), after one warm-up step."""
+    import time
+
+    from models.summary import input_size
+
+    cfg = cfg.resolved(torch.cuda.is_available())
+    device = torch.device(cfg.device)
+    engine = RankEngine(cfg, device)
+    step = TrainingStep(cfg, engine, total_steps=steps + 1)
+    size = input_size(cfg.architecture)
+    x = torch.randn(cfg.batch_size, 3, size, size, device=device)
+    y = torch.randint(0, cfg.architecture.num_classes, (cfg.batch_size,), device=device)
+    step(x, y)
+    step.read()  # waits for the warm-up
+    started = time.perf_counter()
+    for _ in range(steps):
+        step(x, y)
+    step.read()
+    return (time.perf_counter() - started) / steps

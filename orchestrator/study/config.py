@@ -106,9 +106,9 @@ class StudyConfig(Strict):
                 raise ValueError(f"train.{key} is managed by the sweep; remove it")
         if self.train.parallel not in (ParallelConfig(), self.parallel):
             raise ValueError("train.parallel: give the mesh as the top-level parallel: key")
-        if self.train.device == "cuda" and not self.resources.gpus_per_worker:
-            raise ValueError("train.device cuda needs GPUs: set resources.gpus_per_worker (e.g. "
-                             "1, or 0.25 to pack four trials on a GPU)")
+        if self.train.device == "cuda" and self.resources.gpus_per_worker == 0:
+            raise ValueError("train.device cuda needs GPUs: set resources.gpus_per_worker to "
+                             "auto, 1, or 0.25 to pack four trials on a GPU")
         world = self.parallel.world_size
         if self.resources.workers is None:
             self.resources.workers = world
@@ -279,7 +279,7 @@ class StudyConfig(Strict):
         recipe = {**self.fixed(), **{k: v for k, v in sampled.items() if k in RECIPE_KEYS}}
         recipe["seed"] = sampled.get("seed", self.seeds[0])
         run = self._run_config(self.candidate(sampled).fields, recipe)
-        return run.resolved(cuda_available=self.resources.gpus_per_worker > 0)
+        return run.resolved(cuda_available=self.resources.uses_gpus(self.train.device))
 
     @property
     def experiment_name(self) -> str:

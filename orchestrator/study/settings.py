@@ -103,23 +103,41 @@ class TrialSchedulerSettings(Strict):
 
 
 class Resources(Strict):
+    """What each trial takes. `auto` follows the cluster when the sweep starts
+    (`orchestrator.study.fit`): a GPU per worker where there are GPUs and train.device is not
+    cpu; the CPUs shared among the trials that run at once (on GPUs: the CPUs each GPU has)."""
     workers: int | None = Field(None, ge=1, description="Ray Train workers per trial; default "
                                 "and only valid value: parallel.dp x pp x bp")
-    cpus_per_worker: float = Field(1, gt=0)
-    gpus_per_worker: float = Field(0, ge=0, description="a fraction (e.g. 0.25) packs trials "
-                                   "on a GPU, each held to that share of its memory")
+    cpus_per_worker: float | Literal["auto"] = Field("auto", description="a number > 0, or auto")
+    gpus_per_worker: float | Literal["auto"] = Field(
+        "auto", description="a number, or auto; a fraction (e.g. 0.25) packs trials on a GPU, "
+        "each held to that share of its memory")
     driver_cpus: float = Field(0.1, gt=0, description="the trial driver only waits on workers")
-
-    @field_validator("gpus_per_worker")
-    @classmethod
-    def _whole_or_fraction(cls, gpus: float) -> float:
-        if gpus > 1 and gpus != int(gpus):
-            raise ValueError(f"{gpus} GPUs: give a fraction up to 1 (trials share a GPU) or a "
-                             f"whole number")
-        return gpus
     max_failures: int = Field(0, ge=-1, description="restarts per trial from its last "
                               "checkpoint: of its workers (Ray Train) and of the trial (Tune, "
                               "when its driver's node is lost); -1: no limit")
+
+    @field_validator("cpus_per_worker")
+    @classmethod
+    def _positive(cls, cpus: float | str) -> float | str:
+        if cpus != "auto" and cpus <= 0:
+            raise ValueError(f"{cpus} CPUs: give a number above 0, or auto")
+        return cpus
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _whole_or_fraction(cls, gpus: float | str) -> float | str:
+        if gpus != "auto" and (gpus < 0 or gpus > 1 and gpus != int(gpus)):
+            raise ValueError(f"{gpus} GPUs: give a fraction up to 1 (trials share a GPU), a "
+                             f"whole number, or auto")
+        return gpus
+
+    def uses_gpus(self, device: str) -> bool:
+        """Whether trials train on GPUs (before the cluster is seen, auto means: where
+        train.device asks for cuda)."""
+        if self.gpus_per_worker == "auto":
+            return device == "cuda"
+        return self.gpus_per_worker > 0
 
 
 class MlflowSettings(Strict):

@@ -7,9 +7,11 @@ Running the same command again after Ctrl-C (or with --resume) continues the stu
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
 from orchestrator.errors import ConfigError
@@ -22,27 +24,14 @@ STATE_FILE = "multires_study.json"
 log = logging.getLogger(__name__)
 
 
-def start_ray(study: StudyConfig) -> int:
-    """Connect to RAY_ADDRESS or start a local Ray; return how many trials fit at once."""
-    import ray
-
+def start_ray(study: StudyConfig, study_file: str | None) -> tuple[StudyConfig, int]:
+    """Connect to RAY_ADDRESS or start a local Ray; the study with its resources fitted to the
+    cluster, and how many trials run at once."""
     from orchestrator.cluster.driver import init_ray
+    from orchestrator.study.fit import Cluster, check_fit
 
     init_ray()
-    total = ray.cluster_resources()
-    res = study.resources
-    cpus, gpus = total.get("CPU", 0), total.get("GPU", 0)
-    if res.workers * res.cpus_per_worker + res.driver_cpus > cpus:
-        raise ConfigError(f"resources.workers: {res.workers} workers x {res.cpus_per_worker} CPUs "
-                          f"(+{res.driver_cpus} for the trial driver) exceed the cluster's "
-                          f"{cpus:g} CPUs; lower resources.workers or resources.cpus_per_worker")
-    if res.workers * res.gpus_per_worker > gpus:
-        raise ConfigError(f"resources.gpus_per_worker: {res.workers} x {res.gpus_per_worker} GPUs "
-                          f"exceed the cluster's {gpus:g}; lower it or add GPU nodes")
-    fit = int(cpus // (res.workers * res.cpus_per_worker + res.driver_cpus))
-    if res.gpus_per_worker:
-        fit = min(fit, int(gpus // (res.workers * res.gpus_per_worker)))
-    return max(1, min(study.concurrency, fit))
+    return check_fit(study, Cluster.of_ray(), study_file)
 
 
 def resolve_paths(study: StudyConfig) -> StudyConfig:
@@ -69,33 +58,55 @@ def read_state(results_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def run(study: StudyConfig, study_text: str, resume: bool) -> int:
+def run(study: StudyConfig, study_file: str, resume: bool, verbose: bool = False) -> int:
+    """Run the study; Ray's own output goes to a log file in its results folder unless
+    `verbose`. A study that never started leaves no results folder behind."""
+    from orchestrator.study.console import RAY_LOG, ray_output_to
+    from orchestrator.study.mlflow_client import check_scheme
+
+    check_scheme(study.tracking_uri())
+    study = resolve_paths(study)  # the data checked before anything is started
+    results_dir = study.storage_dir() / study.name
+    # The outermost folder this run creates: removed again if the study never starts.
+    created = next((p for p in (*reversed(results_dir.parents), results_dir)
+                    if not p.exists()), None)
+    try:
+        with contextlib.nullcontext() if verbose else ray_output_to(results_dir / RAY_LOG):
+            return _run(study, study_file, resume, results_dir, quiet=not verbose)
+    except BaseException:
+        if created is not None and read_state(results_dir) is None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def _run(study: StudyConfig, study_file: str, resume: bool, results_dir: Path,
+         quiet: bool) -> int:
     from ray.tune import Tuner
 
-    from orchestrator.study.mlflow_client import check_scheme, connect
+    from orchestrator.study.console import start_line, worker_lines_to_log
+    from orchestrator.study.mlflow_client import connect
     from orchestrator.study.summary import (register_best_model, report_n0, report_summary,
                                             summarize_results)
     from orchestrator.study.tracking import StudyRun
 
-    check_scheme(study.tracking_uri())
-    study = resolve_paths(study)  # the data checked before anything is started
-    concurrency = start_ray(study)
-    results_dir = study.storage_dir() / study.name
+    digest = config_hash(study)  # before `auto` resources are fitted to this cluster
+    study, concurrency = start_ray(study, study_file)
+    worker_lines_to_log()
     state = read_state(results_dir)
-    digest = config_hash(study)
     restoring = state is not None and Tuner.can_restore(str(results_dir))
     if resume and not restoring:
         raise ConfigError(f"nothing to resume in {results_dir}; run without --resume")
     if state is not None and state["config_hash"] != digest:
         raise ConfigError(f"{results_dir} holds study {study.name} with a different "
                           f"configuration; use another --storage-path or remove that folder")
+    print(start_line(study, planned_trials(study), concurrency, results_dir, quiet), flush=True)
 
     parent = StudyRun(connect(study.tracking_uri()), study)
     # A driver killed before Tune first saved its state leaves a parent run and nothing to
     # restore: the fresh start continues that parent run instead of leaving it RUNNING.
-    parent.open(state and state["parent_run_id"], results_dir, study_text)
+    parent.open(state and state["parent_run_id"], results_dir, Path(study_file).read_text())
     try:
-        results = fit(study, results_dir, restoring, parent, digest, concurrency)
+        results = fit(study, results_dir, restoring, parent, digest, concurrency, quiet)
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)
         parent.close("KILLED" if interrupted else "FAILED",
@@ -127,10 +138,11 @@ def run(study: StudyConfig, study_text: str, resume: bool) -> int:
 
 
 def fit(study: StudyConfig, results_dir: Path, restoring: bool, parent, digest: str,
-        concurrency: int):
+        concurrency: int, quiet: bool):
     import ray.tune
     from ray.tune import Tuner
 
+    from orchestrator.study.console import StudyProgress
     from orchestrator.study.searchers import build_searcher
     from orchestrator.study.tracking import TrialTracker
     from orchestrator.study.trials import build_scheduler, trial_driver
@@ -161,7 +173,9 @@ def fit(study: StudyConfig, results_dir: Path, restoring: bool, parent, digest: 
                 num_samples=planned_trials(study), max_concurrent_trials=concurrency,
                 trial_name_creator=lambda trial: study.trial_name(trial.config)),
             run_config=ray.tune.RunConfig(
-                name=study.name, storage_path=str(study.storage_dir()), callbacks=[tracker],
+                name=study.name, storage_path=str(study.storage_dir()),
+                callbacks=[tracker, StudyProgress(study, planned_trials(study))],
+                verbose=0 if quiet else None,  # our table (console.py) instead of Tune's
                 # A trial whose driver's node was lost restarts from its last checkpoint too.
                 failure_config=ray.tune.FailureConfig(
                     max_failures=study.resources.max_failures)),
