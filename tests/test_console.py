@@ -75,8 +75,8 @@ def test_a_study_that_cannot_fit_says_what_it_needs_and_the_ways_on(tmp_path):
     assert beside == "  - a study that fits here, beside big.yaml: small.yaml"
     flags = ("--set train.device=cpu --set resources.gpus_per_worker=auto "
              "--set resources.cpus_per_worker=auto")
-    assert here.startswith(f"  - this study on these CPUs, {flags}: about ")
-    assert "4 trials" in here and "GFLOP/s measured here, 2 at a time" in here
+    assert here.startswith(f"  - this study on these CPUs, {flags}: at least ")
+    assert "4 trials" in here and "GFLOP/s measured here in one step, 2 at a time" in here
 
 
 def test_the_study_lines_reach_the_console_and_rays_output_the_log(tmp_path):

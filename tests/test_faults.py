@@ -93,9 +93,10 @@ def test_killed_driver_resumes_without_retraining_or_duplicates(ray_address, tmp
 def test_mlflow_outage_during_training(ray_address, tmp_path):
     """The MLflow server goes down as the trial starts and comes back once training has ended:
     training never waits, and every epoch reaches the server once it is back."""
-    server = MlflowServer(tmp_path).start()
+    server = MlflowServer(tmp_path)
     results = tmp_path / "results"
     try:
+        server.start()
         proc = start_sweep(["--storage-path", str(results), "--tracking-uri", server.uri,
                             *ONE_TRIAL, "--set", "space.k=1", "--set", "train.epochs=6",
                             "--set", "train.train_size=2048"], ray_address)
@@ -119,9 +120,10 @@ def test_mlflow_outage_during_training(ray_address, tmp_path):
 
 
 def test_mlflow_that_never_returns_is_listed_not_fatal(ray_address, tmp_path):
-    server = MlflowServer(tmp_path).start()
+    server = MlflowServer(tmp_path)
     results = tmp_path / "results"
     try:
+        server.start()
         proc = start_sweep(["--storage-path", str(results), "--tracking-uri", server.uri,
                             *ONE_TRIAL, "--set", "space.k=1", "--set", "train.epochs=3",
                             "--set", "train.train_size=2048", "--set", "mlflow.outage_wait_s=2"],

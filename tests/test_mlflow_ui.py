@@ -110,9 +110,7 @@ def test_experiment_page_lists_study_and_nested_trials(chromium, tmp_path):
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import expect, sync_playwright
 
-    # One worker and no job runner: the pages need neither, and a busy machine starts it sooner.
-    server = MlflowServer(tmp_path, {**os.environ, "MLFLOW_WORKERS": "1",
-                                     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    server = MlflowServer(tmp_path)
     try:
         server.start()
         experiment_id, parent_id, trials = write_study(server.uri, tmp_path)

@@ -241,7 +241,7 @@ def test_sweep_end_logs_n0_to_the_parent_run(tmp_path, capsys):
     assert run.data.tags["n0"].startswith("n0: 2") and run.data.tags["n0_search"]
     logged = {a.path for a in MlflowClient(uri).list_artifacts(parent.run_id, "report")}
     assert "report/report.md" in logged and "report/difference_vs_depth.png" in logged
-    # MLflow's UI opens the experiment on its training runs, not on a GenAI overview.
+    # The experiment is one of model training, not GenAI.
     experiment = MlflowClient(uri).get_experiment(parent.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 

@@ -1,4 +1,5 @@
 """Studies: the study file's schema (config.py, settings.py, pairs.py), the searchers
 (searchers.py, n0_search.py), one trial (trials.py), MLflow tracking (tracking.py,
-mlflow_client.py), running a study (sweep.py) and what it shows (summary.py).
+mlflow_client.py), running a study (sweep.py, fit.py: where its trials fit) and what it shows
+(console.py while it runs, summary.py).
 May import everything below it: models, parallel, run, cluster, analysis."""

@@ -16,20 +16,19 @@ from tqdm import tqdm
 from orchestrator.results import outcome
 
 RAY_LOG = "ray.log"
-WORKER_LINES = "ray_print_logs"  # Ray's handler of the workers' forwarded output
 NEW_OUTPUT = "RAY_AIR_NEW_OUTPUT"
-_log = None  # the log file while Ray's output goes there
-_console = None  # the console's stderr meanwhile: the project's log lines and the bars
+_console = None  # the console's stderr while Ray's output goes to the log: for the bars
+_ray_lines = None  # where the lines that Ray forwards go (see _route_ray_lines)
 
 
 @contextlib.contextmanager
 def ray_output_to(log_path: Path):
     """While the study runs, what the libraries write goes to `log_path`: Ray's loggers and
     C++ logs (this process's file descriptors 1 and 2), anything written to sys.stderr (Ray's
-    error messages, MLflow's and Optuna's loggers, warnings), and the workers' forwarded lines
-    once `worker_lines_to_log` is called. sys.stdout, the project's logger `orchestrator` and the
-    progress bars stay on the console."""
-    global _log, _console
+    error messages, MLflow's and Optuna's loggers, warnings), and the lines Ray forwards from the
+    workers and the raylet. sys.stdout, the project's logger `orchestrator` and the progress bars
+    stay on the console."""
+    global _console
     log_path.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -52,12 +51,12 @@ def ray_output_to(log_path: Path):
     # Tune's newer output engine prints its header whatever the verbosity; the older one prints
     # nothing at verbosity 0.
     os.environ[NEW_OUTPUT] = "0"
-    _log, _console = log, err
+    _route_ray_lines(log)
+    _console = err
     try:
         yield
     finally:
-        _log = _console = None
-        _restore_worker_lines()
+        _console = None
         if legacy_output is None:
             os.environ.pop(NEW_OUTPUT, None)
         else:
@@ -72,34 +71,18 @@ def ray_output_to(log_path: Path):
             os.close(fd)
 
 
-_ray_printers: list | None = None  # Ray's own handlers, while ours stands in for them
-
-
-def worker_lines_to_log() -> None:
-    """After ray.init, inside `ray_output_to`: the workers' lines that Ray forwards to this
-    process go to the log file too. (Private: Ray's hook behind ray.init(log_to_driver).)"""
+def _route_ray_lines(log) -> None:
+    """What Ray forwards (the workers' and the raylet's lines) goes to `log`, from now until this
+    process ends: the study's actors still print as they stop, after the study returned.
+    (Private: `print_worker_logs` is the one function Ray prints them through.)"""
     import ray._private.worker as ray_worker
 
-    global _ray_printers
-    if _log is None or _ray_printers is not None:
-        return
-    dispatcher, log = ray_worker.global_worker_stdstream_dispatcher, _log
-    _ray_printers = [h for name, h in dispatcher.handlers if name == WORKER_LINES]
-    dispatcher.remove_handler(WORKER_LINES)
-    dispatcher.add_handler(WORKER_LINES, lambda data: ray_worker.print_worker_logs(data, log))
-
-
-def _restore_worker_lines() -> None:
-    global _ray_printers
-    if _ray_printers is None:
-        return
-    import ray._private.worker as ray_worker
-
-    dispatcher = ray_worker.global_worker_stdstream_dispatcher
-    dispatcher.remove_handler(WORKER_LINES)
-    for printer in _ray_printers:
-        dispatcher.add_handler(WORKER_LINES, printer)
-    _ray_printers = None
+    global _ray_lines
+    if _ray_lines is None:
+        original = ray_worker.print_worker_logs
+        ray_worker.print_worker_logs = lambda data, _, ignore_prefix=False: original(
+            data, _ray_lines, ignore_prefix)
+    _ray_lines = log
 
 
 def _reopened(stream, fd: int):

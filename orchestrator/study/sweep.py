@@ -83,7 +83,7 @@ def _run(study: StudyConfig, study_file: str, resume: bool, results_dir: Path,
          quiet: bool) -> int:
     from ray.tune import Tuner
 
-    from orchestrator.study.console import start_line, worker_lines_to_log
+    from orchestrator.study.console import start_line
     from orchestrator.study.mlflow_client import connect
     from orchestrator.study.summary import (register_best_model, report_n0, report_summary,
                                             summarize_results)
@@ -91,7 +91,6 @@ def _run(study: StudyConfig, study_file: str, resume: bool, results_dir: Path,
 
     digest = config_hash(study)  # before `auto` resources are fitted to this cluster
     study, concurrency = start_ray(study, study_file)
-    worker_lines_to_log()
     state = read_state(results_dir)
     restoring = state is not None and Tuner.can_restore(str(results_dir))
     if resume and not restoring:

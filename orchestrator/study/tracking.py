@@ -32,8 +32,8 @@ from orchestrator.study.mlflow_client import (all_runs, artifact_location, conne
                                               sqlite_path)
 
 log = logging.getLogger(__name__)
-# Without it, MLflow 3's UI opens an experiment on its GenAI overview (traces, token usage); with
-# it, on the training runs.
+# The experiment's kind: model training, not GenAI (MLflow 3's UI may use it to choose the view;
+# 3.17's opens the view its sidebar switch selects, tests/test_mlflow_ui.py).
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
