@@ -115,7 +115,7 @@ def trial(trial_id, name, **result):
 
 
 def test_progress_writes_a_line_per_finished_trial(tmp_path, capsys):
-    progress = StudyProgress(study(tmp_path), trials=2)
+    progress = StudyProgress(study(tmp_path), trials=3)
     first, second = trial("a", "d8-k1-w1-s0"), trial("b", "d8-k2-w1-s0")
     for t in (first, second):
         progress.on_trial_start(0, [], t)
@@ -128,8 +128,16 @@ def test_progress_writes_a_line_per_finished_trial(tmp_path, capsys):
                           "best_test_error": 0.9, "time_total_s": 2.0}
     progress.on_trial_result(0, [], second, second.last_result)
     progress.on_trial_complete(0, [], second)  # stopped after 1 of 2 epochs
+    third = trial("c", "d8-k2-w1-s0-lr1e+08")
+    progress.on_trial_start(0, [], third)
+    third.last_result = {"epoch": 1, "epochs_total": 2, "test_error": 1.0,
+                         "diverged": "the loss became non-finite at step 3"}
+    progress.on_trial_result(0, [], third, third.last_result)
+    progress.on_trial_complete(0, [], third)
     progress.on_experiment_end([])
     lines = capsys.readouterr().out.splitlines()
     assert lines == ["done     d8-k1-w1-s0  2/2 epochs  test error 0.700 (best 0.700)  6 s",
-                     "stopped  d8-k2-w1-s0  1/2 epochs  test error 0.900 (best 0.900)  2 s"]
-    assert progress.study_bar.total == 3  # the stopped trial's second epoch is not coming
+                     "stopped  d8-k2-w1-s0  1/2 epochs  test error 0.900 (best 0.900)  2 s",
+                     "diverged d8-k2-w1-s0-lr1e+08  1/2 epochs  the loss became non-finite at "
+                     "step 3"]
+    assert progress.study_bar.total == 4  # the epochs that ended trials skip are not coming

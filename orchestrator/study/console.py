@@ -13,7 +13,7 @@ from pathlib import Path
 from ray.tune import Callback
 from tqdm import tqdm
 
-from orchestrator.results import outcome
+from orchestrator.results import DIVERGED, outcome
 
 RAY_LOG = "ray.log"
 NEW_OUTPUT = "RAY_AIR_NEW_OUTPUT"
@@ -149,9 +149,9 @@ class StudyProgress(Callback):
             return
         bar.update(result["epoch"] - bar.n)
         self._study_bar().update(1)
-        error, best = result.get("test_error"), result.get("best_test_error")
-        if error is not None:
-            bar.set_postfix_str(f"test error {error:.3f} (best {best:.3f})")
+        best = result.get("best_test_error")
+        if best is not None:
+            bar.set_postfix_str(f"test error {result['test_error']:.3f} (best {best:.3f})")
         if best is not None and (self.best is None or best < self.best):
             self.best = best
             self._study_bar().set_postfix_str(f"best test error {best:.3f}")
@@ -172,7 +172,9 @@ class StudyProgress(Callback):
         study_bar.total -= self.epochs - epochs  # stopped early: those epochs are not coming
         study_bar.refresh()
         line = f"{outcome(result, errored):8} {self.name_of(trial)}  {epochs}/{self.epochs} epochs"
-        if result.get("test_error") is not None:
+        if result.get(DIVERGED):
+            line += f"  {result[DIVERGED]}"
+        elif result.get("best_test_error") is not None:
             line += f"  test error {result['test_error']:.3f} (best " \
                     f"{result['best_test_error']:.3f})  {result.get('time_total_s', 0):.0f} s"
         # Above the bars where they show (tqdm clears and redraws them), else on stdout.

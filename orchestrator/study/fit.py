@@ -81,7 +81,8 @@ def fit(study: StudyConfig, cluster: Cluster) -> tuple[Resources, int]:
             f"resources.cpus_per_worker: {workers} x {cpus:g} CPUs (+{driver:g} for the trial "
             f"driver) fit {at_once} trial{'s' * (at_once > 1)} at a time into {cluster}, "
             f"leaving {idle:g} CPUs idle; set it to auto (or lower concurrency to {at_once})")
-    return res.model_copy(update={"cpus_per_worker": cpus, "gpus_per_worker": gpus}), at_once
+    return res.model_copy(update={"cpus_per_worker": float(cpus),
+                                  "gpus_per_worker": float(gpus)}), at_once
 
 
 def check_fit(study: StudyConfig, cluster: Cluster, study_file: str | None) -> tuple[
