@@ -22,12 +22,23 @@ from tests.sweeps import runs
 REPO = Path(__file__).parent.parent
 
 
-def node_ports() -> list[str]:
+def node_ports(*taken: int) -> list[str]:
+    """A node's ports, none inside its worker-port range (Ray refuses a node whose components
+    share a port; free ports picked one by one could land in that range)."""
     names = ("node-manager-port", "object-manager-port", "metrics-export-port",
              "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port")
-    flags = [f"--{name}={free_port()}" for name in names]
-    low = free_port()
-    return flags + [f"--min-worker-port={low}", f"--max-worker-port={low + 100}"]
+    while True:
+        low = free_port()
+        workers = range(low, low + 101)
+        if not set(taken) & set(workers):
+            break
+    ports: list[int] = []
+    while len(ports) < len(names):
+        port = free_port()
+        if port not in workers and port not in ports and port not in taken:
+            ports.append(port)
+    return [f"--{name}={port}" for name, port in zip(names, ports)] + [
+        f"--min-worker-port={low}", f"--max-worker-port={low + 100}"]
 
 
 @pytest.fixture(scope="module")
@@ -37,21 +48,21 @@ def cluster(tmp_path_factory):
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     for name in ("RAY_ADDRESS", LOOPBACK_ONLY):  # a cluster of nodes, not the local instance
         env.pop(name, None)
-    gcs, dashboard = free_port(), free_port()
+    gcs, dashboard, client = free_port(), free_port(), free_port()
     ray = str(BIN / "ray")
     procs, mlflow = [], None
     try:
         head = start([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
                       "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                      f"--ray-client-server-port={free_port()}", "--num-cpus=1",
-                      f"--temp-dir={short / 'head'}", "--disable-usage-stats", *node_ports()],
-                     tmp / "head.log", env)
+                      f"--ray-client-server-port={client}", "--num-cpus=1",
+                      f"--temp-dir={short / 'head'}", "--disable-usage-stats",
+                      *node_ports(gcs, dashboard, client)], tmp / "head.log", env)
         procs.append(head)
         assert head.wait(120) == 0, (tmp / "head.log").read_text()[-2000:]
         # Its own temp dir: two nodes on one machine must not share runtime-env folders.
         worker = start([ray, "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1",
                         "--num-cpus=1", f"--temp-dir={short / 'node'}", "--disable-usage-stats",
-                        *node_ports()], tmp / "node.log", env)
+                        *node_ports(gcs, dashboard, client)], tmp / "node.log", env)
         procs.append(worker)
         assert worker.wait(120) == 0, (tmp / "node.log").read_text()[-2000:]
         mlflow = MlflowServer(tmp, env).start()

@@ -73,6 +73,10 @@ def test_every_shipped_study_is_valid(path):
     (dict(searcher__sampler="n0", scheduler={"type": "none"}, space__lr=0.1, space__k=2),
      "the n0 searcher needs matched pairs"),
     (dict(resources__workers=0), "resources.workers: Input should be greater than or equal to 1"),
+    (dict(resources__cpus_per_worker=0), "resources.cpus_per_worker: 0 CPUs: give a number "
+     "above 0, or auto"),
+    (dict(resources__gpus_per_worker="lots"), "resources.gpus_per_worker: 'lots': give a "
+     "number, or auto$"),
     (dict(train__checkpoint_dir="x"), "managed by the sweep"),
     (dict(searcher__objectives=[{"metric": "test_error"}, {"metric": "train_gflops"}]),
      "asha needs a single objective"),

@@ -117,18 +117,25 @@ class Resources(Strict):
                               "checkpoint: of its workers (Ray Train) and of the trial (Tune, "
                               "when its driver's node is lost); -1: no limit")
 
+    @field_validator("cpus_per_worker", "gpus_per_worker", mode="before")
+    @classmethod
+    def _number_or_auto(cls, value):
+        if value == "auto" or isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{value!r}: give a number, or auto")
+
     @field_validator("cpus_per_worker")
     @classmethod
     def _positive(cls, cpus: float | str) -> float | str:
         if cpus != "auto" and cpus <= 0:
-            raise ValueError(f"{cpus} CPUs: give a number above 0, or auto")
+            raise ValueError(f"{cpus:g} CPUs: give a number above 0, or auto")
         return cpus
 
     @field_validator("gpus_per_worker")
     @classmethod
     def _whole_or_fraction(cls, gpus: float | str) -> float | str:
         if gpus != "auto" and (gpus < 0 or gpus > 1 and gpus != int(gpus)):
-            raise ValueError(f"{gpus} GPUs: give a fraction up to 1 (trials share a GPU), a "
+            raise ValueError(f"{gpus:g} GPUs: give a fraction up to 1 (trials share a GPU), a "
                              f"whole number, or auto")
         return gpus
 
