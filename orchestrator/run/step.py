@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 from dataclasses import dataclass
 
 import torch
@@ -164,8 +165,6 @@ class TrainingStep:
 def seconds_per_step(cfg: TrainConfig, steps: int = 2) -> float:
     """A short measurement: seconds per training step of `cfg` (one process, this machine's
     device, random images), after one warm-up step."""
-    import time
-
     from models.summary import input_size
 
     cfg = cfg.resolved(torch.cuda.is_available())

@@ -111,11 +111,11 @@ def no_fit_message(study: StudyConfig, cluster: Cluster, need: str,
                  "resources.cpus_per_worker": "auto"}
     given = {"train.device": study.train.device, "resources.gpus_per_worker":
              res.gpus_per_worker, "resources.cpus_per_worker": res.cpus_per_worker}
-    on_cpus = study.model_validate({
-        **study.model_dump(exclude_unset=True),
-        "train": {**study.train.model_dump(exclude_unset=True), "device": "cpu"},
-        "resources": {**res.model_dump(exclude_unset=True), "gpus_per_worker": "auto",
-                      "cpus_per_worker": "auto"}})
+    # A copy, not a new validation: that would build every architecture of the space again.
+    on_cpus = study.model_copy(update={
+        "train": study.train.model_copy(update={"device": "cpu"}),
+        "resources": res.model_copy(update={"gpus_per_worker": "auto",
+                                            "cpus_per_worker": "auto"})})
     try:
         resources, at_once = fit(on_cpus, cluster)
     except (DoesNotFit, ConfigError):
