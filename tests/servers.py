@@ -29,6 +29,7 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
             return
         deadline = time.time() + wait
         while time.time() < deadline:
+            proc.poll()  # reaps the leader once it exits: a zombie would keep its group alive
             try:
                 os.killpg(proc.pid, 0)
             except ProcessLookupError:

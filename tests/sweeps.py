@@ -50,27 +50,31 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.5)
 
 
-def checkpoints(results: Path, trial: str = "*") -> list[Path]:
-    return list(results.glob(f"smoke/train-{trial}/checkpoint_*/checkpoint.pt"))
+def checkpoints(results: Path, trial: str = "*", experiment: str = "smoke") -> list[Path]:
+    return list(results.glob(f"{experiment}/train-{trial}/checkpoint_*/checkpoint.pt"))
 
 
-def assert_resumes_once(args: list[str], uri: str, results: Path) -> None:
-    """After an interrupted sweep of 3 trials of 2 epochs: the same command resumes it in the
-    same parent run; finished trials are left alone; every epoch is trained and logged once."""
-    _, (parent,), children = runs(uri)
+def assert_resumes_once(command: list[str], uri: str, results: Path, experiment: str = "smoke",
+                        epochs: int = 2) -> list:
+    """After an interrupted sweep: the same command (the study file and its arguments) resumes
+    it in the same parent run; finished trials are left alone; every epoch of every trial is
+    trained and logged once. Returns the trials' runs."""
+    _, (parent,), children = runs(uri, experiment)
     finished = {c.info.run_id: c.info.end_time for c in children if c.info.status == "FINISHED"}
     assert finished
 
-    assert sweep_main([SMOKE, *args]) == 0
-    client, parents, children = runs(uri)
+    assert sweep_main(command) == 0
+    client, parents, children = runs(uri, experiment)
     assert [p.info.run_id for p in parents] == [parent.info.run_id]
     assert parents[0].info.status == "FINISHED"
-    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
-    assert len({c.data.tags["trial_id"] for c in children}) == 3
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert len({c.data.tags["trial_id"] for c in children}) == len(children)
     for child in children:
         history = client.get_metric_history(child.info.run_id, "test_error")
-        assert [m.step for m in history] == [1, 2]  # no epoch logged twice, none missing
-        # Each epoch trained once: one checkpoint per epoch, whatever was retried.
-        assert len(checkpoints(results, child.data.tags["trial_id"])) == 2
+        # No epoch logged twice, none missing; each trained once: one checkpoint per epoch,
+        # whatever was retried.
+        assert [m.step for m in history] == list(range(1, epochs + 1))
+        assert len(checkpoints(results, child.data.tags["trial_id"], experiment)) == epochs
         if child.info.run_id in finished:  # finished trials were not retrained
             assert child.info.end_time == finished[child.info.run_id]
+    return children

@@ -49,6 +49,9 @@ def cluster(tmp_path_factory):
     for name in ("RAY_ADDRESS", LOOPBACK_ONLY):  # a cluster of nodes, not the local instance
         env.pop(name, None)
     gcs, dashboard, client = free_port(), free_port(), free_port()
+    # For Ray's own helpers on the nodes (a Ray Train run's placement-group cleaner): they find
+    # their cluster by RAY_ADDRESS, not by looking, where this machine runs the test run's Ray too.
+    nodes_env = {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}
     ray = str(BIN / "ray")
     procs, mlflow = [], None
     try:
@@ -56,13 +59,13 @@ def cluster(tmp_path_factory):
                       "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                       f"--ray-client-server-port={client}", "--num-cpus=1",
                       f"--temp-dir={short / 'head'}", "--disable-usage-stats",
-                      *node_ports(gcs, dashboard, client)], tmp / "head.log", env)
+                      *node_ports(gcs, dashboard, client)], tmp / "head.log", nodes_env)
         procs.append(head)
         assert head.wait(120) == 0, (tmp / "head.log").read_text()[-2000:]
         # Its own temp dir: two nodes on one machine must not share runtime-env folders.
         worker = start([ray, "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1",
                         "--num-cpus=1", f"--temp-dir={short / 'node'}", "--disable-usage-stats",
-                        *node_ports(gcs, dashboard, client)], tmp / "node.log", env)
+                        *node_ports(gcs, dashboard, client)], tmp / "node.log", nodes_env)
         procs.append(worker)
         assert worker.wait(120) == 0, (tmp / "node.log").read_text()[-2000:]
         mlflow = MlflowServer(tmp, env).start()
@@ -71,8 +74,9 @@ def cluster(tmp_path_factory):
     finally:
         if mlflow is not None:
             mlflow.stop()
+        # A test cluster has nothing to keep, and Ray's servers take 10 s and more on SIGTERM.
         for proc in reversed(procs):
-            stop(proc)
+            stop(proc, signal.SIGKILL)
         shutil.rmtree(short, ignore_errors=True)
 
 

@@ -96,35 +96,6 @@ def test_smoke_study_end_to_end(ray_address, tmp_path):
     assert list((tmp_path / "results" / "smoke").glob("train-*/checkpoint_*/checkpoint.pt"))
 
 
-def test_interrupted_sweep_resumes_without_duplicates(ray_address, tmp_path):
-    uri, results = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "results"
-    args = ["--storage-path", str(results), "--tracking-uri", uri, "--set", "trials=3",
-            "--set", "concurrency=1", "--set", "scheduler.type=none"]
-    proc = start_sweep(args, ray_address, cwd=tmp_path)
-    wait_for(lambda: "FINISHED" in child_statuses(uri), proc)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C
-    output = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 130, output[-3000:]
-
-    _, parents, children = runs(uri)
-    assert len(parents) == 1 and parents[0].info.status == "KILLED"
-    assert not [c for c in children if c.info.status == "RUNNING"]
-    assert_resumes_once(args, uri, results)
-
-
-def test_trial_on_a_data_parallel_mesh(ray_address, tmp_path):
-    """`parallel:` in a study sets each trial's Ray Train workers: two ranks, dp=2."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = [SMOKE, "--storage-path", str(tmp_path / "results"), "--tracking-uri", uri,
-            "--set", "trials=1", "--set", "parallel.dp=2", "--set", "scheduler.type=none",
-            "--set", "train.epochs=1"]
-    assert sweep_main(args) == 0
-    client, _, children = runs(uri)
-    assert len(children) == 1 and children[0].info.status == "FINISHED"
-    assert children[0].data.tags["parallel_layout"].startswith("dp=2,pp=1,bp=1")
-    assert len(client.get_metric_history(children[0].info.run_id, "test_error")) == 1
-
-
 def pair_study(tmp_path: Path, **changes) -> Path:
     """Two matched pairs (pre-resnet-14 / multi-resnet-8 and pre-resnet-26 / multi-resnet-14,
     k=2) on synthetic data, one epoch, with the n0 searcher: one seed each first, two at most."""
@@ -142,9 +113,10 @@ def pair_study(tmp_path: Path, **changes) -> Path:
 
 
 def test_n0_study_resumes_and_ends_with_n0(ray_address, tmp_path, capsys):
-    """A matched-pair study with the n0 searcher, interrupted (Ctrl-C) and run again: the
-    searcher's state comes back with Tune's (Tuner.restore), finished trials are kept, no
-    (net, seed) is trained twice; the bracket (both pairs, one seed), a second seed where the
+    """A matched-pair study with the n0 searcher, interrupted (Ctrl-C: the parent run is ended
+    as KILLED, no trial left RUNNING) and run again: the searcher's state comes back with Tune's
+    (Tuner.restore), in the same parent run; finished trials are kept, no (net, seed) is trained
+    twice, every epoch logged once; the bracket (both pairs, one seed), a second seed where the
     difference is unsure, then it stops and says why; the sweep prints the report and n0 and
     logs them to the parent run; orchestrator.report reads the same study back from MLflow."""
     from orchestrator.report import main as report_main
@@ -157,23 +129,19 @@ def test_n0_study_resumes_and_ends_with_n0(ray_address, tmp_path, capsys):
     proc.send_signal(signal.SIGINT)  # Ctrl-C
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130, output[-3000:]
-    _, _, before = runs(uri, "pairs")
-    finished = {c.info.run_id: c.info.end_time for c in before if c.info.status == "FINISHED"}
+    _, parents, children = runs(uri, "pairs")
+    assert len(parents) == 1 and parents[0].info.status == "KILLED"
+    assert not [c for c in children if c.info.status == "RUNNING"]
 
-    assert sweep_main([str(path), *args]) == 0
+    children = assert_resumes_once([str(path), *args], uri, results, "pairs", epochs=1)
     out = capsys.readouterr().out.splitlines()
     n0_line = next(line for line in out if line.startswith("n0: "))
     verdict = next(line for line in out if line.startswith("n0 search: "))
     assert "no trial left" in verdict or "n0 not found" in verdict
     assert any("depth 26 (" in line for line in out)  # the pre-resnet-26 of the second pair
-    client, parents, children = runs(uri, "pairs")
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     trained = [(c.data.tags["architecture"], c.data.tags["seed"]) for c in children]
     assert len(trained) == len(set(trained)) and 6 <= len(trained) <= 8
-    assert all(c.info.status == "FINISHED" for c in children)
-    assert all(c.info.end_time == finished[c.info.run_id] for c in children
-               if c.info.run_id in finished)  # finished trials were not retrained
-    parent = parents[0]
+    client, (parent,), _ = runs(uri, "pairs")
     assert parent.data.tags["n0"] == n0_line
     if not n0_line.startswith("n0: not found"):
         assert {"n0", "n0_low", "n0_high"} & set(parent.data.metrics)
@@ -185,17 +153,24 @@ def test_n0_study_resumes_and_ends_with_n0(ray_address, tmp_path, capsys):
     assert n0_line.split(" (")[0] in capsys.readouterr().out
 
 
-def test_diverging_trial_fails_with_its_reason_and_the_sweep_goes_on(ray_address, tmp_path):
+def test_trials_on_a_data_parallel_mesh_one_diverging(ray_address, tmp_path):
+    """`parallel:` in a study sets each trial's Ray Train workers (two ranks, dp=2); a trial
+    whose loss becomes non-finite fails with that reason, and the sweep goes on. Ctrl-C
+    belongs to the caller again afterwards."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ctrl_c = signal.getsignal(signal.SIGINT)
     assert sweep_main([SMOKE, "--storage-path", str(tmp_path / "results"), "--tracking-uri", uri,
                        "--set", "space.depth=8", "--set", "space.k=1", "--set",
                        "space.lr={type: categorical, choices: [0.05, 1.0e+8]}",
                        "--set", "searcher.sampler=grid", "--set", "scheduler.type=none",
-                       "--set", "train.epochs=1"]) == 0
-    _, parents, children = runs(uri)
+                       "--set", "train.epochs=1", "--set", "parallel.dp=2"]) == 0
+    assert signal.getsignal(signal.SIGINT) is ctrl_c  # not Tune's handler, left behind
+    client, parents, children = runs(uri)
     status = {c.data.params["lr"]: c for c in children}
-    assert status["0.05"].info.status == "FINISHED"
-    failed = status["100000000.0"]
+    trained, failed = status["0.05"], status["100000000.0"]
+    assert trained.info.status == "FINISHED"
+    assert trained.data.tags["parallel_layout"].startswith("dp=2,pp=1,bp=1")
+    assert len(client.get_metric_history(trained.info.run_id, "test_error")) == 1
     assert failed.info.status == "FAILED"
     assert "loss became non-finite at step" in failed.data.tags["failure"]
     assert parents[0].info.status == "FINISHED"

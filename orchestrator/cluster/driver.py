@@ -25,6 +25,12 @@ from orchestrator.run.session import check_outputs
 
 # Ray's loopback-only mode for a single machine (see init_ray).
 LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# Ray Train's controller checks its workers every 2 s by default, and a run ends about three
+# checks after its last report: 6 s of every trial. A check is one small call per worker.
+HEALTH_CHECK_INTERVAL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# Ray Train watches a run's nodes for preemption to move the run before they go, with an actor of
+# its own per run; a private local Ray has no other node to move it to.
+PREEMPTION_WATCHER = ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -38,6 +44,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         # Ray gives a local node the machine's routable address, and its servers then listen on
         # every interface; its loopback-only mode (meant for laptops) keeps them on 127.0.0.1.
         os.environ[LOOPBACK_ONLY] = "0"  # for the processes Ray starts
+        os.environ.setdefault(*PREEMPTION_WATCHER)
         ray._private.ray_constants.ENABLE_RAY_CLUSTER = False  # read when ray was imported
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True)
         return
@@ -89,6 +96,7 @@ def build_trainer(cfg: TrainConfig, *, name: str, storage_path: str, echo: bool,
     """A TorchTrainer with one worker per rank of cfg.parallel's mesh. The same (storage_path,
     name) restores the run from its latest checkpoint."""
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
+    os.environ.setdefault(*HEALTH_CHECK_INTERVAL)  # Ray Train passes it to its controller
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"run": cfg.model_dump(mode="json"), "echo": echo},

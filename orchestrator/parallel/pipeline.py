@@ -13,13 +13,10 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 from torch.utils.flop_counter import FlopCounterMode
 
 from models.multi_resnet import Architecture, MultiResNet, create_model
 from models.summary import input_size
-
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
 
 @lru_cache(maxsize=64)
@@ -101,6 +98,11 @@ def build_schedule(stage_model: MultiResNet, stage: int, stages: int, device: to
         stage_model.register_forward_hook(lambda module, args, out: out.contiguous())
     if stage != 0 and channels_last:
         stage_model.register_forward_pre_hook(lambda module, args: (_ToChannelsLast.apply(args[0]),))
+    # Imported here: it takes 1.6 s, paid otherwise by each of a run's Ray processes (trial
+    # driver, Ray Train controller, workers) whether or not the run has pipeline stages.
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
     pipe_stage = PipelineStage(stage_model, stage, stages, device, group=group)
-    return SCHEDULES[schedule](pipe_stage, n_microbatches=microbatches,
+    schedules = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+    return schedules[schedule](pipe_stage, n_microbatches=microbatches,
                                loss_fn=loss_fn, scale_grads=True)

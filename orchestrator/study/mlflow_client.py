@@ -89,10 +89,13 @@ class Outbox:
 
     Training never waits on MLflow: a failed update stays queued with everything after it and is
     retried with the next update (at most every `retry_s`), and at the end of the sweep
-    (`drain`). One outbox per tracking URI in the sweep's driver process, shared by the parent
-    run and the trial tracker (which Tune re-creates on restore), so their order is kept."""
+    (`drain`; every `drain_retry_s` then, when nothing else waits, so that the sweep ends soon
+    after MLflow is back). One outbox per tracking URI in the sweep's driver process, shared by
+    the parent run and the trial tracker (which Tune re-creates on restore), so their order is
+    kept."""
 
     retry_s = 20.0
+    drain_retry_s = 2.0
 
     def __init__(self, tracking_uri: str):
         self.tracking_uri = tracking_uri
@@ -141,7 +144,7 @@ class Outbox:
             self.next_try = 0.0
             if self.flush() or time.time() >= deadline:
                 return [what for what, _ in self.pending]
-            time.sleep(min(self.retry_s, deadline - time.time()))
+            time.sleep(min(self.drain_retry_s, deadline - time.time()))
 
 
 OUTBOXES: dict[str, Outbox] = {}

@@ -12,6 +12,8 @@ import hashlib
 import json
 import logging
 import shutil
+import signal
+import threading
 from pathlib import Path
 
 from orchestrator.errors import ConfigError
@@ -170,6 +172,9 @@ def fit(study: StudyConfig, results_dir: Path, restoring: bool, parent, digest: 
             tune_config=ray.tune.TuneConfig(
                 search_alg=build_searcher(study), scheduler=build_scheduler(study),
                 num_samples=planned_trials(study), max_concurrent_trials=concurrency,
+                # The next trial runs in a finished trial's driver process: no new process,
+                # no second import of torch and Ray Train (about 6 CPU-seconds a trial).
+                reuse_actors=True,
                 trial_name_creator=lambda trial: study.trial_name(trial.config)),
             run_config=ray.tune.RunConfig(
                 name=study.name, storage_path=str(study.storage_dir()),
@@ -179,4 +184,10 @@ def fit(study: StudyConfig, results_dir: Path, restoring: bool, parent, digest: 
                 failure_config=ray.tune.FailureConfig(
                     max_failures=study.resources.max_failures)),
         )
-    return tuner.fit()
+    ctrl_c = signal.getsignal(signal.SIGINT)
+    try:
+        return tuner.fit()
+    finally:
+        # Tune leaves its own Ctrl-C handler behind, which would swallow the caller's next one.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, ctrl_c)
