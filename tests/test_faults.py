@@ -198,6 +198,7 @@ def test_a_failing_update_is_not_an_outage(caplog):
     assert delivered == ["b"] and len(box.pending) == 2 and box.down_since is not None
     assert "unreachable (ConnectionError)" in caplog.text
 
+
 def test_the_end_of_a_sweep_tries_mlflow_often(caplog):
     """At the end of a sweep (drain) the held updates are tried every drain_retry_s, not every
     retry_s: delivered once MLflow answers again, within the wait."""
@@ -216,7 +217,6 @@ def test_the_end_of_a_sweep_tries_mlflow_often(caplog):
     box.put("epoch 1", update)
     assert box.drain(wait_s=1.0) == [] and delivered == ["epoch 1"] and not answers
     assert "answers again" in caplog.text
-
 
 
 def test_every_run_is_read_past_mlflows_first_page(tmp_path):
