@@ -75,6 +75,9 @@ def test_smoke_study_end_to_end(ray_address, tmp_path):
 
     assert len({child.info.run_name for child in children}) == len(children)
     assert_best_model_loads(uri, "smoke", children)
+    # The model is the study's: in its experiment, its files beside the database.
+    (model,) = client.search_logged_models([parent.info.experiment_id])
+    assert model.name == "model" and not (tmp_path / "mlruns").exists()
     for child in children:
         tags, params = child.data.tags, child.data.params
         assert tags["architecture"].startswith("d8-")  # the depth-14 nets are outside

@@ -170,6 +170,9 @@ def register_best_model(results, trial_id: str, study: StudyConfig, parent) -> N
                           f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.run_id}' and "
                           f"tags.trial_id = '{trial_id}'")
         mlflow.set_tracking_uri(uri)
+        # Without an active experiment MLflow files the logged model under "Default" (its
+        # artifacts in ./mlruns of the working folder), whatever run it comes from.
+        mlflow.set_experiment(experiment_id=parent.experiment_id)
         info = mlflow.pytorch.log_model(
             model, name="model", run_id=run.info.run_id, registered_model_name=name,
             input_example=torch.zeros(2, 3, size, size).numpy(),
