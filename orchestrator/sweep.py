@@ -29,6 +29,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run-trials", type=int, default=10)
     p.add_argument("--resume", action="store_true", help="continue the study (the default when "
                    "its results folder exists); fail if there is nothing to resume")
+    p.add_argument("--trust-results", action="store_true", help="sign the state Ray left in "
+                   "the results folder before resuming (a folder from before signing, or from "
+                   "another machine's key); only for a folder nobody else can write")
     p.add_argument("--verbose", action="store_true", help="show Ray's own output (its logs, "
                    "Tune's tables, the workers' lines) instead of writing it to ray.log in the "
                    "results folder")
@@ -52,7 +55,7 @@ def sweep_command(args: argparse.Namespace) -> int:
         return 0
     from orchestrator.study.sweep import run
 
-    return run(study, args.study, args.resume, args.verbose)
+    return run(study, args.study, args.resume, args.verbose, args.trust_results)
 
 
 main = command(parser, sweep_command,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.errors import CheckpointError
+from orchestrator.errors import CheckpointError, ConfigError
 from orchestrator.run.checkpoint import load_checkpoint
 from orchestrator.sweep import main as sweep_main
 
@@ -120,3 +120,109 @@ def test_study_file_tags_are_not_executed(tmp_path, capsys):
     assert sweep_main([str(study), "--storage-path", str(tmp_path / "results")]) == 2
     assert "not valid YAML" in capsys.readouterr().err
     assert not (tmp_path / "ran").exists()
+
+
+# A results folder as a sweep leaves it (the files Ray unpickles on resume, by their real names).
+TUNE_STATE = ("tuner.pkl", "experiment_state-2026-01-01_00-00-00.json",
+              "searcher-state-2026-01-01_00-00-00.pkl",
+              "search_gen_state-2026-01-01_00-00-00.json",
+              "d8-k1-w1-s0_1_arch=d8-k1-w1,seed=0_2026-01-01_00-00-00/params.pkl",
+              "d8-k1-w1-s0_1_arch=d8-k1-w1,seed=0_2026-01-01_00-00-00/error.pkl")
+
+
+def results_folder(tmp_path: Path) -> Path:
+    """A signed results folder of the smoke study: its state, Tune's files (innocent pickles
+    and JSON), a trial's checkpoint."""
+    import json
+    import pickle
+
+    from orchestrator.study.sweep import STATE_FILE
+    from orchestrator.study.trust import sign
+
+    folder = tmp_path / "results" / "smoke"
+    for name in TUNE_STATE:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(json.dumps({"trial_data": []}).encode() if
+                                    name.endswith(".json") else pickle.dumps({"state": name}))
+    (folder / "train-1" / "checkpoint_1").mkdir(parents=True)
+    (folder / "train-1" / "checkpoint_1" / "checkpoint.pt").write_bytes(b"weights only")
+    (folder / STATE_FILE).write_text(json.dumps({"parent_run_id": "r", "config_hash": "h",
+                                                 "tracking_uri": "u", "experiment": "smoke"}))
+    sign(folder)
+    return folder
+
+
+def resume(tmp_path: Path, *more: str) -> int:
+    return sweep_main([str(Path(__file__).parent.parent / "search_spaces" / "smoke.yaml"),
+                       "--storage-path", str(tmp_path / "results"), "--tracking-uri",
+                       f"sqlite:///{tmp_path / 'mlflow.db'}", "--resume", *more])
+
+
+@pytest.fixture
+def state_key(tmp_path, monkeypatch):
+    """A per-user key file outside the results folder (as ~/.config/multires/state.key)."""
+    monkeypatch.delenv("MULTIRES_STATE_KEY", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+
+
+@pytest.mark.parametrize("name", TUNE_STATE)
+def test_planted_pickle_in_the_results_folder_is_refused_before_it_runs(name, tmp_path, capsys,
+                                                                        state_key):
+    """A pickle that runs code, put in place of any state file Ray would unpickle (in a pickle
+    or embedded in Tune's JSON, as Tune's encoder writes objects): the resume stops in one line
+    naming the file before Ray starts; nothing ran. (Unpickled, the same bytes do run.)"""
+    import json
+    import pickle
+
+    from ray.tune.utils.serialization import TuneFunctionEncoder
+
+    folder = results_folder(tmp_path)
+    payload = RunsCode()
+    payload.marker = tmp_path / "ran"
+    planted = folder / name
+    planted.write_bytes(json.dumps({"runner_data": payload}, cls=TuneFunctionEncoder).encode()
+                        if name.endswith(".json") else pickle.dumps(payload))
+    assert resume(tmp_path) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {planted} was not written by a sweep of "
+                                               f"yours"), err
+    assert not payload.marker.exists()
+    assert not (tmp_path / "mlflow.db").exists()
+    from ray.tune.utils.serialization import _loads_with_cloudpickle  # what Tune reads it with
+
+    (_loads_with_cloudpickle if name.endswith(".json") else pickle.loads)(planted.read_bytes())
+    assert payload.marker.exists()
+
+
+@pytest.mark.parametrize("change", ["another key", "no signatures", "a new pickle",
+                                    "signed for another name"])
+def test_results_signed_otherwise_are_refused(change, tmp_path, monkeypatch, state_key):
+    from orchestrator.study.trust import SIGNATURES, check
+
+    folder = results_folder(tmp_path)
+    check(folder)  # as signed: accepted
+    if change == "another key":
+        monkeypatch.setenv("MULTIRES_STATE_KEY", "someone else's key")
+    elif change == "no signatures":
+        (folder / SIGNATURES).unlink()
+    elif change == "a new pickle":
+        (folder / "callback-states-2026.pkl").write_bytes(b"\x80\x04N.")
+    else:  # a signed file copied over another of the folder's names
+        (folder / "tuner.pkl").write_bytes((folder / TUNE_STATE[2]).read_bytes())
+    with pytest.raises(ConfigError, match="was not written by a sweep of yours"):
+        check(folder)
+
+
+def test_trust_results_signs_a_folder_and_the_key_stays_outside(tmp_path, state_key):
+    from orchestrator.study.trust import SIGNATURES, check, key_file
+
+    folder = results_folder(tmp_path)
+    (folder / SIGNATURES).unlink()
+    (folder / "tuner.pkl").write_bytes(b"not a pickle")  # fails later, in Ray: not our check
+    import orchestrator.study.sweep as sweep
+
+    sweep.check_results(folder, trust=True)
+    check(folder)
+    assert key_file().stat().st_mode & 0o077 == 0  # readable by its user only
+    assert not any(key_file().read_bytes() in p.read_bytes() for p in folder.rglob("*")
+                   if p.is_file())

@@ -55,18 +55,41 @@ def config_hash(study: StudyConfig) -> str:
                           ).hexdigest()[:16]
 
 
+STATE_KEYS = ("parent_run_id", "config_hash", "tracking_uri", "experiment")
+
+
 def read_state(results_dir: Path) -> dict | None:
     path = results_dir / STATE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        state = exc
+    if not isinstance(state, dict) or any(key not in state for key in STATE_KEYS):
+        raise ConfigError(f"{path} is not a study's state (truncated or edited); remove "
+                          f"{results_dir} to start the study again")
+    return state
 
 
-def run(study: StudyConfig, study_file: str, resume: bool, verbose: bool = False) -> int:
+def check_results(results_dir: Path, trust: bool = False) -> None:
+    """Before Ray starts: the folder's study state reads whole, and every file Ray would
+    unpickle from it was signed by this user's sweeps (`trust`: sign what is there)."""
+    from orchestrator.study import trust as signatures
+
+    if read_state(results_dir) is not None:
+        (signatures.sign if trust else signatures.check)(results_dir)
+
+
+def run(study: StudyConfig, study_file: str, resume: bool, verbose: bool = False,
+        trust: bool = False) -> int:
     """Run the study; Ray's own output goes to a log file in its results folder unless
     `verbose`. A study that never started leaves no results folder behind."""
     from orchestrator.study.console import RAY_LOG, ray_output_to
     from orchestrator.study.mlflow_client import check_scheme
 
     check_scheme(study.tracking_uri())
+    check_results(study.storage_dir() / study.name, trust)
     study = resolve_paths(study)  # the data checked before anything is started
     results_dir = study.storage_dir() / study.name
     # The outermost folder this run creates: removed again if the study never starts.
@@ -146,6 +169,7 @@ def fit(study: StudyConfig, results_dir: Path, restoring: bool, parent, digest: 
     from orchestrator.study.console import StudyProgress
     from orchestrator.study.searchers import build_searcher
     from orchestrator.study.tracking import TrialTracker
+    from orchestrator.study.trust import check, signing
     from orchestrator.study.trials import build_scheduler, trial_driver
 
     trainable = ray.tune.with_resources(
@@ -154,6 +178,7 @@ def fit(study: StudyConfig, results_dir: Path, restoring: bool, parent, digest: 
         {"cpu": study.resources.driver_cpus})
     if restoring:
         log.info(f"resuming study {study.name} from {results_dir}")
+        check(results_dir)  # again, just before Tune unpickles its state
         # The MLflow tracker and the searcher's state come back with the experiment (see
         # TrialTracker.__reduce__ and orchestrator.study.searchers).
         tuner = Tuner.restore(str(results_dir), trainable=trainable, resume_unfinished=True,
@@ -186,7 +211,8 @@ def fit(study: StudyConfig, results_dir: Path, restoring: bool, parent, digest: 
         )
     ctrl_c = signal.getsignal(signal.SIGINT)
     try:
-        return tuner.fit()
+        with signing(results_dir):
+            return tuner.fit()
     finally:
         # Tune leaves its own Ctrl-C handler behind, which would swallow the caller's next one.
         if threading.current_thread() is threading.main_thread():

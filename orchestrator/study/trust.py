@@ -1,0 +1,150 @@
+"""Which of a results folder's files Ray may unpickle, and the check that this user's sweep wrote
+them.
+
+Ray Tune keeps its experiment state as pickles (`tuner.pkl`, the searcher's and callbacks'
+`*-state-*.pkl`, trials' `params.pkl` and `error.pkl`) and as JSON with embedded cloudpickle
+blobs (`experiment_state-*.json`, `search_gen_state-*.json`); `Tuner.restore` and the results it
+returns unpickle them, so whoever can write a results folder could run code as the sweep's
+driver. While a sweep runs, a thread signs every such file (HMAC-SHA256 of its path in the folder
+and its bytes, with a key kept outside the storage: `MULTIRES_STATE_KEY`, or a per-user key file,
+created on first use); before a study is resumed, every such file must carry a valid signature,
+or the sweep stops in one line naming the file, before anything is unpickled.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import threading
+from pathlib import Path
+
+from orchestrator.errors import ConfigError
+
+SIGNATURES = "multires_signatures.json"
+KEY_ENV = "MULTIRES_STATE_KEY"
+SIGN_EVERY_S = 1.0
+
+
+def key_file() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base) / "multires" / "state.key"
+
+
+def state_key(create: bool) -> bytes | None:
+    """The signing key: MULTIRES_STATE_KEY, else the per-user key file (made when `create`)."""
+    if os.environ.get(KEY_ENV):
+        return os.environ[KEY_ENV].encode()
+    path = key_file()
+    try:
+        return path.read_bytes().strip() or None
+    except FileNotFoundError:
+        if not create:
+            return None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the state key {path} ({exc.strerror}); fix its "
+                          f"permissions or set {KEY_ENV}") from None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    except FileExistsError:
+        pass  # made by a sweep started at the same time
+    except OSError as exc:
+        raise ConfigError(f"cannot create the state key {path} ({exc.strerror}); make "
+                          f"{path.parent} writable or set {KEY_ENV}") from None
+    return path.read_bytes().strip()
+
+
+def unpickled_files(results_dir: Path) -> list[Path]:
+    """The files of a results folder that Ray may unpickle: every `*.pkl` at any depth, and
+    Tune's `*state-*.json` at the top (JSON that may embed cloudpickle)."""
+    found = set(results_dir.rglob("*.pkl")) | set(results_dir.glob("*state-*.json"))
+    return sorted(p for p in found if p.is_file())
+
+
+def _digest(key: bytes, results_dir: Path, path: Path) -> str:
+    mac = hmac.new(key, path.relative_to(results_dir).as_posix().encode() + b"\0",
+                   hashlib.sha256)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            mac.update(chunk)
+    return mac.hexdigest()
+
+
+def _read_signatures(results_dir: Path) -> dict[str, str]:
+    try:
+        signed = json.loads((results_dir / SIGNATURES).read_text())
+    except (OSError, ValueError):
+        return {}
+    return signed if isinstance(signed, dict) else {}
+
+
+def sign(results_dir: Path, seen: dict | None = None, key: bytes | None = None) -> None:
+    """Sign the folder's unpickled files; `seen` (path -> (mtime, size)) skips files unchanged
+    since the last call that shared it."""
+    key = key or state_key(create=True)
+    signed = _read_signatures(results_dir)
+    changed = False
+    for path in unpickled_files(results_dir):
+        name = path.relative_to(results_dir).as_posix()
+        try:
+            stat = path.stat()
+            if seen is not None and seen.get(name) == (stat.st_mtime_ns, stat.st_size) \
+                    and name in signed:
+                continue
+            signed[name] = _digest(key, results_dir, path)
+        except FileNotFoundError:  # replaced or removed by Tune meanwhile
+            continue
+        if seen is not None:
+            seen[name] = (stat.st_mtime_ns, stat.st_size)
+        changed = True
+    if changed:
+        tmp = results_dir / f".{SIGNATURES}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(signed, indent=0, sort_keys=True))
+        os.replace(tmp, results_dir / SIGNATURES)
+
+
+def check(results_dir: Path) -> None:
+    """Refuse, in one line, a results folder holding a file Ray would unpickle that this user's
+    sweep did not sign (planted, edited, or from before signing)."""
+    files = unpickled_files(results_dir)
+    if not files:
+        return
+    key = state_key(create=False)
+    signed = _read_signatures(results_dir)
+    for path in files:
+        name = path.relative_to(results_dir).as_posix()
+        expected = signed.get(name)
+        if key is None or expected is None or not hmac.compare_digest(
+                expected, _digest(key, results_dir, path)):
+            raise ConfigError(
+                f"{path} was not written by a sweep of yours (no valid signature in {SIGNATURES}"
+                f"; Ray would unpickle it and could run code from it); remove {results_dir} to "
+                f"start again, or, if you made it and nobody else can write there, add "
+                f"--trust-results to sign it")
+
+
+@contextlib.contextmanager
+def signing(results_dir: Path):
+    """Keep the folder's unpickled files signed while the block runs (Tune saves its state
+    every few seconds; a driver killed between two saves leaves a signed folder), and once
+    more at its end."""
+    stop, seen, key = threading.Event(), {}, state_key(create=True)
+
+    def loop():
+        while not stop.wait(SIGN_EVERY_S):
+            with contextlib.suppress(OSError):  # a folder being written: the next round signs
+                sign(results_dir, seen, key)
+
+    thread = threading.Thread(target=loop, name="multires-sign", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        sign(results_dir, key=key)
