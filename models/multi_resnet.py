@@ -30,6 +30,8 @@ IMAGENET_BLOCKS = {
     152: ("bottleneck", (3, 8, 36, 3)),
     200: ("bottleneck", (3, 24, 36, 3)),
 }
+MAX_DEPTH = 2000
+MAX_FUNCTIONS = 4096  # residual functions in the whole net
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
 
 
@@ -42,10 +44,13 @@ class Architecture(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    depth: int | None = Field(None, ge=2, description="layers along one function")
-    blocks: tuple[int, ...] | None = Field(None, description="blocks per stage, e.g. (4, 4, 3)")
-    k: int = Field(1, ge=1, description="residual functions per block")
-    width: int = Field(1, ge=1, description="widening factor w")
+    # The bounds keep a net buildable in memory and a summary quick (the deepest published
+    # CIFAR ResNet has 1202 layers; the paper's widest nets w=10).
+    depth: int | None = Field(None, ge=2, le=MAX_DEPTH, description="layers along one function")
+    blocks: tuple[int, ...] | None = Field(None, max_length=8, description="blocks per stage, "
+                                           "e.g. (4, 4, 3)")
+    k: int = Field(1, ge=1, le=64, description="residual functions per block")
+    width: int = Field(1, ge=1, le=64, description="widening factor w")
     block: Literal["basic", "bottleneck"] | None = Field(
         None, description="default: basic on CIFAR; fixed by depth on ImageNet")
     shortcut: Literal["A", "B"] | None = Field(
@@ -74,12 +79,18 @@ class Architecture(BaseModel):
                 raise ValueError(f"blocks must be three positive counts (one per CIFAR stage), "
                                  f"got {self.blocks}")
             depth = per_block * sum(self.blocks) + 2
+            if depth > MAX_DEPTH:
+                raise ValueError(f"blocks {self.blocks} give depth {depth}; at most {MAX_DEPTH}")
             if self.depth is not None and self.depth != depth:
                 raise ValueError(f"depth {self.depth} disagrees with blocks {self.blocks} "
                                  f"(which give depth {depth}); give one of them")
         elif (self.depth - 2) % (3 * per_block) or self.depth < 3 * per_block + 2:
             raise ValueError(f"depth must be {3 * per_block}n+2 for {self.block_type} blocks "
                              f"(e.g. {3 * per_block * 3 + 2}), got {self.depth}")
+        functions = sum(self.stage_blocks) * self.k
+        if functions > MAX_FUNCTIONS:
+            raise ValueError(f"{functions:,} residual functions (blocks x k); at most "
+                             f"{MAX_FUNCTIONS:,}: lower depth or k")
         return self
 
     @property

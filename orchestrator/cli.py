@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from orchestrator.errors import UserError
 
 EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 130
+MAX_ERROR_LINE = 1000  # characters; a message quoting a huge value keeps its start and its fix
 
 
 class _Stderr(logging.StreamHandler):
@@ -87,7 +88,7 @@ def run_command(parser: argparse.ArgumentParser, work: Work, argv: list[str] | N
     except UserError as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_status
     except Exception as exc:
         if debug:
@@ -95,10 +96,19 @@ def run_command(parser: argparse.ArgumentParser, work: Work, argv: list[str] | N
         with tempfile.NamedTemporaryFile("w", prefix="multires-traceback-", suffix=".txt",
                                          delete=False) as f:
             traceback.print_exc(file=f)
-        first_line = (str(exc).strip().splitlines() or [""])[0]
+        first_line = one_line((str(exc).strip().splitlines() or [""])[0])
         print(f"internal error: {type(exc).__name__}: {first_line}\n(a bug, not your input: the "
               f"traceback is in {f.name}; please report it)", file=sys.stderr)
         return EXIT_INTERNAL
+
+
+def one_line(text: str) -> str:
+    """An error message as one line of at most MAX_ERROR_LINE characters."""
+    text = " ".join(text.split("\n"))
+    if len(text) <= MAX_ERROR_LINE:
+        return text
+    half = MAX_ERROR_LINE // 2
+    return f"{text[:half]} [... {len(text) - 2 * half:,} characters ...] {text[-half:]}"
 
 
 def _load(modules: Iterable[str], advice: Callable[[], str]) -> None:

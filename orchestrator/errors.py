@@ -34,3 +34,9 @@ class ReportError(UserError):
 class OutOfMemory(UserError):
     """The run does not fit in the GPU memory it was given; the message says what to lower."""
     exit_status = 3
+
+
+def shown(value, limit: int = 60) -> str:
+    """A value as an error line quotes it: its repr, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text):,} characters)"

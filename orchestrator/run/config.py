@@ -6,6 +6,7 @@ defaults live here and nowhere else. The recipe defaults are the paper's: SGD wi
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -13,8 +14,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from models.multi_resnet import Architecture
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, shown
 from orchestrator.run.data import DATASETS
+
+# Bounds on what input may ask for, checked at load (one line, before anything is allocated).
+MAX_SEED = 2**31 - 1        # seeds are mixed into 64-bit generator seeds (seed * 1_000_003 + i)
+MAX_YAML_BYTES = 1 << 20    # a study or run file
+MAX_YAML_VALUES = 100_000   # scalars, lists and mappings after aliases are expanded
 
 # The faster execution form per device type, measured by bench/models_bench.py (bench/RESULTS.md).
 FASTEST_FORM = {"cpu": "reference", "cuda": "fused"}
@@ -38,10 +44,13 @@ class Strict(BaseModel):
 class ParallelConfig(Strict):
     """Degrees of the mesh: data x pipeline x branch parallelism (one process each)."""
 
-    dp: int = Field(1, ge=1, description="data-parallel replicas")
-    pp: int = Field(1, ge=1, description="pipeline stages (consecutive blocks, balanced by FLOPs)")
-    bp: int = Field(1, ge=1, description="branch-parallel ranks sharing each block's k functions")
-    microbatches: int = Field(1, ge=1, description="pipeline micro-batches per replica batch")
+    dp: int = Field(1, ge=1, le=4096, description="data-parallel replicas")
+    pp: int = Field(1, ge=1, le=4096, description="pipeline stages (consecutive blocks, balanced "
+                    "by FLOPs)")
+    bp: int = Field(1, ge=1, le=4096, description="branch-parallel ranks sharing each block's k "
+                    "functions")
+    microbatches: int = Field(1, ge=1, le=4096, description="pipeline micro-batches per replica "
+                              "batch")
     schedule: Literal["gpipe", "1f1b"] = "gpipe"
 
     @property
@@ -61,16 +70,18 @@ class TrainConfig(Strict):
                                    "training images")
     test_size: int | None = Field(None, ge=1, le=10**9, description="use the first N test images")
 
-    epochs: int = Field(200, ge=1)
-    steps: int | None = Field(None, ge=1, description="stop after this many steps in total")
-    batch_size: int = Field(128, ge=2)
+    epochs: int = Field(200, ge=1, le=1_000_000)
+    steps: int | None = Field(None, ge=1, le=10**12, description="stop after this many steps in "
+                              "total")
+    batch_size: int = Field(128, ge=2, le=1 << 20)
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
     weight_decay: float = Field(1e-4, ge=0)
-    lr_milestones: tuple[float, ...] = Field((0.5, 0.75), description="fractions of training")
+    lr_milestones: tuple[float, ...] = Field((0.5, 0.75), max_length=100,
+                                             description="fractions of training")
     lr_gamma: float = Field(0.1, gt=0)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     execution: Literal["auto", "reference", "fused"] = Field(
@@ -85,7 +96,7 @@ class TrainConfig(Strict):
         "mesh allows it (pp=1, bp=1), none on CPU")
     grad_clip_norm: float | None = Field(None, gt=0, description="clip the global gradient "
                                          "norm to this value")
-    log_every: int = Field(50, ge=1, description="steps between step-log lines; each reads the "
+    log_every: int = Field(50, ge=1, le=10**9, description="steps between step-log lines; each reads the "
                            "loss from the device, the steps between run without waiting")
     channels_last: bool = Field(True, description="NHWC memory format: faster on CPU and GPU "
                                 "(bench/RESULTS.md)")
@@ -177,10 +188,72 @@ def describe(err: ValidationError, prefix: str = "") -> str:
     return "; ".join(parts)
 
 
+class _Loader(yaml.SafeLoader):
+    """yaml.safe_load's loader that refuses a key given twice in one mapping (the later one
+    would silently win)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            self.flatten_mapping(node)
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, (str, int, float, bool)):
+                    continue  # SafeLoader refuses unhashable keys itself
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {shown(key)}", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_size(node, sizes: dict) -> int:
+    """Values in `node` with every alias expanded (each shared node counted once per use)."""
+    if id(node) not in sizes:
+        sizes[id(node)] = 0  # a node that holds itself counts once
+        children = ([] if isinstance(node, yaml.ScalarNode) else
+                    node.value if isinstance(node, yaml.SequenceNode) else
+                    [part for pair in node.value for part in pair])
+        sizes[id(node)] = 1 + sum(min(_expanded_size(c, sizes), MAX_YAML_VALUES + 1)
+                                  for c in children)
+    return sizes[id(node)]
+
+
+def parse_yaml(text: str, where: str):
+    """YAML as yaml.safe_load reads it (plain data, no tags), with duplicate keys refused and
+    the size bounded: at most MAX_YAML_VALUES values once aliases are expanded (an alias bomb
+    of a few hundred bytes would otherwise expand to gigabytes)."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        try:
+            size = _expanded_size(node, {})
+        except RecursionError:
+            size = math.inf
+        if size > MAX_YAML_VALUES:
+            raise ConfigError(f"{where}: holds more than {MAX_YAML_VALUES:,} values once its "
+                              f"aliases (*name) are expanded, or nests too deeply; write the "
+                              f"values out")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def read_text(path: Path, limit: int = MAX_YAML_BYTES) -> str:
+    """A text file of at most `limit` bytes."""
+    with open(path, "rb") as f:
+        raw = f.read(limit + 1)
+    if len(raw) > limit:
+        raise ConfigError(f"{path} is larger than {limit:,} bytes; give a study or run file")
+    return raw.decode()
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(read_text(path), str(path))
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
     except IsADirectoryError:
@@ -188,11 +261,20 @@ def load_yaml(path: str | Path) -> dict:
     except UnicodeDecodeError:
         raise ConfigError(f"{path} is not a text file; give a YAML file") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}; fix the syntax") from None
+        raise ConfigError(yaml_problem(exc, str(path))) from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nests too deeply; flatten it") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
     return data
+
+
+def yaml_problem(exc: yaml.YAMLError, where: str) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    line = f" (line {mark.line + 1})" if mark else ""
+    problem = getattr(exc, "problem", "") or ""
+    if problem.startswith("duplicate key"):
+        return f"{where}: {problem}{line}; give each key once"
+    return f"{where}: not valid YAML{line}; fix the syntax"

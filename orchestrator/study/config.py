@@ -8,19 +8,23 @@ import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from models.multi_resnet import Architecture
 from models.summary import parameter_count
-from orchestrator.errors import ConfigError
-from orchestrator.run.config import ParallelConfig, Strict, TrainConfig, describe, load_yaml
+from orchestrator.errors import ConfigError, shown
+from orchestrator.run.config import (MAX_SEED, ParallelConfig, Strict, TrainConfig, describe,
+                                     load_yaml, parse_yaml, yaml_problem)
 from orchestrator.study.pairs import Pair, PairDesign
 from orchestrator.study.settings import (ARCH_KEYS, RECIPE_KEYS, Budget, Choice, Distribution,
                                          FloatRange, IntRange, MlflowSettings, N0Settings,
                                          Resources, SearcherSettings, TrialSchedulerSettings)
+
+
+MAX_SEEDS = 10_000  # replicates of one configuration
 
 
 @dataclass
@@ -48,17 +52,18 @@ class StudyConfig(Strict):
     space: dict[str, Distribution | int | float | str | bool | list[int]] = Field(
         default_factory=dict)
     configurations: list[dict[str, Any]] = Field(
-        default_factory=list, description="explicit architectures (architecture keys)")
+        default_factory=list, max_length=20_000, description="explicit architectures (architecture keys)")
     pairs: PairDesign | None = Field(None, description="matched pairs, added to configurations")
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1,
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED, strict=True)]] = Field(
+        default_factory=lambda: [0], min_length=1, max_length=MAX_SEEDS,
                              description="the replicate seeds a configuration may be trained "
                              "with; a number N means 0..N-1")
     budget: Budget = Field(default_factory=Budget)
     searcher: SearcherSettings = Field(default_factory=SearcherSettings)
     n0: N0Settings = Field(default_factory=N0Settings)
     scheduler: TrialSchedulerSettings = Field(default_factory=TrialSchedulerSettings)
-    trials: int = Field(1, ge=1, description="the most trials the study may train")
-    concurrency: int = Field(1, ge=1)
+    trials: int = Field(1, ge=1, le=1_000_000, description="the most trials the study may train")
+    concurrency: int = Field(1, ge=1, le=10_000)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     resources: Resources = Field(default_factory=Resources)
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
@@ -69,6 +74,11 @@ class StudyConfig(Strict):
     @field_validator("seeds", mode="before")
     @classmethod
     def _seed_count(cls, seeds: Any) -> Any:
+        if isinstance(seeds, bool):
+            raise ValueError("give a count (seeds: 3) or a list (seeds: [0, 1, 2]), not "
+                             f"{str(seeds).lower()}")
+        if isinstance(seeds, int) and seeds > MAX_SEEDS:
+            raise ValueError(f"{seeds:,} seeds; at most {MAX_SEEDS:,} replicates")
         return list(range(seeds)) if isinstance(seeds, int) and seeds > 0 else seeds
 
     @field_validator("seeds")
@@ -315,10 +325,13 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
         if "=" not in item:
             raise ConfigError(f"--set {item}: expected key=value, e.g. --set train.epochs=3")
         key, raw = item.split("=", 1)
+        where = f"--set {item if len(item) <= 60 else shown(item)}"
         try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            raise ConfigError(f"--set {item}: the value is not valid YAML; quote it or close its "
+            value = parse_yaml(raw, where)
+        except yaml.YAMLError as exc:
+            if "duplicate key" in (getattr(exc, "problem", "") or ""):
+                raise ConfigError(yaml_problem(exc, where)) from None
+            raise ConfigError(f"{where}: the value is not valid YAML; quote it or close its "
                               f"brackets") from None
         set_dotted(data, key.strip(), value)
     try:

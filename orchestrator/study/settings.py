@@ -27,6 +27,9 @@ class Range(Strict):
         return self
 
 
+MAX_VALUES = 100_000  # values an int range or a choice may hold
+
+
 class IntRange(Range):
     type: Literal["int"]
     low: int
@@ -41,6 +44,9 @@ class IntRange(Range):
     def _log_step(self) -> "IntRange":
         if self.log and self.step != 1:
             raise ValueError("log: true takes step 1 only; drop step or log")
+        if len(self.values()) > MAX_VALUES:
+            raise ValueError(f"{len(self.values()):,} values from {self.low} to {self.high}; at "
+                             f"most {MAX_VALUES:,}: narrow the range or raise step")
         return self
 
 
@@ -53,7 +59,7 @@ class FloatRange(Range):
 
 class Choice(Strict):
     type: Literal["categorical"] = "categorical"
-    choices: list[Any] = Field(min_length=1)
+    choices: list[Any] = Field(min_length=1, max_length=MAX_VALUES)
 
 
 Distribution = Annotated[IntRange | FloatRange | Choice, Field(discriminator="type")]
