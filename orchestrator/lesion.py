@@ -17,22 +17,21 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m orchestrator.lesion",
                                 description=__doc__.split("\n")[0].split(": ", 1)[1])
     p.add_argument("checkpoint", help="checkpoint.pt written by orchestrator.train or a sweep")
-    p.add_argument("--dataset", help="default: the checkpoint's")
-    p.add_argument("--data-dir", help="default: the checkpoint's")
-    p.add_argument("--test-size", type=int, help="evaluate on the first N test images")
+    p.add_argument("--data-dir", help="another copy of the checkpoint's dataset (default: the "
+                   "checkpoint's data dir)")
+    p.add_argument("--test-size", type=int, help="evaluate on the first N of the checkpoint's "
+                   "test images")
     p.add_argument("--out", default="lesion", help="folder for lesion.csv and lesion.png")
     add_common_flags(p)
     return p
 
 
 def lesion_command(args: argparse.Namespace) -> None:
-    from orchestrator.analysis.lesion import lesion_study, load_model, plot
-    from orchestrator.run.data import Batches, load_dataset
+    from orchestrator.analysis.lesion import lesion_study, load_model, plot, test_split
+    from orchestrator.run.data import Batches
 
     model, config = load_model(Path(args.checkpoint))
-    dataset = args.dataset or config.get("dataset", "cifar10")
-    _, test = load_dataset(dataset, args.data_dir or config.get("data_dir"), 1,
-                           args.test_size or config.get("test_size"))
+    test, dataset = test_split(config, args.data_dir, args.test_size, args.checkpoint)
     table = lesion_study(model, Batches(test, dataset, 500, "cpu", train=False))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -38,9 +38,12 @@ def report_command(args: argparse.Namespace) -> None:
 
     if not args.experiment and not args.from_csv:
         raise ConfigError("give --experiment NAME (MLflow) or --from-csv FILE")
-    if args.draws < 100:
-        raise ConfigError(f"--draws {args.draws}: intervals need at least 100 draws (default "
-                          f"2000)")
+    if not 100 <= args.draws <= 1_000_000:
+        raise ConfigError(f"--draws {args.draws}: intervals need 100 to 1,000,000 draws "
+                          f"(default 2000)")
+    if not 0 < args.pair_tolerance < 1:
+        raise ConfigError(f"--pair-tolerance {args.pair_tolerance:g}: a relative parameter gap "
+                          f"above 0 and below 1 (default 0.1)")
     if args.from_csv:
         from orchestrator.analysis.n0 import read_csv
 

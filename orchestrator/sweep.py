@@ -47,6 +47,10 @@ def sweep_command(args: argparse.Namespace) -> int:
                       ("storage_path", "storage_path")):
         if getattr(args, flag):
             overrides.append(f"{key}={getattr(args, flag)}")
+    if not 1 <= args.dry_run_trials <= 1000:
+        from orchestrator.errors import ConfigError
+
+        raise ConfigError(f"--dry-run-trials {args.dry_run_trials}: give 1 to 1000")
     study = load_study(args.study, overrides)
     if args.dry_run:
         from orchestrator.study.summary import dry_run

@@ -23,7 +23,7 @@ from models.multi_resnet import Architecture, MultiResNet, create_model  # noqa:
 from orchestrator.analysis.report import save_figure  # noqa: E402
 from orchestrator.errors import CheckpointError  # noqa: E402
 from orchestrator.run.checkpoint import load_checkpoint  # noqa: E402
-from orchestrator.run.data import Batches  # noqa: E402
+from orchestrator.run.data import Batches, Split, load_dataset  # noqa: E402
 
 
 def load_model(path: Path) -> tuple[MultiResNet, dict]:
@@ -38,6 +38,24 @@ def load_model(path: Path) -> tuple[MultiResNet, dict]:
                               f"({type(exc).__name__}: {first_line}); use an intact "
                               f"checkpoint") from None
     return model, state["config"]
+
+
+def test_split(config: dict, data_dir: str | None, size: int | None,
+               path) -> tuple[Split, str]:
+    """The test images the checkpoint was evaluated on (its dataset, subset and seed: synthetic
+    data is generated from them), or the first `size` of them; and the dataset's name."""
+    try:
+        dataset, seed = config["dataset"], int(config["seed"])
+        train_size, test_size = config.get("train_size"), config.get("test_size")
+        data_dir = data_dir or config.get("data_dir")
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{path}: its run config lacks the dataset or seed; use a "
+                              f"checkpoint written by orchestrator.train or a sweep") from None
+    _, test = load_dataset(dataset, data_dir, train_size, test_size, seed)
+    if size is not None and not 1 <= size <= len(test):
+        raise CheckpointError(f"--test-size {size}: the checkpoint was tested on {len(test)} "
+                              f"images; give 1 to {len(test)}")
+    return test.subset(size), dataset
 
 
 @torch.no_grad()

@@ -203,6 +203,11 @@ def pareto_front(points: pd.DataFrame, x: str = "flops", y: str = "test_error") 
     return pd.DataFrame(front)
 
 
+# What each column's cells may hold (test_error in percent).
+CSV_RANGES = {"depth": (2, 10_000), "k": (1, 10_000), "width": (1, 10_000),
+              "params": (1, 1e15), "seed": (0, 2**63), "test_error": (0, 100)}
+
+
 def read_csv(path) -> pd.DataFrame:
     """Runs from a CSV with the COLUMNS (test_error in percent), every cell checked."""
     try:
@@ -223,6 +228,11 @@ def read_csv(path) -> pd.DataFrame:
             raise ReportError(f"{path}: row {bad[0] + 2}, column {column} {problem}; give every "
                              f"cell a number")
         runs[column] = values
+    for column, (low, high) in CSV_RANGES.items():  # inf or 0 params would give NaN intervals
+        bad = runs.index[~runs[column].between(low, high)]
+        if len(bad):
+            raise ReportError(f"{path}: row {bad[0] + 2}, column {column} holds "
+                              f"{runs[column][bad[0]]:g}, not {low:g} to {high:g}; fix the cell")
     return runs
 
 

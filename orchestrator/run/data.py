@@ -126,6 +126,9 @@ def load_cifar(name: str, data_dir: str | Path, download: bool = True) -> tuple[
                 raise DataError(f"{folder / f}: labels from {batch_labels.min()} to "
                                 f"{batch_labels.max()}, not 0..{DATASETS[name].classes - 1}; "
                                 f"download {name} again into {data_dir}")
+        if not sum(len(p[1]) for p in parts):
+            raise DataError(f"{folder}: {', '.join(files)} hold no images; download {name} "
+                            f"again into {data_dir}")
         images = torch.from_numpy(np.concatenate([p[0] for p in parts]))
         labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))
         splits.append(Split(images, labels))

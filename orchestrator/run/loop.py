@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 from tqdm import tqdm
 
-from orchestrator.errors import ConfigError, TrainingDiverged
+from orchestrator.errors import CheckpointError, ConfigError, TrainingDiverged
 from orchestrator.parallel import RankEngine
 from orchestrator.run.checkpoint import check_same_run
 from orchestrator.run.config import TrainConfig
@@ -87,10 +87,16 @@ def train_loop(cfg: TrainConfig, session: Session) -> dict:
     start_epoch, best = 0, math.inf
     state = session.restore()
     if state is not None:
-        check_same_run(state, cfg)
-        train_step.load_state_dict(state)
-        start_epoch, best = state["epoch"], state["best_test_error"]
-        set_rng_state(state["rng"])
+        try:
+            check_same_run(state, cfg)
+            train_step.load_state_dict(state)
+            start_epoch, best = int(state["epoch"]), float(state["best_test_error"])
+            set_rng_state(state["rng"])
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as exc:
+            first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise CheckpointError(f"the checkpoint's state does not fit this run "
+                                  f"({type(exc).__name__}: {first_line}); delete it to start "
+                                  f"over") from None
 
     metrics: dict = state["metrics"] if state is not None else {}
     for epoch in range(start_epoch, epochs):

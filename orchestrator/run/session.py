@@ -48,18 +48,27 @@ def _check_writable(folder: Path, what: str) -> None:
                 path.rmdir()
 
 
-def keep_log_until(path: Path, step: int, epoch: int) -> None:
-    """On resume: drop the log lines of steps after the checkpoint (they are trained again)."""
+def log_lines_until(path: Path, step: int, epoch: int) -> list[str] | None:
+    """On resume: the log's lines up to the checkpoint (the later ones are trained again); reads
+    only. A last line cut short (a crash mid-write) is dropped; any other unreadable line is an
+    error."""
     if not path.is_file():
-        return
+        return None
+    lines = path.read_text(errors="replace").splitlines(keepends=True)
     kept = []
-    for line in path.read_text().splitlines(keepends=True):
-        record = json.loads(line)
-        if (record["step"] <= step if record["kind"] == "step" else record["epoch"] <= epoch):
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            later = (record["step"] > step if record["kind"] == "step" else
+                     record["epoch"] > epoch)
+        except (ValueError, KeyError, TypeError):
+            if number == len(lines) and not line.endswith("\n"):
+                break  # torn by a crash while it was written
+            raise CheckpointError(f"--log-json {path}, line {number}: not a log line of "
+                                  f"orchestrator.train; give another --log-json file") from None
+        if not later:
             kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    return kept
 
 
 class LocalSession:
@@ -77,6 +86,7 @@ class LocalSession:
         self.resume = cfg.resume
         self.log_path = Path(cfg.log_json) if cfg.log_json and self.lead else None
         self.log = None
+        self.kept_log: list[str] | None = None  # on resume: written back at the first new line
         if guard and self.lead:
             check_outputs(cfg)
 
@@ -89,14 +99,19 @@ class LocalSession:
                                   f"--resume to start training")
         state = load_checkpoint(path)
         if self.log_path is not None:
-            keep_log_until(self.log_path, state["step"], state["epoch"])
+            self.kept_log = log_lines_until(self.log_path, state["step"], state["epoch"])
         return state
 
     def _write(self, line: str) -> None:
         if self.log_path is None:
             return
-        if self.log is None:  # opened at the first line: a run that fails earlier writes nothing
+        if self.log is None:  # opened at the first line: a run that fails earlier (a resume
+            # refused after its checks) writes and cuts nothing
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            if self.kept_log is not None:
+                tmp = self.log_path.with_name(f".{self.log_path.name}.tmp-{os.getpid()}")
+                tmp.write_text("".join(self.kept_log))
+                os.replace(tmp, self.log_path)
             self.log = open(self.log_path, "a" if self.resume else "w")
         self.log.write(line)
 
