@@ -10,6 +10,7 @@ import pytest
 
 from orchestrator.lesion import main as lesion_main
 from orchestrator.report import main as report_main
+from orchestrator.summary import main as summary_main
 from orchestrator.sweep import main as sweep_main
 from orchestrator.train import main as train_main
 from tests.conftest import write_cifar_layout
@@ -27,11 +28,14 @@ def study(tmp: Path, text: str = SMOKE) -> str:
 
 def cifar(tmp: Path, damage: str) -> str:
     folder = write_cifar_layout(tmp / "inputs" / "data", "cifar10")
+    import pickle
+
     if damage == "missing":
         (folder / "data_batch_3").unlink()
+    elif damage == "empty test split":
+        record = {b"data": [], b"labels": []}
+        (folder / "test_batch").write_bytes(pickle.dumps(record, protocol=2))
     elif damage == "labels":
-        import pickle
-
         record = pickle.loads((folder / "data_batch_3").read_bytes())
         record[b"labels"][5] = 99
         (folder / "data_batch_3").write_bytes(pickle.dumps(record, protocol=2))
@@ -71,7 +75,42 @@ def checkpoint(tmp: Path, damage: str) -> str:
         state = torch.load(path, weights_only=True)
         state["architecture"]["k"] = 3  # the weights are those of a k=1 net
         torch.save(state, path)
+    elif damage in ("a tensor of another shape", "a bad RNG state"):
+        import torch
+
+        state = torch.load(path, weights_only=True)
+        if damage == "a bad RNG state":
+            state["rng"]["torch"] = torch.zeros(3, dtype=torch.uint8)
+        else:
+            key = next(k for k in state["model"] if k.endswith("weight"))
+            state["model"][key] = torch.zeros(2, 2)
+        torch.save(state, path)
     return str(folder)
+
+
+def log_with(tmp: Path, line: str) -> str:
+    """A real checkpoint and its --log-json file with `line` in the middle."""
+    folder = checkpoint(tmp, "none")
+    log = tmp / "inputs" / "log.jsonl"
+    log.write_text(f'{{"kind": "epoch", "epoch": 1}}\n{line}\n{{"kind": "epoch", "epoch": 1}}\n')
+    return folder
+
+
+def bomb(tmp: Path) -> str:
+    """A YAML alias bomb: 351 bytes that expand to 9^9 (387 million) strings."""
+    lines, previous = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]'], "a"
+    for name in "bcdefghi":
+        lines.append(f"{name}: &{name} [" + ",".join([f"*{previous}"] * 9) + "]")
+        previous = name
+    return study(tmp, "\n".join(lines) + "\nname: *i\n")
+
+
+def truncated_state(tmp: Path) -> str:
+    """A results folder whose multires_study.json was cut short by a crash."""
+    folder = tmp / "inputs" / "results" / "smoke"
+    folder.mkdir(parents=True)
+    (folder / "multires_study.json").write_text('{"parent_run_id": "0a1b')
+    return str(tmp / "inputs" / "results")
 
 
 def sweep(tmp, path, *more):
@@ -146,6 +185,85 @@ CASES = {
     "report without a database": (
         lambda t: report_main(["--experiment", "nope", "--out", str(t / "report")]),
         "no MLflow database at"),
+    # Read back: partial, corrupted, or another run's.
+    "a log line that is not the run's": (
+        lambda t: train_main([*TINY, "--k", "1", "--epochs", "2", "--resume", "--checkpoint-dir",
+                              log_with(t, "not json"), "--log-json",
+                              str(t / "inputs" / "log.jsonl")]),
+        "log.jsonl, line 2: not a log line of orchestrator.train; give another --log-json"),
+    "a checkpoint tensor of another shape": (
+        lambda t: train_main([*TINY, "--k", "1", "--resume", "--checkpoint-dir",
+                              checkpoint(t, "a tensor of another shape")]),
+        "the checkpoint's state does not fit this run (RuntimeError: Error(s) in loading"),
+    "a checkpoint with a bad RNG state": (
+        lambda t: train_main([*TINY, "--k", "1", "--resume", "--checkpoint-dir",
+                              checkpoint(t, "a bad RNG state")]),
+        "the checkpoint's state does not fit this run (RuntimeError: Expected a "
+        "CPUGeneratorImplState"),
+    "a truncated study state": (
+        lambda t: sweep_main([study(t), "--storage-path", truncated_state(t), "--tracking-uri",
+                              f"sqlite:///{t / 'mlflow.db'}"]),
+        "multires_study.json is not a study's state (truncated or edited); remove"),
+    "an empty test split": (
+        lambda t: train_main([*TINY, "--dataset", "cifar10", "--data-dir",
+                              cifar(t, "empty test split")]),
+        "cifar-10-batches-py: test_batch hold no images; download cifar10 again"),
+    "a report CSV with inf": (
+        lambda t: report_main(["--from-csv", csv(t, "depth,k,width,params,seed,test_error\n"
+                                                    "20,4,1,1074874,0,inf\n"),
+                               "--out", str(t / "report")]),
+        "row 2, column test_error holds inf, not 0 to 100; fix the cell"),
+    "a report CSV with no parameters": (
+        lambda t: report_main(["--from-csv", csv(t, "depth,k,width,params,seed,test_error\n"
+                                                    "20,4,1,0,0,6.3\n"),
+                               "--out", str(t / "report")]),
+        "row 2, column params holds 0, not 1 to 1e+15; fix the cell"),
+    "a negative pair tolerance": (
+        lambda t: report_main(["--from-csv", csv(t, "depth,k,width,params,seed,test_error\n"
+                                                    "20,4,1,1074874,0,6.3\n"),
+                               "--pair-tolerance", "-1", "--out", str(t / "report")]),
+        "--pair-tolerance -1: a relative parameter gap above 0 and below 1"),
+    "a key given twice in a study": (lambda t: sweep(t, study(t, SMOKE + "trials: 3\n")),
+                                     "study.yaml: duplicate key 'trials' (line 20); give each "
+                                     "key once"),
+    "seeds: true": (lambda t: sweep(t, study(t), "--set", "seeds=true"),
+                    "seeds: give a count (seeds: 3) or a list (seeds: [0, 1, 2]), not true"),
+    "a seed that is not a number": (lambda t: sweep(t, study(t), "--set", "seeds=[true]"),
+                                    "seeds.0: Input should be a valid integer"),
+    # Sizes that would exhaust the machine: bounded at load.
+    "a YAML alias bomb": (lambda t: sweep(t, bomb(t)),
+                          "holds more than 100,000 values once its aliases (*name) are expanded"),
+    "an alias bomb in --set": (
+        lambda t: sweep(t, study(t), "--set",
+                        "description=" + Path(bomb(t)).read_text().replace("\n", ", ")
+                        .replace("name: *i", "z: *i").join("{}")),
+        "holds more than 100,000 values once its aliases"),
+    "a study file too large": (lambda t: sweep(t, study(t, SMOKE + "#" * (1 << 20) + "\n")),
+                               "study.yaml is larger than 1,048,576 bytes"),
+    "a hundred million seeds": (lambda t: sweep(t, study(t), "--set", "seeds=100000000",
+                                                "--dry-run"),
+                                "seeds: 100,000,000 seeds; at most 10,000 replicates"),
+    "a seed past 2^31": (lambda t: train_main([*TINY, "--seed", "20000000000000"]),
+                         "seed: Input should be less than or equal to 2147483647"),
+    "a depth of two billion": (lambda t: summary_main(["--depth", "2000000000"]),
+                               "depth: Input should be less than or equal to 2000"),
+    "a depth of 20000": (lambda t: summary_main(["--depth", "20000"]),
+                         "depth: Input should be less than or equal to 2000"),
+    "k of 100000": (lambda t: summary_main(["--depth", "20", "--k", "100000"]),
+                    "k: Input should be less than or equal to 64"),
+    "too many residual functions": (lambda t: summary_main(["--depth", "1202", "--k", "64"]),
+                                    "38,400 residual functions (blocks x k); at most 4,096"),
+    "an int range of a million values": (
+        lambda t: sweep(t, study(t), "--set", "space.epochs={type: int, low: 1, high: 999999}"),
+        "space.epochs: 999,999 values from 1 to 999999; at most 100,000"),
+    "a billion draws": (
+        lambda t: report_main(["--from-csv", csv(t, "depth,k,width,params,seed,test_error\n"
+                                                    "20,4,1,1074874,0,6.3\n"),
+                               "--draws", "1000000000", "--out", str(t / "report")]),
+        "--draws 1000000000: intervals need 100 to 1,000,000 draws"),
+    "a long --set value that is not YAML": (
+        lambda t: sweep(t, study(t), "--set", "trials=" + "[" * 100_000),
+        "...(100,009 characters): nests too deeply; flatten it"),
 }
 
 
@@ -157,6 +275,7 @@ def test_bad_input_fails_in_one_line_and_leaves_nothing(case, tmp_path, capsys, 
     assert command(tmp_path) == 2  # an exception escaping here would fail the test
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert len(err[0]) <= 1000  # a value is quoted by a short prefix
     # Nothing besides the inputs: no results, no MLflow database, no partial checkpoint.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs"]
 

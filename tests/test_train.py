@@ -127,6 +127,29 @@ def test_cli_trains_and_resumes(tmp_path, capsys, monkeypatch):
     assert steps == list(range(1, 13))  # the line logged after the checkpoint is not kept
 
 
+def test_a_log_line_torn_by_a_crash_is_dropped_on_resume(tmp_path, monkeypatch):
+    """A crash mid-write leaves a partial last line: the resume drops it and continues the
+    log, every step once."""
+    args = ["--dataset", "synthetic", "--depth", "8", "--train-size", "64", "--test-size", "16",
+            "--batch-size", "32", "--epochs", "2", "--device", "cpu", "--log-every", "1",
+            "--checkpoint-dir", str(tmp_path / "ck"), "--log-json", str(tmp_path / "log.jsonl")]
+    report = LocalSession.report
+
+    def report_then_crash_mid_line(self, metrics, state):
+        report(self, metrics, state)
+        self.log.write('{"kind": "step", "step": 3, "epoch": 2, "lo')
+        self.log.flush()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LocalSession, "report", report_then_crash_mid_line)
+    assert train_main(args) == 130
+    monkeypatch.setattr(LocalSession, "report", report)
+    assert train_main([*args, "--resume"]) == 0
+    records = read_log(tmp_path / "log.jsonl")
+    assert [(r["kind"], r["step"] if r["kind"] == "step" else r["epoch"]) for r in records] == [
+        ("step", 1), ("step", 2), ("epoch", 1), ("step", 3), ("step", 4), ("epoch", 2)]
+
+
 def test_interrupted_before_any_checkpoint_says_so(tmp_path, capsys, monkeypatch):
 
     def interrupt(cfg, session):
@@ -154,11 +177,19 @@ def test_a_new_run_never_replaces_an_earlier_one(tmp_path, capsys):
     assert train_main(base + ["--log-json", str(log), "--train-size", "1"]) == 2  # also bad data
     assert "l.jsonl exists; pass --resume to continue its run" in capsys.readouterr().err
     assert (ck / CHECKPOINT_FILE).read_bytes() == saved and log.read_text() == logged
-    assert train_main(base + ["--checkpoint-dir", str(ck), "--resume", "--lr", "0.5", "--seed",
-                              "7", "--batch-size", "16"]) == 2
+    with open(log, "a") as f:  # a line past the checkpoint: a resume would train it again
+        f.write('{"kind": "step", "step": 99, "epoch": 3, "loss": 1.0, "lr": 0.1}\n')
+    logged = log.read_text()
+    assert train_main(base + ["--checkpoint-dir", str(ck), "--log-json", str(log), "--resume",
+                              "--lr", "0.5", "--seed", "7", "--batch-size", "16"]) == 2
     assert ("the checkpoint was trained with batch_size=32, lr=0.1, seed=0, this run asks for "
             "batch_size=16, lr=0.5, seed=7; resume with the checkpoint's values or start a "
             "fresh --checkpoint-dir") in capsys.readouterr().err
+    assert train_main(base + ["--checkpoint-dir", str(ck), "--log-json", str(log), "--resume",
+                              "--k", "2", "--epochs", "1"]) == 2
+    assert "different architecture" in capsys.readouterr().err
+    # A refused resume (even one whose checkpoint is older than the log) cuts no log line.
+    assert (ck / CHECKPOINT_FILE).read_bytes() == saved and log.read_text() == logged
     (tmp_path / "notes.txt").write_text("a file")
     assert train_main(base + ["--checkpoint-dir", str(tmp_path / "notes.txt" / "ck")]) == 2
     captured = capsys.readouterr()

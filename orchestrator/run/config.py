@@ -6,7 +6,6 @@ defaults live here and nowhere else. The recipe defaults are the paper's: SGD wi
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Literal
 
@@ -228,15 +227,12 @@ def parse_yaml(text: str, where: str):
         node = loader.get_single_node()
         if node is None:
             return None
-        try:
-            size = _expanded_size(node, {})
-        except RecursionError:
-            size = math.inf
-        if size > MAX_YAML_VALUES:
+        if _expanded_size(node, {}) > MAX_YAML_VALUES:
             raise ConfigError(f"{where}: holds more than {MAX_YAML_VALUES:,} values once its "
-                              f"aliases (*name) are expanded, or nests too deeply; write the "
-                              f"values out")
+                              f"aliases (*name) are expanded; write the values out")
         return loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError(f"{where}: nests too deeply; flatten it") from None
     finally:
         loader.dispose()
 
@@ -262,8 +258,6 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path} is not a text file; give a YAML file") from None
     except yaml.YAMLError as exc:
         raise ConfigError(yaml_problem(exc, str(path))) from None
-    except RecursionError:
-        raise ConfigError(f"{path}: nests too deeply; flatten it") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
