@@ -5,6 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# Sweeps sign Ray's state in their results folders with this key instead of the user's key
+# file (~/.config/multires/state.key): tests leave nothing in the home folder.
+os.environ.setdefault("MULTIRES_STATE_KEY", "test key, not secret")
+
 
 def real_cifar10_dir() -> Path | None:
     """The folder holding cifar-10-batches-py/, from MULTIRES_CIFAR10_DIR (set by .ci/run)."""

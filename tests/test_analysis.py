@@ -88,20 +88,32 @@ def test_report_from_csv_writes_markdown_and_figures(tmp_path, capsys):
 
 
 def test_lesion_of_nothing_reproduces_the_models_error(tmp_path, capsys):
+    """On the test images the checkpoint was evaluated on: synthetic data regenerated from the
+    checkpoint's seed (3, not the default 0) and sizes."""
     from orchestrator.lesion import main as lesion_main
     from orchestrator.train import main as train_main
 
     assert train_main(["--dataset", "synthetic", "--depth", "8", "--k", "2", "--train-size",
                        "256", "--test-size", "128", "--batch-size", "64", "--epochs", "2",
-                       "--device", "cpu", "--checkpoint-dir", str(tmp_path / "ck")]) == 0
+                       "--seed", "3", "--precision", "fp32", "--device", "cpu",
+                       "--checkpoint-dir", str(tmp_path / "ck")]) == 0
     capsys.readouterr()
     assert lesion_main([str(tmp_path / "ck" / "checkpoint.pt"), "--out",
                         str(tmp_path / "lesion")]) == 0
     table = pd.read_csv(tmp_path / "lesion" / "lesion.csv")
     state = torch.load(tmp_path / "ck" / "checkpoint.pt", weights_only=True)
-    assert table.test_error.iloc[0] == pytest.approx(state["metrics"]["test_error"])
+    assert table.test_error.iloc[0] == pytest.approx(state["metrics"]["test_error"], abs=1e-9)
     assert len(table) == 1 + 3 + 3 * 2  # nothing, 3 blocks, 2 functions of each
     assert (tmp_path / "lesion" / "lesion.png").read_bytes().startswith(PNG)
+    from orchestrator.analysis.lesion import test_split
+    from orchestrator.errors import CheckpointError
+    from orchestrator.run.data import load_dataset
+
+    split, _ = test_split(state["config"], None, 100, "ck")
+    assert torch.equal(split.images, load_dataset("synthetic", None, 256, 128, seed=3)[1]
+                       .images[:100])
+    with pytest.raises(CheckpointError, match="tested on 128 images; give 1 to 128"):
+        test_split(state["config"], None, 129, "ck")
 
 
 def test_interval_covers_the_true_crossing_at_its_stated_rate():

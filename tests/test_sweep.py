@@ -1,5 +1,6 @@
 """The sweep end to end on a real local Ray instance (one for the whole test run) and a real
 MLflow database, read back after the run."""
+import pickle
 import signal
 from pathlib import Path
 
@@ -154,6 +155,24 @@ def test_n0_study_resumes_and_ends_with_n0(ray_address, tmp_path, capsys):
     assert report_main(["--experiment", "pairs", "--tracking-uri", uri, "--out",
                         str(tmp_path / "report"), "--draws", "200"]) == 0
     assert n0_line.split(" (")[0] in capsys.readouterr().out
+
+    # Every file Ray would unpickle from the folder was signed by the sweep (through the
+    # interruption and the resume); one planted there is refused before Ray starts.
+    from orchestrator.study.trust import check, unpickled_files
+    from tests.test_safety import RunsCode
+
+    folder = results / "pairs"
+    names = [p.name for p in unpickled_files(folder)]
+    for prefix in ("tuner.pkl", "experiment_state-", "searcher-state-", "params.pkl"):
+        assert any(name.startswith(prefix) for name in names), (prefix, names)
+    check(folder)
+    payload = RunsCode()
+    payload.marker = tmp_path / "ran"
+    planted = next(folder.glob("searcher-state-*.pkl"))
+    planted.write_bytes(pickle.dumps(payload))
+    assert sweep_main([str(path), *args]) == 2
+    assert f"error: {planted} was not written by a sweep of yours" in capsys.readouterr().err
+    assert not payload.marker.exists()
 
 
 def test_trials_on_a_data_parallel_mesh_one_diverging(ray_address, tmp_path):
