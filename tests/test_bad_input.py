@@ -256,6 +256,15 @@ CASES = {
     "an int range of a million values": (
         lambda t: sweep(t, study(t), "--set", "space.epochs={type: int, low: 1, high: 999999}"),
         "space.epochs: 999,999 values from 1 to 999999; at most 100,000"),
+    "a pair of a hundred thousand blocks": (
+        lambda t: sweep(t, study(t), "--set", "pairs={deep: [[100000, 1, 1]], factors: [2]}"),
+        "pairs.deep: blocks per stage must be 1 to 1000"),
+    "a hundred million synthetic images": (
+        lambda t: train_main([*TINY, "--train-size", "100000000"]),
+        "synthetic data is generated in memory (3 KB an image): at most 1,000,000 images"),
+    "a thousand-trial dry run": (lambda t: sweep(t, study(t), "--dry-run", "--dry-run-trials",
+                                                 "100000"),
+                                 "--dry-run-trials 100000: give 1 to 1000"),
     "a billion draws": (
         lambda t: report_main(["--from-csv", csv(t, "depth,k,width,params,seed,test_error\n"
                                                     "20,4,1,1074874,0,6.3\n"),

@@ -20,6 +20,7 @@ from orchestrator.run.data import DATASETS
 MAX_SEED = 2**31 - 1        # seeds are mixed into 64-bit generator seeds (seed * 1_000_003 + i)
 MAX_YAML_BYTES = 1 << 20    # a study or run file
 MAX_YAML_VALUES = 100_000   # scalars, lists and mappings after aliases are expanded
+MAX_GENERATED_IMAGES = 1_000_000  # per split of a dataset made in memory (3 GB)
 
 # The faster execution form per device type, measured by bench/models_bench.py (bench/RESULTS.md).
 FASTEST_FORM = {"cpu": "reference", "cuda": "fused"}
@@ -117,6 +118,11 @@ class TrainConfig(Strict):
             self.architecture = Architecture(**fields)
         if any(not 0 < m < 1 for m in self.lr_milestones):
             raise ValueError("lr_milestones must be fractions between 0 and 1, e.g. [0.5, 0.75]")
+        generated = max(self.train_size or 0, self.test_size or 0)
+        if not DATASETS[self.dataset].needs_files and generated > MAX_GENERATED_IMAGES:
+            raise ValueError(f"{self.dataset} data is generated in memory (3 KB an image): at "
+                             f"most {MAX_GENERATED_IMAGES:,} images per split; lower "
+                             f"train_size or test_size")
         if self.resume and not self.checkpoint_dir:
             raise ValueError("resume needs checkpoint_dir: pass --checkpoint-dir DIR")
         p, arch = self.parallel, self.architecture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 from pydantic import Field, model_validator
 
@@ -15,17 +16,19 @@ class PairDesign(Strict):
     """Matched pairs as in the paper: a k=1 net and the net with k=factor functions and about
     the same parameters (`matched_multi` below). Give the deep nets' per-stage
     blocks, or parameter budgets to pick them."""
-    deep: list[tuple[int, int, int]] | None = None
-    budgets: list[float] | None = None
-    factors: list[int] = Field(default_factory=lambda: [4], min_length=1)
-    width: int = Field(1, ge=1)
+    deep: list[tuple[int, int, int]] | None = Field(None, max_length=100)
+    budgets: list[Annotated[float, Field(gt=0, le=1e9)]] | None = Field(None, max_length=100)
+    factors: list[int] = Field(default_factory=lambda: [4], min_length=1, max_length=64)
+    width: int = Field(1, ge=1, le=64)
 
     @model_validator(mode="after")
     def _one_source(self) -> "PairDesign":
         if (self.deep is None) == (self.budgets is None):
             raise ValueError("pairs: give either deep (per-stage blocks) or budgets (parameters)")
-        if any(c < 2 for c in self.factors):
-            raise ValueError("pairs.factors: each factor must be at least 2")
+        if any(not 2 <= c <= 64 for c in self.factors):
+            raise ValueError("pairs.factors: each factor must be 2 to 64")
+        if any(not 1 <= n <= 1000 for deep in self.deep or [] for n in deep):
+            raise ValueError("pairs.deep: blocks per stage must be 1 to 1000")
         return self
 
     def configurations(self) -> list[dict]:

@@ -157,5 +157,5 @@ class MlflowSettings(Strict):
     experiment: str | None = Field(None, description="default: the study name")
     tracking_uri: str | None = Field(None, description="default: sqlite:///<cwd>/mlflow.db")
     log_checkpoint: bool = Field(False, description="log each trial's final checkpoint")
-    outage_wait_s: float = Field(300, ge=0, description="at the end of a sweep, how long to wait "
+    outage_wait_s: float = Field(300, ge=0, le=7 * 24 * 3600, description="at the end of a sweep, how long to wait "
                                  "for an unreachable MLflow before listing what it did not get")
