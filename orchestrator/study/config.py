@@ -252,7 +252,8 @@ class StudyConfig(Strict):
         searched = sorted(k for k in self.searched() if k in RECIPE_KEYS)
         values = "".join(f"-{k}{getattr(cfg, k):.3g}" if isinstance(getattr(cfg, k), float)
                          else f"-{k}{getattr(cfg, k)}" for k in searched)
-        return f"{cfg.architecture.name}-s{cfg.seed}{values}"
+        short = f"-f{sampled['fidelity']:g}" if "fidelity" in sampled else ""
+        return f"{cfg.architecture.name}-s{cfg.seed}{values}{short}"
 
     def fixed(self) -> dict:
         return {k: v for k, v in self.space.items()
@@ -278,6 +279,8 @@ class StudyConfig(Strict):
         chosen (`arch`: a feasible architecture's name, `seed`, recipe keys)."""
         recipe = {**self.fixed(), **{k: v for k, v in sampled.items() if k in RECIPE_KEYS}}
         recipe["seed"] = sampled.get("seed", self.seeds[0])
+        if "fidelity" in sampled:  # a short complete schedule: LR milestones are fractions
+            recipe["epochs"] = max(1, round(sampled["fidelity"] * self.train.epochs))
         run = self._run_config(self.candidate(sampled).fields, recipe)
         return run.resolved(cuda_available=self.resources.uses_gpus(self.train.device))
 

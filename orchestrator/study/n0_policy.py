@@ -1,0 +1,405 @@
+"""The n0 searcher's policy, pure (no Ray): which (architecture, seed, fidelity) to train next so
+that the interval of n0 narrows for the least GPU time, and when to stop. `N0Search`
+(n0_search.py) drives it from Ray Tune; bench/n0_search.py from a simulation.
+
+Its parts, in the shape of Optuna's GP sampler and SMAC (model, acquisition, stopping rules):
+
+- **Model** (`fit_differences`): per fidelity, every net's mean error over its seeds and the seed
+  noise pooled over nets; draws of each pair's difference (multi - deep) and where the pairs'
+  differences cross zero going deeper (`orchestrator.analysis.n0`).
+- **Acquisition** (`N0Policy.next_trial`), asked whenever a worker is free, seeing the running
+  trials as taken: first the lagging net of a half-trained pair; then a short complete schedule
+  (the lowest fidelity) of every pair, in bisection order; then full-schedule seeds of the pair
+  that most narrows n0 per unit of GPU time: the chance that n0 lies in a gap next to the pair
+  (from the full-schedule draws, and the short-schedule draws where those say more) times the
+  variance a seed removes, over the pair's FLOPs.
+- **Stopping** (`Converged`, `BudgetSpent`, `NothingLeft`): objects whose `is_met` gives a reason.
+- **Interval**: n0 and its interval come from full-schedule runs only. The stopping rule looks
+  at the interval only at fixed counts of finished full-schedule trials (`looks`, set before any
+  result) plus once at the end, and each look's interval has level 1 - alpha/(looks + 1): by the
+  union bound the interval at whichever look the search stops holds the true n0 with
+  probability at least 1 - alpha, however the stopping depends on it (Bonferroni over looks).
+
+Its state is the settings plus an append-only log of (architecture, seed, fidelity) -> (error,
+cost); `replay` rebuilds every decision from it, so the same order of results gives the same
+trials."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from orchestrator.analysis.n0 import N0, crossings
+from orchestrator.study.pairs import Pair
+
+FULL = 1.0
+Trial = tuple[str, int, float]  # (architecture, seed, fidelity)
+
+
+@dataclass(frozen=True)
+class Net:
+    name: str
+    depth: int
+    k: int
+    width: int
+    params: int
+    flops: float  # per image, forward: what one epoch costs, relatively
+
+
+@dataclass(frozen=True)
+class N0Plan:
+    """The searcher's settings (from the study's `n0`, `budget`, `seeds`, `trials`)."""
+    target_width: float
+    seeds: tuple[int, ...]
+    min_seeds: int = 2
+    fidelities: tuple[float, ...] = (FULL,)   # ascending, the last is the full schedule
+    epochs: int = 200                          # the full schedule's epochs
+    budget_epochs: float | None = None         # cap, in epochs summed over trials
+    max_trials: int = 10_000
+    level: float = 0.95
+    draws: int = 1000
+    seed: int = 0
+
+    @property
+    def screen(self) -> float | None:
+        """The short schedule's fidelity, or None when the study trains full schedules only."""
+        return self.fidelities[0] if self.fidelities[0] < FULL else None
+
+    def epochs_at(self, fidelity: float) -> int:
+        return max(1, round(fidelity * self.epochs))
+
+    def looks(self) -> list[int]:
+        """Finished full-schedule trials after which the stopping rule looks at the interval
+        (fixed before any result): 4 x min_seeds (two pairs), then x1.5, up to what the budget
+        allows."""
+        most = self.max_trials
+        if self.budget_epochs is not None:
+            most = min(most, int(self.budget_epochs // self.epochs))
+        out, n = [], 4 * self.min_seeds
+        while n < most:
+            out.append(n)
+            n = max(n + 2, int(1.5 * n + 1) // 2 * 2)
+        return out
+
+    def look_level(self) -> float:
+        """The level of each look's interval: alpha shared over the looks and the end."""
+        return 1 - (1 - self.level) / (len(self.looks()) + 1)
+
+
+@dataclass
+class Fit:
+    """The model at one fidelity: the pairs trained there (by depth) and draws of where their
+    difference crosses zero (+-inf: beyond the deepest / shallowest of them)."""
+    pairs: list[int]
+    means: np.ndarray       # per pair: mean difference (multi - deep)
+    diff_draws: np.ndarray  # draws x pairs
+    crossing: np.ndarray    # draws
+
+
+def fit_differences(errors: dict[str, list[float]], pairs: list[Pair], draws: int,
+                    seed: int) -> Fit | None:
+    """Draws of each trained pair's true difference: every net's mean plus seed noise of the
+    pooled size (itself drawn from its chi-square distribution), as
+    `orchestrator.analysis.n0.difference_draws`; None without two trained pairs or any net
+    with two runs."""
+    trained = [i for i, p in enumerate(pairs) if errors.get(p.deep) and errors.get(p.multi)]
+    names = sorted({n for i in trained for n in (pairs[i].deep, pairs[i].multi)})
+    dof = sum(len(errors[n]) - 1 for n in names)
+    if len(trained) < 2 or dof <= 0:
+        return None
+    ss = sum(float(np.sum((np.array(errors[n]) - np.mean(errors[n])) ** 2)) for n in names)
+    sd = math.sqrt(ss / dof)
+    rng = np.random.default_rng(seed)
+    sigma = sd * np.sqrt(dof / rng.chisquare(dof, draws))
+    z = rng.standard_normal((draws, len(names)))
+    mean = np.array([np.mean(errors[n]) for n in names])
+    count = np.array([len(errors[n]) for n in names])
+    net = mean + sigma[:, None] * z / np.sqrt(count)
+    col = {n: j for j, n in enumerate(names)}
+    deep = [col[pairs[i].deep] for i in trained]
+    multi = [col[pairs[i].multi] for i in trained]
+    diff = net[:, multi] - net[:, deep]
+    depths = np.array([pairs[i].depth for i in trained], dtype=float)
+    return Fit(trained, mean[multi] - mean[deep], diff, crossings(depths, diff))
+
+
+def n0_from(fit: Fit | None, pairs: list[Pair], level: float) -> N0:
+    """n0 (the crossing of the mean differences) with the central `level` interval of the
+    crossing draws; ends beyond the trained pairs are infinite."""
+    if fit is None:
+        return N0(None, message="fewer than two pairs trained with a repeated seed")
+    depths = np.array([pairs[i].depth for i in fit.pairs], dtype=float)
+    value = crossings(depths, fit.means[None, :])[0]
+    tail = (1 - level) / 2
+    low, high = np.quantile(fit.crossing, [tail, 1 - tail], method="nearest")
+    if not math.isfinite(value):
+        side = "deeper" if value > 0 else "shallower"
+        return N0(None, float(low), float(high),
+                  message=f"no crossing: n0 lies {side} than the trained pairs")
+    i = int(np.searchsorted(depths, value)) - 1
+    bracket = (int(depths[max(i, 0)]), int(depths[min(i + 1, len(depths) - 1)]))
+    return N0(float(value), float(low), float(high), bracket,
+              f"between depths {bracket[0]} and {bracket[1]}, level {level:.4g} per look")
+
+
+# ------------------------------------------------------------------------------ stopping rules
+
+@dataclass(frozen=True)
+class Converged:
+    """At a look: the interval lies inside the studied depths and is narrower than the target."""
+    def is_met(self, policy: "N0Policy") -> str | None:
+        n0 = policy.last_look
+        if n0 is None or n0.value is None or not n0.width <= policy.plan.target_width:
+            return None
+        return (f"converged: the interval of n0 ({n0.width:.1f} layers, level "
+                f"{policy.plan.look_level():.4g} at look {policy.looks_done}) is narrower than "
+                f"n0.target_width {policy.plan.target_width:g}")
+
+
+@dataclass(frozen=True)
+class BudgetSpent:
+    """The next trial would pass `budget.epochs` or `trials`."""
+    def is_met(self, policy: "N0Policy", cost: float) -> str | None:
+        plan = policy.plan
+        if plan.budget_epochs is not None and policy.spent() + cost > plan.budget_epochs + 1e-9:
+            return f"budget spent ({policy.spent():g} of budget.epochs {plan.budget_epochs:g})"
+        if len(policy.log) + len(policy.running) >= plan.max_trials:
+            return f"trial budget spent ({plan.max_trials} trials)"
+        return None
+
+
+@dataclass(frozen=True)
+class NothingLeft:
+    """No trial left that could narrow the interval (every seed of the pairs that decide it)."""
+    def is_met(self, policy: "N0Policy", trial: Trial | None) -> str | None:
+        if trial is not None or policy.running:
+            return None
+        n0 = policy.estimate()
+        return ("no trial left that narrows it: every seed of the pairs that decide n0 is used"
+                if n0.value is not None else f"n0 not found ({n0.message})")
+
+
+# ------------------------------------------------------------------------------------ policy
+
+@dataclass
+class N0Policy:
+    nets: dict[str, Net]
+    pairs: list[Pair]
+    plan: N0Plan
+    grow: Callable[[str, list[Pair]], tuple[Pair, list[Net]] | None] | None = None
+    log: list[dict] = field(default_factory=list)        # finished trials, in order
+    running: list[Trial] = field(default_factory=list)
+    looks_done: int = 0
+    last_look: N0 | None = None
+    stopped: str | None = None
+    added: list[dict] = field(default_factory=list)      # ladder growth: pair, nets, why
+    max_growth: int = 3
+
+    def __post_init__(self):
+        self.pairs = sorted(self.pairs, key=lambda p: p.depth)
+        self.plan = N0Plan(**{**asdict(self.plan),
+                              "min_seeds": min(self.plan.min_seeds, len(self.plan.seeds))})
+
+    # -- what the searcher calls
+    def suggest(self) -> Trial | None:
+        """The next trial, or None: wait for a result, or stopped (`stopped` says why)."""
+        if self.stopped:
+            return None
+        trial = self.next_trial()
+        reason = (BudgetSpent().is_met(self, self.cost(trial)) if trial else None) or \
+            NothingLeft().is_met(self, trial)
+        if reason:
+            self.finish(reason)
+            return None
+        if trial is not None:
+            self.running.append(trial)
+        return trial
+
+    def observe(self, name: str, seed: int, fidelity: float, error: float,
+                cost: float | None = None) -> None:
+        """A finished trial's final test error in percent (nan: failed or diverged) and its cost
+        in epochs (default: its schedule's epochs)."""
+        trial = (name, seed, fidelity)
+        if trial in self.running:
+            self.running.remove(trial)
+        cost = self.plan.epochs_at(fidelity) if cost is None else cost
+        self.log.append({"arch": name, "seed": seed, "fidelity": fidelity, "error": error,
+                         "cost": cost})
+        if fidelity == FULL and self.stopped is None:
+            done = sum(1 for r in self.log if r["fidelity"] == FULL)
+            if done in self.plan.looks():
+                self.looks_done += 1
+                self.last_look = self.estimate()
+                self.stopped = Converged().is_met(self)
+
+    def finish(self, reason: str) -> None:
+        self.stopped = reason
+        self.looks_done += 1  # the end is a look of its own
+        self.last_look = self.estimate()
+
+    def replay(self, log: list[dict], added: list[dict] = ()) -> None:
+        """Rebuild the state from a saved log (and the pairs the ladder added, with why):
+        observe the finished trials in their order, so every look and stop comes back."""
+        for row in added:
+            self.add_pair(Pair(**row["pair"]), [Net(**n) for n in row["nets"]], row["why"])
+        for row in log:
+            self.observe(row["arch"], row["seed"], row["fidelity"], row["error"], row["cost"])
+
+    def add_pair(self, pair: Pair, nets: list[Net], why: str) -> None:
+        self.nets.update({n.name: n for n in nets})
+        self.pairs = sorted([*self.pairs, pair], key=lambda p: p.depth)
+        self.added.append({"pair": asdict(pair), "nets": [asdict(n) for n in nets],
+                           "why": why})
+
+    # -- the model
+    def errors(self, fidelity: float) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {}
+        for r in self.log:
+            if r["fidelity"] == fidelity and math.isfinite(r["error"]):
+                out.setdefault(r["arch"], []).append(r["error"])
+        return out
+
+    def fit(self, fidelity: float) -> Fit | None:
+        return fit_differences(self.errors(fidelity), self.pairs, self.plan.draws,
+                               self.plan.seed + len(self.log))
+
+    def estimate(self) -> N0:
+        """n0 from the full-schedule runs, at the level of one look."""
+        return n0_from(self.fit(FULL), self.pairs, self.plan.look_level())
+
+    def spent(self) -> float:
+        return sum(r["cost"] for r in self.log) + sum(self.cost(t) for t in self.running)
+
+    def cost(self, trial: Trial) -> float:
+        return self.plan.epochs_at(trial[2])
+
+    def seeds_of(self, name: str, fidelity: float) -> list[int]:
+        return [s for n, s, f in self.running if n == name and f == fidelity] + \
+            [r["seed"] for r in self.log if r["arch"] == name and r["fidelity"] == fidelity]
+
+    def monotone_report(self) -> str | None:
+        """Where the full-schedule differences break the single crossing: a pair whose
+        difference is surely negative (functions win) shallower than one surely positive."""
+        fit = self.fit(FULL)
+        if fit is None:
+            return None
+        tail = (1 - self.plan.look_level()) / 2
+        low, high = np.quantile(fit.diff_draws, [tail, 1 - tail], axis=0)
+        depths = [self.pairs[i].depth for i in fit.pairs]
+        neg = [d for d, h in zip(depths, high) if h < 0]
+        pos = [d for d, l in zip(depths, low) if l > 0]
+        if neg and pos and min(neg) < max(pos):
+            return (f"not monotone: functions win at depth {min(neg)} but depth wins again at "
+                    f"depth {max(pos)}; n0 as the first crossing")
+        return None
+
+    # -- the acquisition
+    def weights(self, fit: Fit | None) -> np.ndarray | None:
+        """Per pair of the ladder: the share of crossing draws it would settle. A trained pair:
+        draws in the gaps on either side of it. An untrained pair: draws in its gap (between
+        the trained pairs around it; a draw beyond them counts at that end) to which it is the
+        nearest untrained pair."""
+        if fit is None:
+            return None
+        depths = np.array([p.depth for p in self.pairs], dtype=float)
+        trained = depths[fit.pairs]
+        untrained = np.setdiff1d(depths, trained)
+        x = fit.crossing
+        w = np.zeros(len(self.pairs))
+        for i, d in enumerate(depths):
+            lo = trained[trained < d].max(initial=-np.inf)
+            hi = trained[trained > d].min(initial=np.inf)
+            near = (x > lo) & (x < hi) if d in trained else (x >= lo) & (x <= hi)
+            if d not in trained:  # the nearest untrained pair of its gap takes the draw
+                gap = untrained[(untrained > lo) & (untrained < hi)]
+                at = np.clip(x, gap.min(), gap.max())[:, None]
+                near &= gap[np.abs(gap[None, :] - at).argmin(axis=1)] == d
+            w[i] = near.mean()
+        return w
+
+    def next_trial(self) -> Trial | None:
+        self.grow_ladder()
+        plan = self.plan
+        # The lagging net of a pair that has one more seed on the other (at any fidelity).
+        for fidelity in (plan.screen, FULL):
+            for p in self.pairs:
+                if fidelity is None:
+                    continue
+                a, b = self.seeds_of(p.deep, fidelity), self.seeds_of(p.multi, fidelity)
+                if len(a) != len(b):
+                    name, have = (p.deep, a) if len(a) < len(b) else (p.multi, b)
+                    seed = next((s for s in plan.seeds if s not in have), None)
+                    if seed is not None:
+                        return (name, seed, fidelity)
+        # The short schedule of every pair, min_seeds seeds, ends and middle first.
+        if plan.screen is not None:
+            for i in bisection_order(len(self.pairs)):
+                p = self.pairs[i]
+                if len(self.seeds_of(p.deep, plan.screen)) < plan.min_seeds:
+                    return self.seed_for(p, plan.screen)
+        # Full schedules where they narrow n0 most per FLOP.
+        w_full = self.weights(self.fit(FULL))
+        w_low = self.weights(self.fit(plan.screen)) if plan.screen is not None else None
+        ws = [w for w in (w_full, w_low) if w is not None]
+        if ws:
+            w = np.max(ws, axis=0)
+        else:  # nothing to go on: the ends and the middle
+            w = np.zeros(len(self.pairs))
+            w[list(bisection_order(len(self.pairs)))[:3]] = 1.0
+        best, score = None, 0.0
+        for i, p in enumerate(self.pairs):
+            n = len(self.seeds_of(p.deep, FULL))
+            if n >= len(plan.seeds) or w[i] < 0.02:
+                continue
+            # an opened pair first gets min_seeds; opening one is worth a first seed
+            gain = 1.0 if n == 0 else 10.0 if n < plan.min_seeds else 1 / n - 1 / (n + 1)
+            value = w[i] * gain / (self.nets[p.deep].flops + self.nets[p.multi].flops)
+            if value > score:
+                best, score = p, value
+        return self.seed_for(best, FULL) if best is not None else None
+
+    def seed_for(self, pair: Pair, fidelity: float) -> Trial | None:
+        have = self.seeds_of(pair.deep, fidelity)
+        seed = next((s for s in self.plan.seeds if s not in have), None)
+        return (pair.deep, seed, fidelity) if seed is not None else None
+
+    def grow_ladder(self) -> None:
+        """A pair beyond the shallowest or deepest when the full-schedule interval reaches past
+        it (at the look level), or, before full runs say anything, the short schedules' does."""
+        if self.grow is None or len(self.added) >= 2 * self.max_growth:
+            return
+        tail = (1 - self.plan.look_level()) / 2
+        for fidelity in (FULL, self.plan.screen):
+            fit = self.fit(fidelity) if fidelity is not None else None
+            if fit is None:
+                continue
+            ends = (fit.pairs[0] == 0, fit.pairs[-1] == len(self.pairs) - 1)
+            for side, beyond, at_end in (("shallower", fit.crossing == -np.inf, ends[0]),
+                                         ("deeper", fit.crossing == np.inf, ends[1])):
+                if at_end and beyond.mean() > tail:
+                    made = self.grow(side, self.pairs)
+                    if made is None:
+                        continue
+                    pair, nets = made
+                    end = self.pairs[0 if side == "shallower" else -1].depth
+                    kind = "full-schedule" if fidelity == FULL else "short-schedule"
+                    self.add_pair(pair, nets, f"added pair {pair.deep} / {pair.multi} (depth "
+                                  f"{pair.depth}): the {kind} interval of n0 reaches {side} "
+                                  f"than depth {end}")
+                    return
+            return  # the full schedule decides once it has a model
+
+
+def bisection_order(n: int) -> list[int]:
+    """0, n-1, the middle, then the middles of the halves, ...: indices 0..n-1 once each."""
+    order, spans = [0, n - 1], [(0, n - 1)]
+    while spans:
+        lo, hi = spans.pop(0)
+        if hi - lo < 2:
+            continue
+        mid = (lo + hi) // 2
+        order.append(mid)
+        spans += [(lo, mid), (mid, hi)]
+    return list(dict.fromkeys(i for i in order if 0 <= i < n))
