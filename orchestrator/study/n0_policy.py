@@ -9,7 +9,7 @@ Its parts, in the shape of Optuna's GP sampler and SMAC (model, acquisition, sto
   differences cross zero going deeper (`orchestrator.analysis.n0`).
 - **Acquisition** (`N0Policy.next_trial`), asked whenever a worker is free, seeing the running
   trials as taken: first the lagging net of a half-trained pair; then a short complete schedule
-  (the lowest fidelity) of every pair, in bisection order; then full-schedule seeds of the pair
+  (the lowest fidelity, two seeds) of every pair, in bisection order; then full-schedule seeds of the pair
   that most narrows n0 per unit of GPU time: the chance that n0 lies in a gap next to the pair
   (from the full-schedule draws, and the short-schedule draws where those say more) times the
   variance a seed removes, over the pair's FLOPs.
@@ -31,7 +31,7 @@ from typing import Callable
 
 import numpy as np
 
-from orchestrator.analysis.n0 import N0, crossings
+from orchestrator.analysis.n0 import N0, single_crossings
 from orchestrator.study.pairs import Pair
 
 FULL = 1.0
@@ -73,14 +73,14 @@ class N0Plan:
     def looks(self) -> list[int]:
         """Finished full-schedule trials after which the stopping rule looks at the interval
         (fixed before any result): 4 x min_seeds (two pairs), then x1.5, up to what the budget
-        allows."""
+        allows; few looks keep each look's level near the nominal one."""
         most = self.max_trials
         if self.budget_epochs is not None:
             most = min(most, int(self.budget_epochs // self.epochs))
         out, n = [], 4 * self.min_seeds
         while n < most:
             out.append(n)
-            n = max(n + 2, int(1.5 * n + 1) // 2 * 2)
+            n *= 2
         return out
 
     def look_level(self) -> float:
@@ -122,25 +122,46 @@ def fit_differences(errors: dict[str, list[float]], pairs: list[Pair], draws: in
     multi = [col[pairs[i].multi] for i in trained]
     diff = net[:, multi] - net[:, deep]
     depths = np.array([pairs[i].depth for i in trained], dtype=float)
-    return Fit(trained, mean[multi] - mean[deep], diff, crossings(depths, diff))
+    return Fit(trained, mean[multi] - mean[deep], diff, single_crossings(depths, diff))
+
+
+def gap_ends(fit: Fit, pairs: list[Pair]) -> tuple[np.ndarray, np.ndarray]:
+    """Per draw, what it says about n0 without a shape between pairs: its interpolated crossing
+    when the trained pairs around it are neighbours on the ladder, else the whole gap between
+    them (any depth in it is as likely under a single crossing); a draw beyond the trained
+    pairs: from the end pair on."""
+    trained = np.array([pairs[i].depth for i in fit.pairs], dtype=float)
+    ladder = np.array([p.depth for p in pairs], dtype=float)
+    x = fit.crossing
+    i = np.clip(np.searchsorted(trained, x, side="right") - 1, 0, len(trained) - 2)
+    left, right = trained[i], trained[i + 1]
+    wide = np.array([((ladder > a) & (ladder < b)).any() for a, b in zip(trained[:-1],
+                                                                         trained[1:])])[i]
+    low = np.where(x == np.inf, trained[-1], np.where(wide, left, x))
+    high = np.where(x == -np.inf, trained[0], np.where(wide, right, x))
+    low = np.where(x == -np.inf, -np.inf, low)
+    high = np.where(x == np.inf, np.inf, high)
+    return low, high
 
 
 def n0_from(fit: Fit | None, pairs: list[Pair], level: float) -> N0:
-    """n0 (the crossing of the mean differences) with the central `level` interval of the
-    crossing draws; ends beyond the trained pairs are infinite."""
+    """n0 (the single crossing that fits the mean differences best) with the central `level`
+    interval of what the draws say (`gap_ends`); ends beyond the trained pairs are infinite."""
     if fit is None:
         return N0(None, message="fewer than two pairs trained with a repeated seed")
     depths = np.array([pairs[i].depth for i in fit.pairs], dtype=float)
-    value = crossings(depths, fit.means[None, :])[0]
+    value = single_crossings(depths, fit.means[None, :])[0]
     tail = (1 - level) / 2
-    low, high = np.quantile(fit.crossing, [tail, 1 - tail], method="nearest")
+    lows, highs = gap_ends(fit, pairs)
+    low = float(np.quantile(lows, tail, method="lower"))
+    high = float(np.quantile(highs, 1 - tail, method="higher"))
     if not math.isfinite(value):
         side = "deeper" if value > 0 else "shallower"
-        return N0(None, float(low), float(high),
+        return N0(None, low, high,
                   message=f"no crossing: n0 lies {side} than the trained pairs")
-    i = int(np.searchsorted(depths, value)) - 1
-    bracket = (int(depths[max(i, 0)]), int(depths[min(i + 1, len(depths) - 1)]))
-    return N0(float(value), float(low), float(high), bracket,
+    i = int(np.clip(np.searchsorted(depths, value) - 1, 0, len(depths) - 2))
+    bracket = (int(depths[i]), int(depths[i + 1]))
+    return N0(float(value), low, high, bracket,
               f"between depths {bracket[0]} and {bracket[1]}, level {level:.4g} per look")
 
 
@@ -196,6 +217,7 @@ class N0Policy:
     stopped: str | None = None
     added: list[dict] = field(default_factory=list)      # ladder growth: pair, nets, why
     max_growth: int = 3
+    _fits: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         self.pairs = sorted(self.pairs, key=lambda p: p.depth)
@@ -262,8 +284,16 @@ class N0Policy:
         return out
 
     def fit(self, fidelity: float) -> Fit | None:
-        return fit_differences(self.errors(fidelity), self.pairs, self.plan.draws,
-                               self.plan.seed + len(self.log))
+        """The model at one fidelity; its draws are seeded by the count of results there, so
+        the same results give the same fit (cached until one more comes)."""
+        count = sum(1 for r in self.log if r["fidelity"] == fidelity)
+        key = (fidelity, count, len(self.pairs))
+        if key not in self._fits:
+            fit = fit_differences(self.errors(fidelity), self.pairs, self.plan.draws,
+                                  self.plan.seed + count)
+            self._fits = {k: v for k, v in self._fits.items() if k[0] != fidelity}
+            self._fits[key] = fit
+        return self._fits[key]
 
     def estimate(self) -> N0:
         """n0 from the full-schedule runs, at the level of one look."""
@@ -311,7 +341,10 @@ class N0Policy:
         for i, d in enumerate(depths):
             lo = trained[trained < d].max(initial=-np.inf)
             hi = trained[trained > d].min(initial=np.inf)
-            near = (x > lo) & (x < hi) if d in trained else (x >= lo) & (x <= hi)
+            # (a draw beyond the end pair belongs to it when no untrained pair lies beyond)
+            first, last = not (untrained < d).any(), not (untrained > d).any()
+            near = ((x > lo) | (first & (x == -np.inf))) & ((x < hi) | (last & (x == np.inf))) \
+                if d in trained else (x >= lo) & (x <= hi)
             if d not in trained:  # the nearest untrained pair of its gap takes the draw
                 gap = untrained[(untrained > lo) & (untrained < hi)]
                 at = np.clip(x, gap.min(), gap.max())[:, None]
@@ -333,21 +366,35 @@ class N0Policy:
                     seed = next((s for s in plan.seeds if s not in have), None)
                     if seed is not None:
                         return (name, seed, fidelity)
-        # The short schedule of every pair, min_seeds seeds, ends and middle first.
+        # The short schedule of every pair, two seeds (the model needs a repeated seed), ends
+        # and middle first.
         if plan.screen is not None:
             for i in bisection_order(len(self.pairs)):
                 p = self.pairs[i]
-                if len(self.seeds_of(p.deep, plan.screen)) < plan.min_seeds:
+                if len(self.seeds_of(p.deep, plan.screen)) < min(2, len(plan.seeds)):
                     return self.seed_for(p, plan.screen)
         # Full schedules where they narrow n0 most per FLOP.
-        w_full = self.weights(self.fit(FULL))
+        w_full = self.weights(self.fit(FULL))  # (fits are cached per log length)
         w_low = self.weights(self.fit(plan.screen)) if plan.screen is not None else None
         ws = [w for w in (w_full, w_low) if w is not None]
-        if ws:
+        if ws and np.max(ws) > 0:
             w = np.max(ws, axis=0)
         else:  # nothing to go on: the ends and the middle
             w = np.zeros(len(self.pairs))
             w[list(bisection_order(len(self.pairs)))[:3]] = 1.0
+        full = self.fit(FULL)
+        if full is not None:  # an open end of the interval: the pair that would close it
+            n0 = n0_from(full, self.pairs, plan.look_level())
+            for open_end, end, step in ((n0.low == -np.inf, full.pairs[0], -1),
+                                        (n0.high == np.inf, full.pairs[-1], 1)):
+                if open_end:
+                    j = end + step if 0 <= end + step < len(self.pairs) else end
+                    w[j] = max(w[j], 0.5)
+        opened = [i for i, p in enumerate(self.pairs) if self.seeds_of(p.deep, FULL)]
+        if len(opened) == 1:  # the model needs a second pair: the neighbour toward the middle
+            i = opened[0]
+            j = i + 1 if i < len(self.pairs) / 2 - 0.5 or i == 0 else i - 1
+            w[j] = max(w[j], 1.0)
         best, score = None, 0.0
         for i, p in enumerate(self.pairs):
             n = len(self.seeds_of(p.deep, FULL))
@@ -366,30 +413,29 @@ class N0Policy:
         return (pair.deep, seed, fidelity) if seed is not None else None
 
     def grow_ladder(self) -> None:
-        """A pair beyond the shallowest or deepest when the full-schedule interval reaches past
-        it (at the look level), or, before full runs say anything, the short schedules' does."""
+        """A pair beyond the shallowest or deepest when the full schedules' nominal interval of
+        n0 (a design choice, not a claim: no level correction) reaches past that end pair and
+        the end pair has min_seeds seeds."""
         if self.grow is None or len(self.added) >= 2 * self.max_growth:
             return
-        tail = (1 - self.plan.look_level()) / 2
-        for fidelity in (FULL, self.plan.screen):
-            fit = self.fit(fidelity) if fidelity is not None else None
-            if fit is None:
-                continue
-            ends = (fit.pairs[0] == 0, fit.pairs[-1] == len(self.pairs) - 1)
-            for side, beyond, at_end in (("shallower", fit.crossing == -np.inf, ends[0]),
-                                         ("deeper", fit.crossing == np.inf, ends[1])):
-                if at_end and beyond.mean() > tail:
-                    made = self.grow(side, self.pairs)
-                    if made is None:
-                        continue
-                    pair, nets = made
-                    end = self.pairs[0 if side == "shallower" else -1].depth
-                    kind = "full-schedule" if fidelity == FULL else "short-schedule"
-                    self.add_pair(pair, nets, f"added pair {pair.deep} / {pair.multi} (depth "
-                                  f"{pair.depth}): the {kind} interval of n0 reaches {side} "
-                                  f"than depth {end}")
+        fit = self.fit(FULL)
+        if fit is None:
+            return
+        tail = (1 - self.plan.level) / 2
+        for side, beyond, end in (("shallower", fit.crossing == -np.inf, 0),
+                                  ("deeper", fit.crossing == np.inf, len(self.pairs) - 1)):
+            pair = self.pairs[end]
+            ready = fit.pairs[0 if end == 0 else -1] == end and min(
+                len(self.seeds_of(pair.deep, FULL)), len(self.seeds_of(pair.multi, FULL))
+            ) >= self.plan.min_seeds
+            if ready and beyond.mean() > tail:
+                made = self.grow(side, self.pairs)
+                if made is not None:
+                    new, nets = made
+                    self.add_pair(new, nets, f"added pair {new.deep} / {new.multi} (depth "
+                                  f"{new.depth}): the interval of n0 reaches {side} than "
+                                  f"depth {pair.depth}")
                     return
-            return  # the full schedule decides once it has a model
 
 
 def bisection_order(n: int) -> list[int]:
