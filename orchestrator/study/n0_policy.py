@@ -57,7 +57,7 @@ class N0Plan:
     fidelities: tuple[float, ...] = (FULL,)   # ascending, the last is the full schedule
     epochs: int = 200                          # the full schedule's epochs
     budget_epochs: float | None = None         # cap, in epochs summed over trials
-    max_trials: int = 10_000
+    max_trials: int = 10_000                  # full-schedule trials (short ones: the budget)
     level: float = 0.95
     draws: int = 1000
     seed: int = 0
@@ -181,13 +181,15 @@ class Converged:
 
 @dataclass(frozen=True)
 class BudgetSpent:
-    """The next trial would pass `budget.epochs` or `trials`."""
+    """The next trial would pass `budget.epochs`, or `trials` full-schedule trials."""
     def is_met(self, policy: "N0Policy", cost: float) -> str | None:
         plan = policy.plan
         if plan.budget_epochs is not None and policy.spent() + cost > plan.budget_epochs + 1e-9:
             return f"budget spent ({policy.spent():g} of budget.epochs {plan.budget_epochs:g})"
-        if len(policy.log) + len(policy.running) >= plan.max_trials:
-            return f"trial budget spent ({plan.max_trials} trials)"
+        full = [r for r in policy.log if r["fidelity"] == FULL] + [
+            t for t in policy.running if t[2] == FULL]
+        if cost == plan.epochs and len(full) >= plan.max_trials:
+            return f"trial budget spent ({plan.max_trials} full-schedule trials)"
         return None
 
 

@@ -36,14 +36,20 @@ def n0_policy(study: StudyConfig) -> N0Policy:
     return N0Policy({n: v for n, v in nets.items() if n in used}, pairs, n0_plan(study))
 
 
-def search_verdict(study: StudyConfig, rows: list[dict]) -> str | None:
-    """Why an n0 search ended, replayed from its finished trials (the sweep's summary rows, in
-    the order they ended); None when it would have wanted more trials (it was interrupted)."""
+def replayed(study: StudyConfig, rows: list[dict]) -> N0Policy:
+    """The policy rebuilt from a study's trials (the sweep's summary rows)."""
     policy = n0_policy(study)
     policy.replay([{"arch": r["architecture"], "seed": r["seed"],
                     "fidelity": r.get("fidelity", FULL), "error": trial_error(r), "cost":
                     r.get("epochs") or policy.plan.epochs_at(r.get("fidelity", FULL))}
                    for r in rows])
+    return policy
+
+
+def search_verdict(study: StudyConfig, rows: list[dict]) -> str | None:
+    """Why an n0 search ended, replayed from its finished trials (the sweep's summary rows);
+    None when it would have wanted more trials (it was interrupted)."""
+    policy = replayed(study, rows)
     if policy.stopped is None:
         policy.suggest()
     verdict = policy.stopped
@@ -103,3 +109,39 @@ class N0Search(JsonStateSearcher):
         self.trials = {k: (v[0], v[1], v[2]) for k, v in data["running"].items()}
         self.policy.running = list(self.trials.values())
         self.fixed = data["fixed"]
+
+
+def simulated_cost(study: StudyConfig, studies: int = 10, noise: float = 0.2,
+                   rho: float = 0.7) -> tuple[float, float]:
+    """(mean, 90th percentile) epochs the search trains on simulated results: n0 uniform over
+    the pairs' depths, the difference a (n0/depth - 1) with a = 0.85, seed noise `noise`
+    points, short schedules correlated `rho` with the full ones (bench/n0_search.py's model);
+    trials finish in the order they start, `concurrency` at a time."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    spent = []
+    for i in range(studies):
+        rng = np.random.default_rng(i)
+        policy = n0_policy(study)
+        policy.plan = replace(policy.plan, draws=300)
+        depths = [p.depth for p in policy.pairs]
+        n0 = rng.uniform(min(depths), max(depths))
+        other = {d: rng.normal(0, 0.5) for d in depths}
+        multi = {p.multi: p.depth for p in policy.pairs}
+        running = []
+        while True:
+            while len(running) < study.concurrency and (trial := policy.suggest()):
+                running.append(trial)
+            if not running:
+                break
+            name, seed, fidelity = running.pop(0)
+            gap = 0.0
+            if name in multi:
+                d = multi[name]
+                gap = 0.85 * (n0 / d - 1)
+                gap = gap if fidelity == FULL else rho * gap + (1 - rho ** 2) ** 0.5 * other[d]
+            policy.observe(name, seed, fidelity, gap + rng.normal(0, noise))
+        spent.append(sum(r["cost"] for r in policy.log))
+    return float(np.mean(spent)), float(np.quantile(spent, 0.9))
