@@ -60,7 +60,7 @@ def pair_nets(d: int) -> dict[str, Net]:
             f"d{d}-k4": Net(f"d{d}-k4", d, 4, 1, 10_000 * d + 50 * d, 10_000.0 * d)}
 
 
-def grow(side: str, pairs: list[Pair]):
+def grow(side: str, pairs: list[Pair], _nets=None):
     """The next pair beyond an end, 6 layers on (none shallower than depth 8)."""
     d = pairs[0].depth - 6 if side == "shallower" else pairs[-1].depth + 6
     if d < 8:

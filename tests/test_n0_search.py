@@ -27,7 +27,7 @@ def ladder(depths=DEPTHS):
     return {n.name: n for _, nets in made for n in nets}, [p for p, _ in made]
 
 
-def grow(side, pairs):
+def grow(side, pairs, _nets=None):
     d = pairs[0].depth - 6 if side == "shallower" else pairs[-1].depth + 6
     return pair_of(d) if d >= 8 else None
 
@@ -235,3 +235,34 @@ def test_looks_are_fixed_and_share_alpha():
     assert p.looks() == [8, 16, 32]
     assert p.look_level() == pytest.approx(1 - 0.05 / 4)
     assert bisection_order(7) == [0, 6, 3, 1, 4, 2, 5]
+
+
+def test_a_pairs_design_grows_its_own_ladder(tmp_path):
+    """A study with `pairs:` makes the pair one step past its deepest (blocks (6,6,6) after
+    (2,2,2), (4,4,4)), none shallower than one block per stage; the searcher's suggestion for
+    an added net carries its blocks, and the study builds that trial's run config."""
+    import yaml
+
+    from orchestrator.study.config import load_study
+    from orchestrator.study.n0_search import N0Search, n0_policy
+
+    path = tmp_path / "pairs.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "pairs", "train": {"dataset": "synthetic", "epochs": 8, "device": "cpu"},
+        "pairs": {"deep": [[2, 2, 2], [4, 4, 4]], "factors": [2]}, "seeds": 2,
+        "searcher": {"sampler": "n0"}, "trials": 12}))
+    study = load_study(path)
+    policy = n0_policy(study)
+    assert policy.grow("shallower", policy.pairs, policy.nets) is None
+    pair, nets = policy.grow("deeper", policy.pairs, policy.nets)
+    assert nets[0].blocks == (6, 6, 6) and nets[0].name == pair.deep and pair.depth > 14
+    policy.add_pair(pair, nets, "test")
+    searcher = N0Search(policy)
+    policy.log = [{"arch": n, "seed": s, "fidelity": f, "error": 5.0, "cost": 1}
+                  for p in policy.pairs[:-1] for n in (p.deep, p.multi) for s in (0, 1)
+                  for f in (0.125, 1.0)]
+    suggestion = searcher.suggest("t0")
+    assert suggestion["arch"] in (pair.deep, pair.multi) and suggestion["blocks"]
+    cfg = study.trial_config(suggestion)
+    assert cfg.architecture.name == suggestion["arch"]
+    assert cfg.epochs == (8 if "fidelity" not in suggestion else 1)

@@ -272,7 +272,14 @@ class StudyConfig(Strict):
         feasible = self.feasible()
         if "arch" not in sampled:
             return feasible[0]
-        return next(c for c in feasible if c.name == sampled["arch"])
+        found = next((c for c in feasible if c.name == sampled["arch"]), None)
+        if found is None and "blocks" in sampled:  # a pair the n0 searcher's ladder added
+            fields = {k: sampled[k] for k in ("blocks", "k", "width") if k in sampled}
+            arch = self._run_config(fields, {}).architecture
+            return Candidate(sampled["arch"], fields, arch, parameter_count(arch), None)
+        if found is None:
+            raise KeyError(f"architecture {sampled['arch']!r} is not in study {self.name}")
+        return found
 
     def trial_config(self, sampled: dict) -> TrainConfig:
         """The full run config of one trial: `train`, then fixed space values, then what was

@@ -46,6 +46,7 @@ class Net:
     width: int
     params: int
     flops: float  # per image, forward: what one epoch costs, relatively
+    blocks: tuple[int, ...] | None = None  # for a net the ladder added (not in the study's space)
 
 
 @dataclass(frozen=True)
@@ -211,7 +212,8 @@ class N0Policy:
     nets: dict[str, Net]
     pairs: list[Pair]
     plan: N0Plan
-    grow: Callable[[str, list[Pair]], tuple[Pair, list[Net]] | None] | None = None
+    # (side, pairs, nets) -> a pair beyond that end and its nets, or None
+    grow: Callable[[str, list[Pair], dict], tuple[Pair, list[Net]] | None] | None = None
     log: list[dict] = field(default_factory=list)        # finished trials, in order
     running: list[Trial] = field(default_factory=list)
     looks_done: int = 0
@@ -267,7 +269,8 @@ class N0Policy:
         """Rebuild the state from a saved log (and the pairs the ladder added, with why):
         observe the finished trials in their order, so every look and stop comes back."""
         for row in added:
-            self.add_pair(Pair(**row["pair"]), [Net(**n) for n in row["nets"]], row["why"])
+            nets = [Net(**{**n, "blocks": n["blocks"] and tuple(n["blocks"])}) for n in row["nets"]]
+            self.add_pair(Pair(**row["pair"]), nets, row["why"])
         for row in log:
             self.observe(row["arch"], row["seed"], row["fidelity"], row["error"], row["cost"])
 
@@ -431,7 +434,7 @@ class N0Policy:
                 len(self.seeds_of(pair.deep, FULL)), len(self.seeds_of(pair.multi, FULL))
             ) >= self.plan.min_seeds
             if ready and beyond.mean() > tail:
-                made = self.grow(side, self.pairs)
+                made = self.grow(side, self.pairs, self.nets)
                 if made is not None:
                     new, nets = made
                     self.add_pair(new, nets, f"added pair {new.deep} / {new.multi} (depth "

@@ -33,7 +33,39 @@ def n0_policy(study: StudyConfig) -> N0Policy:
                            float(summarize(a)["flops"]))
     pairs = study.pairs_to_train()
     used = {n for p in pairs for n in (p.deep, p.multi)}
-    return N0Policy({n: v for n, v in nets.items() if n in used}, pairs, n0_plan(study))
+    return N0Policy({n: v for n, v in nets.items() if n in used}, pairs, n0_plan(study),
+                    grow=ladder_of(study))
+
+
+def ladder_of(study: StudyConfig):
+    """How the study makes a pair beyond an end: from its `pairs:` design (one step past the
+    end's deep net, the multi net matched as the design does), within min/max_params; None
+    for a study without one."""
+    design = study.pairs
+    if design is None:
+        return None
+    from models.multi_resnet import Architecture
+    from models.summary import parameter_count, summarize
+    from orchestrator.study.pairs import Pair, matched_multi, next_deep
+
+    def grow(side: str, pairs: list, nets: dict) -> tuple | None:
+        deeps = design.deep_nets() + [n.blocks for n in nets.values()
+                                      if n.blocks is not None and n.k == 1]
+        deep = next_deep(deeps, side)
+        if deep is None:
+            return None
+        made = []
+        factor = design.factors[0]
+        for blocks, k in ((deep, 1), (matched_multi(deep, factor, width=design.width), factor)):
+            arch = Architecture(blocks=tuple(blocks), k=k, width=design.width)
+            params = parameter_count(arch)
+            if study.budget.reason(params) or arch.name in nets:
+                return None
+            made.append(Net(arch.name, arch.total_depth, k, design.width, params,
+                            float(summarize(arch)["flops"]), tuple(blocks)))
+        return Pair(made[0].name, made[1].name, made[1].depth), made
+
+    return grow
 
 
 def replayed(study: StudyConfig, rows: list[dict]) -> N0Policy:
@@ -81,7 +113,10 @@ class N0Search(JsonStateSearcher):
             return Searcher.FINISHED if self.policy.stopped else WAIT
         self.trials[trial_id] = item
         fidelity = {} if item[2] == FULL else {"fidelity": item[2]}
-        return {**self.fixed, "arch": item[0], "seed": item[1], **fidelity}
+        net = self.policy.nets[item[0]]
+        added = {} if net.blocks is None else {"blocks": list(net.blocks), "k": net.k,
+                                               "width": net.width}
+        return {**self.fixed, "arch": item[0], "seed": item[1], **fidelity, **added}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
