@@ -5,8 +5,8 @@ that the interval of n0 narrows for the least GPU time, and when to stop. `N0Sea
 Its parts, in the shape of Optuna's GP sampler and SMAC (model, acquisition, stopping rules):
 
 - **Model** (`fit_differences`): per fidelity, every net's mean error over its seeds and the seed
-  noise pooled over nets; draws of each pair's difference (multi - deep) and where the pairs'
-  differences cross zero going deeper (`orchestrator.analysis.n0`).
+  noise pooled over nets; draws of each pair's difference (multi - deep) and where they first
+  cross zero going deeper (`orchestrator.analysis.n0.crossings`).
 - **Acquisition** (`N0Policy.next_trial`), asked whenever a worker is free, seeing the running
   trials as taken: first the lagging net of a half-trained pair; then a short complete schedule
   (the lowest fidelity, two seeds) of every pair, in bisection order; then full-schedule seeds of the pair
@@ -31,7 +31,7 @@ from typing import Callable
 
 import numpy as np
 
-from orchestrator.analysis.n0 import N0, single_crossings
+from orchestrator.analysis.n0 import N0, crossings, single_crossings
 from orchestrator.study.pairs import Pair
 
 FULL = 1.0
@@ -92,11 +92,14 @@ class N0Plan:
 @dataclass
 class Fit:
     """The model at one fidelity: the pairs trained there (by depth) and draws of where their
-    difference crosses zero (+-inf: beyond the deepest / shallowest of them)."""
+    difference crosses zero (+-inf: beyond the deepest / shallowest of them). Two readings of
+    each draw: its first crossing (the interval, as `orchestrator.report` reads it) and its best
+    single split (the acquisition: a noisy early sign flip does not pull it shallow)."""
     pairs: list[int]
     means: np.ndarray       # per pair: mean difference (multi - deep)
     diff_draws: np.ndarray  # draws x pairs
-    crossing: np.ndarray    # draws
+    crossing: np.ndarray    # draws: the first crossing (the interval's, as the report's)
+    split: np.ndarray       # draws: the best single split (where to train next)
 
 
 def fit_differences(errors: dict[str, list[float]], pairs: list[Pair], draws: int,
@@ -123,7 +126,8 @@ def fit_differences(errors: dict[str, list[float]], pairs: list[Pair], draws: in
     multi = [col[pairs[i].multi] for i in trained]
     diff = net[:, multi] - net[:, deep]
     depths = np.array([pairs[i].depth for i in trained], dtype=float)
-    return Fit(trained, mean[multi] - mean[deep], diff, single_crossings(depths, diff))
+    return Fit(trained, mean[multi] - mean[deep], diff, crossings(depths, diff),
+               single_crossings(depths, diff))
 
 
 def gap_ends(fit: Fit, pairs: list[Pair]) -> tuple[np.ndarray, np.ndarray]:
@@ -146,12 +150,13 @@ def gap_ends(fit: Fit, pairs: list[Pair]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def n0_from(fit: Fit | None, pairs: list[Pair], level: float) -> N0:
-    """n0 (the single crossing that fits the mean differences best) with the central `level`
-    interval of what the draws say (`gap_ends`); ends beyond the trained pairs are infinite."""
+    """n0 (where the mean differences first cross zero, as `orchestrator.report`) with the
+    central `level` interval of what the draws say (`gap_ends`); ends beyond the trained pairs
+    are infinite."""
     if fit is None:
         return N0(None, message="fewer than two pairs trained with a repeated seed")
     depths = np.array([pairs[i].depth for i in fit.pairs], dtype=float)
-    value = single_crossings(depths, fit.means[None, :])[0]
+    value = crossings(depths, fit.means[None, :])[0]
     tail = (1 - level) / 2
     lows, highs = gap_ends(fit, pairs)
     low = float(np.quantile(lows, tail, method="lower"))
@@ -341,7 +346,7 @@ class N0Policy:
         depths = np.array([p.depth for p in self.pairs], dtype=float)
         trained = depths[fit.pairs]
         untrained = np.setdiff1d(depths, trained)
-        x = fit.crossing
+        x = fit.split
         w = np.zeros(len(self.pairs))
         for i, d in enumerate(depths):
             lo = trained[trained < d].max(initial=-np.inf)
