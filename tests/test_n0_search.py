@@ -266,3 +266,30 @@ def test_a_pairs_design_grows_its_own_ladder(tmp_path):
     cfg = study.trial_config(suggestion)
     assert cfg.architecture.name == suggestion["arch"]
     assert cfg.epochs == (8 if "fidelity" not in suggestion else 1)
+
+
+def test_it_brackets_then_bisects_towards_the_crossing_and_stops():
+    """Full schedules only, a ladder of 9 pairs crossing at 29 with little noise: the ends and
+    the middle first, then pairs towards 29 (26 and 32 trained, 14 not), never a trial twice, and
+    it stops saying why with n0 between 26 and 32."""
+    depths = [8, 14, 20, 26, 32, 38, 44, 50, 56]
+    nets, pairs = ladder(depths)
+    oracle = Oracle(0, curve=lambda d: 0.1 * (29 - d))
+    oracle.sd = 0.05
+    policy = N0Policy(nets, pairs, plan(fidelities=(FULL,), target_width=2.0, draws=400,
+                                        seeds=(0, 1, 2, 3)))
+    first = [policy.suggest() for _ in range(4)]
+    assert {t[0] for t in first} == {pairs[0].deep, pairs[0].multi}  # the shallowest, 2 seeds
+    trials = list(first)
+    policy.running = []
+    for t in first:
+        policy.observe(*t, oracle.error(nets[t[0]], t[1], t[2]))
+    while (t := policy.suggest()) is not None:
+        trials.append(t)
+        policy.observe(*t, oracle.error(nets[t[0]], t[1], t[2]))
+    assert len(trials) == len(set(trials))
+    trained = {p.depth for p in pairs if policy.seeds_of(p.deep, FULL)}
+    assert {8, 26, 32} <= trained and 14 not in trained
+    n0 = policy.estimate()
+    assert n0.bracket == (26, 32) and 26 < n0.value < 32 and n0.low <= 29 <= n0.high
+    assert policy.stopped.startswith(("converged", "no trial left"))

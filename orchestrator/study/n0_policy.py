@@ -401,9 +401,12 @@ class N0Policy:
                     j = end + step if 0 <= end + step < len(self.pairs) else end
                     w[j] = max(w[j], 0.5)
         opened = [i for i, p in enumerate(self.pairs) if self.seeds_of(p.deep, FULL)]
-        if len(opened) == 1:  # the model needs a second pair: the neighbour toward the middle
-            i = opened[0]
-            j = i + 1 if i < len(self.pairs) / 2 - 0.5 or i == 0 else i - 1
+        if len(opened) == 1:  # the model needs a second pair: the likeliest other one
+            others = np.where(np.arange(len(w)) == opened[0], 0.0, w)
+            if others.max() == 0:  # the ends and the middle
+                others[bisection_order(len(w))[:3]] = 1.0
+                others[opened[0]] = 0.0
+            j = int(others.argmax())
             w[j] = max(w[j], 1.0)
         best, score = None, 0.0
         for i, p in enumerate(self.pairs):
