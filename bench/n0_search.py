@@ -24,8 +24,8 @@ the grid's from `orchestrator.analysis.n0.estimate_n0` (one look, 95%).
 
 Reported per row: epochs vs the grid's full-schedule epochs (mean and 90th percentile), coverage
 (an open-ended interval covers when the true n0 lies beyond its finite end), the median width
-(inf when open-ended), the share of closed intervals and their median width, the share of worker time idle, and the simulated wall clock vs the grid's
-at the same concurrency.
+(inf when open-ended), the share of closed intervals and their median width, the share of
+worker time idle, and the simulated wall clock vs the grid's at the same concurrency.
 """
 from __future__ import annotations
 

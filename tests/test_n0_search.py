@@ -196,16 +196,20 @@ def test_searcher_state_is_json_and_replays_without_repeating(tmp_path):
         config = running.pop(tid)
         net = first.policy.nets[config["arch"]]
         error = oracle.error(net, config["seed"], config.get("fidelity", FULL))
-        first.on_trial_complete(tid, {"test_error": error / 100})
+        first.on_trial_complete(tid, {"test_error": error / 100} if i != 12 else None,
+                                error=i == 12)  # one failed trial: its error saved as null
         running[f"t{i}"] = first.suggest(f"t{i}")
     first.save(str(tmp_path / "searcher.json"))
     data = json.loads((tmp_path / "searcher.json").read_text())
     assert len(data["log"]) == 22 and len(data["running"]) == 8
+    assert sum(row["error"] is None for row in data["log"]) == 1
 
     nets, pairs = ladder()
     again = N0Search(N0Policy(nets, pairs, plan()))
     again.restore(str(tmp_path / "searcher.json"))
-    assert again.policy.log == first.policy.log
+    assert [r["error"] for r in again.policy.log if r["error"] == r["error"]] == [
+        r["error"] for r in first.policy.log if r["error"] == r["error"]]  # nan != nan
+    assert len(again.policy.log) == len(first.policy.log)
     assert sorted(again.policy.running) == sorted(first.policy.running)
     assert again.suggest("t30") == first.suggest("t30")
     taken = [(r["arch"], r["seed"], r["fidelity"]) for r in again.policy.log]

@@ -9,10 +9,11 @@ Its parts, in the shape of Optuna's GP sampler and SMAC (model, acquisition, sto
   cross zero going deeper (`orchestrator.analysis.n0.crossings`).
 - **Acquisition** (`N0Policy.next_trial`), asked whenever a worker is free, seeing the running
   trials as taken: first the lagging net of a half-trained pair; then a short complete schedule
-  (the lowest fidelity, two seeds) of every pair, in bisection order; then full-schedule seeds of the pair
-  that most narrows n0 per unit of GPU time: the chance that n0 lies in a gap next to the pair
-  (from the full-schedule draws, and the short-schedule draws where those say more) times the
-  variance a seed removes, over the pair's FLOPs.
+  (the lowest fidelity, two seeds) of every pair, in bisection order; then full-schedule seeds
+  of the pair that most narrows n0 per unit of GPU time: the share of crossing draws the pair
+  would settle (full-schedule draws, and short-schedule ones where those say more; each draw
+  read as its best single split) times the variance a seed removes, over the pair's FLOPs; an
+  open end of the interval draws the pair that would close it.
 - **Stopping** (`Converged`, `BudgetSpent`, `NothingLeft`): objects whose `is_met` gives a reason.
 - **Interval**: n0 and its interval come from full-schedule runs only. The stopping rule looks
   at the interval only at fixed counts of finished full-schedule trials (`looks`, set before any
@@ -274,10 +275,12 @@ class N0Policy:
         """Rebuild the state from a saved log (and the pairs the ladder added, with why):
         observe the finished trials in their order, so every look and stop comes back."""
         for row in added:
-            nets = [Net(**{**n, "blocks": n["blocks"] and tuple(n["blocks"])}) for n in row["nets"]]
+            nets = [Net(**{**n, "blocks": n["blocks"] and tuple(n["blocks"])})
+                    for n in row["nets"]]
             self.add_pair(Pair(**row["pair"]), nets, row["why"])
-        for row in log:
-            self.observe(row["arch"], row["seed"], row["fidelity"], row["error"], row["cost"])
+        for row in log:  # (a failed trial's error is saved as null)
+            error = float("nan") if row["error"] is None else row["error"]
+            self.observe(row["arch"], row["seed"], row["fidelity"], error, row["cost"])
 
     def add_pair(self, pair: Pair, nets: list[Net], why: str) -> None:
         self.nets.update({n.name: n for n in nets})

@@ -131,7 +131,9 @@ class N0Search(JsonStateSearcher):
     def state(self) -> dict:
         from dataclasses import asdict
 
-        return {"plan": asdict(self.policy.plan), "log": self.policy.log,
+        log = [{**r, "error": r["error"] if math.isfinite(r["error"]) else None}
+               for r in self.policy.log]  # strict JSON: a failed trial's nan as null
+        return {"plan": asdict(self.policy.plan), "log": log,
                 "added": self.policy.added, "running": self.trials, "fixed": self.fixed}
 
     def load_state(self, data: dict) -> None:

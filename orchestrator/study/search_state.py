@@ -24,7 +24,7 @@ class JsonStateSearcher(Searcher):
     def save(self, checkpoint_path: str) -> None:
         path = Path(checkpoint_path)
         staged = path.with_name(f".{path.name}.tmp")
-        staged.write_text(json.dumps(self.state()))
+        staged.write_text(json.dumps(self.state(), allow_nan=False))
         os.replace(staged, path)  # whole or absent, even if killed here
 
     def restore(self, checkpoint_path: str) -> None:
