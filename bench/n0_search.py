@@ -1,154 +1,238 @@
-"""How many trained epochs each searcher needs to locate n0, on simulated studies (no Ray runs).
+"""How much GPU time the n0 searcher needs to locate n0, and whether its interval holds, on
+simulated studies (no Ray, no training).
 
-    python bench/n0_search.py                 # 200 studies per searcher
-    python bench/n0_search.py --studies 50 --json out.json
+    python bench/n0_search.py                          # 200 studies per row
+    python bench/n0_search.py --studies 50 --rho 0.7 --concurrency 8
 
 A synthetic oracle stands in for training: a ladder of matched pairs (a k=1 net against a k=4
-net of the same parameters) at multi-residual depths 8..56; the k=4 net's test error minus the
-k=1 net's is a(n0/depth - 1) points (positive below n0, as the paper's Table II: +1.5 at depth 8,
-~0 at 20, -0.1 at 30 for a ~ 0.85), plus seed noise of sd 0.1-0.3 points (Table II's spread).
-Each simulated study draws its own n0 (12-50), a and sd. Every trial trains the full schedule
-(no early stopping), so trained epochs = trials x epochs.
+net of the same parameters) at multi-residual depths 8..56; the k=4 net's full-schedule test
+error minus the k=1 net's is a(n0/depth - 1) points (positive below n0, as the paper's Table II:
++1.5 at depth 8, ~0 at 20, -0.1 at 30 for a ~ 0.85), plus seed noise of sd 0.1-0.3 points
+(Table II's spread). Each study draws its own n0 (12-50, or beyond the ladder with
+`--outside`), a and sd.
 
-The searchers are the sweep's own (`orchestrator.study.searchers`,
-`orchestrator.study.n0_search`), driven through Ray Tune's Searcher interface: the grid (every configuration with every seed), random and TPE (Optuna, given 40% of
-the grid's trials) and the n0 searcher (target width 10 layers, a trial budget of 42, under half
-the grid; it decides in batches, as with unlimited concurrency).
-Every study's n0 and its 95% interval come from `orchestrator.analysis.n0.estimate_n0` on what was
-trained. Reported: trained epochs as a fraction of the grid's, how often the interval contains
-the true n0 (a study that finds no crossing counts as a miss), and the median interval width.
+Fidelity model: a short complete schedule (`--short` of the epochs) has its own pair differences,
+correlated `rho` with the full ones across the ladder (rho x the full difference + sqrt(1 - rho^2)
+x an independent curve of the same spread) and its own seed noise (`--short-noise` x the full
+one's). rho 0: short runs say nothing about the full ones.
+
+Trials take FLOPs x epochs (FLOPs proportional to parameters); `concurrency` workers; a finished
+trial frees its worker at once (the searcher is asked again). When the searcher stops, the
+trials still running finish (as in Ray Tune) and count. The grid trains every net with every
+seed. n0 and its interval: the searcher's own (full-schedule runs only, level 1 - alpha/looks);
+the grid's from `orchestrator.analysis.n0.estimate_n0` (one look, 95%).
+
+Reported per row: epochs vs the grid's full-schedule epochs (mean and 90th percentile), coverage
+(an open-ended interval covers when the true n0 lies beyond its finite end), the median width
+(inf when open-ended), the share of closed intervals and their median width, the share of
+worker time idle, and the simulated wall clock vs the grid's at the same concurrency.
 """
 from __future__ import annotations
 
 import argparse
-import math
+import heapq
 import time
 
 import numpy as np
-import optuna
 import pandas as pd
-from ray.tune.search import Searcher
 
 from orchestrator.analysis.n0 import estimate_n0, find_pairs
-from orchestrator.study.n0_search import N0Policy, N0Search
+from orchestrator.study.n0_policy import FULL, N0Plan, N0Policy, Net
 from orchestrator.study.pairs import Pair
-from orchestrator.study.searchers import replicate_search
 
 DEPTHS = [8, 14, 20, 26, 32, 38, 44, 50, 56]
-SEEDS = [0, 1, 2, 3, 4]  # Table II: five runs per net
+SEEDS = (0, 1, 2, 3, 4)  # Table II: five runs per net
 EPOCHS = 200
 
 
-class Oracle:
-    """Final test error (%) of (architecture, seed) for one simulated study."""
+def ladder(depths):
+    """Pair i = (k=1 net of 4x the depth, k=4 net), parameters matched within 1%."""
+    nets, pairs = {}, []
+    for d in depths:
+        nets.update(pair_nets(d))
+        pairs.append(Pair(f"d{4 * (d - 2) + 2}-k1", f"d{d}-k4", d))
+    return nets, pairs
 
-    def __init__(self, rng: np.random.Generator):
-        self.n0 = rng.uniform(12, 50)
+
+def pair_nets(d: int) -> dict[str, Net]:
+    deep = 4 * (d - 2) + 2
+    return {f"d{deep}-k1": Net(f"d{deep}-k1", deep, 1, 1, 10_000 * d, 10_000.0 * d),
+            f"d{d}-k4": Net(f"d{d}-k4", d, 4, 1, 10_000 * d + 50 * d, 10_000.0 * d)}
+
+
+def grow(side: str, pairs: list[Pair], _nets=None):
+    """The next pair beyond an end, 6 layers on (none shallower than depth 8)."""
+    d = pairs[0].depth - 6 if side == "shallower" else pairs[-1].depth + 6
+    if d < 8:
+        return None
+    nets = pair_nets(d)
+    return Pair(f"d{4 * (d - 2) + 2}-k1", f"d{d}-k4", d), list(nets.values())
+
+
+class Oracle:
+    """Final test error (%) of (net, seed, fidelity) for one simulated study."""
+
+    def __init__(self, rng: np.random.Generator, rho: float, short_noise: float,
+                 outside: bool = False):
+        self.n0 = rng.uniform(58, 75) if outside else rng.uniform(12, 50)
         self.scale = rng.uniform(0.6, 1.2)
         self.sd = rng.uniform(0.1, 0.3)
-        self.noise = {(name, s): rng.normal(0, self.sd) for name in CONFIGS for s in SEEDS}
+        self.rho, self.short_sd = rho, short_noise * self.sd
+        self.rng = rng
+        depths = np.arange(2, 200, 6)
+        full = self.scale * (self.n0 / depths - 1)
+        on = (depths >= 8) & (depths <= 80)  # an unrelated curve of the ladder's spread
+        other = full[on].mean() + full[on].std() * rng.standard_normal(len(depths))
+        self.short_gap = dict(zip(depths, rho * full + np.sqrt(1 - rho ** 2) * other))
+        self.cache: dict = {}
 
-    def error(self, name: str, seed: int) -> float:
-        depth, k = CONFIGS[name][:2]
-        multi_depth = depth if k > 1 else DEPTH_OF_DEEP[depth]
-        base = 5.5 + 8.0 / multi_depth  # bigger pairs are better
-        gap = self.scale * (self.n0 / multi_depth - 1) if k > 1 else 0.0
-        return base + gap + self.noise[(name, seed)]
-
-
-# The ladder: pair i = (k=1 net of 4x the depth, k=4 net), parameters matched within 1%.
-CONFIGS: dict[str, tuple] = {}
-DEPTH_OF_DEEP: dict[int, int] = {}
-for d in DEPTHS:
-    deep_depth = 4 * (d - 2) + 2
-    DEPTH_OF_DEEP[deep_depth] = d
-    CONFIGS[f"d{deep_depth}-k1"] = (deep_depth, 1, 1, 10_000 * d)
-    CONFIGS[f"d{d}-k4"] = (d, 4, 1, 10_000 * d + 50 * d)
-PAIRS = [Pair(f"d{4 * (d - 2) + 2}-k1", f"d{d}-k4", d) for d in DEPTHS]
-GRID_TRIALS = len(CONFIGS) * len(SEEDS)
-
-
-def n0_of(results: dict[tuple[str, int], float]):
-    rows = [(*CONFIGS[name], seed, err) for (name, seed), err in results.items()]
-    runs = pd.DataFrame(rows, columns=["depth", "k", "width", "params", "seed", "test_error"])
-    return estimate_n0(runs, find_pairs(runs), 1000) if len(runs) else None
+    def error(self, net: Net, seed: int, fidelity: float) -> float:
+        key = (net.name, seed, fidelity)
+        if key not in self.cache:
+            d = net.depth if net.k > 1 else (net.depth - 2) // 4 + 2
+            base = 5.5 + 8.0 / d
+            if fidelity == FULL:
+                gap = self.scale * (self.n0 / d - 1) if net.k > 1 else 0.0
+                sd = self.sd
+            else:
+                base += 3.0
+                gap = self.short_gap[d] if net.k > 1 else 0.0
+                sd = self.short_sd
+            self.cache[key] = base + gap + self.rng.normal(0, sd)
+        return self.cache[key]
 
 
-def drive(searcher: Searcher, oracle: Oracle, max_trials: int, parallel: bool):
-    """Suggest, train (ask the oracle), report; in parallel batches (all that the searcher gives
-    before it waits) or one at a time."""
-    results, count = {}, 0
-    while count < max_trials:
-        batch = []
-        while count < max_trials and (parallel or not batch):
-            config = searcher.suggest(f"t{count}")
-            if config in (None, Searcher.FINISHED):
+def simulate(policy: N0Policy, oracle: Oracle, concurrency: int):
+    """Event-driven: fill free workers, advance to the next finish, observe, repeat."""
+    now, busy, idle, events, order = 0.0, 0, 0.0, [], 0
+    work = 0.0
+    while True:
+        while busy < concurrency:
+            trial = policy.suggest()
+            if trial is None:
                 break
-            batch.append((f"t{count}", config))
-            count += 1
-        if not batch:
+            net = policy.nets[trial[0]]
+            epochs = policy.plan.epochs_at(trial[2])
+            heapq.heappush(events, (now + net.flops * epochs / 1e6, order, trial, epochs))
+            order += 1
+            busy += 1
+        if not events:
             break
-        for trial_id, config in batch:
-            error = oracle.error(config["arch"], config["seed"])
-            results[(config["arch"], config["seed"])] = error
-            searcher.on_trial_complete(trial_id, {"test_error": error / 100, "epoch": EPOCHS})
-    return results
+        end, _, trial, epochs = heapq.heappop(events)
+        idle += (concurrency - busy) * (end - now)
+        work += busy * (end - now)
+        now = end
+        busy -= 1
+        policy.observe(trial[0], trial[1], trial[2],
+                       oracle.error(policy.nets[trial[0]], trial[1], trial[2]), epochs)
+    return now, idle / max(work + idle, 1e-9)
 
 
-def grid(oracle: Oracle, _seed: int):
-    return {(name, s): oracle.error(name, s) for name in CONFIGS for s in SEEDS}
+def grid_wall(nets, concurrency: int) -> float:
+    """The grid's wall clock: every net x seed, longest first, on `concurrency` workers."""
+    loads = np.zeros(concurrency)
+    for t in sorted((n.flops * EPOCHS / 1e6 for n in nets.values() for _ in SEEDS),
+                    reverse=True):
+        loads[loads.argmin()] += t
+    return float(loads.max())
 
 
-def optuna_searcher(sampler: str):
-    def run(oracle: Oracle, seed: int):
-        space = {"arch": optuna.distributions.CategoricalDistribution(list(CONFIGS))}
-        search = replicate_search(space, SEEDS, sampler, seed, "test_error", "min")
-        return drive(search, oracle, int(0.4 * GRID_TRIALS), parallel=False)
-    return run
+def covers(low, high, truth) -> bool:
+    return low is not None and low <= truth <= high
 
 
-def n0_searcher(target_width: float, min_seeds: int, trials: int):
-    def run(oracle: Oracle, _seed: int):
-        policy = N0Policy(CONFIGS, PAIRS, SEEDS, target_width, trials, min_seeds)
-        return drive(N0Search(policy), oracle, trials, parallel=True)
-    return run
+def run_row(args, rho: float, concurrency: int, fidelities, outside: bool, target: float,
+            budget: float | None):
+    nets0, pairs0 = ladder(DEPTHS)
+    grid_epochs = len(nets0) * len(SEEDS) * EPOCHS
+    rows = []
+    for study in range(args.studies):
+        rng = np.random.default_rng(10_000 * study + 7)
+        oracle = Oracle(rng, rho, args.short_noise, outside)
+        nets, pairs = ladder(DEPTHS)
+        plan = N0Plan(target_width=target, seeds=SEEDS, min_seeds=args.min_seeds,
+                      fidelities=fidelities, epochs=EPOCHS, budget_epochs=budget,
+                      draws=args.draws, seed=study)
+        policy = N0Policy(nets, pairs, plan, grow=grow)
+        wall, idle = simulate(policy, oracle, concurrency)
+        n0 = policy.estimate()
+        rows.append({"epochs": sum(r["cost"] for r in policy.log) / grid_epochs,
+                     "hit": covers(n0.low, n0.high, oracle.n0), "width": n0.width,
+                     "idle": idle, "wall": wall / grid_wall(nets0, concurrency),
+                     "stop": (policy.stopped or "").split(":")[0].split(" (")[0],
+                     "grown": len(policy.added)})
+    frame = pd.DataFrame(rows)
+    return {"rho": rho, "concurrency": concurrency,
+            "fidelities": "/".join(f"{f:g}" for f in fidelities),
+            "n0": "outside" if outside else "12-50", "target": target,
+            "budget": "-" if budget is None else f"{budget / grid_epochs:.0%}",
+            "epochs vs grid": frame.epochs.mean(), "p90": frame.epochs.quantile(0.9),
+            "coverage": frame.hit.mean(), "median width": frame.width.median(),
+            "closed": np.isfinite(frame.width).mean(),
+            "closed width": frame.width[np.isfinite(frame.width)].median(),
+            "idle": frame.idle.mean(), "wall vs grid": frame.wall.mean(),
+            "grown": frame.grown.mean(),
+            "stops": ", ".join(f"{k} {v}" for k, v in frame.stop.value_counts().items())}
+
+
+def grid_row(args, concurrency: int):
+    nets, pairs = ladder(DEPTHS)
+    hits, widths = [], []
+    for study in range(args.studies):
+        oracle = Oracle(np.random.default_rng(10_000 * study + 7), 0.0, args.short_noise)
+        rows = [(n.depth, n.k, n.width, n.params, s, oracle.error(n, s, FULL))
+                for n in nets.values() for s in SEEDS]
+        runs = pd.DataFrame(rows, columns=["depth", "k", "width", "params", "seed",
+                                           "test_error"])
+        n0 = estimate_n0(runs, find_pairs(runs), args.draws)
+        hits.append(covers(n0.low, n0.high, oracle.n0))
+        widths.append(n0.width)
+    return {"rho": "-", "concurrency": concurrency, "fidelities": "grid", "n0": "12-50",
+            "target": "-", "budget": "-", "epochs vs grid": 1.0, "p90": 1.0,
+            "coverage": np.mean(hits), "median width": float(np.median(widths)),
+            "closed": np.isfinite(widths).mean(),
+            "closed width": float(np.median(np.array(widths)[np.isfinite(widths)])), "idle": 0.0,
+            "wall vs grid": 1.0, "grown": 0.0, "stops": "-"}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--studies", type=int, default=200)
-    p.add_argument("--target-width", type=float, default=10.0, help="n0.target_width")
-    p.add_argument("--min-seeds", type=int, default=2, help="n0.min_seeds")
-    p.add_argument("--trials", type=int, default=42, help="the n0 study's trial budget")
-    p.add_argument("--json", help="write the per-searcher summary here")
+    p.add_argument("--rho", type=float, nargs="+", default=[0.0, 0.3, 0.5, 0.7, 0.9])
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--short", type=float, default=0.125, help="the short schedule's fraction")
+    p.add_argument("--short-noise", type=float, default=1.5,
+                   help="the short schedule's seed noise / the full one's")
+    p.add_argument("--target-width", type=float, nargs="+", default=[10.0])
+    p.add_argument("--budget", type=float, nargs="+", default=[0.2],
+                   help="budget.epochs as a share of the grid's epochs (0: no cap)")
+    p.add_argument("--min-seeds", type=int, default=2)
+    p.add_argument("--draws", type=int, default=1000)
+    p.add_argument("--full-only", action="store_true", help="also rows with n0.fidelities [1]")
+    p.add_argument("--outside", action="store_true", help="also rows with n0 beyond the ladder")
+    p.add_argument("--grid", action="store_true", help="also the grid's rows")
+    p.add_argument("--json", help="write the table here")
     args = p.parse_args(argv)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    methods = {"grid": grid, "random": optuna_searcher("random"), "tpe": optuna_searcher("tpe"),
-               f"n0 (width {args.target_width:g}, {args.trials} trials)": n0_searcher(
-                   args.target_width, args.min_seeds, args.trials)}
-    rows = []
-    for name, method in methods.items():
-        start = time.time()
-        trials, hits, widths, found = [], 0, [], 0
-        for study in range(args.studies):
-            oracle = Oracle(np.random.default_rng(study))
-            results = method(oracle, study)
-            n0 = n0_of(results)
-            trials.append(len(results))
-            if n0 is not None and n0.value is not None:
-                found += 1
-                widths.append(n0.width)
-                hits += n0.low is not None and n0.low <= oracle.n0 <= n0.high
-            else:
-                widths.append(math.inf)
-        rows.append({"searcher": name, "epochs vs grid": np.mean(trials) / GRID_TRIALS,
-                     "trials (mean)": np.mean(trials), "n0 found": found / args.studies,
-                     "true n0 in 95% interval": hits / args.studies,
-                     "interval width (median)": float(np.median(widths)),
-                     "seconds": time.time() - start})
+    grid_epochs = 18 * len(SEEDS) * EPOCHS
+    rows, start = [], time.time()
+    for concurrency in args.concurrency:
+        if args.grid:
+            rows.append(grid_row(args, concurrency))
+        for budget in args.budget:
+            cap = budget * grid_epochs if budget > 0 else None
+            for target in args.target_width:
+                for rho in args.rho:
+                    rows.append(run_row(args, rho, concurrency, (args.short, FULL), False,
+                                        target, cap))
+                if args.full_only:
+                    rows.append(run_row(args, 0.0, concurrency, (FULL,), False, target, cap))
+                if args.outside:
+                    rows.append(run_row(args, args.rho[-1], concurrency, (args.short, FULL),
+                                        True, target, cap))
     table = pd.DataFrame(rows)
-    print(f"{args.studies} simulated studies per searcher; grid = {len(CONFIGS)} nets x "
-          f"{len(SEEDS)} seeds = {GRID_TRIALS} trials of {EPOCHS} epochs")
+    print(f"{args.studies} simulated studies per row; grid = 18 nets x {len(SEEDS)} seeds x "
+          f"{EPOCHS} epochs; short schedule {args.short:g} of the epochs, its noise "
+          f"{args.short_noise:g}x; {time.time() - start:.0f} s")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     if args.json:
         table.to_json(args.json, orient="records", indent=1)

@@ -109,6 +109,8 @@ def pair_study(tmp_path: Path, **changes) -> Path:
     study.update(name="pairs", space={"lr": 0.05}, seeds=2, trials=12,
                  pairs={"deep": [[2, 2, 2], [4, 4, 4]], "factors": [2]},
                  searcher={"sampler": "n0"}, n0={"min_seeds": 1, "target_width": 0.01},
+                 # no third pair (blocks 6,6,6, 561k) from the ladder: two pairs keep it short
+                 budget={"max_params": 400_000},
                  scheduler={"type": "none"}, **changes)
     study["train"]["epochs"] = 1
     path = tmp_path / "pairs.yaml"

@@ -147,6 +147,26 @@ def crossings(depths: np.ndarray, diffs: np.ndarray) -> np.ndarray:
     return np.where(found, x, beyond)
 
 
+def single_crossings(depths: np.ndarray, diffs: np.ndarray) -> np.ndarray:
+    """Where a single crossing from positive to negative fits each row of diffs (draws x pairs,
+    pairs by depth) best: the split with the most difference on the right side (the sum of the
+    differences before it minus those after it), interpolated linearly between the two pairs
+    around it; +inf when the best split leaves every pair positive (n0 lies deeper), -inf
+    when it leaves every pair negative. Under the single-crossing shape this uses every pair,
+    where `crossings` trusts the first sign change (which noise moves)."""
+    n = diffs.shape[1]
+    total = diffs.sum(axis=1, keepdims=True)
+    before = np.concatenate([np.zeros((len(diffs), 1)), np.cumsum(diffs, axis=1)], axis=1)
+    split = (2 * before - total).argmax(axis=1)  # 0..n: pairs before the split are positive
+    rows = np.arange(len(diffs))
+    i = np.clip(split - 1, 0, n - 2)
+    a, b = diffs[rows, i], diffs[rows, i + 1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        frac = np.clip(np.where(a - b > 0, a / (a - b), 0.5), 0.0, 1.0)
+    x = depths[i] + (depths[i + 1] - depths[i]) * frac
+    return np.where(split == n, np.inf, np.where(split == 0, -np.inf, x))
+
+
 def crossing_draws(runs: pd.DataFrame, pairs, n: int = 2000, seed: int = 0) -> np.ndarray | None:
     """Where the difference crosses zero in each of n draws (`crossings`), pairs sorted by depth;
     None when no configuration has two runs."""

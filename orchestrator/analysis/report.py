@@ -89,12 +89,16 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 
 def build_report(runs: pd.DataFrame, out: Path, title: str, histories: dict | None = None,
-                 draws: int = 2000, tolerance: float = 0.1) -> tuple[N0, Path]:
+                 draws: int = 2000, tolerance: float = 0.1, n0: N0 | None = None,
+                 notes: list[str] = (), short: pd.DataFrame | None = None) -> tuple[N0, Path]:
+    """`n0`: a searcher's own (its interval kept under its stopping rule) instead of one
+    estimated here; `notes`: lines under it (why the search stopped, pairs it added);
+    `short`: short-schedule runs (a `fidelity` column), shown apart, never in n0."""
     out.mkdir(parents=True, exist_ok=True)
     table = configuration_table(runs)
     pairs = find_pairs(runs, tolerance)
     diffs = pair_differences(runs, pairs, draws)
-    n0 = estimate_n0(runs, pairs, draws)
+    n0 = n0 if n0 is not None else estimate_n0(runs, pairs, draws)
 
     shown = table.assign(error=[f"{m:.2f} ({a:.2f}±{s:.2f})" for m, a, s in
                                 zip(table["median"], table["mean"], table["std"])])
@@ -116,9 +120,16 @@ def build_report(runs: pd.DataFrame, out: Path, title: str, histories: dict | No
         plot_curves(histories, pairs, out / "error_vs_epoch.png")
         figures.append("error_vs_epoch.png")
 
-    text = [f"# {title}", "", n0.line(), "",
+    text = [f"# {title}", "", n0.line(), "", *[f"- {note}" for note in notes],
+            *([""] if notes else []),
             "Test error (%) per configuration: median (mean ± std) over seeds.", "",
             markdown_table(shown), ""]
+    if short is not None and len(short):
+        screened = short.groupby(["fidelity", "depth", "k", "width", "params"], as_index=False)[
+            "test_error"].agg(mean="mean", runs="count")
+        text += ["Short schedules (a fraction of the epochs, the LR milestones at the same "
+                 "fractions): they placed the bracket only; n0 and its interval come from the "
+                 "full schedules above.", "", markdown_table(screened.round(2)), ""]
     if len(pair_rows):
         text += ["Matched pairs: error(multi-resnet) - error(resnet) in points, with a 95% "
                  "interval from the seed noise pooled over configurations (negative: the wider "

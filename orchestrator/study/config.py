@@ -262,7 +262,8 @@ class StudyConfig(Strict):
         searched = sorted(k for k in self.searched() if k in RECIPE_KEYS)
         values = "".join(f"-{k}{getattr(cfg, k):.3g}" if isinstance(getattr(cfg, k), float)
                          else f"-{k}{getattr(cfg, k)}" for k in searched)
-        return f"{cfg.architecture.name}-s{cfg.seed}{values}"
+        short = f"-f{sampled['fidelity']:g}" if "fidelity" in sampled else ""
+        return f"{cfg.architecture.name}-s{cfg.seed}{values}{short}"
 
     def fixed(self) -> dict:
         return {k: v for k, v in self.space.items()
@@ -281,13 +282,22 @@ class StudyConfig(Strict):
         feasible = self.feasible()
         if "arch" not in sampled:
             return feasible[0]
-        return next(c for c in feasible if c.name == sampled["arch"])
+        found = next((c for c in feasible if c.name == sampled["arch"]), None)
+        if found is None and "blocks" in sampled:  # a pair the n0 searcher's ladder added
+            fields = {k: sampled[k] for k in ("blocks", "k", "width") if k in sampled}
+            arch = self._run_config(fields, {}).architecture
+            return Candidate(sampled["arch"], fields, arch, parameter_count(arch), None)
+        if found is None:
+            raise KeyError(f"architecture {sampled['arch']!r} is not in study {self.name}")
+        return found
 
     def trial_config(self, sampled: dict) -> TrainConfig:
         """The full run config of one trial: `train`, then fixed space values, then what was
         chosen (`arch`: a feasible architecture's name, `seed`, recipe keys)."""
         recipe = {**self.fixed(), **{k: v for k, v in sampled.items() if k in RECIPE_KEYS}}
         recipe["seed"] = sampled.get("seed", self.seeds[0])
+        if "fidelity" in sampled:  # a short complete schedule: LR milestones are fractions
+            recipe["epochs"] = max(1, round(sampled["fidelity"] * self.train.epochs))
         run = self._run_config(self.candidate(sampled).fields, recipe)
         return run.resolved(cuda_available=self.resources.uses_gpus(self.train.device))
 

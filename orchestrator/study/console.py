@@ -123,6 +123,11 @@ class StudyProgress(Callback):
     def name_of(self, trial) -> str:
         return trial.custom_trial_name or self.study.trial_name(trial.config)
 
+    def epochs_of(self, trial) -> int:
+        """Its schedule's epochs: a short one (the n0 searcher's `fidelity`) or the full one."""
+        fidelity = (trial.config or {}).get("fidelity", 1.0)
+        return max(1, round(fidelity * self.epochs))
+
     def _study_bar(self) -> tqdm:
         if self.study_bar is None:
             # Bars only while Ray's output goes to the log (with --verbose it would cut them).
@@ -138,7 +143,7 @@ class StudyProgress(Callback):
         taken = {bar.slot for bar in self.bars.values()}
         slot = min(set(range(1, len(self.bars) + 2)) - taken)
         self.bars[trial.trial_id] = tqdm(
-            total=self.epochs, position=slot, desc=self.name_of(trial), leave=False,
+            total=self.epochs_of(trial), position=slot, desc=self.name_of(trial), leave=False,
             file=_console or sys.stderr, disable=study_bar.disable,
             bar_format="  {desc} {bar:10} {n_fmt}/{total_fmt}{postfix}")
         self.bars[trial.trial_id].slot = slot
@@ -169,9 +174,12 @@ class StudyProgress(Callback):
         result = trial.last_result or {}
         epochs = result.get("epoch", 0)
         study_bar = self._study_bar()
-        study_bar.total -= self.epochs - epochs  # stopped early: those epochs are not coming
+        study_bar.total -= self.epochs - epochs  # stopped early or short: not coming
         study_bar.refresh()
-        line = f"{outcome(result, errored):8} {self.name_of(trial)}  {epochs}/{self.epochs} epochs"
+        planned = self.epochs_of(trial)
+        short = "" if planned == self.epochs else " (short schedule)"
+        line = (f"{outcome(result, errored):8} {self.name_of(trial)}  {epochs}/{planned} "
+                f"epochs{short}")
         if result.get(DIVERGED):
             line += f"  {result[DIVERGED]}"
         elif result.get("best_test_error") is not None:

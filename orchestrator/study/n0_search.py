@@ -1,232 +1,184 @@
-"""The n0 searcher: which matched pair (and seed) to train next so that the interval of n0 narrows
-fastest, and when to stop. `N0Policy` is pure (no Ray; bench/n0_search.py replays it on
-published numbers); `N0Search` is the same policy as a Ray Tune searcher."""
+"""The n0 policy (n0_policy.py) as a Ray Tune searcher, built from a study file; and why a
+finished study's search ended, replayed from its trials."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
-import numpy as np
-import pandas as pd
 from ray.tune.search import Searcher
 
-from orchestrator.analysis.n0 import N0, crossing_draws, estimate_n0, interval, pair_differences
 from orchestrator.results import DIVERGED, DONE
 from orchestrator.study.config import StudyConfig
-from orchestrator.study.pairs import Pair
-from orchestrator.study.searchers import WAIT, Stateful
+from orchestrator.study.n0_policy import FULL, N0Plan, N0Policy, Net
+from orchestrator.study.search_state import WAIT, JsonStateSearcher
 
 
-@dataclass
-class N0Policy:
-    """Which (architecture, seed) to train next to locate n0; pure (no Ray), used by N0Search and
-    by bench/n0_search.py.
-
-    - First a coarse bracket: the shallowest, the deepest and a middle pair, `min_seeds` seeds
-      for both nets of each.
-    - Then, while the estimated crossing lies between two trained pairs with untrained pairs
-      between them, the untrained pair nearest the crossing (bisection).
-    - Also any untrained pair in a gap between trained pairs that the 95% interval of n0 reaches
-      into (a straight line across such a gap can miss the crossing).
-    - Then one more seed for both nets of the least sure pair (its difference interval
-      straddles zero) among the pairs that bound those gaps.
-    - It stops when the 95% interval of n0 is narrower than `target_width`, when `max_trials`
-      trials are taken, or when no seed is left for a pair that could still narrow it.
-    A decision waits for the results of every trial taken so far."""
-
-    configs: dict[str, tuple]          # name -> (depth, k, width, params), analysis's key
-    pairs: list[Pair]                  # by depth
-    seeds: list[int]
-    target_width: float
-    max_trials: int
-    min_seeds: int = 2
-    draws: int = 1000
-    taken: dict[tuple[str, int], float | None] = field(default_factory=dict)  # error, % or nan
-    queue: list[tuple[str, int]] = field(default_factory=list)
-    opened: set[int] = field(default_factory=set)      # pairs with trials
-    stopped: str | None = None                         # why the search ended
-
-    def __post_init__(self):
-        self.pairs = sorted(self.pairs, key=lambda p: p.depth)
-        self.min_seeds = min(self.min_seeds, len(self.seeds))
-
-    # -- what the searcher calls
-    def suggest(self) -> tuple[str, int] | None:
-        """The next (architecture, seed), or None: wait for results (or stopped)."""
-        if self.stopped:
-            return None
-        if not self.queue and not self.pending():
-            self.decide()
-        if self.queue and len(self.taken) >= self.max_trials:
-            self.stopped = f"trial budget spent ({self.max_trials} trials)"
-        if self.stopped or not self.queue:
-            return None
-        item = self.queue.pop(0)
-        self.taken[item] = None
-        return item
-
-    def observe(self, name: str, seed: int, error: float) -> None:
-        """A trial's final test error in percent (nan: it failed or diverged)."""
-        self.taken[(name, seed)] = error
-
-    def pending(self) -> bool:
-        return any(v is None for v in self.taken.values())
-
-    # -- the decision
-    def runs(self) -> pd.DataFrame:
-        rows = [(*self.configs[name], seed, error) for (name, seed), error in self.taken.items()
-                if error is not None and math.isfinite(error)]
-        return pd.DataFrame(rows, columns=["depth", "k", "width", "params", "seed",
-                                           "test_error"])
-
-    def trained_pairs(self, runs: pd.DataFrame) -> list[int]:
-        have = set(map(tuple, runs[["depth", "k", "width", "params"]].to_numpy().tolist()))
-        return [i for i in sorted(self.opened)
-                if self.configs[self.pairs[i].deep] in have
-                and self.configs[self.pairs[i].multi] in have]
-
-    def keys(self, pairs: list[int]) -> list[tuple[tuple, tuple]]:
-        """The analysis keys (deep, multi) of these pairs."""
-        return [(self.configs[self.pairs[i].deep], self.configs[self.pairs[i].multi])
-                for i in pairs]
-
-    def estimate(self) -> tuple[N0, pd.DataFrame, list[int]]:
-        runs = self.runs()
-        trained = self.trained_pairs(runs)
-        keys = self.keys(trained)
-        return estimate_n0(runs, keys, self.draws), runs, trained
-
-    def decide(self) -> None:
-        if not self.opened:
-            last = len(self.pairs) - 1
-            for i in sorted({0, last // 2, last}):
-                self.open(i)
-            return
-        n0, runs, trained = self.estimate()
-        keys = self.keys(trained)
-        samples = crossing_draws(runs, keys, self.draws)
-        if samples is not None:
-            low, high = interval(samples)
-            centre = float(np.median(samples[np.isfinite(samples)])) if np.isfinite(
-                samples).any() else n0.value
-        else:  # no interval yet: the bracket, or everything when nothing crosses
-            low, high = n0.bracket if n0.value is not None else (-np.inf, np.inf)
-            centre = n0.value
-        centre = centre if centre is not None else np.mean([p.depth for p in self.pairs])
-        # Untrained pairs in a gap between trained pairs where n0 may lie: a straight line
-        # across such a gap can put the crossing far from where it is.
-        depths = sorted(self.pairs[i].depth for i in trained)
-        unexplored = []
-        for i in set(range(len(self.pairs))) - self.opened:
-            d = self.pairs[i].depth
-            below = max((t for t in depths if t < d), default=-np.inf)
-            above = min((t for t in depths if t > d), default=np.inf)
-            if below < high and above > low:
-                unexplored.append(i)
-        if unexplored:
-            self.open(min(unexplored, key=lambda i: abs(self.pairs[i].depth - centre)))
-            return
-        if n0.value is not None and n0.width < self.target_width:
-            self.stopped = (f"converged: the 95% interval of n0 ({n0.width:.1f} layers) is "
-                            f"narrower than n0.target_width {self.target_width:g}")
-            return
-        for i in self.worth_more_seeds(runs, trained, (low, high)):
-            if self.add_seed(i):
-                return
-        self.stopped = ("no trial left that narrows it: every seed of the pairs that decide n0 "
-                        "is used" if n0.value is not None else f"n0 not found ({n0.message})")
-
-    def worth_more_seeds(self, runs: pd.DataFrame, trained: list[int],
-                         span: tuple[float, float]) -> list[int]:
-        """Pairs whose difference could still have the other sign (its interval straddles
-        zero), among those that bound the gaps the 95% interval of n0 reaches into (a flipped
-        sign there moves the crossing into another gap): the least sure first. While there is
-        no interval yet, every trained pair in the span."""
-        if not trained:
-            return []
-        keys = self.keys(trained)
-        diffs = pair_differences(runs, keys, self.draws)
-        depths = sorted(self.pairs[i].depth for i in trained)
-        low = max((d for d in depths if d <= span[0]), default=depths[0])
-        high = min((d for d in depths if d >= span[1]), default=depths[-1])
-        unsure = {}
-        for i, row in zip(trained, diffs.itertuples()):
-            if low <= self.pairs[i].depth <= high and not row.diff_low > 0 \
-                    and not row.diff_high < 0:  # nan: no interval yet
-                spread = row.diff_high - row.diff_low
-                unsure[i] = abs(row.diff) / spread if spread > 0 else 0.0
-        return sorted(unsure, key=unsure.get)
-
-    def seeds_of(self, name: str) -> list[int]:
-        return [s for (n, s) in self.taken if n == name] + [s for (n, s) in self.queue
-                                                            if n == name]
-
-    def open(self, i: int) -> None:
-        self.opened.add(i)
-        self.add_seed(i, self.min_seeds)
-
-    def add_seed(self, i: int, target: int | None = None) -> bool:
-        """Queue seeds so that both nets of pair i have `target` (default: one more than the
-        fewer of the two); a net shared with another pair may have them already."""
-        pair = self.pairs[i]
-        if target is None:
-            target = min(len(self.seeds_of(pair.deep)), len(self.seeds_of(pair.multi))) + 1
-        added = False
-        for name in (pair.deep, pair.multi):
-            have = self.seeds_of(name)
-            for seed in self.seeds:
-                if len(have) >= target:
-                    break
-                if seed not in have:
-                    self.queue.append((name, seed))
-                    have.append(seed)
-                    added = True
-        return added
+def n0_plan(study: StudyConfig) -> N0Plan:
+    epochs = study.train.epochs
+    # A short schedule as long as the full one is no short schedule.
+    fidelities = tuple(sorted({f for f in study.n0.fidelities
+                               if f == FULL or max(1, round(f * epochs)) < epochs}))
+    return N0Plan(target_width=study.n0.target_width, seeds=tuple(study.seeds),
+                  min_seeds=study.n0.min_seeds, fidelities=fidelities, epochs=epochs,
+                  budget_epochs=study.budget.epochs, max_trials=study.trials,
+                  level=study.n0.level, seed=study.searcher.seed)
 
 
 def n0_policy(study: StudyConfig) -> N0Policy:
-    configs = {c.name: (c.architecture.total_depth, c.architecture.k, c.architecture.width,
-                        c.params) for c in study.feasible()}
-    return N0Policy(configs, study.pairs_to_train(), study.seeds, study.n0.target_width,
-                    study.trials, study.n0.min_seeds)
+    from models.summary import summarize
+
+    nets = {}
+    for c in study.feasible():
+        a = c.architecture
+        nets[c.name] = Net(c.name, a.total_depth, a.k, a.width, c.params,
+                           float(summarize(a)["flops"]))
+    pairs = study.pairs_to_train()
+    used = {n for p in pairs for n in (p.deep, p.multi)}
+    return N0Policy({n: v for n, v in nets.items() if n in used}, pairs, n0_plan(study),
+                    grow=ladder_of(study))
+
+
+def ladder_of(study: StudyConfig):
+    """How the study makes a pair beyond an end: from its `pairs:` design (one step past the
+    end's deep net, the multi net matched as the design does), within min/max_params; None
+    for a study without one."""
+    design = study.pairs
+    if design is None:
+        return None
+    from models.multi_resnet import Architecture
+    from models.summary import parameter_count, summarize
+    from orchestrator.study.pairs import Pair, matched_multi, next_deep
+
+    def grow(side: str, pairs: list, nets: dict) -> tuple | None:
+        deeps = design.deep_nets() + [n.blocks for n in nets.values()
+                                      if n.blocks is not None and n.k == 1]
+        deep = next_deep(deeps, side)
+        if deep is None:
+            return None
+        made = []
+        factor = design.factors[0]
+        for blocks, k in ((deep, 1), (matched_multi(deep, factor, width=design.width), factor)):
+            arch = Architecture(blocks=tuple(blocks), k=k, width=design.width)
+            params = parameter_count(arch)
+            if study.budget.reason(params) or arch.name in nets:
+                return None
+            made.append(Net(arch.name, arch.total_depth, k, design.width, params,
+                            float(summarize(arch)["flops"]), tuple(blocks)))
+        return Pair(made[0].name, made[1].name, made[1].depth), made
+
+    return grow
+
+
+def replayed(study: StudyConfig, rows: list[dict]) -> N0Policy:
+    """The policy rebuilt from a study's trials (the sweep's summary rows)."""
+    policy = n0_policy(study)
+    policy.replay([{"arch": r["architecture"], "seed": r["seed"],
+                    "fidelity": r.get("fidelity", FULL), "error": trial_error(r), "cost":
+                    r.get("epochs") or policy.plan.epochs_at(r.get("fidelity", FULL))}
+                   for r in rows])
+    return policy
 
 
 def search_verdict(study: StudyConfig, rows: list[dict]) -> str | None:
     """Why an n0 search ended, replayed from its finished trials (the sweep's summary rows);
     None when it would have wanted more trials (it was interrupted)."""
-    policy = n0_policy(study)
-    for row in rows:
-        error = row["final_test_error"]
-        ok = row["status"] == DONE and error is not None
-        policy.observe(row["architecture"], row["seed"], 100 * error if ok else float("nan"))
-    policy.opened = {i for i, pair in enumerate(policy.pairs)
-                     if any(name in (pair.deep, pair.multi) for name, _ in policy.taken)}
-    policy.decide()
-    if policy.queue and len(policy.taken) >= policy.max_trials:
-        return f"trial budget spent ({policy.max_trials} trials)"
-    return policy.stopped
+    policy = replayed(study, rows)
+    if policy.stopped is None:
+        policy.suggest()
+    verdict = policy.stopped
+    if verdict and policy.added:
+        verdict += "; " + "; ".join(a["why"] for a in policy.added)
+    if verdict and policy.monotone_report():
+        verdict += "; " + policy.monotone_report()
+    return verdict
 
 
-class N0Search(Stateful):
-    """The n0 policy as a Ray Tune searcher: suggests {arch, seed}, reads each trial's final
-    test error, and ends the study (`Searcher.FINISHED`) when the policy stops."""
+def trial_error(row: dict) -> float:
+    ok = row["status"] == DONE and row["final_test_error"] is not None
+    return 100 * row["final_test_error"] if ok else float("nan")
+
+
+class N0Search(JsonStateSearcher):
+    """Suggests {arch, seed, fidelity}, reads each trial's final test error, ends the study
+    (`Searcher.FINISHED`) when the policy stops. Its saved state: the plan and the policy's
+    log (replayed on restore) plus the trials still running, as JSON."""
 
     def __init__(self, policy: N0Policy, fixed: dict | None = None):
         super().__init__(metric="test_error", mode="min")
         self.policy, self.fixed = policy, dict(fixed or {})
-        self.trials: dict[str, tuple[str, int]] = {}  # trial id -> (architecture, seed)
+        self.trials: dict[str, tuple[str, int, float]] = {}  # trial id -> running trial
 
     def suggest(self, trial_id: str):
         item = self.policy.suggest()
         if item is None:
             return Searcher.FINISHED if self.policy.stopped else WAIT
         self.trials[trial_id] = item
-        return {**self.fixed, "arch": item[0], "seed": item[1]}
+        fidelity = {} if item[2] == FULL else {"fidelity": item[2]}
+        net = self.policy.nets[item[0]]
+        added = {} if net.blocks is None else {"blocks": list(net.blocks), "k": net.k,
+                                               "width": net.width}
+        return {**self.fixed, "arch": item[0], "seed": item[1], **fidelity, **added}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
         if trial_id not in self.trials:
             return
         ok = result and not error and DIVERGED not in result and "test_error" in result
-        self.policy.observe(*self.trials[trial_id],
-                            100 * result["test_error"] if ok else float("nan"))
+        name, seed, fidelity = self.trials.pop(trial_id)
+        epochs = (result or {}).get("epoch") or self.policy.plan.epochs_at(fidelity)
+        self.policy.observe(name, seed, fidelity,
+                            100 * result["test_error"] if ok else float("nan"), epochs)
+
+    def state(self) -> dict:
+        from dataclasses import asdict
+
+        log = [{**r, "error": r["error"] if math.isfinite(r["error"]) else None}
+               for r in self.policy.log]  # strict JSON: a failed trial's nan as null
+        return {"plan": asdict(self.policy.plan), "log": log,
+                "added": self.policy.added, "running": self.trials, "fixed": self.fixed}
+
+    def load_state(self, data: dict) -> None:
+        from dataclasses import asdict
+
+        plan = {k: tuple(v) if isinstance(v, list) else v for k, v in data["plan"].items()}
+        if plan != asdict(self.policy.plan):
+            raise ValueError("the saved n0 searcher has other settings than this study's")
+        self.policy.replay(data["log"], data["added"])
+        self.trials = {k: (v[0], v[1], v[2]) for k, v in data["running"].items()}
+        self.policy.running = list(self.trials.values())
+        self.fixed = data["fixed"]
+
+
+def simulated_cost(study: StudyConfig, studies: int = 10, noise: float = 0.2,
+                   rho: float = 0.7) -> tuple[float, float]:
+    """(mean, 90th percentile) epochs the search trains on simulated results: n0 uniform over
+    the pairs' depths, the difference a (n0/depth - 1) with a = 0.85, seed noise `noise`
+    points, short schedules correlated `rho` with the full ones (bench/n0_search.py's model);
+    trials finish in the order they start, `concurrency` at a time."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    spent = []
+    for i in range(studies):
+        rng = np.random.default_rng(i)
+        policy = n0_policy(study)
+        policy.plan = replace(policy.plan, draws=300)
+        depths = [p.depth for p in policy.pairs]
+        n0 = rng.uniform(min(depths), max(depths))
+        other = {d: rng.normal(0, 0.5) for d in depths}
+        multi = {p.multi: p.depth for p in policy.pairs}
+        running = []
+        while True:
+            while len(running) < study.concurrency and (trial := policy.suggest()):
+                running.append(trial)
+            if not running:
+                break
+            name, seed, fidelity = running.pop(0)
+            gap = 0.0
+            if name in multi:
+                d = multi[name]
+                gap = 0.85 * (n0 / d - 1)
+                gap = gap if fidelity == FULL else rho * gap + (1 - rho ** 2) ** 0.5 * other[d]
+            policy.observe(name, seed, fidelity, gap + rng.normal(0, noise))
+        spent.append(sum(r["cost"] for r in policy.log))
+    return float(np.mean(spent)), float(np.quantile(spent, 0.9))

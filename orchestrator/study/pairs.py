@@ -31,6 +31,10 @@ class PairDesign(Strict):
             raise ValueError("pairs.deep: blocks per stage must be 1 to 1000")
         return self
 
+    def deep_nets(self) -> list[tuple[int, ...]]:
+        return [tuple(d) for d in self.deep] if self.deep else [
+            deep_for_budget(b, self.width) for b in self.budgets]
+
     def configurations(self) -> list[dict]:
         deeps = self.deep or [deep_for_budget(b, self.width) for b in self.budgets]
         out = []
@@ -49,6 +53,17 @@ class Pair:
     multi: str
     depth: int
 
+
+
+def next_deep(deeps: list[tuple[int, ...]], side: str) -> tuple[int, ...] | None:
+    """The deep net one step past the shallowest or deepest of `deeps` (the step between the
+    two nearest that end, per stage), or None (fewer than two, or a stage without a block)."""
+    deeps = sorted(set(deeps), key=lambda b: (sum(b), b))
+    if len(deeps) < 2:
+        return None
+    end, inner = (deeps[0], deeps[1]) if side == "shallower" else (deeps[-1], deeps[-2])
+    made = tuple(2 * e - i for e, i in zip(end, inner))
+    return made if min(made) >= 1 and made != end else None
 
 
 def matched_multi(deep_blocks: tuple[int, ...], factor: int, tolerance: float = 0.03,

@@ -14,31 +14,15 @@ resumed study (`Tuner.restore`) never repeats a trial.
 from __future__ import annotations
 
 import json
-import pickle
 
 from ray.tune.search import Searcher
 
 from orchestrator.results import DIVERGED
 from orchestrator.study.config import StudyConfig
+from orchestrator.study.n0_search import N0Search, n0_policy
 from orchestrator.study.samplers import OPTUNA_SAMPLERS
+from orchestrator.study.search_state import JsonStateSearcher
 from orchestrator.study.settings import FloatRange, IntRange
-
-WAIT = None  # Tune asks again later
-
-
-class Stateful(Searcher):
-    """Save and restore everything the searcher holds (Tune calls these with its own state)."""
-
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__dict__, f)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
-
-    def set_search_properties(self, metric, mode, config, **spec) -> bool:
-        return True  # set at construction from the study
 
 
 # ----------------------------------------------------------------------------- replicates
@@ -48,7 +32,7 @@ def config_key(config: dict) -> str:
     return json.dumps({k: v for k, v in sorted(config.items()) if k != "seed"}, default=str)
 
 
-class ReplicateSearch(Stateful):
+class ReplicateSearch(JsonStateSearcher):
     """An Optuna sampler over the study's feasible configurations; seeds are replicates."""
 
     attempts = 200  # proposals of already-taken configurations before the space counts as done
@@ -89,6 +73,25 @@ class ReplicateSearch(Stateful):
         self.taken[trial_id] = (key, seed)
         self.optuna_id[trial_id] = ask_id
         return {**config, "seed": seed}
+
+    def state(self) -> dict:
+        """Data only: what was taken and what it gave (Optuna's own state is rebuilt from it)."""
+        return {"taken": self.taken, "optuna_id": self.optuna_id, "results": self.results,
+                "asked": self.asked}
+
+    def load_state(self, data: dict) -> None:
+        self.taken = {t: (key, seed) for t, (key, seed) in data["taken"].items()}
+        self.optuna_id, self.results, self.asked = (data["optuna_id"], data["results"],
+                                                    data["asked"])
+        if self.optuna is None:
+            return
+        # Optuna learns every finished result again, as evaluated points.
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        for key, results in self.results.items():
+            for result in results:
+                values = [result[m] for m in metrics if m in result]
+                if len(values) == len(metrics) == 1:
+                    self.optuna.add_evaluated_point(json.loads(key), values[0])
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if self.optuna is not None and trial_id in self.optuna_id:
@@ -149,7 +152,5 @@ def json_safe(value):
 
 def build_searcher(study: StudyConfig) -> Searcher:
     if study.searcher.sampler == "n0":
-        from orchestrator.study.n0_search import N0Search, n0_policy
-
         return N0Search(n0_policy(study))
     return build_replicate_search(study)

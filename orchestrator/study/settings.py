@@ -70,6 +70,9 @@ class Budget(Strict):
     of the study's space: never sampled, listed in the dry run and the parent run."""
     min_params: int | None = Field(None, ge=0)
     max_params: int | None = Field(None, ge=1)
+    epochs: float | None = Field(None, gt=0, description="the n0 searcher's cap on training: "
+                                 "epochs summed over trials (a full-schedule trial counts "
+                                 "train.epochs, a short one its own epochs)")
 
     def reason(self, params: int) -> str | None:
         if self.min_params is not None and params < self.min_params:
@@ -94,12 +97,27 @@ class SearcherSettings(Strict):
 
 class N0Settings(Strict):
     """How the n0 searcher decides (searcher.sampler: n0)."""
-    target_width: float = Field(6.0, gt=0, description="stop once the 95% interval of n0 is "
+    target_width: float = Field(6.0, gt=0, description="stop once the interval of n0 is "
                                 "narrower than this many layers")
+    level: float = Field(0.95, gt=0, lt=1, description="the interval's coverage, kept under the "
+                         "searcher's own stopping (alpha shared over its looks)")
+    fidelities: list[float] = Field(default_factory=lambda: [0.125, 1.0], min_length=1,
+                                    max_length=2, description="a short complete schedule (this "
+                                    "fraction of train.epochs, LR milestones at the same "
+                                    "fractions) that places the bracket, then 1.0; [1.0]: full "
+                                    "schedules only")
     min_seeds: int = Field(2, ge=1, description="seeds each configuration of a pair gets when "
                            "the pair is first trained")
     pair_tolerance: float = Field(0.1, gt=0, lt=1, description="largest relative parameter gap "
                                   "between the two nets of a pair")
+
+    @field_validator("fidelities")
+    @classmethod
+    def _ends_full(cls, fidelities: list[float]) -> list[float]:
+        if fidelities[-1] != 1.0 or not all(0 < f < 1 for f in fidelities[:-1]):
+            raise ValueError("n0.fidelities: a short schedule's fraction (0 < f < 1) then 1.0, "
+                             "e.g. [0.125, 1.0], or [1.0] for full schedules only")
+        return fidelities
 
 
 class TrialSchedulerSettings(Strict):

@@ -56,8 +56,22 @@ def dry_run(study: StudyConfig, count: int) -> None:
                      "GFLOPs/img": f"{info['flops'] / 1e9:.3f}",
                      "train PFLOPs": f"{estimated_cost(study, info['flops']) / 1e15:.2f}"})
     if study.searcher.sampler == "n0":
+        from orchestrator.study.n0_search import n0_plan, simulated_cost
+
         pairs = ", ".join(f"{p.deep} / {p.multi}" for p in study.pairs_to_train())
         print(f"matched pairs (k=1 / k>1): {pairs}")
+        plan, epochs = n0_plan(study), study.train.epochs
+        nets = {n for p in study.pairs_to_train() for n in (p.deep, p.multi)}
+        grid = len(nets) * len(study.seeds) * epochs
+        screen = 2 * len(nets) * plan.epochs_at(plan.screen) if plan.screen else 0
+        worst = min(plan.budget_epochs or math.inf, study.trials * epochs + screen, grid + screen)
+        mean, p90 = simulated_cost(study)
+        short = (f"short schedules of {plan.epochs_at(plan.screen)} epochs first, "
+                 if plan.screen else "full schedules only, ")
+        print(f"cost in epochs summed over trials ({short}the grid: {grid:,}): worst case "
+              f"{worst:,.0f} ({worst / grid:.0%} of the grid; budget.epochs, trials); expected "
+              f"{mean:,.0f}, 90th percentile {p90:,.0f} (simulated: n0 anywhere among the "
+              f"pairs, seed noise 0.2 points)")
     waits = len(trials) < count and study.searcher.sampler == "n0"
     print(f"\nat most {planned_trials(study)} trials, sampler {study.searcher.sampler} (seed "
           f"{study.searcher.seed}), seeds {study.seeds}; the first {len(rows)}"
@@ -85,7 +99,8 @@ def summarize_results(results, study: StudyConfig) -> list[dict]:
         status = outcome(m, errored=bool(result.error))
         rows.append({
             "trial": m.get("trial_id", "?"), "architecture": study.candidate(result.config).name,
-            "seed": cfg.seed, "depth": cfg.architecture.total_depth, "k": cfg.architecture.k,
+            "seed": cfg.seed, "fidelity": result.config.get("fidelity", 1.0),
+            "depth": cfg.architecture.total_depth, "k": cfg.architecture.k,
             "width": cfg.architecture.width, "params": info["params"], "flops": info["flops"],
             "epochs": m.get("epoch", 0), "best_test_error": m.get("best_test_error"),
             "final_test_error": m.get("test_error"),
@@ -193,17 +208,30 @@ def report_n0(rows: list[dict], study: StudyConfig, parent, results_dir: Path,
     from orchestrator.analysis.report import build_report, show
     from orchestrator.study.tracking import outbox
 
-    done = [r for r in rows if r["status"] == DONE and r["final_test_error"] is not None]
+    finished = [r for r in rows if r["status"] == DONE and r["final_test_error"] is not None]
+    done = [r for r in finished if r.get("fidelity", 1.0) == 1.0]  # n0: full schedules only
     keys = ["depth", "k", "width", "params", "seed", "flops"]
     runs = pd.DataFrame([{**{k: r[k] for k in keys}, "name": r["architecture"],
                           "test_error": 100 * r["final_test_error"]} for r in done])
+    short = pd.DataFrame([{**{k: r[k] for k in keys}, "fidelity": r["fidelity"],
+                           "test_error": 100 * r["final_test_error"]}
+                          for r in finished if r.get("fidelity", 1.0) != 1.0])
     if runs.empty or not find_pairs(runs, study.n0.pair_tolerance):
         return
+    searched, notes = None, []
+    if study.searcher.sampler == "n0":  # the searcher's own interval, valid under its stopping
+        from orchestrator.study.n0_search import replayed
+
+        policy = replayed(study, rows)
+        searched = policy.estimate()
+        notes = [a["why"] for a in policy.added] + [
+            n for n in [policy.monotone_report()] if n]
     histories = {r["trial"]: ({k: r[k] for k in keys},
                               [(int(e), 100 * v) for e, v in r["history"].itertuples(index=False)])
                  for r in done if r["history"] is not None}
     n0, path = build_report(runs, results_dir / "report", f"Deeper or wider: {study.name}",
-                            histories, tolerance=study.n0.pair_tolerance)
+                            histories, tolerance=study.n0.pair_tolerance, n0=searched,
+                            notes=notes, short=short)
     print()
     show(path, n0)
     if verdict:

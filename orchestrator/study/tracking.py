@@ -206,7 +206,9 @@ class TrialTracker(Callback):
                 "trial_id": trial_id, "study": self.study.name, "seed": str(cfg.seed),
                 "params": str(summary["params"]), "flops": str(summary["flops"]),
                 "architecture": cfg.architecture.name, "parallel_layout": self.layout,
-                "git_commit": self.commit, **package_versions()}
+                "git_commit": self.commit, **package_versions(),
+                # a short complete schedule (the n0 searcher's low fidelity) or 1.0
+                "fidelity": str(trial.config.get("fidelity", 1.0))}
         params = [Param(k, v) for k, v in flat_params(cfg).items()]
         params += [Param("params", str(summary["params"])), Param("flops", str(summary["flops"]))]
 
@@ -318,6 +320,8 @@ def finished_trials(tracking_uri: str, experiment: str, parent_id: str | None = 
             continue  # other sweeps, pruned, failed or unfinished trials
         if "stopped_early" in tags:
             continue  # a trial stopped by ASHA is not a finished training
+        if float(tags.get("fidelity", 1.0)) != 1.0:
+            continue  # a short schedule placed the n0 searcher's bracket; n0 is full schedules
         rows.append({"depth": int(params["arch.depth"]), "k": int(params["arch.k"]),
                      "width": int(params["arch.width"]), "params": int(params["params"]),
                      "seed": int(params["seed"]), "flops": int(params["flops"]),

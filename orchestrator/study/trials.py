@@ -13,8 +13,11 @@ def planned_trials(study: StudyConfig) -> int:
     """Trials the study trains at most: the grid, or `trials` within the space's size."""
     if study.searcher.sampler == "grid":
         return int(study.space_size())
-    if study.searcher.sampler == "n0":
-        return study.trials
+    if study.searcher.sampler == "n0":  # and the short schedules: two seeds of each net
+        nets = {n for p in study.pairs_to_train() for n in (p.deep, p.multi)}
+        short = len(study.n0.fidelities) > 1 and round(
+            study.n0.fidelities[0] * study.train.epochs) < study.train.epochs
+        return study.trials + (2 * len(nets) if short else 0)
     return int(min(study.trials, study.space_size()))
 
 

@@ -1,0 +1,467 @@
+"""The n0 searcher's policy, pure (no Ray): which (architecture, seed, fidelity) to train next so
+that the interval of n0 narrows for the least GPU time, and when to stop. `N0Search`
+(n0_search.py) drives it from Ray Tune; bench/n0_search.py from a simulation.
+
+Its parts, in the shape of Optuna's GP sampler and SMAC (model, acquisition, stopping rules):
+
+- **Model** (`fit_differences`): per fidelity, every net's mean error over its seeds and the seed
+  noise pooled over nets; draws of each pair's difference (multi - deep) and where they first
+  cross zero going deeper (`orchestrator.analysis.n0.crossings`).
+- **Acquisition** (`N0Policy.next_trial`), asked whenever a worker is free, seeing the running
+  trials as taken: first the lagging net of a half-trained pair; then a short complete schedule
+  (the lowest fidelity, two seeds) of every pair, in bisection order; then full-schedule seeds
+  of the pair that most narrows n0 per unit of GPU time: the share of crossing draws the pair
+  would settle (full-schedule draws, and short-schedule ones where those say more; each draw
+  read as its best single split) times the variance a seed removes, over the pair's FLOPs; an
+  open end of the interval draws the pair that would close it.
+- **Stopping** (`Converged`, `BudgetSpent`, `NothingLeft`): objects whose `is_met` gives a reason.
+- **Interval**: n0 and its interval come from full-schedule runs only. The stopping rule looks
+  at the interval only at fixed counts of finished full-schedule trials (`looks`, set before any
+  result) plus once at the end, and each look's interval has level 1 - alpha/(looks + 1): by the
+  union bound the interval at whichever look the search stops holds the true n0 with
+  probability at least 1 - alpha, however the stopping depends on it (Bonferroni over looks).
+
+Its state is the settings plus an append-only log of (architecture, seed, fidelity) -> (error,
+cost); `replay` rebuilds every decision from it, so the same order of results gives the same
+trials."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from orchestrator.analysis.n0 import N0, crossings, single_crossings
+from orchestrator.study.pairs import Pair
+
+FULL = 1.0
+Trial = tuple[str, int, float]  # (architecture, seed, fidelity)
+
+
+@dataclass(frozen=True)
+class Net:
+    name: str
+    depth: int
+    k: int
+    width: int
+    params: int
+    flops: float  # per image, forward: what one epoch costs, relatively
+    blocks: tuple[int, ...] | None = None  # for a net the ladder added (not in the study's space)
+
+
+@dataclass(frozen=True)
+class N0Plan:
+    """The searcher's settings (from the study's `n0`, `budget`, `seeds`, `trials`)."""
+    target_width: float
+    seeds: tuple[int, ...]
+    min_seeds: int = 2
+    fidelities: tuple[float, ...] = (FULL,)   # ascending, the last is the full schedule
+    epochs: int = 200                          # the full schedule's epochs
+    budget_epochs: float | None = None         # cap, in epochs summed over trials
+    max_trials: int = 10_000                  # full-schedule trials (short ones: the budget)
+    level: float = 0.95
+    draws: int = 1000
+    seed: int = 0
+
+    @property
+    def screen(self) -> float | None:
+        """The short schedule's fidelity, or None when the study trains full schedules only."""
+        return self.fidelities[0] if self.fidelities[0] < FULL else None
+
+    def epochs_at(self, fidelity: float) -> int:
+        return max(1, round(fidelity * self.epochs))
+
+    def looks(self) -> list[int]:
+        """Finished full-schedule trials after which the stopping rule looks at the interval
+        (fixed before any result): 4 x min_seeds (two pairs), then x1.5, up to what the budget
+        allows; few looks keep each look's level near the nominal one."""
+        most = self.max_trials
+        if self.budget_epochs is not None:
+            most = min(most, int(self.budget_epochs // self.epochs))
+        out, n = [], 4 * self.min_seeds
+        while n < most:
+            out.append(n)
+            n *= 2
+        return out
+
+    def look_level(self) -> float:
+        """The level of each look's interval: alpha shared over the looks and the end."""
+        return 1 - (1 - self.level) / (len(self.looks()) + 1)
+
+
+@dataclass
+class Fit:
+    """The model at one fidelity: the pairs trained there (by depth) and draws of where their
+    difference crosses zero (+-inf: beyond the deepest / shallowest of them). Two readings of
+    each draw: its first crossing (the interval, as `orchestrator.report` reads it) and its best
+    single split (the acquisition: a noisy early sign flip does not pull it shallow)."""
+    pairs: list[int]
+    means: np.ndarray       # per pair: mean difference (multi - deep)
+    diff_draws: np.ndarray  # draws x pairs
+    crossing: np.ndarray    # draws: the first crossing (the interval's, as the report's)
+    split: np.ndarray       # draws: the best single split (where to train next)
+
+
+def fit_differences(errors: dict[str, list[float]], pairs: list[Pair], draws: int,
+                    seed: int) -> Fit | None:
+    """Draws of each trained pair's true difference: every net's mean plus seed noise of the
+    pooled size (itself drawn from its chi-square distribution), as
+    `orchestrator.analysis.n0.difference_draws`; None without two trained pairs or any net
+    with two runs."""
+    trained = [i for i, p in enumerate(pairs) if errors.get(p.deep) and errors.get(p.multi)]
+    names = sorted({n for i in trained for n in (pairs[i].deep, pairs[i].multi)})
+    dof = sum(len(errors[n]) - 1 for n in names)
+    if len(trained) < 2 or dof <= 0:
+        return None
+    ss = sum(float(np.sum((np.array(errors[n]) - np.mean(errors[n])) ** 2)) for n in names)
+    sd = math.sqrt(ss / dof)
+    rng = np.random.default_rng(seed)
+    sigma = sd * np.sqrt(dof / rng.chisquare(dof, draws))
+    z = rng.standard_normal((draws, len(names)))
+    mean = np.array([np.mean(errors[n]) for n in names])
+    count = np.array([len(errors[n]) for n in names])
+    net = mean + sigma[:, None] * z / np.sqrt(count)
+    col = {n: j for j, n in enumerate(names)}
+    deep = [col[pairs[i].deep] for i in trained]
+    multi = [col[pairs[i].multi] for i in trained]
+    diff = net[:, multi] - net[:, deep]
+    depths = np.array([pairs[i].depth for i in trained], dtype=float)
+    return Fit(trained, mean[multi] - mean[deep], diff, crossings(depths, diff),
+               single_crossings(depths, diff))
+
+
+def gap_ends(fit: Fit, pairs: list[Pair]) -> tuple[np.ndarray, np.ndarray]:
+    """Per draw, what it says about n0 without a shape between pairs: its interpolated crossing
+    when the trained pairs around it are neighbours on the ladder, else the whole gap between
+    them (any depth in it is as likely under a single crossing); a draw beyond the trained
+    pairs: from the end pair on."""
+    trained = np.array([pairs[i].depth for i in fit.pairs], dtype=float)
+    ladder = np.array([p.depth for p in pairs], dtype=float)
+    x = fit.crossing
+    i = np.clip(np.searchsorted(trained, x, side="right") - 1, 0, len(trained) - 2)
+    left, right = trained[i], trained[i + 1]
+    wide = np.array([((ladder > a) & (ladder < b)).any() for a, b in zip(trained[:-1],
+                                                                         trained[1:])])[i]
+    low = np.where(x == np.inf, trained[-1], np.where(wide, left, x))
+    high = np.where(x == -np.inf, trained[0], np.where(wide, right, x))
+    low = np.where(x == -np.inf, -np.inf, low)
+    high = np.where(x == np.inf, np.inf, high)
+    return low, high
+
+
+def n0_from(fit: Fit | None, pairs: list[Pair], level: float) -> N0:
+    """n0 (where the mean differences first cross zero, as `orchestrator.report`) with the
+    central `level` interval of what the draws say (`gap_ends`); ends beyond the trained pairs
+    are infinite."""
+    if fit is None:
+        return N0(None, message="fewer than two pairs trained with a repeated seed")
+    depths = np.array([pairs[i].depth for i in fit.pairs], dtype=float)
+    value = crossings(depths, fit.means[None, :])[0]
+    tail = (1 - level) / 2
+    lows, highs = gap_ends(fit, pairs)
+    low = float(np.quantile(lows, tail, method="lower"))
+    high = float(np.quantile(highs, 1 - tail, method="higher"))
+    if not math.isfinite(value):
+        side = "deeper" if value > 0 else "shallower"
+        return N0(None, low, high,
+                  message=f"no crossing: n0 lies {side} than the trained pairs")
+    i = int(np.clip(np.searchsorted(depths, value) - 1, 0, len(depths) - 2))
+    bracket = (int(depths[i]), int(depths[i + 1]))
+    return N0(float(value), low, high, bracket,
+              f"between depths {bracket[0]} and {bracket[1]}, level {level:.4g} per look")
+
+
+# ------------------------------------------------------------------------------ stopping rules
+
+@dataclass(frozen=True)
+class Converged:
+    """At a look: the interval lies inside the studied depths and is narrower than the target."""
+    def is_met(self, policy: "N0Policy") -> str | None:
+        n0 = policy.last_look
+        if n0 is None or n0.value is None or not n0.width <= policy.plan.target_width:
+            return None
+        return (f"converged: the interval of n0 ({n0.width:.1f} layers, level "
+                f"{policy.plan.look_level():.4g} at look {policy.looks_done}) is narrower than "
+                f"n0.target_width {policy.plan.target_width:g}")
+
+
+@dataclass(frozen=True)
+class BudgetSpent:
+    """The next trial would pass `budget.epochs`, or `trials` full-schedule trials."""
+    def is_met(self, policy: "N0Policy", cost: float) -> str | None:
+        plan = policy.plan
+        if plan.budget_epochs is not None and policy.spent() + cost > plan.budget_epochs + 1e-9:
+            return f"budget spent ({policy.spent():g} of budget.epochs {plan.budget_epochs:g})"
+        full = [r for r in policy.log if r["fidelity"] == FULL] + [
+            t for t in policy.running if t[2] == FULL]
+        if cost == plan.epochs and len(full) >= plan.max_trials:
+            return f"trial budget spent ({plan.max_trials} full-schedule trials)"
+        return None
+
+
+@dataclass(frozen=True)
+class NothingLeft:
+    """No trial left that could narrow the interval (every seed of the pairs that decide it)."""
+    def is_met(self, policy: "N0Policy", trial: Trial | None) -> str | None:
+        if trial is not None or policy.running:
+            return None
+        n0 = policy.estimate()
+        return ("no trial left that narrows it: every seed of the pairs that decide n0 is used"
+                if n0.value is not None else f"n0 not found ({n0.message})")
+
+
+# ------------------------------------------------------------------------------------ policy
+
+@dataclass
+class N0Policy:
+    nets: dict[str, Net]
+    pairs: list[Pair]
+    plan: N0Plan
+    # (side, pairs, nets) -> a pair beyond that end and its nets, or None
+    grow: Callable[[str, list[Pair], dict], tuple[Pair, list[Net]] | None] | None = None
+    log: list[dict] = field(default_factory=list)        # finished trials, in order
+    running: list[Trial] = field(default_factory=list)
+    looks_done: int = 0
+    last_look: N0 | None = None
+    stopped: str | None = None
+    added: list[dict] = field(default_factory=list)      # ladder growth: pair, nets, why
+    max_growth: int = 3
+    _fits: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self.pairs = sorted(self.pairs, key=lambda p: p.depth)
+        self.plan = N0Plan(**{**asdict(self.plan),
+                              "min_seeds": min(self.plan.min_seeds, len(self.plan.seeds))})
+
+    # -- what the searcher calls
+    def suggest(self) -> Trial | None:
+        """The next trial, or None: wait for a result, or stopped (`stopped` says why)."""
+        if self.stopped:
+            return None
+        trial = self.next_trial()
+        reason = (BudgetSpent().is_met(self, self.cost(trial)) if trial else None) or \
+            NothingLeft().is_met(self, trial)
+        if reason:
+            self.finish(reason)
+            return None
+        if trial is not None:
+            self.running.append(trial)
+        return trial
+
+    def observe(self, name: str, seed: int, fidelity: float, error: float,
+                cost: float | None = None) -> None:
+        """A finished trial's final test error in percent (nan: failed or diverged) and its cost
+        in epochs (default: its schedule's epochs)."""
+        trial = (name, seed, fidelity)
+        if trial in self.running:
+            self.running.remove(trial)
+        cost = self.plan.epochs_at(fidelity) if cost is None else cost
+        self.log.append({"arch": name, "seed": seed, "fidelity": fidelity, "error": error,
+                         "cost": cost})
+        if fidelity == FULL and self.stopped is None:
+            done = sum(1 for r in self.log if r["fidelity"] == FULL)
+            if done in self.plan.looks():
+                self.looks_done += 1
+                self.last_look = self.estimate()
+                self.stopped = Converged().is_met(self)
+
+    def finish(self, reason: str) -> None:
+        self.stopped = reason
+        self.looks_done += 1  # the end is a look of its own
+        self.last_look = self.estimate()
+
+    def replay(self, log: list[dict], added: list[dict] = ()) -> None:
+        """Rebuild the state from a saved log (and the pairs the ladder added, with why):
+        observe the finished trials in their order, so every look and stop comes back."""
+        for row in added:
+            nets = [Net(**{**n, "blocks": n["blocks"] and tuple(n["blocks"])})
+                    for n in row["nets"]]
+            self.add_pair(Pair(**row["pair"]), nets, row["why"])
+        for row in log:  # (a failed trial's error is saved as null)
+            error = float("nan") if row["error"] is None else row["error"]
+            self.observe(row["arch"], row["seed"], row["fidelity"], error, row["cost"])
+
+    def add_pair(self, pair: Pair, nets: list[Net], why: str) -> None:
+        self.nets.update({n.name: n for n in nets})
+        self.pairs = sorted([*self.pairs, pair], key=lambda p: p.depth)
+        self.added.append({"pair": asdict(pair), "nets": [asdict(n) for n in nets],
+                           "why": why})
+
+    # -- the model
+    def errors(self, fidelity: float) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {}
+        for r in self.log:
+            if r["fidelity"] == fidelity and math.isfinite(r["error"]):
+                out.setdefault(r["arch"], []).append(r["error"])
+        return out
+
+    def fit(self, fidelity: float) -> Fit | None:
+        """The model at one fidelity; its draws are seeded by the count of results there, so
+        the same results give the same fit (cached until one more comes)."""
+        count = sum(1 for r in self.log if r["fidelity"] == fidelity)
+        key = (fidelity, count, len(self.pairs))
+        if key not in self._fits:
+            fit = fit_differences(self.errors(fidelity), self.pairs, self.plan.draws,
+                                  self.plan.seed + count)
+            self._fits = {k: v for k, v in self._fits.items() if k[0] != fidelity}
+            self._fits[key] = fit
+        return self._fits[key]
+
+    def estimate(self) -> N0:
+        """n0 from the full-schedule runs, at the level of one look."""
+        return n0_from(self.fit(FULL), self.pairs, self.plan.look_level())
+
+    def spent(self) -> float:
+        return sum(r["cost"] for r in self.log) + sum(self.cost(t) for t in self.running)
+
+    def cost(self, trial: Trial) -> float:
+        return self.plan.epochs_at(trial[2])
+
+    def seeds_of(self, name: str, fidelity: float) -> list[int]:
+        return [s for n, s, f in self.running if n == name and f == fidelity] + \
+            [r["seed"] for r in self.log if r["arch"] == name and r["fidelity"] == fidelity]
+
+    def monotone_report(self) -> str | None:
+        """Where the full-schedule differences break the single crossing: a pair whose
+        difference is surely negative (functions win) shallower than one surely positive."""
+        fit = self.fit(FULL)
+        if fit is None:
+            return None
+        tail = (1 - self.plan.look_level()) / 2
+        low, high = np.quantile(fit.diff_draws, [tail, 1 - tail], axis=0)
+        depths = [self.pairs[i].depth for i in fit.pairs]
+        neg = [d for d, h in zip(depths, high) if h < 0]
+        pos = [d for d, l in zip(depths, low) if l > 0]
+        if neg and pos and min(neg) < max(pos):
+            return (f"not monotone: functions win at depth {min(neg)} but depth wins again at "
+                    f"depth {max(pos)}; n0 as the first crossing")
+        return None
+
+    # -- the acquisition
+    def weights(self, fit: Fit | None) -> np.ndarray | None:
+        """Per pair of the ladder: the share of crossing draws it would settle. A trained pair:
+        draws in the gaps on either side of it. An untrained pair: draws in its gap (between
+        the trained pairs around it; a draw beyond them counts at that end) to which it is the
+        nearest untrained pair."""
+        if fit is None:
+            return None
+        depths = np.array([p.depth for p in self.pairs], dtype=float)
+        trained = depths[fit.pairs]
+        untrained = np.setdiff1d(depths, trained)
+        x = fit.split
+        w = np.zeros(len(self.pairs))
+        for i, d in enumerate(depths):
+            lo = trained[trained < d].max(initial=-np.inf)
+            hi = trained[trained > d].min(initial=np.inf)
+            # (a draw beyond the end pair belongs to it when no untrained pair lies beyond)
+            first, last = not (untrained < d).any(), not (untrained > d).any()
+            near = ((x > lo) | (first & (x == -np.inf))) & ((x < hi) | (last & (x == np.inf))) \
+                if d in trained else (x >= lo) & (x <= hi)
+            if d not in trained:  # the nearest untrained pair of its gap takes the draw
+                gap = untrained[(untrained > lo) & (untrained < hi)]
+                at = np.clip(x, gap.min(), gap.max())[:, None]
+                near &= gap[np.abs(gap[None, :] - at).argmin(axis=1)] == d
+            w[i] = near.mean()
+        return w
+
+    def next_trial(self) -> Trial | None:
+        self.grow_ladder()
+        plan = self.plan
+        # The lagging net of a pair that has one more seed on the other (at any fidelity).
+        for fidelity in (plan.screen, FULL):
+            for p in self.pairs:
+                if fidelity is None:
+                    continue
+                a, b = self.seeds_of(p.deep, fidelity), self.seeds_of(p.multi, fidelity)
+                if len(a) != len(b):
+                    name, have = (p.deep, a) if len(a) < len(b) else (p.multi, b)
+                    seed = next((s for s in plan.seeds if s not in have), None)
+                    if seed is not None:
+                        return (name, seed, fidelity)
+        # The short schedule of every pair, two seeds (the model needs a repeated seed), ends
+        # and middle first.
+        if plan.screen is not None:
+            for i in bisection_order(len(self.pairs)):
+                p = self.pairs[i]
+                if len(self.seeds_of(p.deep, plan.screen)) < min(2, len(plan.seeds)):
+                    return self.seed_for(p, plan.screen)
+        # Full schedules where they narrow n0 most per FLOP.
+        w_full = self.weights(self.fit(FULL))  # (fits are cached per log length)
+        w_low = self.weights(self.fit(plan.screen)) if plan.screen is not None else None
+        ws = [w for w in (w_full, w_low) if w is not None]
+        if ws and np.max(ws) > 0:
+            w = np.max(ws, axis=0)
+        else:  # nothing to go on: the ends and the middle
+            w = np.zeros(len(self.pairs))
+            w[list(bisection_order(len(self.pairs)))[:3]] = 1.0
+        full = self.fit(FULL)
+        if full is not None:  # an open end of the interval: the pair that would close it
+            n0 = n0_from(full, self.pairs, plan.look_level())
+            for open_end, end, step in ((n0.low == -np.inf, full.pairs[0], -1),
+                                        (n0.high == np.inf, full.pairs[-1], 1)):
+                if open_end:
+                    j = end + step if 0 <= end + step < len(self.pairs) else end
+                    w[j] = max(w[j], 0.5)
+        opened = [i for i, p in enumerate(self.pairs) if self.seeds_of(p.deep, FULL)]
+        if len(opened) == 1:  # the model needs a second pair: the likeliest other one
+            others = np.where(np.arange(len(w)) == opened[0], 0.0, w)
+            if others.max() == 0:  # the ends and the middle
+                others[bisection_order(len(w))[:3]] = 1.0
+                others[opened[0]] = 0.0
+            j = int(others.argmax())
+            w[j] = max(w[j], 1.0)
+        best, score = None, 0.0
+        for i, p in enumerate(self.pairs):
+            n = len(self.seeds_of(p.deep, FULL))
+            if n >= len(plan.seeds) or w[i] < 0.02:
+                continue
+            # an opened pair first gets min_seeds; opening one is worth a first seed
+            gain = 1.0 if n == 0 else 10.0 if n < plan.min_seeds else 1 / n - 1 / (n + 1)
+            value = w[i] * gain / (self.nets[p.deep].flops + self.nets[p.multi].flops)
+            if value > score:
+                best, score = p, value
+        return self.seed_for(best, FULL) if best is not None else None
+
+    def seed_for(self, pair: Pair, fidelity: float) -> Trial | None:
+        have = self.seeds_of(pair.deep, fidelity)
+        seed = next((s for s in self.plan.seeds if s not in have), None)
+        return (pair.deep, seed, fidelity) if seed is not None else None
+
+    def grow_ladder(self) -> None:
+        """A pair beyond the shallowest or deepest when the full schedules' nominal interval of
+        n0 (a design choice, not a claim: no level correction) reaches past that end pair and
+        the end pair has min_seeds seeds."""
+        if self.grow is None or len(self.added) >= 2 * self.max_growth:
+            return
+        fit = self.fit(FULL)
+        if fit is None:
+            return
+        tail = (1 - self.plan.level) / 2
+        for side, beyond, end in (("shallower", fit.crossing == -np.inf, 0),
+                                  ("deeper", fit.crossing == np.inf, len(self.pairs) - 1)):
+            pair = self.pairs[end]
+            ready = fit.pairs[0 if end == 0 else -1] == end and min(
+                len(self.seeds_of(pair.deep, FULL)), len(self.seeds_of(pair.multi, FULL))
+            ) >= self.plan.min_seeds
+            if ready and beyond.mean() > tail:
+                made = self.grow(side, self.pairs, self.nets)
+                if made is not None:
+                    new, nets = made
+                    self.add_pair(new, nets, f"added pair {new.deep} / {new.multi} (depth "
+                                  f"{new.depth}): the interval of n0 reaches {side} than "
+                                  f"depth {pair.depth}")
+                    return
+
+
+def bisection_order(n: int) -> list[int]:
+    """0, n-1, the middle, then the middles of the halves, ...: indices 0..n-1 once each."""
+    order, spans = [0, n - 1], [(0, n - 1)]
+    while spans:
+        lo, hi = spans.pop(0)
+        if hi - lo < 2:
+            continue
+        mid = (lo + hi) // 2
+        order.append(mid)
+        spans += [(lo, mid), (mid, hi)]
+    return list(dict.fromkeys(i for i in order if 0 <= i < n))
