@@ -28,7 +28,9 @@ def parser() -> argparse.ArgumentParser:
 def lesion_command(args: argparse.Namespace) -> None:
     from orchestrator.analysis.lesion import lesion_study, load_model, plot
     from orchestrator.run.data import Batches, load_dataset
+    from orchestrator.storage import check_writable
 
+    check_writable(args.out, "--out")  # before the lesion study, not after it
     model, config = load_model(Path(args.checkpoint))
     dataset = args.dataset or config.get("dataset", "cifar10")
     _, test = load_dataset(dataset, args.data_dir or config.get("data_dir"), 1,

@@ -132,6 +132,22 @@ def report_summary(rows: list[dict], study: StudyConfig, parent, results_dir: Pa
     return best["trial"] if len(finished) else None
 
 
+def show_finished(parent, study: StudyConfig, results: str) -> None:
+    """A finished study's command run again: its result, as the parent run holds it; nothing
+    is trained, logged or registered again."""
+    metrics, tags = parent.data.metrics, parent.data.tags
+    best = metrics.get("best_test_error")
+    lines = [f"study {study.name} is finished (parent run {parent.info.run_id}): "
+             f"{int(metrics.get('trials_trained', 0))} trials trained"
+             + (f", best test error {100 * best:.2f}%" if best is not None else "")]
+    if "n0" in tags:
+        lines.append(tags["n0"])
+    lines.append(f"results: {results}\nMLflow: {study.tracking_uri()} experiment "
+                 f"'{study.experiment_name}'\nnothing changed; to train it again, use another "
+                 f"--storage-path or remove that folder")
+    print("\n".join(lines))
+
+
 def register_best_model(results, trial_id: str, study: StudyConfig, parent) -> None:
     """The best trial's final network, logged to its run with `mlflow.pytorch` and registered
     under the study's name: `mlflow.pytorch.load_model("models:/<study>/<version>")` gives a

@@ -1,0 +1,188 @@
+"""The places the commands write to: checked before any work (`check_writable`), a failed write
+told as what it is (`os_error_line`: a full disk names the place, it is not a bug), and a
+study's storage as a local folder or a URI Ray Tune supports (`storage_uri`, read and written
+through pyarrow's filesystems, as Tune does)."""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+from orchestrator.errors import StorageError
+
+# Object stores and HDFS: pyarrow filesystems, the ones Ray Tune's storage_path takes.
+REMOTE_SCHEMES = ("s3", "gs", "hdfs")
+# What an OSError of these kinds means for a place written to; anything else is a bug.
+MEANING = {errno.ENOSPC: "no space left on {where}; free space there or choose another place",
+           errno.EDQUOT: "no space left on {where} (disk quota); free space there or choose "
+                         "another place",
+           errno.EROFS: "{where} is on a read-only filesystem; choose a writable place",
+           errno.EACCES: "{where}: permission denied; choose a place you can write to",
+           errno.EPERM: "{where}: not permitted; choose a place you can write to",
+           errno.ENAMETOOLONG: "{where}: a name in the path is too long (most filesystems "
+                               "take 255 bytes); shorten it",
+           errno.ELOOP: "{where}: a loop of symbolic links; fix the link",
+           errno.ENOTDIR: "{where}: part of the path is a file, not a folder",
+           errno.EISDIR: "{where} is a folder; give a file",
+           errno.EEXIST: "{where} is a file; give a folder",
+           errno.ENOENT: "{where}: no such place (or one that cannot hold files)"}
+PROBE_BYTES = 4096  # written and removed at the start: a full disk shows at once
+
+
+def short(text: object, limit: int = 120) -> str:
+    """A path or value quoted in a message: at most `limit` characters."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
+
+
+def os_error_line(exc: Exception, where: object = None, field: str | None = None
+                  ) -> str | None:
+    """One line for an OSError of a place written to or read from (or Path.resolve's symlink
+    loop, a RuntimeError before Python 3.13), or None: not one we know."""
+    if isinstance(exc, RuntimeError) and str(exc).startswith("Symlink loop from "):
+        exc = OSError(errno.ELOOP, "symlink loop", str(exc).split("from ", 1)[1].strip("'"))
+    meaning = MEANING.get(getattr(exc, "errno", None))
+    if meaning is None:
+        return None
+    where = short(exc.filename or where or "this place")
+    return f"{field}: {meaning.format(where=where)}" if field else meaning.format(where=where)
+
+
+@contextlib.contextmanager
+def writing(path: object, field: str | None = None):
+    """Around a write: an OSError we know becomes a `StorageError` naming `path` (a write to an
+    open file raises without the file's name), also where a library reports it as another error
+    (torch.save: a RuntimeError whose context is the OSError)."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        cause = exc if isinstance(exc, OSError) else exc.__context__
+        line = os_error_line(cause, path, field) if isinstance(cause, OSError) else None
+        if line is None:
+            raise
+        raise StorageError(line) from None
+
+
+def is_remote(place: str) -> bool:
+    return urlparse(str(place)).scheme in REMOTE_SCHEMES
+
+
+def storage_uri(value: str, field: str = "storage_path") -> str:
+    """A study's storage: an absolute local folder (a plain path or file://), or an s3://,
+    gs:// or hdfs:// URI kept as it is (Tune writes there through pyarrow); any other scheme is
+    refused."""
+    scheme = urlparse(value).scheme
+    if scheme in REMOTE_SCHEMES:
+        return value.rstrip("/")
+    if scheme == "file":
+        value = urlparse(value).path
+    elif scheme and len(scheme) > 1:  # a Windows drive letter is no scheme
+        raise StorageError(f"{field} {short(value)}: scheme {scheme!r} is not supported; give a "
+                           f"folder or a URI starting with "
+                           f"{', '.join(s + '://' for s in REMOTE_SCHEMES)}")
+    return str(resolve(value, field))
+
+
+def resolve(path: str | Path, field: str) -> Path:
+    """An absolute path; a loop of symbolic links is the user's to fix, not a bug."""
+    try:
+        return Path(path).expanduser().resolve()
+    except RuntimeError:  # Python < 3.13 reports a symlink loop so
+        raise StorageError(f"{field} {short(path)}: a loop of symbolic links; fix the "
+                           f"link") from None
+    except OSError as exc:
+        raise StorageError(os_error_line(exc, path, field) or f"{field} {short(path)}: "
+                           f"{exc.strerror}") from None
+
+
+def join(place: str, *parts: str) -> str:
+    return "/".join([str(place).rstrip("/"), *parts]) if is_remote(place) else \
+        str(Path(place, *parts))
+
+
+def filesystem(place: str):
+    """(pyarrow filesystem, path within it) of a local path or a remote URI."""
+    import pyarrow.fs
+
+    if is_remote(place):
+        return pyarrow.fs.FileSystem.from_uri(place)
+    return pyarrow.fs.LocalFileSystem(), str(place)
+
+
+def read_text(place: str) -> str | None:
+    """A small file of the storage, or None when there is none."""
+    if not is_remote(place):
+        path = Path(place)
+        return path.read_text() if path.is_file() else None
+    import pyarrow.fs
+
+    fs, path = filesystem(place)
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+def write_text(place: str, text: str) -> None:
+    """Whole or absent: a local file through a renamed temporary file; an object store's object
+    is whole by itself."""
+    with writing(place):
+        if not is_remote(place):
+            path = Path(place)
+            staged = path.with_name(f".{path.name}.tmp")
+            staged.write_text(text)
+            staged.replace(path)
+            return
+        fs, path = filesystem(place)
+        with fs.open_output_stream(path) as f:
+            f.write(text.encode())
+
+
+def check_writable(place: str | Path, field: str, file: bool = False) -> None:
+    """Before any work: `place` (a folder, or with `file` a file's path) can be written, with
+    room for a first block. Nothing is left behind: folders made for the check are removed."""
+    if is_remote(str(place)):
+        return _check_remote(str(place), field)
+    path = Path(place).expanduser()
+    if file:
+        if path.is_dir():
+            raise StorageError(f"{field} {short(path)} is a folder; give a file")
+        if path.exists():
+            with writing(path, field), open(path, "a"):
+                return
+        path = path.parent
+    try:
+        created = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+    except OSError as exc:
+        raise StorageError(os_error_line(exc, path, field) or f"{field} {short(path)}: "
+                           f"{exc.strerror}") from None
+    if path.exists() and not path.is_dir():
+        raise StorageError(f"{field} {short(path)} is a file; give a folder")
+    try:
+        with writing(path, field):
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path) as probe:
+                probe.write(b"\0" * PROBE_BYTES)
+                probe.flush()
+                os.fsync(probe.fileno())
+    finally:
+        for made in created:
+            with contextlib.suppress(OSError):
+                made.rmdir()
+
+
+def _check_remote(place: str, field: str) -> None:
+    fs, path = filesystem(place)
+    probe = f"{path.rstrip('/')}/.multires-write-check"
+    try:
+        fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(probe) as f:
+            f.write(b"\0")
+        fs.delete_file(probe)
+    except OSError as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise StorageError(f"{field} {short(place)}: cannot write there ({short(first, 160)}); "
+                           f"check the URI and its credentials") from None
