@@ -138,9 +138,7 @@ def _run(study: StudyConfig, study_file: str, resume: bool, results: str, local:
         raise ConfigError(f"{results} holds study {study.name} with a different "
                           f"configuration; use another --storage-path or remove that folder")
     # Before Ray starts: the study's parent run is where the results folder says it is.
-    if state is None:
-        client = connect(study.tracking_uri())
-    else:
+    if state is not None:
         client, parent_run = check_parent(study, state, results)
         if parent_run.info.status == "FINISHED":  # a rerun changes nothing
             show_finished(parent_run, study, results)
@@ -151,6 +149,8 @@ def _run(study: StudyConfig, study_file: str, resume: bool, results: str, local:
         raise ConfigError(f"nothing to resume in {results}; run without --resume")
     print(start_line(study, planned_trials(study), concurrency, results, ray_log), flush=True)
 
+    if state is None:  # the database is made once the cluster is there
+        client = connect(study.tracking_uri())
     parent = StudyRun(client, study)
     # A driver killed before Tune first saved its state leaves a parent run and nothing to
     # restore: the fresh start continues that parent run instead of leaving it RUNNING.
