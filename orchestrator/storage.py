@@ -9,7 +9,7 @@ import errno
 import os
 import tempfile
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit, urlunsplit
 
 from orchestrator.errors import StorageError
 
@@ -72,11 +72,13 @@ def is_remote(place: str) -> bool:
 
 def storage_uri(value: str, field: str = "storage_path") -> str:
     """A study's storage: an absolute local folder (a plain path or file://), or an s3://,
-    gs:// or hdfs:// URI kept as it is (Tune writes there through pyarrow); any other scheme is
+    gs:// or hdfs:// URI kept as it is (Tune writes there through pyarrow, which also reads the
+    URI's options: `?endpoint_override=HOST:PORT&scheme=http`, ...); any other scheme is
     refused."""
     scheme = urlparse(value).scheme
     if scheme in REMOTE_SCHEMES:
-        return value.rstrip("/")
+        parts = urlsplit(value)
+        return urlunsplit(parts._replace(path=parts.path.rstrip("/")))
     if scheme == "file":
         value = urlparse(value).path
     elif scheme and len(scheme) > 1:  # a Windows drive letter is no scheme
@@ -99,8 +101,19 @@ def resolve(path: str | Path, field: str) -> Path:
 
 
 def join(place: str, *parts: str) -> str:
-    return "/".join([str(place).rstrip("/"), *parts]) if is_remote(place) else \
-        str(Path(place, *parts))
+    """A path inside `place`; in a URI, before its options."""
+    if not is_remote(place):
+        return str(Path(place, *parts))
+    split = urlsplit(str(place))
+    return urlunsplit(split._replace(path="/".join([split.path.rstrip("/"), *parts])))
+
+
+def shown(place: object) -> str:
+    """A place as messages show it: a URI without its credentials and options."""
+    if not is_remote(str(place)):
+        return short(place)
+    split = urlsplit(str(place))
+    return short(urlunsplit(split._replace(netloc=split.netloc.rpartition("@")[2], query="")))
 
 
 def filesystem(place: str):
@@ -139,6 +152,16 @@ def write_text(place: str, text: str) -> None:
         fs, path = filesystem(place)
         with fs.open_output_stream(path) as f:
             f.write(text.encode())
+
+
+def upload(folder: Path, place: str) -> None:
+    """A local folder's files to a place of the storage (a remote study's report)."""
+    import pyarrow.fs
+
+    fs, path = filesystem(place)
+    with writing(shown(place)):
+        pyarrow.fs.copy_files(str(folder), path, source_filesystem=pyarrow.fs.LocalFileSystem(),
+                              destination_filesystem=fs)
 
 
 def check_writable(place: str | Path, field: str, file: bool = False) -> None:
@@ -184,5 +207,5 @@ def _check_remote(place: str, field: str) -> None:
         fs.delete_file(probe)
     except OSError as exc:
         first = (str(exc).strip().splitlines() or [""])[0]
-        raise StorageError(f"{field} {short(place)}: cannot write there ({short(first, 160)}); "
+        raise StorageError(f"{field} {shown(place)}: cannot write there ({short(first, 160)}); "
                            f"check the URI and its credentials") from None

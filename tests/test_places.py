@@ -301,3 +301,39 @@ def test_storage_uris(value, expected, tmp_path, monkeypatch):
     study = load_study(SMOKE, [f"storage_path={value}"])
     assert study.storage() == expected.format(cwd=tmp_path)
     assert study.results_place() == expected.format(cwd=tmp_path).rstrip("/") + "/smoke"
+
+
+def test_a_study_on_s3_storage(ray_address, tmp_path, capsys, monkeypatch):
+    """--storage-path s3://...: Tune's trials, their checkpoints and the study's own state go
+    to the object store (moto's S3 server), nothing to a local folder named `s3:`; the best
+    model is read back from there; the credentials in the URI are never shown; the command
+    run again says the study is finished."""
+    import pyarrow.fs
+
+    from orchestrator.storage import filesystem, join, read_text
+    from orchestrator.study.sweep import STATE_FILE
+    from tests.servers import S3Server
+
+    monkeypatch.chdir(tmp_path)
+    s3 = S3Server(tmp_path).start()
+    try:
+        results = s3.uri("results")
+        args = [SMOKE, "--storage-path", results, "--tracking-uri",
+                f"sqlite:///{tmp_path / 'mlflow.db'}", "--set", "trials=1", "--set",
+                "space.depth=8", "--set", "space.k=1", "--set", "space.lr=0.05", "--set",
+                "scheduler.type=none", "--set", "train.epochs=1"]
+        assert sweep_main(args) == 0
+        out = capsys.readouterr().out
+        assert "test:test" not in out and f"results: s3://multires/results/smoke\n" in out
+        assert "best model: mlflow.pytorch.load_model(\"models:/smoke/1\")" in out
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["mlartifacts", "mlflow.db",
+                                                             "moto.log"]
+        state = json.loads(read_text(join(results, "smoke", STATE_FILE)))
+        fs, path = filesystem(join(results, "smoke"))
+        found = [f.path for f in fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True))]
+        assert [p for p in found if p.endswith("/checkpoint.pt")]
+        assert sweep_main(args) == 0
+        assert capsys.readouterr().out.startswith(
+            f"study smoke is finished (parent run {state['parent_run_id']}): 1 trials trained")
+    finally:
+        s3.stop()

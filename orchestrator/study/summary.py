@@ -101,7 +101,7 @@ def epoch_history(frame):
     return frame[["epoch", "test_error"]].dropna()
 
 
-def report_summary(rows: list[dict], study: StudyConfig, parent, results_dir: Path) -> str | None:
+def report_summary(rows: list[dict], study: StudyConfig, parent, results: str) -> str | None:
     """The summary table, printed and logged to the parent run; returns the best trial's id."""
     import pandas as pd
     from mlflow.entities import Metric
@@ -126,7 +126,7 @@ def report_summary(rows: list[dict], study: StudyConfig, parent, results_dir: Pa
     now = int(time.time() * 1000)
     send("study metrics", lambda: client.log_batch(
         run_id, metrics=[Metric(k, v, now, 0) for k, v in study_metrics.items()]))
-    print(f"results: {results_dir}\nMLflow: {study.tracking_uri()} experiment "
+    print(f"results: {results}\nMLflow: {study.tracking_uri()} experiment "
           f"'{study.experiment_name}', parent run {run_id} (compare with `mlflow ui "
           f"--backend-store-uri {study.tracking_uri()}`)")
     return best["trial"] if len(finished) else None

@@ -22,7 +22,8 @@ from orchestrator.errors import Busy, ConfigError, sigterm_as_ctrl_c
 from orchestrator.results import trained
 from orchestrator.run.data import DATASETS
 from orchestrator.study.config import StudyConfig
-from orchestrator.storage import check_writable, is_remote, join, read_text, resolve, write_text
+from orchestrator.storage import (check_writable, is_remote, join, read_text, resolve, shown,
+                                  upload, write_text)
 from orchestrator.study.trials import planned_trials
 
 STATE_FILE = "multires_study.json"
@@ -86,7 +87,7 @@ def study_lock(folder: Path, study: StudyConfig):
             lock.seek(0)
             holder = lock.read().strip() or "?"
             raise Busy(f"study {study.name} is running in another process (pid {holder}) on "
-                       f"{study.results_place()}; wait for it to end, or use another "
+                       f"{shown(study.results_place())}; wait for it to end, or use another "
                        f"--storage-path") from None
         lock.truncate(0)
         lock.write(f"{os.getpid()}\n")
@@ -135,19 +136,20 @@ def _run(study: StudyConfig, study_file: str, resume: bool, results: str, local:
     digest = config_hash(study)  # before `auto` resources are fitted to this cluster
     state = read_state(results)
     if state is not None and state["config_hash"] != digest:
-        raise ConfigError(f"{results} holds study {study.name} with a different "
+        raise ConfigError(f"{shown(results)} holds study {study.name} with a different "
                           f"configuration; use another --storage-path or remove that folder")
     # Before Ray starts: the study's parent run is where the results folder says it is.
     if state is not None:
         client, parent_run = check_parent(study, state, results)
         if parent_run.info.status == "FINISHED":  # a rerun changes nothing
-            show_finished(parent_run, study, results)
+            show_finished(parent_run, study, shown(results))
             return 0
     study, concurrency = start_ray(study, study_file)
     restoring = state is not None and Tuner.can_restore(results)
     if resume and not restoring:
-        raise ConfigError(f"nothing to resume in {results}; run without --resume")
-    print(start_line(study, planned_trials(study), concurrency, results, ray_log), flush=True)
+        raise ConfigError(f"nothing to resume in {shown(results)}; run without --resume")
+    print(start_line(study, planned_trials(study), concurrency, shown(results), ray_log),
+          flush=True)
 
     if state is None:  # the database is made once the cluster is there
         client = connect(study.tracking_uri())
@@ -179,10 +181,12 @@ def _run(study: StudyConfig, study_file: str, resume: bool, results: str, local:
         log.warning(f"sweep interrupted after {ended} trials; run the same command again (or "
                     f"add --resume) to continue")
         return 130
-    best = report_summary(rows, study, parent, results)
+    best = report_summary(rows, study, parent, shown(results))
     if best is not None:
         register_best_model(outcome, best, study, parent)
     report_n0(rows, study, parent, local, verdict)
+    if is_remote(results) and (local / "report").is_dir():
+        upload(local / "report", join(results, "report"))
     parent.close("FINISHED", study.mlflow.outage_wait_s)
     return 0 if any(trained(r["status"]) for r in rows) else 1
 
@@ -202,7 +206,7 @@ def fit(study: StudyConfig, results: str, restoring: bool, parent, digest: str,
                                  study_data=study.model_dump(mode="json", exclude_unset=True)),
         {"cpu": study.resources.driver_cpus})
     if restoring:
-        log.info(f"resuming study {study.name} from {results}")
+        log.info(f"resuming study {study.name} from {shown(results)}")
         # The MLflow tracker and the searcher's state come back with the experiment (see
         # TrialTracker.__reduce__ and orchestrator.study.searchers).
         tuner = Tuner.restore(results, trainable=trainable, resume_unfinished=True,

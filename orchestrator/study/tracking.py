@@ -29,7 +29,7 @@ from orchestrator.errors import ReportError, TrackingError
 from orchestrator.results import DIVERGED, EPOCH_METRICS, STOPPED, SYSTEM_PREFIX, outcome
 from orchestrator.run.config import TrainConfig
 from orchestrator.study.config import StudyConfig
-from orchestrator.storage import short
+from orchestrator.storage import short, shown
 from orchestrator.study.mlflow_client import (all_runs, artifact_location, connect, outbox,
                                               sqlite_path)
 
@@ -79,7 +79,7 @@ def check_parent(study: StudyConfig, state: dict, results: str) -> tuple[MlflowC
             if made_with and made_with != uri else "pass the tracking URI that holds it")
     database = sqlite_path(uri)
     if database is not None and not database.is_file():
-        raise TrackingError(f"no MLflow database at {short(database)}, but {short(results)} "
+        raise TrackingError(f"no MLflow database at {short(database)}, but {shown(results)} "
                             f"holds a study begun there (parent run {run_id}); {hint}, or use "
                             f"another --storage-path")
     client = connect(uri)
@@ -122,7 +122,7 @@ class StudyRun:
             self.run_id = run_id
             return run_id
         run = self.client.create_run(self.experiment_id, run_name=self.study.name, tags={
-            "study": self.study.name, "results_dir": self.study.results_place(),
+            "study": self.study.name, "results_dir": shown(self.study.results_place()),
             "git_commit": git_commit(), **package_versions()})
         self.run_id = run.info.run_id
         self.client.log_text(self.run_id, study_text, "study.yaml")
