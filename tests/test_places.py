@@ -74,6 +74,10 @@ CASES = {
     "train: checkpoint dir under a file": (
         lambda t: train_main([*TINY, "--checkpoint-dir", a_file(t) + "/ck"]),
         "notes.txt/ck: part of the path is a file, not a folder"),
+    "train on two ranks: checkpoint dir under a file (before Ray)": (
+        lambda t: train_main([*TINY, "--parallel", "dp=2", "--checkpoint-dir",
+                              a_file(t) + "/ck"]),
+        "notes.txt/ck: part of the path is a file, not a folder"),
     "train: checkpoint dir under /proc": (
         lambda t: train_main([*TINY, "--checkpoint-dir", "/proc/multires/ck"]),
         "--checkpoint-dir: /proc/multires"),

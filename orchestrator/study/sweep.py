@@ -18,7 +18,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from orchestrator.errors import Busy, ConfigError, sigterm_as_ctrl_c
+from orchestrator.errors import Busy, ConfigError
 from orchestrator.results import trained
 from orchestrator.run.data import DATASETS
 from orchestrator.study.config import StudyConfig
@@ -235,7 +235,6 @@ def fit(study: StudyConfig, results: str, restoring: bool, parent, digest: str,
                     max_failures=study.resources.max_failures)),
         )
     ctrl_c = signal.getsignal(signal.SIGINT)
-    sigterm_as_ctrl_c()  # again: ray.init replaced the handler with an exit
     try:
         return tuner.fit()
     finally:
