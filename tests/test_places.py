@@ -129,6 +129,7 @@ CASES = {
 def test_places_are_checked_before_any_work(case, tmp_path, capsys, monkeypatch):
     command, message = CASES[case]
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("orchestrator.study.sweep.start_ray", never)
     inputs(tmp_path).mkdir()
     (inputs(tmp_path) / "runs.csv").write_text(CSV)
     before = sorted(p.name for p in inputs(tmp_path).iterdir())
@@ -331,11 +332,16 @@ def test_a_study_on_s3_storage(ray_address, tmp_path, capsys, monkeypatch):
         assert "test:test" not in out and f"results: s3://multires/results/smoke\n" in out
         assert "best model: mlflow.pytorch.load_model(\"models:/smoke/1\")" in out
         assert sorted(p.name for p in tmp_path.iterdir()) == ["mlartifacts", "mlflow.db",
-                                                             "moto.log"]
+                                                             "moto.log"]  # no ./s3:
         state = json.loads(read_text(join(results, "smoke", STATE_FILE)))
         fs, path = filesystem(join(results, "smoke"))
         found = [f.path for f in fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True))]
         assert [p for p in found if p.endswith("/checkpoint.pt")]
+        from mlflow.tracking import MlflowClient
+
+        logged = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").download_artifacts(
+            state["parent_run_id"], "resolved_study.json", str(tmp_path / "dl"))
+        assert json.loads(Path(logged).read_text())["storage_path"] == "s3://multires/results"
         assert sweep_main(args) == 0
         assert capsys.readouterr().out.startswith(
             f"study smoke is finished (parent run {state['parent_run_id']}): 1 trials trained")

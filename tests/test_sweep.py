@@ -116,12 +116,13 @@ def pair_study(tmp_path: Path, **changes) -> Path:
 
 
 def test_n0_study_resumes_and_ends_with_n0(ray_address, tmp_path, capsys):
-    """A matched-pair study with the n0 searcher, interrupted (SIGTERM, as Ctrl-C: the parent run
-    is ended as KILLED, no trial left RUNNING) and run again: the searcher's state comes back with Tune's
-    (Tuner.restore), in the same parent run; finished trials are kept, no (net, seed) is trained
-    twice, every epoch logged once; the bracket (both pairs, one seed), a second seed where the
-    difference is unsure, then it stops and says why; the sweep prints the report and n0 and
-    logs them to the parent run; orchestrator.report reads the same study back from MLflow."""
+    """A matched-pair study with the n0 searcher, interrupted (SIGTERM, as Ctrl-C: the parent
+    run is ended as KILLED, no trial left RUNNING) and run again: the searcher's state comes back
+    with Tune's (Tuner.restore), in the same parent run; finished trials are kept, no (net, seed)
+    is trained twice, every epoch logged once; the bracket (both pairs, one seed), a second seed
+    where the difference is unsure, then it stops and says why; the sweep prints the report and
+    n0 and logs them to the parent run; orchestrator.report reads the same study back from
+    MLflow."""
     from orchestrator.report import main as report_main
 
     path = pair_study(tmp_path)

@@ -128,7 +128,7 @@ def _run(study: StudyConfig, study_file: str, resume: bool, results: str, local:
     from ray.tune import Tuner
 
     from orchestrator.study.console import start_line
-    from orchestrator.study.mlflow_client import connect
+    from orchestrator.study.mlflow_client import connect, sqlite_path
     from orchestrator.study.summary import (register_best_model, report_n0, report_summary,
                                             summarize_results, show_finished)
     from orchestrator.study.tracking import StudyRun, check_parent
@@ -144,6 +144,10 @@ def _run(study: StudyConfig, study_file: str, resume: bool, results: str, local:
         if parent_run.info.status == "FINISHED":  # a rerun changes nothing
             show_finished(parent_run, study, shown(results))
             return 0
+    elif sqlite_path(study.tracking_uri()) is None or sqlite_path(study.tracking_uri()).is_file():
+        client = connect(study.tracking_uri())  # a server, a file store: checked before Ray
+    else:
+        client = None  # a new database is made once the cluster is there
     study, concurrency = start_ray(study, study_file)
     restoring = state is not None and Tuner.can_restore(results)
     if resume and not restoring:
@@ -151,8 +155,7 @@ def _run(study: StudyConfig, study_file: str, resume: bool, results: str, local:
     print(start_line(study, planned_trials(study), concurrency, shown(results), ray_log),
           flush=True)
 
-    if state is None:  # the database is made once the cluster is there
-        client = connect(study.tracking_uri())
+    client = client or connect(study.tracking_uri())
     parent = StudyRun(client, study)
     # A driver killed before Tune first saved its state leaves a parent run and nothing to
     # restore: the fresh start continues that parent run instead of leaving it RUNNING.

@@ -126,7 +126,9 @@ class StudyRun:
             "git_commit": git_commit(), **package_versions()})
         self.run_id = run.info.run_id
         self.client.log_text(self.run_id, study_text, "study.yaml")
-        self.client.log_dict(self.run_id, self.study.model_dump(mode="json"), "resolved_study.json")
+        resolved = {**self.study.model_dump(mode="json"),  # no storage credentials
+                    "storage_path": shown(self.study.storage_path)}
+        self.client.log_dict(self.run_id, resolved, "resolved_study.json")
         # The space the searcher chooses from, and what the budget left out (never sampled).
         space = "architecture,params,budget\n" + "".join(
             f"{c.name},{c.params},{c.excluded or 'in budget'}\n"
