@@ -95,7 +95,7 @@ def run_command(parser: argparse.ArgumentParser, work: Work, argv: list[str] | N
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_status
     except (OSError, RuntimeError) as exc:
-        line = os_error_line(exc)
+        line = os_error_line(exc, anywhere=True)
         if debug or line is None:
             return _internal(exc, debug)
         print(f"error: {line}", file=sys.stderr)

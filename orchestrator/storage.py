@@ -27,8 +27,11 @@ MEANING = {errno.ENOSPC: "no space left on {where}; free space there or choose a
            errno.ELOOP: "{where}: a loop of symbolic links; fix the link",
            errno.ENOTDIR: "{where}: part of the path is a file, not a folder",
            errno.EISDIR: "{where} is a folder; give a file",
-           errno.EEXIST: "{where} is a file; give a folder",
            errno.ENOENT: "{where}: no such place (or one that cannot hold files)"}
+# Those that say what is wrong with a place wherever they are raised (the others, only around
+# a write the project makes: elsewhere a missing file may well be a bug).
+ANYWHERE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+            errno.ENAMETOOLONG, errno.ELOOP)
 PROBE_BYTES = 4096  # written and removed at the start: a full disk shows at once
 
 
@@ -38,13 +41,15 @@ def short(text: object, limit: int = 120) -> str:
     return text if len(text) <= limit else f"{text[:limit - 3]}..."
 
 
-def os_error_line(exc: Exception, where: object = None, field: str | None = None
-                  ) -> str | None:
+def os_error_line(exc: Exception, where: object = None, field: str | None = None,
+                  anywhere: bool = False) -> str | None:
     """One line for an OSError of a place written to or read from (or Path.resolve's symlink
-    loop, a RuntimeError before Python 3.13), or None: not one we know."""
+    loop, a RuntimeError before Python 3.13), or None: not one we know (with `anywhere`, not one
+    of ANYWHERE)."""
     if isinstance(exc, RuntimeError) and str(exc).startswith("Symlink loop from "):
         exc = OSError(errno.ELOOP, "symlink loop", str(exc).split("from ", 1)[1].strip("'"))
-    meaning = MEANING.get(getattr(exc, "errno", None))
+    code = getattr(exc, "errno", None)
+    meaning = MEANING.get(code) if code in ANYWHERE or not anywhere else None
     if meaning is None:
         return None
     where = short(exc.filename or where or "this place")

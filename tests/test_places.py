@@ -347,3 +347,19 @@ def test_a_study_on_s3_storage(ray_address, tmp_path, capsys, monkeypatch):
             f"study smoke is finished (parent run {state['parent_run_id']}): 1 trials trained")
     finally:
         s3.stop()
+
+
+@pytest.mark.parametrize("exc, line", [
+    (OSError(28, "No space left on device"), "no space left on /d/f; free space there"),
+    (OSError(30, "Read-only file system", "/d/f"), "/d/f is on a read-only filesystem"),
+    (RuntimeError("Symlink loop from '/d/f'"), "/d/f: a loop of symbolic links"),
+    (FileNotFoundError(2, "No such file or directory", "/d/f"), None),  # a bug, maybe
+    (RuntimeError("something else"), None),
+])
+def test_which_os_errors_are_the_places_wherever_they_come_from(exc, line):
+    """What the commands' one error handler (cli.run_command) tells as a place's fault; a
+    missing file outside the project's own writes stays a bug report."""
+    from orchestrator.storage import os_error_line
+
+    found = os_error_line(exc, "/d/f", anywhere=True)
+    assert found == line if line is None else line in found
