@@ -8,8 +8,8 @@ import pytest
 from models.multi_resnet import Architecture
 from models.summary import summarize
 from orchestrator.sweep import main as sweep_main
-from tests.sweeps import (PARENT, SMOKE, assert_resumes_once, child_statuses, runs, start_sweep,
-                          wait_for)
+from tests.sweeps import (PARENT, SMOKE, assert_resumes_once, checkpoints, child_statuses, runs,
+                          start_sweep, wait_for)
 
 
 def assert_best_model_loads(uri: str, name: str, children) -> None:
@@ -162,10 +162,12 @@ def test_n0_study_resumes_and_ends_with_n0(ray_address, tmp_path, capsys):
 def test_trials_on_a_data_parallel_mesh_one_diverging(ray_address, tmp_path):
     """`parallel:` in a study sets each trial's Ray Train workers (two ranks, dp=2); a trial
     whose loss becomes non-finite fails with that reason, and the sweep goes on. Ctrl-C
-    belongs to the caller again afterwards."""
+    belongs to the caller again afterwards. The storage is given as a file:// URI: the same
+    folder."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     ctrl_c = signal.getsignal(signal.SIGINT)
-    assert sweep_main([SMOKE, "--storage-path", str(tmp_path / "results"), "--tracking-uri", uri,
+    assert sweep_main([SMOKE, "--storage-path", (tmp_path / "results").as_uri(),
+                       "--tracking-uri", uri,
                        "--set", "space.depth=8", "--set", "space.k=1", "--set",
                        "space.lr={type: categorical, choices: [0.05, 1.0e+8]}",
                        "--set", "searcher.sampler=grid", "--set", "scheduler.type=none",
@@ -180,6 +182,8 @@ def test_trials_on_a_data_parallel_mesh_one_diverging(ray_address, tmp_path):
     assert failed.info.status == "FAILED"
     assert "loss became non-finite at step" in failed.data.tags["failure"]
     assert parents[0].info.status == "FINISHED"
+    assert checkpoints(tmp_path / "results", trained.data.tags["trial_id"])
+    assert (tmp_path / "results" / "smoke" / "multires_study.json").is_file()
 
 
 @pytest.mark.parametrize("uri, message", [
