@@ -19,9 +19,11 @@ import threading
 import traceback
 from collections.abc import Callable, Iterable
 
-from orchestrator.errors import UserError
+from orchestrator.errors import (EXIT_INTERRUPTED, UserError, interrupted_status,
+                                 sigterm_as_ctrl_c)
+from orchestrator.storage import os_error_line
 
-EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 130
+EXIT_INTERNAL = 1
 MAX_ERROR_LINE = 1000  # characters; a message quoting a huge value keeps its start and its fix
 
 
@@ -72,34 +74,51 @@ def run_command(parser: argparse.ArgumentParser, work: Work, argv: list[str] | N
                 interrupted: Advice = "interrupted", preload: Preload = ()) -> int:
     """Parse argv, import the `preload` modules, run the command's work and return its exit
     status: 0 (or what work returns); for a `UserError`, its one line and its status (2, or 3
-    for out of GPU memory); for Ctrl-C, the `interrupted` advice and 130; for anything else (a
-    bug), "internal error", where the traceback was written, and 1. With --debug, errors raise
-    with their traceback."""
+    for out of GPU memory); an OSError of a place (no space left, read-only, ...) is one too;
+    for Ctrl-C, the `interrupted` advice and 130 (SIGTERM: the same, and 143); for anything
+    else (a bug), "internal error", where the traceback was written, and 1. With --debug,
+    errors raise with their traceback."""
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
     advice = (lambda: interrupted(args)) if callable(interrupted) else (lambda: interrupted)
     setup_logging()
+    sigterm = sigterm_as_ctrl_c(fresh=True)
     try:
         _load(preload(args) if callable(preload) else preload, advice)
-        return work(args) or 0
+        status = work(args) or 0
+        return interrupted_status() if status == EXIT_INTERRUPTED else status
     except KeyboardInterrupt:
         print(advice(), file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return interrupted_status()
     except UserError as exc:
         if debug:
             raise
         print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_status
+    except (OSError, RuntimeError) as exc:
+        line = os_error_line(exc, anywhere=True)
+        if debug or line is None:
+            return _internal(exc, debug)
+        print(f"error: {one_line(line)}", file=sys.stderr)
+        return UserError.exit_status
     except Exception as exc:
-        if debug:
-            raise
-        with tempfile.NamedTemporaryFile("w", prefix="multires-traceback-", suffix=".txt",
-                                         delete=False) as f:
-            traceback.print_exc(file=f)
-        first_line = one_line((str(exc).strip().splitlines() or [""])[0])
-        print(f"internal error: {type(exc).__name__}: {first_line}\n(a bug, not your input: the "
-              f"traceback is in {f.name}; please report it)", file=sys.stderr)
-        return EXIT_INTERNAL
+        return _internal(exc, debug)
+    finally:
+        if sigterm is not None:  # the caller's own handler again (a test session's)
+            signal.signal(signal.SIGTERM, sigterm)
+
+
+def _internal(exc: Exception, debug: bool) -> int:
+    """A bug: one line, and the traceback in a file."""
+    if debug:
+        raise exc
+    with tempfile.NamedTemporaryFile("w", prefix="multires-traceback-", suffix=".txt",
+                                     delete=False) as f:
+        traceback.print_exc(file=f)
+    first_line = one_line((str(exc).strip().splitlines() or [""])[0])
+    print(f"internal error: {type(exc).__name__}: {first_line}\n(a bug, not your input: the "
+          f"traceback is in {f.name}; please report it)", file=sys.stderr)
+    return EXIT_INTERNAL
 
 
 def one_line(text: str) -> str:
@@ -115,7 +134,7 @@ def _load(modules: Iterable[str], advice: Callable[[], str]) -> None:
     """Import `modules`; Ctrl-C meanwhile prints the advice and exits at once (130)."""
     def quit_now(signum, frame):
         print(advice(), file=sys.stderr, flush=True)
-        os._exit(EXIT_INTERRUPTED)
+        os._exit(interrupted_status())
 
     # Signal handlers belong to the main thread (a command run from another thread just loads).
     main_thread = threading.current_thread() is threading.main_thread()

@@ -1,5 +1,12 @@
 """What can go wrong, in two kinds: what the user can fix (a `UserError`: one line that names the
-field and the fix) and anything else (a bug). `orchestrator.cli.run_command` prints both."""
+field and the fix) and anything else (a bug). `orchestrator.cli.run_command` prints both.
+SIGTERM (what `ray job stop`, Kubernetes and batch schedulers send) takes the Ctrl-C path
+(`sigterm_as_ctrl_c`), and the command exits 143 instead of 130."""
+import signal
+import threading
+
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
+_terminated = threading.Event()
 
 
 class UserError(Exception):
@@ -40,3 +47,39 @@ def shown(value, limit: int = 60) -> str:
     """A value as an error line quotes it: its repr, cut to `limit` characters."""
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}...({len(text):,} characters)"
+
+
+class StorageError(UserError):
+    """A place to write to that cannot be written: a file where a folder goes, read-only,
+    missing, or full."""
+
+
+class Busy(UserError):
+    """The study is being run by another process right now."""
+
+
+def sigterm_as_ctrl_c(fresh: bool = False):
+    """From now on SIGTERM does what Ctrl-C does at that moment: it calls the current SIGINT
+    handler (Tune's graceful stop during a sweep, else KeyboardInterrupt), and the command's exit
+    status becomes 143. Called again after a library (Ray) installs its own SIGTERM handler.
+    Signal handlers belong to the main thread; elsewhere this does nothing. `fresh`: a new
+    command, no SIGTERM seen yet. Returns the handler it replaced (None off the main thread)."""
+    if fresh:
+        _terminated.clear()
+    if threading.current_thread() is threading.main_thread():
+        return signal.signal(signal.SIGTERM, _as_ctrl_c)
+    return None
+
+
+def _as_ctrl_c(signum, frame) -> None:
+    _terminated.set()
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    else:
+        raise KeyboardInterrupt
+
+
+def interrupted_status() -> int:
+    """130 after Ctrl-C, 143 after SIGTERM."""
+    return EXIT_TERMINATED if _terminated.is_set() else EXIT_INTERRUPTED

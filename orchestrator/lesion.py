@@ -29,7 +29,9 @@ def parser() -> argparse.ArgumentParser:
 def lesion_command(args: argparse.Namespace) -> None:
     from orchestrator.analysis.lesion import lesion_study, load_model, plot, test_split
     from orchestrator.run.data import Batches
+    from orchestrator.storage import check_writable
 
+    check_writable(args.out, "--out")  # before the lesion study, not after it
     model, config = load_model(Path(args.checkpoint))
     test, dataset = test_split(config, args.data_dir, args.test_size, args.checkpoint)
     table = lesion_study(model, Batches(test, dataset, 500, "cpu", train=False))

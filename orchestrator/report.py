@@ -34,7 +34,8 @@ def parser() -> argparse.ArgumentParser:
 
 def report_command(args: argparse.Namespace) -> None:
     from orchestrator.analysis.report import build_report, show
-    from orchestrator.errors import ConfigError, ReportError
+    from orchestrator.errors import ConfigError
+    from orchestrator.storage import check_writable
 
     if not args.experiment and not args.from_csv:
         raise ConfigError("give --experiment NAME (MLflow) or --from-csv FILE")
@@ -44,20 +45,18 @@ def report_command(args: argparse.Namespace) -> None:
     if not 0 < args.pair_tolerance < 1:
         raise ConfigError(f"--pair-tolerance {args.pair_tolerance:g}: a relative parameter gap "
                           f"above 0 and below 1 (default 0.1)")
+    name = Path(args.from_csv).stem if args.from_csv else args.experiment
+    out = Path(args.out or f"report-{name}")
+    check_writable(out, "--out")  # before anything is read or computed
     if args.from_csv:
         from orchestrator.analysis.n0 import read_csv
 
         runs, histories, parent = read_csv(args.from_csv), None, None
-        name = Path(args.from_csv).stem
     else:
         from orchestrator.study.tracking import finished_trials
 
         runs, histories, parent = finished_trials(args.tracking_uri, args.experiment,
                                                   args.run_id)
-        name = args.experiment
-    out = Path(args.out or f"report-{name}")
-    if out.exists() and not out.is_dir():
-        raise ReportError(f"--out {out} is a file; give a folder for the report")
     n0, path = build_report(runs, out, f"Deeper or wider: {name}", histories, args.draws,
                             args.pair_tolerance)
     show(path, n0)

@@ -70,3 +70,37 @@ class MlflowServer:
         if self.proc is not None:
             stop(self.proc)
             self.proc = None
+
+
+class S3Server:
+    """An S3-compatible server (moto's, from the dev extra) on 127.0.0.1, with one bucket;
+    `uri(path)` is an s3:// storage URI that pyarrow (and so Ray Tune) reaches it with."""
+
+    def __init__(self, folder: Path, bucket: str = "multires"):
+        self.folder, self.bucket, self.port = folder, bucket, free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def uri(self, path: str) -> str:
+        return (f"s3://test:test@{self.bucket}/{path}?endpoint_override=127.0.0.1:{self.port}"
+                f"&scheme=http&region=us-east-1")
+
+    def start(self, timeout: float = 60) -> "S3Server":
+        import pyarrow.fs
+
+        self.proc = start([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+                          self.folder / "moto.log")
+        deadline = time.time() + timeout
+        while True:
+            try:
+                fs, _ = pyarrow.fs.FileSystem.from_uri(self.uri("") + "&allow_bucket_creation=true")
+                fs.create_dir(self.bucket)
+                return self
+            except OSError:
+                assert self.proc.poll() is None and time.time() < deadline, \
+                    (self.folder / "moto.log").read_text()[-2000:]
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+            self.proc = None

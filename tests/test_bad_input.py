@@ -163,7 +163,7 @@ CASES = {
         lambda t: report_main(["--from-csv", csv(t, "depth,k,width,params,seed,test_error\n"
                                                     "20,4,1,1074874,0,6.3\n"),
                                "--out", csv(t, "not a folder", "notes.txt")]),
-        "notes.txt is a file; give a folder for the report"),
+        "notes.txt is a file; give a folder"),
     "unknown tracking scheme": (lambda t: sweep(t, study(t), "--tracking-uri", "foo://x"),
                                 "unknown scheme 'foo'; use sqlite:///PATH/mlflow.db"),
     "truncated checkpoint": (lambda t: train_main([*TINY, "--k", "1", "--resume",

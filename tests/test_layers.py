@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parent.parent
-BASE = {"orchestrator.errors", "orchestrator.results"}
+BASE = {"orchestrator.errors", "orchestrator.results", "orchestrator.storage"}
 # package -> the project packages (and modules) it may import, besides itself
 ALLOWED = {
     "models": set(),
     "orchestrator.errors": set(),
     "orchestrator.results": set(),
+    "orchestrator.storage": {"orchestrator.errors"},
     "orchestrator.parallel": {"models", "orchestrator.run.config"} | BASE,
     "orchestrator.run": {"models", "orchestrator.parallel"} | BASE,
     "orchestrator.analysis": {"models", "orchestrator.run"} | BASE,

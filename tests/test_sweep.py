@@ -9,8 +9,8 @@ import pytest
 from models.multi_resnet import Architecture
 from models.summary import summarize
 from orchestrator.sweep import main as sweep_main
-from tests.sweeps import (PARENT, SMOKE, assert_resumes_once, child_statuses, runs, start_sweep,
-                          wait_for)
+from tests.sweeps import (PARENT, SMOKE, assert_resumes_once, checkpoints, child_statuses, runs,
+                          start_sweep, wait_for)
 
 
 def assert_best_model_loads(uri: str, name: str, children) -> None:
@@ -119,12 +119,13 @@ def pair_study(tmp_path: Path, **changes) -> Path:
 
 
 def test_n0_study_resumes_and_ends_with_n0(ray_address, tmp_path, capsys):
-    """A matched-pair study with the n0 searcher, interrupted (Ctrl-C: the parent run is ended
-    as KILLED, no trial left RUNNING) and run again: the searcher's state comes back with Tune's
-    (Tuner.restore), in the same parent run; finished trials are kept, no (net, seed) is trained
-    twice, every epoch logged once; the bracket (both pairs, one seed), a second seed where the
-    difference is unsure, then it stops and says why; the sweep prints the report and n0 and
-    logs them to the parent run; orchestrator.report reads the same study back from MLflow."""
+    """A matched-pair study with the n0 searcher, interrupted (SIGTERM, as Ctrl-C: the parent
+    run is ended as KILLED, no trial left RUNNING) and run again: the searcher's state comes back
+    with Tune's (Tuner.restore), in the same parent run; finished trials are kept, no (net, seed)
+    is trained twice, every epoch logged once; the bracket (both pairs, one seed), a second seed
+    where the difference is unsure, then it stops and says why; the sweep prints the report and
+    n0 and logs them to the parent run; orchestrator.report reads the same study back from
+    MLflow."""
     from orchestrator.report import main as report_main
 
     path = pair_study(tmp_path)
@@ -132,9 +133,11 @@ def test_n0_study_resumes_and_ends_with_n0(ray_address, tmp_path, capsys):
     args = ["--storage-path", str(results), "--tracking-uri", uri]
     proc = start_sweep(args, ray_address, study=str(path), cwd=tmp_path)
     wait_for(lambda: child_statuses(uri, "pairs").count("FINISHED") >= 2, proc)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    # SIGTERM (ray job stop, Kubernetes, batch schedulers) takes the Ctrl-C path; exit 143.
+    proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 130, output[-3000:]
+    assert proc.returncode == 143, output[-3000:]
+    assert "Fatal Python error" not in output
     _, parents, children = runs(uri, "pairs")
     assert len(parents) == 1 and parents[0].info.status == "KILLED"
     assert not [c for c in children if c.info.status == "RUNNING"]
@@ -180,10 +183,12 @@ def test_n0_study_resumes_and_ends_with_n0(ray_address, tmp_path, capsys):
 def test_trials_on_a_data_parallel_mesh_one_diverging(ray_address, tmp_path):
     """`parallel:` in a study sets each trial's Ray Train workers (two ranks, dp=2); a trial
     whose loss becomes non-finite fails with that reason, and the sweep goes on. Ctrl-C
-    belongs to the caller again afterwards."""
+    belongs to the caller again afterwards. The storage is given as a file:// URI: the same
+    folder."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     ctrl_c = signal.getsignal(signal.SIGINT)
-    assert sweep_main([SMOKE, "--storage-path", str(tmp_path / "results"), "--tracking-uri", uri,
+    assert sweep_main([SMOKE, "--storage-path", (tmp_path / "results").as_uri(),
+                       "--tracking-uri", uri,
                        "--set", "space.depth=8", "--set", "space.k=1", "--set",
                        "space.lr={type: categorical, choices: [0.05, 1.0e+8]}",
                        "--set", "searcher.sampler=grid", "--set", "scheduler.type=none",
@@ -198,6 +203,8 @@ def test_trials_on_a_data_parallel_mesh_one_diverging(ray_address, tmp_path):
     assert failed.info.status == "FAILED"
     assert "loss became non-finite at step" in failed.data.tags["failure"]
     assert parents[0].info.status == "FINISHED"
+    assert checkpoints(tmp_path / "results", trained.data.tags["trial_id"])
+    assert (tmp_path / "results" / "smoke" / "multires_study.json").is_file()
 
 
 @pytest.mark.parametrize("uri, message", [

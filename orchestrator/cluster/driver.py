@@ -17,11 +17,12 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
 
 from orchestrator.cluster.worker import train_loop_per_worker
-from orchestrator.errors import ConfigError, TrainingDiverged, UserError
+from orchestrator.errors import ConfigError, TrainingDiverged, UserError, sigterm_as_ctrl_c
 from orchestrator.parallel import process_group
 from orchestrator.results import DIVERGED
 from orchestrator.run.config import TrainConfig
 from orchestrator.run.session import check_outputs
+from orchestrator.storage import check_writable
 
 # Ray's loopback-only mode for a single machine (see init_ray).
 LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -39,6 +40,13 @@ def init_ray(num_cpus: int | None = None) -> None:
     private local Ray that listens on 127.0.0.1 only."""
     if ray.is_initialized():
         return
+    _connect(num_cpus)
+    # ray.init makes SIGTERM end the driver at once (inside Tune: an abort, runs left RUNNING);
+    # the commands stop on it as on Ctrl-C instead.
+    sigterm_as_ctrl_c()
+
+
+def _connect(num_cpus: int | None) -> None:
     address = os.environ.get("RAY_ADDRESS", "").strip()
     if not address:
         # Ray gives a local node the machine's routable address, and its servers then listen on
@@ -112,11 +120,6 @@ def build_trainer(cfg: TrainConfig, *, name: str, storage_path: str, echo: bool,
 def run_on_ray(cfg: TrainConfig) -> dict:
     """More than one rank: a local Ray Train run (or on RAY_ADDRESS), one worker per rank."""
     world = cfg.parallel.world_size
-    init_ray()
-    # One CPU per rank where the machine has them; ranks share CPUs on a smaller machine.
-    cpus_per_worker = min(1.0, ray.cluster_resources().get("CPU", 1) / world)
-    gpus = ray.cluster_resources().get("GPU", 0) if cfg.device != "cpu" else 0
-    gpus_per_worker = 1 if gpus >= world else 0
     if cfg.data_dir:
         cfg = cfg.model_copy(update={"data_dir": str(Path(cfg.data_dir).resolve())})
     if cfg.log_json:
@@ -129,6 +132,12 @@ def run_on_ray(cfg: TrainConfig) -> dict:
     if cfg.resume and not (storage / "train").exists():
         raise ConfigError(f"no run to resume in {storage}; run without --resume")
     check_outputs(cfg, checkpoint_dir=False)  # Ray Train keeps the checkpoints in storage/train
+    check_writable(storage, "--checkpoint-dir")  # all of it before Ray starts
+    init_ray()
+    # One CPU per rank where the machine has them; ranks share CPUs on a smaller machine.
+    cpus_per_worker = min(1.0, ray.cluster_resources().get("CPU", 1) / world)
+    gpus = ray.cluster_resources().get("GPU", 0) if cfg.device != "cpu" else 0
+    gpus_per_worker = 1 if gpus >= world else 0
     trainer = build_trainer(cfg, name="train", storage_path=str(storage), echo=True,
                             cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
     try:

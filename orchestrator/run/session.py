@@ -2,19 +2,18 @@
 folder; and the checks, before any training, that none of it replaces an earlier run's."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch.distributed as dist
 
-from orchestrator.errors import CheckpointError, ConfigError
+from orchestrator.errors import CheckpointError, ConfigError, StorageError
 from orchestrator.results import CHECKPOINT_FILE, EPOCH_METRICS
 from orchestrator.run.checkpoint import load_checkpoint, save_atomic
 from orchestrator.run.config import TrainConfig
+from orchestrator.storage import check_writable, writing
 
 
 def check_outputs(cfg: TrainConfig, checkpoint_dir: bool = True) -> None:
@@ -25,27 +24,13 @@ def check_outputs(cfg: TrainConfig, checkpoint_dir: bool = True) -> None:
         if not cfg.resume and log.is_file() and log.stat().st_size:
             raise ConfigError(f"--log-json {log} exists; pass --resume to continue its run, or "
                               f"choose another file")
-        _check_writable(log.parent, f"--log-json {log}")
+        check_writable(log, "--log-json", file=True)
     if checkpoint_dir and cfg.checkpoint_dir:
         folder = Path(cfg.checkpoint_dir)
         if not cfg.resume and (folder / CHECKPOINT_FILE).exists():
             raise CheckpointError(f"{folder / CHECKPOINT_FILE} exists; pass --resume to continue "
                                   f"that run, or choose another --checkpoint-dir")
-        _check_writable(folder, f"--checkpoint-dir {folder}")
-
-
-def _check_writable(folder: Path, what: str) -> None:
-    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as exc:
-        raise ConfigError(f"{what}: cannot write there ({exc.strerror or exc}); choose a "
-                          f"writable folder") from None
-    finally:
-        for path in created:  # nothing is left behind until the run writes there
-            with contextlib.suppress(OSError):
-                path.rmdir()
+        check_writable(folder, "--checkpoint-dir")
 
 
 def log_lines_until(path: Path, step: int, epoch: int) -> list[str] | None:
@@ -87,6 +72,7 @@ class LocalSession:
         self.log_path = Path(cfg.log_json) if cfg.log_json and self.lead else None
         self.log = None
         self.kept_log: list[str] | None = None  # on resume: written back at the first new line
+        self.log_failed: Exception | None = None  # raised after the epoch's checkpoint
         if guard and self.lead:
             check_outputs(cfg)
 
@@ -103,7 +89,7 @@ class LocalSession:
         return state
 
     def _write(self, line: str) -> None:
-        if self.log_path is None:
+        if self.log_path is None or self.log_failed is not None:
             return
         if self.log is None:  # opened at the first line: a run that fails earlier (a resume
             # refused after its checks) writes and cuts nothing
@@ -116,19 +102,35 @@ class LocalSession:
         self.log.write(line)
 
     def log_step(self, record: dict) -> None:
-        self._write(json.dumps(record) + "\n")
+        self._log_safely(lambda: self._write(json.dumps(record) + "\n"))
+
+    def _log_safely(self, write) -> None:
+        """A log that cannot be written (a full disk) ends the run, but only after the epoch's
+        checkpoint: the error is kept and raised by `report`."""
+        try:
+            with writing(self.log_path, "--log-json"):
+                write()
+        except StorageError as exc:
+            self.log_failed = exc
 
     def report(self, metrics: dict, state: dict | None) -> None:
         self.write_epoch(metrics)
         if self.dir is not None and state is not None:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            save_atomic(state, self.dir / CHECKPOINT_FILE)
+            with writing(self.dir / CHECKPOINT_FILE, "--checkpoint-dir"):
+                self.dir.mkdir(parents=True, exist_ok=True)
+                save_atomic(state, self.dir / CHECKPOINT_FILE)
+        if self.log_failed is not None:
+            raise self.log_failed
 
     def write_epoch(self, metrics: dict) -> None:
         if self.log_path is not None:
             record = {k: metrics[k] for k in ("epoch", *EPOCH_METRICS) if k in metrics}
-            self._write(json.dumps({"kind": "epoch", **record}) + "\n")
-            self.log.flush()
+
+            def write():
+                self._write(json.dumps({"kind": "epoch", **record}) + "\n")
+                if self.log is not None:
+                    self.log.flush()
+            self._log_safely(write)
         if self.echo:
             print(f"epoch {metrics['epoch']:>3}  train loss {metrics['train_loss']:.4f}  "
                   f"train err {100 * metrics['train_error']:5.2f}%  "
@@ -138,4 +140,9 @@ class LocalSession:
 
     def close(self) -> None:
         if self.log:
-            self.log.close()
+            try:
+                with writing(self.log_path, "--log-json"):
+                    self.log.close()
+            except StorageError:  # the lines a full disk held back: said once, not twice
+                if self.log_failed is None:
+                    raise

@@ -18,6 +18,7 @@ from models.summary import parameter_count
 from orchestrator.errors import ConfigError, shown
 from orchestrator.run.config import (MAX_SEED, ParallelConfig, Strict, TrainConfig, describe,
                                      load_yaml, parse_yaml, yaml_problem)
+from orchestrator.storage import REMOTE_SCHEMES, join, storage_uri
 from orchestrator.study.pairs import Pair, PairDesign
 from orchestrator.study.settings import (ARCH_KEYS, RECIPE_KEYS, Budget, Choice, Distribution,
                                          FloatRange, IntRange, MlflowSettings, N0Settings,
@@ -88,6 +89,16 @@ class StudyConfig(Strict):
             raise ValueError("seeds must be distinct and >= 0, e.g. [0, 1, 2] or a count: 3")
         return seeds
 
+    @field_validator("storage_path")
+    @classmethod
+    def _supported_storage(cls, value: str) -> str:
+        scheme = value.partition("://")[0] if "://" in value else ""
+        if scheme not in ("", "file", *REMOTE_SCHEMES):
+            raise ValueError(f"scheme {scheme!r} is not supported; give a folder, file://PATH "
+                             f"or a URI starting with "
+                             f"{', '.join(s + '://' for s in REMOTE_SCHEMES)}")
+        return value
+
     @field_validator("space")
     @classmethod
     def _known_keys(cls, space: dict) -> dict:
@@ -150,7 +161,22 @@ class StudyConfig(Strict):
                              f"depth/k/width")
         if self.searcher.sampler == "n0":
             self._check_n0()
+        self._check_mlflow_name()
         return self
+
+    def _check_mlflow_name(self) -> None:
+        """The experiment's name is also the best model's registered name: MLflow's own rules
+        for both, checked now rather than when the study ends."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.utils.validation import _validate_experiment_name, _validate_model_name
+
+        key = "mlflow.experiment" if self.mlflow.experiment else "name"
+        try:
+            _validate_experiment_name(self.experiment_name)
+            _validate_model_name(self.experiment_name)
+        except MlflowException as exc:
+            rule = exc.message.split(". ")[-1].rstrip(".")
+            raise ValueError(f"{key}: MLflow refuses it ({rule}); choose another") from None
 
     def _check_recipe_values(self, key: str, dist: Any) -> None:
         """Every value a recipe key may take must make a valid run: the ends of a range, each
@@ -313,8 +339,13 @@ class StudyConfig(Strict):
             uri = f"sqlite:///{Path(database).resolve()}"
         return uri
 
-    def storage_dir(self) -> Path:
-        return Path(self.storage_path).expanduser().resolve()
+    def storage(self) -> str:
+        """Where Tune writes: an absolute folder, or an s3://, gs:// or hdfs:// URI."""
+        return storage_uri(self.storage_path)
+
+    def results_place(self) -> str:
+        """The study's results folder (or URI) in its storage."""
+        return join(self.storage(), self.name)
 
 
 def set_dotted(data: dict, dotted: str, value: Any) -> None:

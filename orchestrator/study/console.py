@@ -95,15 +95,15 @@ def _reopened(stream, fd: int):
     return os.fdopen(os.dup(fd), "w", buffering=1, encoding=stream.encoding, errors="replace")
 
 
-def start_line(study, trials: int, at_once: int, results_dir: Path, quiet: bool) -> str:
+def start_line(study, trials: int, at_once: int, results: str, ray_log: Path | None) -> str:
     res = study.resources
     each = f"{res.workers} worker{'s' * (res.workers > 1)} x {res.cpus_per_worker:g} CPU"
     if res.gpus_per_worker:
         each += f" + {res.gpus_per_worker:g} GPU"
-    log = f"; Ray's log: {results_dir / RAY_LOG}" if quiet else ""
+    log = f"; Ray's log: {ray_log}" if ray_log else ""
     return (f"study {study.name}: up to {trials} trials, {at_once} at a time, each {each}; "
             f"MLflow: {study.tracking_uri()} (experiment '{study.experiment_name}'); results: "
-            f"{results_dir}{log}")
+            f"{results}{log}")
 
 
 class StudyProgress(Callback):

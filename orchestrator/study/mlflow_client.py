@@ -41,6 +41,10 @@ def connect(tracking_uri: str) -> MlflowClient:
             client = MlflowClient(tracking_uri)
             client.search_experiments(max_results=1)
     except Exception as exc:
+        if urlparse(tracking_uri).scheme in ("", "file"):  # MLflow's own reason, not ours
+            reason = (str(exc).strip().split(". ") or [""])[0][:200]
+            raise TrackingError(f"tracking URI {tracking_uri}: {reason}; use "
+                                f"sqlite:///PATH/mlflow.db") from None
         raise TrackingError(f"MLflow at {tracking_uri} cannot be used ({type(exc).__name__}); "
                             f"start the server or pass another --tracking-uri") from None
     return client

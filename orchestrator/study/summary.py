@@ -116,7 +116,7 @@ def epoch_history(frame):
     return frame[["epoch", "test_error"]].dropna()
 
 
-def report_summary(rows: list[dict], study: StudyConfig, parent, results_dir: Path) -> str | None:
+def report_summary(rows: list[dict], study: StudyConfig, parent, results: str) -> str | None:
     """The summary table, printed and logged to the parent run; returns the best trial's id."""
     import pandas as pd
     from mlflow.entities import Metric
@@ -141,10 +141,26 @@ def report_summary(rows: list[dict], study: StudyConfig, parent, results_dir: Pa
     now = int(time.time() * 1000)
     send("study metrics", lambda: client.log_batch(
         run_id, metrics=[Metric(k, v, now, 0) for k, v in study_metrics.items()]))
-    print(f"results: {results_dir}\nMLflow: {study.tracking_uri()} experiment "
+    print(f"results: {results}\nMLflow: {study.tracking_uri()} experiment "
           f"'{study.experiment_name}', parent run {run_id} (compare with `mlflow ui "
           f"--backend-store-uri {study.tracking_uri()}`)")
     return best["trial"] if len(finished) else None
+
+
+def show_finished(parent, study: StudyConfig, results: str) -> None:
+    """A finished study's command run again: its result, as the parent run holds it; nothing
+    is trained, logged or registered again."""
+    metrics, tags = parent.data.metrics, parent.data.tags
+    best = metrics.get("best_test_error")
+    lines = [f"study {study.name} is finished (parent run {parent.info.run_id}): "
+             f"{int(metrics.get('trials_trained', 0))} trials trained"
+             + (f", best test error {100 * best:.2f}%" if best is not None else "")]
+    if "n0" in tags:
+        lines.append(tags["n0"])
+    lines.append(f"results: {results}\nMLflow: {study.tracking_uri()} experiment "
+                 f"'{study.experiment_name}'\nnothing changed; to train it again, use another "
+                 f"--storage-path or remove that folder")
+    print("\n".join(lines))
 
 
 def register_best_model(results, trial_id: str, study: StudyConfig, parent) -> None:

@@ -11,18 +11,23 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import shutil
 import signal
+import tempfile
 import threading
 from pathlib import Path
 
-from orchestrator.errors import ConfigError
+from orchestrator.errors import Busy, ConfigError
 from orchestrator.results import trained
 from orchestrator.run.data import DATASETS
 from orchestrator.study.config import StudyConfig
+from orchestrator.storage import (check_writable, is_remote, join, read_text, resolve, shown,
+                                  upload, write_text)
 from orchestrator.study.trials import planned_trials
 
 STATE_FILE = "multires_study.json"
+LOCK_FILE = ".multires.lock"
 log = logging.getLogger(__name__)
 
 
@@ -41,13 +46,13 @@ def resolve_paths(study: StudyConfig) -> StudyConfig:
     the dataset once, before any trial starts."""
     train = study.train
     if DATASETS[train.dataset].needs_files:
-        data_dir = str(Path(train.data_dir or "data").expanduser().resolve())
+        data_dir = str(resolve(train.data_dir or "data", "--data-dir"))
         # Downloads when absent and online; checks the files.
         DATASETS[train.dataset].load(data_dir, None, None, train.seed)
         train = train.model_copy(update={"data_dir": data_dir})
     mlflow = study.mlflow.model_copy(update={"tracking_uri": study.tracking_uri()})
     return study.model_copy(update={"train": train, "mlflow": mlflow,
-                                    "storage_path": str(study.storage_dir())})
+                                    "storage_path": study.storage()})
 
 
 def config_hash(study: StudyConfig) -> str:
@@ -58,27 +63,58 @@ def config_hash(study: StudyConfig) -> str:
 STATE_KEYS = ("parent_run_id", "config_hash", "tracking_uri", "experiment")
 
 
-def read_state(results_dir: Path) -> dict | None:
-    path = results_dir / STATE_FILE
-    if not path.is_file():
+def read_state(results: str) -> dict | None:
+    """The study's own state in its results folder (local or a storage URI), None if absent."""
+    text = read_text(join(results, STATE_FILE))
+    if text is None:
         return None
     try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        state = exc
+        state = json.loads(text)
+    except ValueError:
+        state = None
     if not isinstance(state, dict) or any(key not in state for key in STATE_KEYS):
-        raise ConfigError(f"{path} is not a study's state (truncated or edited); remove "
-                          f"{results_dir} to start the study again")
+        raise ConfigError(f"{shown(join(results, STATE_FILE))} is not a study's state (truncated "
+                          f"or edited); remove {shown(results)} to start the study again")
     return state
 
 
-def check_results(results_dir: Path, trust: bool = False) -> None:
+def local_folder(study: StudyConfig) -> Path:
+    """Where this machine keeps the study's own files (Ray's log, the report, the lock): its
+    results folder, or for remote storage a folder in the temporary directory."""
+    results = study.results_place()
+    return Path(tempfile.gettempdir(), "multires", study.name) if is_remote(results) else \
+        Path(results)
+
+
+@contextlib.contextmanager
+def study_lock(folder: Path, study: StudyConfig):
+    """One sweep of a study at a time on a results folder: a second one is refused, not mixed
+    in. (With remote storage the lock is this machine's only.)"""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_FILE, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            raise Busy(f"study {study.name} is running in another process (pid {holder}) on "
+                       f"{shown(study.results_place())}; wait for it to end, or use another "
+                       f"--storage-path") from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield
+
+
+def check_results(results: str, trust: bool = False) -> None:
     """Before Ray starts: the folder's study state reads whole, and every file Ray would
     unpickle from it was signed by this user's sweeps (`trust`: sign what is there)."""
     from orchestrator.study import trust as signatures
 
-    if read_state(results_dir) is not None:
-        (signatures.sign if trust else signatures.check)(results_dir)
+    if read_state(results) is not None:
+        (signatures.sign if trust else signatures.check)(results)
 
 
 def run(study: StudyConfig, study_file: str, resume: bool, verbose: bool = False,
@@ -86,58 +122,77 @@ def run(study: StudyConfig, study_file: str, resume: bool, verbose: bool = False
     """Run the study; Ray's own output goes to a log file in its results folder unless
     `verbose`. A study that never started leaves no results folder behind."""
     from orchestrator.study.console import RAY_LOG, ray_output_to
-    from orchestrator.study.mlflow_client import check_scheme
+    from orchestrator.study.mlflow_client import check_scheme, sqlite_path
 
     check_scheme(study.tracking_uri())
-    check_results(study.storage_dir() / study.name, trust)
+    results = study.results_place()
+    # Before anything: a file, read-only, a name too long, a full disk.
+    check_writable(results, "storage_path")
+    database = sqlite_path(study.tracking_uri())
+    if database is not None:
+        check_writable(database.parent, "--tracking-uri")
+    check_results(results, trust)
     study = resolve_paths(study)  # the data checked before anything is started
-    results_dir = study.storage_dir() / study.name
+    local = local_folder(study)
     # The outermost folder this run creates: removed again if the study never starts.
-    created = next((p for p in (*reversed(results_dir.parents), results_dir)
-                    if not p.exists()), None)
+    created = next((p for p in (*reversed(local.parents), local) if not p.exists()), None)
     try:
-        with contextlib.nullcontext() if verbose else ray_output_to(results_dir / RAY_LOG):
-            return _run(study, study_file, resume, results_dir, quiet=not verbose)
+        with study_lock(local, study):
+            with contextlib.nullcontext() if verbose else ray_output_to(local / RAY_LOG):
+                return _run(study, study_file, resume, results, local,
+                            ray_log=None if verbose else local / RAY_LOG)
     except BaseException:
-        if created is not None and read_state(results_dir) is None:
+        if created is not None and read_state(results) is None:
             shutil.rmtree(created, ignore_errors=True)
         raise
 
 
-def _run(study: StudyConfig, study_file: str, resume: bool, results_dir: Path,
-         quiet: bool) -> int:
+def _run(study: StudyConfig, study_file: str, resume: bool, results: str, local: Path,
+         ray_log: Path | None) -> int:
     from ray.tune import Tuner
 
     from orchestrator.study.console import start_line
-    from orchestrator.study.mlflow_client import connect
+    from orchestrator.study.mlflow_client import connect, sqlite_path
     from orchestrator.study.summary import (register_best_model, report_n0, report_summary,
-                                            summarize_results)
-    from orchestrator.study.tracking import StudyRun
+                                            summarize_results, show_finished)
+    from orchestrator.study.tracking import StudyRun, check_parent
 
     digest = config_hash(study)  # before `auto` resources are fitted to this cluster
-    study, concurrency = start_ray(study, study_file)
-    state = read_state(results_dir)
-    restoring = state is not None and Tuner.can_restore(str(results_dir))
-    if resume and not restoring:
-        raise ConfigError(f"nothing to resume in {results_dir}; run without --resume")
+    state = read_state(results)
     if state is not None and state["config_hash"] != digest:
-        raise ConfigError(f"{results_dir} holds study {study.name} with a different "
+        raise ConfigError(f"{shown(results)} holds study {study.name} with a different "
                           f"configuration; use another --storage-path or remove that folder")
-    print(start_line(study, planned_trials(study), concurrency, results_dir, quiet), flush=True)
+    # Before Ray starts: the study's parent run is where the results folder says it is.
+    if state is not None:
+        client, parent_run = check_parent(study, state, results)
+        if parent_run.info.status == "FINISHED":  # a rerun changes nothing
+            show_finished(parent_run, study, shown(results))
+            return 0
+    elif sqlite_path(study.tracking_uri()) is None or sqlite_path(study.tracking_uri()).is_file():
+        client = connect(study.tracking_uri())  # a server, a file store: checked before Ray
+    else:
+        client = None  # a new database is made once the cluster is there
+    study, concurrency = start_ray(study, study_file)
+    restoring = state is not None and Tuner.can_restore(results)
+    if resume and not restoring:
+        raise ConfigError(f"nothing to resume in {shown(results)}; run without --resume")
+    print(start_line(study, planned_trials(study), concurrency, shown(results), ray_log),
+          flush=True)
 
-    parent = StudyRun(connect(study.tracking_uri()), study)
+    client = client or connect(study.tracking_uri())
+    parent = StudyRun(client, study)
     # A driver killed before Tune first saved its state leaves a parent run and nothing to
     # restore: the fresh start continues that parent run instead of leaving it RUNNING.
-    parent.open(state and state["parent_run_id"], results_dir, Path(study_file).read_text())
+    parent.open(state and state["parent_run_id"], local, Path(study_file).read_text())
     try:
-        results = fit(study, results_dir, restoring, parent, digest, concurrency, quiet)
+        outcome = fit(study, results, restoring, parent, digest, concurrency, ray_log is not None)
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)
         parent.close("KILLED" if interrupted else "FAILED",
                      0 if interrupted else study.mlflow.outage_wait_s)
         raise
-    ended = results.num_terminated + results.num_errors
-    rows = summarize_results(results, study)
+    ended = outcome.num_terminated + outcome.num_errors
+    rows = summarize_results(outcome, study)
     verdict = None
     if ended < len(rows):  # trials that never ended: interrupted
         interrupted = True
@@ -153,15 +208,17 @@ def _run(study: StudyConfig, study_file: str, resume: bool, results_dir: Path,
         log.warning(f"sweep interrupted after {ended} trials; run the same command again (or "
                     f"add --resume) to continue")
         return 130
-    best = report_summary(rows, study, parent, results_dir)
+    best = report_summary(rows, study, parent, shown(results))
     if best is not None:
-        register_best_model(results, best, study, parent)
-    report_n0(rows, study, parent, results_dir, verdict)
+        register_best_model(outcome, best, study, parent)
+    report_n0(rows, study, parent, local, verdict)
+    if is_remote(results) and (local / "report").is_dir():
+        upload(local / "report", join(results, "report"))
     parent.close("FINISHED", study.mlflow.outage_wait_s)
     return 0 if any(trained(r["status"]) for r in rows) else 1
 
 
-def fit(study: StudyConfig, results_dir: Path, restoring: bool, parent, digest: str,
+def fit(study: StudyConfig, results: str, restoring: bool, parent, digest: str,
         concurrency: int, quiet: bool):
     import ray.tune
     from ray.tune import Tuner
@@ -177,19 +234,16 @@ def fit(study: StudyConfig, results_dir: Path, restoring: bool, parent, digest: 
                                  study_data=study.model_dump(mode="json", exclude_unset=True)),
         {"cpu": study.resources.driver_cpus})
     if restoring:
-        log.info(f"resuming study {study.name} from {results_dir}")
-        check(results_dir)  # again, just before Tune unpickles its state
+        log.info(f"resuming study {study.name} from {shown(results)}")
+        check(results)  # again, just before Tune unpickles its state
         # The MLflow tracker and the searcher's state come back with the experiment (see
         # TrialTracker.__reduce__ and orchestrator.study.searchers).
-        tuner = Tuner.restore(str(results_dir), trainable=trainable, resume_unfinished=True,
+        tuner = Tuner.restore(results, trainable=trainable, resume_unfinished=True,
                               resume_errored=False, restart_errored=False)
     else:
-        results_dir.mkdir(parents=True, exist_ok=True)
-        staged = results_dir / f".{STATE_FILE}.tmp"
-        staged.write_text(json.dumps(
+        write_text(join(results, STATE_FILE), json.dumps(  # whole or absent, even if killed
             {"parent_run_id": parent.run_id, "config_hash": digest,
              "tracking_uri": study.tracking_uri(), "experiment": study.experiment_name}))
-        staged.replace(results_dir / STATE_FILE)  # whole or absent, even if killed here
         tracker = TrialTracker(study.tracking_uri(), study, parent.experiment_id, parent.run_id,
                                layout=study.parallel.layout)
         tuner = Tuner(
@@ -202,7 +256,7 @@ def fit(study: StudyConfig, results_dir: Path, restoring: bool, parent, digest: 
                 reuse_actors=True,
                 trial_name_creator=lambda trial: study.trial_name(trial.config)),
             run_config=ray.tune.RunConfig(
-                name=study.name, storage_path=str(study.storage_dir()),
+                name=study.name, storage_path=study.storage(),
                 callbacks=[tracker, StudyProgress(study, planned_trials(study))],
                 verbose=0 if quiet else None,  # our table (console.py) instead of Tune's
                 # A trial whose driver's node was lost restarts from its last checkpoint too.
@@ -211,7 +265,7 @@ def fit(study: StudyConfig, results_dir: Path, restoring: bool, parent, digest: 
         )
     ctrl_c = signal.getsignal(signal.SIGINT)
     try:
-        with signing(results_dir):
+        with signing(results):
             return tuner.fit()
     finally:
         # Tune leaves its own Ctrl-C handler behind, which would swallow the caller's next one.

@@ -18,16 +18,18 @@ from importlib import metadata
 from pathlib import Path
 
 from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from ray.tune import Callback
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
 from models.summary import summarize
-from orchestrator.errors import ReportError
+from orchestrator.errors import ReportError, TrackingError
 from orchestrator.results import DIVERGED, EPOCH_METRICS, STOPPED, SYSTEM_PREFIX, outcome
 from orchestrator.run.config import TrainConfig
 from orchestrator.study.config import StudyConfig
+from orchestrator.storage import short, shown
 from orchestrator.study.mlflow_client import (all_runs, artifact_location, connect, outbox,
                                               sqlite_path)
 
@@ -67,6 +69,33 @@ def flat_params(cfg: TrainConfig) -> dict[str, str]:
     return {k: str(v) for k, v in flat.items()}
 
 
+def check_parent(study: StudyConfig, state: dict, results: str) -> tuple[MlflowClient, object]:
+    """Before Ray starts, for a results folder that holds a study: (client, parent run), the
+    parent run found where it was made. A moved database is not created again empty, and a
+    deleted parent run is not silently replaced."""
+    uri, run_id = study.tracking_uri(), state["parent_run_id"]
+    made_with = state.get("tracking_uri")
+    hint = (f"pass --tracking-uri {short(made_with)} (where the study began)"
+            if made_with and made_with != uri else "pass the tracking URI that holds it")
+    database = sqlite_path(uri)
+    if database is not None and not database.is_file():
+        raise TrackingError(f"no MLflow database at {short(database)}, but {shown(results)} "
+                            f"holds a study begun there (parent run {run_id}); {hint}, or use "
+                            f"another --storage-path")
+    client = connect(uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        run = None
+    if run is None or run.info.lifecycle_stage == "deleted":
+        state_ = "deleted in" if run is not None else "not in"
+        fix = (f"restore it (mlflow runs restore --run-id {run_id})" if run is not None
+               else hint)
+        raise TrackingError(f"the study's parent run {run_id} is {state_} MLflow at "
+                            f"{short(uri)}; {fix}, or use another --storage-path")
+    return client, run
+
+
 class StudyRun:
     """The parent run of a study."""
 
@@ -93,11 +122,13 @@ class StudyRun:
             self.run_id = run_id
             return run_id
         run = self.client.create_run(self.experiment_id, run_name=self.study.name, tags={
-            "study": self.study.name, "results_dir": str(results_dir),
+            "study": self.study.name, "results_dir": shown(self.study.results_place()),
             "git_commit": git_commit(), **package_versions()})
         self.run_id = run.info.run_id
         self.client.log_text(self.run_id, study_text, "study.yaml")
-        self.client.log_dict(self.run_id, self.study.model_dump(mode="json"), "resolved_study.json")
+        resolved = {**self.study.model_dump(mode="json"),  # no storage credentials
+                    "storage_path": shown(self.study.storage_path)}
+        self.client.log_dict(self.run_id, resolved, "resolved_study.json")
         # The space the searcher chooses from, and what the budget left out (never sampled).
         space = "architecture,params,budget\n" + "".join(
             f"{c.name},{c.params},{c.excluded or 'in budget'}\n"
@@ -307,7 +338,9 @@ def finished_trials(tracking_uri: str, experiment: str, parent_id: str | None = 
         raise ReportError(f"no MLflow experiment {experiment!r} at {tracking_uri}; check "
                           f"--experiment and --tracking-uri")
     found = all_runs(client, [exp.experiment_id], order_by=["attributes.start_time DESC"])
-    parents = [r for r in found if MLFLOW_PARENT_RUN_ID not in r.data.tags]
+    # A study's parent run: top-level and tagged with its study (not any other top-level run).
+    parents = [r for r in found
+               if MLFLOW_PARENT_RUN_ID not in r.data.tags and "study" in r.data.tags]
     if parent_id is None:
         if not parents:
             raise ReportError(f"experiment {experiment!r} has no study run")

@@ -43,7 +43,7 @@ def trial_driver(config: dict, study_data: dict) -> None:
     res = study.resources
     # Same (storage_path, name) on a restarted trial: Ray Train restores its checkpoint.
     trainer = build_trainer(cfg, name=f"train-{ray.tune.get_context().get_trial_id()}",
-                            storage_path=str(study.storage_dir() / study.name), echo=False,
+                            storage_path=study.results_place(), echo=False,
                             cpus_per_worker=res.cpus_per_worker,
                             gpus_per_worker=res.gpus_per_worker, max_failures=res.max_failures,
                             callbacks=[TuneReport(worst_objectives(study))])

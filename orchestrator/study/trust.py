@@ -8,7 +8,8 @@ returns unpickle them, so whoever can write a results folder could run code as t
 driver. While a sweep runs, a thread signs every such file (HMAC-SHA256 of its path in the folder
 and its bytes, with a key kept outside the storage: `MULTIRES_STATE_KEY`, or a per-user key file,
 created on first use); before a study is resumed, every such file must carry a valid signature,
-or the sweep stops in one line naming the file, before anything is unpickled.
+or the sweep stops in one line naming the file, before anything is unpickled. The folder may
+be a storage URI (s3://...): the files are listed and read through the same pyarrow layer.
 """
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ import json
 import os
 import secrets
 import threading
+from fnmatch import fnmatch
 from pathlib import Path
 
 from orchestrator.errors import ConfigError
+from orchestrator.storage import filesystem, join, read_text, shown, write_text
 
 SIGNATURES = "multires_signatures.json"
 KEY_ENV = "MULTIRES_STATE_KEY"
@@ -59,77 +62,82 @@ def state_key(create: bool) -> bytes | None:
     return path.read_bytes().strip()
 
 
-def unpickled_files(results_dir: Path) -> list[Path]:
-    """The files of a results folder that Ray may unpickle: every `*.pkl` at any depth, and
-    Tune's `*state-*.json` at the top (JSON that may embed cloudpickle)."""
-    found = set(results_dir.rglob("*.pkl")) | set(results_dir.glob("*state-*.json"))
-    return sorted(p for p in found if p.is_file())
+def unpickled_files(place: str) -> dict[str, tuple[int, int]]:
+    """The files of a results folder (a local path or a storage URI) that Ray may unpickle, by
+    name in the folder, with their (mtime, size): every `*.pkl` at any depth, and Tune's
+    `*state-*.json` at the top (JSON that may embed cloudpickle)."""
+    import pyarrow.fs
+
+    fs, root = filesystem(place)
+    root = root.rstrip("/")
+    found = {}
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True,
+                                                         allow_not_found=True)):
+        name = info.path[len(root):].lstrip("/")
+        if info.type == pyarrow.fs.FileType.File and (
+                name.endswith(".pkl") or ("/" not in name and fnmatch(name, "*state-*.json"))):
+            found[name] = (info.mtime_ns, info.size)
+    return dict(sorted(found.items()))
 
 
-def _digest(key: bytes, results_dir: Path, path: Path) -> str:
-    mac = hmac.new(key, path.relative_to(results_dir).as_posix().encode() + b"\0",
-                   hashlib.sha256)
-    with open(path, "rb") as f:
+def _digest(key: bytes, place: str, name: str) -> str:
+    fs, root = filesystem(place)
+    mac = hmac.new(key, name.encode() + b"\0", hashlib.sha256)
+    with fs.open_input_stream(f"{root.rstrip('/')}/{name}") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             mac.update(chunk)
     return mac.hexdigest()
 
 
-def _read_signatures(results_dir: Path) -> dict[str, str]:
+def _read_signatures(place: str) -> dict[str, str]:
     try:
-        signed = json.loads((results_dir / SIGNATURES).read_text())
+        signed = json.loads(read_text(join(place, SIGNATURES)) or "{}")
     except (OSError, ValueError):
         return {}
     return signed if isinstance(signed, dict) else {}
 
 
-def sign(results_dir: Path, seen: dict | None = None, key: bytes | None = None) -> None:
-    """Sign the folder's unpickled files; `seen` (path -> (mtime, size)) skips files unchanged
+def sign(place: str, seen: dict | None = None, key: bytes | None = None) -> None:
+    """Sign the folder's unpickled files; `seen` (name -> (mtime, size)) skips files unchanged
     since the last call that shared it."""
     key = key or state_key(create=True)
-    signed = _read_signatures(results_dir)
+    signed = _read_signatures(place)
     changed = False
-    for path in unpickled_files(results_dir):
-        name = path.relative_to(results_dir).as_posix()
+    for name, stamp in unpickled_files(place).items():
+        if seen is not None and seen.get(name) == stamp and name in signed:
+            continue
         try:
-            stat = path.stat()
-            if seen is not None and seen.get(name) == (stat.st_mtime_ns, stat.st_size) \
-                    and name in signed:
-                continue
-            signed[name] = _digest(key, results_dir, path)
+            signed[name] = _digest(key, place, name)
         except FileNotFoundError:  # replaced or removed by Tune meanwhile
             continue
         if seen is not None:
-            seen[name] = (stat.st_mtime_ns, stat.st_size)
+            seen[name] = stamp
         changed = True
     if changed:
-        tmp = results_dir / f".{SIGNATURES}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(signed, indent=0, sort_keys=True))
-        os.replace(tmp, results_dir / SIGNATURES)
+        write_text(join(place, SIGNATURES), json.dumps(signed, indent=0, sort_keys=True))
 
 
-def check(results_dir: Path) -> None:
+def check(place: str) -> None:
     """Refuse, in one line, a results folder holding a file Ray would unpickle that this user's
     sweep did not sign (planted, edited, or from before signing)."""
-    files = unpickled_files(results_dir)
+    files = unpickled_files(place)
     if not files:
         return
     key = state_key(create=False)
-    signed = _read_signatures(results_dir)
-    for path in files:
-        name = path.relative_to(results_dir).as_posix()
+    signed = _read_signatures(place)
+    for name in files:
         expected = signed.get(name)
         if key is None or expected is None or not hmac.compare_digest(
-                expected, _digest(key, results_dir, path)):
+                expected, _digest(key, place, name)):
             raise ConfigError(
-                f"{path} was not written by a sweep of yours (no valid signature in {SIGNATURES}"
-                f"; Ray would unpickle it and could run code from it); remove {results_dir} to "
-                f"start again, or, if you made it and nobody else can write there, add "
-                f"--trust-results to sign it")
+                f"{shown(join(place, name))} was not written by a sweep of yours (no valid "
+                f"signature in {SIGNATURES}; Ray would unpickle it and could run code from it); "
+                f"remove {shown(place)} to start again, or, if you made it and nobody else can "
+                f"write there, add --trust-results to sign it")
 
 
 @contextlib.contextmanager
-def signing(results_dir: Path):
+def signing(place: str):
     """Keep the folder's unpickled files signed while the block runs (Tune saves its state
     every few seconds; a driver killed between two saves leaves a signed folder), and once
     more at its end."""
@@ -138,7 +146,7 @@ def signing(results_dir: Path):
     def loop():
         while not stop.wait(SIGN_EVERY_S):
             with contextlib.suppress(OSError):  # a folder being written: the next round signs
-                sign(results_dir, seen, key)
+                sign(place, seen, key)
 
     thread = threading.Thread(target=loop, name="multires-sign", daemon=True)
     thread.start()
@@ -147,4 +155,4 @@ def signing(results_dir: Path):
     finally:
         stop.set()
         thread.join()
-        sign(results_dir, key=key)
+        sign(place, key=key)

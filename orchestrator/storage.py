@@ -1,0 +1,216 @@
+"""The places the commands write to: checked before any work (`check_writable`), a failed write
+told as what it is (`os_error_line`: a full disk names the place, it is not a bug), and a
+study's storage as a local folder or a URI Ray Tune supports (`storage_uri`, read and written
+through pyarrow's filesystems, as Tune does)."""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+from pathlib import Path
+from urllib.parse import urlparse, urlsplit, urlunsplit
+
+from orchestrator.errors import StorageError
+
+# Object stores and HDFS: pyarrow filesystems, the ones Ray Tune's storage_path takes.
+REMOTE_SCHEMES = ("s3", "gs", "hdfs")
+# What an OSError of these kinds means for a place written to; anything else is a bug.
+MEANING = {errno.ENOSPC: "no space left on {where}; free space there or choose another place",
+           errno.EDQUOT: "no space left on {where} (disk quota); free space there or choose "
+                         "another place",
+           errno.EROFS: "{where} is on a read-only filesystem; choose a writable place",
+           errno.EACCES: "{where}: permission denied; choose a place you can write to",
+           errno.EPERM: "{where}: not permitted; choose a place you can write to",
+           errno.ENAMETOOLONG: "{where}: a name in the path is too long (most filesystems "
+                               "take 255 bytes); shorten it",
+           errno.ELOOP: "{where}: a loop of symbolic links; fix the link",
+           errno.ENOTDIR: "{where}: part of the path is a file, not a folder",
+           errno.EISDIR: "{where} is a folder; give a file",
+           errno.ENOENT: "{where}: no such place (or one that cannot hold files)"}
+# Those that say what is wrong with a place wherever they are raised (the others, only around
+# a write the project makes: elsewhere a missing file may well be a bug).
+ANYWHERE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+            errno.ENAMETOOLONG, errno.ELOOP)
+PROBE_BYTES = 4096  # written and removed at the start: a full disk shows at once
+
+
+def short(text: object, limit: int = 120) -> str:
+    """A path or value quoted in a message: at most `limit` characters."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
+
+
+def os_error_line(exc: Exception, where: object = None, field: str | None = None,
+                  anywhere: bool = False) -> str | None:
+    """One line for an OSError of a place written to or read from (or Path.resolve's symlink
+    loop, a RuntimeError before Python 3.13), or None: not one we know (with `anywhere`, not one
+    of ANYWHERE)."""
+    if isinstance(exc, RuntimeError) and str(exc).startswith("Symlink loop from "):
+        exc = OSError(errno.ELOOP, "symlink loop", str(exc).split("from ", 1)[1].strip("'"))
+    code = getattr(exc, "errno", None)
+    meaning = MEANING.get(code) if code in ANYWHERE or not anywhere else None
+    if meaning is None:
+        return None
+    where = short(exc.filename or where or "this place")
+    return f"{field}: {meaning.format(where=where)}" if field else meaning.format(where=where)
+
+
+@contextlib.contextmanager
+def writing(path: object, field: str | None = None):
+    """Around a write: an OSError we know becomes a `StorageError` naming `path` (a write to an
+    open file raises without the file's name), also where a library reports it as another error
+    (torch.save: a RuntimeError whose context is the OSError)."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        cause = exc if isinstance(exc, OSError) else exc.__context__
+        line = os_error_line(cause, path, field) if isinstance(cause, OSError) else None
+        if line is None:
+            raise
+        raise StorageError(line) from None
+
+
+def is_remote(place: str) -> bool:
+    return urlparse(str(place)).scheme in REMOTE_SCHEMES
+
+
+def storage_uri(value: str, field: str = "storage_path") -> str:
+    """A study's storage: an absolute local folder (a plain path or file://), or an s3://,
+    gs:// or hdfs:// URI kept as it is (Tune writes there through pyarrow, which also reads the
+    URI's options: `?endpoint_override=HOST:PORT&scheme=http`, ...); any other scheme is
+    refused."""
+    scheme = urlparse(value).scheme
+    if scheme in REMOTE_SCHEMES:
+        parts = urlsplit(value)
+        return urlunsplit(parts._replace(path=parts.path.rstrip("/")))
+    if scheme == "file":
+        value = urlparse(value).path
+    elif scheme and len(scheme) > 1:  # a Windows drive letter is no scheme
+        raise StorageError(f"{field} {short(value)}: scheme {scheme!r} is not supported; give a "
+                           f"folder or a URI starting with "
+                           f"{', '.join(s + '://' for s in REMOTE_SCHEMES)}")
+    return str(resolve(value, field))
+
+
+def resolve(path: str | Path, field: str) -> Path:
+    """An absolute path; a loop of symbolic links is the user's to fix, not a bug."""
+    try:
+        return Path(path).expanduser().resolve()
+    except RuntimeError:  # Python < 3.13 reports a symlink loop so
+        raise StorageError(f"{field} {short(path)}: a loop of symbolic links; fix the "
+                           f"link") from None
+    except OSError as exc:
+        raise StorageError(os_error_line(exc, path, field) or f"{field} {short(path)}: "
+                           f"{exc.strerror}") from None
+
+
+def join(place: str, *parts: str) -> str:
+    """A path inside `place`; in a URI, before its options."""
+    if not is_remote(place):
+        return str(Path(place, *parts))
+    split = urlsplit(str(place))
+    return urlunsplit(split._replace(path="/".join([split.path.rstrip("/"), *parts])))
+
+
+def shown(place: object) -> str:
+    """A place as messages show it: a URI without its credentials and options."""
+    if not is_remote(str(place)):
+        return short(place)
+    split = urlsplit(str(place))
+    return short(urlunsplit(split._replace(netloc=split.netloc.rpartition("@")[2], query="")))
+
+
+def filesystem(place: str):
+    """(pyarrow filesystem, path within it) of a local path or a remote URI."""
+    import pyarrow.fs
+
+    if is_remote(place):
+        return pyarrow.fs.FileSystem.from_uri(place)
+    return pyarrow.fs.LocalFileSystem(), os.path.abspath(place)  # pyarrow wants absolute paths
+
+
+def read_text(place: str) -> str | None:
+    """A small file of the storage, or None when there is none."""
+    if not is_remote(place):
+        path = Path(place)
+        return path.read_text() if path.is_file() else None
+    import pyarrow.fs
+
+    fs, path = filesystem(place)
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+def write_text(place: str, text: str) -> None:
+    """Whole or absent: a local file through a renamed temporary file; an object store's object
+    is whole by itself."""
+    with writing(place):
+        if not is_remote(place):
+            path = Path(place)
+            staged = path.with_name(f".{path.name}.tmp")
+            staged.write_text(text)
+            staged.replace(path)
+            return
+        fs, path = filesystem(place)
+        with fs.open_output_stream(path) as f:
+            f.write(text.encode())
+
+
+def upload(folder: Path, place: str) -> None:
+    """A local folder's files to a place of the storage (a remote study's report)."""
+    import pyarrow.fs
+
+    fs, path = filesystem(place)
+    with writing(shown(place)):
+        pyarrow.fs.copy_files(str(folder), path, source_filesystem=pyarrow.fs.LocalFileSystem(),
+                              destination_filesystem=fs)
+
+
+def check_writable(place: str | Path, field: str, file: bool = False) -> None:
+    """Before any work: `place` (a folder, or with `file` a file's path) can be written, with
+    room for a first block. Nothing is left behind: folders made for the check are removed."""
+    if is_remote(str(place)):
+        return _check_remote(str(place), field)
+    path = Path(place).expanduser()
+    if file:
+        if path.is_dir():
+            raise StorageError(f"{field} {short(path)} is a folder; give a file")
+        if path.exists():
+            with writing(path, field), open(path, "a"):
+                return
+        path = path.parent
+    try:
+        created = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+    except OSError as exc:
+        raise StorageError(os_error_line(exc, path, field) or f"{field} {short(path)}: "
+                           f"{exc.strerror}") from None
+    if path.exists() and not path.is_dir():
+        raise StorageError(f"{field} {short(path)} is a file; give a folder")
+    try:
+        with writing(path, field):
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path) as probe:
+                probe.write(b"\0" * PROBE_BYTES)
+                probe.flush()
+                os.fsync(probe.fileno())
+    finally:
+        for made in created:
+            with contextlib.suppress(OSError):
+                made.rmdir()
+
+
+def _check_remote(place: str, field: str) -> None:
+    fs, path = filesystem(place)
+    probe = f"{path.rstrip('/')}/.multires-write-check"
+    try:
+        fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(probe) as f:
+            f.write(b"\0")
+        fs.delete_file(probe)
+    except OSError as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise StorageError(f"{field} {shown(place)}: cannot write there ({short(first, 160)}); "
+                           f"check the URI and its credentials") from None
