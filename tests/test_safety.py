@@ -184,7 +184,7 @@ def test_planted_pickle_in_the_results_folder_is_refused_before_it_runs(name, tm
                         if name.endswith(".json") else pickle.dumps(payload))
     assert resume(tmp_path) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: {planted} was not written by a sweep of "
+    assert len(err) == 1 and err[0].startswith(f"error: {name} in {folder} was not written by a sweep of "
                                                f"yours"), err
     assert not payload.marker.exists()
     assert not (tmp_path / "mlflow.db").exists()

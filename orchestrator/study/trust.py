@@ -130,7 +130,7 @@ def check(place: str) -> None:
         if key is None or expected is None or not hmac.compare_digest(
                 expected, _digest(key, place, name)):
             raise ConfigError(
-                f"{shown(join(place, name))} was not written by a sweep of yours (no valid "
+                f"{name} in {shown(place)} was not written by a sweep of yours (no valid "
                 f"signature in {SIGNATURES}; Ray would unpickle it and could run code from it); "
                 f"remove {shown(place)} to start again, or, if you made it and nobody else can "
                 f"write there, add --trust-results to sign it")
