@@ -1,0 +1,253 @@
+"""Image-folder datasets (orchestrator.run.images): reading, labels, bad data, determinism,
+data-parallel shards, the ImageNet recipe's augmentation; and (slow) training through them."""
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from orchestrator.errors import DataError
+from orchestrator.run import images
+from orchestrator.run.images import FolderBatches, FolderImages, load_folder
+from orchestrator.train import main as train_main
+from tests.images import COLOURS, write_cifar_as_png, write_image_folder
+
+CIFAR_NORM = ((125.3, 123.0, 113.9), (63.0, 62.1, 66.7))
+
+
+def colour_class(image: np.ndarray) -> int:
+    """The class whose colour an image shows (by luminance where it is gray)."""
+    mean = image.reshape(-1, 3).mean(0)
+    colours = np.asarray(COLOURS[:3], dtype=float)
+    if np.ptp(mean) < 3:  # a grayscale file: compare luminances
+        luma = colours @ np.array([0.299, 0.587, 0.114])
+        return int(np.abs(luma - mean[0]).argmin())
+    return int(np.linalg.norm(colours - mean, axis=1).argmin())
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    return write_image_folder(tmp_path / "images")
+
+
+def test_folders_are_read_with_sorted_classes_and_right_labels(folder):
+    """JPEG, PNG, grayscale and CMYK files of any size become RGB images of the net's size; each
+    carries the label of its class folder."""
+    train, val = load_folder(folder)
+    assert (len(train), len(val)) == (36, 12) and train.classes == ("c00", "c01", "c02")
+    suffixes = {Path(p).suffix for p in train.paths}
+    assert suffixes == {".JPEG", ".jpg", ".png"}
+    for split in (train, val):
+        data = FolderImages(split, "cifar", 32, train=False, seed=0, pad_value=(0, 0, 0))
+        for i in range(len(split)):
+            image, label, skipped = data[(0, i, i)]
+            assert image.shape == (32, 32, 3) and image.dtype == np.uint8 and not skipped
+            assert label == split.labels[i] == colour_class(image)
+    # A subset draws from every class (the files are sorted by class) and is the same each time.
+    sub = train.subset(9)
+    assert sub.paths == train.subset(9).paths and set(sub.labels.tolist()) == {0, 1, 2}
+
+
+def _damage(root: Path, case: str) -> None:
+    if case == "empty class folder":
+        (root / "train" / "c03").mkdir()
+        (root / "val" / "c03").mkdir()
+    elif case == "not an image":
+        (root / "train" / "c01" / "notes.txt").write_text("labels are in the folder names")
+    elif case == "classes differ":
+        shutil.rmtree(root / "val" / "c02")
+        (root / "val" / "cat").mkdir()
+        shutil.copy(next((root / "val" / "c00").iterdir()), root / "val" / "cat")
+    elif case == "no images":
+        for split in ("train", "val"):
+            shutil.rmtree(root / split)
+            (root / split).mkdir()
+    elif case == "no val split":
+        shutil.rmtree(root / "val")
+
+
+BAD_FOLDERS = {
+    "empty class folder": "class folder {root}/train/c03 has no images; remove it or add images",
+    "not an image": "{root}/train/c01/notes.txt is not an image (only .jpg, .jpeg, .png files",
+    "classes differ": "classes differ between train/ and val/ (only in train: c02; only in val: "
+                      "cat); give both splits the same class folders",
+    "no images": "{root}/train has no class folders; put each class's images in",
+    "no val split": "{root}/val is not a folder; an image folder needs",
+}
+
+
+@pytest.mark.parametrize("case", BAD_FOLDERS)
+def test_bad_folders_fail_at_start_in_one_line(case, folder, capsys):
+    _damage(folder, case)
+    message = BAD_FOLDERS[case].format(root=folder.resolve())
+    with pytest.raises(DataError, match=None) as err:
+        load_folder(folder)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    # The command: exit 2, one line, nothing trained.
+    args = ["--dataset", "imagefolder", "--data-dir", str(folder), "--depth", "18",
+            "--epochs", "1", "--device", "cpu", "--data-workers", "0"]
+    assert train_main(args) == 2
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert len(err_lines) == 1 and message in err_lines[0], err_lines
+
+
+def test_imagenet_checks_its_thousand_classes(folder):
+    with pytest.raises(DataError, match="train has 3 class folders, expected 1000"):
+        load_folder(folder, 1000, "imagenet")
+
+
+def test_undecodable_files_are_counted_skipped_and_named(folder, caplog):
+    """A truncated JPEG and a text file named .jpg: each replaced by the next image of the split
+    with that image's own label, counted, named in the log; `bad_images: error` stops."""
+    train, _ = load_folder(folder)
+    truncated, fake = train.paths[2], train.paths[20]
+    data = Path(truncated).read_bytes()
+    Path(truncated).write_bytes(data[: len(data) // 3])
+    Path(fake).write_text("not a JPEG")
+    batches = FolderBatches(train, "cifar", 32, *CIFAR_NORM, batch_size=12, device="cpu",
+                            train=False, workers=0)
+    with caplog.at_level(logging.WARNING, logger=images.__name__):
+        labels = torch.cat([y for _, y in batches.epoch(0)])
+    assert sorted(s.split(" (")[0] for s in batches.skipped) == sorted([truncated, fake])
+    assert "skipped 2 undecodable image(s)" in caplog.text and truncated in caplog.text
+    # The substitutes' labels are their own: the next files, here of the same class.
+    assert labels.tolist() == train.labels.tolist()
+    item = FolderImages(train, "cifar", 32, False, 0, (0, 0, 0))[(0, 2, 2)]
+    assert item[1] == train.labels[3] and colour_class(item[0]) == train.labels[3]
+
+    strict = FolderBatches(train, "cifar", 32, *CIFAR_NORM, batch_size=12, device="cpu",
+                           train=False, workers=0, bad_images="error")
+    with pytest.raises(DataError, match=f"cannot decode {truncated} .*set bad_images: skip"):
+        list(strict.epoch(0))
+
+
+def test_an_epoch_is_a_pure_function_of_seed_and_epoch(folder):
+    """Same (seed, epoch): the same batches, with or without worker processes; another epoch
+    or seed: other ones. The ImageNet recipe's crops and colour noise included."""
+    train, _ = load_folder(folder)
+
+    def epoch(seed, e, workers):
+        b = FolderBatches(train, "imagenet", 64, images.IMAGENET_MEAN, images.IMAGENET_STD,
+                          batch_size=12, device="cpu", train=True, seed=seed, workers=workers)
+        return list(b.epoch(e))
+
+    a, b = epoch(1, 0, 0), epoch(1, 0, 1)
+    assert len(a) == 3 and a[0][0].shape == (12, 3, 64, 64)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not torch.equal(a[0][0], epoch(1, 1, 0)[0][0])
+    assert not torch.equal(a[0][0], epoch(2, 0, 0)[0][0])
+
+
+def test_data_parallel_replicas_get_disjoint_slices_of_each_global_batch(folder):
+    """Two replicas (a two-worker data-parallel run; the index is the mesh's replica index,
+    from the global rank): disjoint, together the one-replica batch, training and evaluation."""
+    train, val = load_folder(folder)
+    for split, is_train, size in ((train, True, 12), (val, False, 8)):
+        def make(shard):
+            return FolderBatches(split, "cifar", 32, *CIFAR_NORM, batch_size=size, device="cpu",
+                                 train=is_train, seed=3, shard=shard, workers=0)
+        whole = make((0, 1)).shard_indices(4)
+        parts = [make((r, 2)).shard_indices(4) for r in range(2)]
+        assert len(whole) == len(parts[0]) == len(parts[1])
+        seen = []
+        for step, batch in enumerate(whole):
+            mine = [set(p[step]) for p in parts]
+            assert not mine[0] & mine[1] and mine[0] | mine[1] == set(batch)
+            seen += [i for _, i in batch]
+        assert len(seen) == len(set(seen))  # no image twice in an epoch
+        y_whole = torch.cat([y for _, y in make((0, 1)).epoch(4)])
+        y_parts = [[y for _, y in make((r, 2)).epoch(4)] for r in range(2)]
+        assert torch.equal(y_whole, torch.cat([torch.cat(pair) for pair in zip(*y_parts)]))
+
+
+def reference_colour(x: torch.Tensor, factors, order, alpha) -> torch.Tensor:
+    """fb.resnet.torch's ColorJitter and Lighting, one image at a time, as transforms.lua."""
+    gray_w = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+    out = []
+    for img, f, o, a in zip(x, factors, order, alpha):
+        for op in o.tolist():
+            gs = (img * gray_w).sum(0, keepdim=True)
+            if op == 0:    # Brightness: blend with black
+                img = img * f[0]
+            elif op == 1:  # Contrast: blend with the mean of the grayscale image
+                img = img * f[1] + gs.mean() * (1 - f[1])
+            else:          # Saturation: blend with the grayscale image
+                img = img * f[2] + gs * (1 - f[2])
+        eigvec = torch.tensor(images.PCA_EIGVEC)
+        rgb = (eigvec * (a * torch.tensor(images.PCA_EIGVAL)).view(1, 3)).sum(1)
+        out.append(img + rgb.view(3, 1, 1))
+    return torch.stack(out)
+
+
+def test_colour_augmentation_matches_fb_resnet_torch():
+    x = torch.rand(6, 3, 8, 8, dtype=torch.float64)
+    got = images.colour_augment(x, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)  # the same draws, in the same order
+    factors = 1 + images.JITTER * (2 * torch.rand(6, 3, generator=g) - 1)
+    order = torch.argsort(torch.rand(6, 3, generator=g), dim=1)
+    alpha = torch.randn(6, 3, generator=g) * images.LIGHTING
+    assert len({tuple(o) for o in order.tolist()}) > 1  # the random order is exercised
+    torch.testing.assert_close(got, reference_colour(x, factors.double(), order, alpha.double()))
+
+
+def test_imagenet_recipe_defaults():
+    from orchestrator.run.config import TrainConfig
+    from orchestrator.run.step import build_optimizer
+
+    cfg = TrainConfig(dataset="imagenet", architecture=dict(depth=101, k=2))
+    assert (cfg.recipe, cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.momentum,
+            cfg.nesterov) == ("imagenet", 90, 256, 0.1, 1e-4, 0.9, True)
+    assert TrainConfig(dataset="imagenet", architecture=dict(depth=18), batch_size=1024).lr == 0.4
+    per_epoch = 5004  # 1,281,167 images / 256
+    _, scheduler = build_optimizer(cfg, torch.nn.Linear(2, 2), 90 * per_epoch)
+    assert sorted(scheduler.milestones) == [30 * per_epoch, 60 * per_epoch]
+    # A folder trained as CIFAR: the CIFAR recipe and a CIFAR-family net.
+    cfg = TrainConfig(dataset="imagefolder", architecture=dict(depth=8, dataset="cifar10"))
+    assert (cfg.recipe, cfg.epochs, cfg.lr, cfg.architecture.dataset) == ("cifar", 200, 0.1,
+                                                                          "cifar10")
+
+
+@pytest.mark.slow
+def test_imagenet_recipe_trains_a_generated_imagenet_folder(tmp_path):
+    """`orchestrator.train` on an ImageNet-layout folder (3 classes, ImageNet-like JPEGs): the
+    ImageNet recipe (224 crops), top-1 and top-5 error, data and step time in every epoch's
+    record; the head has the folder's 3 classes."""
+    root = write_image_folder(tmp_path / "imagenet", train=16, val=4, size=(300, 260))
+    log = tmp_path / "log.jsonl"
+    assert train_main(["--dataset", "imagefolder", "--data-dir", str(root), "--depth", "18",
+                       "--batch-size", "16", "--steps", "2", "--device", "cpu",
+                       "--data-workers", "1", "--log-json", str(log),
+                       "--checkpoint-dir", str(tmp_path / "ckpt")]) == 0
+    (epoch,) = [r for r in map(json.loads, log.read_text().splitlines()) if r["kind"] == "epoch"]
+    assert 0 <= epoch["test_error_top5"] <= epoch["test_error"] <= 1
+    assert epoch["data_time_s"] > 0 and epoch["step_time_s"] > 0 and epoch["skipped_images"] == 0
+    state = torch.load(tmp_path / "ckpt" / "checkpoint.pt", weights_only=False)
+    assert state["config"]["recipe"] == "imagenet" and state["config"]["lr"] == 0.1 * 16 / 256
+    assert state["architecture"]["classes"] == 3 and state["model"]["fc.weight"].shape[0] == 3
+
+
+@pytest.mark.slow
+def test_cifar10_as_png_folder_trains_like_the_native_loader(cifar10_dir, tmp_path):
+    """CIFAR-10 written out as PNG files, trained through `imagefolder` with the CIFAR recipe and
+    a CIFAR net: the same test error as the native loader (same seed, recipe and images), within
+    seed noise (the two draw their augmentation differently)."""
+    root = write_cifar_as_png(cifar10_dir, tmp_path / "cifar_png", train=2000, test=1000)
+    common = ["--depth", "8", "--k", "2", "--train-size", "2000", "--test-size", "1000",
+              "--batch-size", "64", "--epochs", "4", "--lr", "0.05", "--device", "cpu",
+              "--seed", "1", "--precision", "fp32"]
+    as_cifar = tmp_path / "as_cifar.yaml"  # a CIFAR-family net on the folder
+    as_cifar.write_text("architecture: {depth: 8, dataset: cifar10}\n")
+    errors = {}
+    for name, args in (("native", ["--dataset", "cifar10", "--data-dir", str(cifar10_dir)]),
+                       ("folder", ["--dataset", "imagefolder", "--data-dir", str(root),
+                                   "--config", str(as_cifar), "--data-workers", "1"])):
+        log = tmp_path / f"{name}.jsonl"
+        assert train_main([*common, *args, "--log-json", str(log)]) == 0
+        last = [json.loads(r) for r in log.read_text().splitlines()][-1]
+        errors[name] = last["test_error"]
+    # Seed noise of this subset and recipe: about 2 points (std between seeds).
+    assert errors["native"] < 0.75 and abs(errors["native"] - errors["folder"]) < 0.05, errors
