@@ -130,17 +130,6 @@ def load_folder(data_dir: str | Path | None, expected_classes: int | None = None
 
 
 # ----------------------------------------------------------------------------- worker side
-def open_rgb(path: str, want: tuple[int, int] | None = None) -> tuple[Image.Image, float]:
-    """The image as RGB, and the factor its size was reduced by while decoding: a JPEG whose
-    every side is at least twice `want` is decoded at a reduced DCT scale (libjpeg)."""
-    with Image.open(path) as im:
-        full = im.size
-        if want is not None and im.format == "JPEG":
-            im.draft("RGB", want)
-        im = im.convert("RGB")  # also loads: a truncated file raises here
-    return im, im.size[0] / full[0]
-
-
 def random_sized_crop(w: int, h: int, rng: np.random.Generator) -> tuple[int, int, int, int] | None:
     """fb.resnet.torch's RandomSizedCrop: 8-100% of the area, aspect 3/4-4/3, ten attempts;
     (x, y, width, height) or None (then: scale and centre crop)."""
@@ -163,13 +152,17 @@ def centre_box(w: int, h: int, scale: float, size: int) -> tuple[float, float, f
 
 
 class FolderImages(torch.utils.data.Dataset):
-    """Decoded, geometrically augmented uint8 images (H, W, 3) of one split. Items are keyed by
-    (epoch, position in the epoch, index): the position seeds the augmentation."""
+    """Decoded, geometrically augmented uint8 images (H, W, 3) of one split, each with the affine
+    colour map (M, t) that augments (ImageNet recipe) and normalises it: pixel -> M pixel + t.
+    With `apply` the worker applies it and returns float32 images (the CPU path: the work spreads
+    over the workers); else the training device does, batched. Items are keyed by (epoch,
+    position in the epoch, index): the position seeds the augmentation."""
 
     def __init__(self, split: FolderSplit, recipe: str, size: int, train: bool, seed: int,
-                 pad_value: tuple[int, ...]):
+                 mean: tuple[float, ...], std: tuple[float, ...], apply: bool = False):
         self.split, self.recipe, self.size, self.train, self.seed = split, recipe, size, train, seed
-        self.pad_value = pad_value
+        self.mean, self.std = torch.tensor(mean), torch.tensor(std)
+        self.pad_value, self.apply = tuple(round(m) for m in mean), apply
 
     def __len__(self) -> int:
         return len(self.split)
@@ -179,72 +172,115 @@ class FolderImages(torch.utils.data.Dataset):
         skipped = []
         for attempt in range(SUBSTITUTES):
             i = (index + attempt) % len(self.split)
+            rng = np.random.default_rng((self.seed, epoch, position, attempt))
             try:
-                image = self.transform(self.split.paths[i], np.random.default_rng(
-                    (self.seed, epoch, position, attempt)))
-                return image, int(self.split.labels[i]), tuple(skipped)
+                image = self.transform(self.split.paths[i], rng)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
                 skipped.append(f"{self.split.paths[i]} ({type(exc).__name__}: {exc})")
+                continue
+            M, t = self.colour(image, rng)
+            pixels = np.asarray(image)
+            if self.apply:
+                flat = torch.from_numpy(pixels.reshape(-1, 3)).float()
+                return torch.addmm(t, flat, M.T).view(pixels.shape), \
+                    int(self.split.labels[i]), tuple(skipped), None
+            return pixels, int(self.split.labels[i]), tuple(skipped), (M, t)
         raise DataError(f"{SUBSTITUTES} images in a row cannot be decoded, e.g. {skipped[0]}; "
                         f"check the files under {self.split.root}")
 
-    def transform(self, path: str, rng: np.random.Generator) -> np.ndarray:
+    def colour(self, image: Image.Image, rng: np.random.Generator):
+        """(M, t) for uint8 pixels: colour augmentation (ImageNet recipe, training), then
+        normalisation by the mean and std (0-255)."""
+        if self.train and self.recipe == "imagenet":
+            counts = np.asarray(image.histogram(), dtype=np.float64).reshape(3, 256)
+            means = counts @ np.arange(256) / counts.sum(1) / 255  # per channel, in [0, 1]
+            M, t = colour_transform(means[None], *colour_draws(1, rng))
+            M, t = torch.from_numpy(M[0]).float(), torch.from_numpy(t[0]).float()
+        else:
+            M, t = torch.eye(3), torch.zeros(3)
+        # x01 = x / 255 -> M x01 + t -> (. - mean / 255) / (std / 255)
+        return M / self.std[:, None], (255 * t - self.mean) / self.std
+
+    def transform(self, path: str, rng: np.random.Generator) -> Image.Image:
+        """The geometric augmentation (or the evaluation crop) of one file, RGB."""
         size = self.size
-        if self.recipe == "imagenet":
-            with Image.open(path) as probe:
-                w, h = probe.size
-            box = random_sized_crop(w, h, rng) if self.train else None
-            if box is None:
-                box = centre_box(w, h, EVAL_RESIZE if not self.train else 1.0, size)
-            # Decode no larger than the crop needs: its sides at least `size` after reduction.
-            want = (math.ceil(w * size / box[2]), math.ceil(h * size / box[3]))
-            image, f = open_rgb(path, want)
-            x, y, cw, ch = (v * f for v in box)
-            image = image.resize((size, size), Image.BILINEAR, box=(x, y, x + cw, y + ch))
-            out = np.asarray(image)
-        else:  # the CIFAR recipe: shorter side to `size`, centre crop, flip, 4-pixel pad + crop
-            image, _ = open_rgb(path)
-            if image.size != (size, size):
-                image = image.resize((size, size), Image.BILINEAR,
-                                     box=centre_box(*image.size, 1.0, size))
-            out = np.asarray(image)
-            if self.train:  # padded with the mean colour: zero after normalisation
-                padded = np.empty((size + 8, size + 8, 3), np.uint8)
-                padded[...] = self.pad_value
-                padded[4:-4, 4:-4] = out
-                r, c = rng.integers(0, 9, 2)
-                out = padded[r:r + size, c:c + size]
+        with Image.open(path) as image:
+            w, h = image.size
+            if self.recipe == "imagenet":
+                box = random_sized_crop(w, h, rng) if self.train else None
+                if box is None:
+                    box = centre_box(w, h, 1.0 if self.train else EVAL_RESIZE, size)
+                # A JPEG is decoded no larger than the crop needs (libjpeg's DCT scaling): the
+                # crop's sides stay at least `size`.
+                if image.format == "JPEG":
+                    image.draft("RGB", (math.ceil(w * size / box[2]),
+                                        math.ceil(h * size / box[3])))
+                f = image.size[0] / w
+                x, y, cw, ch = (v * f for v in box)
+                image = image.convert("RGB")  # also decodes: a truncated file raises here
+                image = image.resize((size, size), Image.BILINEAR, box=(x, y, x + cw, y + ch))
+            else:  # the CIFAR recipe: shorter side to `size`, centre crop, 4-pixel pad + crop
+                image = image.convert("RGB")
+                if image.size != (size, size):
+                    image = image.resize((size, size), Image.BILINEAR,
+                                         box=centre_box(w, h, 1.0, size))
+                if self.train:  # padded with the mean colour: zero after normalisation
+                    r, c = rng.integers(0, 9, 2)
+                    padded = Image.new("RGB", (size + 8, size + 8), self.pad_value)
+                    padded.paste(image, (4, 4))
+                    image = padded.crop((c, r, c + size, r + size))
         if self.train and rng.uniform() < 0.5:
-            out = out[:, ::-1]
-        return np.ascontiguousarray(out)
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return image
 
 
 def collate(items):
-    images, labels, skipped = zip(*items)
-    return (torch.from_numpy(np.stack(images)), torch.tensor(labels),
-            [name for names in skipped for name in names])
+    images, labels, skipped, maps = zip(*items)
+    images = torch.stack(images) if torch.is_tensor(images[0]) else torch.from_numpy(
+        np.stack(images))
+    maps = None if maps[0] is None else (torch.stack([m for m, _ in maps]),
+                                         torch.stack([t for _, t in maps]))
+    return images, torch.tensor(labels), [name for names in skipped for name in names], maps
 
 
 # ----------------------------------------------------------------------------- device side
-def colour_augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def colour_draws(n: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """The random part of the colour augmentation for n images: jitter factors (brightness,
+    contrast, saturation), their order, PCA lighting weights."""
+    factors = 1 + JITTER * (2 * rng.random((n, 3)) - 1)
+    order = np.argsort(rng.random((n, 3)), axis=1)
+    return factors, order, rng.standard_normal((n, 3)) * LIGHTING
+
+
+def colour_transform(mean: np.ndarray, factors: np.ndarray, order: np.ndarray,
+                     lighting: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """fb.resnet.torch's ColorJitter (brightness, contrast, saturation in a random order per
-    image) and PCA Lighting, batched, on images in [0, 1] (N, 3, H, W); no clamping, as there."""
-    n, device = len(x), x.device
-    factors = (1 + JITTER * (2 * torch.rand(n, 3, generator=g) - 1)).to(device)
-    order = torch.argsort(torch.rand(n, 3, generator=g), dim=1).to(device)
-    weights = torch.tensor((0.299, 0.587, 0.114), device=device).view(1, 3, 1, 1)
+    image) and PCA Lighting, for images in [0, 1] with per-channel means `mean` (n, 3), as one
+    affine map per image: x -> M x + t (M: (n, 3, 3), t: (n, 3)). Every step is affine in the
+    RGB vector (contrast blends with the mean gray level, which follows from the mean), so the
+    whole chain is applied to the pixels once."""
+    n = len(mean)
+    gray = np.array((0.299, 0.587, 0.114))
+    eye, to_gray = np.eye(3), np.tile(gray, (3, 1))  # to_gray: every row the gray weights
+    M, t = np.tile(eye, (n, 1, 1)), np.zeros((n, 3))
     for step in range(3):
         op = order[:, step]
-        alpha = factors.gather(1, op[:, None]).view(n, 1, 1, 1)
-        gray = (x * weights).sum(1, keepdim=True)
-        blend_to = torch.where((op == 1).view(n, 1, 1, 1), gray.mean((2, 3), keepdim=True),
-                               torch.where((op == 2).view(n, 1, 1, 1), gray, 0.0))
-        x = x * alpha + blend_to * (1 - alpha)  # op 0: brightness, 1: contrast, 2: saturation
-    alpha = (torch.randn(n, 3, generator=g) * LIGHTING).to(device)
-    eigval = torch.tensor(PCA_EIGVAL, device=device)
-    eigvec = torch.tensor(PCA_EIGVEC, device=device)
-    rgb = (alpha * eigval) @ eigvec.T  # (n, 3): sum_j eigvec[c, j] * alpha_j * eigval_j
-    return x + rgb.view(n, 3, 1, 1)
+        alpha = factors[np.arange(n), op][:, None, None]  # (n, 1, 1)
+        mean_gray = (np.einsum("nij,nj->ni", M, mean) + t) @ gray  # (n,)
+        # op 0 brightness: blend with black; 1 contrast: with the mean gray; 2 saturation: with
+        # the pixel's gray.
+        A = alpha * eye + (1 - alpha) * (op == 2)[:, None, None] * to_gray
+        offset = (1 - alpha[:, :, 0]) * (op == 1)[:, None] * mean_gray[:, None]
+        M, t = A @ M, np.einsum("nij,nj->ni", A, t) + offset
+    eigvec, eigval = np.asarray(PCA_EIGVEC), np.asarray(PCA_EIGVAL)
+    return M, t + (lighting * eigval) @ eigvec.T  # channel c: sum_j eigvec[c,j] a_j eigval_j
+
+
+def colour_augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """`colour_transform` applied to images in [0, 1] (N, 3, H, W); no clamping, as there."""
+    M, t = colour_transform(x.mean((2, 3)).double().numpy(), *colour_draws(len(x), rng))
+    M, t = torch.from_numpy(M).to(x.dtype), torch.from_numpy(t).to(x.dtype)
+    return torch.einsum("nij,njhw->nihw", M, x) + t[:, :, None, None]
 
 
 def default_workers() -> int:
@@ -268,10 +304,9 @@ class FolderBatches:
         if batch_size % self.shard_count and train:
             raise ValueError(f"batch size {batch_size} is not divisible by {self.shard_count} "
                              f"data-parallel replicas")
-        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) / 255
-        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) / 255
-        self.images = FolderImages(split, recipe, size, train, seed,
-                                   tuple(round(m) for m in mean))
+        # On CPU the workers apply the colour maps; on a GPU the device does, on uint8 batches.
+        self.images = FolderImages(split, recipe, size, train, seed, mean, std,
+                                   apply=self.device.type == "cpu")
         self.workers = default_workers() if workers is None else workers
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.skipped: list[str] = []  # undecodable files met in the latest epoch (this replica)
@@ -298,20 +333,17 @@ class FolderBatches:
             self.images, batch_sampler=keys[start_step:], num_workers=self.workers,
             collate_fn=collate, pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if self.workers else None)
-        # The colour noise: its own stream per epoch and replica.
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 7_919 +
-                                          self.shard_index)
         self.skipped = []
-        for x, y, skipped in loader:
+        for x, y, skipped, maps in loader:
             if skipped:
                 if self.bad_images == "error":
                     raise DataError(f"cannot decode {skipped[0]}; replace or remove the file, "
                                     f"or set bad_images: skip")
                 self.skipped += skipped
-            x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float() / 255
-            if self.train and self.recipe == "imagenet":
-                x = colour_augment(x, g)
-            x = (x - self.mean) / self.std
+            x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # NHWC memory
+            if maps is not None:  # uint8 pixels: colour maps applied here, batched
+                M, t = (m.to(self.device, non_blocking=True) for m in maps)
+                x = torch.einsum("nij,njhw->nihw", M, x.float()) + t[:, :, None, None]
             yield x.contiguous(memory_format=self.memory_format), y.to(self.device)
         if self.skipped:
             log.warning(f"skipped {len(self.skipped)} undecodable image(s) this epoch, each "
