@@ -7,10 +7,12 @@ at the same worker count (rounds interleaved; the best round of each is kept).
 
 Both do fb.resnet.torch's training augmentation: random-sized crop to 224, horizontal flip, colour
 jitter (brightness, contrast, saturation 0.4), normalisation; the project also adds PCA lighting.
-torchvision does all of it per image in the workers (PIL, then float tensors); the project decodes
-and crops in the workers (uint8) and does the colour work batched in the training process, whose
-time is counted here (on a GPU it runs on the device). Also printed: decode-only cost per image of
-the decoders on the package index (PIL, torchvision.io.decode_jpeg, simplejpeg if installed).
+torchvision does all of it per image in the workers (PIL, then float tensors). The project decodes
+and crops in the workers (PIL, uint8) and folds jitter, lighting and normalisation into one affine
+colour map per image: on a GPU the workers hand over uint8 images and the maps, and the device
+applies them (the "GPU path": its host side is measured here); on CPU the workers apply them (the
+"CPU path", measured whole). Also printed: decode-only cost per image of the JPEG decoders at
+hand (PIL, torchvision.io.decode_jpeg, simplejpeg if installed).
 """
 from __future__ import annotations
 
@@ -63,12 +65,16 @@ def torchvision_loader(root: Path, batch: int, workers: int):
     return lambda: iter(loader)
 
 
-def project_loader(root: Path, batch: int, workers: int):
+def project_loader(root: Path, batch: int, workers: int, for_gpu: bool):
+    """for_gpu: the host side of the GPU path (uint8 batches and per-image colour maps, which
+    the device applies); else the CPU path whole (the workers apply the maps: float batches)."""
     train, _ = images.load_folder(root)
     batches = images.FolderBatches(train, "imagenet", 224, images.IMAGENET_MEAN,
                                    images.IMAGENET_STD, batch, "cpu", train=True,
-                                   workers=workers, channels_last=True)
+                                   workers=workers, channels_last=True, colour_on_device=for_gpu)
     epochs = iter(range(10**6))
+    if for_gpu:
+        return lambda: (batch[:2] for batch in batches.loader(next(epochs)))
     return lambda: batches.epoch(next(epochs))
 
 
@@ -127,19 +133,21 @@ def main(argv=None) -> None:
               f"torch {torch.__version__}")
         for name, ms in decode_costs(root).items():
             print(f"decode only  {name:36s} {ms:6.2f} ms/image")
-        print("| workers | torchvision ImageFolder + PIL (img/s) | project (img/s) | "
-              "per worker: torchvision | per worker: project | project / torchvision |")
+        print("| workers | torchvision ImageFolder + PIL | project, GPU path (host side) | "
+              "project, CPU path | GPU path / torchvision | CPU path / torchvision |")
         print("| ---: | ---: | ---: | ---: | ---: | ---: |")
         for workers in args.workers:
-            best = {"torchvision": 0.0, "project": 0.0}
-            for _ in range(args.rounds):  # interleaved: both see the same load
-                best["torchvision"] = max(best["torchvision"], images_per_s(
-                    torchvision_loader(root, args.batch, workers), args.batch))
-                best["project"] = max(best["project"], images_per_s(
-                    project_loader(root, args.batch, workers), args.batch))
-            tv, pr = best["torchvision"], best["project"]
-            print(f"| {workers} | {tv:.1f} | {pr:.1f} | {tv / workers:.1f} | {pr / workers:.1f} "
-                  f"| {pr / tv:.2f} |", flush=True)
+            best = {"torchvision": 0.0, "gpu": 0.0, "cpu": 0.0}
+            makers = {"torchvision": lambda: torchvision_loader(root, args.batch, workers),
+                      "gpu": lambda: project_loader(root, args.batch, workers, True),
+                      "cpu": lambda: project_loader(root, args.batch, workers, False)}
+            for _ in range(args.rounds):  # interleaved: all see the same load
+                for name, make in makers.items():
+                    best[name] = max(best[name], images_per_s(make(), args.batch))
+            tv, gpu, cpu = best["torchvision"], best["gpu"], best["cpu"]
+            print(f"| {workers} | {tv / workers:.1f} | {gpu / workers:.1f} | {cpu / workers:.1f} "
+                  f"| {gpu / tv:.2f} | {cpu / tv:.2f} |", flush=True)
+        print("(images/s per worker process; the best of the rounds)")
 
 
 if __name__ == "__main__":

@@ -144,8 +144,8 @@ def test_an_epoch_is_a_pure_function_of_seed_and_epoch(folder):
     # The GPU path (uint8 batches, colour maps applied batched on the device) gives the same
     # images as the CPU path (maps applied in the workers).
     on_device = FolderBatches(train, "imagenet", 64, images.IMAGENET_MEAN, images.IMAGENET_STD,
-                              batch_size=12, device="cpu", train=True, seed=1, workers=0)
-    on_device.images.apply = False
+                              batch_size=12, device="cpu", train=True, seed=1, workers=0,
+                              colour_on_device=True)
     for (xa, ya), (xd, yd) in zip(a, on_device.epoch(0)):
         torch.testing.assert_close(xd, xa, rtol=1e-5, atol=1e-4)
         assert torch.equal(ya, yd)
