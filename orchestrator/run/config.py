@@ -138,6 +138,8 @@ class TrainConfig(Strict):
         data = {**RECIPES.get(recipe, {}), **data, "recipe": recipe}
         if arch and isinstance(arch, dict) and "dataset" not in arch:  # as this family's net
             data["architecture"] = {**arch, "dataset": family}
+        elif not arch and family == "imagenet":  # the default net there: ResNet-50
+            data["architecture"] = {"depth": 50, "dataset": family}
         if recipe == "imagenet" and "lr" not in data:
             data["lr"] = IMAGENET_LR_PER_256 * data["batch_size"] / 256
         return data
