@@ -259,3 +259,45 @@ def test_cifar10_as_png_folder_trains_like_the_native_loader(cifar10_dir, tmp_pa
         errors[name] = last["test_error"]
     # Seed noise of this subset and recipe: about 2 points (std between seeds).
     assert errors["native"] < 0.75 and abs(errors["native"] - errors["folder"]) < 0.05, errors
+
+
+def test_report_shows_top5_beside_top1_and_n0_uses_top1(tmp_path):
+    from orchestrator.analysis.report import build_report
+    from tests.test_analysis import constructed
+
+    runs = constructed(seeds=2)
+    plain, _ = build_report(runs, tmp_path / "plain", "plain", draws=200)
+    with_top5 = runs.assign(test_error_top5=runs.test_error / 3)
+    n0, path = build_report(with_top5, tmp_path / "top5", "top5", draws=200)
+    assert (n0.value, n0.low, n0.high) == (plain.value, plain.low, plain.high)
+    text = path.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| 24 "))
+    expected = with_top5[with_top5.depth == 24].test_error_top5.mean()
+    assert "top-5 error" in text and f"| {expected:.2f} |" in row
+    assert "top-5 error" not in (tmp_path / "plain" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_sweep_over_an_image_folder_tracks_top1_and_top5(ray_address, tmp_path, monkeypatch):
+    """search_spaces/imagefolder_cpu.yaml on a generated folder (one small trial): every epoch's
+    top-1 and top-5 error, data and step time in MLflow; the final top-5 on the run."""
+    from orchestrator.sweep import main as sweep_main
+    from tests.sweeps import runs
+
+    root = write_image_folder(tmp_path / "folder", train=16, val=4, size=(32, 32),
+                              exact_size=True)
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    study = str(Path(__file__).parent.parent / "search_spaces" / "imagefolder_cpu.yaml")
+    assert sweep_main([study, "--data-dir", str(root), "--storage-path", str(tmp_path / "results"),
+                       "--tracking-uri", uri, "--set", "space.depth=8", "--set", "space.k=1",
+                       "--set", "trials=1", "--set", "concurrency=1", "--set", "train.epochs=2",
+                       "--set", "train.batch_size=16"]) == 0
+    client, _, (child,) = runs(uri, "imagefolder_cpu")
+    assert child.info.status == "FINISHED"
+    for key in ("test_error", "test_error_top5", "data_time_s", "step_time_s"):
+        history = client.get_metric_history(child.info.run_id, key)
+        assert [m.step for m in history] == [1, 2], key
+    top1 = client.get_metric_history(child.info.run_id, "test_error")[-1].value
+    assert child.data.metrics["final_test_error_top5"] <= top1 == \
+        child.data.metrics["final_test_error"]
