@@ -201,6 +201,42 @@ def test_colour_augmentation_matches_fb_resnet_torch():
                                                              (factors, order, alpha))))
 
 
+def test_a_folder_run_resumes_as_if_uninterrupted(tmp_path, monkeypatch):
+    """CIFAR-family net on a folder of 32x32 images: two epochs in one go, and one epoch, a stop,
+    then a resumed second, log the same numbers (order and augmentation follow (seed, epoch))."""
+    from orchestrator.run.session import LocalSession
+
+    root = write_image_folder(tmp_path / "folder", train=16, val=4, size=(32, 32),
+                              exact_size=True)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"dataset: imagefolder\ndata_dir: {root}\narchitecture: {{depth: 8, "
+                      f"dataset: cifar10}}\nbatch_size: 16\nepochs: 2\ndevice: cpu\n"
+                      f"data_workers: 0\nprecision: fp32\nlog_every: 1\n")
+
+    def run(name, resume=False):
+        args = ["--config", str(config), "--checkpoint-dir", str(tmp_path / name),
+                "--log-json", str(tmp_path / f"{name}.jsonl")]
+        status = train_main(args + (["--resume"] if resume else []))
+        return status, [json.loads(line) for line in
+                        (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+
+    status, whole = run("whole")
+    assert status == 0
+    report = LocalSession.report
+
+    def stop_after_the_first_epoch(self, metrics, state):
+        report(self, metrics, state)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(LocalSession, "report", stop_after_the_first_epoch)
+    assert run("parts")[0] != 0
+    monkeypatch.setattr(LocalSession, "report", report)
+    status, parts = run("parts", resume=True)
+    keys = ("kind", "epoch", "step", "loss", "train_loss", "test_error", "test_error_top5")
+    assert status == 0 and len(whole) == len(parts)
+    assert [{k: r.get(k) for k in keys} for r in whole] == [{k: r.get(k) for k in keys}
+                                                            for r in parts]
+
+
 def test_imagenet_recipe_defaults():
     from orchestrator.run.config import TrainConfig
     from orchestrator.run.step import build_optimizer

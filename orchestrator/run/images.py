@@ -284,7 +284,10 @@ def colour_augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
 
 
 def default_workers() -> int:
-    return max(1, len(os.sched_getaffinity(0)) - 1)
+    """This process's share of the CPU cores, less one for the training loop (the ranks on a
+    node share its cores: LOCAL_WORLD_SIZE, as torchrun and Ray Train set it)."""
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, len(os.sched_getaffinity(0)) // ranks - 1)
 
 
 class FolderBatches:
