@@ -206,11 +206,11 @@ def test_a_folder_run_resumes_as_if_uninterrupted(tmp_path, monkeypatch):
     then a resumed second, log the same numbers (order and augmentation follow (seed, epoch))."""
     from orchestrator.run.session import LocalSession
 
-    root = write_image_folder(tmp_path / "folder", train=16, val=4, size=(32, 32),
+    root = write_image_folder(tmp_path / "folder", train=8, val=2, size=(32, 32),
                               exact_size=True)
     config = tmp_path / "run.yaml"
     config.write_text(f"dataset: imagefolder\ndata_dir: {root}\narchitecture: {{depth: 8, "
-                      f"dataset: cifar10}}\nbatch_size: 16\nepochs: 2\ndevice: cpu\n"
+                      f"dataset: cifar10}}\nbatch_size: 8\nepochs: 2\ndevice: cpu\n"
                       f"data_workers: 0\nprecision: fp32\nlog_every: 1\n")
 
     def run(name, resume=False):
