@@ -27,13 +27,19 @@ def parser() -> argparse.ArgumentParser:
 
 def lesion_command(args: argparse.Namespace) -> None:
     from orchestrator.analysis.lesion import lesion_study, load_model, plot
-    from orchestrator.run.data import Batches, load_dataset
+    from orchestrator.run.config import TrainConfig
+    from orchestrator.run.data import DATASETS, Batches, load_dataset
 
     model, config = load_model(Path(args.checkpoint))
     dataset = args.dataset or config.get("dataset", "cifar10")
     _, test = load_dataset(dataset, args.data_dir or config.get("data_dir"), 1,
                            args.test_size or config.get("test_size"))
-    table = lesion_study(model, Batches(test, dataset, 500, "cpu", train=False))
+    if DATASETS[dataset].batches is not None:  # an image folder: its run's recipe and size
+        cfg = TrainConfig(**{**config, "dataset": dataset, "device": "cpu"})
+        batches = DATASETS[dataset].batches(test, cfg, 500, "cpu", False, (0, 1))
+    else:
+        batches = Batches(test, dataset, 500, "cpu", train=False)
+    table = lesion_study(model, batches)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "lesion.csv", index=False)

@@ -235,6 +235,13 @@ def test_a_folder_run_resumes_as_if_uninterrupted(tmp_path, monkeypatch):
     assert status == 0 and len(whole) == len(parts)
     assert [{k: r.get(k) for k in keys} for r in whole] == [{k: r.get(k) for k in keys}
                                                             for r in parts]
+    # The lesion command evaluates the folder's checkpoint as the run did.
+    from orchestrator.lesion import main as lesion_main
+
+    assert lesion_main([str(tmp_path / "whole" / "checkpoint.pt"), "--out",
+                        str(tmp_path / "lesion")]) == 0
+    first = (tmp_path / "lesion" / "lesion.csv").read_text().splitlines()[1].split(",")
+    assert float(first[-1]) == pytest.approx(whole[-1]["test_error"])
 
 
 def test_imagenet_recipe_defaults():
