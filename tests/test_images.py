@@ -287,7 +287,7 @@ def test_cifar10_as_png_folder_trains_like_the_native_loader(cifar10_dir, tmp_pa
     a CIFAR net: the same test error as the native loader (same seed, recipe and images), within
     seed noise (the two draw their augmentation differently)."""
     root = write_cifar_as_png(cifar10_dir, tmp_path / "cifar_png", train=2000, test=1000)
-    common = ["--depth", "8", "--k", "2", "--train-size", "2000", "--test-size", "1000",
+    common = ["--depth", "8", "--k", "1", "--train-size", "2000", "--test-size", "1000",
               "--batch-size", "64", "--epochs", "4", "--lr", "0.05", "--device", "cpu",
               "--seed", "1", "--precision", "fp32"]
     as_cifar = tmp_path / "as_cifar.yaml"  # a CIFAR-family net on the folder
