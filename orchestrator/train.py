@@ -31,7 +31,8 @@ def parser() -> argparse.ArgumentParser:
     add_architecture_flags(arch)
     data = p.add_argument_group("data")
     data.add_argument("--dataset", help="one of orchestrator.run.data.DATASETS: cifar10 "
-                      "(default), cifar100, synthetic, imagefolder, imagenet; checked with the other keys")
+                      "(default), cifar100, synthetic, imagefolder, imagenet; checked with the "
+                      "other keys")
     data.add_argument("--data-dir", help="folder that holds cifar-10-batches-py/, or train/ and "
                       "val/ of an image folder (default ./data)")
     data.add_argument("--data-workers", type=int, help="image-decoding processes (image "

@@ -45,7 +45,8 @@ def write_cifar_as_png(cifar_dir: Path, root: Path, train: int, test: int) -> Pa
     folder of PNG files, one folder per class (named by index, so sorting keeps the labels)."""
     from orchestrator.run.data import load_cifar
 
-    for split, data, count in zip(("train", "val"), load_cifar("cifar10", cifar_dir), (train, test)):
+    splits = load_cifar("cifar10", cifar_dir)
+    for split, data, count in zip(("train", "val"), splits, (train, test)):
         for i in range(count):
             folder = root / split / f"{int(data.labels[i]):02d}"
             folder.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,8 @@ def cpu_computes_bf16() -> bool:
 
 # What a recipe changes from the defaults below, unless the run sets it. ImageNet (fb.resnet.torch):
 # 90 epochs, batch 256, lr x0.1 at epochs 30 and 60; lr 0.1 per 256 images (scaled by batch_size).
-RECIPES = {"cifar": {}, "imagenet": {"epochs": 90, "batch_size": 256, "lr_milestones": (1 / 3, 2 / 3)}}
+RECIPES = {"cifar": {},
+           "imagenet": {"epochs": 90, "batch_size": 256, "lr_milestones": (1 / 3, 2 / 3)}}
 IMAGENET_LR_PER_256 = 0.1
 
 

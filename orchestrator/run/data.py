@@ -1,6 +1,7 @@
 """Datasets: CIFAR-10/100 from their standard python layouts, synthetic CIFAR-shaped data, and
-image folders (a user's own, and ImageNet: orchestrator.run.images), one `DATASETS` entry each (adding a dataset is one entry: classes, normalisation, the architecture
-family its nets are built for, and a loader).
+image folders (a user's own, and ImageNet: orchestrator.run.images), one `DATASETS` entry each
+(adding a dataset is one entry: classes, normalisation, the architecture family its nets are
+built for, and a loader).
 
 CIFAR is held whole as one uint8 tensor and augmented in batches on the training device (the
 airbench approach): normalise with the per-channel means and stds of the original Torch code,
