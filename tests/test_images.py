@@ -255,6 +255,8 @@ def test_imagenet_recipe_defaults():
     per_epoch = 5004  # 1,281,167 images / 256
     _, scheduler = build_optimizer(cfg, torch.nn.Linear(2, 2), 90 * per_epoch)
     assert sorted(scheduler.milestones) == [30 * per_epoch, 60 * per_epoch]
+    with pytest.raises(ValueError, match="recipe imagenet augments image files; cifar10 is"):
+        TrainConfig(dataset="cifar10", recipe="imagenet")
     # A folder trained as CIFAR: the CIFAR recipe and a CIFAR-family net.
     cfg = TrainConfig(dataset="imagefolder", architecture=dict(depth=8, dataset="cifar10"))
     assert (cfg.recipe, cfg.epochs, cfg.lr, cfg.architecture.dataset) == ("cifar", 200, 0.1,

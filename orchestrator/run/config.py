@@ -155,6 +155,9 @@ class TrainConfig(Strict):
             fields = self.architecture.model_dump(exclude_unset=True)
             fields["dataset"] = wanted
             self.architecture = Architecture(**fields)
+        if self.recipe == "imagenet" and DATASETS[self.dataset].batches is None:
+            raise ValueError(f"recipe imagenet augments image files; {self.dataset} is trained "
+                             f"with recipe cifar (or use dataset imagefolder or imagenet)")
         if any(not 0 < m < 1 for m in self.lr_milestones):
             raise ValueError("lr_milestones must be fractions between 0 and 1, e.g. [0.5, 0.75]")
         if self.resume and not self.checkpoint_dir:
