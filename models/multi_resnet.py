@@ -56,6 +56,8 @@ class Architecture(BaseModel):
     shortcut: Literal["A", "B"] | None = Field(
         None, description="default: A for CIFAR basic w=1, otherwise B")
     dataset: Literal["cifar10", "cifar100", "imagenet"] = "cifar10"
+    classes: int | None = Field(None, ge=2, description="outputs of the classifier; default: "
+                                "the dataset family's (10, 100, 1000), e.g. an image folder's")
 
     @model_validator(mode="after")
     def _check(self) -> "Architecture":
@@ -127,7 +129,7 @@ class Architecture(BaseModel):
 
     @property
     def num_classes(self) -> int:
-        return NUM_CLASSES[self.dataset]
+        return self.classes or NUM_CLASSES[self.dataset]
 
     @property
     def name(self) -> str:

@@ -28,13 +28,19 @@ def parser() -> argparse.ArgumentParser:
 
 def lesion_command(args: argparse.Namespace) -> None:
     from orchestrator.analysis.lesion import lesion_study, load_model, plot, test_split
-    from orchestrator.run.data import Batches
+    from orchestrator.run.config import TrainConfig
+    from orchestrator.run.data import DATASETS, Batches
     from orchestrator.storage import check_writable
 
     check_writable(args.out, "--out")  # before the lesion study, not after it
     model, config = load_model(Path(args.checkpoint))
     test, dataset = test_split(config, args.data_dir, args.test_size, args.checkpoint)
-    table = lesion_study(model, Batches(test, dataset, 500, "cpu", train=False))
+    if DATASETS[dataset].batches is not None:  # an image folder: its run's recipe and size
+        cfg = TrainConfig(**{**config, "dataset": dataset, "device": "cpu"})
+        batches = DATASETS[dataset].batches(test, cfg, 500, "cpu", False, (0, 1))
+    else:
+        batches = Batches(test, dataset, 500, "cpu", train=False)
+    table = lesion_study(model, batches)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "lesion.csv", index=False)

@@ -4,8 +4,10 @@ report) uses these, so the names live here once."""
 from __future__ import annotations
 
 # Reported at the end of every epoch (the loop), logged per epoch to MLflow (the tracker).
-EPOCH_METRICS = ("train_loss", "train_error", "test_error", "lr", "images_per_s", "epoch_time_s",
-                 "train_gflops")
+# test_error is top-1 (what studies and n0 use); data_time_s is the training loop's wait for
+# input, step_time_s the rest of the epoch's training: data time near the total is input-bound.
+EPOCH_METRICS = ("train_loss", "train_error", "test_error", "test_error_top5", "lr", "images_per_s",
+                 "epoch_time_s", "data_time_s", "step_time_s", "skipped_images", "train_gflops")
 # Worker system metrics (CPU, memory, GPU) are reported under MLflow's own prefix.
 SYSTEM_PREFIX = "system/"
 # What a study may optimise (searcher.objectives[].metric).

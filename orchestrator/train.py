@@ -2,6 +2,7 @@
 
     python -m orchestrator.train --depth 20 --k 4 --data-dir ./data --epochs 200
     python -m orchestrator.train --config run.yaml --epochs 2        # flags override the file
+    python -m orchestrator.train --dataset imagenet --data-dir /data/ilsvrc2012 --depth 50
 
 Without --data-dir, CIFAR is looked for (and downloaded when online) under ./data.
 """
@@ -17,7 +18,8 @@ from orchestrator.errors import ConfigError
 # Flag name -> TrainConfig field, for the flags that map one to one.
 RUN_FLAGS = ("dataset", "data_dir", "train_size", "test_size", "epochs", "steps", "batch_size",
              "lr", "momentum", "weight_decay", "grad_clip_norm", "seed", "device", "execution",
-             "precision", "compile", "dtype", "log_json", "log_every", "checkpoint_dir")
+             "precision", "compile", "dtype", "log_json", "log_every", "checkpoint_dir",
+             "recipe", "data_workers", "bad_images")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -29,11 +31,19 @@ def parser() -> argparse.ArgumentParser:
     add_architecture_flags(arch)
     data = p.add_argument_group("data")
     data.add_argument("--dataset", help="one of orchestrator.run.data.DATASETS: cifar10 "
-                      "(default), cifar100, synthetic; checked with the other keys")
-    data.add_argument("--data-dir", help="folder that holds cifar-10-batches-py/ (default ./data)")
+                      "(default), cifar100, synthetic, imagefolder, imagenet; checked with the "
+                      "other keys")
+    data.add_argument("--data-dir", help="folder that holds cifar-10-batches-py/, or train/ and "
+                      "val/ of an image folder (default ./data)")
+    data.add_argument("--data-workers", type=int, help="image-decoding processes (image "
+                      "folders; default: CPU cores less one)")
+    data.add_argument("--bad-images", choices=["skip", "error"], help="an undecodable image "
+                      "met in training: skip it (counted, logged; the default) or stop")
     data.add_argument("--train-size", type=int, help="train on the first N images")
     data.add_argument("--test-size", type=int, help="test on the first N images")
     recipe = p.add_argument_group("recipe")
+    recipe.add_argument("--recipe", choices=["auto", "cifar", "imagenet"], help="augmentation "
+                        "and schedule defaults (auto: imagenet for ImageNet-family nets)")
     recipe.add_argument("--epochs", type=int)
     recipe.add_argument("--steps", type=int, help="stop after N steps in total")
     recipe.add_argument("--batch-size", type=int)

@@ -138,8 +138,11 @@ def test_the_dataset_registry_is_the_one_list_of_datasets():
 
     assert set(get_args(TrainConfig.model_fields["dataset"].annotation)) == set(DATASETS)
     for name, entry in DATASETS.items():
-        cfg = TrainConfig(dataset=name, architecture=dict(depth=8))
+        depth = 18 if entry.architecture == "imagenet" else 8
+        cfg = TrainConfig(dataset=name, architecture=dict(depth=depth))
         assert cfg.architecture.dataset == entry.architecture
-        assert cfg.architecture.num_classes == entry.classes
-        assert Architecture(depth=8, dataset=entry.architecture).num_classes == entry.classes
+        if entry.classes is not None:  # else: an image folder's, counted when it is read
+            assert cfg.architecture.num_classes == entry.classes
+            assert Architecture(depth=depth, dataset=entry.architecture).num_classes == \
+                entry.classes
 

@@ -34,8 +34,10 @@ def test_training_lowers_the_loss_and_logs_json(tmp_path):
     epochs = [r for r in records if r["kind"] == "epoch"]
     assert len(steps) == 4 * 8 and [r["step"] for r in steps] == list(range(1, 33))
     assert set(steps[0]) == {"kind", "step", "epoch", "loss", "lr"}
-    assert set(epochs[0]) == {"kind", "epoch", "train_loss", "train_error", "test_error", "lr",
-                              "images_per_s", "epoch_time_s"}
+    assert set(epochs[0]) == {"kind", "epoch", "train_loss", "train_error", "test_error",
+                              "test_error_top5", "lr", "images_per_s", "epoch_time_s",
+                              "data_time_s", "step_time_s"}
+    assert all(0 <= r["test_error_top5"] <= r["test_error"] for r in epochs)
     # Untrained, the loss stays at ln(10) = 2.30 and the error at chance (0.9).
     assert epochs[-1]["train_loss"] < 0.85 * epochs[0]["train_loss"]
     assert final["test_error"] < 0.75

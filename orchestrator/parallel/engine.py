@@ -150,26 +150,31 @@ class RankEngine:
 
     # ------------------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def evaluate(self, batches, forward_context=contextlib.nullcontext) -> float:
-        """Top-1 error over the split. Each replica takes its slice of every batch, padded to a
-        fixed size (pipeline stages need fixed shapes); padded images do not count."""
+    def evaluate(self, batches, forward_context=contextlib.nullcontext) -> tuple[float, float]:
+        """Top-1 and top-5 error over the split. Each replica takes its slice of every batch
+        (batches that are `per_rank` hold only that slice), padded to a fixed size (pipeline
+        stages need fixed shapes); padded images do not count."""
         self.model.eval()
         dp = self.cfg.parallel.dp
-        size = batches.batch_size // dp
-        wrong = torch.zeros(2, device=self.device, dtype=torch.float64)
+        size = -(-batches.batch_size // dp)
+        wrong = torch.zeros(3, device=self.device, dtype=torch.float64)  # top-1, top-5, images
         for x, y in batches.epoch(0):
-            x = x.tensor_split(dp)[self.mesh.dp_rank].to(DTYPES[self.cfg.dtype])
-            y = y.tensor_split(dp)[self.mesh.dp_rank]
+            if not getattr(batches, "per_rank", False):
+                x, y = x.tensor_split(dp)[self.mesh.dp_rank], y.tensor_split(dp)[self.mesh.dp_rank]
+            x = x.to(DTYPES[self.cfg.dtype])
             valid = len(y)
             if valid < size:  # pad the last batch
                 x = torch.cat([x, x.new_zeros((size - valid, *x.shape[1:]))])
             with forward_context():
                 out = self._forward_eval(x, torch.cat([y, y.new_zeros(size - valid)]))
             if self.reports_metrics and out is not None:
-                wrong[0] += (out[:valid].argmax(1) != y).sum()
-                wrong[1] += valid
+                top = out[:valid].topk(min(5, out.shape[1]), dim=1).indices
+                wrong[0] += (top[:, 0] != y).sum()
+                wrong[1] += (top != y[:, None]).all(1).sum()
+                wrong[2] += valid
         self.reduce(wrong)
-        return (wrong[0] / wrong[1].clamp(min=1)).item()
+        top1, top5 = (wrong[:2] / wrong[2].clamp(min=1)).tolist()
+        return top1, top5
 
     def _forward_eval(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         if self.schedule is None:

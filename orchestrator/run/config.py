@@ -2,7 +2,8 @@
 
 Every entry point (the `orchestrator.train` flags, YAML files, sweep trials) builds a `TrainConfig`;
 defaults live here and nowhere else. The recipe defaults are the paper's: SGD with Nesterov momentum
-0.9, lr 0.1, weight decay 1e-4, batch 128, lr x0.1 at 50% and 75% of training.
+0.9, lr 0.1, weight decay 1e-4, batch 128, lr x0.1 at 50% and 75% of training. The ImageNet recipe
+(`recipe: imagenet`, fb.resnet.torch's) changes the defaults in `RECIPES` and the augmentation.
 """
 from __future__ import annotations
 
@@ -35,6 +36,13 @@ def cpu_computes_bf16() -> bool:
         return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
     except AttributeError:  # private helpers of torch.cpu: assume the plain case if they go
         return False
+
+
+# What a recipe changes from the defaults below, unless the run sets it. ImageNet (fb.resnet.torch):
+# 90 epochs, batch 256, lr x0.1 at epochs 30 and 60; lr 0.1 per 256 images (scaled by batch_size).
+RECIPES = {"cifar": {},
+           "imagenet": {"epochs": 90, "batch_size": 256, "lr_milestones": (1 / 3, 2 / 3)}}
+IMAGENET_LR_PER_256 = 0.1
 
 
 class Strict(BaseModel):
@@ -101,6 +109,19 @@ class TrainConfig(Strict):
     channels_last: bool = Field(True, description="NHWC memory format: faster on CPU and GPU "
                                 "(bench/RESULTS.md)")
 
+    recipe: Literal["auto", "cifar", "imagenet"] = Field(
+        "auto", description="augmentation and schedule: cifar (flip, 4-pixel pad and crop; the "
+        "defaults here) or imagenet (fb.resnet.torch: random-sized crop to 224, flip, colour "
+        "jitter, PCA lighting; evaluation resize 256 + centre crop 224; 90 epochs, batch 256, "
+        "lr 0.1 per 256 images, x0.1 at epochs 30 and 60). auto: imagenet for ImageNet-family "
+        "nets, else cifar")
+    data_workers: int | None = Field(None, ge=0, description="processes decoding images "
+                                     "(image-folder datasets); default: this process's CPU "
+                                     "cores less one; 0: decode in the training process")
+    bad_images: Literal["skip", "error"] = Field(
+        "skip", description="an image file that cannot be decoded during training: skip (count "
+        "it, log its name, use the next image of the split with its own label) or error (stop)")
+
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     dtype: Literal["float32", "float64"] = Field("float32", description="float64 for exactness "
                                                   "checks of parallel layouts")
@@ -109,13 +130,45 @@ class TrainConfig(Strict):
     checkpoint_dir: str | None = None
     resume: bool = False
 
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe_defaults(cls, data):
+        """Resolve `recipe: auto` by the net family and fill what the recipe changes and the
+        run does not set."""
+        if not isinstance(data, dict):
+            return data
+        entry = DATASETS.get(data.get("dataset", "cifar10"))
+        if entry is None:
+            return data  # the field's own error names the choices
+        arch = data.get("architecture", {})
+        family = arch.get("dataset") if isinstance(arch, dict) else arch.dataset
+        if not (entry.any_architecture and family):
+            family = entry.architecture
+        recipe = data.get("recipe", "auto")
+        if recipe == "auto":
+            recipe = "imagenet" if family == "imagenet" else "cifar"
+        data = {**RECIPES.get(recipe, {}), **data, "recipe": recipe}
+        if arch and isinstance(arch, dict) and "dataset" not in arch:  # as this family's net
+            data["architecture"] = {**arch, "dataset": family}
+        elif not arch and family == "imagenet":  # the default net there: ResNet-50
+            data["architecture"] = {"depth": 50, "dataset": family}
+        if recipe == "imagenet" and "lr" not in data:
+            data["lr"] = IMAGENET_LR_PER_256 * data["batch_size"] / 256
+        return data
+
     @model_validator(mode="after")
     def _match_architecture_to_dataset(self) -> "TrainConfig":
         wanted = DATASETS[self.dataset].architecture
+        if DATASETS[self.dataset].any_architecture and \
+                "dataset" in self.architecture.model_fields_set:
+            wanted = self.architecture.dataset
         if self.architecture.dataset != wanted:
             fields = self.architecture.model_dump(exclude_unset=True)
             fields["dataset"] = wanted
             self.architecture = Architecture(**fields)
+        if self.recipe == "imagenet" and DATASETS[self.dataset].batches is None:
+            raise ValueError(f"recipe imagenet augments image files; {self.dataset} is trained "
+                             f"with recipe cifar (or use dataset imagefolder or imagenet)")
         if any(not 0 < m < 1 for m in self.lr_milestones):
             raise ValueError("lr_milestones must be fractions between 0 and 1, e.g. [0.5, 0.75]")
         generated = max(self.train_size or 0, self.test_size or 0)

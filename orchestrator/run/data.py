@@ -1,6 +1,7 @@
-"""Datasets: CIFAR-10/100 from their standard python layouts and synthetic CIFAR-shaped data, one
-`DATASETS` entry each (adding a dataset is one entry: classes, normalisation, the architecture
-family its nets are built for, and a loader).
+"""Datasets: CIFAR-10/100 from their standard python layouts, synthetic CIFAR-shaped data, and
+image folders (a user's own, and ImageNet: orchestrator.run.images), one `DATASETS` entry each
+(adding a dataset is one entry: classes, normalisation, the architecture family its nets are
+built for, and a loader).
 
 CIFAR is held whole as one uint8 tensor and augmented in batches on the training device (the
 airbench approach): normalise with the per-channel means and stds of the original Torch code,
@@ -23,6 +24,8 @@ import numpy as np
 import torch
 
 from orchestrator.errors import DataError
+from orchestrator.run.images import IMAGENET_CLASSES, IMAGENET_MEAN, IMAGENET_STD, folder_batches, \
+    load_folder
 
 log = logging.getLogger(__name__)
 
@@ -161,13 +164,17 @@ def synthetic_cifar(train_size: int = 2048, test_size: int = 512, num_classes: i
 @dataclass(frozen=True)
 class Dataset:
     """One dataset a run can train on."""
-    classes: int
+    classes: int | None  # None: as many as the data has (an image folder's class folders)
     normalization: tuple[tuple[float, ...], tuple[float, ...]]  # per-channel mean, std (0-255)
     architecture: str   # the family its nets are built for (stem, head): Architecture.dataset
     # (data_dir, train_size, test_size, seed) -> (train, test); may download where allowed
     load: Callable[[Path | None, int | None, int | None, int], tuple[Split, Split]]
     train_images: int  # in the whole training split (for cost estimates)
     needs_files: bool = True  # read from data_dir (checked, and fetched, before a study starts)
+    # Builds the batches of a split read file by file, (split, cfg, batch_size, device, train,
+    # shard) -> batches; None: the split is held whole as tensors (`Batches`).
+    batches: Callable | None = None
+    any_architecture: bool = False  # the user may pick the net family (default: `architecture`)
 
 
 def _cifar(name: str):
@@ -176,6 +183,10 @@ def _cifar(name: str):
             raise DataError(f"{name} needs a data dir: pass --data-dir DIR")
         return load_cifar(name, data_dir)
     return load
+
+
+def _folder_batches(*args, **kwargs):
+    return folder_batches(*args, normalization=FOLDER_NORMALIZATION, **kwargs)
 
 
 # Means and stds of fb.resnet.torch's CIFAR loaders, which the paper's code used.
@@ -188,7 +199,18 @@ DATASETS: dict[str, Dataset] = {
                          lambda data_dir, train_size, test_size, seed: synthetic_cifar(
                              train_size or 2048, test_size or 512, seed=seed),
                          2048, needs_files=False),
+    # Image folders; the normalisation follows the recipe (see FOLDER_NORMALIZATION).
+    "imagefolder": Dataset(None, (IMAGENET_MEAN, IMAGENET_STD), "imagenet",
+                           lambda data_dir, train_size, test_size, seed: load_folder(data_dir),
+                           0, batches=_folder_batches, any_architecture=True),
+    "imagenet": Dataset(IMAGENET_CLASSES, (IMAGENET_MEAN, IMAGENET_STD), "imagenet",
+                        lambda data_dir, train_size, test_size, seed: load_folder(
+                            data_dir, IMAGENET_CLASSES, "imagenet"), 1_281_167,
+                        batches=_folder_batches),
 }
+# An image folder trained with the CIFAR recipe is normalised as CIFAR-10 is.
+FOLDER_NORMALIZATION = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+                        "cifar": DATASETS["cifar10"].normalization}
 
 
 def load_dataset(name: str, data_dir: str | Path | None, train_size: int | None = None,

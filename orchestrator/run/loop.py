@@ -51,6 +51,20 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def timed(batches, waited: list[float]):
+    """The batches, adding the time spent waiting for each to `waited[0]` (input-bound
+    training shows as data time close to the epoch's training time)."""
+    batches = iter(batches)
+    while True:
+        started = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        waited[0] += time.perf_counter() - started
+        yield batch
+
+
 def train_loop(cfg: TrainConfig, session: Session) -> dict:
     """Train `cfg` to the end (or from the session's checkpoint); returns the final metrics.
 
@@ -60,21 +74,31 @@ def train_loop(cfg: TrainConfig, session: Session) -> dict:
     device = torch.device(cfg.device)
     train_split, test_split = load_dataset(cfg.dataset, cfg.data_dir, cfg.train_size,
                                            cfg.test_size, cfg.seed)
-    classes = DATASETS[cfg.dataset].classes
+    entry = DATASETS[cfg.dataset]
+    classes = entry.classes or len(train_split.classes)  # an image folder: its class folders
     if classes != cfg.architecture.num_classes:
-        raise ConfigError(f"{cfg.dataset} has {classes} classes, the architecture "
-                          f"{cfg.architecture.num_classes}")
+        if entry.classes is not None or cfg.architecture.classes is not None:
+            raise ConfigError(f"{cfg.dataset} has {classes} classes, the architecture "
+                              f"{cfg.architecture.num_classes}; set architecture.classes: "
+                              f"{classes} or leave it out")
+        cfg = cfg.model_copy(update={"architecture": cfg.architecture.model_copy(
+            update={"classes": classes})})
     engine = RankEngine(cfg, device)
     p = cfg.parallel
-    train_batches = Batches(train_split, cfg.dataset, cfg.batch_size, device, train=True,
-                            seed=cfg.seed, shard=(engine.mesh.dp_rank, p.dp),
-                            channels_last=cfg.channels_last)
     # Pipeline stages and CUDA graphs keep the shapes of the first step: evaluate in batches of
     # the training size there.
     fixed_shapes = p.pp > 1 or cfg.compile != "none"
     test_size = cfg.batch_size if fixed_shapes else max(cfg.batch_size, 256)
-    test_batches = Batches(test_split, cfg.dataset, test_size, device, train=False,
-                           channels_last=cfg.channels_last)
+    if entry.batches is not None:  # read file by file
+        shard = (engine.mesh.dp_rank, p.dp)
+        train_batches = entry.batches(train_split, cfg, cfg.batch_size, device, True, shard)
+        test_batches = entry.batches(test_split, cfg, test_size, device, False, shard)
+    else:
+        train_batches = Batches(train_split, cfg.dataset, cfg.batch_size, device, train=True,
+                                seed=cfg.seed, shard=(engine.mesh.dp_rank, p.dp),
+                                channels_last=cfg.channels_last)
+        test_batches = Batches(test_split, cfg.dataset, test_size, device, train=False,
+                               channels_last=cfg.channels_last)
     if len(train_batches) == 0:
         raise ConfigError(f"train_size {len(train_split)} is smaller than one batch "
                           f"({cfg.batch_size}); raise train_size or lower batch_size")
@@ -106,7 +130,8 @@ def train_loop(cfg: TrainConfig, session: Session) -> dict:
         steps_this_epoch = min(per_epoch, total_steps - epoch * per_epoch)
         bar = tqdm(total=steps_this_epoch, desc=f"epoch {epoch + 1}/{epochs}", unit="step",
                    disable=not session.interactive, leave=False, file=sys.stderr)
-        for i, (x, y) in enumerate(train_batches.epoch(epoch)):
+        waited = [0.0]  # seconds spent waiting for input batches
+        for i, (x, y) in enumerate(timed(train_batches.epoch(epoch), waited)):
             if i == steps_this_epoch:
                 break
             lr = train_step.lr  # the rate this step uses
@@ -127,20 +152,25 @@ def train_loop(cfg: TrainConfig, session: Session) -> dict:
         bar.close()
         train_time = time.perf_counter() - started
         engine.check_replicas()
-        test_error = engine.evaluate(test_batches, train_step.forward_context)
+        test_error, test_error_top5 = engine.evaluate(test_batches, train_step.forward_context)
         best = min(best, test_error)
         metrics = {
             "epoch": epoch + 1,
             "train_loss": loss_sum / seen,
             "train_error": wrong / seen,
             "test_error": test_error,
+            "test_error_top5": test_error_top5,
             "best_test_error": best,
             "lr": train_step.lr,
             "images_per_s": seen / train_time,
             "epoch_time_s": time.perf_counter() - started,
+            "data_time_s": waited[0],
+            "step_time_s": train_time - waited[0],
             "step": train_step.steps_done,
             "epochs_total": epochs,
         }
+        if getattr(train_batches, "skipped", None) is not None:
+            metrics["skipped_images"] = len(train_batches.skipped)
         state = train_step.state_dict()  # a collective; the full state on rank 0
         if state is not None:
             state.update({

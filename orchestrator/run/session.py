@@ -134,9 +134,12 @@ class LocalSession:
         if self.echo:
             print(f"epoch {metrics['epoch']:>3}  train loss {metrics['train_loss']:.4f}  "
                   f"train err {100 * metrics['train_error']:5.2f}%  "
-                  f"test err {100 * metrics['test_error']:5.2f}%  lr {metrics['lr']:.4g}  "
-                  f"{metrics['images_per_s']:7.1f} img/s  {metrics['epoch_time_s']:6.1f} s",
-                  flush=True)
+                  f"test err {100 * metrics['test_error']:5.2f}% (top-5 "
+                  f"{100 * metrics['test_error_top5']:5.2f}%)  lr {metrics['lr']:.4g}  "
+                  f"{metrics['images_per_s']:7.1f} img/s  {metrics['epoch_time_s']:6.1f} s "
+                  f"(data {metrics['data_time_s']:.1f} s, steps {metrics['step_time_s']:.1f} s)"
+                  + (f"  {metrics['skipped_images']} bad images skipped"
+                     if metrics.get("skipped_images") else ""), flush=True)
 
     def close(self) -> None:
         if self.log:

@@ -175,7 +175,7 @@ def register_best_model(results, trial_id: str, study: StudyConfig, parent) -> N
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
     from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
-    from models.multi_resnet import create_model
+    from models.multi_resnet import Architecture, create_model
     from models.summary import input_size
     from orchestrator.run.checkpoint import load_checkpoint
     from orchestrator.study.mlflow_client import all_runs, outbox
@@ -189,7 +189,7 @@ def register_best_model(results, trial_id: str, study: StudyConfig, parent) -> N
     filesystem = pyarrow.fs.FileSystem.from_uri(storage)[0] if "://" in storage else None
     with ray.train.Checkpoint(path, filesystem=filesystem).as_directory() as folder:
         state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
-    arch = study.trial_config(result.config).architecture
+    arch = Architecture(**state["architecture"])  # the run's: an image folder's classes too
     model = create_model(arch)
     model.load_state_dict(state["model"])
     model.eval()

@@ -284,6 +284,7 @@ class TrialTracker(Callback):
             self.fail(trial_id, last[DIVERGED])
             return
         final = {"final_test_error": last.get("test_error"),
+                 "final_test_error_top5": last.get("test_error_top5"),
                  "best_test_error": last.get("best_test_error"),
                  "final_train_loss": last.get("train_loss"),
                  "time_total_s": last.get("time_total_s")}
@@ -359,6 +360,8 @@ def finished_trials(tracking_uri: str, experiment: str, parent_id: str | None = 
                      "width": int(params["arch.width"]), "params": int(params["params"]),
                      "seed": int(params["seed"]), "flops": int(params["flops"]),
                      "test_error": 100 * run.data.metrics["final_test_error"],
+                     "test_error_top5": 100 * run.data.metrics.get("final_test_error_top5",
+                                                                   float("nan")),
                      "name": tags.get("architecture", "")})
         history = client.get_metric_history(run.info.run_id, "test_error")
         histories[run.info.run_id] = (rows[-1], sorted((m.step, 100 * m.value) for m in history))

@@ -1,0 +1,373 @@
+"""Image-folder datasets: a user's own folders and ImageNet (ILSVRC2012), read file by file.
+
+Layout: `root/train/<class>/...` and `root/val/<class>/...`, JPEG or PNG of any size and mode
+(grayscale, CMYK, palette: converted to RGB); class indices are the sorted folder names, as in
+torchvision's `ImageFolder`. Everything the user can fix (a missing split, an empty class folder,
+a file that is not an image, classes differing between train/ and val/) is a one-line
+`DataError` before training. A file that cannot be decoded when it is read (corrupt, truncated)
+is skipped by default: the next image of the split takes its place with its own label, and the
+names are counted and logged (`bad_images: error` stops instead).
+
+The pipeline, chosen by measurement (bench/input_pipeline.py, bench/RESULTS.md): DataLoader
+worker processes decode with PIL (libjpeg-turbo; JPEGs larger than needed are decoded at a
+reduced DCT scale) and do the geometry (crop, resize, flip) on uint8 in one `resize(box=...)`;
+the colour augmentation and normalisation run batched on the training device. An epoch's order
+and every random choice are a pure function of (seed, epoch, position), so a resumed run sees
+the same data, whatever the number of workers; each data-parallel replica decodes only its
+slice of every global batch (the replica index is the mesh's, from the global rank).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models.summary import input_size
+from orchestrator.errors import DataError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+SPLITS = ("train", "val")
+IMAGENET_CLASSES = 1000
+SUBSTITUTES = 16  # undecodable images in a row before the split is declared unreadable
+
+# fb.resnet.torch (datasets/imagenet.lua), which the paper's ImageNet code followed.
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
+PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009),
+              (-0.5808, -0.0045, -0.8140),
+              (-0.5836, -0.6948, 0.4203))
+JITTER = 0.4      # brightness, contrast and saturation: factors uniform in [1 - 0.4, 1 + 0.4]
+LIGHTING = 0.1    # std of the PCA lighting noise
+EVAL_RESIZE = 256 / 224  # evaluation: shorter side to 256, centre crop 224
+
+
+@dataclass
+class FolderSplit:
+    """One split of an image folder: file paths and their class indices."""
+    root: Path
+    classes: tuple[str, ...]
+    paths: list[str]
+    labels: np.ndarray  # int64
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, size: int | None) -> "FolderSplit":
+        """N images drawn by a fixed permutation (the same for every run seed): the files are
+        sorted by class, so the first N would hold the first classes only."""
+        if size is None or size >= len(self):
+            return self
+        keep = np.random.default_rng(0).permutation(len(self))[:size]
+        return FolderSplit(self.root, self.classes, [self.paths[i] for i in keep],
+                           self.labels[keep])
+
+
+def scan(root: Path, split: str) -> FolderSplit:
+    """The images of `root/split/<class>/` (searched recursively, hidden files ignored), checked."""
+    folder = root / split
+    if not folder.is_dir():
+        raise DataError(f"{folder} is not a folder; an image folder needs {root}/train/ and "
+                        f"{root}/val/ with one sub-folder per class")
+    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and e.name[0] != ".")
+    if not classes:
+        raise DataError(f"{folder} has no class folders; put each class's images in "
+                        f"{folder}/<class name>/")
+    paths, labels = [], []
+    for index, name in enumerate(classes):
+        found, others = [], []
+        for parent, dirs, files in os.walk(folder / name):
+            dirs[:] = sorted(d for d in dirs if d[0] != ".")
+            for f in sorted(files):
+                if f[0] == ".":
+                    continue
+                (found if f.lower().endswith(IMAGE_SUFFIXES) else others).append(
+                    os.path.join(parent, f))
+        if others:
+            raise DataError(f"{others[0]} is not an image (only {', '.join(IMAGE_SUFFIXES)} "
+                            f"files may be in class folders; {len(others)} such file(s) in "
+                            f"{folder / name}); move them out")
+        if not found:
+            raise DataError(f"class folder {folder / name} has no images; remove it or add "
+                            f"images ({', '.join(IMAGE_SUFFIXES)})")
+        paths += found
+        labels += [index] * len(found)
+    return FolderSplit(root, tuple(classes), paths, np.asarray(labels, dtype=np.int64))
+
+
+def load_folder(data_dir: str | Path | None, expected_classes: int | None = None,
+                name: str = "imagefolder") -> tuple[FolderSplit, FolderSplit]:
+    """(train, val) of an image folder, with the classes of both splits checked to agree."""
+    if data_dir is None:
+        raise DataError(f"{name} needs a data dir: pass --data-dir DIR (the folder holding "
+                        f"train/ and val/)")
+    root = Path(data_dir).expanduser().resolve()
+    if not root.is_dir():
+        raise DataError(f"{name}: {root} is not a folder; pass --data-dir pointing at the folder "
+                        f"holding train/ and val/")
+    train, val = scan(root, "train"), scan(root, "val")
+    if train.classes != val.classes:
+        only_train = sorted(set(train.classes) - set(val.classes))
+        only_val = sorted(set(val.classes) - set(train.classes))
+        raise DataError(f"{root}: classes differ between train/ and val/ (only in train: "
+                        f"{', '.join(only_train[:5]) or '-'}; only in val: "
+                        f"{', '.join(only_val[:5]) or '-'}); give both splits the same class "
+                        f"folders")
+    if expected_classes is not None and len(train.classes) != expected_classes:
+        raise DataError(f"{name}: {root}/train has {len(train.classes)} class folders, expected "
+                        f"{expected_classes} (ILSVRC2012: train/ and val/ with one folder per "
+                        f"synset, val/ sorted into them as the usual valprep.sh does)")
+    return train, val
+
+
+# ----------------------------------------------------------------------------- worker side
+def random_sized_crop(w: int, h: int, rng: np.random.Generator) -> tuple[int, int, int, int] | None:
+    """fb.resnet.torch's RandomSizedCrop: 8-100% of the area, aspect 3/4-4/3, ten attempts;
+    (x, y, width, height) or None (then: scale and centre crop)."""
+    for _ in range(10):
+        area = rng.uniform(0.08, 1.0) * w * h
+        aspect = rng.uniform(3 / 4, 4 / 3)
+        cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if rng.uniform() < 0.5:
+            cw, ch = ch, cw
+        if cw <= w and ch <= h:
+            return int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1)), cw, ch
+    return None
+
+
+def centre_box(w: int, h: int, scale: float, size: int) -> tuple[float, float, float, float]:
+    """The box of the original image that becomes the centre `size` square after the shorter
+    side is scaled to `scale * size`."""
+    side = min(w, h) / scale
+    return (w - side) / 2, (h - side) / 2, side, side
+
+
+class FolderImages(torch.utils.data.Dataset):
+    """Decoded, geometrically augmented uint8 images (H, W, 3) of one split, each with the affine
+    colour map (M, t) that augments (ImageNet recipe) and normalises it: pixel -> M pixel + t.
+    With `apply` the worker applies it and returns float32 images (the CPU path: the work spreads
+    over the workers); else the training device does, batched. Items are keyed by (epoch,
+    position in the epoch, index): the position seeds the augmentation."""
+
+    def __init__(self, split: FolderSplit, recipe: str, size: int, train: bool, seed: int,
+                 mean: tuple[float, ...], std: tuple[float, ...], apply: bool = False):
+        self.split, self.recipe, self.size, self.train, self.seed = split, recipe, size, train, seed
+        self.mean, self.std = torch.tensor(mean), torch.tensor(std)
+        self.pad_value, self.apply = tuple(round(m) for m in mean), apply
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, key: tuple[int, int, int]):
+        epoch, position, index = key
+        skipped = []
+        for attempt in range(SUBSTITUTES):
+            i = (index + attempt) % len(self.split)
+            rng = np.random.default_rng((self.seed, epoch, position, attempt))
+            try:
+                image = self.transform(self.split.paths[i], rng)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+                skipped.append(f"{self.split.paths[i]} ({type(exc).__name__}: {exc})")
+                continue
+            M, t = self.colour(image, rng)
+            pixels = np.array(image)  # writable, for torch
+            if self.apply:
+                flat = torch.from_numpy(pixels.reshape(-1, 3)).float()
+                return torch.addmm(t, flat, M.T).view(pixels.shape), \
+                    int(self.split.labels[i]), tuple(skipped), None
+            return pixels, int(self.split.labels[i]), tuple(skipped), (M, t)
+        raise DataError(f"{SUBSTITUTES} images in a row cannot be decoded, e.g. {skipped[0]}; "
+                        f"check the files under {self.split.root}")
+
+    def colour(self, image: Image.Image, rng: np.random.Generator):
+        """(M, t) for uint8 pixels: colour augmentation (ImageNet recipe, training), then
+        normalisation by the mean and std (0-255)."""
+        if self.train and self.recipe == "imagenet":
+            counts = np.asarray(image.histogram(), dtype=np.float64).reshape(3, 256)
+            means = counts @ np.arange(256) / counts.sum(1) / 255  # per channel, in [0, 1]
+            M, t = colour_transform(means[None], *colour_draws(1, rng))
+            M, t = torch.from_numpy(M[0]).float(), torch.from_numpy(t[0]).float()
+        else:
+            M, t = torch.eye(3), torch.zeros(3)
+        # x01 = x / 255 -> M x01 + t -> (. - mean / 255) / (std / 255)
+        return M / self.std[:, None], (255 * t - self.mean) / self.std
+
+    def transform(self, path: str, rng: np.random.Generator) -> Image.Image:
+        """The geometric augmentation (or the evaluation crop) of one file, RGB."""
+        size = self.size
+        with Image.open(path) as image:
+            w, h = image.size
+            if self.recipe == "imagenet":
+                box = random_sized_crop(w, h, rng) if self.train else None
+                if box is None:
+                    box = centre_box(w, h, 1.0 if self.train else EVAL_RESIZE, size)
+                # A JPEG is decoded no larger than the crop needs (libjpeg's DCT scaling): the
+                # crop's sides stay at least `size`.
+                if image.format == "JPEG":
+                    image.draft("RGB", (math.ceil(w * size / box[2]),
+                                        math.ceil(h * size / box[3])))
+                f = image.size[0] / w
+                x, y, cw, ch = (v * f for v in box)
+                image = image.convert("RGB")  # also decodes: a truncated file raises here
+                image = image.resize((size, size), Image.BILINEAR, box=(x, y, x + cw, y + ch))
+            else:  # the CIFAR recipe: shorter side to `size`, centre crop, 4-pixel pad + crop
+                image = image.convert("RGB")
+                if image.size != (size, size):
+                    image = image.resize((size, size), Image.BILINEAR,
+                                         box=centre_box(w, h, 1.0, size))
+                if self.train:  # padded with the mean colour: zero after normalisation
+                    r, c = rng.integers(0, 9, 2)
+                    padded = Image.new("RGB", (size + 8, size + 8), self.pad_value)
+                    padded.paste(image, (4, 4))
+                    image = padded.crop((c, r, c + size, r + size))
+        if self.train and rng.uniform() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return image
+
+
+def collate(items):
+    images, labels, skipped, maps = zip(*items)
+    # default_collate stacks straight into shared memory in a worker: no copy on the way out.
+    images = torch.utils.data.default_collate(images)
+    maps = None if maps[0] is None else (torch.stack([m for m, _ in maps]),
+                                         torch.stack([t for _, t in maps]))
+    return images, torch.tensor(labels), [name for names in skipped for name in names], maps
+
+
+# ----------------------------------------------------------------------------- device side
+def colour_draws(n: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """The random part of the colour augmentation for n images: jitter factors (brightness,
+    contrast, saturation), their order, PCA lighting weights."""
+    factors = 1 + JITTER * (2 * rng.random((n, 3)) - 1)
+    order = np.argsort(rng.random((n, 3)), axis=1)
+    return factors, order, rng.standard_normal((n, 3)) * LIGHTING
+
+
+def colour_transform(mean: np.ndarray, factors: np.ndarray, order: np.ndarray,
+                     lighting: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """fb.resnet.torch's ColorJitter (brightness, contrast, saturation in a random order per
+    image) and PCA Lighting, for images in [0, 1] with per-channel means `mean` (n, 3), as one
+    affine map per image: x -> M x + t (M: (n, 3, 3), t: (n, 3)). Every step is affine in the
+    RGB vector (contrast blends with the mean gray level, which follows from the mean), so the
+    whole chain is applied to the pixels once."""
+    n = len(mean)
+    gray = np.array((0.299, 0.587, 0.114))
+    eye, to_gray = np.eye(3), np.tile(gray, (3, 1))  # to_gray: every row the gray weights
+    M, t = np.tile(eye, (n, 1, 1)), np.zeros((n, 3))
+    for step in range(3):
+        op = order[:, step]
+        alpha = factors[np.arange(n), op][:, None, None]  # (n, 1, 1)
+        mean_gray = (np.einsum("nij,nj->ni", M, mean) + t) @ gray  # (n,)
+        # op 0 brightness: blend with black; 1 contrast: with the mean gray; 2 saturation: with
+        # the pixel's gray.
+        A = alpha * eye + (1 - alpha) * (op == 2)[:, None, None] * to_gray
+        offset = (1 - alpha[:, :, 0]) * (op == 1)[:, None] * mean_gray[:, None]
+        M, t = A @ M, np.einsum("nij,nj->ni", A, t) + offset
+    eigvec, eigval = np.asarray(PCA_EIGVEC), np.asarray(PCA_EIGVAL)
+    return M, t + (lighting * eigval) @ eigvec.T  # channel c: sum_j eigvec[c,j] a_j eigval_j
+
+
+def colour_augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """`colour_transform` applied to images in [0, 1] (N, 3, H, W); no clamping, as there."""
+    M, t = colour_transform(x.mean((2, 3)).double().numpy(), *colour_draws(len(x), rng))
+    M, t = torch.from_numpy(M).to(x.dtype), torch.from_numpy(t).to(x.dtype)
+    return torch.einsum("nij,njhw->nihw", M, x) + t[:, :, None, None]
+
+
+def default_workers() -> int:
+    """This process's share of the CPU cores, less one for the training loop (the ranks on a
+    node share its cores: LOCAL_WORLD_SIZE, as torchrun and Ray Train set it)."""
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, len(os.sched_getaffinity(0)) // ranks - 1)
+
+
+class FolderBatches:
+    """Batches of an image-folder split, the same interface as `data.Batches`: epoch e's order
+    and augmentation depend only on (seed, e); `shard=(index, count)` gives one data-parallel
+    replica its slice of every global batch, for training and (`per_rank`) for evaluation."""
+
+    per_rank = True  # evaluation batches hold this replica's slice only
+
+    def __init__(self, split: FolderSplit, recipe: str, size: int, mean, std, batch_size: int,
+                 device: torch.device | str, train: bool, seed: int = 0,
+                 shard: tuple[int, int] = (0, 1), channels_last: bool = False,
+                 workers: int | None = None, bad_images: str = "skip",
+                 colour_on_device: bool | None = None):
+        self.split, self.recipe, self.batch_size, self.train = split, recipe, batch_size, train
+        self.seed, self.device, self.bad_images = seed, torch.device(device), bad_images
+        self.shard_index, self.shard_count = shard
+        if batch_size % self.shard_count and train:
+            raise ValueError(f"batch size {batch_size} is not divisible by {self.shard_count} "
+                             f"data-parallel replicas")
+        # On CPU the workers apply the colour maps; on a GPU the device does, on uint8 batches
+        # (a quarter of the bytes to copy, and the float work where it is cheap).
+        if colour_on_device is None:
+            colour_on_device = self.device.type == "cuda"
+        self.images = FolderImages(split, recipe, size, train, seed, mean, std,
+                                   apply=not colour_on_device)
+        self.workers = default_workers() if workers is None else workers
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.skipped: list[str] = []  # undecodable files met in the latest epoch (this replica)
+
+    def __len__(self) -> int:
+        n = len(self.split)
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def shard_indices(self, epoch: int) -> list[list[int]]:
+        """This replica's positions in the epoch's order, batch by batch."""
+        n = len(self.split)
+        order = (torch.randperm(n, generator=torch.Generator().manual_seed(
+            self.seed * 1_000_003 + epoch)) if self.train else torch.arange(n)).tolist()
+        batches = []
+        for step in range(len(self)):
+            positions = list(range(step * self.batch_size, min(n, (step + 1) * self.batch_size)))
+            mine = np.array_split(np.asarray(positions), self.shard_count)[self.shard_index]
+            batches.append([(p, order[p]) for p in mine.tolist()])
+        return batches
+
+    def loader(self, epoch: int, start_step: int = 0) -> torch.utils.data.DataLoader:
+        """The host side of an epoch: batches (images, labels, skipped names, colour maps) as
+        the workers make them."""
+        keys = [[(epoch, p, i) for p, i in batch] for batch in self.shard_indices(epoch)]
+        return torch.utils.data.DataLoader(
+            self.images, batch_sampler=keys[start_step:], num_workers=self.workers,
+            collate_fn=collate, pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if self.workers else None)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.skipped = []
+        for x, y, skipped, maps in self.loader(epoch, start_step):
+            if skipped:
+                if self.bad_images == "error":
+                    raise DataError(f"cannot decode {skipped[0]}; replace or remove the file, "
+                                    f"or set bad_images: skip")
+                self.skipped += skipped
+            x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # NHWC memory
+            if maps is not None:  # uint8 pixels: colour maps applied here, batched
+                M, t = (m.to(self.device, non_blocking=True) for m in maps)
+                x = torch.einsum("nij,njhw->nihw", M, x.float()) + t[:, :, None, None]
+            yield x.contiguous(memory_format=self.memory_format), y.to(self.device)
+        if self.skipped:
+            log.warning(f"skipped {len(self.skipped)} undecodable image(s) this epoch, each "
+                        f"replaced by the next image of the split: "
+                        f"{'; '.join(self.skipped[:20])}")
+
+
+def folder_batches(split: FolderSplit, cfg, batch_size: int, device, train: bool,
+                   shard: tuple[int, int], normalization: dict) -> FolderBatches:
+    """`FolderBatches` for a run config (a resolved `TrainConfig`): its recipe, input size,
+    workers, seed and bad-image policy."""
+    mean, std = normalization[cfg.recipe]
+    return FolderBatches(split, cfg.recipe, input_size(cfg.architecture), mean, std, batch_size,
+                         device, train, seed=cfg.seed, shard=shard,
+                         channels_last=cfg.channels_last, workers=cfg.data_workers,
+                         bad_images=cfg.bad_images)

@@ -1,0 +1,349 @@
+"""Image-folder datasets (orchestrator.run.images): reading, labels, bad data, determinism,
+data-parallel shards, the ImageNet recipe's augmentation; and (slow) training through them."""
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from orchestrator.errors import DataError
+from orchestrator.run import images
+from orchestrator.run.images import FolderBatches, FolderImages, load_folder
+from orchestrator.train import main as train_main
+from tests.images import COLOURS, write_cifar_as_png, write_image_folder
+
+CIFAR_NORM = ((125.3, 123.0, 113.9), (63.0, 62.1, 66.7))
+
+
+def colour_class(image: np.ndarray) -> int:
+    """The class whose colour an image shows (by luminance where it is gray)."""
+    mean = image.reshape(-1, 3).mean(0)
+    colours = np.asarray(COLOURS[:3], dtype=float)
+    if np.ptp(mean) < 3:  # a grayscale file: compare luminances
+        luma = colours @ np.array([0.299, 0.587, 0.114])
+        return int(np.abs(luma - mean[0]).argmin())
+    return int(np.linalg.norm(colours - mean, axis=1).argmin())
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    return write_image_folder(tmp_path / "images")
+
+
+def test_folders_are_read_with_sorted_classes_and_right_labels(folder):
+    """JPEG, PNG, grayscale and CMYK files of any size become RGB images of the net's size; each
+    carries the label of its class folder."""
+    train, val = load_folder(folder)
+    assert (len(train), len(val)) == (36, 12) and train.classes == ("c00", "c01", "c02")
+    suffixes = {Path(p).suffix for p in train.paths}
+    assert suffixes == {".JPEG", ".jpg", ".png"}
+    for split in (train, val):
+        data = FolderImages(split, "cifar", 32, train=False, seed=0, mean=(0, 0, 0),
+                            std=(1, 1, 1))
+        for i in range(len(split)):
+            image, label, skipped, _ = data[(0, i, i)]
+            assert image.shape == (32, 32, 3) and image.dtype == np.uint8 and not skipped
+            assert label == split.labels[i] == colour_class(image)
+    # A subset draws from every class (the files are sorted by class) and is the same each time.
+    sub = train.subset(9)
+    assert sub.paths == train.subset(9).paths and set(sub.labels.tolist()) == {0, 1, 2}
+
+
+def _damage(root: Path, case: str) -> None:
+    if case == "empty class folder":
+        (root / "train" / "c03").mkdir()
+        (root / "val" / "c03").mkdir()
+    elif case == "not an image":
+        (root / "train" / "c01" / "notes.txt").write_text("labels are in the folder names")
+    elif case == "classes differ":
+        shutil.rmtree(root / "val" / "c02")
+        (root / "val" / "cat").mkdir()
+        shutil.copy(next((root / "val" / "c00").iterdir()), root / "val" / "cat")
+    elif case == "no images":
+        for split in ("train", "val"):
+            shutil.rmtree(root / split)
+            (root / split).mkdir()
+    elif case == "no val split":
+        shutil.rmtree(root / "val")
+
+
+BAD_FOLDERS = {
+    "empty class folder": "class folder {root}/train/c03 has no images; remove it or add images",
+    "not an image": "{root}/train/c01/notes.txt is not an image (only .jpg, .jpeg, .png files",
+    "classes differ": "classes differ between train/ and val/ (only in train: c02; only in val: "
+                      "cat); give both splits the same class folders",
+    "no images": "{root}/train has no class folders; put each class's images in",
+    "no val split": "{root}/val is not a folder; an image folder needs",
+}
+
+
+@pytest.mark.parametrize("case", BAD_FOLDERS)
+def test_bad_folders_fail_at_start_in_one_line(case, folder, capsys):
+    _damage(folder, case)
+    message = BAD_FOLDERS[case].format(root=folder.resolve())
+    with pytest.raises(DataError, match=None) as err:
+        load_folder(folder)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    # The command: exit 2, one line, nothing trained.
+    args = ["--dataset", "imagefolder", "--data-dir", str(folder), "--depth", "18",
+            "--epochs", "1", "--device", "cpu", "--data-workers", "0"]
+    assert train_main(args) == 2
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert len(err_lines) == 1 and message in err_lines[0], err_lines
+
+
+def test_imagenet_checks_its_thousand_classes(folder):
+    with pytest.raises(DataError, match="train has 3 class folders, expected 1000"):
+        load_folder(folder, 1000, "imagenet")
+
+
+def test_undecodable_files_are_counted_skipped_and_named(folder, caplog):
+    """A truncated JPEG and a text file named .jpg: each replaced by the next image of the split
+    with that image's own label, counted, named in the log; `bad_images: error` stops."""
+    train, _ = load_folder(folder)
+    truncated, fake = train.paths[2], train.paths[20]
+    data = Path(truncated).read_bytes()
+    Path(truncated).write_bytes(data[: len(data) // 3])
+    Path(fake).write_text("not a JPEG")
+    batches = FolderBatches(train, "cifar", 32, *CIFAR_NORM, batch_size=12, device="cpu",
+                            train=False, workers=0)
+    with caplog.at_level(logging.WARNING, logger=images.__name__):
+        labels = torch.cat([y for _, y in batches.epoch(0)])
+    assert sorted(s.split(" (")[0] for s in batches.skipped) == sorted([truncated, fake])
+    assert "skipped 2 undecodable image(s)" in caplog.text and truncated in caplog.text
+    # The substitutes' labels are their own: the next files, here of the same class.
+    assert labels.tolist() == train.labels.tolist()
+    item = FolderImages(train, "cifar", 32, False, 0, (0, 0, 0), (1, 1, 1))[(0, 2, 2)]
+    assert item[1] == train.labels[3] and colour_class(item[0]) == train.labels[3]
+
+    strict = FolderBatches(train, "cifar", 32, *CIFAR_NORM, batch_size=12, device="cpu",
+                           train=False, workers=0, bad_images="error")
+    with pytest.raises(DataError, match=f"cannot decode {truncated} .*set bad_images: skip"):
+        list(strict.epoch(0))
+
+
+def test_an_epoch_is_a_pure_function_of_seed_and_epoch(folder):
+    """Same (seed, epoch): the same batches, with or without worker processes; another epoch
+    or seed: other ones. The ImageNet recipe's crops and colour noise included."""
+    train, _ = load_folder(folder)
+
+    def epoch(seed, e, workers):
+        b = FolderBatches(train, "imagenet", 64, images.IMAGENET_MEAN, images.IMAGENET_STD,
+                          batch_size=12, device="cpu", train=True, seed=seed, workers=workers)
+        return list(b.epoch(e))
+
+    a, b = epoch(1, 0, 0), epoch(1, 0, 1)
+    assert len(a) == 3 and a[0][0].shape == (12, 3, 64, 64)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not torch.equal(a[0][0], epoch(1, 1, 0)[0][0])
+    assert not torch.equal(a[0][0], epoch(2, 0, 0)[0][0])
+    # The GPU path (uint8 batches, colour maps applied batched on the device) gives the same
+    # images as the CPU path (maps applied in the workers).
+    on_device = FolderBatches(train, "imagenet", 64, images.IMAGENET_MEAN, images.IMAGENET_STD,
+                              batch_size=12, device="cpu", train=True, seed=1, workers=0,
+                              colour_on_device=True)
+    for (xa, ya), (xd, yd) in zip(a, on_device.epoch(0)):
+        torch.testing.assert_close(xd, xa, rtol=1e-5, atol=1e-4)
+        assert torch.equal(ya, yd)
+
+
+def test_data_parallel_replicas_get_disjoint_slices_of_each_global_batch(folder):
+    """Two replicas (a two-worker data-parallel run; the index is the mesh's replica index,
+    from the global rank): disjoint, together the one-replica batch, training and evaluation."""
+    train, val = load_folder(folder)
+    for split, is_train, size in ((train, True, 12), (val, False, 8)):
+        def make(shard):
+            return FolderBatches(split, "cifar", 32, *CIFAR_NORM, batch_size=size, device="cpu",
+                                 train=is_train, seed=3, shard=shard, workers=0)
+        whole = make((0, 1)).shard_indices(4)
+        parts = [make((r, 2)).shard_indices(4) for r in range(2)]
+        assert len(whole) == len(parts[0]) == len(parts[1])
+        seen = []
+        for step, batch in enumerate(whole):
+            mine = [set(p[step]) for p in parts]
+            assert not mine[0] & mine[1] and mine[0] | mine[1] == set(batch)
+            seen += [i for _, i in batch]
+        assert len(seen) == len(set(seen))  # no image twice in an epoch
+        y_whole = torch.cat([y for _, y in make((0, 1)).epoch(4)])
+        y_parts = [[y for _, y in make((r, 2)).epoch(4)] for r in range(2)]
+        assert torch.equal(y_whole, torch.cat([torch.cat(pair) for pair in zip(*y_parts)]))
+
+
+def reference_colour(x: torch.Tensor, factors, order, alpha) -> torch.Tensor:
+    """fb.resnet.torch's ColorJitter and Lighting, one image at a time, as transforms.lua."""
+    gray_w = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+    out = []
+    for img, f, o, a in zip(x, factors, order, alpha):
+        for op in o.tolist():
+            gs = (img * gray_w).sum(0, keepdim=True)
+            if op == 0:    # Brightness: blend with black
+                img = img * f[0]
+            elif op == 1:  # Contrast: blend with the mean of the grayscale image
+                img = img * f[1] + gs.mean() * (1 - f[1])
+            else:          # Saturation: blend with the grayscale image
+                img = img * f[2] + gs * (1 - f[2])
+        eigvec = torch.tensor(images.PCA_EIGVEC)
+        rgb = (eigvec * (a * torch.tensor(images.PCA_EIGVAL)).view(1, 3)).sum(1)
+        out.append(img + rgb.view(3, 1, 1))
+    return torch.stack(out)
+
+
+def test_colour_augmentation_matches_fb_resnet_torch():
+    x = torch.rand(6, 3, 8, 8, dtype=torch.float64)
+    got = images.colour_augment(x, np.random.default_rng(5))
+    factors, order, alpha = images.colour_draws(6, np.random.default_rng(5))  # the same draws
+    assert len({tuple(o) for o in order.tolist()}) > 1  # the random order is exercised
+    torch.testing.assert_close(got, reference_colour(x, *map(torch.from_numpy,
+                                                             (factors, order, alpha))))
+
+
+def test_a_folder_run_resumes_as_if_uninterrupted(tmp_path, monkeypatch):
+    """CIFAR-family net on a folder of 32x32 images: two epochs in one go, and one epoch, a stop,
+    then a resumed second, log the same numbers (order and augmentation follow (seed, epoch))."""
+    from orchestrator.run.session import LocalSession
+
+    root = write_image_folder(tmp_path / "folder", train=8, val=2, size=(32, 32),
+                              exact_size=True)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"dataset: imagefolder\ndata_dir: {root}\narchitecture: {{depth: 8, "
+                      f"dataset: cifar10}}\nbatch_size: 8\nepochs: 2\ndevice: cpu\n"
+                      f"data_workers: 0\nprecision: fp32\nlog_every: 1\n")
+
+    def run(name, resume=False):
+        args = ["--config", str(config), "--checkpoint-dir", str(tmp_path / name),
+                "--log-json", str(tmp_path / f"{name}.jsonl")]
+        status = train_main(args + (["--resume"] if resume else []))
+        return status, [json.loads(line) for line in
+                        (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+
+    status, whole = run("whole")
+    assert status == 0
+    report = LocalSession.report
+
+    def stop_after_the_first_epoch(self, metrics, state):
+        report(self, metrics, state)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(LocalSession, "report", stop_after_the_first_epoch)
+    assert run("parts")[0] != 0
+    monkeypatch.setattr(LocalSession, "report", report)
+    status, parts = run("parts", resume=True)
+    keys = ("kind", "epoch", "step", "loss", "train_loss", "test_error", "test_error_top5")
+    assert status == 0 and len(whole) == len(parts)
+    assert [{k: r.get(k) for k in keys} for r in whole] == [{k: r.get(k) for k in keys}
+                                                            for r in parts]
+    # The lesion command evaluates the folder's checkpoint as the run did.
+    from orchestrator.lesion import main as lesion_main
+
+    assert lesion_main([str(tmp_path / "whole" / "checkpoint.pt"), "--out",
+                        str(tmp_path / "lesion")]) == 0
+    first = (tmp_path / "lesion" / "lesion.csv").read_text().splitlines()[1].split(",")
+    assert float(first[-1]) == pytest.approx(whole[-1]["test_error"])
+
+
+def test_imagenet_recipe_defaults():
+    from orchestrator.run.config import TrainConfig
+    from orchestrator.run.step import build_optimizer
+
+    cfg = TrainConfig(dataset="imagenet", architecture=dict(depth=101, k=2))
+    assert (cfg.recipe, cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.momentum,
+            cfg.nesterov) == ("imagenet", 90, 256, 0.1, 1e-4, 0.9, True)
+    assert TrainConfig(dataset="imagenet", architecture=dict(depth=18), batch_size=1024).lr == 0.4
+    per_epoch = 5004  # 1,281,167 images / 256
+    _, scheduler = build_optimizer(cfg, torch.nn.Linear(2, 2), 90 * per_epoch)
+    assert sorted(scheduler.milestones) == [30 * per_epoch, 60 * per_epoch]
+    with pytest.raises(ValueError, match="recipe imagenet augments image files; cifar10 is"):
+        TrainConfig(dataset="cifar10", recipe="imagenet")
+    # A folder trained as CIFAR: the CIFAR recipe and a CIFAR-family net.
+    cfg = TrainConfig(dataset="imagefolder", architecture=dict(depth=8, dataset="cifar10"))
+    assert (cfg.recipe, cfg.epochs, cfg.lr, cfg.architecture.dataset) == ("cifar", 200, 0.1,
+                                                                          "cifar10")
+
+
+@pytest.mark.slow
+def test_imagenet_recipe_trains_a_generated_imagenet_folder(tmp_path):
+    """`orchestrator.train` on an ImageNet-layout folder (3 classes, ImageNet-like JPEGs): the
+    ImageNet recipe (224 crops), top-1 and top-5 error, data and step time in every epoch's
+    record; the head has the folder's 3 classes."""
+    root = write_image_folder(tmp_path / "imagenet", train=16, val=4, size=(300, 260))
+    log = tmp_path / "log.jsonl"
+    assert train_main(["--dataset", "imagefolder", "--data-dir", str(root), "--depth", "18",
+                       "--batch-size", "16", "--steps", "2", "--device", "cpu",
+                       "--data-workers", "1", "--log-json", str(log),
+                       "--checkpoint-dir", str(tmp_path / "ckpt")]) == 0
+    (epoch,) = [r for r in map(json.loads, log.read_text().splitlines()) if r["kind"] == "epoch"]
+    assert 0 <= epoch["test_error_top5"] <= epoch["test_error"] <= 1
+    assert epoch["data_time_s"] > 0 and epoch["step_time_s"] > 0 and epoch["skipped_images"] == 0
+    state = torch.load(tmp_path / "ckpt" / "checkpoint.pt", weights_only=False)
+    assert state["config"]["recipe"] == "imagenet" and state["config"]["lr"] == 0.1 * 16 / 256
+    head = [w for w in state["model"].values() if w.ndim == 2][-1]  # the last Linear layer
+    assert state["architecture"]["classes"] == 3 and head.shape[0] == 3
+
+
+@pytest.mark.slow
+def test_cifar10_as_png_folder_trains_like_the_native_loader(cifar10_dir, tmp_path):
+    """CIFAR-10 written out as PNG files, trained through `imagefolder` with the CIFAR recipe and
+    a CIFAR net: the same test error as the native loader (same seed, recipe and images), within
+    seed noise (the two draw their augmentation differently)."""
+    root = write_cifar_as_png(cifar10_dir, tmp_path / "cifar_png", train=2000, test=1000)
+    common = ["--depth", "8", "--k", "1", "--train-size", "2000", "--test-size", "1000",
+              "--batch-size", "64", "--epochs", "4", "--lr", "0.05", "--device", "cpu",
+              "--seed", "1", "--precision", "fp32"]
+    as_cifar = tmp_path / "as_cifar.yaml"  # a CIFAR-family net on the folder
+    as_cifar.write_text("architecture: {depth: 8, dataset: cifar10}\n")
+    errors = {}
+    for name, args in (("native", ["--dataset", "cifar10", "--data-dir", str(cifar10_dir)]),
+                       ("folder", ["--dataset", "imagefolder", "--data-dir", str(root),
+                                   "--config", str(as_cifar), "--data-workers", "1"])):
+        log = tmp_path / f"{name}.jsonl"
+        assert train_main([*common, *args, "--log-json", str(log)]) == 0
+        last = [json.loads(r) for r in log.read_text().splitlines()][-1]
+        errors[name] = last["test_error"]
+    print(f"test error: native {errors['native']:.4f}, folder {errors['folder']:.4f}")
+    # Seed noise of this subset and recipe: about 2 points (std between seeds).
+    assert errors["native"] < 0.75 and abs(errors["native"] - errors["folder"]) < 0.05, errors
+
+
+def test_report_shows_top5_beside_top1_and_n0_uses_top1(tmp_path):
+    from orchestrator.analysis.report import build_report
+    from tests.test_analysis import constructed
+
+    runs = constructed(seeds=2)
+    plain, _ = build_report(runs, tmp_path / "plain", "plain", draws=200)
+    with_top5 = runs.assign(test_error_top5=runs.test_error / 3)
+    n0, path = build_report(with_top5, tmp_path / "top5", "top5", draws=200)
+    assert (n0.value, n0.low, n0.high) == (plain.value, plain.low, plain.high)
+    text = path.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| 24 "))
+    expected = with_top5[with_top5.depth == 24].test_error_top5.mean()
+    assert "top-5 error" in text and f"| {expected:.2f} |" in row
+    assert "top-5 error" not in (tmp_path / "plain" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_sweep_over_an_image_folder_tracks_top1_and_top5(ray_address, tmp_path, monkeypatch):
+    """search_spaces/imagefolder_cpu.yaml on a generated folder (one small trial): every epoch's
+    top-1 and top-5 error, data and step time in MLflow; the final top-5 on the run."""
+    from orchestrator.sweep import main as sweep_main
+    from tests.sweeps import runs
+
+    root = write_image_folder(tmp_path / "folder", train=16, val=4, size=(32, 32),
+                              exact_size=True)
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    study = str(Path(__file__).parent.parent / "search_spaces" / "imagefolder_cpu.yaml")
+    assert sweep_main([study, "--data-dir", str(root), "--storage-path", str(tmp_path / "results"),
+                       "--tracking-uri", uri, "--set", "space.depth=8", "--set", "space.k=1",
+                       "--set", "trials=1", "--set", "concurrency=1", "--set", "train.epochs=2",
+                       "--set", "train.batch_size=16"]) == 0
+    client, _, (child,) = runs(uri, "imagefolder_cpu")
+    assert child.info.status == "FINISHED"
+    for key in ("test_error", "test_error_top5", "data_time_s", "step_time_s"):
+        history = client.get_metric_history(child.info.run_id, key)
+        assert [m.step for m in history] == [1, 2], key
+    top1 = client.get_metric_history(child.info.run_id, "test_error")[-1].value
+    assert child.data.metrics["final_test_error_top5"] <= top1 == \
+        child.data.metrics["final_test_error"]
