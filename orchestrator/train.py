@@ -17,7 +17,8 @@ from orchestrator.errors import ConfigError
 # Flag name -> TrainConfig field, for the flags that map one to one.
 RUN_FLAGS = ("dataset", "data_dir", "train_size", "test_size", "epochs", "steps", "batch_size",
              "lr", "momentum", "weight_decay", "grad_clip_norm", "seed", "device", "execution",
-             "precision", "compile", "dtype", "log_json", "log_every", "checkpoint_dir")
+             "precision", "compile", "dtype", "log_json", "log_every", "checkpoint_dir",
+             "checkpoint_every")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -56,7 +57,10 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--log-json", help="write JSON lines here: one per epoch and one every "
                      "--log-every steps")
     run.add_argument("--log-every", type=int, help="steps between step lines (default 50)")
-    run.add_argument("--checkpoint-dir", help="save a checkpoint here after every epoch")
+    run.add_argument("--checkpoint-dir", help="save checkpoints here (see --checkpoint-every)")
+    run.add_argument("--checkpoint-every", metavar="N|auto", help="epochs between checkpoints "
+                     "(default auto: as often as costs at most 5%% of training, at least every "
+                     "2 minutes; the last epoch always)")
     run.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
     add_common_flags(run)
     return p
@@ -134,8 +138,8 @@ def interrupted(args: argparse.Namespace) -> str:
             folder = None
     saved = folder and (Path(folder) / CHECKPOINT_FILE).is_file()
     return "interrupted; " + ("continue with the same command plus --resume" if saved else
-                              "no checkpoint was written yet (one is written at the end of each "
-                              "epoch with --checkpoint-dir): run the command again to start over")
+                              "no checkpoint was written yet (one is written every "
+                              "--checkpoint-every epochs with --checkpoint-dir): run the command again to start over")
 
 
 def preload(args: argparse.Namespace) -> list[str]:

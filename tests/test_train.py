@@ -248,3 +248,54 @@ def test_every_command_takes_debug():
     from orchestrator.summary import main as summary_main
 
     assert summary_main(["--depth", "20", "--k", "4", "--debug"]) == 0
+
+
+@pytest.mark.parametrize("every, epochs, since, write, due", [
+    (1, 5, 0.1, 0.01, True),
+    (2, 5, 0.1, 0.01, False),      # epoch 3 of 5, every 2: no
+    (3, 5, 9e9, 0.01, True),       # epoch 3 of 5, every 3: yes
+    (4, 3, 0.0, 9e9, True),        # the last epoch always has one
+    ("auto", 5, 0.5, None, True),  # nothing written by this process yet: its cost is unknown
+    ("auto", 5, 1.0, 0.2, True),   # cheap in absolute terms
+    ("auto", 5, 20.0, 1.0, True),  # 5% of 20 s
+    ("auto", 5, 10.0, 1.0, False),  # 10%: wait
+    ("auto", 5, 120.0, 30.0, True),  # expensive, but two minutes have passed
+    ("auto", 5, 119.0, 30.0, False),
+])
+def test_checkpoint_schedule(every, epochs, since, write, due):
+    from orchestrator.run.checkpoint import checkpoint_due
+
+    assert checkpoint_due(every, 3, epochs, since, write) is due
+
+
+def test_resume_from_a_checkpoint_every_n_epochs_equals_uninterrupted(tmp_path):
+    """Checkpoints every 2 epochs of 5: metrics are reported every epoch but a checkpoint only
+    on epochs 2, 4 and 5; stopped after epoch 3, the run resumes from epoch 2 and ends with the
+    weights and metrics of the uninterrupted run."""
+    five = dict(epochs=5, checkpoint_every=2, train_size=128)
+    whole = final_weights(tiny(checkpoint_dir=str(tmp_path / "whole"), **five))
+
+    cfg = tiny(checkpoint_dir=str(tmp_path / "cut"), **five)
+    session = LocalSession(cfg, interactive=False, echo=False)
+    report, reports = session.report, []
+
+    def report_then_stop(metrics, state):
+        report(metrics, state)
+        reports.append((metrics["epoch"], state is not None))
+        if metrics["epoch"] == 3:
+            raise Interrupt
+
+    session.report = report_then_stop
+    with pytest.raises(Interrupt):
+        train_loop(cfg, session)
+    assert reports == [(1, False), (2, True), (3, False)]
+    assert load_checkpoint(tmp_path / "cut" / CHECKPOINT_FILE)["epoch"] == 2
+    resumed = final_weights(tiny(checkpoint_dir=str(tmp_path / "cut"), resume=True, **five))
+    assert resumed["epoch"] == whole["epoch"] == 5
+    for name, tensor in whole["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    for key in ("momentum",):
+        for name, tensor in whole[key].items():
+            assert torch.equal(tensor, resumed[key][name]), name
+    assert resumed["metrics"] == {**whole["metrics"], "images_per_s": resumed["metrics"][
+        "images_per_s"], "epoch_time_s": resumed["metrics"]["epoch_time_s"]}

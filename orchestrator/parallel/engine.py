@@ -151,22 +151,16 @@ class RankEngine:
     # ------------------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self, batches, forward_context=contextlib.nullcontext) -> float:
-        """Top-1 error over the split. Each replica takes its slice of every batch, padded to a
-        fixed size (pipeline stages need fixed shapes); padded images do not count."""
+        """Top-1 error over the split. Each replica takes its share of every batch, padded to a
+        fixed size (pipeline stages and CUDA graphs need fixed shapes); padded images do not
+        count. Counts stay on the device: one wait, at the end."""
         self.model.eval()
-        dp = self.cfg.parallel.dp
-        size = batches.batch_size // dp
         wrong = torch.zeros(2, device=self.device, dtype=torch.float64)
-        for x, y in batches.epoch(0):
-            x = x.tensor_split(dp)[self.mesh.dp_rank].to(DTYPES[self.cfg.dtype])
-            y = y.tensor_split(dp)[self.mesh.dp_rank]
-            valid = len(y)
-            if valid < size:  # pad the last batch
-                x = torch.cat([x, x.new_zeros((size - valid, *x.shape[1:]))])
+        for x, y, valid in batches.padded_epoch((self.mesh.dp_rank, self.cfg.parallel.dp)):
             with forward_context():
-                out = self._forward_eval(x, torch.cat([y, y.new_zeros(size - valid)]))
-            if self.reports_metrics and out is not None:
-                wrong[0] += (out[:valid].argmax(1) != y).sum()
+                out = self._forward_eval(x.to(DTYPES[self.cfg.dtype]), y)
+            if self.reports_metrics and out is not None and valid:
+                wrong[0] += (out[:valid].argmax(1) != y[:valid]).sum()
                 wrong[1] += valid
         self.reduce(wrong)
         return (wrong[0] / wrong[1].clamp(min=1)).item()

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from orchestrator.errors import ConfigError, TrainingDiverged
 from orchestrator.parallel import RankEngine
-from orchestrator.run.checkpoint import check_same_run
+from orchestrator.run.checkpoint import check_same_run, checkpoint_due
 from orchestrator.run.config import TrainConfig
 from orchestrator.run.data import DATASETS, Batches, load_dataset
 from orchestrator.run.step import TrainingStep
@@ -35,7 +35,8 @@ class Session(Protocol):
 
     def restore(self) -> dict | None: ...
     def log_step(self, record: dict) -> None: ...
-    def report(self, metrics: dict, state: dict | None) -> None: ...  # state on rank 0 only
+    # Every epoch; `state` on world rank 0 of checkpoint epochs only (None otherwise).
+    def report(self, metrics: dict, state: dict | None) -> None: ...
 
 
 def rng_state() -> dict:
@@ -49,6 +50,16 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def due_for_checkpoint(cfg: TrainConfig, engine: RankEngine, epoch: int, last_epoch: int,
+                       since_s: float, write_s: float | None) -> bool:
+    """`checkpoint_due`, decided alike on every rank (state_dict is a collective): with auto,
+    from the largest elapsed and write times over the world (rank 0 is the one that writes)."""
+    if cfg.checkpoint_every == "auto" and engine.world > 1 and write_s is not None:
+        times = torch.tensor([since_s, write_s], dtype=torch.float64, device=engine.device)
+        since_s, write_s = engine.reduce(times, op=torch.distributed.ReduceOp.MAX).tolist()
+    return checkpoint_due(cfg.checkpoint_every, epoch, last_epoch, since_s, write_s)
 
 
 def train_loop(cfg: TrainConfig, session: Session) -> dict:
@@ -93,6 +104,7 @@ def train_loop(cfg: TrainConfig, session: Session) -> dict:
         set_rng_state(state["rng"])
 
     metrics: dict = state["metrics"] if state is not None else {}
+    saved_at, write_s = time.perf_counter(), None  # the last checkpoint: when, and its cost
     for epoch in range(start_epoch, epochs):
         started = time.perf_counter()
         engine.model.train()
@@ -135,11 +147,17 @@ def train_loop(cfg: TrainConfig, session: Session) -> dict:
             "step": train_step.steps_done,
             "epochs_total": epochs,
         }
-        state = train_step.state_dict()  # a collective; the full state on rank 0
-        if state is not None:
-            state.update({
-                "epoch": epoch + 1, "best_test_error": best, "rng": rng_state(),
-                "metrics": metrics, "architecture": cfg.architecture.model_dump(mode="json"),
-                "config": cfg.model_dump(mode="json")})
-        session.report(metrics, state)
+        reporting = time.perf_counter()
+        if due_for_checkpoint(cfg, engine, epoch + 1, epochs, reporting - saved_at, write_s):
+            state = train_step.state_dict()  # a collective; the full state on rank 0
+            if state is not None:
+                state.update({
+                    "epoch": epoch + 1, "best_test_error": best, "rng": rng_state(),
+                    "metrics": metrics, "architecture": cfg.architecture.model_dump(mode="json"),
+                    "config": cfg.model_dump(mode="json")})
+            session.report(metrics, state)
+            saved_at = time.perf_counter()
+            write_s = saved_at - reporting
+        else:  # metrics every epoch, a checkpoint only on checkpoint epochs (Ray's convention)
+            session.report(metrics, None)
     return metrics

@@ -74,6 +74,10 @@ class TrainingStep:
         dtype = AUTOCAST_DTYPES[cfg.precision]
         self._autocast = functools.partial(torch.autocast, device.type, dtype=dtype) if dtype \
             else contextlib.nullcontext
+        if device.type == "cuda":
+            # Every shape is fixed (whole training batches, padded evaluation batches): let
+            # cuDNN time its algorithms once per shape and keep the fastest.
+            torch.backends.cudnn.benchmark = True
         self.optimizer, self.scheduler = build_optimizer(cfg, engine.model, total_steps)
         self.scaler = build_scaler(device, engine.world) if cfg.precision == "fp16" else None
         if cfg.compile != "none":
