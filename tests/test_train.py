@@ -299,3 +299,20 @@ def test_resume_from_a_checkpoint_every_n_epochs_equals_uninterrupted(tmp_path):
             assert torch.equal(tensor, resumed[key][name]), name
     assert resumed["metrics"] == {**whole["metrics"], "images_per_s": resumed["metrics"][
         "images_per_s"], "epoch_time_s": resumed["metrics"]["epoch_time_s"]}
+
+
+@pytest.mark.parametrize("arch, device, form", [
+    (dict(depth=20, k=4), "cuda", "fused"),              # narrow: measured 1.38x fused
+    (dict(depth=200, k=5, block="bottleneck"), "cuda", "fused"),  # 1.19x fused
+    (dict(depth=26, k=2, width=10), "cuda", "reference"),  # wide: fused 0.91x, 0.75x in bf16
+    (dict(depth=26, k=2, width=4), "cuda", "reference"),
+    (dict(depth=26, k=2, width=3), "cuda", "fused"),
+    (dict(depth=68, k=1), "cuda", "reference"),           # one function: nothing to fuse
+    (dict(depth=20, k=4), "cpu", "reference"),             # grouped convolutions slow on CPU
+])
+def test_auto_execution_form_by_net_and_device(arch, device, form):
+    cfg = TrainConfig(dataset="synthetic", architecture=arch, device=device)
+    assert cfg.resolved(cuda_available=True).execution == form
+    pinned = TrainConfig(dataset="synthetic", architecture=arch, device=device,
+                         execution="fused")
+    assert pinned.resolved(cuda_available=True).execution == "fused"  # an explicit form stays

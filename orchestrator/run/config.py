@@ -16,8 +16,21 @@ from models.multi_resnet import Architecture
 from orchestrator.errors import ConfigError
 from orchestrator.run.data import DATASETS
 
-# The faster execution form per device type, measured by bench/models_bench.py (bench/RESULTS.md).
-FASTEST_FORM = {"cpu": "reference", "cuda": "fused"}
+# The fused form (the k functions of a block as grouped convolutions) pays on a GPU only where
+# each function is too narrow to fill it. Measured by bench/models_bench.py (bench/RESULTS.md,
+# H200): fused 1.19-1.38x for multi-resnet-20 k=4 and multi-resnet-200 k=5 bottleneck (w=1), but
+# 0.91x, and 3,653 against 4,858 images/s in bf16, for the wide multi-resnet-26 k=2 w=10. No width
+# between 1 and 10 was measured: the threshold is the middle (in channels, 64 = 16 x 4 in the
+# first stage), to move when bench/gpu_check.sh measures one. On CPUs grouped convolutions are
+# slow (0.58-0.61x): reference everywhere.
+FUSED_BELOW_WIDTH = 4
+
+
+def fastest_form(architecture: Architecture, device: str) -> str:
+    """The execution form `auto` resolves to for this net on this device type."""
+    if device != "cuda" or architecture.k == 1:  # one function: nothing to fuse
+        return "reference"
+    return "fused" if architecture.width < FUSED_BELOW_WIDTH else "reference"
 
 
 def cpu_computes_bf16() -> bool:
@@ -74,7 +87,8 @@ class TrainConfig(Strict):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     execution: Literal["auto", "reference", "fused"] = Field(
-        "auto", description="auto: the faster form on this device (bench/RESULTS.md)")
+        "auto", description="auto: the faster form for this net on this device: fused on CUDA "
+        "for narrow nets with k > 1 (w < 4), else reference (bench/RESULTS.md)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="autocast dtype of forward and backward (parameters, optimizer and "
         "BatchNorm statistics stay fp32); fp16 adds a gradient scaler. auto: bf16 on CUDA and "
@@ -150,7 +164,7 @@ class TrainConfig(Strict):
         cuda, plain_mesh = device == "cuda", self.parallel.pp == self.parallel.bp == 1
         update = {"device": device}
         if self.execution == "auto":
-            update["execution"] = FASTEST_FORM[device]
+            update["execution"] = fastest_form(self.architecture, device)
         if self.precision == "auto":
             fast_bf16 = cuda or cpu_computes_bf16()
             update["precision"] = "bf16" if fast_bf16 and self.dtype == "float32" else "fp32"
