@@ -17,8 +17,8 @@ from orchestrator.errors import ConfigError
 # Flag name -> TrainConfig field, for the flags that map one to one.
 RUN_FLAGS = ("dataset", "data_dir", "train_size", "test_size", "epochs", "steps", "batch_size",
              "lr", "momentum", "weight_decay", "grad_clip_norm", "seed", "device", "execution",
-             "precision", "compile", "dtype", "log_json", "log_every", "checkpoint_dir",
-             "checkpoint_every")
+             "precision", "compile", "compile_scope", "dtype", "log_json", "log_every",
+             "checkpoint_dir", "checkpoint_every")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -50,6 +50,8 @@ def parser() -> argparse.ArgumentParser:
                      help="autocast dtype (auto: bf16 on CUDA and bf16-capable CPUs)")
     run.add_argument("--compile", choices=["auto", "none", "default", "cudagraphs"],
                      help="torch.compile mode (auto: cudagraphs on CUDA, none on CPU)")
+    run.add_argument("--compile-scope", choices=["model", "blocks"],
+                     help="compile the whole model (default) or each block (regional)")
     run.add_argument("--dtype", choices=["float32", "float64"])
     run.add_argument("--parallel", metavar="dp=2,pp=1,bp=2", help="mesh degrees (also "
                      "microbatches=M, schedule=gpipe|1f1b); more than one rank runs as a local "

@@ -97,6 +97,10 @@ class TrainConfig(Strict):
         "auto", description="torch.compile of the model: default (inductor) or cudagraphs "
         "(inductor + CUDA graphs, mode reduce-overhead). auto: cudagraphs on CUDA where the "
         "mesh allows it (pp=1, bp=1), none on CPU")
+    compile_scope: Literal["model", "blocks"] = Field(
+        "model", description="what compile covers: the whole model as one graph, or each "
+        "residual block on its own (regional compilation: blocks of one shape share a graph, "
+        "so compile time no longer grows with depth; stem and head run eager)")
     grad_clip_norm: float | None = Field(None, gt=0, description="clip the global gradient "
                                          "norm to this value")
     log_every: int = Field(50, ge=1, description="steps between step-log lines; each reads the "

@@ -23,6 +23,10 @@ from orchestrator.run.data import DATASETS, Batches, load_dataset
 from orchestrator.run.step import TrainingStep
 
 
+# Evaluation batch size outside pipelines: large enough that an eager forward fills the device.
+EVAL_BATCH = {"cpu": 256, "cuda": 1024}
+
+
 def out_of_memory(cfg: TrainConfig, share: float | None = None) -> str:
     held = f"its {share:g} share of a GPU" if share else "the GPU"
     more = ", or raise resources.gpus_per_worker" if share else ""
@@ -80,10 +84,10 @@ def train_loop(cfg: TrainConfig, session: Session) -> dict:
     train_batches = Batches(train_split, cfg.dataset, cfg.batch_size, device, train=True,
                             seed=cfg.seed, shard=(engine.mesh.dp_rank, p.dp),
                             channels_last=cfg.channels_last)
-    # Pipeline stages and CUDA graphs keep the shapes of the first step: evaluate in batches of
-    # the training size there.
-    fixed_shapes = p.pp > 1 or cfg.compile != "none"
-    test_size = cfg.batch_size if fixed_shapes else max(cfg.batch_size, 256)
+    # Pipeline stages keep the shapes of the first step: evaluate in batches of the training size
+    # there. Elsewhere in large batches (a compiled model evaluates eagerly: see
+    # TrainingStep.evaluation_context).
+    test_size = cfg.batch_size if p.pp > 1 else max(cfg.batch_size, EVAL_BATCH[device.type])
     test_batches = Batches(test_split, cfg.dataset, test_size, device, train=False,
                            channels_last=cfg.channels_last)
     if len(train_batches) == 0:
@@ -133,7 +137,7 @@ def train_loop(cfg: TrainConfig, session: Session) -> dict:
         bar.close()
         train_time = time.perf_counter() - started
         engine.check_replicas()
-        test_error = engine.evaluate(test_batches, train_step.forward_context)
+        test_error = engine.evaluate(test_batches, train_step.evaluation_context)
         best = min(best, test_error)
         metrics = {
             "epoch": epoch + 1,
