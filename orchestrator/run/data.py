@@ -200,12 +200,14 @@ def load_dataset(name: str, data_dir: str | Path | None, train_size: int | None 
 class Batches:
     """Batches of one split, normalised and (for training) augmented on `device`.
 
-    The whole split is normalised once, on the device and in the net's memory layout; a training
-    epoch's order, flips and crops are drawn at its start (from a generator seeded by (seed,
-    epoch)) and applied to the whole epoch at once, so every batch is a slice and nothing waits
-    for the host until the loop reads a loss (the airbench / hlb-CIFAR10 way). `shard=(index,
-    count)` gives one data-parallel replica its slice of every global batch. Evaluation batches
-    are slices of a normalised test tensor padded to whole batches (`padded_epoch`).
+    The split lives on the device in the net's memory layout. A training epoch's order, flips and
+    crops are drawn at its start (from a generator seeded by (seed, epoch)) and applied, with the
+    normalisation, to the whole epoch at once, so every batch is a slice and nothing waits for
+    the host until the loop reads a loss (the airbench / hlb-CIFAR10 way); the split itself stays
+    uint8 (a quarter of the memory of a normalised copy, for no measurable cost per epoch).
+    `shard=(index, count)` gives one data-parallel replica its slice of every global batch.
+    Evaluation batches are slices of a normalised test tensor padded to whole batches
+    (`padded_epoch`).
     """
 
     def __init__(self, split: Split, dataset: str, batch_size: int, device: torch.device | str,
@@ -219,19 +221,27 @@ class Batches:
                              f"data-parallel replicas")
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         mean, std = DATASETS[dataset].normalization
-        mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
         n = len(split)
-        # Evaluation pads the split to whole batches (zeros, label 0); the padding never counts.
-        rows = n if train else len(self) * batch_size
+        self.labels = split.labels.to(self.device)
+        if train:
+            # uint8 on the device (a quarter of float32); each epoch normalises what it draws.
+            self.images = split.images.to(self.device).contiguous(
+                memory_format=self.memory_format)
+            return
+        # Evaluation: normalised once, padded to whole batches (zeros, label 0; never counted).
+        rows = len(self) * batch_size
         self.images = torch.empty((rows, *split.images.shape[1:]), device=self.device,
                                   memory_format=self.memory_format)
         self.images[n:] = 0
-        for start in range(0, n, NORMALISE_CHUNK):  # bounded float copies of the uint8 images
-            part = split.images[start:start + NORMALISE_CHUNK].to(self.device)
-            self.images[start:start + len(part)] = (part.float() - mean) / std
-        self.labels = torch.zeros(rows, dtype=split.labels.dtype, device=self.device)
-        self.labels[:n] = split.labels.to(self.device)
+        for start in range(0, n, CHUNK):  # bounded temporary float copies
+            part = split.images[start:start + CHUNK].to(self.device)
+            self.images[start:start + len(part)] = self.normalise(part)
+        self.labels = torch.cat([self.labels, self.labels.new_zeros(rows - n)])
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() - self.mean) / self.std
 
     def __len__(self) -> int:
         n = len(self.split)
@@ -250,8 +260,9 @@ class Batches:
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if not self.train:
             for step in range(start_step, len(self)):
-                end = min((step + 1) * self.batch_size, len(self.split))
-                yield self.images[step * self.batch_size:end], self.labels[step * self.batch_size:end]
+                start, end = step * self.batch_size, min((step + 1) * self.batch_size,
+                                                         len(self.split))
+                yield self.images[start:end], self.labels[start:end]
             return
         steps = len(self) - start_step
         if steps <= 0:
@@ -260,17 +271,18 @@ class Batches:
         # This replica's share of every global batch from start_step on, in step order.
         per = self.batch_size // self.shard_count
         idx = order[start_step * self.batch_size:len(self) * self.batch_size]
-        idx = idx.view(steps, self.batch_size)[:, self.shard_index * per:(self.shard_index + 1) * per]
-        idx = idx.reshape(-1)
-        # One host-to-device copy per epoch (orders, flips and offsets together).
-        dev_idx, dev_flips, dev_shifts = (t.to(self.device, non_blocking=True) for t in
-                                          _pinned(idx, flips[idx], shifts[idx], device=self.device))
+        mine = slice(self.shard_index * per, (self.shard_index + 1) * per)
+        idx = idx.view(steps, self.batch_size)[:, mine].reshape(-1)
+        # One asynchronous host-to-device copy of each per epoch.
+        dev_idx, dev_flips, dev_shifts = (
+            t.to(self.device, non_blocking=True)
+            for t in _pinned(idx, flips[idx], shifts[idx], device=self.device))
         x = torch.empty((len(idx), *self.images.shape[1:]), device=self.device,
                         memory_format=self.memory_format)
-        for start in range(0, len(idx), AUGMENT_CHUNK):
-            end = start + AUGMENT_CHUNK
-            x[start:end] = augment(self.images[dev_idx[start:end]], dev_flips[start:end],
-                                   dev_shifts[start:end])
+        for start in range(0, len(idx), CHUNK):  # bounded temporary copies
+            end = start + CHUNK
+            x[start:end] = augment(self.normalise(self.images[dev_idx[start:end]]),
+                                   dev_flips[start:end], dev_shifts[start:end])
         y = self.labels[dev_idx]
         for step in range(steps):
             yield x[step * per:(step + 1) * per], y[step * per:(step + 1) * per]
@@ -294,8 +306,7 @@ class Batches:
 
 
 # Images normalised and augmented per chunk: bounds the temporary copies on the device.
-NORMALISE_CHUNK = 8192
-AUGMENT_CHUNK = 8192
+CHUNK = 8192
 
 
 def _pinned(*tensors: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:

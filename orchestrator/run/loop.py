@@ -135,6 +135,7 @@ def train_loop(cfg: TrainConfig, session: Session) -> dict:
                               "loss": window.loss, "lr": lr})
             bar.set_postfix(loss=f"{window.loss:.3f}", refresh=False)
         bar.close()
+        del x, y  # views of this epoch's images: freed before the next epoch's are made
         train_time = time.perf_counter() - started
         engine.check_replicas()
         test_error = engine.evaluate(test_batches, train_step.evaluation_context)
