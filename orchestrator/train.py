@@ -61,8 +61,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--log-every", type=int, help="steps between step lines (default 50)")
     run.add_argument("--checkpoint-dir", help="save checkpoints here (see --checkpoint-every)")
     run.add_argument("--checkpoint-every", metavar="N|auto", help="epochs between checkpoints "
-                     "(default auto: as often as costs at most 5%% of training, at least every "
-                     "2 minutes; the last epoch always)")
+                     "(default auto: every epoch up to 64 MiB, larger ones as often as costs "
+                     "at most 5%% of training and at least every 2 minutes; the last always)")
     run.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
     add_common_flags(run)
     return p
@@ -141,7 +141,8 @@ def interrupted(args: argparse.Namespace) -> str:
     saved = folder and (Path(folder) / CHECKPOINT_FILE).is_file()
     return "interrupted; " + ("continue with the same command plus --resume" if saved else
                               "no checkpoint was written yet (one is written every "
-                              "--checkpoint-every epochs with --checkpoint-dir): run the command again to start over")
+                              "--checkpoint-every epochs with --checkpoint-dir): run the "
+                              "command again to start over")
 
 
 def preload(args: argparse.Namespace) -> list[str]:

@@ -250,22 +250,25 @@ def test_every_command_takes_debug():
     assert summary_main(["--depth", "20", "--k", "4", "--debug"]) == 0
 
 
-@pytest.mark.parametrize("every, epochs, since, write, due", [
-    (1, 5, 0.1, 0.01, True),
-    (2, 5, 0.1, 0.01, False),      # epoch 3 of 5, every 2: no
-    (3, 5, 9e9, 0.01, True),       # epoch 3 of 5, every 3: yes
-    (4, 3, 0.0, 9e9, True),        # the last epoch always has one
-    ("auto", 5, 0.5, None, True),  # nothing written by this process yet: its cost is unknown
-    ("auto", 5, 1.0, 0.2, True),   # cheap in absolute terms
-    ("auto", 5, 20.0, 1.0, True),  # 5% of 20 s
-    ("auto", 5, 10.0, 1.0, False),  # 10%: wait
-    ("auto", 5, 120.0, 30.0, True),  # expensive, but two minutes have passed
-    ("auto", 5, 119.0, 30.0, False),
+MB = 2**20
+
+
+@pytest.mark.parametrize("every, epochs, size, since, write, due", [
+    (1, 5, MB, 0.1, 0.01, True),
+    (2, 5, MB, 0.1, 0.01, False),       # epoch 3 of 5, every 2: no
+    (3, 5, MB, 9e9, 0.01, True),        # epoch 3 of 5, every 3: yes
+    (4, 3, MB, 0.0, 9e9, True),         # the last epoch always has one
+    ("auto", 5, 8 * MB, 0.1, 30.0, True),   # small (a thin net): every epoch, whatever it cost
+    ("auto", 5, 555 * MB, 0.5, None, True),  # nothing written by this process yet
+    ("auto", 5, 555 * MB, 20.0, 1.0, True),  # 5% of 20 s
+    ("auto", 5, 555 * MB, 10.0, 1.0, False),  # 10%: wait
+    ("auto", 5, 555 * MB, 120.0, 30.0, True),  # expensive, but two minutes have passed
+    ("auto", 5, 555 * MB, 119.0, 30.0, False),
 ])
-def test_checkpoint_schedule(every, epochs, since, write, due):
+def test_checkpoint_schedule(every, epochs, size, since, write, due):
     from orchestrator.run.checkpoint import checkpoint_due
 
-    assert checkpoint_due(every, 3, epochs, since, write) is due
+    assert checkpoint_due(every, 3, epochs, size, since, write) is due
 
 
 def test_resume_from_a_checkpoint_every_n_epochs_equals_uninterrupted(tmp_path):

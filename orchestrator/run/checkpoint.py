@@ -32,29 +32,29 @@ def check_same_run(state: dict, cfg: TrainConfig) -> None:
                               f"--checkpoint-dir")
 
 
-# checkpoint_every: auto. A checkpoint is written after an epoch when the last one cost at most
-# CHECKPOINT_SHARE of the training since it (or under CHEAP_CHECKPOINT_S), and at least every
-# CHECKPOINT_MAX_INTERVAL_S: a lost worker costs at most that plus one epoch. Measured on an
-# H200 (bench/RESULTS.md): thin nets write a few MB in well under 0.25 s (every epoch), the wide
-# net's 555 MiB took 10-20% of a 10 s epoch (every few epochs, ~5%).
+# checkpoint_every: auto. Checkpoints up to SMALL_CHECKPOINT_BYTES (weights and momentum) are
+# written after every epoch: a few MB for the thin nets, well under 5% of even a 1 s epoch. A
+# larger one is written when the last one cost (as measured) at most CHECKPOINT_SHARE of the
+# training since it, and at least every CHECKPOINT_MAX_INTERVAL_S, so a lost worker costs at most
+# that plus one epoch. Measured on an H200 (bench/RESULTS.md): the wide net's 555 MiB took 10-20%
+# of its epoch when written every epoch; now every few epochs, about 5%.
+SMALL_CHECKPOINT_BYTES = 64 * 2**20
 CHECKPOINT_SHARE = 0.05
-CHEAP_CHECKPOINT_S = 0.25
 CHECKPOINT_MAX_INTERVAL_S = 120.0
 
 
-def checkpoint_due(every: int | str, epoch: int, last_epoch: int, since_s: float,
-                   last_write_s: float | None) -> bool:
-    """Whether epoch `epoch` (counted from 1) ends with a checkpoint. `since_s`: seconds since
-    the last checkpoint (or since training started in this process); `last_write_s`: what that
-    checkpoint cost (None: none written by this process yet, so its cost is unknown)."""
+def checkpoint_due(every: int | str, epoch: int, last_epoch: int, size_bytes: int,
+                   since_s: float, last_write_s: float | None) -> bool:
+    """Whether epoch `epoch` (counted from 1) ends with a checkpoint of `size_bytes`. `since_s`:
+    seconds since the last checkpoint (or since training started in this process);
+    `last_write_s`: what that checkpoint cost (None: none written by this process yet)."""
     if epoch >= last_epoch:
         return True
     if every != "auto":
         return epoch % every == 0
-    if last_write_s is None:
+    if size_bytes <= SMALL_CHECKPOINT_BYTES or last_write_s is None:
         return True
-    return since_s >= CHECKPOINT_MAX_INTERVAL_S or \
-        last_write_s <= max(CHECKPOINT_SHARE * since_s, CHEAP_CHECKPOINT_S)
+    return since_s >= CHECKPOINT_MAX_INTERVAL_S or last_write_s <= CHECKPOINT_SHARE * since_s
 
 
 def save_atomic(state: dict, path: Path) -> None:

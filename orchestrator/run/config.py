@@ -116,9 +116,9 @@ class TrainConfig(Strict):
     checkpoint_dir: str | None = None
     checkpoint_every: int | Literal["auto"] = Field(
         "auto", description="epochs between checkpoints (the last epoch always has one). auto: "
-        "after an epoch when the last checkpoint cost at most 5% of the training since it (or "
-        "under 0.25 s), and at least every 2 minutes: a lost worker retrains at most about "
-        "2 minutes plus one epoch")
+        "every epoch for checkpoints up to 64 MiB; larger ones when the last cost at most 5% of "
+        "the training since it, and at least every 2 minutes: a lost worker retrains at most "
+        "about 2 minutes plus one epoch")
     resume: bool = False
 
     @model_validator(mode="after")

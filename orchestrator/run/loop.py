@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from orchestrator.errors import ConfigError, TrainingDiverged
 from orchestrator.parallel import RankEngine
-from orchestrator.run.checkpoint import check_same_run, checkpoint_due
+from orchestrator.run.checkpoint import SMALL_CHECKPOINT_BYTES, check_same_run, checkpoint_due
 from orchestrator.run.config import TrainConfig
 from orchestrator.run.data import DATASETS, Batches, load_dataset
 from orchestrator.run.step import TrainingStep
@@ -58,12 +58,19 @@ def set_rng_state(state: dict) -> None:
 
 def due_for_checkpoint(cfg: TrainConfig, engine: RankEngine, epoch: int, last_epoch: int,
                        since_s: float, write_s: float | None) -> bool:
-    """`checkpoint_due`, decided alike on every rank (state_dict is a collective): with auto,
-    from the largest elapsed and write times over the world (rank 0 is the one that writes)."""
-    if cfg.checkpoint_every == "auto" and engine.world > 1 and write_s is not None:
+    """`checkpoint_due`, decided alike on every rank (state_dict is a collective): with auto and
+    a large checkpoint, from the largest elapsed and write times over the world (rank 0 writes)."""
+    from models.summary import summarize
+
+    size = summarize(cfg.architecture)["params"] * 2 * DTYPE_BYTES[cfg.dtype]  # and momentum
+    if cfg.checkpoint_every == "auto" and engine.world > 1 and write_s is not None and \
+            size > SMALL_CHECKPOINT_BYTES:
         times = torch.tensor([since_s, write_s], dtype=torch.float64, device=engine.device)
         since_s, write_s = engine.reduce(times, op=torch.distributed.ReduceOp.MAX).tolist()
-    return checkpoint_due(cfg.checkpoint_every, epoch, last_epoch, since_s, write_s)
+    return checkpoint_due(cfg.checkpoint_every, epoch, last_epoch, size, since_s, write_s)
+
+
+DTYPE_BYTES = {"float32": 4, "float64": 8}
 
 
 def train_loop(cfg: TrainConfig, session: Session) -> dict:
