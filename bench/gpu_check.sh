@@ -25,7 +25,7 @@ rm -rf "$TORCHINDUCTOR_CACHE_DIR" "$TRITON_CACHE_DIR" "$out"/settings_* "$out"/t
 
 dry=${DRY:-0}
 if [[ $dry == 1 ]]; then  # CPU, tiny, uncompiled: the script's plumbing only
-  device=cpu batch=8 test_size=40 limit_scale=4
+  device=cpu batch=4 test_size=8 limit_scale=4
   echo "DRY=1: CPU, batch $batch, no compilation; the numbers mean nothing"
 else
   device=cuda batch=128 test_size=10000 limit_scale=1
@@ -46,7 +46,7 @@ bench() {  # LIMIT_S NAME MODEL SETTINGS STEPS ROUNDS
 epochs() {  # LIMIT_S NAME TRAIN_SIZE EPOCHS ARCHITECTURE_FLAGS...
   local limit=$(($1 * limit_scale)) name=$2 size=$3 n=$4
   shift 4
-  [[ $dry == 1 ]] && size=64 n=3
+  [[ $dry == 1 ]] && size=16 n=3
   echo "$size $batch" > "$out/train_$name.size"
   # Each output line stamped with the time it appeared: an epoch line is printed before its
   # checkpoint is written, so two consecutive stamps span checkpoint + train + eval.

@@ -152,7 +152,7 @@ class RankEngine:
     @torch.no_grad()
     def evaluate(self, batches, forward_context=contextlib.nullcontext) -> float:
         """Top-1 error over the split. Each replica takes its share of every batch, padded to a
-        fixed size (pipeline stages and CUDA graphs need fixed shapes); padded images do not
+        fixed size (pipeline stages need fixed shapes); padded images do not
         count. Counts stay on the device: one wait, at the end."""
         self.model.eval()
         wrong = torch.zeros(2, device=self.device, dtype=torch.float64)

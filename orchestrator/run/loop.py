@@ -56,13 +56,17 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def due_for_checkpoint(cfg: TrainConfig, engine: RankEngine, epoch: int, last_epoch: int,
-                       since_s: float, write_s: float | None) -> bool:
-    """`checkpoint_due`, decided alike on every rank (state_dict is a collective): with auto and
-    a large checkpoint, from the largest elapsed and write times over the world (rank 0 writes)."""
+def checkpoint_bytes(cfg: TrainConfig) -> int:
+    """About the size of a checkpoint: weights and momentum (BN statistics are small)."""
     from models.summary import summarize
 
-    size = summarize(cfg.architecture)["params"] * 2 * DTYPE_BYTES[cfg.dtype]  # and momentum
+    return summarize(cfg.architecture)["params"] * 2 * DTYPE_BYTES[cfg.dtype]
+
+
+def due_for_checkpoint(cfg: TrainConfig, engine: RankEngine, epoch: int, last_epoch: int,
+                       size: int, since_s: float, write_s: float | None) -> bool:
+    """`checkpoint_due`, decided alike on every rank (state_dict is a collective): with auto and
+    a large checkpoint, from the largest elapsed and write times over the world (rank 0 writes)."""
     if cfg.checkpoint_every == "auto" and engine.world > 1 and write_s is not None and \
             size > SMALL_CHECKPOINT_BYTES:
         times = torch.tensor([since_s, write_s], dtype=torch.float64, device=engine.device)
@@ -115,6 +119,7 @@ def train_loop(cfg: TrainConfig, session: Session) -> dict:
         set_rng_state(state["rng"])
 
     metrics: dict = state["metrics"] if state is not None else {}
+    size = checkpoint_bytes(cfg)
     saved_at, write_s = time.perf_counter(), None  # the last checkpoint: when, and its cost
     for epoch in range(start_epoch, epochs):
         started = time.perf_counter()
@@ -160,7 +165,8 @@ def train_loop(cfg: TrainConfig, session: Session) -> dict:
             "epochs_total": epochs,
         }
         reporting = time.perf_counter()
-        if due_for_checkpoint(cfg, engine, epoch + 1, epochs, reporting - saved_at, write_s):
+        if due_for_checkpoint(cfg, engine, epoch + 1, epochs, size, reporting - saved_at,
+                              write_s):
             state = train_step.state_dict()  # a collective; the full state on rank 0
             if state is not None:
                 state.update({
