@@ -212,7 +212,7 @@ def test_device_epoch_batches_equal_the_per_batch_loader(device, seed, epoch, n,
                                                          channels_last, monkeypatch):
     """Every batch of every replica, and from a mid-epoch step, bit-identical to the loader that
     drew and copied each batch separately; in the net's memory layout."""
-    monkeypatch.setattr(data, "CHUNK", 40)  # several chunks, cut mid-batch
+    monkeypatch.setattr(data, "CHUNK", {"cpu": 40, "cuda": 40})  # chunks cut mid-batch
     split = small_split(n)
     for shard in range(shards):
         kw = dict(seed=seed, shard=(shard, shards), channels_last=channels_last)
