@@ -15,13 +15,17 @@
 set -uo pipefail
 out=${1:-bench-gpu-out}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-# One inductor (and Triton) cache for every process of this check, as a node's trials share one;
-# emptied first so that "cold" means cold.
-export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/$out/inductor-cache}
-export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$TORCHINDUCTOR_CACHE_DIR/triton}
-rm -rf "$TORCHINDUCTOR_CACHE_DIR" "$TRITON_CACHE_DIR" "$out"/settings_* "$out"/train_* \
-  "$out"/ckpt_*
+rm -rf "$out"/settings_* "$out"/train_* "$out"/ckpt_*
+# One inductor (and Triton) cache for every process of this check, as a node's trials share one:
+# its own, emptied first so that "cold" means cold (a cache you set is used, and kept).
+if [[ -z ${TORCHINDUCTOR_CACHE_DIR:-} ]]; then
+  export TORCHINDUCTOR_CACHE_DIR=$out/inductor-cache TRITON_CACHE_DIR=$out/inductor-cache/triton
+  rm -rf "$TORCHINDUCTOR_CACHE_DIR"
+else
+  echo "TORCHINDUCTOR_CACHE_DIR is set: the 'cold' compile times below may be warm"
+fi
 
 dry=${DRY:-0}
 if [[ $dry == 1 ]]; then  # CPU, tiny, uncompiled: the script's plumbing only
