@@ -2,8 +2,8 @@
 `DATASETS` entry each (adding a dataset is one entry: classes, normalisation, the architecture
 family its nets are built for, and a loader).
 
-CIFAR is held whole as one uint8 tensor and augmented in batches on the training device (the
-airbench approach): normalise with the per-channel means and stds of the original Torch code,
+CIFAR is held whole as one uint8 tensor on the training device and augmented a whole epoch at a
+time there, batches being slices (the airbench approach): normalise with the per-channel means and stds of the original Torch code,
 random horizontal flip, 4-pixel zero pad and random 32x32 crop. All randomness comes from a
 generator seeded by (seed, epoch), so an epoch's batches are a pure function of the seed: a
 resumed run sees the same data, and every rank of a data-parallel replica sees the same batch.
