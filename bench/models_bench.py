@@ -10,7 +10,8 @@ reports the median images/s per variant and its ratio to the first variant. One 
 backward and an SGD update on random data (the data pipeline is measured on its own).
 
 `--settings` times the trials' own step (`orchestrator.run.step.TrainingStep`) under named
-settings, PRECISION-COMPILE-FORM (e.g. bf16-cudagraphs-fused), `default` (what `auto` resolves to on the
+settings, PRECISION-COMPILE-FORM[-blocks] (e.g. bf16-cudagraphs-fused; `-blocks`: regional
+compilation, `compile_scope: blocks`), `default` (what `auto` resolves to for the net on the
 device), and `before`: fp32, eager, the fastest form, the loss read back after every step (the
 step before the step object existed).
 """
@@ -107,15 +108,17 @@ def settings_runner(arch: Architecture, setting: str, device: torch.device, batc
     if setting == "before":
         fields = {"precision": "fp32", "compile": "none"}
     elif setting != "default":
-        precision, compile_mode, form = setting.split("-")
-        fields = {"precision": precision, "compile": compile_mode, "execution": form}
+        precision, compile_mode, form, *scope = setting.split("-")
+        fields = {"precision": precision, "compile": compile_mode, "execution": form,
+                  "compile_scope": scope[0] if scope else "model"}
     cfg = cfg.model_copy(update=fields).resolved(device.type == "cuda")
     engine = RankEngine(cfg, device)
     engine.model.train()
     step = TrainingStep(cfg, engine, total_steps=10**6)
     x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,), device=device)
-    name = f"{cfg.precision}-{cfg.compile}-{cfg.execution}"
+    name = f"{cfg.precision}-{cfg.compile}-{cfg.execution}" + \
+        ("-blocks" if cfg.compile_scope == "blocks" else "")
 
     def run():
         step(x, y)
@@ -128,11 +131,12 @@ def settings_runner(arch: Architecture, setting: str, device: torch.device, batc
 def bench_settings(arch: Architecture, settings: list[str], device: torch.device, batch: int,
                    steps: int, rounds: int) -> list[dict]:
     runners = dict(settings_runner(arch, s, device, batch) for s in settings)
-    for run in runners.values():  # warm-up: compilation, CUDA-graph recording, autotuning
+    warmup = {}
+    for name, run in runners.items():  # warm-up: compilation, CUDA-graph recording, autotuning
         started = time.perf_counter()
         time_steps(run, device, 4)
-        print(f"  {arch.name} {next(k for k, v in runners.items() if v is run)}: warm-up "
-              f"{time.perf_counter() - started:.1f} s", flush=True)
+        warmup[name] = time.perf_counter() - started
+        print(f"  {arch.name} {name}: warm-up {warmup[name]:.1f} s", flush=True)
     times = {name: [] for name in runners}
     for _ in range(rounds):
         for name, run in runners.items():
@@ -141,7 +145,8 @@ def bench_settings(arch: Architecture, settings: list[str], device: torch.device
     return [{"model": arch.name, "setting": name, "batch": batch,
              "ms_per_step": 1e3 * statistics.median(ts),
              "images_per_s": batch / statistics.median(ts),
-             "speedup_vs_first": base / statistics.median(ts)} for name, ts in times.items()]
+             "speedup_vs_first": base / statistics.median(ts), "warmup_s": warmup[name]}
+            for name, ts in times.items()]
 
 
 def bench_data(device: torch.device, batch: int, steps: int) -> dict:

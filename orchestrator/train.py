@@ -18,8 +18,8 @@ from orchestrator.errors import ConfigError
 # Flag name -> TrainConfig field, for the flags that map one to one.
 RUN_FLAGS = ("dataset", "data_dir", "train_size", "test_size", "epochs", "steps", "batch_size",
              "lr", "momentum", "weight_decay", "grad_clip_norm", "seed", "device", "execution",
-             "precision", "compile", "dtype", "log_json", "log_every", "checkpoint_dir",
-             "recipe", "data_workers", "bad_images")
+             "precision", "compile", "compile_scope", "dtype", "log_json", "log_every",
+             "checkpoint_dir", "checkpoint_every", "recipe", "data_workers", "bad_images")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -59,6 +59,8 @@ def parser() -> argparse.ArgumentParser:
                      help="autocast dtype (auto: bf16 on CUDA and bf16-capable CPUs)")
     run.add_argument("--compile", choices=["auto", "none", "default", "cudagraphs"],
                      help="torch.compile mode (auto: cudagraphs on CUDA, none on CPU)")
+    run.add_argument("--compile-scope", choices=["model", "blocks"],
+                     help="compile the whole model (default) or each block (regional)")
     run.add_argument("--dtype", choices=["float32", "float64"])
     run.add_argument("--parallel", metavar="dp=2,pp=1,bp=2", help="mesh degrees (also "
                      "microbatches=M, schedule=gpipe|1f1b); more than one rank runs as a local "
@@ -66,7 +68,10 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--log-json", help="write JSON lines here: one per epoch and one every "
                      "--log-every steps")
     run.add_argument("--log-every", type=int, help="steps between step lines (default 50)")
-    run.add_argument("--checkpoint-dir", help="save a checkpoint here after every epoch")
+    run.add_argument("--checkpoint-dir", help="save checkpoints here (see --checkpoint-every)")
+    run.add_argument("--checkpoint-every", metavar="N|auto", help="epochs between checkpoints "
+                     "(default auto: every epoch up to 64 MiB, larger ones as often as costs "
+                     "at most 5%% of training and at least every 2 minutes; the last always)")
     run.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
     add_common_flags(run)
     return p
@@ -144,8 +149,9 @@ def interrupted(args: argparse.Namespace) -> str:
             folder = None
     saved = folder and (Path(folder) / CHECKPOINT_FILE).is_file()
     return "interrupted; " + ("continue with the same command plus --resume" if saved else
-                              "no checkpoint was written yet (one is written at the end of each "
-                              "epoch with --checkpoint-dir): run the command again to start over")
+                              "no checkpoint was written yet (one is written every "
+                              "--checkpoint-every epochs with --checkpoint-dir): run the "
+                              "command again to start over")
 
 
 def preload(args: argparse.Namespace) -> list[str]:

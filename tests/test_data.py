@@ -146,3 +146,112 @@ def test_the_dataset_registry_is_the_one_list_of_datasets():
             assert Architecture(depth=depth, dataset=entry.architecture).num_classes == \
                 entry.classes
 
+
+
+class LegacyBatches:
+    """The loader before the device-resident epoch (batch by batch, indices copied per batch),
+    kept verbatim as the reference the new one must reproduce bit for bit."""
+
+    def __init__(self, split, dataset, batch_size, device, train, seed=0, shard=(0, 1),
+                 channels_last=False):
+        self.split, self.batch_size, self.train, self.seed = split, batch_size, train, seed
+        self.device = torch.device(device)
+        self.shard_index, self.shard_count = shard
+        mean, std = data.DATASETS[dataset].normalization
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+        self.images = split.images.to(self.device)
+        self.labels = split.labels.to(self.device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __len__(self):
+        n = len(self.split)
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def epoch(self, epoch, start_step=0):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        n = len(self.split)
+        order = torch.randperm(n, generator=g) if self.train else torch.arange(n)
+        if self.train:
+            flips = torch.rand(n, generator=g) < 0.5
+            shifts = torch.randint(0, 9, (n, 2), generator=g)
+        for step in range(start_step, len(self)):
+            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+            per = len(idx) // self.shard_count if self.train else len(idx)
+            if self.train:
+                idx = idx[self.shard_index * per:(self.shard_index + 1) * per]
+            dev_idx = idx.to(self.device)
+            x = (self.images[dev_idx].float() - self.mean) / self.std
+            if self.train:
+                x = reference_augment_batch(x, flips[idx].to(self.device),
+                                            shifts[idx].to(self.device))
+            yield x.contiguous(memory_format=self.memory_format), self.labels[dev_idx]
+
+
+def reference_augment_batch(x, flip, shift, pad=4):
+    """The batched augmentation before the gathers (one advanced index over all four dims)."""
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    n, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    rows = (shift[:, 0:1] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (shift[:, 1:2] + torch.arange(w, device=x.device))[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chans = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chans, rows, cols]
+
+
+def devices():
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("seed, epoch, n, batch, shards, channels_last", [
+    (0, 0, 200, 32, 1, True),     # 6 whole batches, 8 images dropped
+    (3, 1, 200, 32, 2, False),    # two data-parallel replicas
+    (7, 4, 193, 48, 4, True),     # four replicas, odd split size
+    (11, 2, 96, 32, 1, False),
+])
+def test_device_epoch_batches_equal_the_per_batch_loader(device, seed, epoch, n, batch, shards,
+                                                         channels_last, monkeypatch):
+    """Every batch of every replica, and from a mid-epoch step, bit-identical to the loader that
+    drew and copied each batch separately; in the net's memory layout."""
+    monkeypatch.setattr(data, "CHUNK", {"cpu": 40, "cuda": 40})  # chunks cut mid-batch
+    split = small_split(n)
+    for shard in range(shards):
+        kw = dict(seed=seed, shard=(shard, shards), channels_last=channels_last)
+        new = Batches(split, "cifar10", batch, device, train=True, **kw)
+        old = LegacyBatches(split, "cifar10", batch, device, train=True, **kw)
+        assert len(new) == len(old) == n // batch
+        for start in (0, 2):
+            got, want = list(new.epoch(epoch, start)), list(old.epoch(epoch, start))
+            assert len(got) == len(want) == n // batch - start
+            for (x, y), (x0, y0) in zip(got, want):
+                assert x.dtype == x0.dtype and x.shape == x0.shape
+                assert torch.equal(x, x0) and torch.equal(y, y0)
+                assert x.is_contiguous(memory_format=torch.channels_last if channels_last
+                                       else torch.contiguous_format)
+    # Evaluation: the same normalised images in order, the last batch short.
+    new = Batches(split, "cifar10", batch, device, train=False, channels_last=channels_last)
+    old = LegacyBatches(split, "cifar10", batch, device, train=False, channels_last=channels_last)
+    for (x, y), (x0, y0) in zip(new.epoch(0), old.epoch(0), strict=True):
+        assert torch.equal(x, x0) and torch.equal(y, y0)
+
+
+@pytest.mark.parametrize("n, batch, shards", [(100, 32, 1), (100, 32, 2), (100, 30, 4),
+                                              (64, 32, 2), (5, 32, 4)])
+def test_padded_evaluation_batches_cover_each_image_once(n, batch, shards):
+    """Fixed-size evaluation batches: over all replicas, the real rows are exactly the split,
+    normalised, and the padding is zeros."""
+    split = small_split(n)
+    plain = torch.cat([x for x, _ in Batches(split, "cifar10", n, "cpu", train=False).epoch(0)])
+    b = Batches(split, "cifar10", batch, "cpu", train=False, channels_last=True)
+    per = -(-batch // shards)
+    real_x, real_y = [], []
+    for shard in range(shards):
+        for x, y, valid in b.padded_epoch((shard, shards)):
+            assert len(x) == len(y) == per and 0 <= valid <= per
+            assert not x[valid:].any() and not y[valid:].any()
+            real_x.append(x[:valid]), real_y.append(y[:valid])
+    order = torch.cat(real_y).argsort()
+    assert torch.equal(torch.cat(real_y)[order], torch.arange(n))
+    assert torch.equal(torch.cat(real_x)[order], plain)

@@ -236,3 +236,38 @@ def test_a_trial_on_a_gpu_share_is_held_to_it(monkeypatch):
                        "batch_size, use precision bf16 .* or raise resources.gpus_per_worker"):
         worker.train_loop_per_worker({"run": run.model_dump(mode="json")})
     assert limits == [0.25]
+
+
+@pytest.mark.slow  # dynamo traces six block graphs: about 15 s on two cores
+def test_regional_compilation_shares_graphs_and_computes_the_same():
+    """Each block compiled on its own (dynamo's tracing, the cheap aot_eager backend): blocks
+    of one shape share a graph, and forward and gradients match the eager model. Evaluation
+    under the "force_eager" stance (TrainingStep.evaluation_context) compiles nothing more."""
+    import torch._dynamo
+
+    from models.multi_resnet import create_model
+    from orchestrator.run.step import compile_blocks
+
+    torch.manual_seed(0)
+    eager = create_model(depth=20, k=2)  # 9 blocks: per stage a first block and two alike
+    regional = create_model(depth=20, k=2)
+    regional.load_state_dict(eager.state_dict())
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    assert compile_blocks(regional, backend="aot_eager") == 9
+    x = torch.randn(4, 3, 32, 32)
+    outs = []
+    for model in (eager, regional):
+        out = model(x)
+        out.square().mean().backward()
+        outs.append(out)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 6
+    torch.testing.assert_close(outs[1], outs[0])
+    for (name, p), q in zip(eager.named_parameters(), regional.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+    assert [n for n, _ in regional.named_parameters()] == [n for n, _ in eager.named_parameters()]
+    regional.eval(), eager.eval()
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        torch.testing.assert_close(regional(x[:3]), eager(x[:3]))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 6
+    torch._dynamo.reset()

@@ -280,3 +280,74 @@ def test_every_command_takes_debug():
     from orchestrator.summary import main as summary_main
 
     assert summary_main(["--depth", "20", "--k", "4", "--debug"]) == 0
+
+
+MB = 2**20
+
+
+@pytest.mark.parametrize("every, epochs, size, since, write, due", [
+    (1, 5, MB, 0.1, 0.01, True),
+    (2, 5, MB, 0.1, 0.01, False),       # epoch 3 of 5, every 2: no
+    (3, 5, MB, 9e9, 0.01, True),        # epoch 3 of 5, every 3: yes
+    (4, 3, MB, 0.0, 9e9, True),         # the last epoch always has one
+    ("auto", 5, 8 * MB, 0.1, 30.0, True),   # small (a thin net): every epoch, whatever it cost
+    ("auto", 5, 555 * MB, 0.5, None, True),  # nothing written by this process yet
+    ("auto", 5, 555 * MB, 20.0, 1.0, True),  # 5% of 20 s
+    ("auto", 5, 555 * MB, 10.0, 1.0, False),  # 10%: wait
+    ("auto", 5, 555 * MB, 120.0, 30.0, True),  # expensive, but two minutes have passed
+    ("auto", 5, 555 * MB, 119.0, 30.0, False),
+])
+def test_checkpoint_schedule(every, epochs, size, since, write, due):
+    from orchestrator.run.checkpoint import checkpoint_due
+
+    assert checkpoint_due(every, 3, epochs, size, since, write) is due
+
+
+def test_resume_from_a_checkpoint_every_n_epochs_equals_uninterrupted(tmp_path):
+    """Checkpoints every 2 epochs of 5: metrics are reported every epoch but a checkpoint only
+    on epochs 2, 4 and 5; stopped after epoch 3, the run resumes from epoch 2 and ends with the
+    weights and metrics of the uninterrupted run."""
+    five = dict(epochs=5, checkpoint_every=2, train_size=128)
+    whole = final_weights(tiny(checkpoint_dir=str(tmp_path / "whole"), **five))
+
+    cfg = tiny(checkpoint_dir=str(tmp_path / "cut"), **five)
+    session = LocalSession(cfg, interactive=False, echo=False)
+    report, reports = session.report, []
+
+    def report_then_stop(metrics, state):
+        report(metrics, state)
+        reports.append((metrics["epoch"], state is not None))
+        if metrics["epoch"] == 3:
+            raise Interrupt
+
+    session.report = report_then_stop
+    with pytest.raises(Interrupt):
+        train_loop(cfg, session)
+    assert reports == [(1, False), (2, True), (3, False)]
+    assert load_checkpoint(tmp_path / "cut" / CHECKPOINT_FILE)["epoch"] == 2
+    resumed = final_weights(tiny(checkpoint_dir=str(tmp_path / "cut"), resume=True, **five))
+    assert resumed["epoch"] == whole["epoch"] == 5
+    for name, tensor in whole["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    for key in ("momentum",):
+        for name, tensor in whole[key].items():
+            assert torch.equal(tensor, resumed[key][name]), name
+    assert resumed["metrics"] == {**whole["metrics"], "images_per_s": resumed["metrics"][
+        "images_per_s"], "epoch_time_s": resumed["metrics"]["epoch_time_s"]}
+
+
+@pytest.mark.parametrize("arch, device, form", [
+    (dict(depth=20, k=4), "cuda", "fused"),              # narrow: measured 1.38x fused
+    (dict(depth=200, k=5, block="bottleneck"), "cuda", "fused"),  # 1.19x fused
+    (dict(depth=26, k=2, width=10), "cuda", "reference"),  # wide: fused 0.91x, 0.75x in bf16
+    (dict(depth=26, k=2, width=4), "cuda", "reference"),
+    (dict(depth=26, k=2, width=3), "cuda", "fused"),
+    (dict(depth=68, k=1), "cuda", "reference"),           # one function: nothing to fuse
+    (dict(depth=20, k=4), "cpu", "reference"),             # grouped convolutions slow on CPU
+])
+def test_auto_execution_form_by_net_and_device(arch, device, form):
+    cfg = TrainConfig(dataset="synthetic", architecture=arch, device=device)
+    assert cfg.resolved(cuda_available=True).execution == form
+    pinned = TrainConfig(dataset="synthetic", architecture=arch, device=device,
+                         execution="fused")
+    assert pinned.resolved(cuda_available=True).execution == "fused"  # an explicit form stays

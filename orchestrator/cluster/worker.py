@@ -52,7 +52,7 @@ class RaySession(LocalSession):
         metrics = self.with_cost(metrics)
         self.write_epoch(metrics)
         metrics.update(self.system.read())
-        if state is None:  # not world rank 0: the checkpoint comes from rank 0
+        if state is None:  # no checkpoint this epoch, or not world rank 0 (rank 0 sends it)
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as folder:

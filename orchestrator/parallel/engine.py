@@ -151,26 +151,18 @@ class RankEngine:
     # ------------------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self, batches, forward_context=contextlib.nullcontext) -> tuple[float, float]:
-        """Top-1 and top-5 error over the split. Each replica takes its slice of every batch
-        (batches that are `per_rank` hold only that slice), padded to a fixed size (pipeline
-        stages need fixed shapes); padded images do not count."""
+        """Top-1 and top-5 error over the split. Each replica takes its share of every batch,
+        padded to a fixed size (pipeline stages need fixed shapes); padded images do not
+        count. Counts stay on the device: one wait, at the end."""
         self.model.eval()
-        dp = self.cfg.parallel.dp
-        size = -(-batches.batch_size // dp)
         wrong = torch.zeros(3, device=self.device, dtype=torch.float64)  # top-1, top-5, images
-        for x, y in batches.epoch(0):
-            if not getattr(batches, "per_rank", False):
-                x, y = x.tensor_split(dp)[self.mesh.dp_rank], y.tensor_split(dp)[self.mesh.dp_rank]
-            x = x.to(DTYPES[self.cfg.dtype])
-            valid = len(y)
-            if valid < size:  # pad the last batch
-                x = torch.cat([x, x.new_zeros((size - valid, *x.shape[1:]))])
+        for x, y, valid in batches.padded_epoch((self.mesh.dp_rank, self.cfg.parallel.dp)):
             with forward_context():
-                out = self._forward_eval(x, torch.cat([y, y.new_zeros(size - valid)]))
-            if self.reports_metrics and out is not None:
+                out = self._forward_eval(x.to(DTYPES[self.cfg.dtype]), y)
+            if self.reports_metrics and out is not None and valid:
                 top = out[:valid].topk(min(5, out.shape[1]), dim=1).indices
-                wrong[0] += (top[:, 0] != y).sum()
-                wrong[1] += (top != y[:, None]).all(1).sum()
+                wrong[0] += (top[:, 0] != y[:valid]).sum()
+                wrong[1] += (top != y[:valid, None]).all(1).sum()
                 wrong[2] += valid
         self.reduce(wrong)
         top1, top5 = (wrong[:2] / wrong[2].clamp(min=1)).tolist()

@@ -23,8 +23,21 @@ MAX_YAML_BYTES = 1 << 20    # a study or run file
 MAX_YAML_VALUES = 100_000   # scalars, lists and mappings after aliases are expanded
 MAX_GENERATED_IMAGES = 1_000_000  # per split of a dataset made in memory (3 GB)
 
-# The faster execution form per device type, measured by bench/models_bench.py (bench/RESULTS.md).
-FASTEST_FORM = {"cpu": "reference", "cuda": "fused"}
+# The fused form (the k functions of a block as grouped convolutions) pays on a GPU only where
+# each function is too narrow to fill it. Measured by bench/models_bench.py (bench/RESULTS.md,
+# H200): fused 1.19-1.38x for multi-resnet-20 k=4 and multi-resnet-200 k=5 bottleneck (w=1), but
+# 0.91x, and 3,653 against 4,858 images/s in bf16, for the wide multi-resnet-26 k=2 w=10. No width
+# between 1 and 10 was measured: the threshold is the middle (in channels, 64 = 16 x 4 in the
+# first stage), to move when bench/gpu_check.sh measures one. On CPUs grouped convolutions are
+# slow (0.58-0.61x): reference everywhere.
+FUSED_BELOW_WIDTH = 4
+
+
+def fastest_form(architecture: Architecture, device: str) -> str:
+    """The execution form `auto` resolves to for this net on this device type."""
+    if device != "cuda" or architecture.k == 1:  # one function: nothing to fuse
+        return "reference"
+    return "fused" if architecture.width < FUSED_BELOW_WIDTH else "reference"
 
 
 def cpu_computes_bf16() -> bool:
@@ -93,7 +106,8 @@ class TrainConfig(Strict):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     execution: Literal["auto", "reference", "fused"] = Field(
-        "auto", description="auto: the faster form on this device (bench/RESULTS.md)")
+        "auto", description="auto: the faster form for this net on this device: fused on CUDA "
+        "for narrow nets with k > 1 (w < 4), else reference (bench/RESULTS.md)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="autocast dtype of forward and backward (parameters, optimizer and "
         "BatchNorm statistics stay fp32); fp16 adds a gradient scaler. auto: bf16 on CUDA and "
@@ -102,10 +116,15 @@ class TrainConfig(Strict):
         "auto", description="torch.compile of the model: default (inductor) or cudagraphs "
         "(inductor + CUDA graphs, mode reduce-overhead). auto: cudagraphs on CUDA where the "
         "mesh allows it (pp=1, bp=1), none on CPU")
+    compile_scope: Literal["model", "blocks"] = Field(
+        "model", description="what compile covers: the whole model as one graph, or each "
+        "residual block on its own (regional compilation: blocks of one shape share a graph, "
+        "so compile time no longer grows with depth; stem and head run eager)")
     grad_clip_norm: float | None = Field(None, gt=0, description="clip the global gradient "
                                          "norm to this value")
-    log_every: int = Field(50, ge=1, le=10**9, description="steps between step-log lines; each reads the "
-                           "loss from the device, the steps between run without waiting")
+    log_every: int = Field(50, ge=1, le=10**9, description="steps between step-log lines; "
+                           "each reads the loss from the device, the steps between run without "
+                           "waiting")
     channels_last: bool = Field(True, description="NHWC memory format: faster on CPU and GPU "
                                 "(bench/RESULTS.md)")
 
@@ -128,6 +147,11 @@ class TrainConfig(Strict):
 
     log_json: str | None = None
     checkpoint_dir: str | None = None
+    checkpoint_every: int | Literal["auto"] = Field(
+        "auto", description="epochs between checkpoints (the last epoch always has one). auto: "
+        "every epoch for checkpoints up to 64 MiB; larger ones when the last cost at most 5% of "
+        "the training since it, and at least every 2 minutes: a lost worker retrains at most "
+        "about 2 minutes plus one epoch")
     resume: bool = False
 
     @model_validator(mode="before")
@@ -176,6 +200,8 @@ class TrainConfig(Strict):
             raise ValueError(f"{self.dataset} data is generated in memory (3 KB an image): at "
                              f"most {MAX_GENERATED_IMAGES:,} images per split; lower "
                              f"train_size or test_size")
+        if isinstance(self.checkpoint_every, int) and self.checkpoint_every < 1:
+            raise ValueError("checkpoint_every must be a number of epochs >= 1, or auto")
         if self.resume and not self.checkpoint_dir:
             raise ValueError("resume needs checkpoint_dir: pass --checkpoint-dir DIR")
         p, arch = self.parallel, self.architecture
@@ -212,7 +238,7 @@ class TrainConfig(Strict):
         cuda, plain_mesh = device == "cuda", self.parallel.pp == self.parallel.bp == 1
         update = {"device": device}
         if self.execution == "auto":
-            update["execution"] = FASTEST_FORM[device]
+            update["execution"] = fastest_form(self.architecture, device)
         if self.precision == "auto":
             fast_bf16 = cuda or cpu_computes_bf16()
             update["precision"] = "bf16" if fast_bf16 and self.dtype == "float32" else "fp32"

@@ -293,9 +293,7 @@ def default_workers() -> int:
 class FolderBatches:
     """Batches of an image-folder split, the same interface as `data.Batches`: epoch e's order
     and augmentation depend only on (seed, e); `shard=(index, count)` gives one data-parallel
-    replica its slice of every global batch, for training and (`per_rank`) for evaluation."""
-
-    per_rank = True  # evaluation batches hold this replica's slice only
+    replica its slice of every global batch, for training and evaluation."""
 
     def __init__(self, split: FolderSplit, recipe: str, size: int, mean, std, batch_size: int,
                  device: torch.device | str, train: bool, seed: int = 0,
@@ -360,6 +358,23 @@ class FolderBatches:
             log.warning(f"skipped {len(self.skipped)} undecodable image(s) this epoch, each "
                         f"replaced by the next image of the split: "
                         f"{'; '.join(self.skipped[:20])}")
+
+
+    def padded_epoch(self, shard: tuple[int, int] = (0, 1)
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """Evaluation batches as `data.Batches.padded_epoch` gives them: (images, labels, how
+        many are real), this replica's slice of every batch padded to one fixed size."""
+        if shard != (self.shard_index, self.shard_count):
+            raise ValueError(f"these batches are replica {self.shard_index} of "
+                             f"{self.shard_count}'s, not {shard[0]} of {shard[1]}'s")
+        per = -(-self.batch_size // self.shard_count)
+        for x, y in self.epoch(0):
+            valid = len(y)
+            if valid < per:  # the last batch, or a share of a batch that does not split evenly
+                x = torch.cat([x, x.new_zeros((per - valid, *x.shape[1:]))]).contiguous(
+                    memory_format=self.memory_format)
+                y = torch.cat([y, y.new_zeros(per - valid)])
+            yield x, y, valid
 
 
 def folder_batches(split: FolderSplit, cfg, batch_size: int, device, train: bool,

@@ -17,10 +17,14 @@ from tqdm import tqdm
 
 from orchestrator.errors import CheckpointError, ConfigError, TrainingDiverged
 from orchestrator.parallel import RankEngine
-from orchestrator.run.checkpoint import check_same_run
+from orchestrator.run.checkpoint import SMALL_CHECKPOINT_BYTES, check_same_run, checkpoint_due
 from orchestrator.run.config import TrainConfig
 from orchestrator.run.data import DATASETS, Batches, load_dataset
 from orchestrator.run.step import TrainingStep
+
+
+# Evaluation batch size outside pipelines: large enough that an eager forward fills the device.
+EVAL_BATCH = {"cpu": 256, "cuda": 1024}
 
 
 def out_of_memory(cfg: TrainConfig, share: float | None = None) -> str:
@@ -35,7 +39,8 @@ class Session(Protocol):
 
     def restore(self) -> dict | None: ...
     def log_step(self, record: dict) -> None: ...
-    def report(self, metrics: dict, state: dict | None) -> None: ...  # state on rank 0 only
+    # Every epoch; `state` on world rank 0 of checkpoint epochs only (None otherwise).
+    def report(self, metrics: dict, state: dict | None) -> None: ...
 
 
 def rng_state() -> dict:
@@ -65,6 +70,27 @@ def timed(batches, waited: list[float]):
         yield batch
 
 
+def checkpoint_bytes(cfg: TrainConfig) -> int:
+    """About the size of a checkpoint: weights and momentum (BN statistics are small)."""
+    from models.summary import summarize
+
+    return summarize(cfg.architecture)["params"] * 2 * DTYPE_BYTES[cfg.dtype]
+
+
+def due_for_checkpoint(cfg: TrainConfig, engine: RankEngine, epoch: int, last_epoch: int,
+                       size: int, since_s: float, write_s: float | None) -> bool:
+    """`checkpoint_due`, decided alike on every rank (state_dict is a collective): with auto and
+    a large checkpoint, from the largest elapsed and write times over the world (rank 0 writes)."""
+    if cfg.checkpoint_every == "auto" and engine.world > 1 and write_s is not None and \
+            size > SMALL_CHECKPOINT_BYTES:
+        times = torch.tensor([since_s, write_s], dtype=torch.float64, device=engine.device)
+        since_s, write_s = engine.reduce(times, op=torch.distributed.ReduceOp.MAX).tolist()
+    return checkpoint_due(cfg.checkpoint_every, epoch, last_epoch, size, since_s, write_s)
+
+
+DTYPE_BYTES = {"float32": 4, "float64": 8}
+
+
 def train_loop(cfg: TrainConfig, session: Session) -> dict:
     """Train `cfg` to the end (or from the session's checkpoint); returns the final metrics.
 
@@ -85,10 +111,10 @@ def train_loop(cfg: TrainConfig, session: Session) -> dict:
             update={"classes": classes})})
     engine = RankEngine(cfg, device)
     p = cfg.parallel
-    # Pipeline stages and CUDA graphs keep the shapes of the first step: evaluate in batches of
-    # the training size there.
-    fixed_shapes = p.pp > 1 or cfg.compile != "none"
-    test_size = cfg.batch_size if fixed_shapes else max(cfg.batch_size, 256)
+    # Pipeline stages keep the shapes of the first step: evaluate in batches of the training size
+    # there. Elsewhere in large batches (a compiled model evaluates eagerly: see
+    # TrainingStep.evaluation_context).
+    test_size = cfg.batch_size if p.pp > 1 else max(cfg.batch_size, EVAL_BATCH[device.type])
     if entry.batches is not None:  # read file by file
         shard = (engine.mesh.dp_rank, p.dp)
         train_batches = entry.batches(train_split, cfg, cfg.batch_size, device, True, shard)
@@ -123,6 +149,8 @@ def train_loop(cfg: TrainConfig, session: Session) -> dict:
                                   f"over") from None
 
     metrics: dict = state["metrics"] if state is not None else {}
+    size = checkpoint_bytes(cfg)
+    saved_at, write_s = time.perf_counter(), None  # the last checkpoint: when, and its cost
     for epoch in range(start_epoch, epochs):
         started = time.perf_counter()
         engine.model.train()
@@ -150,9 +178,11 @@ def train_loop(cfg: TrainConfig, session: Session) -> dict:
                               "loss": window.loss, "lr": lr})
             bar.set_postfix(loss=f"{window.loss:.3f}", refresh=False)
         bar.close()
+        del x, y  # views of this epoch's images: freed before the next epoch's are made
         train_time = time.perf_counter() - started
         engine.check_replicas()
-        test_error, test_error_top5 = engine.evaluate(test_batches, train_step.forward_context)
+        test_error, test_error_top5 = engine.evaluate(test_batches,
+                                                      train_step.evaluation_context)
         best = min(best, test_error)
         metrics = {
             "epoch": epoch + 1,
@@ -171,11 +201,18 @@ def train_loop(cfg: TrainConfig, session: Session) -> dict:
         }
         if getattr(train_batches, "skipped", None) is not None:
             metrics["skipped_images"] = len(train_batches.skipped)
-        state = train_step.state_dict()  # a collective; the full state on rank 0
-        if state is not None:
-            state.update({
-                "epoch": epoch + 1, "best_test_error": best, "rng": rng_state(),
-                "metrics": metrics, "architecture": cfg.architecture.model_dump(mode="json"),
-                "config": cfg.model_dump(mode="json")})
-        session.report(metrics, state)
+        reporting = time.perf_counter()
+        if due_for_checkpoint(cfg, engine, epoch + 1, epochs, size, reporting - saved_at,
+                              write_s):
+            state = train_step.state_dict()  # a collective; the full state on rank 0
+            if state is not None:
+                state.update({
+                    "epoch": epoch + 1, "best_test_error": best, "rng": rng_state(),
+                    "metrics": metrics, "architecture": cfg.architecture.model_dump(mode="json"),
+                    "config": cfg.model_dump(mode="json")})
+            session.report(metrics, state)
+            saved_at = time.perf_counter()
+            write_s = saved_at - reporting
+        else:  # metrics every epoch, a checkpoint only on checkpoint epochs (Ray's convention)
+            session.report(metrics, None)
     return metrics
