@@ -1,5 +1,6 @@
 """Data x pipeline x branch parallelism for Multi-ResNet, applied from outside the model.
-May import models and orchestrator.run.config; nothing here knows Ray.
+May import models (and errors); nothing here knows Ray or the run above it (`RankEngine` is
+handed the run's config).
 
 mesh.py      the degrees as one DeviceMesh (pp outermost, dp, bp innermost)
 branch.py    each rank keeps its share of every block's k functions; f/g autograd operators

@@ -22,7 +22,6 @@ from models.multi_resnet import create_model
 from orchestrator.parallel.branch import apply_branch_parallel
 from orchestrator.parallel.mesh import build_mesh
 from orchestrator.parallel.pipeline import build_schedule, keep_stage
-from orchestrator.run.config import TrainConfig
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 LossScale = Callable[[torch.Tensor], torch.Tensor] | None
@@ -37,7 +36,8 @@ class ReplicaMismatch(RuntimeError):
 
 
 class RankEngine:
-    def __init__(self, cfg: TrainConfig, device: torch.device):
+    def __init__(self, cfg, device: torch.device):
+        """`cfg`: the run's `TrainConfig` (orchestrator.run.config, a layer above this one)."""
         self.cfg, self.device, p = cfg, device, cfg.parallel
         self.mesh = build_mesh(p, device)
         self.world = p.world_size

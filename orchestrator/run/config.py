@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from models.multi_resnet import Architecture
 from orchestrator.errors import ConfigError, shown
+from orchestrator.parallel.mesh import ParallelConfig  # the mesh's own schema, part of a run's
 from orchestrator.run.data import DATASETS
 
 # Bounds on what input may ask for, checked at load (one line, before anything is allocated).
@@ -60,27 +61,6 @@ IMAGENET_LR_PER_256 = 0.1
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class ParallelConfig(Strict):
-    """Degrees of the mesh: data x pipeline x branch parallelism (one process each)."""
-
-    dp: int = Field(1, ge=1, le=4096, description="data-parallel replicas")
-    pp: int = Field(1, ge=1, le=4096, description="pipeline stages (consecutive blocks, balanced "
-                    "by FLOPs)")
-    bp: int = Field(1, ge=1, le=4096, description="branch-parallel ranks sharing each block's k "
-                    "functions")
-    microbatches: int = Field(1, ge=1, le=4096, description="pipeline micro-batches per replica "
-                              "batch")
-    schedule: Literal["gpipe", "1f1b"] = "gpipe"
-
-    @property
-    def world_size(self) -> int:
-        return self.dp * self.pp * self.bp
-
-    @property
-    def layout(self) -> str:
-        return f"dp={self.dp},pp={self.pp},bp={self.bp},mb={self.microbatches},{self.schedule}"
 
 
 class TrainConfig(Strict):
