@@ -342,6 +342,18 @@ def test_a_study_on_s3_storage(ray_address, tmp_path, capsys, monkeypatch):
         logged = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").download_artifacts(
             state["parent_run_id"], "resolved_study.json", str(tmp_path / "dl"))
         assert json.loads(Path(logged).read_text())["storage_path"] == "s3://multires/results"
+        # Ray's pickled state there was signed through the same layer: a pickle planted in the
+        # bucket is refused before anything is unpickled, and the study is left as it was.
+        from orchestrator.study.trust import check
+
+        check(join(results, "smoke"))
+        planted = f"{path.rstrip('/')}/searcher-state-2026-01-01_00-00-00.pkl"
+        with fs.open_output_stream(planted) as f:
+            f.write(b"\x80\x04N.")
+        assert sweep_main(args) == 2
+        assert "searcher-state-2026-01-01_00-00-00.pkl in s3://multires/results/smoke was not " \
+            "written by a sweep of yours" in capsys.readouterr().err
+        fs.delete_file(planted)
         assert sweep_main(args) == 0
         assert capsys.readouterr().out.startswith(
             f"study smoke is finished (parent run {state['parent_run_id']}): 1 trials trained")
