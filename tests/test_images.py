@@ -141,14 +141,37 @@ def test_an_epoch_is_a_pure_function_of_seed_and_epoch(folder):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     assert not torch.equal(a[0][0], epoch(1, 1, 0)[0][0])
     assert not torch.equal(a[0][0], epoch(2, 0, 0)[0][0])
-    # The GPU path (uint8 batches, colour maps applied batched on the device) gives the same
-    # images as the CPU path (maps applied in the workers).
-    on_device = FolderBatches(train, "imagenet", 64, images.IMAGENET_MEAN, images.IMAGENET_STD,
-                              batch_size=12, device="cpu", train=True, seed=1, workers=0,
-                              colour_on_device=True)
-    for (xa, ya), (xd, yd) in zip(a, on_device.epoch(0)):
-        torch.testing.assert_close(xd, xa, rtol=1e-5, atol=1e-4)
-        assert torch.equal(ya, yd)
+    # The workers hand over uint8 pixels and one colour map per image; the batches the training
+    # process makes of them (maps applied batched, in either memory format) hold each image's
+    # own map applied to its own pixels, as float64 arithmetic gives it.
+    data = FolderImages(train, "imagenet", 64, True, 1, images.IMAGENET_MEAN, images.IMAGENET_STD)
+    last = FolderBatches(train, "imagenet", 64, images.IMAGENET_MEAN, images.IMAGENET_STD,
+                         batch_size=12, device="cpu", train=True, seed=1, workers=0,
+                         channels_last=True)
+    keys = last.shard_indices(0)
+    for (x, y), (xl, yl), batch in zip(a, last.epoch(0), keys):
+        items = [data[(0, p, i)] for p, i in batch]
+        expected = torch.stack([
+            torch.einsum("ij,hwj->ihw", M.double(), torch.from_numpy(pixels).double())
+            + t.double()[:, None, None] for pixels, _, _, (M, t) in items])
+        assert x.is_contiguous() and xl.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(x.double(), expected, rtol=1e-6, atol=1e-5)
+        assert torch.equal(x, xl) and torch.equal(y, yl)
+        assert y.tolist() == [label for _, label, _, _ in items]
+
+
+@pytest.mark.parametrize("shape", [(5, 8, 8, 3), (3, 5, 7, 3)])  # 7x5 pixels: not 8 to a row
+def test_colour_maps_are_applied_per_image(shape):
+    """`apply_colour` (the training process's batched map application): image n's pixels
+    through image n's map, in float64 arithmetic, in both memory formats."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+    M, t = torch.randn(shape[0], 3, 3, generator=gen), torch.randn(shape[0], 3, generator=gen)
+    expected = torch.einsum("nij,nhwj->nihw", M.double(), x.double()) + t.double()[..., None, None]
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        got = images.apply_colour(x, M, t, fmt)
+        assert got.dtype == torch.float32 and got.is_contiguous(memory_format=fmt)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-4)
 
 
 def test_data_parallel_replicas_get_disjoint_slices_of_each_global_batch(folder):
