@@ -13,11 +13,13 @@ colour map per image; the workers hand over uint8 images and the maps, and the t
 applies the maps batched (`images.apply_colour`, channels-last as the nets run): on a GPU there,
 on CPU in the training process itself. Measured whole: one epoch from the first request to the
 last batch, every CPU second counted, the workers' (reaped children) and the main process's
-(the map application, receiving batches). Two per-core figures: images/s per worker process
-(wall clock, the main process free), and images per CPU second of all processes (the cost per
-image on fully used cores, the main process's work included). Also: the workers alone (the host
-side of the GPU path, the maps not applied), and the decode-only cost per image of the JPEG
-decoders at hand (PIL, torchvision.io.decode_jpeg, simplejpeg if installed).
+(the map application, receiving batches). Per core: images per CPU second of all processes (the
+cost per image on fully used cores, the main process's work included), also with the main
+process reading every batch once as a net's first layer would (torchvision's float batches lie
+in shared memory that its first reader faults in); and images/s per worker process (wall clock,
+the main process on a core of its own). Also: the workers alone (the host side of the GPU path,
+the maps not applied), and the decode-only cost per image of the JPEG decoders at hand (PIL,
+torchvision.io.decode_jpeg, simplejpeg if installed).
 """
 from __future__ import annotations
 
@@ -92,12 +94,15 @@ def cpu_seconds() -> tuple[float, float]:
     return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
 
 
-def measure(make) -> tuple[float, float, float]:
+def measure(make, read: bool = False) -> tuple[float, float, float]:
     """One whole epoch: (images/s, images per CPU second of all processes, the main process's
-    share of that CPU time)."""
+    share of that CPU time). `read`: the main process reads every batch once, as a net's first
+    layer does (a batch in shared memory is faulted in by its first reader)."""
     own, children = cpu_seconds()
     started, n = time.perf_counter(), 0
     for x, _ in make():
+        if read:
+            x.sum()
         n += len(x)
     wall = time.perf_counter() - started
     own_end, children_end = cpu_seconds()
@@ -151,28 +156,29 @@ def main(argv=None) -> None:
         for name, ms in decode_costs(root).items():
             print(f"decode only  {name:36s} {ms:6.2f} ms/image")
         print(f"load average at start: {os.getloadavg()[0]:.1f}")
-        print("| workers | torchvision + PIL, images/s per worker | project, images/s per worker "
-              "| ratio | torchvision, images per CPU s | project, images per CPU s | ratio | "
-              "project: main process's share of CPU | project workers alone (GPU host side), "
-              "images per CPU s |")
-        print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        print("images per CPU second (all processes: the workers and the main process), then "
+              "images/s per worker process (wall clock); tv = torchvision ImageFolder + PIL")
+        print("| workers | tv | project | ratio | tv, batches read | project, batches read | "
+              "ratio | project's main process share | project's workers alone (GPU host side) "
+              "| tv, images/s per worker | project, images/s per worker | ratio |")
+        print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for workers in args.workers:
-            makers = {"torchvision": lambda: torchvision_loader(root, args.batch, workers),
-                      "project": lambda: project_loader(root, args.batch, workers),
-                      "workers": lambda: project_loader(root, args.batch, workers, False)}
-            runs = {name: [] for name in makers}
+            loaders = {"tv": lambda: torchvision_loader(root, args.batch, workers),
+                       "project": lambda: project_loader(root, args.batch, workers),
+                       "workers": lambda: project_loader(root, args.batch, workers, False)}
+            runs = {name: [] for name in ("tv", "project", "tv read", "project read", "workers")}
             for _ in range(args.rounds):  # interleaved: all see the same load
-                for name, make in makers.items():
-                    runs[name].append(measure(make()))
-            # The best round of each (load only slows): by wall clock, and by CPU time.
-            (tv, tv_cpu), (pr, pr_cpu) = ((max(r[0] for r in runs[name]),
-                                           max(r[1] for r in runs[name]))
-                                          for name in ("torchvision", "project"))
-            share = next(r[2] for r in runs["project"] if r[1] == pr_cpu)
-            alone = max(r[1] for r in runs["workers"])
-            print(f"| {workers} | {tv / workers:.1f} | {pr / workers:.1f} | {pr / tv:.2f} | "
-                  f"{tv_cpu:.1f} | {pr_cpu:.1f} | {pr_cpu / tv_cpu:.2f} | {share:.0%} | "
-                  f"{alone:.1f} |", flush=True)
+                for name in runs:
+                    runs[name].append(measure(loaders[name.split()[0]](), "read" in name))
+            # The best round of each (load only slows): by CPU time, and by wall clock.
+            cpu = {name: max(r[1] for r in rounds) for name, rounds in runs.items()}
+            wall = {name: max(r[0] for r in rounds) / workers for name, rounds in runs.items()}
+            share = next(r[2] for r in runs["project"] if r[1] == cpu["project"])
+            print(f"| {workers} | {cpu['tv']:.0f} | {cpu['project']:.0f} | "
+                  f"{cpu['project'] / cpu['tv']:.2f} | {cpu['tv read']:.0f} | "
+                  f"{cpu['project read']:.0f} | {cpu['project read'] / cpu['tv read']:.2f} | "
+                  f"{share:.0%} | {cpu['workers']:.0f} | {wall['tv']:.0f} | "
+                  f"{wall['project']:.0f} | {wall['project'] / wall['tv']:.2f} |", flush=True)
         print(f"(best of {args.rounds} interleaved rounds; whole epochs of {args.images} images, "
               f"batch {args.batch}; load average at the end: {os.getloadavg()[0]:.1f})")
 

@@ -151,9 +151,10 @@ def test_an_epoch_is_a_pure_function_of_seed_and_epoch(folder):
     keys = last.shard_indices(0)
     for (x, y), (xl, yl), batch in zip(a, last.epoch(0), keys):
         items = [data[(0, p, i)] for p, i in batch]
+        maps = [data.maps(torch.from_numpy(colour)[None]) for _, _, _, colour in items]
         expected = torch.stack([
-            torch.einsum("ij,hwj->ihw", M.double(), torch.from_numpy(pixels).double())
-            + t.double()[:, None, None] for pixels, _, _, (M, t) in items])
+            torch.einsum("ij,hwj->ihw", M[0].double(), torch.from_numpy(pixels).double())
+            + t[0].double()[:, None, None] for (pixels, *_), (M, t) in zip(items, maps)])
         assert x.is_contiguous() and xl.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(x.double(), expected, rtol=1e-6, atol=1e-5)
         assert torch.equal(x, xl) and torch.equal(y, yl)

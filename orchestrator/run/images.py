@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,10 +155,11 @@ def centre_box(w: int, h: int, scale: float, size: int) -> tuple[float, float, f
 
 
 class FolderImages(torch.utils.data.Dataset):
-    """Decoded, geometrically augmented uint8 images (H, W, 3) of one split, each with the affine
-    colour map (M, t) that augments (ImageNet recipe) and normalises it: pixel -> M pixel + t,
-    applied batched by the training process (`apply_colour`). Items are keyed by (epoch,
-    position in the epoch, index): the position seeds the augmentation."""
+    """Decoded, geometrically augmented uint8 images (H, W, 3) of one split, each with what its
+    affine colour map needs (`colour_inputs`); the training process makes the maps (M, t) that
+    augment (ImageNet recipe) and normalise a batch (`maps`: pixel -> M pixel + t) and applies
+    them (`apply_colour`). Items are keyed by (epoch, position in the epoch, index): the
+    position seeds the augmentation."""
 
     def __init__(self, split: FolderSplit, recipe: str, size: int, train: bool, seed: int,
                  mean: tuple[float, ...], std: tuple[float, ...]):
@@ -179,22 +181,33 @@ class FolderImages(torch.utils.data.Dataset):
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
                 skipped.append(f"{self.split.paths[i]} ({type(exc).__name__}: {exc})")
                 continue
-            M, t = self.colour(image, rng)
+            colour = self.colour_inputs(image, rng)
             pixels = np.array(image)  # writable, for torch
-            return pixels, int(self.split.labels[i]), tuple(skipped), (M, t)
+            return pixels, int(self.split.labels[i]), tuple(skipped), colour
         raise DataError(f"{SUBSTITUTES} images in a row cannot be decoded, e.g. {skipped[0]}; "
                         f"check the files under {self.split.root}")
 
-    def colour(self, image: Image.Image, rng: np.random.Generator):
-        """(M, t) for uint8 pixels: colour augmentation (ImageNet recipe, training), then
-        normalisation by the mean and std (0-255)."""
-        if self.train and self.recipe == "imagenet":
-            counts = np.asarray(image.histogram(), dtype=np.float64).reshape(3, 256)
-            means = counts @ np.arange(256) / counts.sum(1) / 255  # per channel, in [0, 1]
-            M, t = colour_transform(means[None], *colour_draws(1, rng))
-            M, t = torch.from_numpy(M[0]).float(), torch.from_numpy(t[0]).float()
+    def colour_inputs(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
+        """What the image's colour map needs from the worker, 12 numbers (ImageNet recipe,
+        training): the per-channel means in [0, 1], then the random draws (jitter factors,
+        their order, lighting weights); none otherwise. The maps are made batched (`maps`):
+        3x3 algebra costs numpy's call overhead per image, not per batch."""
+        if not (self.train and self.recipe == "imagenet"):
+            return np.empty(0)
+        counts = np.asarray(image.histogram(), dtype=np.float64).reshape(3, 256)
+        means = counts @ np.arange(256) / counts.sum(1) / 255
+        return np.concatenate([means, *(draw[0] for draw in colour_draws(1, rng))])
+
+    def maps(self, colour: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The colour maps (M, t) of a batch for its uint8 pixels, from the workers'
+        `colour_inputs` (n, 12 or 0): the colour augmentation, then normalisation by the mean
+        and std (0-255)."""
+        if colour.shape[1]:
+            c = colour.numpy()
+            M, t = colour_transform(c[:, :3], c[:, 3:6], c[:, 6:9].astype(np.int64), c[:, 9:])
+            M, t = torch.from_numpy(M).float(), torch.from_numpy(t).float()
         else:
-            M, t = torch.eye(3), torch.zeros(3)
+            M, t = torch.eye(3).expand(len(colour), 3, 3), torch.zeros(len(colour), 3)
         # x01 = x / 255 -> M x01 + t -> (. - mean / 255) / (std / 255)
         return M / self.std[:, None], (255 * t - self.mean) / self.std
 
@@ -232,11 +245,11 @@ class FolderImages(torch.utils.data.Dataset):
 
 
 def collate(items):
-    images, labels, skipped, maps = zip(*items)
+    images, labels, skipped, colour = zip(*items)
     # default_collate stacks straight into shared memory in a worker: no copy on the way out.
     images = torch.utils.data.default_collate(images)
-    maps = torch.stack([m for m, _ in maps]), torch.stack([t for _, t in maps])
-    return images, torch.tensor(labels), [name for names in skipped for name in names], maps
+    return images, torch.tensor(labels), [name for names in skipped for name in names], \
+        torch.from_numpy(np.stack(colour))
 
 
 # ----------------------------------------------------------------------------- training side
@@ -259,7 +272,7 @@ def apply_colour(x: torch.Tensor, M: torch.Tensor, t: torch.Tensor,
                           M).reshape(n, 3 * k, 3 * k)
     offsets = t.repeat(1, k)[:, None, :]
     rows = x.view(n, h * w // k, 3 * k)
-    out = torch.empty(rows.shape, device=x.device, dtype=M.dtype)
+    out = batch_memory(rows.shape, M.dtype, x.device)
     step = n if x.device.type == "cuda" else 2
     for i in range(0, n, step):
         torch.baddbmm(offsets[i:i + step], rows[i:i + step].to(M.dtype), blocks[i:i + step],
@@ -306,6 +319,19 @@ def colour_augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     return torch.einsum("nij,njhw->nihw", M, x) + t[:, :, None, None]
 
 
+def batch_memory(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised tensor for a batch; on CPU (Linux) in transparent huge pages. The C
+    allocator maps a batch of this size (about 40 MB for 64 images of 224x224) anew for every
+    batch, and faulting it in 4 KiB pages cost twice the colour work itself (measured: 0.24 ms
+    per image, 0.03 in 2 MiB pages; bench/RESULTS.md)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if device.type != "cpu" or not hasattr(mmap, "MADV_HUGEPAGE") or nbytes < 2**21:
+        return torch.empty(shape, dtype=dtype, device=device)
+    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    memory.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(memory, dtype=dtype).view(shape)  # the tensor keeps `memory` alive
+
+
 def default_workers() -> int:
     """This process's share of the CPU cores, less one for the training loop (the ranks on a
     node share its cores: LOCAL_WORLD_SIZE, as torchrun and Ray Train set it)."""
@@ -350,8 +376,8 @@ class FolderBatches:
         return batches
 
     def loader(self, epoch: int, start_step: int = 0) -> torch.utils.data.DataLoader:
-        """The workers' side of an epoch: batches (uint8 images, labels, skipped names, colour
-        maps) as the workers make them."""
+        """The workers' side of an epoch: batches (uint8 images, labels, skipped names, the
+        colour maps' inputs) as the workers make them."""
         keys = [[(epoch, p, i) for p, i in batch] for batch in self.shard_indices(epoch)]
         return torch.utils.data.DataLoader(
             self.images, batch_sampler=keys[start_step:], num_workers=self.workers,
@@ -360,13 +386,13 @@ class FolderBatches:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.skipped = []
-        for x, y, skipped, maps in self.loader(epoch, start_step):
+        for x, y, skipped, colour in self.loader(epoch, start_step):
             if skipped:
                 if self.bad_images == "error":
                     raise DataError(f"cannot decode {skipped[0]}; replace or remove the file, "
                                     f"or set bad_images: skip")
                 self.skipped += skipped
-            M, t = (m.to(self.device, non_blocking=True) for m in maps)
+            M, t = (m.to(self.device, non_blocking=True) for m in self.images.maps(colour))
             x = apply_colour(x.to(self.device, non_blocking=True), M, t, self.memory_format)
             yield x, y.to(self.device)
         if self.skipped:
