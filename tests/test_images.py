@@ -125,6 +125,69 @@ def test_undecodable_files_are_counted_skipped_and_named(folder, caplog):
         list(strict.epoch(0))
 
 
+def test_a_run_of_undecodable_files_stops_in_one_line(folder, capsys):
+    """16 undecodable files in a row (here: every training file), met inside a DataLoader worker:
+    one DataError line from the training process, not the worker's traceback; the command exits
+    2 with that line."""
+    train, _ = load_folder(folder)
+    for path in train.paths:
+        Path(path).write_text("not an image")
+    batches = FolderBatches(train, "cifar", 32, *CIFAR_NORM, batch_size=12, device="cpu",
+                            train=True, workers=1)
+    message = "16 images in a row cannot be decoded, e.g. "
+    with pytest.raises(DataError) as err:
+        list(batches.epoch(0))
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    assert f"check the files under {train.root}" in str(err.value)
+    args = ["--dataset", "imagefolder", "--data-dir", str(folder), "--depth", "8", "--k", "1",
+            "--epochs", "1", "--device", "cpu", "--data-workers", "1", "--batch-size", "12",
+            "--recipe", "cifar", "--config", str(folder.parent / "cifar_net.yaml")]
+    (folder.parent / "cifar_net.yaml").write_text("architecture: {dataset: cifar10}\n")
+    assert train_main(args) == 2
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert len(err_lines) == 1 and message in err_lines[0], err_lines
+
+
+def _skipped_on_rank(rank, cfg):
+    from orchestrator.run.loop import train_loop
+    from orchestrator.run.session import LocalSession
+
+    metrics = train_loop(cfg, LocalSession(cfg, interactive=False, echo=False))
+    assert metrics["skipped_images"] == 2, (rank, metrics["skipped_images"])
+
+
+@pytest.mark.slow  # two processes joined by gloo, each training one epoch: about 10-20 s
+def test_skipped_images_are_summed_over_data_parallel_replicas(folder, tmp_path):
+    """Two undecodable files, two data-parallel replicas (each reads its slice of every batch):
+    both ranks report 2, the epoch's count, not their own share."""
+    from orchestrator.run.config import TrainConfig
+    from tests.ranks import run_ranks
+
+    train, _ = load_folder(folder)
+    for i in (4, 20):  # not neighbours: each is met once, at its own position
+        Path(train.paths[i]).write_text("not an image")
+    cfg = TrainConfig(dataset="imagefolder", data_dir=str(folder), recipe="cifar",
+                      architecture=dict(depth=8, k=1, dataset="cifar10"), batch_size=12,
+                      epochs=1, device="cpu", data_workers=0, parallel=dict(dp=2),
+                      checkpoint_dir=str(tmp_path / "ckpt"))
+    run_ranks(2, _skipped_on_rank, cfg)
+
+
+def test_the_cost_estimate_counts_an_image_folder_without_train_size(folder):
+    """A study on an image folder without `train_size`: the dry run's cost counts the folder's
+    training images (36 here); a folder not there yet counts 0."""
+    from orchestrator.results import training_flops
+    from orchestrator.study.config import load_study
+    from orchestrator.study.summary import estimated_cost
+
+    study_file = Path(__file__).parent.parent / "search_spaces" / "imagefolder_cpu.yaml"
+    settings = ["train.train_size=null", "train.batch_size=8", "train.epochs=2"]
+    study = load_study(study_file, [*settings, f"train.data_dir={folder}"])
+    assert estimated_cost(study, 10**9) == training_flops(10**9, 2 * (36 // 8), 8)
+    missing = load_study(study_file, [*settings, f"train.data_dir={folder / 'absent'}"])
+    assert estimated_cost(missing, 10**9) == 0
+
+
 def test_an_epoch_is_a_pure_function_of_seed_and_epoch(folder):
     """Same (seed, epoch): the same batches, with or without worker processes; another epoch
     or seed: other ones. The ImageNet recipe's crops and colour noise included."""

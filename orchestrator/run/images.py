@@ -184,8 +184,9 @@ class FolderImages(torch.utils.data.Dataset):
             colour = self.colour_inputs(image, rng)
             pixels = np.array(image)  # writable, for torch
             return pixels, int(self.split.labels[i]), tuple(skipped), colour
-        raise DataError(f"{SUBSTITUTES} images in a row cannot be decoded, e.g. {skipped[0]}; "
-                        f"check the files under {self.split.root}")
+        # No image: the training process raises (`FolderBatches.epoch`), in one line; raised in
+        # a worker, it would come wrapped in the worker's traceback.
+        return None, -1, tuple(skipped), None
 
     def colour_inputs(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
         """What the image's colour map needs from the worker, 12 numbers (ImageNet recipe,
@@ -246,10 +247,12 @@ class FolderImages(torch.utils.data.Dataset):
 
 def collate(items):
     images, labels, skipped, colour = zip(*items)
+    names = [name for names in skipped for name in names]
+    if any(image is None for image in images):  # a run of undecodable files: no batch
+        return None, None, names, None
     # default_collate stacks straight into shared memory in a worker: no copy on the way out.
     images = torch.utils.data.default_collate(images)
-    return images, torch.tensor(labels), [name for names in skipped for name in names], \
-        torch.from_numpy(np.stack(colour))
+    return images, torch.tensor(labels), names, torch.from_numpy(np.stack(colour))
 
 
 # ----------------------------------------------------------------------------- training side
@@ -392,6 +395,9 @@ class FolderBatches:
                     raise DataError(f"cannot decode {skipped[0]}; replace or remove the file, "
                                     f"or set bad_images: skip")
                 self.skipped += skipped
+            if x is None:
+                raise DataError(f"{SUBSTITUTES} images in a row cannot be decoded, e.g. "
+                                f"{skipped[-1]}; check the files under {self.split.root}")
             M, t = (m.to(self.device, non_blocking=True) for m in self.images.maps(colour))
             x = apply_colour(x.to(self.device, non_blocking=True), M, t, self.memory_format)
             yield x, y.to(self.device)
