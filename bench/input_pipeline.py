@@ -9,11 +9,11 @@ Both do fb.resnet.torch's training augmentation: random-sized crop to 224, horiz
 jitter (brightness, contrast, saturation 0.4), normalisation; the project also adds PCA lighting.
 torchvision does all of it per image in the workers (PIL, then float tensors). The project decodes
 and crops in the workers (PIL, uint8) and folds jitter, lighting and normalisation into one affine
-colour map per image; the workers hand over uint8 images and the maps, and the training process
-applies the maps batched (`images.apply_colour`, channels-last as the nets run): on a GPU there,
-on CPU in the training process itself. Measured whole: one epoch from the first request to the
+colour map per image; the workers hand over uint8 images with each image's channel means and
+colour draws, and the training process makes the maps and applies them batched
+(`images.apply_colour`, channels-last as the nets run; with a GPU on the device). Measured whole: one epoch from the first request to the
 last batch, every CPU second counted, the workers' (reaped children) and the main process's
-(the map application, receiving batches). Per core: images per CPU second of all processes (the
+(receiving batches, making and applying the maps). Per core: images per CPU second of all processes (the
 cost per image on fully used cores, the main process's work included), also with the main
 process reading every batch once as a net's first layer would (torchvision's float batches lie
 in shared memory that its first reader faults in); and images/s per worker process (wall clock,
@@ -161,7 +161,7 @@ def main(argv=None) -> None:
         print("| workers | tv | project | ratio | tv, batches read | project, batches read | "
               "ratio | project's main process share | project's workers alone (GPU host side) "
               "| tv, images/s per worker | project, images/s per worker | ratio |")
-        print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        print("|" + " ---: |" * 12)
         for workers in args.workers:
             loaders = {"tv": lambda: torchvision_loader(root, args.batch, workers),
                        "project": lambda: project_loader(root, args.batch, workers),

@@ -11,10 +11,10 @@ names are counted and logged (`bad_images: error` stops instead).
 The pipeline, chosen by measurement (bench/input_pipeline.py, bench/RESULTS.md): DataLoader
 worker processes decode with PIL (libjpeg-turbo; JPEGs larger than needed are decoded at a
 reduced DCT scale) and do the geometry (crop, resize, flip) on uint8 in one `resize(box=...)`;
-they hand over uint8 images and one affine colour map per image (colour augmentation and
-normalisation folded together), which the training process applies batched, on CPU and on a GPU
-alike: float work once per pixel where it is cheapest, a quarter of the bytes between processes. An epoch's order
-and every random choice are a pure function of (seed, epoch, position), so a resumed run sees
+they hand over uint8 images (a quarter of the bytes of float ones) with what each image's affine
+colour map needs; the training process makes the maps (colour augmentation and normalisation
+folded together) and applies them batched, on CPU and on a GPU alike. An epoch's order and every
+random choice are a pure function of (seed, epoch, position), so a resumed run sees
 the same data, whatever the number of workers; each data-parallel replica decodes only its
 slice of every global batch (the replica index is the mesh's, from the global rank).
 """
