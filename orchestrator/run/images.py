@@ -315,13 +315,6 @@ def colour_transform(mean: np.ndarray, factors: np.ndarray, order: np.ndarray,
     return M, t + (lighting * eigval) @ eigvec.T  # channel c: sum_j eigvec[c,j] a_j eigval_j
 
 
-def colour_augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """`colour_transform` applied to images in [0, 1] (N, 3, H, W); no clamping, as there."""
-    M, t = colour_transform(x.mean((2, 3)).double().numpy(), *colour_draws(len(x), rng))
-    M, t = torch.from_numpy(M).to(x.dtype), torch.from_numpy(t).to(x.dtype)
-    return torch.einsum("nij,njhw->nihw", M, x) + t[:, :, None, None]
-
-
 def batch_memory(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialised tensor for a batch; on CPU (Linux) in transparent huge pages. The C
     allocator maps a batch of this size (about 40 MB for 64 images of 224x224) anew for every
