@@ -156,7 +156,6 @@ def _skipped_on_rank(rank, cfg):
     assert metrics["skipped_images"] == 2, (rank, metrics["skipped_images"])
 
 
-@pytest.mark.slow  # two processes joined by gloo, each training one epoch: about 10-20 s
 def test_skipped_images_are_summed_over_data_parallel_replicas(folder, tmp_path):
     """Two undecodable files, two data-parallel replicas (each reads its slice of every batch):
     both ranks report 2, the epoch's count, not their own share."""
