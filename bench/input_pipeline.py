@@ -9,16 +9,24 @@ Both do fb.resnet.torch's training augmentation: random-sized crop to 224, horiz
 jitter (brightness, contrast, saturation 0.4), normalisation; the project also adds PCA lighting.
 torchvision does all of it per image in the workers (PIL, then float tensors). The project decodes
 and crops in the workers (PIL, uint8) and folds jitter, lighting and normalisation into one affine
-colour map per image: on a GPU the workers hand over uint8 images and the maps, and the device
-applies them (the "GPU path": its host side is measured here); on CPU the workers apply them (the
-"CPU path", measured whole). Also printed: decode-only cost per image of the JPEG decoders at
-hand (PIL, torchvision.io.decode_jpeg, simplejpeg if installed).
+colour map per image; the workers hand over uint8 images with each image's channel means and
+colour draws, and the training process makes the maps and applies them batched
+(`images.apply_colour`, channels-last as the nets run; with a GPU on the device). Measured whole: one epoch from the first request to the
+last batch, every CPU second counted, the workers' (reaped children) and the main process's
+(receiving batches, making and applying the maps). Per core: images per CPU second of all processes (the
+cost per image on fully used cores, the main process's work included), also with the main
+process reading every batch once as a net's first layer would (torchvision's float batches lie
+in shared memory that its first reader faults in); and images/s per worker process (wall clock,
+the main process on a core of its own). Also: the workers alone (the host side of the GPU path,
+the maps not applied), and the decode-only cost per image of the JPEG decoders at hand (PIL,
+torchvision.io.decode_jpeg, simplejpeg if installed).
 """
 from __future__ import annotations
 
 import argparse
 import io
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -65,27 +73,41 @@ def torchvision_loader(root: Path, batch: int, workers: int):
     return lambda: iter(loader)
 
 
-def project_loader(root: Path, batch: int, workers: int, for_gpu: bool):
-    """for_gpu: the host side of the GPU path (uint8 batches and per-image colour maps, which
-    the device applies); else the CPU path whole (the workers apply the maps: float batches)."""
+def project_loader(root: Path, batch: int, workers: int, apply: bool = True):
+    """The project's path whole (`apply`: float batches, the maps applied in this process), or
+    the workers alone (uint8 batches and their maps, as a GPU's host side)."""
     train, _ = images.load_folder(root)
     batches = images.FolderBatches(train, "imagenet", 224, images.IMAGENET_MEAN,
                                    images.IMAGENET_STD, batch, "cpu", train=True,
-                                   workers=workers, channels_last=True, colour_on_device=for_gpu)
+                                   workers=workers, channels_last=True)
     epochs = iter(range(10**6))
-    if for_gpu:
-        return lambda: (batch[:2] for batch in batches.loader(next(epochs)))
-    return lambda: batches.epoch(next(epochs))
+    if apply:
+        return lambda: batches.epoch(next(epochs))
+    return lambda: (batch[:2] for batch in batches.loader(next(epochs)))
 
 
-def images_per_s(make, batch: int) -> float:
-    """Images/s over one epoch, after its first batch (worker start-up excluded)."""
-    it = make()
-    next(it)
+def cpu_seconds() -> tuple[float, float]:
+    """CPU time (user + system) of this process and of its reaped children (the workers, once
+    an epoch's DataLoader has shut them down)."""
+    own, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
+                                                         resource.RUSAGE_CHILDREN))
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+
+
+def measure(make, read: bool = False) -> tuple[float, float, float]:
+    """One whole epoch: (images/s, images per CPU second of all processes, the main process's
+    share of that CPU time). `read`: the main process reads every batch once, as a net's first
+    layer does (a batch in shared memory is faulted in by its first reader)."""
+    own, children = cpu_seconds()
     started, n = time.perf_counter(), 0
-    for x, _ in it:
+    for x, _ in make():
+        if read:
+            x.sum()
         n += len(x)
-    return n / (time.perf_counter() - started)
+    wall = time.perf_counter() - started
+    own_end, children_end = cpu_seconds()
+    cpu = own_end - own + children_end - children
+    return n / wall, n / cpu, (own_end - own) / cpu
 
 
 def decode_costs(root: Path, count: int = 100) -> dict[str, float]:
@@ -133,22 +155,32 @@ def main(argv=None) -> None:
               f"torch {torch.__version__}")
         for name, ms in decode_costs(root).items():
             print(f"decode only  {name:36s} {ms:6.2f} ms/image")
-        print("| workers | torchvision ImageFolder + PIL | project, GPU path (host side) | "
-              "project, CPU path | GPU path / torchvision | CPU path / torchvision |")
-        print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+        print(f"load average at start: {os.getloadavg()[0]:.1f}")
+        print("images per CPU second (all processes: the workers and the main process), then "
+              "images/s per worker process (wall clock); tv = torchvision ImageFolder + PIL")
+        print("| workers | tv | project | ratio | tv, batches read | project, batches read | "
+              "ratio | project's main process share | project's workers alone (GPU host side) "
+              "| tv, images/s per worker | project, images/s per worker | ratio |")
+        print("|" + " ---: |" * 12)
         for workers in args.workers:
-            best = {"torchvision": 0.0, "gpu": 0.0, "cpu": 0.0}
-            makers = {"torchvision": lambda: torchvision_loader(root, args.batch, workers),
-                      "gpu": lambda: project_loader(root, args.batch, workers, True),
-                      "cpu": lambda: project_loader(root, args.batch, workers, False)}
+            loaders = {"tv": lambda: torchvision_loader(root, args.batch, workers),
+                       "project": lambda: project_loader(root, args.batch, workers),
+                       "workers": lambda: project_loader(root, args.batch, workers, False)}
+            runs = {name: [] for name in ("tv", "project", "tv read", "project read", "workers")}
             for _ in range(args.rounds):  # interleaved: all see the same load
-                for name, make in makers.items():
-                    best[name] = max(best[name], images_per_s(make(), args.batch))
-            tv, gpu, cpu = best["torchvision"], best["gpu"], best["cpu"]
-            print(f"| {workers} | {tv / workers:.1f} | {gpu / workers:.1f} | {cpu / workers:.1f} "
-                  f"| {gpu / tv:.2f} | {cpu / tv:.2f} |", flush=True)
-        print("(images/s per worker process; the best of the rounds)")
-
+                for name in runs:
+                    runs[name].append(measure(loaders[name.split()[0]](), "read" in name))
+            # The best round of each (load only slows): by CPU time, and by wall clock.
+            cpu = {name: max(r[1] for r in rounds) for name, rounds in runs.items()}
+            wall = {name: max(r[0] for r in rounds) / workers for name, rounds in runs.items()}
+            share = next(r[2] for r in runs["project"] if r[1] == cpu["project"])
+            print(f"| {workers} | {cpu['tv']:.0f} | {cpu['project']:.0f} | "
+                  f"{cpu['project'] / cpu['tv']:.2f} | {cpu['tv read']:.0f} | "
+                  f"{cpu['project read']:.0f} | {cpu['project read'] / cpu['tv read']:.2f} | "
+                  f"{share:.0%} | {cpu['workers']:.0f} | {wall['tv']:.0f} | "
+                  f"{wall['project']:.0f} | {wall['project'] / wall['tv']:.2f} |", flush=True)
+        print(f"(best of {args.rounds} interleaved rounds; whole epochs of {args.images} images, "
+              f"batch {args.batch}; load average at the end: {os.getloadavg()[0]:.1f})")
 
 if __name__ == "__main__":
     main()

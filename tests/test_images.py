@@ -125,6 +125,68 @@ def test_undecodable_files_are_counted_skipped_and_named(folder, caplog):
         list(strict.epoch(0))
 
 
+def test_a_run_of_undecodable_files_stops_in_one_line(folder, capsys):
+    """16 undecodable files in a row (here: every training file), met inside a DataLoader worker:
+    one DataError line from the training process, not the worker's traceback; the command exits
+    2 with that line."""
+    train, _ = load_folder(folder)
+    for path in train.paths:
+        Path(path).write_text("not an image")
+    batches = FolderBatches(train, "cifar", 32, *CIFAR_NORM, batch_size=12, device="cpu",
+                            train=True, workers=1)
+    message = "16 images in a row cannot be decoded, e.g. "
+    with pytest.raises(DataError) as err:
+        list(batches.epoch(0))
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    assert f"check the files under {train.root}" in str(err.value)
+    args = ["--dataset", "imagefolder", "--data-dir", str(folder), "--depth", "8", "--k", "1",
+            "--epochs", "1", "--device", "cpu", "--data-workers", "1", "--batch-size", "12",
+            "--recipe", "cifar", "--config", str(folder.parent / "cifar_net.yaml")]
+    (folder.parent / "cifar_net.yaml").write_text("architecture: {dataset: cifar10}\n")
+    assert train_main(args) == 2
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert len(err_lines) == 1 and message in err_lines[0], err_lines
+
+
+def _skipped_on_rank(rank, cfg):
+    from orchestrator.run.loop import train_loop
+    from orchestrator.run.session import LocalSession
+
+    metrics = train_loop(cfg, LocalSession(cfg, interactive=False, echo=False))
+    assert metrics["skipped_images"] == 2, (rank, metrics["skipped_images"])
+
+
+def test_skipped_images_are_summed_over_data_parallel_replicas(folder, tmp_path):
+    """Two undecodable files, two data-parallel replicas (each reads its slice of every batch):
+    both ranks report 2, the epoch's count, not their own share."""
+    from orchestrator.run.config import TrainConfig
+    from tests.ranks import run_ranks
+
+    train, _ = load_folder(folder)
+    for i in (4, 20):  # not neighbours: each is met once, at its own position
+        Path(train.paths[i]).write_text("not an image")
+    cfg = TrainConfig(dataset="imagefolder", data_dir=str(folder), recipe="cifar",
+                      architecture=dict(depth=8, k=1, dataset="cifar10"), batch_size=12,
+                      epochs=1, device="cpu", data_workers=0, parallel=dict(dp=2),
+                      checkpoint_dir=str(tmp_path / "ckpt"))
+    run_ranks(2, _skipped_on_rank, cfg)
+
+
+def test_the_cost_estimate_counts_an_image_folder_without_train_size(folder):
+    """A study on an image folder without `train_size`: the dry run's cost counts the folder's
+    training images (36 here); a folder not there yet counts 0."""
+    from orchestrator.results import training_flops
+    from orchestrator.study.config import load_study
+    from orchestrator.study.summary import estimated_cost
+
+    study_file = Path(__file__).parent.parent / "search_spaces" / "imagefolder_cpu.yaml"
+    settings = ["train.train_size=null", "train.batch_size=8", "train.epochs=2"]
+    study = load_study(study_file, [*settings, f"train.data_dir={folder}"])
+    assert estimated_cost(study, 10**9) == training_flops(10**9, 2 * (36 // 8), 8)
+    missing = load_study(study_file, [*settings, f"train.data_dir={folder / 'absent'}"])
+    assert estimated_cost(missing, 10**9) == 0
+
+
 def test_an_epoch_is_a_pure_function_of_seed_and_epoch(folder):
     """Same (seed, epoch): the same batches, with or without worker processes; another epoch
     or seed: other ones. The ImageNet recipe's crops and colour noise included."""
@@ -141,14 +203,38 @@ def test_an_epoch_is_a_pure_function_of_seed_and_epoch(folder):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     assert not torch.equal(a[0][0], epoch(1, 1, 0)[0][0])
     assert not torch.equal(a[0][0], epoch(2, 0, 0)[0][0])
-    # The GPU path (uint8 batches, colour maps applied batched on the device) gives the same
-    # images as the CPU path (maps applied in the workers).
-    on_device = FolderBatches(train, "imagenet", 64, images.IMAGENET_MEAN, images.IMAGENET_STD,
-                              batch_size=12, device="cpu", train=True, seed=1, workers=0,
-                              colour_on_device=True)
-    for (xa, ya), (xd, yd) in zip(a, on_device.epoch(0)):
-        torch.testing.assert_close(xd, xa, rtol=1e-5, atol=1e-4)
-        assert torch.equal(ya, yd)
+    # The workers hand over uint8 pixels and one colour map per image; the batches the training
+    # process makes of them (maps applied batched, in either memory format) hold each image's
+    # own map applied to its own pixels, as float64 arithmetic gives it.
+    data = FolderImages(train, "imagenet", 64, True, 1, images.IMAGENET_MEAN, images.IMAGENET_STD)
+    last = FolderBatches(train, "imagenet", 64, images.IMAGENET_MEAN, images.IMAGENET_STD,
+                         batch_size=12, device="cpu", train=True, seed=1, workers=0,
+                         channels_last=True)
+    keys = last.shard_indices(0)
+    for (x, y), (xl, yl), batch in zip(a, last.epoch(0), keys):
+        items = [data[(0, p, i)] for p, i in batch]
+        maps = [data.maps(torch.from_numpy(colour)[None]) for _, _, _, colour in items]
+        expected = torch.stack([
+            torch.einsum("ij,hwj->ihw", M[0].double(), torch.from_numpy(pixels).double())
+            + t[0].double()[:, None, None] for (pixels, *_), (M, t) in zip(items, maps)])
+        assert x.is_contiguous() and xl.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(x.double(), expected, rtol=1e-6, atol=1e-5)
+        assert torch.equal(x, xl) and torch.equal(y, yl)
+        assert y.tolist() == [label for _, label, _, _ in items]
+
+
+@pytest.mark.parametrize("shape", [(5, 8, 8, 3), (3, 5, 7, 3)])  # 7x5 pixels: not 8 to a row
+def test_colour_maps_are_applied_per_image(shape):
+    """`apply_colour` (the training process's batched map application): image n's pixels
+    through image n's map, in float64 arithmetic, in both memory formats."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+    M, t = torch.randn(shape[0], 3, 3, generator=gen), torch.randn(shape[0], 3, generator=gen)
+    expected = torch.einsum("nij,nhwj->nihw", M.double(), x.double()) + t.double()[..., None, None]
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        got = images.apply_colour(x, M, t, fmt)
+        assert got.dtype == torch.float32 and got.is_contiguous(memory_format=fmt)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-4)
 
 
 def test_data_parallel_replicas_get_disjoint_slices_of_each_global_batch(folder):
@@ -192,9 +278,16 @@ def reference_colour(x: torch.Tensor, factors, order, alpha) -> torch.Tensor:
     return torch.stack(out)
 
 
+def colour_augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """`images.colour_transform` applied to images in [0, 1] (N, 3, H, W)."""
+    M, t = images.colour_transform(x.mean((2, 3)).numpy(), *images.colour_draws(len(x), rng))
+    return torch.einsum("nij,njhw->nihw", torch.from_numpy(M), x) + \
+        torch.from_numpy(t)[:, :, None, None]
+
+
 def test_colour_augmentation_matches_fb_resnet_torch():
     x = torch.rand(6, 3, 8, 8, dtype=torch.float64)
-    got = images.colour_augment(x, np.random.default_rng(5))
+    got = colour_augment(x, np.random.default_rng(5))
     factors, order, alpha = images.colour_draws(6, np.random.default_rng(5))  # the same draws
     assert len({tuple(o) for o in order.tolist()}) > 1  # the random order is exercised
     torch.testing.assert_close(got, reference_colour(x, *map(torch.from_numpy,

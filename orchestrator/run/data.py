@@ -11,6 +11,7 @@ resumed run sees the same data, and every rank of a data-parallel replica sees t
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -25,7 +26,7 @@ import torch
 
 from orchestrator.errors import DataError
 from orchestrator.run.images import IMAGENET_CLASSES, IMAGENET_MEAN, IMAGENET_STD, folder_batches, \
-    load_folder
+    load_folder, scan
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ class Dataset:
     architecture: str   # the family its nets are built for (stem, head): Architecture.dataset
     # (data_dir, train_size, test_size, seed) -> (train, test); may download where allowed
     load: Callable[[Path | None, int | None, int | None, int], tuple[Split, Split]]
-    train_images: int  # in the whole training split (for cost estimates)
+    train_images: int  # in the whole training split (for cost estimates; 0: count the folder)
     needs_files: bool = True  # read from data_dir (checked, and fetched, before a study starts)
     # Builds the batches of a split read file by file, (split, cfg, batch_size, device, train,
     # shard) -> batches; None: the split is held whole as tensors (`Batches`).
@@ -211,6 +212,17 @@ DATASETS: dict[str, Dataset] = {
 # An image folder trained with the CIFAR recipe is normalised as CIFAR-10 is.
 FOLDER_NORMALIZATION = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD),
                         "cifar": DATASETS["cifar10"].normalization}
+
+
+@functools.lru_cache(maxsize=16)
+def train_images(name: str, data_dir: str | None) -> int:
+    """Images in a dataset's training split, for cost estimates: the registry's count, or for
+    an image folder the files in its train/ (listed, none opened; 0 while the folder is not
+    there, as in a dry run before the data is copied)."""
+    count = DATASETS[name].train_images
+    if count or data_dir is None or not (Path(data_dir).expanduser() / "train").is_dir():
+        return count
+    return len(scan(Path(data_dir).expanduser().resolve(), "train"))
 
 
 def load_dataset(name: str, data_dir: str | Path | None, train_size: int | None = None,

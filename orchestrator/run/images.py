@@ -11,8 +11,10 @@ names are counted and logged (`bad_images: error` stops instead).
 The pipeline, chosen by measurement (bench/input_pipeline.py, bench/RESULTS.md): DataLoader
 worker processes decode with PIL (libjpeg-turbo; JPEGs larger than needed are decoded at a
 reduced DCT scale) and do the geometry (crop, resize, flip) on uint8 in one `resize(box=...)`;
-the colour augmentation and normalisation run batched on the training device. An epoch's order
-and every random choice are a pure function of (seed, epoch, position), so a resumed run sees
+they hand over uint8 images (a quarter of the bytes of float ones) with what each image's affine
+colour map needs; the training process makes the maps (colour augmentation and normalisation
+folded together) and applies them batched, on CPU and on a GPU alike. An epoch's order and every
+random choice are a pure function of (seed, epoch, position), so a resumed run sees
 the same data, whatever the number of workers; each data-parallel replica decodes only its
 slice of every global batch (the replica index is the mesh's, from the global rank).
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,17 +155,17 @@ def centre_box(w: int, h: int, scale: float, size: int) -> tuple[float, float, f
 
 
 class FolderImages(torch.utils.data.Dataset):
-    """Decoded, geometrically augmented uint8 images (H, W, 3) of one split, each with the affine
-    colour map (M, t) that augments (ImageNet recipe) and normalises it: pixel -> M pixel + t.
-    With `apply` the worker applies it and returns float32 images (the CPU path: the work spreads
-    over the workers); else the training device does, batched. Items are keyed by (epoch,
-    position in the epoch, index): the position seeds the augmentation."""
+    """Decoded, geometrically augmented uint8 images (H, W, 3) of one split, each with what its
+    affine colour map needs (`colour_inputs`); the training process makes the maps (M, t) that
+    augment (ImageNet recipe) and normalise a batch (`maps`: pixel -> M pixel + t) and applies
+    them (`apply_colour`). Items are keyed by (epoch, position in the epoch, index): the
+    position seeds the augmentation."""
 
     def __init__(self, split: FolderSplit, recipe: str, size: int, train: bool, seed: int,
-                 mean: tuple[float, ...], std: tuple[float, ...], apply: bool = False):
+                 mean: tuple[float, ...], std: tuple[float, ...]):
         self.split, self.recipe, self.size, self.train, self.seed = split, recipe, size, train, seed
         self.mean, self.std = torch.tensor(mean), torch.tensor(std)
-        self.pad_value, self.apply = tuple(round(m) for m in mean), apply
+        self.pad_value = tuple(round(m) for m in mean)
 
     def __len__(self) -> int:
         return len(self.split)
@@ -178,26 +181,34 @@ class FolderImages(torch.utils.data.Dataset):
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
                 skipped.append(f"{self.split.paths[i]} ({type(exc).__name__}: {exc})")
                 continue
-            M, t = self.colour(image, rng)
+            colour = self.colour_inputs(image, rng)
             pixels = np.array(image)  # writable, for torch
-            if self.apply:
-                flat = torch.from_numpy(pixels.reshape(-1, 3)).float()
-                return torch.addmm(t, flat, M.T).view(pixels.shape), \
-                    int(self.split.labels[i]), tuple(skipped), None
-            return pixels, int(self.split.labels[i]), tuple(skipped), (M, t)
-        raise DataError(f"{SUBSTITUTES} images in a row cannot be decoded, e.g. {skipped[0]}; "
-                        f"check the files under {self.split.root}")
+            return pixels, int(self.split.labels[i]), tuple(skipped), colour
+        # No image: the training process raises (`FolderBatches.epoch`), in one line; raised in
+        # a worker, it would come wrapped in the worker's traceback.
+        return None, -1, tuple(skipped), None
 
-    def colour(self, image: Image.Image, rng: np.random.Generator):
-        """(M, t) for uint8 pixels: colour augmentation (ImageNet recipe, training), then
-        normalisation by the mean and std (0-255)."""
-        if self.train and self.recipe == "imagenet":
-            counts = np.asarray(image.histogram(), dtype=np.float64).reshape(3, 256)
-            means = counts @ np.arange(256) / counts.sum(1) / 255  # per channel, in [0, 1]
-            M, t = colour_transform(means[None], *colour_draws(1, rng))
-            M, t = torch.from_numpy(M[0]).float(), torch.from_numpy(t[0]).float()
+    def colour_inputs(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
+        """What the image's colour map needs from the worker, 12 numbers (ImageNet recipe,
+        training): the per-channel means in [0, 1], then the random draws (jitter factors,
+        their order, lighting weights); none otherwise. The maps are made batched (`maps`):
+        3x3 algebra costs numpy's call overhead per image, not per batch."""
+        if not (self.train and self.recipe == "imagenet"):
+            return np.empty(0)
+        counts = np.asarray(image.histogram(), dtype=np.float64).reshape(3, 256)
+        means = counts @ np.arange(256) / counts.sum(1) / 255
+        return np.concatenate([means, *(draw[0] for draw in colour_draws(1, rng))])
+
+    def maps(self, colour: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The colour maps (M, t) of a batch for its uint8 pixels, from the workers'
+        `colour_inputs` (n, 12 or 0): the colour augmentation, then normalisation by the mean
+        and std (0-255)."""
+        if colour.shape[1]:
+            c = colour.numpy()
+            M, t = colour_transform(c[:, :3], c[:, 3:6], c[:, 6:9].astype(np.int64), c[:, 9:])
+            M, t = torch.from_numpy(M).float(), torch.from_numpy(t).float()
         else:
-            M, t = torch.eye(3), torch.zeros(3)
+            M, t = torch.eye(3).expand(len(colour), 3, 3), torch.zeros(len(colour), 3)
         # x01 = x / 255 -> M x01 + t -> (. - mean / 255) / (std / 255)
         return M / self.std[:, None], (255 * t - self.mean) / self.std
 
@@ -235,15 +246,43 @@ class FolderImages(torch.utils.data.Dataset):
 
 
 def collate(items):
-    images, labels, skipped, maps = zip(*items)
+    images, labels, skipped, colour = zip(*items)
+    names = [name for names in skipped for name in names]
+    if any(image is None for image in images):  # a run of undecodable files: no batch
+        return None, None, names, None
     # default_collate stacks straight into shared memory in a worker: no copy on the way out.
     images = torch.utils.data.default_collate(images)
-    maps = None if maps[0] is None else (torch.stack([m for m, _ in maps]),
-                                         torch.stack([t for _, t in maps]))
-    return images, torch.tensor(labels), [name for names in skipped for name in names], maps
+    return images, torch.tensor(labels), names, torch.from_numpy(np.stack(colour))
 
 
-# ----------------------------------------------------------------------------- device side
+# ----------------------------------------------------------------------------- training side
+PIXELS_PER_ROW = 8  # see apply_colour
+
+
+def apply_colour(x: torch.Tensor, M: torch.Tensor, t: torch.Tensor,
+                 memory_format: torch.memory_format = torch.channels_last) -> torch.Tensor:
+    """Float images (N, 3, H, W) in `memory_format` from uint8 ones (N, H, W, 3) and their
+    colour maps: pixel -> M pixel + t (M: (N, 3, 3), t: (N, 3)), on x's device.
+
+    A matrix product with 3 output columns runs far below a BLAS's speed, so each image's pixels
+    go 8 to a row through the block-diagonal map diag(M^T, ..., M^T) (24 columns; the zero
+    blocks add exact zeros). On CPU a few images at a time, so that the float copy of the uint8
+    pixels is still in cache when the product reads it (measured: 1.7x the speed of one product
+    over a batch of 64); on a GPU the whole batch in one product."""
+    n, h, w, _ = x.shape
+    k = PIXELS_PER_ROW if (h * w) % PIXELS_PER_ROW == 0 else 1
+    blocks = torch.einsum("ab,nji->naibj", torch.eye(k, device=M.device, dtype=M.dtype),
+                          M).reshape(n, 3 * k, 3 * k)
+    offsets = t.repeat(1, k)[:, None, :]
+    rows = x.view(n, h * w // k, 3 * k)
+    out = batch_memory(rows.shape, M.dtype, x.device)
+    step = n if x.device.type == "cuda" else 2
+    for i in range(0, n, step):
+        torch.baddbmm(offsets[i:i + step], rows[i:i + step].to(M.dtype), blocks[i:i + step],
+                      out=out[i:i + step])
+    return out.view(n, h, w, 3).permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
+
+
 def colour_draws(n: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
     """The random part of the colour augmentation for n images: jitter factors (brightness,
     contrast, saturation), their order, PCA lighting weights."""
@@ -276,11 +315,17 @@ def colour_transform(mean: np.ndarray, factors: np.ndarray, order: np.ndarray,
     return M, t + (lighting * eigval) @ eigvec.T  # channel c: sum_j eigvec[c,j] a_j eigval_j
 
 
-def colour_augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """`colour_transform` applied to images in [0, 1] (N, 3, H, W); no clamping, as there."""
-    M, t = colour_transform(x.mean((2, 3)).double().numpy(), *colour_draws(len(x), rng))
-    M, t = torch.from_numpy(M).to(x.dtype), torch.from_numpy(t).to(x.dtype)
-    return torch.einsum("nij,njhw->nihw", M, x) + t[:, :, None, None]
+def batch_memory(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised tensor for a batch; on CPU (Linux) in transparent huge pages. The C
+    allocator maps a batch of this size (about 40 MB for 64 images of 224x224) anew for every
+    batch, and faulting it in 4 KiB pages cost twice the colour work itself (measured: 0.24 ms
+    per image, 0.03 in 2 MiB pages; bench/RESULTS.md)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if device.type != "cpu" or not hasattr(mmap, "MADV_HUGEPAGE") or nbytes < 2**21:
+        return torch.empty(shape, dtype=dtype, device=device)
+    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    memory.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(memory, dtype=dtype).view(shape)  # the tensor keeps `memory` alive
 
 
 def default_workers() -> int:
@@ -298,20 +343,14 @@ class FolderBatches:
     def __init__(self, split: FolderSplit, recipe: str, size: int, mean, std, batch_size: int,
                  device: torch.device | str, train: bool, seed: int = 0,
                  shard: tuple[int, int] = (0, 1), channels_last: bool = False,
-                 workers: int | None = None, bad_images: str = "skip",
-                 colour_on_device: bool | None = None):
+                 workers: int | None = None, bad_images: str = "skip"):
         self.split, self.recipe, self.batch_size, self.train = split, recipe, batch_size, train
         self.seed, self.device, self.bad_images = seed, torch.device(device), bad_images
         self.shard_index, self.shard_count = shard
         if batch_size % self.shard_count and train:
             raise ValueError(f"batch size {batch_size} is not divisible by {self.shard_count} "
                              f"data-parallel replicas")
-        # On CPU the workers apply the colour maps; on a GPU the device does, on uint8 batches
-        # (a quarter of the bytes to copy, and the float work where it is cheap).
-        if colour_on_device is None:
-            colour_on_device = self.device.type == "cuda"
-        self.images = FolderImages(split, recipe, size, train, seed, mean, std,
-                                   apply=not colour_on_device)
+        self.images = FolderImages(split, recipe, size, train, seed, mean, std)
         self.workers = default_workers() if workers is None else workers
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.skipped: list[str] = []  # undecodable files met in the latest epoch (this replica)
@@ -333,8 +372,8 @@ class FolderBatches:
         return batches
 
     def loader(self, epoch: int, start_step: int = 0) -> torch.utils.data.DataLoader:
-        """The host side of an epoch: batches (images, labels, skipped names, colour maps) as
-        the workers make them."""
+        """The workers' side of an epoch: batches (uint8 images, labels, skipped names, the
+        colour maps' inputs) as the workers make them."""
         keys = [[(epoch, p, i) for p, i in batch] for batch in self.shard_indices(epoch)]
         return torch.utils.data.DataLoader(
             self.images, batch_sampler=keys[start_step:], num_workers=self.workers,
@@ -343,17 +382,18 @@ class FolderBatches:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.skipped = []
-        for x, y, skipped, maps in self.loader(epoch, start_step):
+        for x, y, skipped, colour in self.loader(epoch, start_step):
             if skipped:
                 if self.bad_images == "error":
                     raise DataError(f"cannot decode {skipped[0]}; replace or remove the file, "
                                     f"or set bad_images: skip")
                 self.skipped += skipped
-            x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # NHWC memory
-            if maps is not None:  # uint8 pixels: colour maps applied here, batched
-                M, t = (m.to(self.device, non_blocking=True) for m in maps)
-                x = torch.einsum("nij,njhw->nihw", M, x.float()) + t[:, :, None, None]
-            yield x.contiguous(memory_format=self.memory_format), y.to(self.device)
+            if x is None:
+                raise DataError(f"{SUBSTITUTES} images in a row cannot be decoded, e.g. "
+                                f"{skipped[-1]}; check the files under {self.split.root}")
+            M, t = (m.to(self.device, non_blocking=True) for m in self.images.maps(colour))
+            x = apply_colour(x.to(self.device, non_blocking=True), M, t, self.memory_format)
+            yield x, y.to(self.device)
         if self.skipped:
             log.warning(f"skipped {len(self.skipped)} undecodable image(s) this epoch, each "
                         f"replaced by the next image of the split: "

@@ -200,7 +200,11 @@ def train_loop(cfg: TrainConfig, session: Session) -> dict:
             "epochs_total": epochs,
         }
         if getattr(train_batches, "skipped", None) is not None:
-            metrics["skipped_images"] = len(train_batches.skipped)
+            # Summed over the data-parallel replicas; every rank of a replica reads its images.
+            skipped = engine.reduce(torch.tensor([len(train_batches.skipped)],
+                                                 dtype=torch.float64, device=engine.device))
+            metrics["skipped_images"] = round(skipped.item()) // (engine.world
+                                                                  // cfg.parallel.dp)
         reporting = time.perf_counter()
         if due_for_checkpoint(cfg, engine, epoch + 1, epochs, size, reporting - saved_at,
                               write_s):

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from orchestrator.results import CHECKPOINT_FILE, DONE, outcome, trained, training_flops
-from orchestrator.run.data import DATASETS
+from orchestrator.run.data import train_images
 from orchestrator.study.config import StudyConfig
 from orchestrator.study.trials import planned_trials
 
@@ -16,7 +16,7 @@ from orchestrator.study.trials import planned_trials
 def estimated_cost(study: StudyConfig, flops: int) -> float:
     """Training FLOPs of one trial: every image of every epoch (or `steps`)."""
     train = study.train
-    train_size = train.train_size or DATASETS[train.dataset].train_images
+    train_size = train.train_size or train_images(train.dataset, train.data_dir)
     steps = train.epochs * (train_size // train.batch_size)
     if train.steps:
         steps = min(steps, train.steps)
