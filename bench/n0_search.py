@@ -37,8 +37,8 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.analysis.n0 import estimate_n0, find_pairs
-from orchestrator.study.n0_policy import FULL, N0Plan, N0Policy, Net
-from orchestrator.study.pairs import Pair
+from orchestrator.analysis.n0_policy import FULL, N0Plan, N0Policy, Net
+from orchestrator.analysis.pairs import Pair
 
 DEPTHS = [8, 14, 20, 26, 32, 38, 44, 50, 56]
 SEEDS = (0, 1, 2, 3, 4)  # Table II: five runs per net

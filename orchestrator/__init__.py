@@ -2,10 +2,11 @@
 
     errors.py, results.py   what goes wrong, and the names of what a run reports
     storage.py              the places written to: checked at start, local or a URI
+    trust.py                Ray's pickled state in a results folder: signed, checked on resume
     parallel/               data x pipeline x branch parallelism around an unmodified model
-                            (it reads the run schema, run/config.py)
+                            (handed the run's config; its own schema: the mesh's degrees)
     run/                    one training run (one process, or one rank of a mesh)
-    analysis/               n0 statistics, the report, lesion studies
+    analysis/               matched pairs, n0 statistics and the n0 policy, the report, lesions
     cluster/                Ray: connecting, a run's ranks as Ray Train workers
     study/                  studies: schema, searchers, trials, MLflow tracking, the sweep
     train.py sweep.py report.py lesion.py summary.py   the commands (cli.py: what they share)

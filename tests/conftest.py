@@ -1,5 +1,6 @@
 import os
 import pickle
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,9 @@ def ray_address():
     from orchestrator.cluster.driver import init_ray
 
     os.environ.pop("RAY_ADDRESS", None)
+    sigterm = signal.getsignal(signal.SIGTERM)
     init_ray(num_cpus=2)  # as the commands start it
+    signal.signal(signal.SIGTERM, sigterm)  # the commands' SIGTERM handler is theirs, not the session's
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

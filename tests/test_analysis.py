@@ -8,7 +8,7 @@ from models.multi_resnet import Architecture
 from models.summary import summarize
 from orchestrator.analysis.n0 import PAPER_TABLE_II, estimate_n0, find_pairs, pair_differences
 from orchestrator.report import main as report_main
-from orchestrator.study.pairs import generate_pairs, matched_multi
+from orchestrator.analysis.pairs import generate_pairs, matched_multi
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -14,12 +14,14 @@ ALLOWED = {
     "orchestrator.errors": set(),
     "orchestrator.results": set(),
     "orchestrator.storage": {"orchestrator.errors"},
-    "orchestrator.parallel": {"models", "orchestrator.run.config"} | BASE,
+    "orchestrator.trust": {"orchestrator.errors", "orchestrator.storage"},
+    "orchestrator.parallel": {"models"} | BASE,
     "orchestrator.run": {"models", "orchestrator.parallel"} | BASE,
     "orchestrator.analysis": {"models", "orchestrator.run"} | BASE,
     "orchestrator.cluster": {"models", "orchestrator.parallel", "orchestrator.run"} | BASE,
     "orchestrator.study": {"models", "orchestrator.parallel", "orchestrator.run",
-                           "orchestrator.analysis", "orchestrator.cluster"} | BASE,
+                           "orchestrator.analysis", "orchestrator.cluster",
+                           "orchestrator.trust"} | BASE,
     "orchestrator.cli": BASE,
 }
 # Libraries a layer must not need: a single run trains without Ray, MLflow or Optuna.

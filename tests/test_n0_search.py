@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from orchestrator.analysis.n0 import single_crossings
-from orchestrator.study.n0_policy import FULL, N0Plan, N0Policy, Net, bisection_order
-from orchestrator.study.pairs import Pair
+from orchestrator.analysis.n0_policy import FULL, N0Plan, N0Policy, Net, bisection_order
+from orchestrator.analysis.pairs import Pair
 
 DEPTHS = [8, 14, 20, 26, 32, 38, 44]
 SEEDS = (0, 1, 2, 3, 4)

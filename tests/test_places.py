@@ -344,7 +344,7 @@ def test_a_study_on_s3_storage(ray_address, tmp_path, capsys, monkeypatch):
         assert json.loads(Path(logged).read_text())["storage_path"] == "s3://multires/results"
         # Ray's pickled state there was signed through the same layer: a pickle planted in the
         # bucket is refused before anything is unpickled, and the study is left as it was.
-        from orchestrator.study.trust import check
+        from orchestrator.trust import check
 
         check(join(results, "smoke"))
         planted = f"{path.rstrip('/')}/searcher-state-2026-01-01_00-00-00.pkl"

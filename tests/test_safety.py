@@ -137,7 +137,7 @@ def results_folder(tmp_path: Path) -> Path:
     import pickle
 
     from orchestrator.study.sweep import STATE_FILE
-    from orchestrator.study.trust import sign
+    from orchestrator.trust import sign
 
     folder = tmp_path / "results" / "smoke"
     for name in TUNE_STATE:
@@ -197,7 +197,7 @@ def test_planted_pickle_in_the_results_folder_is_refused_before_it_runs(name, tm
 @pytest.mark.parametrize("change", ["another key", "no signatures", "a new pickle",
                                     "signed for another name"])
 def test_results_signed_otherwise_are_refused(change, tmp_path, monkeypatch, state_key):
-    from orchestrator.study.trust import SIGNATURES, check
+    from orchestrator.trust import SIGNATURES, check
 
     folder = results_folder(tmp_path)
     check(folder)  # as signed: accepted
@@ -214,7 +214,7 @@ def test_results_signed_otherwise_are_refused(change, tmp_path, monkeypatch, sta
 
 
 def test_trust_results_signs_a_folder_and_the_key_stays_outside(tmp_path, state_key):
-    from orchestrator.study.trust import SIGNATURES, check, key_file
+    from orchestrator.trust import SIGNATURES, check, key_file
 
     folder = results_folder(tmp_path)
     (folder / SIGNATURES).unlink()

@@ -163,20 +163,21 @@ def test_n0_study_resumes_and_ends_with_n0(ray_address, tmp_path, capsys):
 
     # Every file Ray would unpickle from the folder was signed by the sweep (through the
     # interruption and the resume); one planted there is refused before Ray starts.
-    from orchestrator.study.trust import check, unpickled_files
+    from orchestrator.trust import check, unpickled_files
     from tests.test_safety import RunsCode
 
     folder = results / "pairs"
-    names = [p.name for p in unpickled_files(folder)]
+    names = [Path(name).name for name in unpickled_files(str(folder))]
     for prefix in ("tuner.pkl", "experiment_state-", "searcher-state-", "params.pkl"):
         assert any(name.startswith(prefix) for name in names), (prefix, names)
-    check(folder)
+    check(str(folder))
     payload = RunsCode()
     payload.marker = tmp_path / "ran"
     planted = next(folder.glob("searcher-state-*.pkl"))
     planted.write_bytes(pickle.dumps(payload))
     assert sweep_main([str(path), *args]) == 2
-    assert f"error: {planted} was not written by a sweep of yours" in capsys.readouterr().err
+    assert f"error: {planted.name} in {folder} was not written by a sweep of yours" in \
+        capsys.readouterr().err
     assert not payload.marker.exists()
 
 

@@ -19,7 +19,7 @@ from orchestrator.errors import ConfigError, shown
 from orchestrator.run.config import (MAX_SEED, ParallelConfig, Strict, TrainConfig, describe,
                                      load_yaml, parse_yaml, yaml_problem)
 from orchestrator.storage import REMOTE_SCHEMES, join, storage_uri
-from orchestrator.study.pairs import Pair, PairDesign
+from orchestrator.analysis.pairs import Pair, PairDesign
 from orchestrator.study.settings import (ARCH_KEYS, RECIPE_KEYS, Budget, Choice, Distribution,
                                          FloatRange, IntRange, MlflowSettings, N0Settings,
                                          Resources, SearcherSettings, TrialSchedulerSettings)

@@ -8,7 +8,7 @@ from ray.tune.search import Searcher
 
 from orchestrator.results import DIVERGED, DONE
 from orchestrator.study.config import StudyConfig
-from orchestrator.study.n0_policy import FULL, N0Plan, N0Policy, Net
+from orchestrator.analysis.n0_policy import FULL, N0Plan, N0Policy, Net
 from orchestrator.study.search_state import WAIT, JsonStateSearcher
 
 
@@ -46,7 +46,7 @@ def ladder_of(study: StudyConfig):
         return None
     from models.multi_resnet import Architecture
     from models.summary import parameter_count, summarize
-    from orchestrator.study.pairs import Pair, matched_multi, next_deep
+    from orchestrator.analysis.pairs import Pair, matched_multi, next_deep
 
     def grow(side: str, pairs: list, nets: dict) -> tuple | None:
         deeps = design.deep_nets() + [n.blocks for n in nets.values()

@@ -111,10 +111,10 @@ def study_lock(folder: Path, study: StudyConfig):
 def check_results(results: str, trust: bool = False) -> None:
     """Before Ray starts: the folder's study state reads whole, and every file Ray would
     unpickle from it was signed by this user's sweeps (`trust`: sign what is there)."""
-    from orchestrator.study import trust as signatures
+    from orchestrator.trust import check, sign
 
     if read_state(results) is not None:
-        (signatures.sign if trust else signatures.check)(results)
+        (sign if trust else check)(results)
 
 
 def run(study: StudyConfig, study_file: str, resume: bool, verbose: bool = False,
@@ -226,7 +226,7 @@ def fit(study: StudyConfig, results: str, restoring: bool, parent, digest: str,
     from orchestrator.study.console import StudyProgress
     from orchestrator.study.searchers import build_searcher
     from orchestrator.study.tracking import TrialTracker
-    from orchestrator.study.trust import check, signing
+    from orchestrator.trust import check, signing
     from orchestrator.study.trials import build_scheduler, trial_driver
 
     trainable = ray.tune.with_resources(

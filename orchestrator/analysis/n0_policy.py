@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 
 from orchestrator.analysis.n0 import N0, crossings, single_crossings
-from orchestrator.study.pairs import Pair
+from orchestrator.analysis.pairs import Pair
 
 FULL = 1.0
 Trial = tuple[str, int, float]  # (architecture, seed, fidelity)
