@@ -198,7 +198,8 @@ def test_bad_parallel_layouts_in_studies(tmp_path, changes, message):
 
 def test_searcher_state_survives_save_and_restore(tmp_path):
     """What Tune does on resume: a fresh searcher restored from the saved one continues where
-    it stopped, never repeating a trial (n0 and TPE)."""
+    it stopped, never repeating a trial (n0 and TPE), and takes the results of trials that were
+    running when it was saved."""
     from orchestrator.study.searchers import build_searcher
 
     for sampler in ("n0", "tpe"):
@@ -209,6 +210,9 @@ def test_searcher_state_survives_save_and_restore(tmp_path):
         first.save(str(tmp_path / f"{sampler}.pkl"))
         again = build_searcher(study)
         again.restore(str(tmp_path / f"{sampler}.pkl"))
+        # A trial running when the study was saved reports again after the restore.
+        again.on_trial_result("t1", {"test_error": 0.09, "epoch": 1})
+        again.on_trial_complete("t1", {"test_error": 0.08, "epoch": 200})
         after = [again.suggest(f"t{i}") for i in range(6, 12)]
         seen = [(t["arch"], t["seed"]) for t in before + after if isinstance(t, dict)]
         assert len(seen) == len(set(seen)) >= 10

@@ -44,6 +44,9 @@ class ReplicateSearch(JsonStateSearcher):
         self.optuna_id: dict[str, str] = {}               # trial id -> Optuna's trial id
         self.results: dict[str, list[dict]] = {}          # configuration -> finished results
         self.asked = 0
+        # Optuna's trials of this process: one running when the study was saved is unknown to
+        # the Optuna rebuilt on restore, which learns its result as an evaluated point instead.
+        self.live: set[str] = set()
 
     def suggest(self, trial_id: str):
         if self.optuna is None:  # nothing to choose: the one configuration, seed after seed
@@ -54,6 +57,7 @@ class ReplicateSearch(JsonStateSearcher):
             config = self.optuna.suggest(ask_id)
             if config in (None, Searcher.FINISHED):
                 return config
+            self.live.add(ask_id)
             suggestion = self.claim(trial_id, ask_id, config, config.get("seed"))
             if suggestion is not Searcher.FINISHED:
                 return suggestion
@@ -86,25 +90,35 @@ class ReplicateSearch(JsonStateSearcher):
         if self.optuna is None:
             return
         # Optuna learns every finished result again, as evaluated points.
-        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
         for key, results in self.results.items():
             for result in results:
-                values = [result[m] for m in metrics if m in result]
-                if len(values) == len(metrics) == 1:
-                    self.optuna.add_evaluated_point(json.loads(key), values[0])
+                self.teach(key, result)
+
+    def teach(self, key: str, result: dict) -> None:
+        """Optuna learns a configuration's result as an evaluated point (single objective)."""
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        values = [result[m] for m in metrics if m in result]
+        if len(values) == len(metrics) == 1:
+            self.optuna.add_evaluated_point(json.loads(key), values[0])
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if self.optuna is not None and trial_id in self.optuna_id:
+        if self.optuna is not None and self.optuna_id.get(trial_id) in self.live:
             self.optuna.on_trial_result(self.optuna_id[trial_id], result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
         if trial_id not in self.taken:
             return
-        if result and not error and DIVERGED not in result:
-            self.results.setdefault(self.taken[trial_id][0], []).append(result)
-        if self.optuna is not None:
+        key = self.taken[trial_id][0]
+        finished = bool(result) and not error and DIVERGED not in result
+        if finished:
+            self.results.setdefault(key, []).append(result)
+        if self.optuna is None:
+            return
+        if self.optuna_id[trial_id] in self.live:
             self.optuna.on_trial_complete(self.optuna_id[trial_id], result=result, error=error)
+        elif finished:  # running when the study was saved: resumed after a restore
+            self.teach(key, result)
 
 
 def build_replicate_search(study: StudyConfig) -> ReplicateSearch:
