@@ -33,6 +33,10 @@ def _entry(rank: int, world: int, port: int, backend: str, fn, args, errors):
         raise
     finally:
         dist.destroy_process_group()
+    errors.put(DONE)  # fn and the group's teardown finished: what the caller checks is written
+
+
+DONE = "done"
 
 
 def run_ranks(world: int, fn, *args, backend: str = "gloo") -> None:
@@ -46,8 +50,16 @@ def run_ranks(world: int, fn, *args, backend: str = "gloo") -> None:
         p.start()
     for p in procs:
         p.join(timeout=300)
-    if not errors.empty():
-        raise AssertionError(errors.get())
+    messages = []
+    while not errors.empty():
+        messages.append(errors.get())
+    failures = [m for m in messages if m != DONE]
+    if failures:
+        raise AssertionError(failures[0])
     bad = [p.exitcode for p in procs if p.exitcode != 0]
-    if bad:
+    # A rank that finished its work and destroyed its process group can still abort while the
+    # interpreter exits ("terminate called without an active exception": a gloo thread torn down
+    # at exit; seen about once in a few hundred pipelined runs under load). Its results are
+    # written and checked by the caller; any other exit, or an abort before DONE, fails.
+    if bad and not (messages.count(DONE) == world and set(bad) == {-6}):
         raise AssertionError(f"ranks exited with {bad}")
