@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlparse, urlsplit, urlunsplit
 
-from orchestrator.errors import StorageError
+from orchestrator.errors import StorageError, short
 
 # Object stores and HDFS: pyarrow filesystems, the ones Ray Tune's storage_path takes.
 REMOTE_SCHEMES = ("s3", "gs", "hdfs")
@@ -33,12 +33,6 @@ MEANING = {errno.ENOSPC: "no space left on {where}; free space there or choose a
 ANYWHERE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
             errno.ENAMETOOLONG, errno.ELOOP)
 PROBE_BYTES = 4096  # written and removed at the start: a full disk shows at once
-
-
-def short(text: object, limit: int = 120) -> str:
-    """A path or value quoted in a message: at most `limit` characters."""
-    text = str(text)
-    return text if len(text) <= limit else f"{text[:limit - 3]}..."
 
 
 def os_error_line(exc: Exception, where: object = None, field: str | None = None,
@@ -87,7 +81,7 @@ def storage_uri(value: str, field: str = "storage_path") -> str:
     if scheme == "file":
         value = urlparse(value).path
     elif scheme and len(scheme) > 1:  # a Windows drive letter is no scheme
-        raise StorageError(f"{field} {short(value)}: scheme {scheme!r} is not supported; give a "
+        raise StorageError(f"{field} {short(value)}: scheme {short(repr(scheme), 60)} is not supported; give a "
                            f"folder or a URI starting with "
                            f"{', '.join(s + '://' for s in REMOTE_SCHEMES)}")
     return str(resolve(value, field))

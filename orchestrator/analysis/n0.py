@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from orchestrator.errors import ReportError
+from orchestrator.errors import ReportError, short
 
 COLUMNS = ["depth", "k", "width", "params", "seed", "test_error"]
 CONFIG = ["depth", "k", "width", "params"]
@@ -244,7 +244,7 @@ def read_csv(path) -> pd.DataFrame:
         bad = runs.index[values.isna()]
         if len(bad):
             cell = runs[column][bad[0]]
-            problem = "is empty" if pd.isna(cell) else f"holds {str(cell)!r}, not a number"
+            problem = "is empty" if pd.isna(cell) else f"holds {short(repr(str(cell)), 60)}, not a number"
             raise ReportError(f"{path}: row {bad[0] + 2}, column {column} {problem}; give every "
                              f"cell a number")
         runs[column] = values

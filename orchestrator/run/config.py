@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from models.multi_resnet import Architecture
-from orchestrator.errors import ConfigError, shown
+from orchestrator.errors import ConfigError, short
 from orchestrator.parallel.mesh import ParallelConfig  # the mesh's own schema, part of a run's
 from orchestrator.run.data import DATASETS
 
@@ -266,7 +266,7 @@ class _Loader(yaml.SafeLoader):
                     continue  # SafeLoader refuses unhashable keys itself
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {shown(key)}", key_node.start_mark)
+                        None, None, f"duplicate key {short(repr(key), 60)}", key_node.start_mark)
                 seen.add(key)
         return super().construct_mapping(node, deep)
 

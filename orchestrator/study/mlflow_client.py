@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 
 from mlflow.tracking import MlflowClient
 
-from orchestrator.errors import TrackingError
+from orchestrator.errors import TrackingError, short
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,8 @@ SCHEMES = {"", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql"
 def check_scheme(tracking_uri: str) -> None:
     scheme = urlparse(tracking_uri).scheme
     if scheme not in SCHEMES:
-        raise TrackingError(f"tracking URI {tracking_uri}: unknown scheme {scheme!r}; use "
+        raise TrackingError(f"tracking URI {short(tracking_uri)}: unknown scheme "
+                            f"{short(repr(scheme), 60)}; use "
                             f"sqlite:///PATH/mlflow.db or http://HOST:PORT of an mlflow server")
 
 
@@ -42,10 +43,10 @@ def connect(tracking_uri: str) -> MlflowClient:
             client.search_experiments(max_results=1)
     except Exception as exc:
         if urlparse(tracking_uri).scheme in ("", "file"):  # MLflow's own reason, not ours
-            reason = (str(exc).strip().split(". ") or [""])[0][:200]
-            raise TrackingError(f"tracking URI {tracking_uri}: {reason}; use "
+            reason = short((str(exc).strip().split(". ") or [""])[0], 200)
+            raise TrackingError(f"tracking URI {short(tracking_uri)}: {reason}; use "
                                 f"sqlite:///PATH/mlflow.db") from None
-        raise TrackingError(f"MLflow at {tracking_uri} cannot be used ({type(exc).__name__}); "
+        raise TrackingError(f"MLflow at {short(tracking_uri)} cannot be used ({type(exc).__name__}); "
                             f"start the server or pass another --tracking-uri") from None
     return client
 

@@ -25,11 +25,11 @@ from ray.tune import Callback
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
 from models.summary import summarize
-from orchestrator.errors import ReportError, TrackingError
+from orchestrator.errors import ReportError, TrackingError, short
 from orchestrator.results import DIVERGED, EPOCH_METRICS, STOPPED, SYSTEM_PREFIX, outcome
 from orchestrator.run.config import TrainConfig
 from orchestrator.study.config import StudyConfig
-from orchestrator.storage import short, shown
+from orchestrator.storage import shown
 from orchestrator.study.mlflow_client import (all_runs, artifact_location, connect, outbox,
                                               sqlite_path)
 
@@ -336,7 +336,8 @@ def finished_trials(tracking_uri: str, experiment: str, parent_id: str | None = 
     client = connect(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        raise ReportError(f"no MLflow experiment {experiment!r} at {tracking_uri}; check "
+        raise ReportError(f"no MLflow experiment {short(repr(experiment), 60)} at "
+                          f"{short(tracking_uri)}; check "
                           f"--experiment and --tracking-uri")
     found = all_runs(client, [exp.experiment_id], order_by=["attributes.start_time DESC"])
     # A study's parent run: top-level and tagged with its study (not any other top-level run).
@@ -344,7 +345,7 @@ def finished_trials(tracking_uri: str, experiment: str, parent_id: str | None = 
                if MLFLOW_PARENT_RUN_ID not in r.data.tags and "study" in r.data.tags]
     if parent_id is None:
         if not parents:
-            raise ReportError(f"experiment {experiment!r} has no study run")
+            raise ReportError(f"experiment {short(repr(experiment), 60)} has no study run")
         parent_id = parents[0].info.run_id
     rows, histories = [], {}
     for run in found:
