@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
 from urllib.parse import urlparse, urlsplit, urlunsplit
@@ -48,6 +49,28 @@ def os_error_line(exc: Exception, where: object = None, field: str | None = None
         return None
     where = short(exc.filename or where or "this place")
     return f"{field}: {meaning.format(where=where)}" if field else meaning.format(where=where)
+
+
+def check_regular(path: object, field: str | None = None, error: type = StorageError,
+                  limit: int | None = None, fix: str = "give a file") -> None:
+    """Before a file is opened to be read back: it is a regular file (a FIFO would block the
+    read for ever, a device such as /dev/zero would never end), of at most `limit` bytes;
+    else one line of `error` naming `field` and the file, and `fix`. A missing file raises
+    FileNotFoundError, for the caller to tell as it means."""
+    where = f"{field} {short(path)}" if field else short(path)
+    try:
+        info = os.stat(path)  # follows a symbolic link to what it points to
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise error(os_error_line(exc, path, field) or f"{where}: {exc.strerror}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise error(f"{where} is a folder; {fix}")
+    if not stat.S_ISREG(info.st_mode):
+        raise error(f"{where} is not a regular file (a pipe, a socket or a device); {fix}")
+    if limit is not None and info.st_size > limit:
+        raise error(f"{where} is {info.st_size:,} bytes, more than the {limit:,} such a file "
+                    f"holds; {fix}")
 
 
 @contextlib.contextmanager
@@ -124,16 +147,31 @@ def filesystem(place: str):
     return pyarrow.fs.LocalFileSystem(), os.path.abspath(place)  # pyarrow wants absolute paths
 
 
-def read_text(place: str) -> str | None:
-    """A small file of the storage, or None when there is none."""
+MAX_STATE_BYTES = 16 << 20  # the project's own state files are a few KB
+
+
+def read_text(place: str, limit: int = MAX_STATE_BYTES, fix: str = "give a file") -> str | None:
+    """A small file of the storage, or None when there is none. A folder, a pipe or a device in
+    its place, or a file over `limit` bytes, is a `StorageError` (its line ends with `fix`);
+    bytes that are not UTF-8 a UnicodeDecodeError (a ValueError, as a malformed file is)."""
     if not is_remote(place):
-        path = Path(place)
-        return path.read_text() if path.is_file() else None
+        try:
+            check_regular(place, limit=limit, fix=fix)
+        except FileNotFoundError:
+            return None
+        with open(place, "rb") as f:
+            return f.read(limit + 1).decode()
     import pyarrow.fs
 
     fs, path = filesystem(place)
-    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+    info = fs.get_file_info(path)
+    if info.type == pyarrow.fs.FileType.NotFound:
         return None
+    if info.type != pyarrow.fs.FileType.File:
+        raise StorageError(f"{shown(place)} is a folder; {fix}")
+    if info.size is not None and info.size > limit:
+        raise StorageError(f"{shown(place)} is {info.size:,} bytes, more than the {limit:,} such "
+                           f"a file holds; {fix}")
     with fs.open_input_stream(path) as f:
         return f.read().decode()
 

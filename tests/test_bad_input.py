@@ -113,6 +113,44 @@ def truncated_state(tmp: Path) -> str:
     return str(tmp / "inputs" / "results")
 
 
+EMPTY_DATABASE: list[bytes] = []  # an MLflow sqlite database made once (its tables take seconds)
+
+
+def mlflow_study(tmp: Path, damage: dict) -> str:
+    """An MLflow database (in the inputs) holding a study's parent run and one finished trial
+    whose params, metrics or tags are replaced by `damage` ({"param.seed": "abc", ...}; None
+    leaves it out); the arguments of a report from it."""
+    import logging
+
+    from mlflow.tracking import MlflowClient
+
+    database = tmp / "inputs" / "mlflow.db"
+    if not EMPTY_DATABASE:
+        logger = logging.getLogger("mlflow")
+        level = logger.level
+        logger.setLevel(logging.WARNING)  # its lines on making the tables
+        MlflowClient(f"sqlite:///{tmp / 'empty.db'}").search_experiments()
+        logger.setLevel(level)
+        EMPTY_DATABASE.append((tmp / "empty.db").read_bytes())
+        (tmp / "empty.db").unlink()
+    database.write_bytes(EMPTY_DATABASE[0])
+    uri = f"sqlite:///{database}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("x")
+    parent = client.create_run(experiment, tags={"study": "x"}).info.run_id
+    values = {"param.arch.depth": "20", "param.arch.k": "4", "param.arch.width": "1",
+              "param.seed": "0", "param.params": "1074874", "param.flops": "41000000",
+              "metric.final_test_error": 0.063, "metric.test_error": 0.063,
+              "tag.fidelity": "1.0", **damage}
+    run = client.create_run(experiment, tags={"mlflow.parentRunId": parent}).info.run_id
+    for key, value in values.items():
+        kind, name = key.split(".", 1)
+        if value is not None:
+            {"param": client.log_param, "metric": client.log_metric,
+             "tag": client.set_tag}[kind](run, name, value)
+    return ["--experiment", "x", "--tracking-uri", uri, "--out", str(tmp / "report")]
+
+
 def sweep(tmp, path, *more):
     return sweep_main([path, "--storage-path", str(tmp / "results"),
                        "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", *more])
@@ -270,6 +308,43 @@ CASES = {
                                                     "20,4,1,1074874,0,6.3\n"),
                                "--draws", "1000000000", "--out", str(t / "report")]),
         "--draws 1000000000: intervals need 100 to 1,000,000 draws"),
+    # Rows read back from MLflow: the report CSV's checks, one line naming the run and the field.
+    "a trial's error NaN in MLflow": (
+        lambda t: report_main(mlflow_study(t, {"metric.final_test_error": float("nan")})),
+        ": metric final_test_error (in percent) holds 'nan', not a number; a trained trial has "
+        "it as a number; delete that run"),
+    "a trial's error infinite in MLflow": (
+        lambda t: report_main(mlflow_study(t, {"metric.final_test_error": float("inf")})),
+        ": metric final_test_error (in percent) holds inf, not 0 to 100; delete that run"),
+    "a trial's error negative in MLflow": (
+        lambda t: report_main(mlflow_study(t, {"metric.final_test_error": -0.5})),
+        ": metric final_test_error (in percent) holds -50, not 0 to 100"),
+    "a trial of 0 parameters in MLflow": (
+        lambda t: report_main(mlflow_study(t, {"param.params": "0"})),
+        ": param params holds 0, not 1 to 1e+15"),
+    "a trial without its depth in MLflow": (
+        lambda t: report_main(mlflow_study(t, {"param.arch.depth": None})),
+        ": param arch.depth is missing; a trained trial has it as a number"),
+    "a trial's seed not a number in MLflow": (
+        lambda t: report_main(mlflow_study(t, {"param.seed": "abc"})),
+        ": param seed holds 'abc', not a number"),
+    "a trial's depth not whole in MLflow": (
+        lambda t: report_main(mlflow_study(t, {"param.arch.depth": "20.5"})),
+        ": param arch.depth holds 20.5, not a whole number"),
+    "a trial's top-5 error above 100% in MLflow": (
+        lambda t: report_main(mlflow_study(t, {"metric.final_test_error_top5": 3.0})),
+        ": metric final_test_error_top5 (in percent) holds 300, not 0 to 100"),
+    "a trial's fidelity not a number in MLflow": (
+        lambda t: report_main(mlflow_study(t, {"tag.fidelity": "half"})),
+        ": tag fidelity holds 'half', not a share of the schedule above 0 and at most 1"),
+    "an epoch's error NaN in MLflow": (
+        lambda t: report_main(mlflow_study(t, {"metric.test_error": float("nan")})),
+        ": metric test_error (in percent) holds 'nan', not a number"),
+    "a report CSV with a fractional depth": (
+        lambda t: report_main(["--from-csv", csv(t, "depth,k,width,params,seed,test_error\n"
+                                                    "20.5,4,1,1074874,0,6.3\n"),
+                               "--out", str(t / "report")]),
+        "row 2, column depth holds 20.5, not a whole number; fix the cell"),
     "a long --set value that is not YAML": (
         lambda t: sweep(t, study(t), "--set", "trials=" + "[" * 100_000),
         "...(100,009 characters): nests too deeply; flatten it"),

@@ -241,6 +241,71 @@ def test_a_finished_studys_command_again_changes_nothing(tmp_path, capsys, monke
     assert (tmp_path / "mlflow.db").read_bytes() == before
 
 
+def state_file(t: Path) -> Path:
+    return t / "results" / "smoke" / "multires_study.json"
+
+
+def state_holding(t: Path, **values) -> None:
+    state = json.loads(state_file(t).read_text())
+    state_file(t).write_text(json.dumps({**state, **values}))
+
+
+def replaced(t: Path, by) -> None:
+    state_file(t).unlink()
+    by(state_file(t))
+
+
+FIX = "; remove {t}/results/smoke to start the study again"
+# What a rerun reads back of a study (its state file, its parent run's metrics), damaged.
+READ_BACK = {
+    "a state file replaced by a folder": (lambda t, c, r: replaced(t, Path.mkdir),
+                                          "multires_study.json is a folder" + FIX),
+    "a state file linked to /dev/zero": (
+        lambda t, c, r: replaced(t, lambda p: p.symlink_to("/dev/zero")),
+        "multires_study.json is not a regular file (a pipe, a socket or a device)" + FIX),
+    "a state file that is a FIFO (never read: it would block)": (
+        lambda t, c, r: replaced(t, os.mkfifo),
+        "multires_study.json is not a regular file (a pipe, a socket or a device)" + FIX),
+    "a state file of 20 MB": (lambda t, c, r: os.truncate(state_file(t), 20 << 20),
+                              "multires_study.json is 20,971,520 bytes, more than the "
+                              "16,777,216 such a file holds" + FIX),
+    "a state file that is not UTF-8": (
+        lambda t, c, r: state_file(t).write_bytes(b'{"parent_run_id": "\xff\xfe"}'),
+        "multires_study.json is not a study's state (truncated or edited)" + FIX),
+    "a state whose run id is a list": (lambda t, c, r: state_holding(t, parent_run_id=[r]),
+                                       "multires_study.json is not a study's state"),
+    "a state whose run id would widen a search": (
+        lambda t, c, r: state_holding(t, parent_run_id=f"{r}' or '1' = '1"),
+        "multires_study.json is not a study's state"),
+    "a state whose hash is a number": (lambda t, c, r: state_holding(t, config_hash=12),
+                                       "multires_study.json is not a study's state"),
+    "the parent's best error NaN": (
+        lambda t, c, r: c.log_metric(r, "best_test_error", float("nan"), step=1),
+        "MLflow run {r}: metric best_test_error holds nan, not from 0 to 1; log the right "
+        "value to it"),
+    "the parent's trial count negative": (
+        lambda t, c, r: c.log_metric(r, "trials_trained", -3, step=1),
+        "MLflow run {r}: metric trials_trained holds -3, not a whole number from 0 to 1e+09"),
+}
+
+
+@pytest.mark.parametrize("case", READ_BACK)
+def test_what_a_rerun_reads_back_is_checked(case, tmp_path, capsys, monkeypatch):
+    """A finished study's command again, its state or its parent run damaged: one line naming
+    the file or the run and the metric, exit 2, before Ray, nothing changed."""
+    monkeypatch.setattr("orchestrator.study.sweep.start_ray", never)
+    damage, message = READ_BACK[case]
+    client, run_id = finished_study(tmp_path)
+    damage(tmp_path, client, run_id)
+    capsys.readouterr()
+    before = (tmp_path / "mlflow.db").read_bytes()
+    assert sweep(tmp_path) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert message.format(t=tmp_path, r=run_id) in err[0], err
+    assert (tmp_path / "mlflow.db").read_bytes() == before
+
+
 def test_a_studys_parent_run_gone_or_its_database_moved(tmp_path, capsys, monkeypatch):
     """Before Ray starts: a clear error, never a new empty database or a second parent."""
     monkeypatch.setattr("orchestrator.study.sweep.start_ray", never)

@@ -7,6 +7,7 @@ import math
 import time
 from pathlib import Path
 
+from orchestrator.errors import TrackingError
 from orchestrator.results import CHECKPOINT_FILE, DONE, outcome, trained, training_flops
 from orchestrator.run.data import train_images
 from orchestrator.study.config import StudyConfig
@@ -150,10 +151,11 @@ def report_summary(rows: list[dict], study: StudyConfig, parent, results: str) -
 def show_finished(parent, study: StudyConfig, results: str) -> None:
     """A finished study's command run again: its result, as the parent run holds it; nothing
     is trained, logged or registered again."""
-    metrics, tags = parent.data.metrics, parent.data.tags
-    best = metrics.get("best_test_error")
+    tags = parent.data.tags
+    best = read_metric(parent, "best_test_error", 0, 1)
+    trials = read_metric(parent, "trials_trained", 0, 1e9, whole=True) or 0
     lines = [f"study {study.name} is finished (parent run {parent.info.run_id}): "
-             f"{int(metrics.get('trials_trained', 0))} trials trained"
+             f"{int(trials)} trials trained"
              + (f", best test error {100 * best:.2f}%" if best is not None else "")]
     if "n0" in tags:
         lines.append(tags["n0"])
@@ -161,6 +163,20 @@ def show_finished(parent, study: StudyConfig, results: str) -> None:
                  f"'{study.experiment_name}'\nnothing changed; to train it again, use another "
                  f"--storage-path or remove that folder")
     print("\n".join(lines))
+
+
+def read_metric(run, name: str, low: float, high: float, whole: bool = False) -> float | None:
+    """A run's metric read back from MLflow: absent (None), or a number from low to high (NaN
+    and inf are neither); else one line naming the run and the metric."""
+    value = run.data.metrics.get(name)
+    if value is None:
+        return None
+    if not low <= value <= high or (whole and value != int(value)):
+        raise TrackingError(f"MLflow run {run.info.run_id}: metric {name} holds {value:g}, not "
+                            f"{'a whole number ' if whole else ''}from {low:g} to {high:g}; log "
+                            f"the right value to it (a later step replaces it), or use another "
+                            f"--storage-path")
+    return value
 
 
 def register_best_model(results, trial_id: str, study: StudyConfig, parent) -> None:

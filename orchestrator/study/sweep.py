@@ -18,6 +18,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from orchestrator.errors import Busy, ConfigError
 from orchestrator.results import trained
 from orchestrator.run.data import DATASETS
@@ -60,21 +62,27 @@ def config_hash(study: StudyConfig) -> str:
                           ).hexdigest()[:16]
 
 
-STATE_KEYS = ("parent_run_id", "config_hash", "tracking_uri", "experiment")
+class StudyState(BaseModel):
+    """What a results folder's multires_study.json holds (read back: checked, never trusted)."""
+    model_config = ConfigDict(extra="ignore", strict=True)
+    # MLflow's run ids are hex; the id goes into search filters, so no quote gets in.
+    parent_run_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    config_hash: str = Field(pattern=r"^[0-9a-f]{16}$")
+    tracking_uri: str = Field(max_length=4096)
+    experiment: str = Field(max_length=4096)
 
 
 def read_state(results: str) -> dict | None:
     """The study's own state in its results folder (local or a storage URI), None if absent."""
-    text = read_text(join(results, STATE_FILE))
-    if text is None:
-        return None
+    place = join(results, STATE_FILE)
+    fix = f"remove {shown(results)} to start the study again"
     try:
-        state = json.loads(text)
-    except ValueError:
-        state = None
-    if not isinstance(state, dict) or any(key not in state for key in STATE_KEYS):
-        raise ConfigError(f"{shown(join(results, STATE_FILE))} is not a study's state (truncated "
-                          f"or edited); remove {shown(results)} to start the study again")
+        text = read_text(place, fix=fix)
+        state = None if text is None else StudyState.model_validate_json(text).model_dump()
+    except (ValueError, ValidationError):  # not UTF-8, not JSON, not the fields
+        text, state = "", None
+    if text is not None and state is None:
+        raise ConfigError(f"{shown(place)} is not a study's state (truncated or edited); {fix}")
     return state
 
 

@@ -347,25 +347,81 @@ def finished_trials(tracking_uri: str, experiment: str, parent_id: str | None = 
         if not parents:
             raise ReportError(f"experiment {short(repr(experiment), 60)} has no study run")
         parent_id = parents[0].info.run_id
-    rows, histories = [], {}
+    rows, points = [], []
     for run in found:
-        tags, params = run.data.tags, run.data.params
+        tags = run.data.tags
         if (tags.get(MLFLOW_PARENT_RUN_ID) != parent_id
                 or "final_test_error" not in run.data.metrics):
             continue  # other sweeps, pruned, failed or unfinished trials
         if "stopped_early" in tags:
             continue  # a trial stopped by ASHA is not a finished training
-        if float(tags.get("fidelity", 1.0)) != 1.0:
+        if fidelity(run) != 1.0:
             continue  # a short schedule placed the n0 searcher's bracket; n0 is full schedules
-        rows.append({"depth": int(params["arch.depth"]), "k": int(params["arch.k"]),
-                     "width": int(params["arch.width"]), "params": int(params["params"]),
-                     "seed": int(params["seed"]), "flops": int(params["flops"]),
-                     "test_error": 100 * run.data.metrics["final_test_error"],
-                     "test_error_top5": 100 * run.data.metrics.get("final_test_error_top5",
-                                                                   float("nan")),
+        rows.append({"run_id": run.info.run_id, **{column: read_back(run, column)
+                                                   for column in RUN_COLUMNS},
                      "name": tags.get("architecture", "")})
-        history = client.get_metric_history(run.info.run_id, "test_error")
-        histories[run.info.run_id] = (rows[-1], sorted((m.step, 100 * m.value) for m in history))
+        points += [{"run_id": run.info.run_id, "step": m.step, "test_error": percent(m.value)}
+                   for m in client.get_metric_history(run.info.run_id, "test_error")]
     if not rows:
         raise ReportError(f"no finished trials under study run {parent_id}")
-    return pd.DataFrame(rows), histories, parent_id
+    runs = checked(pd.DataFrame(rows), RUN_COLUMNS)
+    history = checked(pd.DataFrame(points, columns=["run_id", "step", "test_error"]),
+                      {"test_error": ("metric", "test_error")})
+    histories = {}
+    for row in runs.to_dict("records"):
+        own = history[history.run_id == row["run_id"]].sort_values("step")
+        histories[row.pop("run_id")] = (row, list(zip(own.step, own.test_error)))
+    return runs.drop(columns="run_id"), histories, parent_id
+
+
+# Where each column of the report's runs table comes from in a trial's MLflow run (errors are
+# logged as fractions, the table holds percent).
+RUN_COLUMNS = {"depth": ("param", "arch.depth"), "k": ("param", "arch.k"),
+               "width": ("param", "arch.width"), "params": ("param", "params"),
+               "seed": ("param", "seed"), "flops": ("param", "flops"),
+               "test_error": ("metric", "final_test_error"),
+               "test_error_top5": ("metric", "final_test_error_top5")}
+
+
+def percent(value: float) -> object:
+    """A fraction logged to MLflow in percent; NaN stays as text, to be refused as such."""
+    return "nan" if math.isnan(value) else 100 * value
+
+
+def read_back(run, column: str) -> object:
+    """A trial's value for a column of the runs table as MLflow holds it (None when absent);
+    checked with the CSV's cells (`analysis.n0.check_runs`)."""
+    kind, key = RUN_COLUMNS[column]
+    if kind == "param":
+        return run.data.params.get(key)
+    value = run.data.metrics.get(key)
+    return None if value is None else percent(value)
+
+
+def checked(table, columns: dict):
+    """A table read back from MLflow, every value in its range, or one line naming the run and
+    its parameter or metric."""
+    from orchestrator.analysis.n0 import check_runs
+
+    def where(i, column):
+        kind, key = columns[column]
+        return f"MLflow run {table.run_id[i]}: {kind} {key}" + (
+            " (in percent)" if kind == "metric" else "")
+    fix = "delete that run (mlflow runs delete --run-id ...) to leave it out of the report"
+    return check_runs(table, where, f"a trained trial has it as a number; {fix}", fix,
+                      empty="is missing")
+
+
+def fidelity(run) -> float:
+    """The share of the full schedule a trial trained (tag `fidelity`, 1.0 when absent)."""
+    text = run.data.tags.get("fidelity", "1.0")
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:
+        raise ReportError(f"MLflow run {run.info.run_id}: tag fidelity holds "
+                          f"{short(repr(text), 60)}, not a share of the schedule above 0 and at "
+                          f"most 1; fix the tag, or delete that run (mlflow runs delete --run-id ...) "
+                          f"to leave it out of the report")
+    return value
