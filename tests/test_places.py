@@ -182,6 +182,36 @@ def test_a_log_that_cannot_be_written_keeps_the_epochs_checkpoint(tmp_path, caps
     assert "epoch   2" not in captured.out  # it ends after the epoch that could not be logged
 
 
+def test_undelivered_mlflow_updates_on_a_full_disk(tmp_path, monkeypatch, caplog):
+    """MLflow down at the end of a sweep, and no room for the list of what it did not get: the
+    disk-full line (naming the file), the list in the log; not a bug."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.errors import StorageError
+    from orchestrator.study import mlflow_client
+    from orchestrator.study.config import load_study
+    from orchestrator.study.tracking import StudyRun
+
+    monkeypatch.setattr(mlflow_client, "OUTBOXES", {})  # this test's own
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    study = load_study(SMOKE, ["mlflow.tracking_uri=" + uri])
+    parent = StudyRun(MlflowClient(uri), study)
+    results = tmp_path / "results"
+    results.mkdir()
+    parent.open(None, results, "name: smoke\n")
+
+    def unreachable():
+        raise ConnectionError("MLflow is down")
+    mlflow_client.outbox(uri).put("trial 1 epoch 3", unreachable)
+    (results / "mlflow_undelivered.txt").symlink_to("/dev/full")
+    with pytest.raises(StorageError) as error:
+        parent.close("FINISHED", 0)
+    assert str(error.value) == (f"storage_path: no space left on {results}/mlflow_undelivered"
+                                f".txt; free space there or choose another place")
+    assert "2 updates were not delivered: trial 1 epoch 3; end of parent run (FINISHED)" in \
+        caplog.text
+
+
 def test_sigterm_is_ctrl_c_and_exits_143(tmp_path):
     """SIGTERM (ray job stop, Kubernetes, batch schedulers) takes the Ctrl-C path: the run is
     resumable and the exit status is 143. (A sweep's is in test_sweep's n0 study.)"""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from orchestrator.errors import Busy, ConfigError
+from orchestrator.errors import Busy, ConfigError, StorageError
 from orchestrator.results import trained
 from orchestrator.run.data import DATASETS
 from orchestrator.study.config import StudyConfig
@@ -196,8 +196,11 @@ def _run(study: StudyConfig, study_file: str, resume: bool, results: str, local:
         outcome = fit(study, results, restoring, parent, digest, concurrency, ray_log is not None)
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)
-        parent.close("KILLED" if interrupted else "FAILED",
-                     0 if interrupted else study.mlflow.outage_wait_s)
+        try:
+            parent.close("KILLED" if interrupted else "FAILED",
+                         0 if interrupted else study.mlflow.outage_wait_s)
+        except StorageError as full:  # the first failure is the one the command ends with
+            log.warning(str(full))
         raise
     ended = outcome.num_terminated + outcome.num_errors
     rows = summarize_results(outcome, study)

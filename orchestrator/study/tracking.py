@@ -25,11 +25,11 @@ from ray.tune import Callback
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
 from models.summary import summarize
-from orchestrator.errors import ReportError, TrackingError, short
+from orchestrator.errors import ReportError, StorageError, TrackingError, short
 from orchestrator.results import DIVERGED, EPOCH_METRICS, STOPPED, SYSTEM_PREFIX, outcome
 from orchestrator.run.config import TrainConfig
 from orchestrator.study.config import StudyConfig
-from orchestrator.storage import shown
+from orchestrator.storage import shown, writing
 from orchestrator.study.mlflow_client import (all_runs, artifact_location, connect, outbox,
                                               sqlite_path)
 
@@ -156,8 +156,14 @@ class StudyRun:
         lost = outbox(uri).drain(wait_s)
         if lost:
             path = self.results_dir / "mlflow_undelivered.txt"
-            path.write_text("".join(f"{what}\n" for what in lost))
-            log.warning(f"MLflow at {uri} did not answer; {len(lost)} updates were not "
+            try:
+                with writing(path, "storage_path"):
+                    path.write_text("".join(f"{what}\n" for what in lost))
+            except StorageError:  # a full disk: the list goes to the log, then the error
+                log.warning(f"MLflow at {short(uri)} did not answer; {len(lost)} updates were not "
+                            f"delivered: {short('; '.join(lost), 500)}")
+                raise
+            log.warning(f"MLflow at {short(uri)} did not answer; {len(lost)} updates were not "
                         f"delivered (listed in {path}); every trial's results are in "
                         f"{self.results_dir}")
 
