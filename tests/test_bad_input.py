@@ -35,6 +35,17 @@ def cifar(tmp: Path, damage: str) -> str:
     elif damage == "empty test split":
         record = {b"data": [], b"labels": []}
         (folder / "test_batch").write_bytes(pickle.dumps(record, protocol=2))
+    elif damage == "empty arrays":
+        import numpy as np
+
+        record = {b"data": np.zeros((0, 3072), np.uint8), b"labels": np.zeros(0, np.int64)}
+        (folder / "data_batch_3").write_bytes(pickle.dumps(record, protocol=2))
+    elif damage in ("/dev/zero", "a FIFO"):
+        (folder / "data_batch_3").unlink()
+        if damage == "a FIFO":
+            os.mkfifo(folder / "data_batch_3")
+        else:
+            (folder / "data_batch_3").symlink_to("/dev/zero")
     elif damage == "labels":
         record = pickle.loads((folder / "data_batch_3").read_bytes())
         record[b"labels"][5] = 99
@@ -245,7 +256,19 @@ CASES = {
     "an empty test split": (
         lambda t: train_main([*TINY, "--dataset", "cifar10", "--data-dir",
                               cifar(t, "empty test split")]),
-        "cifar-10-batches-py: test_batch hold no images; download cifar10 again"),
+        "cifar-10-batches-py/test_batch holds no images; delete it and download again"),
+    "a CIFAR batch of empty arrays": (
+        lambda t: train_main([*TINY, "--dataset", "cifar10", "--data-dir",
+                              cifar(t, "empty arrays")]),
+        "cifar-10-batches-py/data_batch_3 holds no images; delete it and download again"),
+    "a CIFAR batch linked to /dev/zero": (
+        lambda t: train_main([*TINY, "--dataset", "cifar10", "--data-dir",
+                              cifar(t, "/dev/zero")]),
+        "data_batch_3 is not a regular file (a pipe, a socket or a device); delete it"),
+    "a CIFAR batch that is a FIFO (never read: it would block)": (
+        lambda t: sweep(t, study(t), "--set", "train.dataset=cifar10", "--data-dir",
+                        cifar(t, "a FIFO")),
+        "data_batch_3 is not a regular file (a pipe, a socket or a device); delete it"),
     "a report CSV with inf": (
         lambda t: report_main(["--from-csv", csv(t, "depth,k,width,params,seed,test_error\n"
                                                     "20,4,1,1074874,0,inf\n"),
