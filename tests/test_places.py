@@ -336,6 +336,38 @@ def test_what_a_rerun_reads_back_is_checked(case, tmp_path, capsys, monkeypatch)
     assert (tmp_path / "mlflow.db").read_bytes() == before
 
 
+def test_a_rerun_registers_the_best_model_once(tmp_path, capsys, monkeypatch):
+    """A driver killed after registering the best model and before its parent run was marked
+    FINISHED: the rerun finds the version made from that trial's run and registers none."""
+    from types import SimpleNamespace
+
+    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+
+    from orchestrator.study import mlflow_client
+    from orchestrator.study.config import load_study
+    from orchestrator.study.summary import register_best_model
+
+    monkeypatch.setattr(mlflow_client, "OUTBOXES", {})  # this test's own
+    client, run_id = finished_study(tmp_path, status="KILLED")
+    experiment = client.get_run(run_id).info.experiment_id
+    trial = client.create_run(experiment, tags={"mlflow.parentRunId": run_id,
+                                                "trial_id": "t1"}).info.run_id
+    client.create_registered_model("smoke")
+    client.create_model_version("smoke", f"runs:/{trial}/model", run_id=trial)
+    assert train_main([*TINY, "--checkpoint-dir", str(tmp_path / "ck")]) == 0
+    capsys.readouterr()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    study = load_study(SMOKE, ["storage_path=" + str(tmp_path / "results"),
+                               "mlflow.tracking_uri=" + uri])
+    results = [SimpleNamespace(metrics={"trial_id": "t1",
+                                        CHECKPOINT_PATH_KEY: str(tmp_path / "ck")})]
+    parent = SimpleNamespace(client=client, experiment_id=experiment, run_id=run_id)
+    register_best_model(results, "t1", study, parent)
+    assert capsys.readouterr().out == ('best model: mlflow.pytorch.load_model("models:/smoke/1") '
+                                       '(registered before)\n')
+    assert [str(v.version) for v in client.search_model_versions("name = 'smoke'")] == ["1"]
+
+
 def test_a_studys_parent_run_gone_or_its_database_moved(tmp_path, capsys, monkeypatch):
     """Before Ray starts: a clear error, never a new empty database or a second parent."""
     monkeypatch.setattr("orchestrator.study.sweep.start_ray", never)

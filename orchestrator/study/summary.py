@@ -216,6 +216,11 @@ def register_best_model(results, trial_id: str, study: StudyConfig, parent) -> N
         (run,) = all_runs(client, [parent.experiment_id],
                           f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.run_id}' and "
                           f"tags.trial_id = '{trial_id}'")
+        version = registered_version(client, name, run.info.run_id)
+        if version is not None:  # a driver killed after registering it: a rerun adds none
+            print(f"best model: mlflow.pytorch.load_model(\"models:/{name}/{version}\") "
+                  f"(registered before)")
+            return
         mlflow.set_tracking_uri(uri)
         # Without an active experiment MLflow files the logged model under "Default" (its
         # artifacts in ./mlruns of the working folder), whatever run it comes from.
@@ -227,6 +232,14 @@ def register_best_model(results, trial_id: str, study: StudyConfig, parent) -> N
         print(f"best model: mlflow.pytorch.load_model(\"models:/{name}/"
               f"{info.registered_model_version}\")")
     outbox(uri).put("best model", log)
+
+
+def registered_version(client, name: str, run_id: str) -> str | None:
+    """The version of registered model `name` made from run `run_id`, if there is one (whose
+    registration did not fail)."""
+    versions = client.search_model_versions(f"run_id = '{run_id}'")
+    return next((v.version for v in sorted(versions, key=lambda v: int(v.version))
+                 if v.name == name and v.status != "FAILED_REGISTRATION"), None)
 
 
 def report_n0(rows: list[dict], study: StudyConfig, parent, results_dir: Path,
