@@ -211,6 +211,9 @@ def check_writable(place: str | Path, field: str, file: bool = False) -> None:
         if path.is_dir():
             raise StorageError(f"{field} {short(path)} is a folder; give a file")
         if path.exists():
+            if stat.S_ISFIFO(path.stat().st_mode):  # opened to write, it waits for a reader
+                _check_pipe(path, field)
+                return
             with writing(path, field), open(path, "a"):
                 return
         path = path.parent
@@ -232,6 +235,17 @@ def check_writable(place: str | Path, field: str, file: bool = False) -> None:
         for made in created:
             with contextlib.suppress(OSError):
                 made.rmdir()
+
+
+def _check_pipe(path: Path, field: str) -> None:
+    """A named pipe written to: some process must read it, or the first write waits for ever."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError as exc:
+        if exc.errno != errno.ENXIO:
+            raise
+        raise StorageError(f"{field} {short(path)} is a named pipe that no process reads; start "
+                           f"its reader first, or give a file") from None
 
 
 def _check_remote(place: str, field: str) -> None:

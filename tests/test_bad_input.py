@@ -76,6 +76,12 @@ def checkpoint(tmp: Path, damage: str) -> str:
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     elif damage == "garbage":
         path.write_bytes(os.urandom(4096))
+    elif damage == "an epoch of text":
+        import torch
+
+        state = torch.load(path, weights_only=True)
+        state["epoch"] = "one"
+        torch.save(state, path)
     elif damage == "empty dict":
         import torch
 
@@ -97,6 +103,23 @@ def checkpoint(tmp: Path, damage: str) -> str:
             state["model"][key] = torch.zeros(2, 2)
         torch.save(state, path)
     return str(folder)
+
+
+def fifo(tmp: Path, name: str, link: str | None = None) -> str:
+    """A named pipe (or, with `link`, a symbolic link to it) in the inputs: a reader that
+    opened it would wait for a writer for ever."""
+    path = tmp / "inputs" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(path)
+    if link is not None:
+        (tmp / "inputs" / link).symlink_to(path)
+        return str(tmp / "inputs" / link)
+    return str(path)
+
+
+def linked(tmp: Path, name: str, target: str) -> str:
+    (tmp / "inputs" / name).symlink_to(target)
+    return str(tmp / "inputs" / name)
 
 
 def log_with(tmp: Path, line: str) -> str:
@@ -368,6 +391,38 @@ CASES = {
                                                     "20.5,4,1,1074874,0,6.3\n"),
                                "--out", str(t / "report")]),
         "row 2, column depth holds 20.5, not a whole number; fix the cell"),
+    # Pipes and devices in place of files read back: refused before they are opened (a pipe
+    # would block the read for ever, /dev/zero never end).
+    "a study file that is a pipe": (lambda t: sweep(t, fifo(t, "study.yaml")),
+                                    "study.yaml is not a regular file (a pipe, a socket or a "
+                                    "device); give a YAML file"),
+    "a report CSV linked to a pipe": (
+        lambda t: report_main(["--from-csv", fifo(t, "pipe", link="runs.csv"),
+                               "--out", str(t / "report")]),
+        "--from-csv {t}/inputs/runs.csv is not a regular file (a pipe, a socket or a device); "
+        "give a file"),
+    "a report CSV linked to /dev/zero": (
+        lambda t: report_main(["--from-csv", linked(t, "runs.csv", "/dev/zero"), "--out",
+                               str(t / "report")]),
+        "runs.csv is not a regular file"),
+    "a checkpoint that is a pipe": (
+        lambda t: train_main([*TINY, "--k", "1", "--resume", "--checkpoint-dir",
+                              str(Path(fifo(t, "ck/checkpoint.pt")).parent)]),
+        "ck/checkpoint.pt is not a regular file (a pipe, a socket or a device); delete it to "
+        "start over"),
+    "a lesion of a checkpoint linked to a pipe": (
+        lambda t: lesion_main([fifo(t, "pipe", link="checkpoint.pt"), "--out",
+                               str(t / "lesion")]),
+        "checkpoint.pt is not a regular file"),
+    "a checkpoint whose epoch is text": (
+        lambda t: train_main([*TINY, "--k", "1", "--resume", "--checkpoint-dir",
+                              checkpoint(t, "an epoch of text")]),
+        "checkpoint.pt is not a training checkpoint (its epoch holds 'one', not a number of 0 "
+        "or more); delete it to start over"),
+    "a --log-json pipe that nobody reads": (
+        lambda t: train_main([*TINY, "--log-json", fifo(t, "log.jsonl")]),
+        "--log-json {t}/inputs/log.jsonl is a named pipe that no process reads; start its "
+        "reader first, or give a file"),
     "a long --set value that is not YAML": (
         lambda t: sweep(t, study(t), "--set", "trials=" + "[" * 100_000),
         "...(100,009 characters): nests too deeply; flatten it"),
@@ -381,7 +436,8 @@ def test_bad_input_fails_in_one_line_and_leaves_nothing(case, tmp_path, capsys, 
     (tmp_path / "inputs").mkdir()
     assert command(tmp_path) == 2  # an exception escaping here would fail the test
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert message.replace("{t}", str(tmp_path)) in err[0], err
     assert len(err[0]) <= 1000  # a value is quoted by a short prefix
     # Nothing besides the inputs: no results, no MLflow database, no partial checkpoint.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs"]

@@ -21,7 +21,7 @@ from pydantic import ValidationError  # noqa: E402
 
 from models.multi_resnet import Architecture, MultiResNet, create_model  # noqa: E402
 from orchestrator.analysis.report import save_figure  # noqa: E402
-from orchestrator.errors import CheckpointError  # noqa: E402
+from orchestrator.errors import CheckpointError, short  # noqa: E402
 from orchestrator.run.checkpoint import load_checkpoint  # noqa: E402
 from orchestrator.run.data import Batches, Split, load_dataset  # noqa: E402
 
@@ -33,7 +33,7 @@ def load_model(path: Path) -> tuple[MultiResNet, dict]:
         model = create_model(Architecture(**state["architecture"]))
         model.load_state_dict(state["model"])
     except (ValidationError, TypeError, RuntimeError) as exc:
-        first_line = (str(exc).strip().splitlines() or [""])[0]
+        first_line = short((str(exc).strip().splitlines() or [""])[0], 200)
         raise CheckpointError(f"{path}: its model does not match its architecture "
                               f"({type(exc).__name__}: {first_line}); use an intact "
                               f"checkpoint") from None
