@@ -309,6 +309,10 @@ READ_BACK = {
         "multires_study.json is not a study's state"),
     "a state whose hash is a number": (lambda t, c, r: state_holding(t, config_hash=12),
                                        "multires_study.json is not a study's state"),
+    "a lock file that is a pipe": (
+        lambda t, c, r: os.mkfifo(t / "results" / "smoke" / ".multires.lock"),
+        "storage_path {t}/results/smoke/.multires.lock is not a regular file (a pipe, a socket "
+        "or a device); remove it"),
     "the parent's best error NaN": (
         lambda t, c, r: c.log_metric(r, "best_test_error", float("nan"), step=1),
         "MLflow run {r}: metric best_test_error holds nan, not from 0 to 1; log the right "
@@ -334,6 +338,20 @@ def test_what_a_rerun_reads_back_is_checked(case, tmp_path, capsys, monkeypatch)
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert message.format(t=tmp_path, r=run_id) in err[0], err
     assert (tmp_path / "mlflow.db").read_bytes() == before
+
+
+def test_epoch_histories_read_back_from_tune_keep_only_possible_points():
+    """Tune's result files are not signed: an epoch or error no run can report is left out of
+    the history (a figure), never plotted or crashed on."""
+    import pandas as pd
+
+    from orchestrator.study.summary import epoch_history
+
+    frame = pd.DataFrame({"epoch": [1, 2, 3, 4, "x", -1, 6],
+                          "test_error": [0.5, float("inf"), float("nan"), "a", 0.2, 0.3, 1.5],
+                          "lr": 0.1})
+    assert epoch_history(frame).values.tolist() == [[1.0, 0.5]]
+    assert epoch_history(frame.drop(columns="epoch")) is None
 
 
 def test_a_rerun_registers_the_best_model_once(tmp_path, capsys, monkeypatch):

@@ -227,8 +227,9 @@ def pareto_front(points: pd.DataFrame, x: str = "flops", y: str = "test_error") 
 # What each column of a runs table may hold (test_error in percent), from a CSV or read back from
 # MLflow: one check for both. The integer columns hold whole numbers; where present, flops and
 # the top-5 error are checked too (the top-5 error may be empty: not every dataset has one).
+# Seeds as a run takes them (TrainConfig.seed); every bound fits a 64-bit integer.
 RANGES = {"depth": (2, 10_000), "k": (1, 10_000), "width": (1, 10_000), "params": (1, 1e15),
-          "seed": (0, 2**63), "test_error": (0, 100), "flops": (1, 1e21),
+          "seed": (0, 2**31 - 1), "test_error": (0, 100), "flops": (1, 1e18),
           "test_error_top5": (0, 100)}
 WHOLE = ("depth", "k", "width", "params", "seed", "flops")
 MAY_BE_EMPTY = ("test_error_top5",)

@@ -111,10 +111,14 @@ def summarize_results(results, study: StudyConfig) -> list[dict]:
 
 
 def epoch_history(frame):
-    """(epoch, test error) per epoch of a trial, or None when it reported none."""
+    """(epoch, test error) per epoch of a trial, or None when it reported none. Read back from
+    Tune's result files (which are not signed): a value no epoch or error can be is no point."""
+    import pandas as pd
+
     if frame is None or not {"epoch", "test_error"} <= set(frame.columns):
         return None
-    return frame[["epoch", "test_error"]].dropna()
+    frame = frame[["epoch", "test_error"]].apply(pd.to_numeric, errors="coerce")
+    return frame[frame.test_error.between(0, 1) & frame.epoch.between(0, 1e9)]
 
 
 def report_summary(rows: list[dict], study: StudyConfig, parent, results: str) -> str | None:

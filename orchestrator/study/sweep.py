@@ -20,12 +20,12 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from orchestrator.errors import Busy, ConfigError, StorageError
+from orchestrator.errors import Busy, ConfigError, StorageError, short
 from orchestrator.results import trained
 from orchestrator.run.data import DATASETS
 from orchestrator.study.config import StudyConfig
-from orchestrator.storage import (check_writable, is_remote, join, read_text, resolve, shown,
-                                  upload, write_text)
+from orchestrator.storage import (check_regular, check_writable, is_remote, join, read_text,
+                                  resolve, shown, upload, write_text)
 from orchestrator.study.trials import planned_trials
 
 STATE_FILE = "multires_study.json"
@@ -101,12 +101,14 @@ def study_lock(folder: Path, study: StudyConfig):
     import fcntl
 
     folder.mkdir(parents=True, exist_ok=True)
+    if (folder / LOCK_FILE).exists():  # read back below: a pipe would block, a device not lock
+        check_regular(folder / LOCK_FILE, "storage_path", fix="remove it")
     with open(folder / LOCK_FILE, "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.seek(0)
-            holder = lock.read().strip() or "?"
+            holder = short(lock.read(64).strip() or "?", 20)
             raise Busy(f"study {study.name} is running in another process (pid {holder}) on "
                        f"{shown(study.results_place())}; wait for it to end, or use another "
                        f"--storage-path") from None

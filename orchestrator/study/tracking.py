@@ -325,7 +325,7 @@ class TrialTracker(Callback):
 
 def failure_reason(trial) -> str:
     path = getattr(trial, "error_file", None)
-    text = Path(path).read_text() if path and Path(path).is_file() else ""
+    text = Path(path).read_text(errors="replace") if path and Path(path).is_file() else ""
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1][:500] if lines else "trial failed"
 
