@@ -201,7 +201,8 @@ def replaced_by(path: Path, make) -> None:
 
 
 NOT_SIGNED = "was not written by a sweep of yours"
-NOT_REGULAR = "smoke is not a regular file (a pipe, a socket or a device: Ray would block reading it"
+NOT_REGULAR = ("smoke is not a regular file (a pipe, a socket or a device: Ray would block "
+               "reading it")
 # A signed results folder, changed: each is refused by the check before a resume, in one line
 # (never a hang, never an internal error).
 CHANGES = {
@@ -247,8 +248,9 @@ def test_a_state_key_that_is_a_pipe_is_refused(tmp_path, state_key):
 
     read_key(create=True)
     replaced_by(key_file(), os.mkfifo)
-    with pytest.raises(ConfigError, match="the state key .*state.key is not a regular file .*; "
-                                          "remove it .a new one is made. or set MULTIRES_STATE_KEY"):
+    with pytest.raises(ConfigError, match="the state key .*state.key is not a regular file "
+                                          ".*; remove it .a new one is made. or set "
+                                          "MULTIRES_STATE_KEY"):
         read_key(create=False)
 
 

@@ -46,7 +46,8 @@ def connect(tracking_uri: str) -> MlflowClient:
             reason = short((str(exc).strip().split(". ") or [""])[0], 200)
             raise TrackingError(f"tracking URI {short(tracking_uri)}: {reason}; use "
                                 f"sqlite:///PATH/mlflow.db") from None
-        raise TrackingError(f"MLflow at {short(tracking_uri)} cannot be used ({type(exc).__name__}); "
+        raise TrackingError(f"MLflow at {short(tracking_uri)} cannot be used "
+                            f"({type(exc).__name__}); "
                             f"start the server or pass another --tracking-uri") from None
     return client
 

@@ -25,6 +25,7 @@ from ray.tune import Callback
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
 from models.summary import summarize
+from orchestrator.analysis.n0 import check_runs
 from orchestrator.errors import ReportError, StorageError, TrackingError, short
 from orchestrator.results import DIVERGED, EPOCH_METRICS, STOPPED, SYSTEM_PREFIX, outcome
 from orchestrator.run.config import TrainConfig
@@ -407,8 +408,6 @@ def read_back(run, column: str) -> object:
 def checked(table, columns: dict):
     """A table read back from MLflow, every value in its range, or one line naming the run and
     its parameter or metric."""
-    from orchestrator.analysis.n0 import check_runs
-
     def where(i, column):
         kind, key = columns[column]
         return f"MLflow run {table.run_id[i]}: {kind} {key}" + (
@@ -428,6 +427,6 @@ def fidelity(run) -> float:
     if not 0 < value <= 1:
         raise ReportError(f"MLflow run {run.info.run_id}: tag fidelity holds "
                           f"{short(repr(text), 60)}, not a share of the schedule above 0 and at "
-                          f"most 1; fix the tag, or delete that run (mlflow runs delete --run-id ...) "
-                          f"to leave it out of the report")
+                          f"most 1; fix the tag, or delete that run (mlflow runs delete "
+                          f"--run-id ...) to leave it out of the report")
     return value
