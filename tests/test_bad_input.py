@@ -76,6 +76,12 @@ def checkpoint(tmp: Path, damage: str) -> str:
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     elif damage == "garbage":
         path.write_bytes(os.urandom(4096))
+    elif damage == "a test size of text":
+        import torch
+
+        state = torch.load(path, weights_only=True)
+        state["config"]["test_size"] = "many"
+        torch.save(state, path)
     elif damage == "an epoch of text":
         import torch
 
@@ -419,6 +425,11 @@ CASES = {
                               checkpoint(t, "an epoch of text")]),
         "checkpoint.pt is not a training checkpoint (its epoch holds 'one', not a number of 0 "
         "or more); delete it to start over"),
+    "a lesion of a checkpoint whose test size is text": (
+        lambda t: lesion_main([str(Path(checkpoint(t, "a test size of text")) / "checkpoint.pt"),
+                               "--out", str(t / "lesion")]),
+        "checkpoint.pt: its run config lacks the dataset or seed, or holds sizes or a data dir "
+        "of the wrong kind"),
     "a --log-json pipe that nobody reads": (
         lambda t: train_main([*TINY, "--log-json", fifo(t, "log.jsonl")]),
         "--log-json {t}/inputs/log.jsonl is a named pipe that no process reads; start its "

@@ -45,12 +45,17 @@ def test_split(config: dict, data_dir: str | None, size: int | None,
     """The test images the checkpoint was evaluated on (its dataset, subset and seed: synthetic
     data is generated from them), or the first `size` of them; and the dataset's name."""
     try:
-        dataset, seed = config["dataset"], int(config["seed"])
+        dataset, seed = str(config["dataset"]), int(config["seed"])
         train_size, test_size = config.get("train_size"), config.get("test_size")
         data_dir = data_dir or config.get("data_dir")
+        if not all(size is None or type(size) is int and size >= 1  # noqa: E721 (not bool)
+                   for size in (train_size, test_size)) or \
+                not isinstance(data_dir, (str, type(None))):
+            raise ValueError("sizes")
     except (KeyError, TypeError, ValueError):
-        raise CheckpointError(f"{path}: its run config lacks the dataset or seed; use a "
-                              f"checkpoint written by orchestrator.train or a sweep") from None
+        raise CheckpointError(f"{path}: its run config lacks the dataset or seed, or holds "
+                              f"sizes or a data dir of the wrong kind; use a checkpoint written "
+                              f"by orchestrator.train or a sweep") from None
     _, test = load_dataset(dataset, data_dir, train_size, test_size, seed)
     if size is not None and not 1 <= size <= len(test):
         raise CheckpointError(f"--test-size {size}: the checkpoint was tested on {len(test)} "
