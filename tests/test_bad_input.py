@@ -40,6 +40,10 @@ def cifar(tmp: Path, damage: str) -> str:
 
         record = {b"data": np.zeros((0, 3072), np.uint8), b"labels": np.zeros(0, np.int64)}
         (folder / "data_batch_3").write_bytes(pickle.dumps(record, protocol=2))
+    elif damage == "float pixels":
+        record = pickle.loads((folder / "data_batch_3").read_bytes())
+        record[b"data"] = record[b"data"] / 255.0
+        (folder / "data_batch_3").write_bytes(pickle.dumps(record, protocol=2))
     elif damage in ("/dev/zero", "a FIFO"):
         (folder / "data_batch_3").unlink()
         if damage == "a FIFO":
@@ -290,6 +294,11 @@ CASES = {
         lambda t: train_main([*TINY, "--dataset", "cifar10", "--data-dir",
                               cifar(t, "empty arrays")]),
         "cifar-10-batches-py/data_batch_3 holds no images; delete it and download again"),
+    "a CIFAR batch of pixels scaled to 0..1": (
+        lambda t: train_main([*TINY, "--dataset", "cifar10", "--data-dir",
+                              cifar(t, "float pixels")]),
+        "data_batch_3: pixel values of float64 from 0.0 to 1.0, not whole numbers from 0 to "
+        "255; replace the file"),
     "a CIFAR batch linked to /dev/zero": (
         lambda t: train_main([*TINY, "--dataset", "cifar10", "--data-dir",
                               cifar(t, "/dev/zero")]),

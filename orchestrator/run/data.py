@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from orchestrator.errors import DataError
+from orchestrator.errors import DataError, short
 from orchestrator.storage import check_regular
 from orchestrator.run.images import IMAGENET_CLASSES, IMAGENET_MEAN, IMAGENET_STD, folder_batches, \
     load_folder, scan
@@ -89,11 +89,21 @@ def _read_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray, boo
         batch = _CifarUnpickler(io.BytesIO(raw), encoding="latin1").load()
         # Keys are str in the official (Python 2) files read with latin1, bytes in some copies.
         batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
-        data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        labels = np.asarray(batch[label_key], dtype=np.int64)
+        pixels, labels = np.asarray(batch["data"]), np.asarray(batch[label_key])
+        # Cast as they are, floats or values past a byte would silently become other images.
+        for what, values, high in (("pixel values", pixels, 255), ("labels", labels, None)):
+            if values.size and (values.dtype.kind not in "iu" or values.min() < 0 or
+                                high is not None and values.max() > high):
+                raise DataError(f"{path}: {what} of {values.dtype} from {values.min()} to "
+                                f"{values.max()}, not whole numbers from 0"
+                                f"{f' to {high}' if high else ''}; replace the file")
+        data = pixels.astype(np.uint8).reshape(-1, 3, 32, 32)
+        labels = labels.astype(np.int64).reshape(-1)
+    except DataError:
+        raise
     except Exception as exc:
-        raise DataError(f"{path} is not a readable CIFAR batch ({exc}); delete it and download "
-                        f"again, or replace it with an intact copy") from None
+        raise DataError(f"{path} is not a readable CIFAR batch ({short(str(exc), 200)}); delete "
+                        f"it and download again, or replace it with an intact copy") from None
     if len(data) != len(labels):
         raise DataError(f"{path}: {len(data)} images but {len(labels)} labels; replace the file")
     if not len(data):
