@@ -354,6 +354,31 @@ def test_epoch_histories_read_back_from_tune_keep_only_possible_points():
     assert epoch_history(frame.drop(columns="epoch")) is None
 
 
+def test_a_tracking_server_that_repeats_a_page_is_an_error():
+    """Runs are read past MLflow's pages by their tokens: a server that hands back a token it
+    gave before is told in one line, not asked for ever."""
+    from types import SimpleNamespace
+
+    from mlflow.store.entities import PagedList
+
+    from orchestrator.errors import TrackingError
+    from orchestrator.study.mlflow_client import all_runs
+
+    asked = []
+
+    def search_runs(ids, filter_string, max_results, order_by, page_token):
+        asked.append(page_token)
+        return PagedList([SimpleNamespace(run=len(asked))], "again" if len(asked) > 1 else "b")
+    client = SimpleNamespace(search_runs=search_runs, tracking_uri="http://mlflow:5000")
+    with pytest.raises(TrackingError, match=r"^MLflow at http://mlflow:5000 answered the same "
+                                            r"page of runs twice \(page token 'again'\)"):
+        all_runs(client, ["1"])
+    assert asked == [None, "b", "again"]
+    pages = iter([PagedList([1], "b"), PagedList([2], None)])
+    client.search_runs = lambda *args, **kwargs: next(pages)
+    assert all_runs(client, ["1"]) == [1, 2]
+
+
 def test_a_rerun_registers_the_best_model_once(tmp_path, capsys, monkeypatch):
     """A driver killed after registering the best model and before its parent run was marked
     FINISHED: the rerun finds the version made from that trial's run and registers none."""

@@ -79,8 +79,9 @@ def retryable(exc: Exception) -> bool:
 
 def all_runs(client: MlflowClient, experiment_ids: list[str], filter_string: str = "",
              order_by: list[str] | None = None) -> list:
-    """Every matching run: search_runs answers in pages of at most 1,000."""
-    runs, token = [], None
+    """Every matching run: search_runs answers in pages of at most 1,000. A server that
+    hands back a page token it gave before would be asked for ever: that is an error."""
+    runs, token, seen = [], None, set()
     while True:
         page = client.search_runs(experiment_ids, filter_string, max_results=1000,
                                   order_by=order_by, page_token=token)
@@ -88,6 +89,11 @@ def all_runs(client: MlflowClient, experiment_ids: list[str], filter_string: str
         token = page.token
         if not token:
             return runs
+        if token in seen:
+            raise TrackingError(f"MLflow at {short(client.tracking_uri)} answered the same page of "
+                                f"runs twice (page token {short(repr(token), 40)}); check the "
+                                f"server, or pass another --tracking-uri")
+        seen.add(token)
 
 
 class Outbox:
