@@ -379,7 +379,7 @@ def test_a_tracking_server_that_repeats_a_page_is_an_error():
     assert all_runs(client, ["1"]) == [1, 2]
 
 
-def test_a_rerun_registers_the_best_model_once(tmp_path, capsys, monkeypatch):
+def test_a_rerun_registers_the_best_model_once(tmp_path, capsys, monkeypatch, caplog):
     """A driver killed after registering the best model and before its parent run was marked
     FINISHED: the rerun finds the version made from that trial's run and registers none."""
     from types import SimpleNamespace
@@ -409,6 +409,12 @@ def test_a_rerun_registers_the_best_model_once(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().out == ('best model: mlflow.pytorch.load_model("models:/smoke/1") '
                                        '(registered before)\n')
     assert [str(v.version) for v in client.search_model_versions("name = 'smoke'")] == ["1"]
+    # Its checkpoint damaged in the storage meanwhile: a warning, and the study ends as it is.
+    (tmp_path / "ck" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    register_best_model(results, "t1", study, parent)
+    captured = capsys.readouterr()
+    assert captured.out == "" and "best model not registered: the checkpoint at " in caplog.text
+    assert "checkpoint.pt is not a readable checkpoint" in caplog.text
 
 
 def test_a_studys_parent_run_gone_or_its_database_moved(tmp_path, capsys, monkeypatch):

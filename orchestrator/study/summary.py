@@ -3,15 +3,18 @@ run and the n0 report (printed, written to the results folder, logged to the par
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
 
-from orchestrator.errors import TrackingError
+from orchestrator.errors import TrackingError, UserError, short
 from orchestrator.results import CHECKPOINT_FILE, DONE, outcome, trained, training_flops
 from orchestrator.run.data import train_images
 from orchestrator.study.config import StudyConfig
 from orchestrator.study.trials import planned_trials
+
+log = logging.getLogger(__name__)
 
 
 def estimated_cost(study: StudyConfig, flops: int) -> float:
@@ -207,16 +210,22 @@ def register_best_model(results, trial_id: str, study: StudyConfig, parent) -> N
     # The trial's last Ray Train checkpoint, on the study's storage (a folder or a URI).
     storage = study.storage_path
     filesystem = pyarrow.fs.FileSystem.from_uri(storage)[0] if "://" in storage else None
-    with ray.train.Checkpoint(path, filesystem=filesystem).as_directory() as folder:
-        state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
-    arch = Architecture(**state["architecture"])  # the run's: an image folder's classes too
-    model = create_model(arch)
-    model.load_state_dict(state["model"])
+    try:  # read back from the storage, which is not signed: its integrity is not ours to vouch
+        with ray.train.Checkpoint(path, filesystem=filesystem).as_directory() as folder:
+            state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+        arch = Architecture(**state["architecture"])  # the run's: an image folder's classes too
+        model = create_model(arch)
+        model.load_state_dict(state["model"])
+    except (UserError, ValueError, TypeError, RuntimeError, OSError) as exc:
+        # The study's results stand; only the model is left out (the parent run still ends).
+        log.warning(f"best model not registered: the checkpoint at {short(path)} cannot be used "
+                    f"({type(exc).__name__}: {short((str(exc).splitlines() or [''])[0], 200)})")
+        return
     model.eval()
     size = input_size(arch)
     uri, client, name = study.tracking_uri(), parent.client, study.experiment_name
 
-    def log():
+    def register():
         (run,) = all_runs(client, [parent.experiment_id],
                           f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.run_id}' and "
                           f"tags.trial_id = '{trial_id}'")
@@ -235,7 +244,7 @@ def register_best_model(results, trial_id: str, study: StudyConfig, parent) -> N
             pip_requirements=[f"torch>={torch.__version__.split('+')[0]}"])
         print(f"best model: mlflow.pytorch.load_model(\"models:/{name}/"
               f"{info.registered_model_version}\")")
-    outbox(uri).put("best model", log)
+    outbox(uri).put("best model", register)
 
 
 def registered_version(client, name: str, run_id: str) -> str | None:
