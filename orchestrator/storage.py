@@ -62,8 +62,10 @@ def check_regular(path: object, field: str | None = None, error: type = StorageE
         info = os.stat(path)  # follows a symbolic link to what it points to
     except FileNotFoundError:
         raise
-    except OSError as exc:
-        raise error(os_error_line(exc, path, field) or f"{where}: {exc.strerror}") from None
+    except OSError as exc:  # a symbolic link loop, a name too long, a file as a folder, ...
+        reading = exc.errno in (errno.EACCES, errno.EPERM)
+        line = None if reading else os_error_line(exc, path, field)
+        raise error(line or f"{where}: {exc.strerror}") from None
     if stat.S_ISDIR(info.st_mode):
         raise error(f"{where} is a folder; {fix}")
     if not stat.S_ISREG(info.st_mode):
@@ -71,6 +73,9 @@ def check_regular(path: object, field: str | None = None, error: type = StorageE
     if limit is not None and info.st_size > limit:
         raise error(f"{where} is {info.st_size:,} bytes, more than the {limit:,} such a file "
                     f"holds; {fix}")
+    if not os.access(path, os.R_OK):  # else the open says "permission denied" as for a write
+        raise error(f"{where} cannot be read (permission denied); make it readable to you, or "
+                    f"give another file")
 
 
 @contextlib.contextmanager

@@ -354,6 +354,18 @@ def test_epoch_histories_read_back_from_tune_keep_only_possible_points():
     assert epoch_history(frame.drop(columns="epoch")) is None
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
+def test_a_file_read_back_that_cannot_be_read_says_so(tmp_path, capsys):
+    """A report CSV without read permission: said as a read (not "choose a place you can write
+    to", the line for places written)."""
+    csv = tmp_path / "runs.csv"
+    csv.write_text(CSV)
+    csv.chmod(0)
+    assert report_main(["--from-csv", str(csv), "--out", str(tmp_path / "report")]) == 2
+    assert capsys.readouterr().err == (f"error: --from-csv {csv} cannot be read (permission "
+                                       f"denied); make it readable to you, or give another file\n")
+
+
 def test_a_tracking_server_that_repeats_a_page_is_an_error():
     """Runs are read past MLflow's pages by their tokens: a server that hands back a token it
     gave before is told in one line, not asked for ever."""
