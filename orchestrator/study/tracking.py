@@ -374,10 +374,12 @@ def finished_trials(tracking_uri: str, experiment: str, parent_id: str | None = 
     runs = checked(pd.DataFrame(rows), RUN_COLUMNS)
     history = checked(pd.DataFrame(points, columns=["run_id", "step", "test_error"]),
                       {"test_error": ("metric", "test_error")})
+    curves = {run_id: list(zip(own.step, own.test_error))
+              for run_id, own in history.sort_values("step").groupby("run_id")}
     histories = {}
     for row in runs.to_dict("records"):
-        own = history[history.run_id == row["run_id"]].sort_values("step")
-        histories[row.pop("run_id")] = (row, list(zip(own.step, own.test_error)))
+        run_id = row.pop("run_id")
+        histories[run_id] = (row, curves.get(run_id, []))
     return runs.drop(columns="run_id"), histories, parent_id
 
 
