@@ -86,6 +86,12 @@ def checkpoint(tmp: Path, damage: str) -> str:
         state = torch.load(path, weights_only=True)
         state["config"]["test_size"] = "many"
         torch.save(state, path)
+    elif damage == "metrics of text":
+        import torch
+
+        state = torch.load(path, weights_only=True)
+        state["metrics"]["test_error"] = "low"
+        torch.save(state, path)
     elif damage == "an epoch of text":
         import torch
 
@@ -434,6 +440,11 @@ CASES = {
                               checkpoint(t, "an epoch of text")]),
         "checkpoint.pt is not a training checkpoint (its epoch holds 'one', not a number of 0 "
         "or more); delete it to start over"),
+    "a checkpoint whose metrics hold text": (
+        lambda t: train_main([*TINY, "--k", "1", "--resume", "--checkpoint-dir",
+                              checkpoint(t, "metrics of text")]),
+        "checkpoint.pt is not a training checkpoint (its metrics hold 'test_error': 'low', not "
+        "a number); delete it to start over"),
     "a lesion of a checkpoint whose test size is text": (
         lambda t: lesion_main([str(Path(checkpoint(t, "a test size of text")) / "checkpoint.pt"),
                                "--out", str(t / "lesion")]),

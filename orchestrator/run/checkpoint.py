@@ -110,4 +110,10 @@ def load_checkpoint(path: Path) -> dict:
                                   f"{short(repr(value), 60)}, not "
                                   f"{'a mapping' if kind is dict else 'a number of 0 or more'})"
                                   f"; delete it to start over")
+    odd = next((k for k, v in state["metrics"].items() if not isinstance(k, str) or not (
+        v is None or isinstance(v, (int, float)) and not isinstance(v, bool))), None)
+    if odd is not None:  # reported again as the run's final metrics when nothing is left to train
+        raise CheckpointError(f"{path} is not a training checkpoint (its metrics hold "
+                              f"{short(repr(odd), 40)}: {short(repr(state['metrics'][odd]), 40)}, "
+                              f"not a number); delete it to start over")
     return state
