@@ -450,6 +450,18 @@ CASES = {
                                "--out", str(t / "lesion")]),
         "checkpoint.pt: its run config lacks the dataset or seed, or holds sizes or a data dir "
         "of the wrong kind"),
+    "an MLflow database that is a pipe, for a report": (
+        lambda t: report_main(["--experiment", "x", "--tracking-uri",
+                               f"sqlite:///{fifo(t, 'mlflow.db')}", "--out", str(t / "report")]),
+        "--tracking-uri {t}/inputs/mlflow.db is not a regular file (a pipe, a socket or a "
+        "device); give the path of an MLflow sqlite database"),
+    "an MLflow database that is a pipe, for a sweep (before Ray)": (
+        lambda t: sweep(t, study(t), "--tracking-uri", f"sqlite:///{fifo(t, 'mlflow.db')}"),
+        "--tracking-uri {t}/inputs/mlflow.db is not a regular file"),
+    "an MLflow database that is a folder": (
+        lambda t: report_main(["--experiment", "x", "--tracking-uri",
+                               f"sqlite:///{t / 'inputs'}", "--out", str(t / "report")]),
+        "--tracking-uri {t}/inputs is a folder; give the path of an MLflow sqlite database"),
     "a --log-json pipe that nobody reads": (
         lambda t: train_main([*TINY, "--log-json", fifo(t, "log.jsonl")]),
         "--log-json {t}/inputs/log.jsonl is a named pipe that no process reads; start its "

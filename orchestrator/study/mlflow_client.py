@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 from mlflow.tracking import MlflowClient
 
 from orchestrator.errors import TrackingError, short
+from orchestrator.storage import check_regular
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,10 @@ def connect(tracking_uri: str) -> MlflowClient:
     """A client for `tracking_uri`, checked to answer (quickly: one try, 10 s) before anything is
     trained."""
     check_scheme(tracking_uri)
+    database = sqlite_path(tracking_uri)
+    if database is not None and database.exists():  # sqlite would block on a pipe
+        check_regular(database, "--tracking-uri", TrackingError,
+                      fix="give the path of an MLflow sqlite database")
     try:
         with quick_http():
             client = MlflowClient(tracking_uri)

@@ -178,7 +178,7 @@ def _run(study: StudyConfig, study_file: str, resume: bool, results: str, local:
         if parent_run.info.status == "FINISHED":  # a rerun changes nothing
             show_finished(parent_run, study, shown(results))
             return 0
-    elif sqlite_path(study.tracking_uri()) is None or sqlite_path(study.tracking_uri()).is_file():
+    elif sqlite_path(study.tracking_uri()) is None or sqlite_path(study.tracking_uri()).exists():
         client = connect(study.tracking_uri())  # a server, a file store: checked before Ray
     else:
         client = None  # a new database is made once the cluster is there

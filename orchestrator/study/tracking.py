@@ -79,7 +79,7 @@ def check_parent(study: StudyConfig, state: dict, results: str) -> tuple[MlflowC
     hint = (f"pass --tracking-uri {short(made_with)} (where the study began)"
             if made_with and made_with != uri else "pass the tracking URI that holds it")
     database = sqlite_path(uri)
-    if database is not None and not database.is_file():
+    if database is not None and not database.exists():
         raise TrackingError(f"no MLflow database at {short(database)}, but {shown(results)} "
                             f"holds a study begun there (parent run {run_id}); {hint}, or use "
                             f"another --storage-path")
@@ -337,7 +337,7 @@ def finished_trials(tracking_uri: str, experiment: str, parent_id: str | None = 
     import pandas as pd
 
     database = sqlite_path(tracking_uri)
-    if database is not None and not database.is_file():
+    if database is not None and not database.exists():
         raise ReportError(f"no MLflow database at {database}; run the study there first or "
                           f"pass its --tracking-uri")
     client = connect(tracking_uri)
