@@ -19,7 +19,7 @@ import threading
 import traceback
 from collections.abc import Callable, Iterable
 
-from orchestrator.errors import (EXIT_INTERRUPTED, UserError, interrupted_status,
+from orchestrator.errors import (EXIT_INTERRUPTED, UserError, interrupted_status, short,
                                  sigterm_as_ctrl_c)
 from orchestrator.storage import os_error_line
 
@@ -161,7 +161,7 @@ def parse_blocks(text: str) -> tuple[int, ...]:
         return tuple(int(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 4,4,3, "
-                                         f"got {text!r}") from None
+                                         f"got {short(repr(text), 60)}") from None
 
 
 ARCHITECTURE_FLAGS = ("depth", "k", "width", "block", "blocks", "shortcut")

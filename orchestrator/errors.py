@@ -43,9 +43,10 @@ class OutOfMemory(UserError):
     exit_status = 3
 
 
-def shown(value, limit: int = 60) -> str:
-    """A value as an error line quotes it: its repr, cut to `limit` characters."""
-    text = repr(value)
+def short(value: object, limit: int = 120) -> str:
+    """A value (a path, a flag, a cell) as an error line quotes it: its text, cut to `limit`
+    characters and then its length. The one helper for this: pass repr(value) to quote it."""
+    text = str(value)
     return text if len(text) <= limit else f"{text[:limit]}...({len(text):,} characters)"
 
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
 from urllib.parse import urlparse, urlsplit, urlunsplit
 
-from orchestrator.errors import StorageError
+from orchestrator.errors import StorageError, short
 
 # Object stores and HDFS: pyarrow filesystems, the ones Ray Tune's storage_path takes.
 REMOTE_SCHEMES = ("s3", "gs", "hdfs")
@@ -35,12 +36,6 @@ ANYWHERE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
 PROBE_BYTES = 4096  # written and removed at the start: a full disk shows at once
 
 
-def short(text: object, limit: int = 120) -> str:
-    """A path or value quoted in a message: at most `limit` characters."""
-    text = str(text)
-    return text if len(text) <= limit else f"{text[:limit - 3]}..."
-
-
 def os_error_line(exc: Exception, where: object = None, field: str | None = None,
                   anywhere: bool = False) -> str | None:
     """One line for an OSError of a place written to or read from (or Path.resolve's symlink
@@ -54,6 +49,33 @@ def os_error_line(exc: Exception, where: object = None, field: str | None = None
         return None
     where = short(exc.filename or where or "this place")
     return f"{field}: {meaning.format(where=where)}" if field else meaning.format(where=where)
+
+
+def check_regular(path: object, field: str | None = None, error: type = StorageError,
+                  limit: int | None = None, fix: str = "give a file") -> None:
+    """Before a file is opened to be read back: it is a regular file (a FIFO would block the
+    read for ever, a device such as /dev/zero would never end), of at most `limit` bytes;
+    else one line of `error` naming `field` and the file, and `fix`. A missing file raises
+    FileNotFoundError, for the caller to tell as it means."""
+    where = f"{field} {short(path)}" if field else short(path)
+    try:
+        info = os.stat(path)  # follows a symbolic link to what it points to
+    except FileNotFoundError:
+        raise
+    except OSError as exc:  # a symbolic link loop, a name too long, a file as a folder, ...
+        reading = exc.errno in (errno.EACCES, errno.EPERM)
+        line = None if reading else os_error_line(exc, path, field)
+        raise error(line or f"{where}: {exc.strerror}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise error(f"{where} is a folder; {fix}")
+    if not stat.S_ISREG(info.st_mode):
+        raise error(f"{where} is not a regular file (a pipe, a socket or a device); {fix}")
+    if limit is not None and info.st_size > limit:
+        raise error(f"{where} is {info.st_size:,} bytes, more than the {limit:,} such a file "
+                    f"holds; {fix}")
+    if not os.access(path, os.R_OK):  # else the open says "permission denied" as for a write
+        raise error(f"{where} cannot be read (permission denied); make it readable to you, or "
+                    f"give another file")
 
 
 @contextlib.contextmanager
@@ -87,7 +109,8 @@ def storage_uri(value: str, field: str = "storage_path") -> str:
     if scheme == "file":
         value = urlparse(value).path
     elif scheme and len(scheme) > 1:  # a Windows drive letter is no scheme
-        raise StorageError(f"{field} {short(value)}: scheme {scheme!r} is not supported; give a "
+        raise StorageError(f"{field} {short(value)}: scheme {short(repr(scheme), 60)} is not "
+                           f"supported; give a "
                            f"folder or a URI starting with "
                            f"{', '.join(s + '://' for s in REMOTE_SCHEMES)}")
     return str(resolve(value, field))
@@ -130,16 +153,31 @@ def filesystem(place: str):
     return pyarrow.fs.LocalFileSystem(), os.path.abspath(place)  # pyarrow wants absolute paths
 
 
-def read_text(place: str) -> str | None:
-    """A small file of the storage, or None when there is none."""
+MAX_STATE_BYTES = 16 << 20  # the project's own state files are a few KB
+
+
+def read_text(place: str, limit: int = MAX_STATE_BYTES, fix: str = "give a file") -> str | None:
+    """A small file of the storage, or None when there is none. A folder, a pipe or a device in
+    its place, or a file over `limit` bytes, is a `StorageError` (its line ends with `fix`);
+    bytes that are not UTF-8 a UnicodeDecodeError (a ValueError, as a malformed file is)."""
     if not is_remote(place):
-        path = Path(place)
-        return path.read_text() if path.is_file() else None
+        try:
+            check_regular(place, limit=limit, fix=fix)
+        except FileNotFoundError:
+            return None
+        with open(place, "rb") as f:
+            return f.read(limit + 1).decode()
     import pyarrow.fs
 
     fs, path = filesystem(place)
-    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+    info = fs.get_file_info(path)
+    if info.type == pyarrow.fs.FileType.NotFound:
         return None
+    if info.type != pyarrow.fs.FileType.File:
+        raise StorageError(f"{shown(place)} is a folder; {fix}")
+    if info.size is not None and info.size > limit:
+        raise StorageError(f"{shown(place)} is {info.size:,} bytes, more than the {limit:,} such "
+                           f"a file holds; {fix}")
     with fs.open_input_stream(path) as f:
         return f.read().decode()
 
@@ -179,6 +217,9 @@ def check_writable(place: str | Path, field: str, file: bool = False) -> None:
         if path.is_dir():
             raise StorageError(f"{field} {short(path)} is a folder; give a file")
         if path.exists():
+            if stat.S_ISFIFO(path.stat().st_mode):  # opened to write, it waits for a reader
+                _check_pipe(path, field)
+                return
             with writing(path, field), open(path, "a"):
                 return
         path = path.parent
@@ -200,6 +241,17 @@ def check_writable(place: str | Path, field: str, file: bool = False) -> None:
         for made in created:
             with contextlib.suppress(OSError):
                 made.rmdir()
+
+
+def _check_pipe(path: Path, field: str) -> None:
+    """A named pipe written to: some process must read it, or the first write waits for ever."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError as exc:
+        if exc.errno != errno.ENXIO:
+            raise
+        raise StorageError(f"{field} {short(path)} is a named pipe that no process reads; start "
+                           f"its reader first, or give a file") from None
 
 
 def _check_remote(place: str, field: str) -> None:

@@ -139,13 +139,16 @@ def interrupted(args: argparse.Namespace) -> str:
     flags and the --config file."""
     import yaml
 
+    from orchestrator.errors import UserError
     from orchestrator.results import CHECKPOINT_FILE
+    from orchestrator.storage import check_regular
 
     folder = getattr(args, "checkpoint_dir", None)
     if folder is None and getattr(args, "config", None):
         try:
+            check_regular(args.config, limit=1 << 20)  # a pipe would block the advice
             folder = (yaml.safe_load(Path(args.config).read_text()) or {}).get("checkpoint_dir")
-        except (OSError, yaml.YAMLError, AttributeError):
+        except (OSError, ValueError, yaml.YAMLError, AttributeError, UserError):
             folder = None
     saved = folder and (Path(folder) / CHECKPOINT_FILE).is_file()
     return "interrupted; " + ("continue with the same command plus --resume" if saved else

@@ -23,12 +23,14 @@ import threading
 from fnmatch import fnmatch
 from pathlib import Path
 
-from orchestrator.errors import ConfigError
-from orchestrator.storage import filesystem, join, read_text, shown, write_text
+from orchestrator.errors import ConfigError, StorageError
+from orchestrator.storage import (check_regular, filesystem, is_remote, join, read_text, shown,
+                                  write_text)
 
 SIGNATURES = "multires_signatures.json"
 KEY_ENV = "MULTIRES_STATE_KEY"
 SIGN_EVERY_S = 1.0
+MAX_KEY_BYTES = 4096  # the key file holds 64 hex characters
 
 
 def key_file() -> Path:
@@ -42,6 +44,8 @@ def state_key(create: bool) -> bytes | None:
         return os.environ[KEY_ENV].encode()
     path = key_file()
     try:
+        check_regular(path, "the state key", ConfigError, MAX_KEY_BYTES,
+                      f"remove it (a new one is made) or set {KEY_ENV}")
         return path.read_bytes().strip() or None
     except FileNotFoundError:
         if not create:
@@ -74,10 +78,26 @@ def unpickled_files(place: str) -> dict[str, tuple[int, int]]:
     for info in fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True,
                                                          allow_not_found=True)):
         name = info.path[len(root):].lstrip("/")
-        if info.type == pyarrow.fs.FileType.File and (
+        # Unknown: a pipe, a socket or a device (refused by `check`, as Ray would open it too).
+        if info.type in (pyarrow.fs.FileType.File, pyarrow.fs.FileType.Unknown) and (
                 name.endswith(".pkl") or ("/" not in name and fnmatch(name, "*state-*.json"))):
             found[name] = (info.mtime_ns, info.size)
     return dict(sorted(found.items()))
+
+
+def regular(place: str, name: str) -> bool:
+    """Whether the folder's file `name` is a regular file (or an object of a store). A pipe
+    would block its reader for ever, and could hand Ray a pickle written when it is read; a
+    device such as /dev/zero would never end: neither is read, signed or accepted."""
+    if is_remote(place):
+        return True
+    try:
+        check_regular(filesystem(place)[1].rstrip("/") + "/" + name)
+    except StorageError:
+        return False
+    except FileNotFoundError:  # removed by Tune meanwhile: told by the read, as before
+        pass
+    return True
 
 
 def _digest(key: bytes, place: str, name: str) -> str:
@@ -92,9 +112,11 @@ def _digest(key: bytes, place: str, name: str) -> str:
 def _read_signatures(place: str) -> dict[str, str]:
     try:
         signed = json.loads(read_text(join(place, SIGNATURES)) or "{}")
-    except (OSError, ValueError):
+    except (OSError, ValueError, StorageError):  # then nothing is signed
         return {}
-    return signed if isinstance(signed, dict) else {}
+    if not isinstance(signed, dict):
+        return {}
+    return {name: mac for name, mac in signed.items() if isinstance(mac, str)}
 
 
 def sign(place: str, seen: dict | None = None, key: bytes | None = None) -> None:
@@ -106,6 +128,8 @@ def sign(place: str, seen: dict | None = None, key: bytes | None = None) -> None
     for name, stamp in unpickled_files(place).items():
         if seen is not None and seen.get(name) == stamp and name in signed:
             continue
+        if not regular(place, name):
+            continue  # never signed: a resume refuses it
         try:
             signed[name] = _digest(key, place, name)
         except FileNotFoundError:  # replaced or removed by Tune meanwhile
@@ -126,6 +150,10 @@ def check(place: str) -> None:
     key = state_key(create=False)
     signed = _read_signatures(place)
     for name in files:
+        if not regular(place, name):
+            raise ConfigError(f"{name} in {shown(place)} is not a regular file (a pipe, a socket "
+                              f"or a device: Ray would block reading it, or be handed a pickle "
+                              f"through it); remove {shown(place)} to start again")
         expected = signed.get(name)
         if key is None or expected is None or not hmac.compare_digest(
                 expected, _digest(key, place, name)):

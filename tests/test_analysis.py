@@ -87,6 +87,36 @@ def test_report_from_csv_writes_markdown_and_figures(tmp_path, capsys):
     assert "missing columns" in capsys.readouterr().err
 
 
+def test_a_report_from_mlflow_reads_the_runs_its_csv_holds(tmp_path, capsys):
+    """The rows read back from MLflow (checked like a CSV's cells) give the report the same
+    table as the CSV of the same runs, and their epoch histories a figure of their own."""
+    from mlflow.tracking import MlflowClient
+
+    runs = constructed(seeds=2).assign(flops=lambda r: 300 * r.params)
+    runs.to_csv(tmp_path / "x.csv", index=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("x")
+    parent = client.create_run(experiment, tags={"study": "x"}).info.run_id
+    for row in runs.itertuples():
+        run = client.create_run(experiment, tags={"mlflow.parentRunId": parent}).info.run_id
+        for key, value in {"arch.depth": row.depth, "arch.k": row.k, "arch.width": row.width,
+                           "params": row.params, "seed": row.seed, "flops": row.flops}.items():
+            client.log_param(run, key, value)
+        client.log_metric(run, "final_test_error", row.test_error / 100)
+        for epoch in (1, 2):
+            client.log_metric(run, "test_error", row.test_error / 100 + 0.1 / epoch, step=epoch)
+    capsys.readouterr()
+    assert report_main(["--from-csv", str(tmp_path / "x.csv"), "--draws", "300",
+                        "--out", str(tmp_path / "from_csv")]) == 0
+    assert report_main(["--experiment", "x", "--tracking-uri", uri, "--draws", "300",
+                        "--out", str(tmp_path / "from_mlflow")]) == 0
+    csv, mlflow = [(tmp_path / out / "report.md").read_text().split("![")[0]
+                   for out in ("from_csv", "from_mlflow")]
+    assert "n0: " in csv and mlflow == csv
+    assert (tmp_path / "from_mlflow" / "error_vs_epoch.png").read_bytes().startswith(PNG)
+
+
 def test_lesion_of_nothing_reproduces_the_models_error(tmp_path, capsys):
     """On the test images the checkpoint was evaluated on: synthetic data regenerated from the
     checkpoint's seed (3, not the default 0) and sizes."""

@@ -35,6 +35,21 @@ def cifar(tmp: Path, damage: str) -> str:
     elif damage == "empty test split":
         record = {b"data": [], b"labels": []}
         (folder / "test_batch").write_bytes(pickle.dumps(record, protocol=2))
+    elif damage == "empty arrays":
+        import numpy as np
+
+        record = {b"data": np.zeros((0, 3072), np.uint8), b"labels": np.zeros(0, np.int64)}
+        (folder / "data_batch_3").write_bytes(pickle.dumps(record, protocol=2))
+    elif damage == "float pixels":
+        record = pickle.loads((folder / "data_batch_3").read_bytes())
+        record[b"data"] = record[b"data"] / 255.0
+        (folder / "data_batch_3").write_bytes(pickle.dumps(record, protocol=2))
+    elif damage in ("/dev/zero", "a FIFO"):
+        (folder / "data_batch_3").unlink()
+        if damage == "a FIFO":
+            os.mkfifo(folder / "data_batch_3")
+        else:
+            (folder / "data_batch_3").symlink_to("/dev/zero")
     elif damage == "labels":
         record = pickle.loads((folder / "data_batch_3").read_bytes())
         record[b"labels"][5] = 99
@@ -65,6 +80,24 @@ def checkpoint(tmp: Path, damage: str) -> str:
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     elif damage == "garbage":
         path.write_bytes(os.urandom(4096))
+    elif damage == "a test size of text":
+        import torch
+
+        state = torch.load(path, weights_only=True)
+        state["config"]["test_size"] = "many"
+        torch.save(state, path)
+    elif damage == "metrics of text":
+        import torch
+
+        state = torch.load(path, weights_only=True)
+        state["metrics"]["test_error"] = "low"
+        torch.save(state, path)
+    elif damage == "an epoch of text":
+        import torch
+
+        state = torch.load(path, weights_only=True)
+        state["epoch"] = "one"
+        torch.save(state, path)
     elif damage == "empty dict":
         import torch
 
@@ -86,6 +119,23 @@ def checkpoint(tmp: Path, damage: str) -> str:
             state["model"][key] = torch.zeros(2, 2)
         torch.save(state, path)
     return str(folder)
+
+
+def fifo(tmp: Path, name: str, link: str | None = None) -> str:
+    """A named pipe (or, with `link`, a symbolic link to it) in the inputs: a reader that
+    opened it would wait for a writer for ever."""
+    path = tmp / "inputs" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(path)
+    if link is not None:
+        (tmp / "inputs" / link).symlink_to(path)
+        return str(tmp / "inputs" / link)
+    return str(path)
+
+
+def linked(tmp: Path, name: str, target: str) -> str:
+    (tmp / "inputs" / name).symlink_to(target)
+    return str(tmp / "inputs" / name)
 
 
 def log_with(tmp: Path, line: str) -> str:
@@ -111,6 +161,44 @@ def truncated_state(tmp: Path) -> str:
     folder.mkdir(parents=True)
     (folder / "multires_study.json").write_text('{"parent_run_id": "0a1b')
     return str(tmp / "inputs" / "results")
+
+
+EMPTY_DATABASE: list[bytes] = []  # an MLflow sqlite database made once (its tables take seconds)
+
+
+def mlflow_study(tmp: Path, damage: dict) -> str:
+    """An MLflow database (in the inputs) holding a study's parent run and one finished trial
+    whose params, metrics or tags are replaced by `damage` ({"param.seed": "abc", ...}; None
+    leaves it out); the arguments of a report from it."""
+    import logging
+
+    from mlflow.tracking import MlflowClient
+
+    database = tmp / "inputs" / "mlflow.db"
+    if not EMPTY_DATABASE:
+        logger = logging.getLogger("mlflow")
+        level = logger.level
+        logger.setLevel(logging.WARNING)  # its lines on making the tables
+        MlflowClient(f"sqlite:///{tmp / 'empty.db'}").search_experiments()
+        logger.setLevel(level)
+        EMPTY_DATABASE.append((tmp / "empty.db").read_bytes())
+        (tmp / "empty.db").unlink()
+    database.write_bytes(EMPTY_DATABASE[0])
+    uri = f"sqlite:///{database}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("x")
+    parent = client.create_run(experiment, tags={"study": "x"}).info.run_id
+    values = {"param.arch.depth": "20", "param.arch.k": "4", "param.arch.width": "1",
+              "param.seed": "0", "param.params": "1074874", "param.flops": "41000000",
+              "metric.final_test_error": 0.063, "metric.test_error": 0.063,
+              "tag.fidelity": "1.0", **damage}
+    run = client.create_run(experiment, tags={"mlflow.parentRunId": parent}).info.run_id
+    for key, value in values.items():
+        kind, name = key.split(".", 1)
+        if value is not None:
+            {"param": client.log_param, "metric": client.log_metric,
+             "tag": client.set_tag}[kind](run, name, value)
+    return ["--experiment", "x", "--tracking-uri", uri, "--out", str(tmp / "report")]
 
 
 def sweep(tmp, path, *more):
@@ -207,7 +295,24 @@ CASES = {
     "an empty test split": (
         lambda t: train_main([*TINY, "--dataset", "cifar10", "--data-dir",
                               cifar(t, "empty test split")]),
-        "cifar-10-batches-py: test_batch hold no images; download cifar10 again"),
+        "cifar-10-batches-py/test_batch holds no images; delete it and download again"),
+    "a CIFAR batch of empty arrays": (
+        lambda t: train_main([*TINY, "--dataset", "cifar10", "--data-dir",
+                              cifar(t, "empty arrays")]),
+        "cifar-10-batches-py/data_batch_3 holds no images; delete it and download again"),
+    "a CIFAR batch of pixels scaled to 0..1": (
+        lambda t: train_main([*TINY, "--dataset", "cifar10", "--data-dir",
+                              cifar(t, "float pixels")]),
+        "data_batch_3: pixel values of float64 from 0.0 to 1.0, not whole numbers from 0 to "
+        "255; replace the file"),
+    "a CIFAR batch linked to /dev/zero": (
+        lambda t: train_main([*TINY, "--dataset", "cifar10", "--data-dir",
+                              cifar(t, "/dev/zero")]),
+        "data_batch_3 is not a regular file (a pipe, a socket or a device); delete it"),
+    "a CIFAR batch that is a FIFO (never read: it would block)": (
+        lambda t: sweep(t, study(t), "--set", "train.dataset=cifar10", "--data-dir",
+                        cifar(t, "a FIFO")),
+        "data_batch_3 is not a regular file (a pipe, a socket or a device); delete it"),
     "a report CSV with inf": (
         lambda t: report_main(["--from-csv", csv(t, "depth,k,width,params,seed,test_error\n"
                                                     "20,4,1,1074874,0,inf\n"),
@@ -270,6 +375,97 @@ CASES = {
                                                     "20,4,1,1074874,0,6.3\n"),
                                "--draws", "1000000000", "--out", str(t / "report")]),
         "--draws 1000000000: intervals need 100 to 1,000,000 draws"),
+    # Rows read back from MLflow: the report CSV's checks, one line naming the run and the field.
+    "a trial's error NaN in MLflow": (
+        lambda t: report_main(mlflow_study(t, {"metric.final_test_error": float("nan")})),
+        ": metric final_test_error (in percent) holds 'nan', not a number; a trained trial has "
+        "it as a number; delete that run"),
+    "a trial's error infinite in MLflow": (
+        lambda t: report_main(mlflow_study(t, {"metric.final_test_error": float("inf")})),
+        ": metric final_test_error (in percent) holds inf, not 0 to 100; delete that run"),
+    "a trial's error negative in MLflow": (
+        lambda t: report_main(mlflow_study(t, {"metric.final_test_error": -0.5})),
+        ": metric final_test_error (in percent) holds -50, not 0 to 100"),
+    "a trial of 0 parameters in MLflow": (
+        lambda t: report_main(mlflow_study(t, {"param.params": "0"})),
+        ": param params holds 0, not 1 to 1e+15"),
+    "a trial without its depth in MLflow": (
+        lambda t: report_main(mlflow_study(t, {"param.arch.depth": None})),
+        ": param arch.depth is missing; a trained trial has it as a number"),
+    "a trial's seed not a number in MLflow": (
+        lambda t: report_main(mlflow_study(t, {"param.seed": "abc"})),
+        ": param seed holds 'abc', not a number"),
+    "a trial's depth not whole in MLflow": (
+        lambda t: report_main(mlflow_study(t, {"param.arch.depth": "20.5"})),
+        ": param arch.depth holds 20.5, not a whole number"),
+    "a trial's top-5 error above 100% in MLflow": (
+        lambda t: report_main(mlflow_study(t, {"metric.final_test_error_top5": 3.0})),
+        ": metric final_test_error_top5 (in percent) holds 300, not 0 to 100"),
+    "a trial's fidelity not a number in MLflow": (
+        lambda t: report_main(mlflow_study(t, {"tag.fidelity": "half"})),
+        ": tag fidelity holds 'half', not a share of the schedule above 0 and at most 1"),
+    "an epoch's error NaN in MLflow": (
+        lambda t: report_main(mlflow_study(t, {"metric.test_error": float("nan")})),
+        ": metric test_error (in percent) holds 'nan', not a number"),
+    "a report CSV with a fractional depth": (
+        lambda t: report_main(["--from-csv", csv(t, "depth,k,width,params,seed,test_error\n"
+                                                    "20.5,4,1,1074874,0,6.3\n"),
+                               "--out", str(t / "report")]),
+        "row 2, column depth holds 20.5, not a whole number; fix the cell"),
+    # Pipes and devices in place of files read back: refused before they are opened (a pipe
+    # would block the read for ever, /dev/zero never end).
+    "a study file that is a pipe": (lambda t: sweep(t, fifo(t, "study.yaml")),
+                                    "study.yaml is not a regular file (a pipe, a socket or a "
+                                    "device); give a YAML file"),
+    "a report CSV linked to a pipe": (
+        lambda t: report_main(["--from-csv", fifo(t, "pipe", link="runs.csv"),
+                               "--out", str(t / "report")]),
+        "--from-csv {t}/inputs/runs.csv is not a regular file (a pipe, a socket or a device); "
+        "give a file"),
+    "a report CSV linked to /dev/zero": (
+        lambda t: report_main(["--from-csv", linked(t, "runs.csv", "/dev/zero"), "--out",
+                               str(t / "report")]),
+        "runs.csv is not a regular file"),
+    "a checkpoint that is a pipe": (
+        lambda t: train_main([*TINY, "--k", "1", "--resume", "--checkpoint-dir",
+                              str(Path(fifo(t, "ck/checkpoint.pt")).parent)]),
+        "ck/checkpoint.pt is not a regular file (a pipe, a socket or a device); delete it to "
+        "start over"),
+    "a lesion of a checkpoint linked to a pipe": (
+        lambda t: lesion_main([fifo(t, "pipe", link="checkpoint.pt"), "--out",
+                               str(t / "lesion")]),
+        "checkpoint.pt is not a regular file"),
+    "a checkpoint whose epoch is text": (
+        lambda t: train_main([*TINY, "--k", "1", "--resume", "--checkpoint-dir",
+                              checkpoint(t, "an epoch of text")]),
+        "checkpoint.pt is not a training checkpoint (its epoch holds 'one', not a number of 0 "
+        "or more); delete it to start over"),
+    "a checkpoint whose metrics hold text": (
+        lambda t: train_main([*TINY, "--k", "1", "--resume", "--checkpoint-dir",
+                              checkpoint(t, "metrics of text")]),
+        "checkpoint.pt is not a training checkpoint (its metrics hold 'test_error': 'low', not "
+        "a number); delete it to start over"),
+    "a lesion of a checkpoint whose test size is text": (
+        lambda t: lesion_main([str(Path(checkpoint(t, "a test size of text")) / "checkpoint.pt"),
+                               "--out", str(t / "lesion")]),
+        "checkpoint.pt: its run config lacks the dataset or seed, or holds sizes or a data dir "
+        "of the wrong kind"),
+    "an MLflow database that is a pipe, for a report": (
+        lambda t: report_main(["--experiment", "x", "--tracking-uri",
+                               f"sqlite:///{fifo(t, 'mlflow.db')}", "--out", str(t / "report")]),
+        "--tracking-uri {t}/inputs/mlflow.db is not a regular file (a pipe, a socket or a "
+        "device); give the path of an MLflow sqlite database"),
+    "an MLflow database that is a pipe, for a sweep (before Ray)": (
+        lambda t: sweep(t, study(t), "--tracking-uri", f"sqlite:///{fifo(t, 'mlflow.db')}"),
+        "--tracking-uri {t}/inputs/mlflow.db is not a regular file"),
+    "an MLflow database that is a folder": (
+        lambda t: report_main(["--experiment", "x", "--tracking-uri",
+                               f"sqlite:///{t / 'inputs'}", "--out", str(t / "report")]),
+        "--tracking-uri {t}/inputs is a folder; give the path of an MLflow sqlite database"),
+    "a --log-json pipe that nobody reads": (
+        lambda t: train_main([*TINY, "--log-json", fifo(t, "log.jsonl")]),
+        "--log-json {t}/inputs/log.jsonl is a named pipe that no process reads; start its "
+        "reader first, or give a file"),
     "a long --set value that is not YAML": (
         lambda t: sweep(t, study(t), "--set", "trials=" + "[" * 100_000),
         "...(100,009 characters): nests too deeply; flatten it"),
@@ -283,7 +479,8 @@ def test_bad_input_fails_in_one_line_and_leaves_nothing(case, tmp_path, capsys, 
     (tmp_path / "inputs").mkdir()
     assert command(tmp_path) == 2  # an exception escaping here would fail the test
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert message.replace("{t}", str(tmp_path)) in err[0], err
     assert len(err[0]) <= 1000  # a value is quoted by a short prefix
     # Nothing besides the inputs: no results, no MLflow database, no partial checkpoint.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs"]

@@ -182,6 +182,36 @@ def test_a_log_that_cannot_be_written_keeps_the_epochs_checkpoint(tmp_path, caps
     assert "epoch   2" not in captured.out  # it ends after the epoch that could not be logged
 
 
+def test_undelivered_mlflow_updates_on_a_full_disk(tmp_path, monkeypatch, caplog):
+    """MLflow down at the end of a sweep, and no room for the list of what it did not get: the
+    disk-full line (naming the file), the list in the log; not a bug."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.errors import StorageError
+    from orchestrator.study import mlflow_client
+    from orchestrator.study.config import load_study
+    from orchestrator.study.tracking import StudyRun
+
+    monkeypatch.setattr(mlflow_client, "OUTBOXES", {})  # this test's own
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    study = load_study(SMOKE, ["mlflow.tracking_uri=" + uri])
+    parent = StudyRun(MlflowClient(uri), study)
+    results = tmp_path / "results"
+    results.mkdir()
+    parent.open(None, results, "name: smoke\n")
+
+    def unreachable():
+        raise ConnectionError("MLflow is down")
+    mlflow_client.outbox(uri).put("trial 1 epoch 3", unreachable)
+    (results / "mlflow_undelivered.txt").symlink_to("/dev/full")
+    with pytest.raises(StorageError) as error:
+        parent.close("FINISHED", 0)
+    assert str(error.value) == (f"storage_path: no space left on {results}/mlflow_undelivered"
+                                f".txt; free space there or choose another place")
+    assert "2 updates were not delivered: trial 1 epoch 3; end of parent run (FINISHED)" in \
+        caplog.text
+
+
 def test_sigterm_is_ctrl_c_and_exits_143(tmp_path):
     """SIGTERM (ray job stop, Kubernetes, batch schedulers) takes the Ctrl-C path: the run is
     resumable and the exit status is 143. (A sweep's is in test_sweep's n0 study.)"""
@@ -239,6 +269,164 @@ def test_a_finished_studys_command_again_changes_nothing(tmp_path, capsys, monke
                           f"best test error 12.34%\n")
     assert "nothing changed" in out
     assert (tmp_path / "mlflow.db").read_bytes() == before
+
+
+def state_file(t: Path) -> Path:
+    return t / "results" / "smoke" / "multires_study.json"
+
+
+def state_holding(t: Path, **values) -> None:
+    state = json.loads(state_file(t).read_text())
+    state_file(t).write_text(json.dumps({**state, **values}))
+
+
+def replaced(t: Path, by) -> None:
+    state_file(t).unlink()
+    by(state_file(t))
+
+
+FIX = "; remove {t}/results/smoke to start the study again"
+# What a rerun reads back of a study (its state file, its parent run's metrics), damaged.
+READ_BACK = {
+    "a state file replaced by a folder": (lambda t, c, r: replaced(t, Path.mkdir),
+                                          "multires_study.json is a folder" + FIX),
+    "a state file linked to /dev/zero": (
+        lambda t, c, r: replaced(t, lambda p: p.symlink_to("/dev/zero")),
+        "multires_study.json is not a regular file (a pipe, a socket or a device)" + FIX),
+    "a state file that is a FIFO (never read: it would block)": (
+        lambda t, c, r: replaced(t, os.mkfifo),
+        "multires_study.json is not a regular file (a pipe, a socket or a device)" + FIX),
+    "a state file of 20 MB": (lambda t, c, r: os.truncate(state_file(t), 20 << 20),
+                              "multires_study.json is 20,971,520 bytes, more than the "
+                              "16,777,216 such a file holds" + FIX),
+    "a state file that is not UTF-8": (
+        lambda t, c, r: state_file(t).write_bytes(b'{"parent_run_id": "\xff\xfe"}'),
+        "multires_study.json is not a study's state (truncated or edited)" + FIX),
+    "a state whose run id is a list": (lambda t, c, r: state_holding(t, parent_run_id=[r]),
+                                       "multires_study.json is not a study's state"),
+    "a state whose run id would widen a search": (
+        lambda t, c, r: state_holding(t, parent_run_id=f"{r}' or '1' = '1"),
+        "multires_study.json is not a study's state"),
+    "a state whose hash is a number": (lambda t, c, r: state_holding(t, config_hash=12),
+                                       "multires_study.json is not a study's state"),
+    "a lock file that is a pipe": (
+        lambda t, c, r: os.mkfifo(t / "results" / "smoke" / ".multires.lock"),
+        "storage_path {t}/results/smoke/.multires.lock is not a regular file (a pipe, a socket "
+        "or a device); remove it"),
+    "the parent's best error NaN": (
+        lambda t, c, r: c.log_metric(r, "best_test_error", float("nan"), step=1),
+        "MLflow run {r}: metric best_test_error holds nan, not from 0 to 1; log the right "
+        "value to it"),
+    "the parent's trial count negative": (
+        lambda t, c, r: c.log_metric(r, "trials_trained", -3, step=1),
+        "MLflow run {r}: metric trials_trained holds -3, not a whole number from 0 to 1e+09"),
+}
+
+
+@pytest.mark.parametrize("case", READ_BACK)
+def test_what_a_rerun_reads_back_is_checked(case, tmp_path, capsys, monkeypatch):
+    """A finished study's command again, its state or its parent run damaged: one line naming
+    the file or the run and the metric, exit 2, before Ray, nothing changed."""
+    monkeypatch.setattr("orchestrator.study.sweep.start_ray", never)
+    damage, message = READ_BACK[case]
+    client, run_id = finished_study(tmp_path)
+    damage(tmp_path, client, run_id)
+    capsys.readouterr()
+    before = (tmp_path / "mlflow.db").read_bytes()
+    assert sweep(tmp_path) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert message.format(t=tmp_path, r=run_id) in err[0], err
+    assert (tmp_path / "mlflow.db").read_bytes() == before
+
+
+def test_epoch_histories_read_back_from_tune_keep_only_possible_points():
+    """Tune's result files are not signed: an epoch or error no run can report is left out of
+    the history (a figure), never plotted or crashed on."""
+    import pandas as pd
+
+    from orchestrator.study.summary import epoch_history
+
+    frame = pd.DataFrame({"epoch": [1, 2, 3, 4, "x", -1, 6],
+                          "test_error": [0.5, float("inf"), float("nan"), "a", 0.2, 0.3, 1.5],
+                          "lr": 0.1})
+    assert epoch_history(frame).values.tolist() == [[1.0, 0.5]]
+    assert epoch_history(frame.drop(columns="epoch")) is None
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
+def test_a_file_read_back_that_cannot_be_read_says_so(tmp_path, capsys):
+    """A report CSV without read permission: said as a read (not "choose a place you can write
+    to", the line for places written)."""
+    csv = tmp_path / "runs.csv"
+    csv.write_text(CSV)
+    csv.chmod(0)
+    assert report_main(["--from-csv", str(csv), "--out", str(tmp_path / "report")]) == 2
+    assert capsys.readouterr().err == (f"error: --from-csv {csv} cannot be read (permission "
+                                       f"denied); make it readable to you, or give another file\n")
+
+
+def test_a_tracking_server_that_repeats_a_page_is_an_error():
+    """Runs are read past MLflow's pages by their tokens: a server that hands back a token it
+    gave before is told in one line, not asked for ever."""
+    from types import SimpleNamespace
+
+    from mlflow.store.entities import PagedList
+
+    from orchestrator.errors import TrackingError
+    from orchestrator.study.mlflow_client import all_runs
+
+    asked = []
+
+    def search_runs(ids, filter_string, max_results, order_by, page_token):
+        asked.append(page_token)
+        return PagedList([SimpleNamespace(run=len(asked))], "again" if len(asked) > 1 else "b")
+    client = SimpleNamespace(search_runs=search_runs, tracking_uri="http://mlflow:5000")
+    with pytest.raises(TrackingError, match=r"^MLflow at http://mlflow:5000 answered the same "
+                                            r"page of runs twice \(page token 'again'\)"):
+        all_runs(client, ["1"])
+    assert asked == [None, "b", "again"]
+    pages = iter([PagedList([1], "b"), PagedList([2], None)])
+    client.search_runs = lambda *args, **kwargs: next(pages)
+    assert all_runs(client, ["1"]) == [1, 2]
+
+
+def test_a_rerun_registers_the_best_model_once(tmp_path, capsys, monkeypatch, caplog):
+    """A driver killed after registering the best model and before its parent run was marked
+    FINISHED: the rerun finds the version made from that trial's run and registers none."""
+    from types import SimpleNamespace
+
+    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+
+    from orchestrator.study import mlflow_client
+    from orchestrator.study.config import load_study
+    from orchestrator.study.summary import register_best_model
+
+    monkeypatch.setattr(mlflow_client, "OUTBOXES", {})  # this test's own
+    client, run_id = finished_study(tmp_path, status="KILLED")
+    experiment = client.get_run(run_id).info.experiment_id
+    trial = client.create_run(experiment, tags={"mlflow.parentRunId": run_id,
+                                                "trial_id": "t1"}).info.run_id
+    client.create_registered_model("smoke")
+    client.create_model_version("smoke", f"runs:/{trial}/model", run_id=trial)
+    assert train_main([*TINY, "--checkpoint-dir", str(tmp_path / "ck")]) == 0
+    capsys.readouterr()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    study = load_study(SMOKE, ["storage_path=" + str(tmp_path / "results"),
+                               "mlflow.tracking_uri=" + uri])
+    results = [SimpleNamespace(metrics={"trial_id": "t1",
+                                        CHECKPOINT_PATH_KEY: str(tmp_path / "ck")})]
+    parent = SimpleNamespace(client=client, experiment_id=experiment, run_id=run_id)
+    register_best_model(results, "t1", study, parent)
+    assert capsys.readouterr().out == ('best model: mlflow.pytorch.load_model("models:/smoke/1") '
+                                       '(registered before)\n')
+    assert [str(v.version) for v in client.search_model_versions("name = 'smoke'")] == ["1"]
+    # Its checkpoint damaged in the storage meanwhile: a warning, and the study ends as it is.
+    (tmp_path / "ck" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    register_best_model(results, "t1", study, parent)
+    captured = capsys.readouterr()
+    assert captured.out == "" and "best model not registered: the checkpoint at " in caplog.text
+    assert "checkpoint.pt is not a readable checkpoint" in caplog.text
 
 
 def test_a_studys_parent_run_gone_or_its_database_moved(tmp_path, capsys, monkeypatch):

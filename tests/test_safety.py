@@ -146,7 +146,8 @@ def results_folder(tmp_path: Path) -> Path:
                                     name.endswith(".json") else pickle.dumps({"state": name}))
     (folder / "train-1" / "checkpoint_1").mkdir(parents=True)
     (folder / "train-1" / "checkpoint_1" / "checkpoint.pt").write_bytes(b"weights only")
-    (folder / STATE_FILE).write_text(json.dumps({"parent_run_id": "r", "config_hash": "h",
+    (folder / STATE_FILE).write_text(json.dumps({"parent_run_id": "r",
+                                                 "config_hash": "0123456789abcdef",
                                                  "tracking_uri": "u", "experiment": "smoke"}))
     sign(folder)
     return folder
@@ -194,23 +195,63 @@ def test_planted_pickle_in_the_results_folder_is_refused_before_it_runs(name, tm
     assert payload.marker.exists()
 
 
-@pytest.mark.parametrize("change", ["another key", "no signatures", "a new pickle",
-                                    "signed for another name"])
+def replaced_by(path: Path, make) -> None:
+    path.unlink()
+    make(path)
+
+
+NOT_SIGNED = "was not written by a sweep of yours"
+NOT_REGULAR = ("smoke is not a regular file (a pipe, a socket or a device: Ray would block "
+               "reading it")
+# A signed results folder, changed: each is refused by the check before a resume, in one line
+# (never a hang, never an internal error).
+CHANGES = {
+    "another key": (lambda f, m: m.setenv("MULTIRES_STATE_KEY", "someone else's key"),
+                    NOT_SIGNED),
+    "no signatures": (lambda f, m: (f / "multires_signatures.json").unlink(), NOT_SIGNED),
+    "a new pickle": (lambda f, m: (f / "callback-states-2026.pkl").write_bytes(b"\x80\x04N."),
+                     NOT_SIGNED),
+    # a signed file copied over another of the folder's names
+    "signed for another name": (
+        lambda f, m: (f / "tuner.pkl").write_bytes((f / TUNE_STATE[2]).read_bytes()), NOT_SIGNED),
+    "a pipe in place of a pickle (it could feed Ray one)": (
+        lambda f, m: replaced_by(f / "tuner.pkl", os.mkfifo), NOT_REGULAR),
+    "a pickle linked to /dev/zero": (
+        lambda f, m: replaced_by(f / "tuner.pkl", lambda p: p.symlink_to("/dev/zero")),
+        NOT_REGULAR),
+    "signatures that are not strings": (
+        lambda f, m: (f / "multires_signatures.json").write_text('{"tuner.pkl": 1}'), NOT_SIGNED),
+    "signatures a list": (lambda f, m: (f / "multires_signatures.json").write_text("[1, 2]"),
+                          NOT_SIGNED),
+    "signatures a pipe": (lambda f, m: replaced_by(f / "multires_signatures.json", os.mkfifo),
+                          NOT_SIGNED),
+    "signatures not UTF-8": (
+        lambda f, m: (f / "multires_signatures.json").write_bytes(b"{\"\xff\": 1}"), NOT_SIGNED),
+}
+
+
+@pytest.mark.parametrize("change", CHANGES)
 def test_results_signed_otherwise_are_refused(change, tmp_path, monkeypatch, state_key):
-    from orchestrator.trust import SIGNATURES, check
+    from orchestrator.trust import check
 
     folder = results_folder(tmp_path)
     check(folder)  # as signed: accepted
-    if change == "another key":
-        monkeypatch.setenv("MULTIRES_STATE_KEY", "someone else's key")
-    elif change == "no signatures":
-        (folder / SIGNATURES).unlink()
-    elif change == "a new pickle":
-        (folder / "callback-states-2026.pkl").write_bytes(b"\x80\x04N.")
-    else:  # a signed file copied over another of the folder's names
-        (folder / "tuner.pkl").write_bytes((folder / TUNE_STATE[2]).read_bytes())
-    with pytest.raises(ConfigError, match="was not written by a sweep of yours"):
+    damage, message = CHANGES[change]
+    damage(folder, monkeypatch)
+    with pytest.raises(ConfigError) as error:
         check(folder)
+    assert message in str(error.value)
+
+
+def test_a_state_key_that_is_a_pipe_is_refused(tmp_path, state_key):
+    from orchestrator.trust import key_file, state_key as read_key
+
+    read_key(create=True)
+    replaced_by(key_file(), os.mkfifo)
+    with pytest.raises(ConfigError, match="the state key .*state.key is not a regular file "
+                                          ".*; remove it .a new one is made. or set "
+                                          "MULTIRES_STATE_KEY"):
+        read_key(create=False)
 
 
 def test_trust_results_signs_a_folder_and_the_key_stays_outside(tmp_path, state_key):

@@ -21,7 +21,7 @@ from pydantic import ValidationError  # noqa: E402
 
 from models.multi_resnet import Architecture, MultiResNet, create_model  # noqa: E402
 from orchestrator.analysis.report import save_figure  # noqa: E402
-from orchestrator.errors import CheckpointError  # noqa: E402
+from orchestrator.errors import CheckpointError, short  # noqa: E402
 from orchestrator.run.checkpoint import load_checkpoint  # noqa: E402
 from orchestrator.run.data import Batches, Split, load_dataset  # noqa: E402
 
@@ -33,7 +33,7 @@ def load_model(path: Path) -> tuple[MultiResNet, dict]:
         model = create_model(Architecture(**state["architecture"]))
         model.load_state_dict(state["model"])
     except (ValidationError, TypeError, RuntimeError) as exc:
-        first_line = (str(exc).strip().splitlines() or [""])[0]
+        first_line = short((str(exc).strip().splitlines() or [""])[0], 200)
         raise CheckpointError(f"{path}: its model does not match its architecture "
                               f"({type(exc).__name__}: {first_line}); use an intact "
                               f"checkpoint") from None
@@ -45,12 +45,17 @@ def test_split(config: dict, data_dir: str | None, size: int | None,
     """The test images the checkpoint was evaluated on (its dataset, subset and seed: synthetic
     data is generated from them), or the first `size` of them; and the dataset's name."""
     try:
-        dataset, seed = config["dataset"], int(config["seed"])
+        dataset, seed = str(config["dataset"]), int(config["seed"])
         train_size, test_size = config.get("train_size"), config.get("test_size")
         data_dir = data_dir or config.get("data_dir")
+        if not all(size is None or type(size) is int and size >= 1  # noqa: E721 (not bool)
+                   for size in (train_size, test_size)) or \
+                not isinstance(data_dir, (str, type(None))):
+            raise ValueError("sizes")
     except (KeyError, TypeError, ValueError):
-        raise CheckpointError(f"{path}: its run config lacks the dataset or seed; use a "
-                              f"checkpoint written by orchestrator.train or a sweep") from None
+        raise CheckpointError(f"{path}: its run config lacks the dataset or seed, or holds "
+                              f"sizes or a data dir of the wrong kind; use a checkpoint written "
+                              f"by orchestrator.train or a sweep") from None
     _, test = load_dataset(dataset, data_dir, train_size, test_size, seed)
     if size is not None and not 1 <= size <= len(test):
         raise CheckpointError(f"--test-size {size}: the checkpoint was tested on {len(test)} "

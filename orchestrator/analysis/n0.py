@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from orchestrator.errors import ReportError
+from orchestrator.errors import ReportError, short
+from orchestrator.storage import check_regular
 
 COLUMNS = ["depth", "k", "width", "params", "seed", "test_error"]
 CONFIG = ["depth", "k", "width", "params"]
@@ -223,37 +224,72 @@ def pareto_front(points: pd.DataFrame, x: str = "flops", y: str = "test_error") 
     return pd.DataFrame(front)
 
 
-# What each column's cells may hold (test_error in percent).
-CSV_RANGES = {"depth": (2, 10_000), "k": (1, 10_000), "width": (1, 10_000),
-              "params": (1, 1e15), "seed": (0, 2**63), "test_error": (0, 100)}
+# What each column of a runs table may hold (test_error in percent), from a CSV or read back from
+# MLflow: one check for both. The integer columns hold whole numbers; where present, flops and
+# the top-5 error are checked too (the top-5 error may be empty: not every dataset has one).
+# Seeds as a run takes them (TrainConfig.seed); every bound fits a 64-bit integer.
+RANGES = {"depth": (2, 10_000), "k": (1, 10_000), "width": (1, 10_000), "params": (1, 1e15),
+          "seed": (0, 2**31 - 1), "test_error": (0, 100), "flops": (1, 1e18),
+          "test_error_top5": (0, 100)}
+WHOLE = ("depth", "k", "width", "params", "seed", "flops")
+MAY_BE_EMPTY = ("test_error_top5",)
+
+
+def check_runs(runs: pd.DataFrame, where, fix_empty: str, fix_range: str,
+               empty: str = "is empty") -> pd.DataFrame:
+    """The table with every cell of RANGES' columns a number in its range (an empty, non-numeric,
+    infinite or out-of-range cell would give NaN intervals or silently unpaired rows); else a
+    `ReportError` of one line: `where(row index, column)` names the cell (a CSV's row and
+    column, a run's parameter or metric), then what it holds (`empty`: how a missing value is
+    told) and the fix."""
+    runs = runs.copy()
+    for column in [c for c in RANGES if c in runs]:
+        cells = runs[column]
+        values = pd.to_numeric(cells, errors="coerce")
+        for i in runs.index[values.isna()]:
+            cell = cells[i]
+            if pd.isna(cell) and column in MAY_BE_EMPTY:
+                continue
+            problem = empty if pd.isna(cell) or str(cell).strip() == "" else \
+                f"holds {short(repr(str(cell)), 60)}, not a number"
+            raise ReportError(f"{where(i, column)} {problem}; {fix_empty}")
+        low, high = RANGES[column]
+        given = values.notna()
+        bad = runs.index[given & ~values.between(low, high)]
+        if len(bad):
+            raise ReportError(f"{where(bad[0], column)} holds {values[bad[0]]:g}, not {low:g} to "
+                              f"{high:g}; {fix_range}")
+        if column in WHOLE:
+            bad = runs.index[given & (values != values.round())]
+            if len(bad):
+                raise ReportError(f"{where(bad[0], column)} holds {values[bad[0]]:g}, not a "
+                                  f"whole number; {fix_range}")
+            values = values.astype("int64")
+        runs[column] = values
+    return runs
 
 
 def read_csv(path) -> pd.DataFrame:
     """Runs from a CSV with the COLUMNS (test_error in percent), every cell checked."""
     try:
+        check_regular(path, "--from-csv", ReportError, MAX_CSV_BYTES)
+    except FileNotFoundError:
+        raise ReportError(f"--from-csv {short(path)}: no such file; give the CSV's path") \
+            from None
+    try:
         runs = pd.read_csv(path)
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise ReportError(f"{path} is not a readable CSV ({type(exc).__name__}); give a CSV "
-                          f"with columns {','.join(COLUMNS)}") from None
+        raise ReportError(f"{short(path)} is not a readable CSV ({type(exc).__name__}); give a "
+                          f"CSV with columns {','.join(COLUMNS)}") from None
     missing = [c for c in COLUMNS if c not in runs]
     if missing:
-        raise ReportError(f"{path}: missing columns {', '.join(missing)}; expected "
-                         f"{','.join(COLUMNS)} (test_error in percent)")
-    for column in COLUMNS:  # an empty or non-numeric cell would silently become NaN
-        values = pd.to_numeric(runs[column], errors="coerce")
-        bad = runs.index[values.isna()]
-        if len(bad):
-            cell = runs[column][bad[0]]
-            problem = "is empty" if pd.isna(cell) else f"holds {str(cell)!r}, not a number"
-            raise ReportError(f"{path}: row {bad[0] + 2}, column {column} {problem}; give every "
-                             f"cell a number")
-        runs[column] = values
-    for column, (low, high) in CSV_RANGES.items():  # inf or 0 params would give NaN intervals
-        bad = runs.index[~runs[column].between(low, high)]
-        if len(bad):
-            raise ReportError(f"{path}: row {bad[0] + 2}, column {column} holds "
-                              f"{runs[column][bad[0]]:g}, not {low:g} to {high:g}; fix the cell")
-    return runs
+        raise ReportError(f"{short(path)}: missing columns {', '.join(missing)}; expected "
+                          f"{','.join(COLUMNS)} (test_error in percent)")
+    return check_runs(runs, lambda i, column: f"{short(path)}: row {i + 2}, column {column}",
+                      "give every cell a number", "fix the cell")
+
+
+MAX_CSV_BYTES = 256 << 20  # a runs table of millions of rows; more is not a table of runs
 
 
 PAPER_TABLE_II = pd.DataFrame([

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from orchestrator.errors import CheckpointError
+from orchestrator.errors import CheckpointError, short
+from orchestrator.storage import check_regular
 from orchestrator.run.config import TrainConfig
 
 # What changes a run's result; a resumed run must keep all of it (the mesh, the execution form
@@ -77,7 +78,18 @@ CHECKPOINT_KEYS = ("model", "momentum", "scheduler", "step", "epoch", "best_test
                    "metrics", "architecture", "config")
 
 
+# The checkpoint's entries the loop reads as they are: their kinds, checked when it is loaded.
+KINDS = {"step": int, "epoch": int, "best_test_error": float, "rng": dict, "metrics": dict,
+         "architecture": dict, "config": dict}
+
+
 def load_checkpoint(path: Path) -> dict:
+    """A checkpoint read back: a regular file (a pipe is never opened), loaded without running
+    code, with every key of a training checkpoint, each of its kind."""
+    try:
+        check_regular(path, error=CheckpointError, fix="delete it to start over")
+    except FileNotFoundError:
+        pass  # told below, as torch.load reports it
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -87,4 +99,21 @@ def load_checkpoint(path: Path) -> dict:
     if missing:
         raise CheckpointError(f"{path} is not a training checkpoint (it lacks "
                               f"{', '.join(missing)}); delete it to start over")
+    for key, kind in KINDS.items():
+        value = state[key]
+        fits = (isinstance(value, (int, float)) and not isinstance(value, bool) and
+                value >= 0 if kind is not dict else isinstance(value, dict))
+        if kind is int:
+            fits = fits and float(value).is_integer()
+        if not fits:
+            raise CheckpointError(f"{path} is not a training checkpoint (its {key} holds "
+                                  f"{short(repr(value), 60)}, not "
+                                  f"{'a mapping' if kind is dict else 'a number of 0 or more'})"
+                                  f"; delete it to start over")
+    odd = next((k for k, v in state["metrics"].items() if not isinstance(k, str) or not (
+        v is None or isinstance(v, (int, float)) and not isinstance(v, bool))), None)
+    if odd is not None:  # reported again as the run's final metrics when nothing is left to train
+        raise CheckpointError(f"{path} is not a training checkpoint (its metrics hold "
+                              f"{short(repr(odd), 40)}: {short(repr(state['metrics'][odd]), 40)}, "
+                              f"not a number); delete it to start over")
     return state

@@ -14,7 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from models.multi_resnet import Architecture
-from orchestrator.errors import ConfigError, shown
+from orchestrator.errors import ConfigError, short
+from orchestrator.storage import check_regular
 from orchestrator.parallel.mesh import ParallelConfig  # the mesh's own schema, part of a run's
 from orchestrator.run.data import DATASETS
 
@@ -266,7 +267,7 @@ class _Loader(yaml.SafeLoader):
                     continue  # SafeLoader refuses unhashable keys itself
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {shown(key)}", key_node.start_mark)
+                        None, None, f"duplicate key {short(repr(key), 60)}", key_node.start_mark)
                 seen.add(key)
         return super().construct_mapping(node, deep)
 
@@ -303,7 +304,10 @@ def parse_yaml(text: str, where: str):
 
 
 def read_text(path: Path, limit: int = MAX_YAML_BYTES) -> str:
-    """A text file of at most `limit` bytes."""
+    """A text file of at most `limit` bytes (a pipe or a device is refused before it is
+    opened: reading it could block for ever)."""
+    if not Path(path).is_dir():  # a folder: the caller's IsADirectoryError says what to give
+        check_regular(path, error=ConfigError, fix="give a YAML file")
     with open(path, "rb") as f:
         raw = f.read(limit + 1)
     if len(raw) > limit:

@@ -24,7 +24,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from orchestrator.errors import DataError
+from orchestrator.errors import DataError, short
+from orchestrator.storage import check_regular
 from orchestrator.run.images import IMAGENET_CLASSES, IMAGENET_MEAN, IMAGENET_STD, folder_batches, \
     load_folder, scan
 
@@ -46,6 +47,10 @@ OFFICIAL_MD5 = {
     "train": "16019d7e3df5f24257cddd939b257f8d",
     "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
 }
+# The largest official file is CIFAR-100's train (about 155 MB); a bigger one is not a batch.
+MAX_BATCH_BYTES = 512 << 20
+
+
 @dataclass
 class Split:
     images: torch.Tensor  # uint8, (N, 3, 32, 32)
@@ -63,7 +68,9 @@ class Split:
 class _CifarUnpickler(pickle.Unpickler):
     """The CIFAR batches are pickles: allow only the numpy types they contain, never code."""
 
-    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")} | {
+    # An empty array's buffer is pickled (protocol 2) as a call of bytes().
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+               ("__builtin__", "bytes"), ("builtins", "bytes")} | {
         (f"numpy{core}.{mod}", fn) for core in (".core", "._core")
         for mod, fn in (("multiarray", "_reconstruct"), ("numeric", "_frombuffer"))}
 
@@ -75,18 +82,33 @@ class _CifarUnpickler(pickle.Unpickler):
 
 def _read_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray, bool]:
     """Images, labels, and whether the file is the official release (by md5)."""
+    check_regular(path, error=DataError, limit=MAX_BATCH_BYTES,
+                  fix="delete it and download again, or replace it with an intact copy")
     raw = path.read_bytes()
     try:
         batch = _CifarUnpickler(io.BytesIO(raw), encoding="latin1").load()
         # Keys are str in the official (Python 2) files read with latin1, bytes in some copies.
         batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
-        data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        labels = np.asarray(batch[label_key], dtype=np.int64)
+        pixels, labels = np.asarray(batch["data"]), np.asarray(batch[label_key])
+        # Cast as they are, floats or values past a byte would silently become other images.
+        for what, values, high in (("pixel values", pixels, 255), ("labels", labels, None)):
+            if values.size and (values.dtype.kind not in "iu" or values.min() < 0 or
+                                high is not None and values.max() > high):
+                raise DataError(f"{path}: {what} of {values.dtype} from {values.min()} to "
+                                f"{values.max()}, not whole numbers from 0"
+                                f"{f' to {high}' if high else ''}; replace the file")
+        data = pixels.astype(np.uint8).reshape(-1, 3, 32, 32)
+        labels = labels.astype(np.int64).reshape(-1)
+    except DataError:
+        raise
     except Exception as exc:
-        raise DataError(f"{path} is not a readable CIFAR batch ({exc}); delete it and download "
-                        f"again, or replace it with an intact copy") from None
+        raise DataError(f"{path} is not a readable CIFAR batch ({short(str(exc), 200)}); delete "
+                        f"it and download again, or replace it with an intact copy") from None
     if len(data) != len(labels):
         raise DataError(f"{path}: {len(data)} images but {len(labels)} labels; replace the file")
+    if not len(data):
+        raise DataError(f"{path} holds no images; delete it and download again, or replace it "
+                        f"with an intact copy")
     return data, labels, hashlib.md5(raw).hexdigest() == OFFICIAL_MD5.get(path.name)
 
 
@@ -119,7 +141,7 @@ def load_cifar(name: str, data_dir: str | Path, download: bool = True) -> tuple[
         _download(name, data_dir)
     splits, unofficial = [], []
     for files in (train_files, test_files):
-        missing = [f for f in files if not (folder / f).is_file()]
+        missing = [f for f in files if not (folder / f).exists()]  # else checked when read
         if missing:
             raise DataError(f"{folder} is incomplete: missing {', '.join(missing)}; "
                             f"download {name} again into {data_dir}")
@@ -130,9 +152,6 @@ def load_cifar(name: str, data_dir: str | Path, download: bool = True) -> tuple[
                 raise DataError(f"{folder / f}: labels from {batch_labels.min()} to "
                                 f"{batch_labels.max()}, not 0..{DATASETS[name].classes - 1}; "
                                 f"download {name} again into {data_dir}")
-        if not sum(len(p[1]) for p in parts):
-            raise DataError(f"{folder}: {', '.join(files)} hold no images; download {name} "
-                            f"again into {data_dir}")
         images = torch.from_numpy(np.concatenate([p[0] for p in parts]))
         labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))
         splits.append(Split(images, labels))

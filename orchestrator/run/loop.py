@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 from tqdm import tqdm
 
-from orchestrator.errors import CheckpointError, ConfigError, TrainingDiverged
+from orchestrator.errors import CheckpointError, ConfigError, TrainingDiverged, short
 from orchestrator.parallel import RankEngine
 from orchestrator.run.checkpoint import SMALL_CHECKPOINT_BYTES, check_same_run, checkpoint_due
 from orchestrator.run.config import TrainConfig
@@ -143,7 +143,7 @@ def train_loop(cfg: TrainConfig, session: Session) -> dict:
             start_epoch, best = int(state["epoch"]), float(state["best_test_error"])
             set_rng_state(state["rng"])
         except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as exc:
-            first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+            first_line = short((str(exc).strip().splitlines() or [""])[0], 200)
             raise CheckpointError(f"the checkpoint's state does not fit this run "
                                   f"({type(exc).__name__}: {first_line}); delete it to start "
                                   f"over") from None

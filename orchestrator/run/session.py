@@ -38,7 +38,7 @@ def log_lines_until(path: Path, step: int, epoch: int) -> list[str] | None:
     only. A last line cut short (a crash mid-write) is dropped; any other unreadable line is an
     error."""
     if not path.is_file():
-        return None
+        return None  # none, or a device such as /dev/null (a pipe is refused at the start)
     lines = path.read_text(errors="replace").splitlines(keepends=True)
     kept = []
     for number, line in enumerate(lines, 1):
@@ -80,7 +80,7 @@ class LocalSession:
         if not self.resume:
             return None
         path = self.dir / CHECKPOINT_FILE
-        if not path.is_file():
+        if not path.exists():  # anything else there is told by load_checkpoint
             raise CheckpointError(f"no checkpoint in {self.dir} to resume from; run without "
                                   f"--resume to start training")
         state = load_checkpoint(path)

@@ -15,7 +15,7 @@ from pydantic import Field, PrivateAttr, ValidationError, field_validator, model
 
 from models.multi_resnet import Architecture
 from models.summary import parameter_count
-from orchestrator.errors import ConfigError, shown
+from orchestrator.errors import ConfigError, short
 from orchestrator.run.config import (MAX_SEED, ParallelConfig, Strict, TrainConfig, describe,
                                      load_yaml, parse_yaml, yaml_problem)
 from orchestrator.storage import REMOTE_SCHEMES, join, storage_uri
@@ -94,7 +94,8 @@ class StudyConfig(Strict):
     def _supported_storage(cls, value: str) -> str:
         scheme = value.partition("://")[0] if "://" in value else ""
         if scheme not in ("", "file", *REMOTE_SCHEMES):
-            raise ValueError(f"scheme {scheme!r} is not supported; give a folder, file://PATH "
+            raise ValueError(f"scheme {short(repr(scheme), 60)} is not supported; give a "
+                             f"folder, file://PATH "
                              f"or a URI starting with "
                              f"{', '.join(s + '://' for s in REMOTE_SCHEMES)}")
         return value
@@ -107,7 +108,7 @@ class StudyConfig(Strict):
                 raise ValueError("seed: seeds are replicates, not searched; list them as the "
                                  "top-level key seeds: [0, 1, 2] (or a count: seeds: 3)")
             if key not in ARCH_KEYS | RECIPE_KEYS:
-                raise ValueError(f"unknown key {key!r}; use one of "
+                raise ValueError(f"unknown key {short(repr(key), 60)}; use one of "
                                  f"{', '.join(sorted(ARCH_KEYS | RECIPE_KEYS))}")
         return space
 
@@ -366,7 +367,7 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
         if "=" not in item:
             raise ConfigError(f"--set {item}: expected key=value, e.g. --set train.epochs=3")
         key, raw = item.split("=", 1)
-        where = f"--set {item if len(item) <= 60 else shown(item)}"
+        where = f"--set {item if len(item) <= 60 else short(repr(item), 60)}"
         try:
             value = parse_yaml(raw, where)
         except yaml.YAMLError as exc:

@@ -13,7 +13,8 @@ from urllib.parse import urlparse
 
 from mlflow.tracking import MlflowClient
 
-from orchestrator.errors import TrackingError
+from orchestrator.errors import TrackingError, short
+from orchestrator.storage import check_regular
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,8 @@ SCHEMES = {"", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql"
 def check_scheme(tracking_uri: str) -> None:
     scheme = urlparse(tracking_uri).scheme
     if scheme not in SCHEMES:
-        raise TrackingError(f"tracking URI {tracking_uri}: unknown scheme {scheme!r}; use "
+        raise TrackingError(f"tracking URI {short(tracking_uri)}: unknown scheme "
+                            f"{short(repr(scheme), 60)}; use "
                             f"sqlite:///PATH/mlflow.db or http://HOST:PORT of an mlflow server")
 
 
@@ -36,16 +38,21 @@ def connect(tracking_uri: str) -> MlflowClient:
     """A client for `tracking_uri`, checked to answer (quickly: one try, 10 s) before anything is
     trained."""
     check_scheme(tracking_uri)
+    database = sqlite_path(tracking_uri)
+    if database is not None and database.exists():  # sqlite would block on a pipe
+        check_regular(database, "--tracking-uri", TrackingError,
+                      fix="give the path of an MLflow sqlite database")
     try:
         with quick_http():
             client = MlflowClient(tracking_uri)
             client.search_experiments(max_results=1)
     except Exception as exc:
         if urlparse(tracking_uri).scheme in ("", "file"):  # MLflow's own reason, not ours
-            reason = (str(exc).strip().split(". ") or [""])[0][:200]
-            raise TrackingError(f"tracking URI {tracking_uri}: {reason}; use "
+            reason = short((str(exc).strip().split(". ") or [""])[0], 200)
+            raise TrackingError(f"tracking URI {short(tracking_uri)}: {reason}; use "
                                 f"sqlite:///PATH/mlflow.db") from None
-        raise TrackingError(f"MLflow at {tracking_uri} cannot be used ({type(exc).__name__}); "
+        raise TrackingError(f"MLflow at {short(tracking_uri)} cannot be used "
+                            f"({type(exc).__name__}); "
                             f"start the server or pass another --tracking-uri") from None
     return client
 
@@ -77,8 +84,9 @@ def retryable(exc: Exception) -> bool:
 
 def all_runs(client: MlflowClient, experiment_ids: list[str], filter_string: str = "",
              order_by: list[str] | None = None) -> list:
-    """Every matching run: search_runs answers in pages of at most 1,000."""
-    runs, token = [], None
+    """Every matching run: search_runs answers in pages of at most 1,000. A server that
+    hands back a page token it gave before would be asked for ever: that is an error."""
+    runs, token, seen = [], None, set()
     while True:
         page = client.search_runs(experiment_ids, filter_string, max_results=1000,
                                   order_by=order_by, page_token=token)
@@ -86,6 +94,11 @@ def all_runs(client: MlflowClient, experiment_ids: list[str], filter_string: str
         token = page.token
         if not token:
             return runs
+        if token in seen:
+            raise TrackingError(f"MLflow at {short(client.tracking_uri)} answered the same page of "
+                                f"runs twice (page token {short(repr(token), 40)}); check the "
+                                f"server, or pass another --tracking-uri")
+        seen.add(token)
 
 
 class Outbox:

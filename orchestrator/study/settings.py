@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from models.multi_resnet import Architecture
+from orchestrator.errors import short
 from orchestrator.results import OBJECTIVE_METRICS
 from orchestrator.run.config import Strict
 from orchestrator.study.samplers import OPTUNA_SAMPLERS
@@ -146,7 +147,7 @@ class Resources(Strict):
     def _number_or_auto(cls, value):
         if value == "auto" or isinstance(value, (int, float)) and not isinstance(value, bool):
             return value
-        raise ValueError(f"{value!r}: give a number, or auto")
+        raise ValueError(f"{short(repr(value), 60)}: give a number, or auto")
 
     @field_validator("cpus_per_worker")
     @classmethod

@@ -3,14 +3,18 @@ run and the n0 report (printed, written to the results folder, logged to the par
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
 
+from orchestrator.errors import TrackingError, UserError, short
 from orchestrator.results import CHECKPOINT_FILE, DONE, outcome, trained, training_flops
 from orchestrator.run.data import train_images
 from orchestrator.study.config import StudyConfig
 from orchestrator.study.trials import planned_trials
+
+log = logging.getLogger(__name__)
 
 
 def estimated_cost(study: StudyConfig, flops: int) -> float:
@@ -110,10 +114,14 @@ def summarize_results(results, study: StudyConfig) -> list[dict]:
 
 
 def epoch_history(frame):
-    """(epoch, test error) per epoch of a trial, or None when it reported none."""
+    """(epoch, test error) per epoch of a trial, or None when it reported none. Read back from
+    Tune's result files (which are not signed): a value no epoch or error can be is no point."""
+    import pandas as pd
+
     if frame is None or not {"epoch", "test_error"} <= set(frame.columns):
         return None
-    return frame[["epoch", "test_error"]].dropna()
+    frame = frame[["epoch", "test_error"]].apply(pd.to_numeric, errors="coerce")
+    return frame[frame.test_error.between(0, 1) & frame.epoch.between(0, 1e9)]
 
 
 def report_summary(rows: list[dict], study: StudyConfig, parent, results: str) -> str | None:
@@ -150,10 +158,11 @@ def report_summary(rows: list[dict], study: StudyConfig, parent, results: str) -
 def show_finished(parent, study: StudyConfig, results: str) -> None:
     """A finished study's command run again: its result, as the parent run holds it; nothing
     is trained, logged or registered again."""
-    metrics, tags = parent.data.metrics, parent.data.tags
-    best = metrics.get("best_test_error")
+    tags = parent.data.tags
+    best = read_metric(parent, "best_test_error", 0, 1)
+    trials = read_metric(parent, "trials_trained", 0, 1e9, whole=True) or 0
     lines = [f"study {study.name} is finished (parent run {parent.info.run_id}): "
-             f"{int(metrics.get('trials_trained', 0))} trials trained"
+             f"{int(trials)} trials trained"
              + (f", best test error {100 * best:.2f}%" if best is not None else "")]
     if "n0" in tags:
         lines.append(tags["n0"])
@@ -161,6 +170,20 @@ def show_finished(parent, study: StudyConfig, results: str) -> None:
                  f"'{study.experiment_name}'\nnothing changed; to train it again, use another "
                  f"--storage-path or remove that folder")
     print("\n".join(lines))
+
+
+def read_metric(run, name: str, low: float, high: float, whole: bool = False) -> float | None:
+    """A run's metric read back from MLflow: absent (None), or a number from low to high (NaN
+    and inf are neither); else one line naming the run and the metric."""
+    value = run.data.metrics.get(name)
+    if value is None:
+        return None
+    if not low <= value <= high or (whole and value != int(value)):
+        raise TrackingError(f"MLflow run {run.info.run_id}: metric {name} holds {value:g}, not "
+                            f"{'a whole number ' if whole else ''}from {low:g} to {high:g}; log "
+                            f"the right value to it (a later step replaces it), or use another "
+                            f"--storage-path")
+    return value
 
 
 def register_best_model(results, trial_id: str, study: StudyConfig, parent) -> None:
@@ -187,19 +210,30 @@ def register_best_model(results, trial_id: str, study: StudyConfig, parent) -> N
     # The trial's last Ray Train checkpoint, on the study's storage (a folder or a URI).
     storage = study.storage_path
     filesystem = pyarrow.fs.FileSystem.from_uri(storage)[0] if "://" in storage else None
-    with ray.train.Checkpoint(path, filesystem=filesystem).as_directory() as folder:
-        state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
-    arch = Architecture(**state["architecture"])  # the run's: an image folder's classes too
-    model = create_model(arch)
-    model.load_state_dict(state["model"])
+    try:  # read back from the storage, which is not signed: its integrity is not ours to vouch
+        with ray.train.Checkpoint(path, filesystem=filesystem).as_directory() as folder:
+            state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+        arch = Architecture(**state["architecture"])  # the run's: an image folder's classes too
+        model = create_model(arch)
+        model.load_state_dict(state["model"])
+    except (UserError, ValueError, TypeError, RuntimeError, OSError) as exc:
+        # The study's results stand; only the model is left out (the parent run still ends).
+        log.warning(f"best model not registered: the checkpoint at {short(path)} cannot be used "
+                    f"({type(exc).__name__}: {short((str(exc).splitlines() or [''])[0], 200)})")
+        return
     model.eval()
     size = input_size(arch)
     uri, client, name = study.tracking_uri(), parent.client, study.experiment_name
 
-    def log():
+    def register():
         (run,) = all_runs(client, [parent.experiment_id],
                           f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.run_id}' and "
                           f"tags.trial_id = '{trial_id}'")
+        version = registered_version(client, name, run.info.run_id)
+        if version is not None:  # a driver killed after registering it: a rerun adds none
+            print(f"best model: mlflow.pytorch.load_model(\"models:/{name}/{version}\") "
+                  f"(registered before)")
+            return
         mlflow.set_tracking_uri(uri)
         # Without an active experiment MLflow files the logged model under "Default" (its
         # artifacts in ./mlruns of the working folder), whatever run it comes from.
@@ -210,7 +244,15 @@ def register_best_model(results, trial_id: str, study: StudyConfig, parent) -> N
             pip_requirements=[f"torch>={torch.__version__.split('+')[0]}"])
         print(f"best model: mlflow.pytorch.load_model(\"models:/{name}/"
               f"{info.registered_model_version}\")")
-    outbox(uri).put("best model", log)
+    outbox(uri).put("best model", register)
+
+
+def registered_version(client, name: str, run_id: str) -> str | None:
+    """The version of registered model `name` made from run `run_id`, if there is one (whose
+    registration did not fail)."""
+    versions = client.search_model_versions(f"run_id = '{run_id}'")
+    return next((v.version for v in sorted(versions, key=lambda v: int(v.version))
+                 if v.name == name and v.status != "FAILED_REGISTRATION"), None)
 
 
 def report_n0(rows: list[dict], study: StudyConfig, parent, results_dir: Path,

@@ -18,12 +18,14 @@ import tempfile
 import threading
 from pathlib import Path
 
-from orchestrator.errors import Busy, ConfigError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from orchestrator.errors import Busy, ConfigError, StorageError, short
 from orchestrator.results import trained
 from orchestrator.run.data import DATASETS
 from orchestrator.study.config import StudyConfig
-from orchestrator.storage import (check_writable, is_remote, join, read_text, resolve, shown,
-                                  upload, write_text)
+from orchestrator.storage import (check_regular, check_writable, is_remote, join, read_text,
+                                  resolve, shown, upload, write_text)
 from orchestrator.study.trials import planned_trials
 
 STATE_FILE = "multires_study.json"
@@ -60,21 +62,27 @@ def config_hash(study: StudyConfig) -> str:
                           ).hexdigest()[:16]
 
 
-STATE_KEYS = ("parent_run_id", "config_hash", "tracking_uri", "experiment")
+class StudyState(BaseModel):
+    """What a results folder's multires_study.json holds (read back: checked, never trusted)."""
+    model_config = ConfigDict(extra="ignore", strict=True)
+    # MLflow's run ids are hex; the id goes into search filters, so no quote gets in.
+    parent_run_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    config_hash: str = Field(pattern=r"^[0-9a-f]{16}$")
+    tracking_uri: str = Field(max_length=4096)
+    experiment: str = Field(max_length=4096)
 
 
 def read_state(results: str) -> dict | None:
     """The study's own state in its results folder (local or a storage URI), None if absent."""
-    text = read_text(join(results, STATE_FILE))
-    if text is None:
-        return None
+    place = join(results, STATE_FILE)
+    fix = f"remove {shown(results)} to start the study again"
     try:
-        state = json.loads(text)
-    except ValueError:
-        state = None
-    if not isinstance(state, dict) or any(key not in state for key in STATE_KEYS):
-        raise ConfigError(f"{shown(join(results, STATE_FILE))} is not a study's state (truncated "
-                          f"or edited); remove {shown(results)} to start the study again")
+        text = read_text(place, fix=fix)
+        state = None if text is None else StudyState.model_validate_json(text).model_dump()
+    except (ValueError, ValidationError):  # not UTF-8, not JSON, not the fields
+        text, state = "", None
+    if text is not None and state is None:
+        raise ConfigError(f"{shown(place)} is not a study's state (truncated or edited); {fix}")
     return state
 
 
@@ -93,12 +101,14 @@ def study_lock(folder: Path, study: StudyConfig):
     import fcntl
 
     folder.mkdir(parents=True, exist_ok=True)
+    if (folder / LOCK_FILE).exists():  # read back below: a pipe would block, a device not lock
+        check_regular(folder / LOCK_FILE, "storage_path", fix="remove it")
     with open(folder / LOCK_FILE, "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.seek(0)
-            holder = lock.read().strip() or "?"
+            holder = short(lock.read(64).strip() or "?", 20)
             raise Busy(f"study {study.name} is running in another process (pid {holder}) on "
                        f"{shown(study.results_place())}; wait for it to end, or use another "
                        f"--storage-path") from None
@@ -168,7 +178,7 @@ def _run(study: StudyConfig, study_file: str, resume: bool, results: str, local:
         if parent_run.info.status == "FINISHED":  # a rerun changes nothing
             show_finished(parent_run, study, shown(results))
             return 0
-    elif sqlite_path(study.tracking_uri()) is None or sqlite_path(study.tracking_uri()).is_file():
+    elif sqlite_path(study.tracking_uri()) is None or sqlite_path(study.tracking_uri()).exists():
         client = connect(study.tracking_uri())  # a server, a file store: checked before Ray
     else:
         client = None  # a new database is made once the cluster is there
@@ -188,8 +198,11 @@ def _run(study: StudyConfig, study_file: str, resume: bool, results: str, local:
         outcome = fit(study, results, restoring, parent, digest, concurrency, ray_log is not None)
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)
-        parent.close("KILLED" if interrupted else "FAILED",
-                     0 if interrupted else study.mlflow.outage_wait_s)
+        try:
+            parent.close("KILLED" if interrupted else "FAILED",
+                         0 if interrupted else study.mlflow.outage_wait_s)
+        except StorageError as full:  # the first failure is the one the command ends with
+            log.warning(str(full))
         raise
     ended = outcome.num_terminated + outcome.num_errors
     rows = summarize_results(outcome, study)

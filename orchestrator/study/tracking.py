@@ -25,11 +25,12 @@ from ray.tune import Callback
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
 from models.summary import summarize
-from orchestrator.errors import ReportError, TrackingError
+from orchestrator.analysis.n0 import check_runs
+from orchestrator.errors import ReportError, StorageError, TrackingError, short
 from orchestrator.results import DIVERGED, EPOCH_METRICS, STOPPED, SYSTEM_PREFIX, outcome
 from orchestrator.run.config import TrainConfig
 from orchestrator.study.config import StudyConfig
-from orchestrator.storage import short, shown
+from orchestrator.storage import shown, writing
 from orchestrator.study.mlflow_client import (all_runs, artifact_location, connect, outbox,
                                               sqlite_path)
 
@@ -78,7 +79,7 @@ def check_parent(study: StudyConfig, state: dict, results: str) -> tuple[MlflowC
     hint = (f"pass --tracking-uri {short(made_with)} (where the study began)"
             if made_with and made_with != uri else "pass the tracking URI that holds it")
     database = sqlite_path(uri)
-    if database is not None and not database.is_file():
+    if database is not None and not database.exists():
         raise TrackingError(f"no MLflow database at {short(database)}, but {shown(results)} "
                             f"holds a study begun there (parent run {run_id}); {hint}, or use "
                             f"another --storage-path")
@@ -156,8 +157,14 @@ class StudyRun:
         lost = outbox(uri).drain(wait_s)
         if lost:
             path = self.results_dir / "mlflow_undelivered.txt"
-            path.write_text("".join(f"{what}\n" for what in lost))
-            log.warning(f"MLflow at {uri} did not answer; {len(lost)} updates were not "
+            try:
+                with writing(path, "storage_path"):
+                    path.write_text("".join(f"{what}\n" for what in lost))
+            except StorageError:  # a full disk: the list goes to the log, then the error
+                log.warning(f"MLflow at {short(uri)} did not answer; {len(lost)} updates were not "
+                            f"delivered: {short('; '.join(lost), 500)}")
+                raise
+            log.warning(f"MLflow at {short(uri)} did not answer; {len(lost)} updates were not "
                         f"delivered (listed in {path}); every trial's results are in "
                         f"{self.results_dir}")
 
@@ -319,7 +326,7 @@ class TrialTracker(Callback):
 
 def failure_reason(trial) -> str:
     path = getattr(trial, "error_file", None)
-    text = Path(path).read_text() if path and Path(path).is_file() else ""
+    text = Path(path).read_text(errors="replace") if path and Path(path).is_file() else ""
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1][:500] if lines else "trial failed"
 
@@ -330,13 +337,14 @@ def finished_trials(tracking_uri: str, experiment: str, parent_id: str | None = 
     import pandas as pd
 
     database = sqlite_path(tracking_uri)
-    if database is not None and not database.is_file():
+    if database is not None and not database.exists():
         raise ReportError(f"no MLflow database at {database}; run the study there first or "
                           f"pass its --tracking-uri")
     client = connect(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        raise ReportError(f"no MLflow experiment {experiment!r} at {tracking_uri}; check "
+        raise ReportError(f"no MLflow experiment {short(repr(experiment), 60)} at "
+                          f"{short(tracking_uri)}; check "
                           f"--experiment and --tracking-uri")
     found = all_runs(client, [exp.experiment_id], order_by=["attributes.start_time DESC"])
     # A study's parent run: top-level and tagged with its study (not any other top-level run).
@@ -344,27 +352,83 @@ def finished_trials(tracking_uri: str, experiment: str, parent_id: str | None = 
                if MLFLOW_PARENT_RUN_ID not in r.data.tags and "study" in r.data.tags]
     if parent_id is None:
         if not parents:
-            raise ReportError(f"experiment {experiment!r} has no study run")
+            raise ReportError(f"experiment {short(repr(experiment), 60)} has no study run")
         parent_id = parents[0].info.run_id
-    rows, histories = [], {}
+    rows, points = [], []
     for run in found:
-        tags, params = run.data.tags, run.data.params
+        tags = run.data.tags
         if (tags.get(MLFLOW_PARENT_RUN_ID) != parent_id
                 or "final_test_error" not in run.data.metrics):
             continue  # other sweeps, pruned, failed or unfinished trials
         if "stopped_early" in tags:
             continue  # a trial stopped by ASHA is not a finished training
-        if float(tags.get("fidelity", 1.0)) != 1.0:
+        if fidelity(run) != 1.0:
             continue  # a short schedule placed the n0 searcher's bracket; n0 is full schedules
-        rows.append({"depth": int(params["arch.depth"]), "k": int(params["arch.k"]),
-                     "width": int(params["arch.width"]), "params": int(params["params"]),
-                     "seed": int(params["seed"]), "flops": int(params["flops"]),
-                     "test_error": 100 * run.data.metrics["final_test_error"],
-                     "test_error_top5": 100 * run.data.metrics.get("final_test_error_top5",
-                                                                   float("nan")),
+        rows.append({"run_id": run.info.run_id, **{column: read_back(run, column)
+                                                   for column in RUN_COLUMNS},
                      "name": tags.get("architecture", "")})
-        history = client.get_metric_history(run.info.run_id, "test_error")
-        histories[run.info.run_id] = (rows[-1], sorted((m.step, 100 * m.value) for m in history))
+        points += [{"run_id": run.info.run_id, "step": m.step, "test_error": percent(m.value)}
+                   for m in client.get_metric_history(run.info.run_id, "test_error")]
     if not rows:
         raise ReportError(f"no finished trials under study run {parent_id}")
-    return pd.DataFrame(rows), histories, parent_id
+    runs = checked(pd.DataFrame(rows), RUN_COLUMNS)
+    history = checked(pd.DataFrame(points, columns=["run_id", "step", "test_error"]),
+                      {"test_error": ("metric", "test_error")})
+    curves = {run_id: list(zip(own.step, own.test_error))
+              for run_id, own in history.sort_values("step").groupby("run_id")}
+    histories = {}
+    for row in runs.to_dict("records"):
+        run_id = row.pop("run_id")
+        histories[run_id] = (row, curves.get(run_id, []))
+    return runs.drop(columns="run_id"), histories, parent_id
+
+
+# Where each column of the report's runs table comes from in a trial's MLflow run (errors are
+# logged as fractions, the table holds percent).
+RUN_COLUMNS = {"depth": ("param", "arch.depth"), "k": ("param", "arch.k"),
+               "width": ("param", "arch.width"), "params": ("param", "params"),
+               "seed": ("param", "seed"), "flops": ("param", "flops"),
+               "test_error": ("metric", "final_test_error"),
+               "test_error_top5": ("metric", "final_test_error_top5")}
+
+
+def percent(value: float) -> object:
+    """A fraction logged to MLflow in percent; NaN stays as text, to be refused as such."""
+    return "nan" if math.isnan(value) else 100 * value
+
+
+def read_back(run, column: str) -> object:
+    """A trial's value for a column of the runs table as MLflow holds it (None when absent);
+    checked with the CSV's cells (`analysis.n0.check_runs`)."""
+    kind, key = RUN_COLUMNS[column]
+    if kind == "param":
+        return run.data.params.get(key)
+    value = run.data.metrics.get(key)
+    return None if value is None else percent(value)
+
+
+def checked(table, columns: dict):
+    """A table read back from MLflow, every value in its range, or one line naming the run and
+    its parameter or metric."""
+    def where(i, column):
+        kind, key = columns[column]
+        return f"MLflow run {table.run_id[i]}: {kind} {key}" + (
+            " (in percent)" if kind == "metric" else "")
+    fix = "delete that run (mlflow runs delete --run-id ...) to leave it out of the report"
+    return check_runs(table, where, f"a trained trial has it as a number; {fix}", fix,
+                      empty="is missing")
+
+
+def fidelity(run) -> float:
+    """The share of the full schedule a trial trained (tag `fidelity`, 1.0 when absent)."""
+    text = run.data.tags.get("fidelity", "1.0")
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:
+        raise ReportError(f"MLflow run {run.info.run_id}: tag fidelity holds "
+                          f"{short(repr(text), 60)}, not a share of the schedule above 0 and at "
+                          f"most 1; fix the tag, or delete that run (mlflow runs delete "
+                          f"--run-id ...) to leave it out of the report")
+    return value
