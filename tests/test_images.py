@@ -45,8 +45,8 @@ def test_folders_are_read_with_sorted_classes_and_right_labels(folder):
                             std=(1, 1, 1))
         for i in range(len(split)):
             image, label, skipped, _ = data[(0, i, i)]
-            assert image.shape == (32, 32, 3) and image.dtype == np.uint8 and not skipped
-            assert label == split.labels[i] == colour_class(image)
+            assert image.shape == (32, 32, 3) and image.dtype == torch.uint8 and not skipped
+            assert label == split.labels[i] == colour_class(image.numpy())
     # A subset draws from every class (the files are sorted by class) and is the same each time.
     sub = train.subset(9)
     assert sub.paths == train.subset(9).paths and set(sub.labels.tolist()) == {0, 1, 2}
@@ -117,7 +117,7 @@ def test_undecodable_files_are_counted_skipped_and_named(folder, caplog):
     # The substitutes' labels are their own: the next files, here of the same class.
     assert labels.tolist() == train.labels.tolist()
     item = FolderImages(train, "cifar", 32, False, 0, (0, 0, 0), (1, 1, 1))[(0, 2, 2)]
-    assert item[1] == train.labels[3] and colour_class(item[0]) == train.labels[3]
+    assert item[1] == train.labels[3] and colour_class(item[0].numpy()) == train.labels[3]
 
     strict = FolderBatches(train, "cifar", 32, *CIFAR_NORM, batch_size=12, device="cpu",
                            train=False, workers=0, bad_images="error")
@@ -213,9 +213,9 @@ def test_an_epoch_is_a_pure_function_of_seed_and_epoch(folder):
     keys = last.shard_indices(0)
     for (x, y), (xl, yl), batch in zip(a, last.epoch(0), keys):
         items = [data[(0, p, i)] for p, i in batch]
-        maps = [data.maps(torch.from_numpy(colour)[None]) for _, _, _, colour in items]
+        maps = [data.maps(colour[None]) for _, _, _, colour in items]
         expected = torch.stack([
-            torch.einsum("ij,hwj->ihw", M[0].double(), torch.from_numpy(pixels).double())
+            torch.einsum("ij,hwj->ihw", M[0].double(), pixels.double())
             + t[0].double()[:, None, None] for (pixels, *_), (M, t) in zip(items, maps)])
         assert x.is_contiguous() and xl.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(x.double(), expected, rtol=1e-6, atol=1e-5)
