@@ -34,7 +34,7 @@ from typing import Iterator
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2.functional import resize
 
 from models.summary import input_size
@@ -170,13 +170,19 @@ class Draws:
     colour: np.ndarray                 # the ImageNet recipe's colour draws (9) or empty
 
 
-def read_image(path: str) -> torch.Tensor:
+def read_bytes(path: str) -> bytearray:
+    """A file's bytes, writable (a tensor over them needs no copy)."""
+    with open(path, "rb") as f:
+        return bytearray(f.read())
+
+
+def read_image(path: str, data: bytearray | None = None) -> torch.Tensor:
     """A file's RGB pixels, uint8 (3, H, W): torchvision's decoders (libjpeg-turbo, libpng; C,
     from the file's bytes: no Python-level header parsing), PIL for what they do not read as
     8-bit RGB (16-bit PNG, rarer JPEG variants). Raises ValueError/OSError if neither can."""
-    data = read_file(path)
+    data = read_bytes(path) if data is None else data
     try:
-        image = decode_image(data, mode=ImageReadMode.RGB)
+        image = decode_image(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
         if image.dtype == torch.uint8:
             return image
     except RuntimeError:
@@ -209,9 +215,10 @@ def geometry(image: torch.Tensor, draws: Draws, size: int, pad_value) -> torch.T
 @dataclass
 class Encoded:
     """A JPEG for the training process to decode on its device (`decode: device`): the file's
-    bytes, the image's draws, and its key (to redo it the workers' way if the device cannot
-    decode it)."""
-    data: torch.Tensor
+    bytes (as bytes: pickled through the workers' pipe, not one shared-memory file per image),
+    the image's draws, and its key (to redo it the workers' way if the device cannot decode
+    it)."""
+    data: bytearray
     draws: Draws
     key: tuple[int, int, int]
 
@@ -241,13 +248,13 @@ class FolderImages(torch.utils.data.Dataset):
             i = (index + attempt) % len(self.split)
             rng = np.random.default_rng((self.seed, epoch, position, attempt))
             try:
+                data = read_bytes(self.split.paths[i])
                 if (decode or self.decode) == "device":
-                    data = read_file(self.split.paths[i])
                     size = jpeg_size(data)
                     if size is not None:
-                        item = Encoded(data, self.draw(*size, rng), (epoch, position, i))
+                        item = Encoded(data, self.draw(*size, rng), key)
                         return item, int(self.split.labels[i]), tuple(skipped), None
-                image = read_image(self.split.paths[i])
+                image = read_image(self.split.paths[i], data)
             except (OSError, ValueError, SyntaxError) as exc:
                 skipped.append(f"{self.split.paths[i]} ({type(exc).__name__}: {exc})")
                 continue
@@ -305,7 +312,7 @@ class FolderImages(torch.utils.data.Dataset):
         redone the workers' way, here (with its substitute if the file is bad)."""
         items = list(items)
         encoded = [i for i, item in enumerate(items) if isinstance(item[0], Encoded)]
-        data = [items[i][0].data for i in encoded]
+        data = [torch.frombuffer(items[i][0].data, dtype=torch.uint8) for i in encoded]
         try:
             decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
         except RuntimeError:  # one bad file fails the batched call: one by one
@@ -338,11 +345,11 @@ def decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
 SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
-def jpeg_size(data: torch.Tensor) -> tuple[int, int] | None:
+def jpeg_size(data: bytes | bytearray) -> tuple[int, int] | None:
     """(width, height) of a JPEG with 1 or 3 components (grayscale, YCbCr or RGB: what nvJPEG
     decodes to RGB), from its frame header; None for anything else (CMYK, PNG, not an image,
     a header cut short), which the workers decode."""
-    b = memoryview(data.numpy())
+    b = memoryview(data)
     if len(b) < 4 or b[0] != 0xFF or b[1] != 0xD8:
         return None
     i = 2
