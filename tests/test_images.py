@@ -426,7 +426,7 @@ def test_imagenet_recipe_defaults():
 def test_imagenet_recipe_trains_a_generated_imagenet_folder(tmp_path):
     """`orchestrator.train` on an ImageNet-layout folder (3 classes, ImageNet-like JPEGs): the
     ImageNet recipe (224 crops), top-1 and top-5 error, data and step time in every epoch's
-    record; the head has the folder's 3 classes."""
+    record; the head has the folder's 3 classes; `--decode device` trains the same."""
     root = write_image_folder(tmp_path / "imagenet", train=16, val=4, size=(300, 260))
     log = tmp_path / "log.jsonl"
     assert train_main(["--dataset", "imagefolder", "--data-dir", str(root), "--depth", "18",
@@ -440,6 +440,16 @@ def test_imagenet_recipe_trains_a_generated_imagenet_folder(tmp_path):
     assert state["config"]["recipe"] == "imagenet" and state["config"]["lr"] == 0.1 * 16 / 256
     head = [w for w in state["model"].values() if w.ndim == 2][-1]  # the last Linear layer
     assert state["architecture"]["classes"] == 3 and head.shape[0] == 3
+    # Decoding on the device (here the CPU): the same images, so the same run.
+    on_device = tmp_path / "on_device.jsonl"
+    assert train_main(["--dataset", "imagefolder", "--data-dir", str(root), "--depth", "18",
+                       "--batch-size", "16", "--steps", "2", "--device", "cpu",
+                       "--data-workers", "1", "--decode", "device", "--log-json",
+                       str(on_device)]) == 0
+    (again,) = [r for r in map(json.loads, on_device.read_text().splitlines())
+                if r["kind"] == "epoch"]
+    keys = ("train_loss", "test_error", "test_error_top5", "skipped_images")
+    assert {k: again[k] for k in keys} == {k: epoch[k] for k in keys}
 
 
 @pytest.mark.slow
