@@ -224,6 +224,24 @@ def test_an_epoch_is_a_pure_function_of_seed_and_epoch(folder):
         assert y.tolist() == [label for _, label, _, _ in items]
 
 
+def test_files_decode_to_the_pixels_pil_gives(folder, tmp_path):
+    """`read_image` (torchvision's decoders, PIL where they do not give 8-bit RGB): the RGB
+    pixels of PIL's `convert("RGB")`, for RGB, grayscale and CMYK JPEGs and PNGs of every mode."""
+    paths = [str(p) for p in sorted(folder.rglob("*")) if p.is_file()]
+    pixels = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    for mode in ("P", "RGBA", "LA", "L", "1", "I;16"):
+        paths.append(str(tmp_path / f"{mode.replace(';', '')}.png"))
+        Image.fromarray(pixels).convert(mode).save(paths[-1])
+    modes = set()
+    for path in paths:
+        with Image.open(path) as pil:
+            modes.add(pil.mode)
+            expected = torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1)
+        got = images.read_image(path)
+        assert got.dtype == torch.uint8 and torch.equal(got, expected), path
+    assert {"RGB", "L", "CMYK", "P", "RGBA", "LA", "1"} <= modes
+
+
 def test_the_resize_stays_close_to_pils_bilinear(tmp_path):
     """The workers' geometry (a slice, then torch's antialiased bilinear on uint8) against PIL's
     bilinear resize of the same box, which the recipe was written with: random-sized crops
