@@ -271,13 +271,16 @@ def test_the_resize_stays_close_to_pils_bilinear(tmp_path):
 
 def test_device_decoding_gives_the_workers_images(folder):
     """`decode: device` on CPU (decode_jpeg on a batch, as on CUDA with nvJPEG): the same
-    batches as the workers' path, bit for bit, labels and skipped files included: RGB and
-    grayscale JPEGs go to the device with the workers' draws; CMYK JPEGs, PNGs and files that
-    are not JPEGs are decoded by the workers; a truncated JPEG fails on the device and is redone
-    the workers' way (its substitute)."""
+    batches as the workers' path, bit for bit, labels and skipped files included: RGB, grayscale
+    and progressive JPEGs go to the device with the workers' draws; CMYK JPEGs, PNGs and files
+    that are not JPEGs are decoded by the workers; a truncated JPEG fails on the device and is
+    redone the workers' way (its substitute)."""
     from orchestrator.run.config import TrainConfig
 
     train, val = load_folder(folder)
+    with Image.open(train.paths[0]) as first:  # a progressive JPEG too
+        first.load()
+    first.save(train.paths[0], quality=90, progressive=True)
     sizes = [images.jpeg_size(images.read_bytes(p)) for p in train.paths]
     for path, size in zip(train.paths, sizes):
         mode = Image.open(path).mode

@@ -347,12 +347,14 @@ def decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
 
 
 SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+HUFFMAN_DCT = {0xC0, 0xC1, 0xC2}  # baseline, extended, progressive: what nvJPEG decodes
 
 
 def jpeg_size(data: bytes | bytearray) -> tuple[int, int] | None:
-    """(width, height) of a JPEG with 1 or 3 components (grayscale, YCbCr or RGB: what nvJPEG
-    decodes to RGB), from its frame header; None for anything else (CMYK, PNG, not an image,
-    a header cut short), which the workers decode."""
+    """(width, height) of a Huffman-coded DCT JPEG with 1 or 3 components (grayscale, YCbCr or
+    RGB: what nvJPEG decodes to RGB), from its frame header; None for anything else (CMYK,
+    lossless or arithmetic-coded JPEG, PNG, not an image, a header cut short), which the workers
+    decode."""
     b = memoryview(data)
     if len(b) < 4 or b[0] != 0xFF or b[1] != 0xD8:
         return None
@@ -363,7 +365,8 @@ def jpeg_size(data: bytes | bytearray) -> tuple[int, int] | None:
             i += 1
         elif marker in SOF_MARKERS:
             h, w, components = b[i + 5] << 8 | b[i + 6], b[i + 7] << 8 | b[i + 8], b[i + 9]
-            return (w, h) if w and h and components in (1, 3) else None
+            return (w, h) if w and h and components in (1, 3) and marker in HUFFMAN_DCT \
+                else None
         elif marker in (0xD9, 0xDA):  # end of image or scan data before a frame header
             return None
         elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
