@@ -19,7 +19,8 @@ from orchestrator.errors import ConfigError
 RUN_FLAGS = ("dataset", "data_dir", "train_size", "test_size", "epochs", "steps", "batch_size",
              "lr", "momentum", "weight_decay", "grad_clip_norm", "seed", "device", "execution",
              "precision", "compile", "compile_scope", "dtype", "log_json", "log_every",
-             "checkpoint_dir", "checkpoint_every", "recipe", "data_workers", "bad_images")
+             "checkpoint_dir", "checkpoint_every", "recipe", "data_workers", "bad_images",
+             "decode")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -37,6 +38,9 @@ def parser() -> argparse.ArgumentParser:
                       "val/ of an image folder (default ./data)")
     data.add_argument("--data-workers", type=int, help="image-decoding processes (image "
                       "folders; default: CPU cores less one)")
+    data.add_argument("--decode", choices=["workers", "device"], help="where image-folder "
+                      "JPEGs are decoded: workers (default) or the training device (nvJPEG on "
+                      "CUDA)")
     data.add_argument("--bad-images", choices=["skip", "error"], help="an undecodable image "
                       "met in training: skip it (counted, logged; the default) or stop")
     data.add_argument("--train-size", type=int, help="train on the first N images")

@@ -118,6 +118,11 @@ class TrainConfig(Strict):
     data_workers: int | None = Field(None, ge=0, description="processes decoding images "
                                      "(image-folder datasets); default: this process's CPU "
                                      "cores less one; 0: decode in the training process")
+    decode: Literal["workers", "device"] = Field(
+        "workers", description="where image-folder JPEGs are decoded: workers (the "
+        "data_workers processes decode, crop and resize; measured on CPU) or device (the "
+        "workers read the files and draw the augmentation, the training process decodes and "
+        "crops each batch on its device: nvJPEG on CUDA; not measured on a GPU yet)")
     bad_images: Literal["skip", "error"] = Field(
         "skip", description="an image file that cannot be decoded during training: skip (count "
         "it, log its name, use the next image of the split with its own label) or error (stop)")
@@ -174,6 +179,9 @@ class TrainConfig(Strict):
         if self.recipe == "imagenet" and DATASETS[self.dataset].batches is None:
             raise ValueError(f"recipe imagenet augments image files; {self.dataset} is trained "
                              f"with recipe cifar (or use dataset imagefolder or imagenet)")
+        if self.decode == "device" and DATASETS[self.dataset].batches is None:
+            raise ValueError(f"decode device decodes image files; {self.dataset} is already "
+                             f"decoded: use decode workers (or dataset imagefolder or imagenet)")
         if any(not 0 < m < 1 for m in self.lr_milestones):
             raise ValueError("lr_milestones must be fractions between 0 and 1, e.g. [0.5, 0.75]")
         generated = max(self.train_size or 0, self.test_size or 0)

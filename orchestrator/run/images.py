@@ -9,11 +9,14 @@ is skipped by default: the next image of the split takes its place with its own 
 names are counted and logged (`bad_images: error` stops instead).
 
 The pipeline, chosen by measurement (bench/input_pipeline.py, bench/RESULTS.md): DataLoader
-worker processes decode with PIL (libjpeg-turbo; JPEGs larger than needed are decoded at a
-reduced DCT scale) and do the geometry (crop, resize, flip) on uint8 in one `resize(box=...)`;
-they hand over uint8 images (a quarter of the bytes of float ones) with what each image's affine
-colour map needs; the training process makes the maps (colour augmentation and normalisation
-folded together) and applies them batched, on CPU and on a GPU alike. An epoch's order and every
+worker processes decode with torchvision's decoders (libjpeg-turbo, libpng, straight from the
+file's bytes) and do the geometry on uint8 tensors (the crop a slice, the resize torch's
+antialiased bilinear, the flip a copy); they hand over uint8 images (a quarter of the bytes of
+float ones) with what each image's affine colour map needs; the training process makes the maps
+(colour augmentation and normalisation folded together) and applies them batched, on CPU and on
+a GPU alike. With `decode: device` the workers only read the JPEGs and draw the augmentation from
+the frame header's size; the training process decodes the batch on its device (nvJPEG on CUDA)
+and crops there, with the same draws and the same code. An epoch's order and every
 random choice are a pure function of (seed, epoch, position), so a resumed run sees
 the same data, whatever the number of workers; each data-parallel replica decodes only its
 slice of every global batch (the replica index is the mesh's, from the global rank).
@@ -31,6 +34,8 @@ from typing import Iterator
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.transforms.v2.functional import resize
 
 from models.summary import input_size
 from orchestrator.errors import DataError
@@ -147,11 +152,75 @@ def random_sized_crop(w: int, h: int, rng: np.random.Generator) -> tuple[int, in
     return None
 
 
-def centre_box(w: int, h: int, scale: float, size: int) -> tuple[float, float, float, float]:
-    """The box of the original image that becomes the centre `size` square after the shorter
-    side is scaled to `scale * size`."""
-    side = min(w, h) / scale
-    return (w - side) / 2, (h - side) / 2, side, side
+def centre_box(w: int, h: int, scale: float) -> tuple[int, int, int, int]:
+    """The square of the original image (x, y, side, side), in whole pixels, that becomes the
+    centre crop once the shorter side is scaled by `scale` (evaluation: 256/224, then the centre
+    224)."""
+    side = min(min(w, h), round(min(w, h) / scale))
+    return (w - side) // 2, (h - side) // 2, side, side
+
+
+@dataclass
+class Draws:
+    """The random choices for one image, made from the image's size alone: workers draw them
+    before decoding, so the GPU path can decode and crop on the device with the same draws."""
+    box: tuple[int, int, int, int]     # (x, y, width, height) of the original image
+    shift: tuple[int, int] | None      # the CIFAR recipe's pad-and-crop offset (row, column)
+    flip: bool
+    colour: np.ndarray                 # the ImageNet recipe's colour draws (9) or empty
+
+
+def read_bytes(path: str) -> bytearray:
+    """A file's bytes, writable (a tensor over them needs no copy)."""
+    with open(path, "rb") as f:
+        return bytearray(f.read())
+
+
+def read_image(path: str, data: bytearray | None = None) -> torch.Tensor:
+    """A file's RGB pixels, uint8 (3, H, W): torchvision's decoders (libjpeg-turbo, libpng; C,
+    from the file's bytes: no Python-level header parsing), PIL for what they do not read as
+    8-bit RGB (16-bit PNG, rarer JPEG variants). Raises ValueError/OSError if neither can."""
+    data = read_bytes(path) if data is None else data
+    try:
+        image = decode_image(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
+        if image.dtype == torch.uint8:
+            return image
+    except RuntimeError:
+        pass
+    with Image.open(path) as pil:
+        return torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1)
+
+
+def geometry(image: torch.Tensor, draws: Draws, size: int, pad_value) -> torch.Tensor:
+    """An image's crop, resize, pad-and-crop and flip, uint8 (3, H, W) -> uint8 (size, size, 3),
+    on the image's device. The crop is a slice; its resize is torch's antialiased bilinear on
+    uint8 (PIL's filter, within rounding; on CPU in channels-last, its fast path)."""
+    x, y, cw, ch = draws.box
+    crop = image[None, :, y:y + ch, x:x + cw]
+    if (ch, cw) != (size, size):
+        crop = resize(crop.contiguous(memory_format=torch.channels_last), [size, size],
+                      antialias=True)
+    out = crop[0].permute(1, 2, 0)
+    if draws.shift is not None:  # padded with the mean colour: zero after normalisation
+        r, c = draws.shift
+        padded = out.new_empty((size + 8, size + 8, 3))
+        padded[:] = out.new_tensor(pad_value)
+        padded[4:4 + size, 4:4 + size] = out
+        out = padded[r:r + size, c:c + size]
+    if draws.flip:
+        out = out.flip(1)
+    return out.contiguous()
+
+
+@dataclass
+class Encoded:
+    """A JPEG for the training process to decode on its device (`decode: device`): the file's
+    bytes (as bytes: pickled through the workers' pipe, not one shared-memory file per image),
+    the image's draws, and its key (to redo it the workers' way if the device cannot decode
+    it)."""
+    data: bytearray
+    draws: Draws
+    key: tuple[int, int, int]
 
 
 class FolderImages(torch.utils.data.Dataset):
@@ -159,45 +228,73 @@ class FolderImages(torch.utils.data.Dataset):
     affine colour map needs (`colour_inputs`); the training process makes the maps (M, t) that
     augment (ImageNet recipe) and normalise a batch (`maps`: pixel -> M pixel + t) and applies
     them (`apply_colour`). Items are keyed by (epoch, position in the epoch, index): the
-    position seeds the augmentation."""
+    position seeds the augmentation. `decode="device"`: an RGB or grayscale JPEG is handed over
+    undecoded (`Encoded`), for the training process to decode and crop on its device."""
 
     def __init__(self, split: FolderSplit, recipe: str, size: int, train: bool, seed: int,
-                 mean: tuple[float, ...], std: tuple[float, ...]):
+                 mean: tuple[float, ...], std: tuple[float, ...], decode: str = "workers"):
         self.split, self.recipe, self.size, self.train, self.seed = split, recipe, size, train, seed
         self.mean, self.std = torch.tensor(mean), torch.tensor(std)
         self.pad_value = tuple(round(m) for m in mean)
+        self.decode = decode
 
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, key: tuple[int, int, int]):
+    def __getitem__(self, key: tuple[int, int, int], decode: str | None = None):
         epoch, position, index = key
         skipped = []
         for attempt in range(SUBSTITUTES):
             i = (index + attempt) % len(self.split)
             rng = np.random.default_rng((self.seed, epoch, position, attempt))
             try:
-                image = self.transform(self.split.paths[i], rng)
+                data = read_bytes(self.split.paths[i])
+                if (decode or self.decode) == "device":
+                    size = jpeg_size(data)
+                    if size is not None:
+                        item = Encoded(data, self.draw(*size, rng), key)
+                        return item, int(self.split.labels[i]), tuple(skipped), None
+                image = read_image(self.split.paths[i], data)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
                 skipped.append(f"{self.split.paths[i]} ({type(exc).__name__}: {exc})")
                 continue
-            colour = self.colour_inputs(image, rng)
-            pixels = np.array(image)  # writable, for torch
+            draws = self.draw(image.shape[2], image.shape[1], rng)
+            pixels = geometry(image, draws, self.size, self.pad_value)
+            colour = self.colour_inputs(pixels[None], draws.colour[None])[0]
             return pixels, int(self.split.labels[i]), tuple(skipped), colour
         # No image: the training process raises (`FolderBatches.epoch`), in one line; raised in
         # a worker, it would come wrapped in the worker's traceback.
         return None, -1, tuple(skipped), None
 
-    def colour_inputs(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
-        """What the image's colour map needs from the worker, 12 numbers (ImageNet recipe,
-        training): the per-channel means in [0, 1], then the random draws (jitter factors,
-        their order, lighting weights); none otherwise. The maps are made batched (`maps`):
-        3x3 algebra costs numpy's call overhead per image, not per batch."""
+    def draw(self, w: int, h: int, rng: np.random.Generator) -> Draws:
+        """The augmentation's random choices for a w x h image (or the evaluation crop)."""
+        if self.recipe == "imagenet":
+            box = random_sized_crop(w, h, rng) if self.train else None
+            if box is None:
+                box = centre_box(w, h, 1.0 if self.train else EVAL_RESIZE)
+            shift = None
+        else:  # the CIFAR recipe: shorter side to `size`, centre crop, 4-pixel pad + crop
+            box = centre_box(w, h, 1.0)
+            shift = tuple(int(v) for v in rng.integers(0, 9, 2)) if self.train else None
+        flip = bool(self.train and rng.uniform() < 0.5)
+        colour = (np.concatenate([d[0] for d in colour_draws(1, rng)])
+                  if self.train and self.recipe == "imagenet" else np.empty(0))
+        return Draws(box, shift, flip, colour)
+
+    def colour_inputs(self, pixels: torch.Tensor, draws: np.ndarray) -> torch.Tensor:
+        """What the colour maps of images (n, H, W, 3) need, (n, 12) float64 (ImageNet
+        recipe, training): the per-channel means in [0, 1], then the random draws (jitter
+        factors, their order, lighting weights); (n, 0) otherwise. The maps are made batched
+        (`maps`): 3x3 algebra costs numpy's call overhead per image, not per batch."""
         if not (self.train and self.recipe == "imagenet"):
-            return np.empty(0)
-        counts = np.asarray(image.histogram(), dtype=np.float64).reshape(3, 256)
-        means = counts @ np.arange(256) / counts.sum(1) / 255
-        return np.concatenate([means, *(draw[0] for draw in colour_draws(1, rng))])
+            return torch.empty(len(pixels), 0, dtype=torch.float64)
+        n, h, w, _ = pixels.shape
+        if h * w % 64 == 0:  # 64 pixels to a row: a vectorised column sum (3.5x faster)
+            sums = pixels.reshape(n, -1, 192).sum(1, dtype=torch.int32).view(n, 64, 3).sum(1)
+        else:
+            sums = pixels.reshape(n, h * w, 3).sum(1, dtype=torch.int64)
+        means = sums.cpu().double() / (h * w * 255)  # exact integer sums
+        return torch.cat([means, torch.as_tensor(draws, dtype=torch.float64)], 1)
 
     def maps(self, colour: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The colour maps (M, t) of a batch for its uint8 pixels, from the workers'
@@ -212,47 +309,83 @@ class FolderImages(torch.utils.data.Dataset):
         # x01 = x / 255 -> M x01 + t -> (. - mean / 255) / (std / 255)
         return M / self.std[:, None], (255 * t - self.mean) / self.std
 
-    def transform(self, path: str, rng: np.random.Generator) -> Image.Image:
-        """The geometric augmentation (or the evaluation crop) of one file, RGB."""
-        size = self.size
-        with Image.open(path) as image:
-            w, h = image.size
-            if self.recipe == "imagenet":
-                box = random_sized_crop(w, h, rng) if self.train else None
-                if box is None:
-                    box = centre_box(w, h, 1.0 if self.train else EVAL_RESIZE, size)
-                # A JPEG is decoded no larger than the crop needs (libjpeg's DCT scaling): the
-                # crop's sides stay at least `size`.
-                if image.format == "JPEG":
-                    image.draft("RGB", (math.ceil(w * size / box[2]),
-                                        math.ceil(h * size / box[3])))
-                f = image.size[0] / w
-                x, y, cw, ch = (v * f for v in box)
-                image = image.convert("RGB")  # also decodes: a truncated file raises here
-                image = image.resize((size, size), Image.BILINEAR, box=(x, y, x + cw, y + ch))
-            else:  # the CIFAR recipe: shorter side to `size`, centre crop, 4-pixel pad + crop
-                image = image.convert("RGB")
-                if image.size != (size, size):
-                    image = image.resize((size, size), Image.BILINEAR,
-                                         box=centre_box(w, h, 1.0, size))
-                if self.train:  # padded with the mean colour: zero after normalisation
-                    r, c = rng.integers(0, 9, 2)
-                    padded = Image.new("RGB", (size + 8, size + 8), self.pad_value)
-                    padded.paste(image, (4, 4))
-                    image = padded.crop((c, r, c + size, r + size))
-        if self.train and rng.uniform() < 0.5:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return image
+    def finish(self, items: list, device: torch.device):
+        """A `decode: device` batch, made as `collate` makes the workers' batches, on `device`:
+        the `Encoded` JPEGs decoded there in one batched call (nvJPEG on CUDA) and cropped,
+        resized and flipped there with the workers' draws. A JPEG the device cannot decode is
+        redone the workers' way, here (with its substitute if the file is bad)."""
+        items = list(items)
+        encoded = [i for i, item in enumerate(items) if isinstance(item[0], Encoded)]
+        data = [torch.frombuffer(items[i][0].data, dtype=torch.uint8) for i in encoded]
+        try:
+            decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # one bad file fails the batched call: one by one
+            decoded = [decode_one(d, device) for d in data]
+        for i, image in zip(encoded, decoded):
+            item, label, skipped, _ = items[i]
+            if image is None:
+                items[i] = self.__getitem__(item.key, decode="workers")
+            else:
+                pixels = geometry(image, item.draws, self.size, self.pad_value)
+                items[i] = (pixels, label, skipped, item.draws)
+        images, labels, skipped, colour = zip(*items)
+        names = [name for names in skipped for name in names]
+        if any(image is None for image in images):
+            return None, None, names, None
+        x = torch.stack([image.to(device, non_blocking=True) for image in images])
+        # The workers' colour inputs are (means, draws); the means again, batched, are the same.
+        draws = np.stack([c.colour if isinstance(c, Draws) else np.asarray(c)[3:]
+                          for c in colour])
+        return x, torch.tensor(labels), names, self.colour_inputs(x, draws)
+
+
+def decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        return None
+
+
+SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+HUFFMAN_DCT = {0xC0, 0xC1, 0xC2}  # baseline, extended, progressive: what nvJPEG decodes
+
+
+def jpeg_size(data: bytes | bytearray) -> tuple[int, int] | None:
+    """(width, height) of a Huffman-coded DCT JPEG with 1 or 3 components (grayscale, YCbCr or
+    RGB: what nvJPEG decodes to RGB), from its frame header; None for anything else (CMYK,
+    lossless or arithmetic-coded JPEG, PNG, not an image, a header cut short), which the workers
+    decode."""
+    b = memoryview(data)
+    if len(b) < 4 or b[0] != 0xFF or b[1] != 0xD8:
+        return None
+    i = 2
+    while i + 9 < len(b) and b[i] == 0xFF:
+        marker = b[i + 1]
+        if marker == 0xFF:  # a fill byte
+            i += 1
+        elif marker in SOF_MARKERS:
+            h, w, components = b[i + 5] << 8 | b[i + 6], b[i + 7] << 8 | b[i + 8], b[i + 9]
+            return (w, h) if w and h and components in (1, 3) and marker in HUFFMAN_DCT \
+                else None
+        elif marker in (0xD9, 0xDA):  # end of image or scan data before a frame header
+            return None
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+        else:
+            i += 2 + (b[i + 2] << 8 | b[i + 3])
+    return None
 
 
 def collate(items):
+    if any(isinstance(item[0], Encoded) for item in items):
+        return items  # `decode: device`: the training process decodes (`FolderImages.finish`)
     images, labels, skipped, colour = zip(*items)
     names = [name for names in skipped for name in names]
     if any(image is None for image in images):  # a run of undecodable files: no batch
         return None, None, names, None
     # default_collate stacks straight into shared memory in a worker: no copy on the way out.
     images = torch.utils.data.default_collate(images)
-    return images, torch.tensor(labels), names, torch.from_numpy(np.stack(colour))
+    return images, torch.tensor(labels), names, torch.stack(colour)
 
 
 # ----------------------------------------------------------------------------- training side
@@ -343,14 +476,15 @@ class FolderBatches:
     def __init__(self, split: FolderSplit, recipe: str, size: int, mean, std, batch_size: int,
                  device: torch.device | str, train: bool, seed: int = 0,
                  shard: tuple[int, int] = (0, 1), channels_last: bool = False,
-                 workers: int | None = None, bad_images: str = "skip"):
+                 workers: int | None = None, bad_images: str = "skip",
+                 decode: str = "workers"):
         self.split, self.recipe, self.batch_size, self.train = split, recipe, batch_size, train
         self.seed, self.device, self.bad_images = seed, torch.device(device), bad_images
         self.shard_index, self.shard_count = shard
         if batch_size % self.shard_count and train:
             raise ValueError(f"batch size {batch_size} is not divisible by {self.shard_count} "
                              f"data-parallel replicas")
-        self.images = FolderImages(split, recipe, size, train, seed, mean, std)
+        self.images = FolderImages(split, recipe, size, train, seed, mean, std, decode)
         self.workers = default_workers() if workers is None else workers
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.skipped: list[str] = []  # undecodable files met in the latest epoch (this replica)
@@ -382,7 +516,10 @@ class FolderBatches:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.skipped = []
-        for x, y, skipped, colour in self.loader(epoch, start_step):
+        for batch in self.loader(epoch, start_step):
+            if isinstance(batch, list):  # JPEGs to decode here, on the device
+                batch = self.images.finish(batch, self.device)
+            x, y, skipped, colour = batch
             if skipped:
                 if self.bad_images == "error":
                     raise DataError(f"cannot decode {skipped[0]}; replace or remove the file, "
@@ -425,4 +562,4 @@ def folder_batches(split: FolderSplit, cfg, batch_size: int, device, train: bool
     return FolderBatches(split, cfg.recipe, input_size(cfg.architecture), mean, std, batch_size,
                          device, train, seed=cfg.seed, shard=shard,
                          channels_last=cfg.channels_last, workers=cfg.data_workers,
-                         bad_images=cfg.bad_images)
+                         bad_images=cfg.bad_images, decode=cfg.decode)
