@@ -73,14 +73,15 @@ class Oracle:
     """Final test error (%) of (net, seed, fidelity) for one simulated study."""
 
     def __init__(self, rng: np.random.Generator, rho: float, short_noise: float,
-                 outside: bool = False):
+                 outside: bool = False, shape: str = "inverse"):
         self.n0 = rng.uniform(58, 75) if outside else rng.uniform(12, 50)
         self.scale = rng.uniform(0.6, 1.2)
         self.sd = rng.uniform(0.1, 0.3)
         self.rho, self.short_sd = rho, short_noise * self.sd
         self.rng = rng
+        self.curve = SHAPES[shape]
         depths = np.arange(2, 200, 6)
-        full = self.scale * (self.n0 / depths - 1)
+        full = self.gap(depths)
         on = (depths >= 8) & (depths <= 80)  # an unrelated curve of the ladder's spread
         other = full[on].mean() + full[on].std() * rng.standard_normal(len(depths))
         self.short_gap = dict(zip(depths, rho * full + np.sqrt(1 - rho ** 2) * other))
@@ -92,7 +93,7 @@ class Oracle:
             d = net.depth if net.k > 1 else (net.depth - 2) // 4 + 2
             base = 5.5 + 8.0 / d
             if fidelity == FULL:
-                gap = self.scale * (self.n0 / d - 1) if net.k > 1 else 0.0
+                gap = self.gap(d) if net.k > 1 else 0.0
                 sd = self.sd
             else:
                 base += 3.0
@@ -100,6 +101,18 @@ class Oracle:
                 sd = self.short_sd
             self.cache[key] = base + gap + self.rng.normal(0, sd)
         return self.cache[key]
+
+    def gap(self, d):
+        """The full schedule's true difference (multi - deep) at multi-residual depth d."""
+        return self.curve(self.scale, self.n0, np.asarray(d, float))
+
+
+# True difference curves, each a at scale, zero at n0, slope -a/n0 there (the same local
+# information about n0): the paper's a(n0/d - 1) (linear in 1/d: the searcher's own fitted
+# shape), a straight line in d, and a tanh in log d (flat far from n0: bounded at +-a).
+SHAPES = {"inverse": lambda a, n0, d: a * (n0 / d - 1),
+          "linear": lambda a, n0, d: a * (n0 - d) / n0,
+          "tanh": lambda a, n0, d: a * np.tanh(np.log(n0 / d))}
 
 
 def simulate(policy: N0Policy, oracle: Oracle, concurrency: int):
@@ -148,11 +161,11 @@ def run_row(args, rho: float, concurrency: int, fidelities, outside: bool, targe
     rows = []
     for study in range(args.studies):
         rng = np.random.default_rng(10_000 * study + 7)
-        oracle = Oracle(rng, rho, args.short_noise, outside)
+        oracle = Oracle(rng, rho, args.short_noise, outside, args.shape)
         nets, pairs = ladder(DEPTHS)
         plan = N0Plan(target_width=target, seeds=SEEDS, min_seeds=args.min_seeds,
                       fidelities=fidelities, epochs=EPOCHS, budget_epochs=budget,
-                      draws=args.draws, seed=study)
+                      draws=args.draws, seed=study, shape=not args.no_fit)
         policy = N0Policy(nets, pairs, plan, grow=grow)
         wall, idle = simulate(policy, oracle, concurrency)
         n0 = policy.estimate()
@@ -162,7 +175,7 @@ def run_row(args, rho: float, concurrency: int, fidelities, outside: bool, targe
                      "stop": (policy.stopped or "").split(":")[0].split(" (")[0],
                      "grown": len(policy.added)})
     frame = pd.DataFrame(rows)
-    return {"rho": rho, "concurrency": concurrency,
+    return {"shape": args.shape, "fit": "-" if args.no_fit else "1/d", "rho": rho, "concurrency": concurrency,
             "fidelities": "/".join(f"{f:g}" for f in fidelities),
             "n0": "outside" if outside else "12-50", "target": target,
             "budget": "-" if budget is None else f"{budget / grid_epochs:.0%}",
@@ -179,7 +192,8 @@ def grid_row(args, concurrency: int):
     nets, pairs = ladder(DEPTHS)
     hits, widths = [], []
     for study in range(args.studies):
-        oracle = Oracle(np.random.default_rng(10_000 * study + 7), 0.0, args.short_noise)
+        oracle = Oracle(np.random.default_rng(10_000 * study + 7), 0.0, args.short_noise,
+                        shape=args.shape)
         rows = [(n.depth, n.k, n.width, n.params, s, oracle.error(n, s, FULL))
                 for n in nets.values() for s in SEEDS]
         runs = pd.DataFrame(rows, columns=["depth", "k", "width", "params", "seed",
@@ -187,7 +201,7 @@ def grid_row(args, concurrency: int):
         n0 = estimate_n0(runs, find_pairs(runs), args.draws)
         hits.append(covers(n0.low, n0.high, oracle.n0))
         widths.append(n0.width)
-    return {"rho": "-", "concurrency": concurrency, "fidelities": "grid", "n0": "12-50",
+    return {"shape": args.shape, "fit": "-", "rho": "-", "concurrency": concurrency, "fidelities": "grid", "n0": "12-50",
             "target": "-", "budget": "-", "epochs vs grid": 1.0, "p90": 1.0,
             "coverage": np.mean(hits), "median width": float(np.median(widths)),
             "closed": np.isfinite(widths).mean(),
@@ -211,6 +225,10 @@ def main(argv=None) -> int:
     p.add_argument("--full-only", action="store_true", help="also rows with n0.fidelities [1]")
     p.add_argument("--outside", action="store_true", help="also rows with n0 beyond the ladder")
     p.add_argument("--grid", action="store_true", help="also the grid's rows")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="inverse",
+                   help="the true difference curve (inverse: the paper's a(n0/d - 1))")
+    p.add_argument("--no-fit", action="store_true",
+                   help="the searcher without the single-crossing fit (signs of pairs only)")
     p.add_argument("--json", help="write the table here")
     args = p.parse_args(argv)
     grid_epochs = 18 * len(SEEDS) * EPOCHS
