@@ -118,7 +118,7 @@ SHAPES = {"inverse": lambda a, n0, d: a * (n0 / d - 1),
 def simulate(policy: N0Policy, oracle: Oracle, concurrency: int):
     """Event-driven: fill free workers, advance to the next finish, observe, repeat."""
     now, busy, idle, events, order = 0.0, 0, 0.0, [], 0
-    work = 0.0
+    work, before = 0.0, None  # before: the idle share up to the stop (between rounds)
     while True:
         while busy < concurrency:
             trial = policy.suggest()
@@ -129,6 +129,8 @@ def simulate(policy: N0Policy, oracle: Oracle, concurrency: int):
             heapq.heappush(events, (now + net.flops * epochs / 1e6, order, trial, epochs))
             order += 1
             busy += 1
+        if policy.stopped and before is None:
+            before = idle / max(work + idle, 1e-9) if now > 0 else 0.0
         if not events:
             break
         end, _, trial, epochs = heapq.heappop(events)
@@ -138,7 +140,7 @@ def simulate(policy: N0Policy, oracle: Oracle, concurrency: int):
         busy -= 1
         policy.observe(trial[0], trial[1], trial[2],
                        oracle.error(policy.nets[trial[0]], trial[1], trial[2]), epochs)
-    return now, idle / max(work + idle, 1e-9)
+    return now, idle / max(work + idle, 1e-9), before or 0.0
 
 
 def grid_wall(nets, concurrency: int) -> float:
@@ -167,15 +169,15 @@ def run_row(args, rho: float, concurrency: int, fidelities, outside: bool, targe
                       fidelities=fidelities, epochs=EPOCHS, budget_epochs=budget,
                       draws=args.draws, seed=study, shape=not args.no_fit)
         policy = N0Policy(nets, pairs, plan, grow=grow)
-        wall, idle = simulate(policy, oracle, concurrency)
+        wall, idle, before = simulate(policy, oracle, concurrency)
         n0 = policy.estimate()
         rows.append({"epochs": sum(r["cost"] for r in policy.log) / grid_epochs,
                      "hit": covers(n0.low, n0.high, oracle.n0), "width": n0.width,
-                     "idle": idle, "wall": wall / grid_wall(nets0, concurrency),
+                     "idle": idle, "idle before stop": before, "wall": wall / grid_wall(nets0, concurrency),
                      "stop": (policy.stopped or "").split(":")[0].split(" (")[0],
                      "grown": len(policy.added)})
     frame = pd.DataFrame(rows)
-    return {"shape": args.shape, "fit": "-" if args.no_fit else "1/d", "rho": rho, "concurrency": concurrency,
+    return {"shape": args.shape, "fit": "-" if args.no_fit else "shapes", "rho": rho, "concurrency": concurrency,
             "fidelities": "/".join(f"{f:g}" for f in fidelities),
             "n0": "outside" if outside else "12-50", "target": target,
             "budget": "-" if budget is None else f"{budget / grid_epochs:.0%}",
@@ -183,7 +185,8 @@ def run_row(args, rho: float, concurrency: int, fidelities, outside: bool, targe
             "coverage": frame.hit.mean(), "median width": frame.width.median(),
             "closed": np.isfinite(frame.width).mean(),
             "closed width": frame.width[np.isfinite(frame.width)].median(),
-            "idle": frame.idle.mean(), "wall vs grid": frame.wall.mean(),
+            "idle": frame.idle.mean(), "idle before stop": frame["idle before stop"].mean(),
+            "wall vs grid": frame.wall.mean(),
             "grown": frame.grown.mean(),
             "stops": ", ".join(f"{k} {v}" for k, v in frame.stop.value_counts().items())}
 
@@ -206,6 +209,7 @@ def grid_row(args, concurrency: int):
             "coverage": np.mean(hits), "median width": float(np.median(widths)),
             "closed": np.isfinite(widths).mean(),
             "closed width": float(np.median(np.array(widths)[np.isfinite(widths)])), "idle": 0.0,
+            "idle before stop": 0.0,
             "wall vs grid": 1.0, "grown": 0.0, "stops": "-"}
 
 

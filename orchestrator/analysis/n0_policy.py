@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 
 from orchestrator.analysis.n0 import N0, crossings, single_crossings
-from orchestrator.analysis.n0_shape import ShapeFit, fit_shape, information, variance_after
+from orchestrator.analysis.n0_shape import Shapes, fit_shapes, information, variance_after
 from orchestrator.analysis.pairs import Pair
 
 FULL = 1.0
@@ -310,7 +310,7 @@ class N0Policy:
             self._fits[key] = fit
         return self._fits[key]
 
-    def shape_fit(self) -> ShapeFit | None:
+    def shape_fit(self) -> Shapes | None:
         """The single-crossing shape over the full-schedule pairs (n0_shape.py), cached as
         `fit`; None when the plan does not use it or the pairs are too few."""
         if not self.plan.shape:
@@ -318,7 +318,7 @@ class N0Policy:
         count = sum(1 for r in self.log if r["fidelity"] == FULL)
         key = ("shape", count, len(self.pairs))
         if key not in self._fits:
-            fit = fit_shape(self.errors(FULL), self.pairs, self.plan.draws,
+            fit = fit_shapes(self.errors(FULL), self.pairs, self.plan.draws,
                             self.plan.seed + count)
             self._fits = {k: v for k, v in self._fits.items() if k[0] != "shape"}
             self._fits[key] = fit
@@ -328,9 +328,8 @@ class N0Policy:
         """n0 from the full-schedule runs, at the level of one look: from the shape when
         the lack-of-fit test keeps it, else from the pairs' signs (`n0_from`)."""
         shape = self.shape_fit()
-        if shape is not None and shape.accepted:
-            return shape.n0(self.plan.look_level())
-        return n0_from(self.fit(FULL), self.pairs, self.plan.look_level())
+        n0 = shape.n0(self.plan.look_level()) if shape is not None else None
+        return n0 or n0_from(self.fit(FULL), self.pairs, self.plan.look_level())
 
     def shape_report(self) -> str | None:
         """Whether the full-schedule differences follow the shape (None: not used)."""
@@ -412,7 +411,7 @@ class N0Policy:
                 if len(self.seeds_of(p.deep, plan.screen)) < min(2, len(plan.seeds)):
                     return self.seed_for(p, plan.screen)
         shape = self.shape_fit()
-        if shape is not None and shape.accepted:
+        if shape is not None and shape.kept:
             return self.shape_trial(shape)
         # Full schedules where they narrow n0 most per FLOP.
         w_full = self.weights(self.fit(FULL))  # (fits are cached per log length)
@@ -446,12 +445,12 @@ class N0Policy:
                 continue
             # an opened pair first gets min_seeds; opening one is worth a first seed
             gain = 1.0 if n == 0 else 10.0 if n < plan.min_seeds else 1 / n - 1 / (n + 1)
-            value = w[i] * gain / (self.nets[p.deep].flops + self.nets[p.multi].flops)
+            value = w[i] * gain / self.pair_flops(p)
             if value > score:
                 best, score = p, value
         return self.seed_for(best, FULL) if best is not None else None
 
-    def shape_trial(self, shape: ShapeFit) -> Trial | None:
+    def shape_trial(self, shapes: Shapes) -> Trial | None:
         """Under the shape: a full-schedule seed of the pair that most lowers the variance of
         n0 per unit of cost, averaged over where the crossing may lie (draws beyond the ladder count
         at its end pair)."""
@@ -460,18 +459,22 @@ class N0Policy:
                  if len(self.seeds_of(p.deep, FULL)) < len(self.plan.seeds)]
         if not open_:
             return None
+        shape = shapes.best()
         at = np.clip(shape.crossing, ladder[0], ladder[-1])
         runs = [(len(self.seeds_of(p.deep, FULL)), len(self.seeds_of(p.multi, FULL)))
                 for p in self.pairs]  # the running trials as taken
         seeds = [1 / (1 / a + 1 / b) if a and b else 0.0 for a, b in runs]
-        now, after = variance_after(information(ladder, seeds), ladder[open_], at)
+        now, after = variance_after(information(ladder, seeds, shape.power), shape.power,
+                                    ladder[open_], at)
         # per unit of what is capped: epochs under budget.epochs (a seed costs the same at
-        # every depth), else GPU time (FLOPs)
+        # every depth), else GPU time
         cost = np.array([1.0 if self.plan.budget_epochs is not None else
-                         self.nets[self.pairs[i].deep].flops + self.nets[self.pairs[i].multi].flops
-                         for i in open_])
+                         self.pair_flops(self.pairs[i]) for i in open_])
         best = open_[int(np.argmax((now - after) / cost))]
         return self.seed_for(self.pairs[best], FULL)
+
+    def pair_flops(self, pair: Pair) -> float:
+        return self.nets[pair.deep].flops + self.nets[pair.multi].flops
 
     def seed_for(self, pair: Pair, fidelity: float) -> Trial | None:
         have = self.seeds_of(pair.deep, fidelity)
