@@ -254,7 +254,7 @@ def test_a_pairs_design_grows_its_own_ladder(tmp_path):
     path.write_text(yaml.safe_dump({
         "name": "pairs", "train": {"dataset": "synthetic", "epochs": 8, "device": "cpu"},
         "pairs": {"deep": [[2, 2, 2], [4, 4, 4]], "factors": [2]}, "seeds": 2,
-        "searcher": {"sampler": "n0"}, "trials": 12}))
+        "searcher": {"sampler": "n0"}, "trials": 12, "n0": {"fidelities": [0.125, 1.0]}}))
     study = load_study(path)
     policy = n0_policy(study)
     assert policy.grow("shallower", policy.pairs, policy.nets) is None
