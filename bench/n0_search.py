@@ -251,6 +251,8 @@ def main(argv=None) -> int:
                 if args.outside:
                     rows.append(run_row(args, args.rho[-1], concurrency, (args.short, FULL),
                                         True, target, cap))
+                if args.outside and args.full_only:
+                    rows.append(run_row(args, 0.0, concurrency, (FULL,), True, target, cap))
     table = pd.DataFrame(rows)
     print(f"{args.studies} simulated studies per row; grid = 18 nets x {len(SEEDS)} seeds x "
           f"{EPOCHS} epochs; short schedule {args.short:g} of the epochs, its noise "

@@ -445,7 +445,7 @@ class N0Policy:
                 continue
             # an opened pair first gets min_seeds; opening one is worth a first seed
             gain = 1.0 if n == 0 else 10.0 if n < plan.min_seeds else 1 / n - 1 / (n + 1)
-            value = w[i] * gain / self.pair_flops(p)
+            value = w[i] * gain / self.pair_cost(p)
             if value > score:
                 best, score = p, value
         return self.seed_for(best, FULL) if best is not None else None
@@ -466,14 +466,15 @@ class N0Policy:
         seeds = [1 / (1 / a + 1 / b) if a and b else 0.0 for a, b in runs]
         now, after = variance_after(information(ladder, seeds, shape.power), shape.power,
                                     ladder[open_], at)
-        # per unit of what is capped: epochs under budget.epochs (a seed costs the same at
-        # every depth), else GPU time
-        cost = np.array([1.0 if self.plan.budget_epochs is not None else
-                         self.pair_flops(self.pairs[i]) for i in open_])
+        cost = np.array([self.pair_cost(self.pairs[i]) for i in open_])
         best = open_[int(np.argmax((now - after) / cost))]
         return self.seed_for(self.pairs[best], FULL)
 
-    def pair_flops(self, pair: Pair) -> float:
+    def pair_cost(self, pair: Pair) -> float:
+        """What a full-schedule seed of the pair costs in what is capped: epochs under
+        budget.epochs (the same at every depth), else GPU time (FLOPs)."""
+        if self.plan.budget_epochs is not None:
+            return 1.0
         return self.nets[pair.deep].flops + self.nets[pair.multi].flops
 
     def seed_for(self, pair: Pair, fidelity: float) -> Trial | None:

@@ -24,7 +24,9 @@ from orchestrator.analysis.n0 import N0
 from orchestrator.analysis.pairs import Pair
 
 POWERS = (-1.0, 0.0, 1.0)  # g(depth) = depth^power, log depth for 0
-LACK_OF_FIT = 0.10  # a shape is dropped when its lack-of-fit test's p value is below this
+# A shape is dropped when its lack-of-fit test's p value is below this: low, so that the true
+# shape (when in the family) is dropped rarely; a wrong shape kept widens the union instead.
+LACK_OF_FIT = 0.05
 
 
 def basis(depths, power: float) -> np.ndarray:
