@@ -22,10 +22,18 @@ trials still running finish (as in Ray Tune) and count. The grid trains every ne
 seed. n0 and its interval: the searcher's own (full-schedule runs only, level 1 - alpha/looks);
 the grid's from `orchestrator.analysis.n0.estimate_n0` (one look, 95%).
 
+Other true shapes (`--shape`): the searcher fits a smooth single crossing across pairs
+(`orchestrator.analysis.n0_shape`), and a(n0/d - 1) is linear in 1/d, one of its own shapes;
+`linear` (a(n0 - d)/n0) and `tanh` (a tanh(log(n0/d)): flat far from n0, none of the fitted
+shapes) have the same value and slope at n0 and the same noise. `--no-fit`: the searcher
+without the shapes (the pairs' signs only).
+
 Reported per row: epochs vs the grid's full-schedule epochs (mean and 90th percentile), coverage
 (an open-ended interval covers when the true n0 lies beyond its finite end), the median width
 (inf when open-ended), the share of closed intervals and their median width, the share of
-worker time idle, and the simulated wall clock vs the grid's at the same concurrency.
+worker time idle (until the last trial ends) and of it before the search stopped (between
+rounds, while the budget lasts), and the simulated wall clock vs the grid's at the same
+concurrency.
 """
 from __future__ import annotations
 
@@ -173,11 +181,13 @@ def run_row(args, rho: float, concurrency: int, fidelities, outside: bool, targe
         n0 = policy.estimate()
         rows.append({"epochs": sum(r["cost"] for r in policy.log) / grid_epochs,
                      "hit": covers(n0.low, n0.high, oracle.n0), "width": n0.width,
-                     "idle": idle, "idle before stop": before, "wall": wall / grid_wall(nets0, concurrency),
+                     "idle": idle, "idle before stop": before,
+                     "wall": wall / grid_wall(nets0, concurrency),
                      "stop": (policy.stopped or "").split(":")[0].split(" (")[0],
                      "grown": len(policy.added)})
     frame = pd.DataFrame(rows)
-    return {"shape": args.shape, "fit": "-" if args.no_fit else "shapes", "rho": rho, "concurrency": concurrency,
+    return {"shape": args.shape, "fit": "-" if args.no_fit else "shapes", "rho": rho,
+            "concurrency": concurrency,
             "fidelities": "/".join(f"{f:g}" for f in fidelities),
             "n0": "outside" if outside else "12-50", "target": target,
             "budget": "-" if budget is None else f"{budget / grid_epochs:.0%}",
@@ -204,7 +214,8 @@ def grid_row(args, concurrency: int):
         n0 = estimate_n0(runs, find_pairs(runs), args.draws)
         hits.append(covers(n0.low, n0.high, oracle.n0))
         widths.append(n0.width)
-    return {"shape": args.shape, "fit": "-", "rho": "-", "concurrency": concurrency, "fidelities": "grid", "n0": "12-50",
+    return {"shape": args.shape, "fit": "-", "rho": "-", "concurrency": concurrency,
+            "fidelities": "grid", "n0": "12-50",
             "target": "-", "budget": "-", "epochs vs grid": 1.0, "p90": 1.0,
             "coverage": np.mean(hits), "median width": float(np.median(widths)),
             "closed": np.isfinite(widths).mean(),

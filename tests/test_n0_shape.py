@@ -118,3 +118,26 @@ def test_the_searcher_covers_with_its_stopping_rule_in_the_loop(shape):
         assert policy.stopped
         hits.append(n0.low is not None and n0.low <= oracle.n0 <= n0.high)
     assert np.mean(hits) >= 0.9, np.mean(hits)
+
+
+def test_under_budget_epochs_a_seed_costs_the_same_at_every_depth():
+    """budget.epochs caps epochs, which a seed costs alike at every depth: the same results
+    give the same trials whether the nets' FLOPs grow with depth or not; without the cap the
+    cheaper (shallower) pairs are worth more per FLOP, so the trials differ."""
+    from dataclasses import replace
+
+    from tests.test_n0_search import Oracle, ladder, plan
+
+    def trials(flat: bool, budget):
+        nets, pairs = ladder()
+        if flat:
+            nets = {k: replace(n, flops=1000.0) for k, n in nets.items()}
+        policy = N0Policy(nets, pairs, plan(fidelities=(FULL,), budget_epochs=budget, seed=4))
+        oracle, chosen = Oracle(4, n0=30), []
+        while (trial := policy.suggest()) is not None and len(chosen) < 30:
+            chosen.append(trial)
+            policy.observe(*trial, oracle.error(nets[trial[0]], *trial[1:]))
+        return chosen
+
+    assert trials(True, 30 * 200) == trials(False, 30 * 200)
+    assert trials(True, None) != trials(False, None)

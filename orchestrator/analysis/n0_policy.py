@@ -6,20 +6,27 @@ Its parts, in the shape of Optuna's GP sampler and SMAC (model, acquisition, sto
 
 - **Model** (`fit_differences`): per fidelity, every net's mean error over its seeds and the seed
   noise pooled over nets; draws of each pair's difference (multi - deep) and where they first
-  cross zero going deeper (`orchestrator.analysis.n0.crossings`).
+  cross zero going deeper (`orchestrator.analysis.n0.crossings`). On full schedules also the
+  **smooth single crossing** pooled across pairs (`n0_shape.fit_shapes`: diff = b0 + b1 g(depth)
+  for a few monotone g, each kept only while a lack-of-fit test accepts it).
 - **Acquisition** (`N0Policy.next_trial`), asked whenever a worker is free, seeing the running
   trials as taken: first the lagging net of a half-trained pair; then a short complete schedule
   (the lowest fidelity, two seeds) of every pair, in bisection order; then full-schedule seeds
-  of the pair that most narrows n0 per unit of GPU time: the share of crossing draws the pair
+  of the pair that most narrows n0 per unit of cost: the share of crossing draws the pair
   would settle (full-schedule draws, and short-schedule ones where those say more; each draw
-  read as its best single split) times the variance a seed removes, over the pair's FLOPs; an
-  open end of the interval draws the pair that would close it.
+  read as its best single split) times the variance a seed removes, over the pair's cost; an
+  open end of the interval draws the pair that would close it. While a smooth crossing is kept,
+  instead: the seed that most lowers the variance of n0 under the closest kept shape
+  (`shape_trial`). Costs are epochs under `budget.epochs` (a seed costs the same epochs at
+  every depth), else FLOPs.
 - **Stopping** (`Converged`, `BudgetSpent`, `NothingLeft`): objects whose `is_met` gives a reason.
-- **Interval**: n0 and its interval come from full-schedule runs only. The stopping rule looks
-  at the interval only at fixed counts of finished full-schedule trials (`looks`, set before any
-  result) plus once at the end, and each look's interval has level 1 - alpha/(looks + 1): by the
-  union bound the interval at whichever look the search stops holds the true n0 with
-  probability at least 1 - alpha, however the stopping depends on it (Bonferroni over looks).
+- **Interval**: n0 and its interval come from full-schedule runs only: the union of the kept
+  shapes' intervals, or with none kept the pairs' signs (`n0_from`; the report says which,
+  `shape_report`). The stopping rule looks at the interval only at fixed counts of finished
+  full-schedule trials (`looks`, set before any result) plus once at the end, and each look's
+  interval has level 1 - alpha/(looks + 1): by the union bound the interval at whichever look
+  the search stops holds the true n0 with probability at least 1 - alpha, however the stopping
+  depends on it (Bonferroni over looks).
 
 Its state is the settings plus an append-only log of (architecture, seed, fidelity) -> (error,
 cost); `replay` rebuilds every decision from it, so the same order of results gives the same
@@ -413,7 +420,7 @@ class N0Policy:
         shape = self.shape_fit()
         if shape is not None and shape.kept:
             return self.shape_trial(shape)
-        # Full schedules where they narrow n0 most per FLOP.
+        # Full schedules where they narrow n0 most per unit of cost.
         w_full = self.weights(self.fit(FULL))  # (fits are cached per log length)
         w_low = self.weights(self.fit(plan.screen)) if plan.screen is not None else None
         ws = [w for w in (w_full, w_low) if w is not None]
@@ -451,9 +458,9 @@ class N0Policy:
         return self.seed_for(best, FULL) if best is not None else None
 
     def shape_trial(self, shapes: Shapes) -> Trial | None:
-        """Under the shape: a full-schedule seed of the pair that most lowers the variance of
-        n0 per unit of cost, averaged over where the crossing may lie (draws beyond the ladder count
-        at its end pair)."""
+        """Under the closest kept shape: a full-schedule seed of the pair that most lowers the
+        variance of n0 per unit of cost, averaged over where the crossing may lie (draws beyond
+        the ladder count at its end pair)."""
         ladder = np.array([p.depth for p in self.pairs], dtype=float)
         open_ = [i for i, p in enumerate(self.pairs)
                  if len(self.seeds_of(p.deep, FULL)) < len(self.plan.seeds)]
