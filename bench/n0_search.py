@@ -224,6 +224,43 @@ def grid_row(args, concurrency: int):
             "wall vs grid": 1.0, "grown": 0.0, "stops": "-"}
 
 
+def bound_row(args, share: float) -> dict:
+    """What no searcher beats at this share of the grid: the shape known (1/depth, this
+    simulation's own, the only one fitted), the design chosen knowing n0 (the best of a few
+    splits of the seeds between depth 8, the pairs nearest n0 and the deepest), one look at
+    95%; the median width over the studies (each design's width: its median over 12 draws of
+    the noise)."""
+    from orchestrator.analysis.n0_shape import fit_shapes
+
+    total = round(share * 18 * len(SEEDS) / 2)  # pair-seeds: both nets of a pair
+    splits = ({8: .22, "near": .45, 56: .33}, {8: .22, "near": .56, 56: .22},
+              {8: .33, "near": .33, "next": .34}, {8: .22, "near": .45, "next": .33})
+    widths = []
+    for study in range(args.studies):
+        rng = np.random.default_rng(10_000 * study + 7)
+        oracle = Oracle(rng, 0.0, args.short_noise)
+        near = sorted(DEPTHS, key=lambda d: abs(d - oracle.n0))[:2]
+        best = np.inf
+        for split in splits:
+            design = {({"near": near[0], "next": near[1]}).get(d, d): max(2, round(f * total))
+                      for d, f in split.items()}
+            pairs = [Pair(f"deep{d}", f"multi{d}", d) for d in sorted(design)]
+            ws = []
+            for rep in range(12):
+                errors = {}
+                for d, n in design.items():
+                    errors[f"deep{d}"] = list(rng.normal(0, oracle.sd, n))
+                    errors[f"multi{d}"] = list(oracle.gap(d) + rng.normal(0, oracle.sd, n))
+                fit = next(f for f in fit_shapes(errors, pairs, 600, rep).fits if f.power == -1)
+                low, high = fit.interval(0.95)
+                ws.append(high - low)
+            best = min(best, float(np.median(ws)))
+        widths.append(best)
+    return {"budget": f"{2 * total / (18 * len(SEEDS)):.0%}", "pair-seeds": total,
+            "bound: median width": float(np.median(widths)),
+            "share <= 10 layers": float(np.mean(np.array(widths) <= 10))}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--studies", type=int, default=200)
@@ -244,9 +281,15 @@ def main(argv=None) -> int:
                    help="the true difference curve (inverse: the paper's a(n0/d - 1))")
     p.add_argument("--no-fit", action="store_true",
                    help="the searcher without the single-crossing fit (signs of pairs only)")
+    p.add_argument("--bound", type=float, nargs="*",
+                   help="only the bound at these shares of the grid (bound_row)")
     p.add_argument("--json", help="write the table here")
     args = p.parse_args(argv)
     grid_epochs = 18 * len(SEEDS) * EPOCHS
+    if args.bound:
+        print(pd.DataFrame([bound_row(args, share) for share in args.bound]).to_string(
+            index=False, float_format=lambda v: f"{v:.2f}"))
+        return 0
     rows, start = [], time.time()
     for concurrency in args.concurrency:
         if args.grid:
