@@ -38,7 +38,7 @@ def test_each_shape_recovers_a_known_crossing_from_exact_data(power, curve):
     assert fit.value() == pytest.approx(27.0, abs=1e-3)
     low, high = fit.interval(0.95)
     assert 26.9 < low < 27 < high < 27.1
-    n0 = shapes.n0(0.95)
+    n0 = shapes.n0()
     assert n0.low <= 27 <= n0.high and n0.value == pytest.approx(27.0, abs=0.5)
     assert shapes.best().power == power
 
@@ -49,7 +49,7 @@ def test_each_shape_recovers_a_known_crossing_from_exact_data(power, curve):
 ])
 def test_lack_of_fit_drops_kinked_and_non_monotone_differences(curve):
     shapes = fit_shapes(errors_from(curve, sd=0.05), PAIRS, draws=1000, seed=0)
-    assert not shapes.kept and shapes.n0(0.95) is None
+    assert not shapes.kept and shapes.n0() is None
     assert "do not follow a single smooth crossing" in shapes.report()
 
 
@@ -57,7 +57,7 @@ def test_open_ended_beyond_the_deepest_trained_pair():
     """A crossing past the deepest pair: no value, the interval open beyond that pair (never
     extrapolated), as without a shape."""
     shapes = fit_shapes(errors_from(lambda d: 0.9 * (70 / d - 1), sd=0.02), PAIRS, 400, 0)
-    n0 = shapes.n0(0.95)
+    n0 = shapes.n0()
     assert n0.value is None and n0.high == np.inf and 44 <= n0.low <= 56
     assert "n0: not found" in n0.line()
 

@@ -325,8 +325,9 @@ class N0Policy:
         count = sum(1 for r in self.log if r["fidelity"] == FULL)
         key = ("shape", count, len(self.pairs))
         if key not in self._fits:
-            fit = fit_shapes(self.errors(FULL), self.pairs, self.plan.draws,
-                            self.plan.seed + count)
+            # (4x the draws: its interval's tails lie at alpha/4 of a look)
+            fit = fit_shapes(self.errors(FULL), self.pairs, 4 * self.plan.draws,
+                             self.plan.seed + count, self.plan.look_level())
             self._fits = {k: v for k, v in self._fits.items() if k[0] != "shape"}
             self._fits[key] = fit
         return self._fits[key]
@@ -335,7 +336,7 @@ class N0Policy:
         """n0 from the full-schedule runs, at the level of one look: from the shape when
         the lack-of-fit test keeps it, else from the pairs' signs (`n0_from`)."""
         shape = self.shape_fit()
-        n0 = shape.n0(self.plan.look_level()) if shape is not None else None
+        n0 = shape.n0() if shape is not None else None
         return n0 or n0_from(self.fit(FULL), self.pairs, self.plan.look_level())
 
     def shape_report(self) -> str | None:

@@ -9,9 +9,11 @@ A pair's difference is as noisy as a whole pair's seed noise, so the pairs next 
 less than their noise; a shape with two parameters pools every pair into the two numbers that
 place the crossing. It is not assumed silently: a lack-of-fit test per shape (the weighted
 residuals of the pairs' mean differences against the pooled seed noise, an F test) drops the
-shapes the pairs do not follow; the interval is the union of the kept shapes' intervals (each
-holds when its shape is the true one, so the union holds when any is), and with none kept the
-searcher falls back to the interval without a shape and says so. A fit never extrapolates: a
+shapes the pairs do not follow; the interval is the union of the kept shapes' intervals, and
+with none kept the searcher falls back to the interval without a shape and says so. Its level:
+alpha (one look's) is split between the test and the intervals, alpha/2 each, so that when
+the true shape is one of the family the interval misses n0 with probability at most alpha (the
+true shape dropped by its test, or kept and its interval missing: the union bound). A fit never extrapolates: a
 crossing beyond the trained pairs is an open end beyond the end pair, as without a shape."""
 from __future__ import annotations
 
@@ -24,9 +26,6 @@ from orchestrator.analysis.n0 import N0
 from orchestrator.analysis.pairs import Pair
 
 POWERS = (-1.0, 0.0, 1.0)  # g(depth) = depth^power, log depth for 0
-# A shape is dropped when its lack-of-fit test's p value is below this: low, so that the true
-# shape (when in the family) is dropped rarely; a wrong shape kept widens the union instead.
-LACK_OF_FIT = 0.05
 
 
 def basis(depths, power: float) -> np.ndarray:
@@ -80,10 +79,11 @@ class ShapeFit:
     residual: float        # the weighted residual sum of squares
     lack_of_fit: float | None  # its p value; None with fewer than three pairs (no test)
     crossing: np.ndarray   # draws of n0 (+-inf: beyond the deepest / shallowest trained pair)
+    test_level: float      # the shape is dropped when lack_of_fit is below this
 
     @property
     def accepted(self) -> bool:
-        return self.lack_of_fit is not None and self.lack_of_fit >= LACK_OF_FIT
+        return self.lack_of_fit is not None and self.lack_of_fit >= self.test_level
 
     def value(self) -> float:
         return float(crossing_of(self.coef[None, :], self.depths, self.power)[0])
@@ -97,8 +97,9 @@ class ShapeFit:
 
 @dataclass
 class Shapes:
-    """The fits of every shape to the same pairs."""
+    """The fits of every shape to the same pairs, for an interval of this level."""
     fits: list[ShapeFit]
+    level: float
 
     @property
     def kept(self) -> list[ShapeFit]:
@@ -108,12 +109,14 @@ class Shapes:
         """The kept shape closest to the pairs (the point estimate and the acquisition's)."""
         return min(self.kept, key=lambda f: f.residual)
 
-    def n0(self, level: float) -> N0 | None:
+    def n0(self) -> N0 | None:
         """n0 from the closest kept shape, the interval the union of the kept shapes' central
-        `level` intervals (an end beyond the trained pairs infinite); None when none is kept."""
+        intervals at 1 - alpha/2 (an end beyond the trained pairs infinite); None when none is
+        kept."""
         if not self.kept:
             return None
-        ends = [f.interval(level) for f in self.kept]
+        level = self.level
+        ends = [f.interval(1 - (1 - level) / 2) for f in self.kept]
         low, high = min(e[0] for e in ends), max(e[1] for e in ends)
         best = self.best()
         value, depths = best.value(), best.depths
@@ -138,10 +141,10 @@ class Shapes:
                 " interval from the pairs' signs")
 
 
-def fit_shapes(errors: dict[str, list[float]], pairs: list[Pair], draws: int,
-               seed: int) -> Shapes | None:
-    """Every shape fitted to the trained pairs (pairs sorted by depth); None without two of
-    them or without a repeated seed (no noise to weigh a fit against)."""
+def fit_shapes(errors: dict[str, list[float]], pairs: list[Pair], draws: int, seed: int,
+               level: float = 0.95) -> Shapes | None:
+    """Every shape fitted to the trained pairs (pairs sorted by depth), tested at (1 - level)/2;
+    None without two of them or without a repeated seed (no noise to weigh a fit against)."""
     trained = [p for p in pairs if errors.get(p.deep) and errors.get(p.multi)]
     names = sorted({n for p in trained for n in (p.deep, p.multi)})
     dof = sum(len(errors[n]) - 1 for n in names)
@@ -169,8 +172,8 @@ def fit_shapes(errors: dict[str, list[float]], pairs: list[Pair], draws: int,
         lack = float(np.mean(null >= residual / m / sd ** 2)) if m > 0 and sd > 0 else None
         coefs = coef[None, :] + sigma[:, None] * (z @ np.linalg.cholesky(cov).T)
         fits.append(ShapeFit(power, depths, seeds, coef, residual, lack,
-                             crossing_of(coefs, depths, power)))
-    return Shapes(fits)
+                             crossing_of(coefs, depths, power), (1 - level) / 2))
+    return Shapes(fits, level)
 
 
 def variance_after(M: np.ndarray, power: float, candidates: np.ndarray,
