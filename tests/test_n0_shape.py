@@ -141,3 +141,26 @@ def test_under_budget_epochs_a_seed_costs_the_same_at_every_depth():
 
     assert trials(True, 30 * 200) == trials(False, 30 * 200)
     assert trials(True, None) != trials(False, None)
+
+
+def test_pooling_narrows_the_interval_for_the_same_budget():
+    """The same 24 full-schedule trials: with the smooth crossing pooled across pairs the
+    interval of n0 is narrower than from the pairs' signs alone, and still holds n0; the shape
+    acquisition trains pairs on both sides of the crossing."""
+    from tests.test_n0_search import Oracle, ladder, plan, run
+
+    widths = {}
+    for shape in (True, False):
+        nets, pairs = ladder([8, 14, 20, 26, 32, 38, 44, 50, 56])
+        policy = N0Policy(nets, pairs, plan(fidelities=(FULL,), budget_epochs=24 * 200,
+                                            target_width=0.1, shape=shape, seed=3))
+        oracle = Oracle(5, n0=29)
+        oracle.a, oracle.sd = 0.9, 0.15
+        run(policy, oracle, concurrency=4)
+        n0 = policy.estimate()
+        assert n0.low <= 29 <= n0.high
+        widths[shape] = n0.width
+        if shape:
+            trained = [p.depth for p in pairs if policy.seeds_of(p.deep, FULL)]
+            assert any(8 < d < 29 for d in trained) and any(29 < d < 56 for d in trained)
+    assert widths[True] < widths[False], widths
