@@ -134,7 +134,7 @@ class Shapes:
     def report(self) -> str:
         if self.fits[0].lack_of_fit is None:
             return "too few pairs to test a smooth crossing; interval from the pairs' signs"
-        tests = ", ".join(f"{name(f.power)} p = {f.lack_of_fit:.2f}" for f in self.fits)
+        tests = ", ".join(f"{name(f.power)} p = {f.lack_of_fit:.3f}" for f in self.fits)
         if self.kept:
             return f"the differences follow a single smooth crossing (lack of fit: {tests})"
         return (f"the differences do not follow a single smooth crossing (lack of fit: {tests});"
