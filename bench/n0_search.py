@@ -22,10 +22,18 @@ trials still running finish (as in Ray Tune) and count. The grid trains every ne
 seed. n0 and its interval: the searcher's own (full-schedule runs only, level 1 - alpha/looks);
 the grid's from `orchestrator.analysis.n0.estimate_n0` (one look, 95%).
 
+Other true shapes (`--shape`): the searcher fits a smooth single crossing across pairs
+(`orchestrator.analysis.n0_shape`), and a(n0/d - 1) is linear in 1/d, one of its own shapes;
+`linear` (a(n0 - d)/n0) and `tanh` (a tanh(log(n0/d)): flat far from n0, none of the fitted
+shapes) have the same value and slope at n0 and the same noise. `--no-fit`: the searcher
+without the shapes (the pairs' signs only).
+
 Reported per row: epochs vs the grid's full-schedule epochs (mean and 90th percentile), coverage
 (an open-ended interval covers when the true n0 lies beyond its finite end), the median width
 (inf when open-ended), the share of closed intervals and their median width, the share of
-worker time idle, and the simulated wall clock vs the grid's at the same concurrency.
+worker time idle (until the last trial ends) and of it before the search stopped (between
+rounds, while the budget lasts), and the simulated wall clock vs the grid's at the same
+concurrency.
 """
 from __future__ import annotations
 
@@ -73,14 +81,15 @@ class Oracle:
     """Final test error (%) of (net, seed, fidelity) for one simulated study."""
 
     def __init__(self, rng: np.random.Generator, rho: float, short_noise: float,
-                 outside: bool = False):
+                 outside: bool = False, shape: str = "inverse"):
         self.n0 = rng.uniform(58, 75) if outside else rng.uniform(12, 50)
         self.scale = rng.uniform(0.6, 1.2)
         self.sd = rng.uniform(0.1, 0.3)
         self.rho, self.short_sd = rho, short_noise * self.sd
         self.rng = rng
+        self.curve = SHAPES[shape]
         depths = np.arange(2, 200, 6)
-        full = self.scale * (self.n0 / depths - 1)
+        full = self.gap(depths)
         on = (depths >= 8) & (depths <= 80)  # an unrelated curve of the ladder's spread
         other = full[on].mean() + full[on].std() * rng.standard_normal(len(depths))
         self.short_gap = dict(zip(depths, rho * full + np.sqrt(1 - rho ** 2) * other))
@@ -92,7 +101,7 @@ class Oracle:
             d = net.depth if net.k > 1 else (net.depth - 2) // 4 + 2
             base = 5.5 + 8.0 / d
             if fidelity == FULL:
-                gap = self.scale * (self.n0 / d - 1) if net.k > 1 else 0.0
+                gap = self.gap(d) if net.k > 1 else 0.0
                 sd = self.sd
             else:
                 base += 3.0
@@ -101,11 +110,23 @@ class Oracle:
             self.cache[key] = base + gap + self.rng.normal(0, sd)
         return self.cache[key]
 
+    def gap(self, d):
+        """The full schedule's true difference (multi - deep) at multi-residual depth d."""
+        return self.curve(self.scale, self.n0, np.asarray(d, float))
+
+
+# True difference curves, each a at scale, zero at n0, slope -a/n0 there (the same local
+# information about n0): the paper's a(n0/d - 1) (linear in 1/d: the searcher's own fitted
+# shape), a straight line in d, and a tanh in log d (flat far from n0: bounded at +-a).
+SHAPES = {"inverse": lambda a, n0, d: a * (n0 / d - 1),
+          "linear": lambda a, n0, d: a * (n0 - d) / n0,
+          "tanh": lambda a, n0, d: a * np.tanh(np.log(n0 / d))}
+
 
 def simulate(policy: N0Policy, oracle: Oracle, concurrency: int):
     """Event-driven: fill free workers, advance to the next finish, observe, repeat."""
     now, busy, idle, events, order = 0.0, 0, 0.0, [], 0
-    work = 0.0
+    work, before = 0.0, None  # before: the idle share up to the stop (between rounds)
     while True:
         while busy < concurrency:
             trial = policy.suggest()
@@ -116,6 +137,8 @@ def simulate(policy: N0Policy, oracle: Oracle, concurrency: int):
             heapq.heappush(events, (now + net.flops * epochs / 1e6, order, trial, epochs))
             order += 1
             busy += 1
+        if policy.stopped and before is None:
+            before = idle / max(work + idle, 1e-9) if now > 0 else 0.0
         if not events:
             break
         end, _, trial, epochs = heapq.heappop(events)
@@ -125,7 +148,7 @@ def simulate(policy: N0Policy, oracle: Oracle, concurrency: int):
         busy -= 1
         policy.observe(trial[0], trial[1], trial[2],
                        oracle.error(policy.nets[trial[0]], trial[1], trial[2]), epochs)
-    return now, idle / max(work + idle, 1e-9)
+    return now, idle / max(work + idle, 1e-9), before or 0.0
 
 
 def grid_wall(nets, concurrency: int) -> float:
@@ -148,21 +171,23 @@ def run_row(args, rho: float, concurrency: int, fidelities, outside: bool, targe
     rows = []
     for study in range(args.studies):
         rng = np.random.default_rng(10_000 * study + 7)
-        oracle = Oracle(rng, rho, args.short_noise, outside)
+        oracle = Oracle(rng, rho, args.short_noise, outside, args.shape)
         nets, pairs = ladder(DEPTHS)
         plan = N0Plan(target_width=target, seeds=SEEDS, min_seeds=args.min_seeds,
                       fidelities=fidelities, epochs=EPOCHS, budget_epochs=budget,
-                      draws=args.draws, seed=study)
+                      draws=args.draws, seed=study, shape=not args.no_fit)
         policy = N0Policy(nets, pairs, plan, grow=grow)
-        wall, idle = simulate(policy, oracle, concurrency)
+        wall, idle, before = simulate(policy, oracle, concurrency)
         n0 = policy.estimate()
         rows.append({"epochs": sum(r["cost"] for r in policy.log) / grid_epochs,
                      "hit": covers(n0.low, n0.high, oracle.n0), "width": n0.width,
-                     "idle": idle, "wall": wall / grid_wall(nets0, concurrency),
+                     "idle": idle, "idle before stop": before,
+                     "wall": wall / grid_wall(nets0, concurrency),
                      "stop": (policy.stopped or "").split(":")[0].split(" (")[0],
                      "grown": len(policy.added)})
     frame = pd.DataFrame(rows)
-    return {"rho": rho, "concurrency": concurrency,
+    return {"shape": args.shape, "fit": "-" if args.no_fit else "shapes", "rho": rho,
+            "concurrency": concurrency,
             "fidelities": "/".join(f"{f:g}" for f in fidelities),
             "n0": "outside" if outside else "12-50", "target": target,
             "budget": "-" if budget is None else f"{budget / grid_epochs:.0%}",
@@ -170,7 +195,8 @@ def run_row(args, rho: float, concurrency: int, fidelities, outside: bool, targe
             "coverage": frame.hit.mean(), "median width": frame.width.median(),
             "closed": np.isfinite(frame.width).mean(),
             "closed width": frame.width[np.isfinite(frame.width)].median(),
-            "idle": frame.idle.mean(), "wall vs grid": frame.wall.mean(),
+            "idle": frame.idle.mean(), "idle before stop": frame["idle before stop"].mean(),
+            "wall vs grid": frame.wall.mean(),
             "grown": frame.grown.mean(),
             "stops": ", ".join(f"{k} {v}" for k, v in frame.stop.value_counts().items())}
 
@@ -179,7 +205,8 @@ def grid_row(args, concurrency: int):
     nets, pairs = ladder(DEPTHS)
     hits, widths = [], []
     for study in range(args.studies):
-        oracle = Oracle(np.random.default_rng(10_000 * study + 7), 0.0, args.short_noise)
+        oracle = Oracle(np.random.default_rng(10_000 * study + 7), 0.0, args.short_noise,
+                        shape=args.shape)
         rows = [(n.depth, n.k, n.width, n.params, s, oracle.error(n, s, FULL))
                 for n in nets.values() for s in SEEDS]
         runs = pd.DataFrame(rows, columns=["depth", "k", "width", "params", "seed",
@@ -187,12 +214,51 @@ def grid_row(args, concurrency: int):
         n0 = estimate_n0(runs, find_pairs(runs), args.draws)
         hits.append(covers(n0.low, n0.high, oracle.n0))
         widths.append(n0.width)
-    return {"rho": "-", "concurrency": concurrency, "fidelities": "grid", "n0": "12-50",
+    return {"shape": args.shape, "fit": "-", "rho": "-", "concurrency": concurrency,
+            "fidelities": "grid", "n0": "12-50",
             "target": "-", "budget": "-", "epochs vs grid": 1.0, "p90": 1.0,
             "coverage": np.mean(hits), "median width": float(np.median(widths)),
             "closed": np.isfinite(widths).mean(),
             "closed width": float(np.median(np.array(widths)[np.isfinite(widths)])), "idle": 0.0,
+            "idle before stop": 0.0,
             "wall vs grid": 1.0, "grown": 0.0, "stops": "-"}
+
+
+def bound_row(args, share: float) -> dict:
+    """What no searcher beats at this share of the grid: the shape known (1/depth, this
+    simulation's own, the only one fitted), the design chosen knowing n0 (the best of a few
+    splits of the seeds between depth 8, the pairs nearest n0 and the deepest), one look at
+    95%; the median width over the studies (each design's width: its median over 12 draws of
+    the noise)."""
+    from orchestrator.analysis.n0_shape import fit_shapes
+
+    total = round(share * 18 * len(SEEDS) / 2)  # pair-seeds: both nets of a pair
+    splits = ({8: .22, "near": .45, 56: .33}, {8: .22, "near": .56, 56: .22},
+              {8: .33, "near": .33, "next": .34}, {8: .22, "near": .45, "next": .33})
+    widths = []
+    for study in range(args.studies):
+        rng = np.random.default_rng(10_000 * study + 7)
+        oracle = Oracle(rng, 0.0, args.short_noise)
+        near = sorted(DEPTHS, key=lambda d: abs(d - oracle.n0))[:2]
+        best = np.inf
+        for split in splits:
+            design = {({"near": near[0], "next": near[1]}).get(d, d): max(2, round(f * total))
+                      for d, f in split.items()}
+            pairs = [Pair(f"deep{d}", f"multi{d}", d) for d in sorted(design)]
+            ws = []
+            for rep in range(12):
+                errors = {}
+                for d, n in design.items():
+                    errors[f"deep{d}"] = list(rng.normal(0, oracle.sd, n))
+                    errors[f"multi{d}"] = list(oracle.gap(d) + rng.normal(0, oracle.sd, n))
+                fit = next(f for f in fit_shapes(errors, pairs, 600, rep).fits if f.power == -1)
+                low, high = fit.interval(0.95)
+                ws.append(high - low)
+            best = min(best, float(np.median(ws)))
+        widths.append(best)
+    return {"budget": f"{2 * total / (18 * len(SEEDS)):.0%}", "pair-seeds": total,
+            "bound: median width": float(np.median(widths)),
+            "share <= 10 layers": float(np.mean(np.array(widths) <= 10))}
 
 
 def main(argv=None) -> int:
@@ -211,9 +277,19 @@ def main(argv=None) -> int:
     p.add_argument("--full-only", action="store_true", help="also rows with n0.fidelities [1]")
     p.add_argument("--outside", action="store_true", help="also rows with n0 beyond the ladder")
     p.add_argument("--grid", action="store_true", help="also the grid's rows")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="inverse",
+                   help="the true difference curve (inverse: the paper's a(n0/d - 1))")
+    p.add_argument("--no-fit", action="store_true",
+                   help="the searcher without the single-crossing fit (signs of pairs only)")
+    p.add_argument("--bound", type=float, nargs="*",
+                   help="only the bound at these shares of the grid (bound_row)")
     p.add_argument("--json", help="write the table here")
     args = p.parse_args(argv)
     grid_epochs = 18 * len(SEEDS) * EPOCHS
+    if args.bound:
+        print(pd.DataFrame([bound_row(args, share) for share in args.bound]).to_string(
+            index=False, float_format=lambda v: f"{v:.2f}"))
+        return 0
     rows, start = [], time.time()
     for concurrency in args.concurrency:
         if args.grid:
@@ -229,6 +305,8 @@ def main(argv=None) -> int:
                 if args.outside:
                     rows.append(run_row(args, args.rho[-1], concurrency, (args.short, FULL),
                                         True, target, cap))
+                if args.outside and args.full_only:
+                    rows.append(run_row(args, 0.0, concurrency, (FULL,), True, target, cap))
     table = pd.DataFrame(rows)
     print(f"{args.studies} simulated studies per row; grid = 18 nets x {len(SEEDS)} seeds x "
           f"{EPOCHS} epochs; short schedule {args.short:g} of the epochs, its noise "

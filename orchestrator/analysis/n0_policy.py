@@ -6,20 +6,27 @@ Its parts, in the shape of Optuna's GP sampler and SMAC (model, acquisition, sto
 
 - **Model** (`fit_differences`): per fidelity, every net's mean error over its seeds and the seed
   noise pooled over nets; draws of each pair's difference (multi - deep) and where they first
-  cross zero going deeper (`orchestrator.analysis.n0.crossings`).
+  cross zero going deeper (`orchestrator.analysis.n0.crossings`). On full schedules also the
+  **smooth single crossing** pooled across pairs (`n0_shape.fit_shapes`: diff = b0 + b1 g(depth)
+  for a few monotone g, each kept only while a lack-of-fit test accepts it).
 - **Acquisition** (`N0Policy.next_trial`), asked whenever a worker is free, seeing the running
   trials as taken: first the lagging net of a half-trained pair; then a short complete schedule
   (the lowest fidelity, two seeds) of every pair, in bisection order; then full-schedule seeds
-  of the pair that most narrows n0 per unit of GPU time: the share of crossing draws the pair
+  of the pair that most narrows n0 per unit of cost: the share of crossing draws the pair
   would settle (full-schedule draws, and short-schedule ones where those say more; each draw
-  read as its best single split) times the variance a seed removes, over the pair's FLOPs; an
-  open end of the interval draws the pair that would close it.
+  read as its best single split) times the variance a seed removes, over the pair's cost; an
+  open end of the interval draws the pair that would close it. While a smooth crossing is kept,
+  instead: the seed that most lowers the variance of n0 under the closest kept shape
+  (`shape_trial`). Costs are epochs under `budget.epochs` (a seed costs the same epochs at
+  every depth), else FLOPs.
 - **Stopping** (`Converged`, `BudgetSpent`, `NothingLeft`): objects whose `is_met` gives a reason.
-- **Interval**: n0 and its interval come from full-schedule runs only. The stopping rule looks
-  at the interval only at fixed counts of finished full-schedule trials (`looks`, set before any
-  result) plus once at the end, and each look's interval has level 1 - alpha/(looks + 1): by the
-  union bound the interval at whichever look the search stops holds the true n0 with
-  probability at least 1 - alpha, however the stopping depends on it (Bonferroni over looks).
+- **Interval**: n0 and its interval come from full-schedule runs only: the union of the kept
+  shapes' intervals, or with none kept the pairs' signs (`n0_from`; the report says which,
+  `shape_report`). The stopping rule looks at the interval only at fixed counts of finished
+  full-schedule trials (`looks`, set before any result) plus once at the end, and each look's
+  interval has level 1 - alpha/(looks + 1): by the union bound the interval at whichever look
+  the search stops holds the true n0 with probability at least 1 - alpha, however the stopping
+  depends on it (Bonferroni over looks).
 
 Its state is the settings plus an append-only log of (architecture, seed, fidelity) -> (error,
 cost); `replay` rebuilds every decision from it, so the same order of results gives the same
@@ -33,6 +40,7 @@ from typing import Callable
 import numpy as np
 
 from orchestrator.analysis.n0 import N0, crossings, single_crossings
+from orchestrator.analysis.n0_shape import Shapes, fit_shapes, information, variance_after
 from orchestrator.analysis.pairs import Pair
 
 FULL = 1.0
@@ -63,6 +71,7 @@ class N0Plan:
     level: float = 0.95
     draws: int = 1000
     seed: int = 0
+    shape: bool = True  # pool the pairs through a single smooth crossing (n0_shape.py)
 
     @property
     def screen(self) -> float | None:
@@ -308,9 +317,32 @@ class N0Policy:
             self._fits[key] = fit
         return self._fits[key]
 
+    def shape_fit(self) -> Shapes | None:
+        """The single-crossing shape over the full-schedule pairs (n0_shape.py), cached as
+        `fit`; None when the plan does not use it or the pairs are too few."""
+        if not self.plan.shape:
+            return None
+        count = sum(1 for r in self.log if r["fidelity"] == FULL)
+        key = ("shape", count, len(self.pairs))
+        if key not in self._fits:
+            # (4x the draws: its interval's tails lie at alpha/4 of a look)
+            fit = fit_shapes(self.errors(FULL), self.pairs, 4 * self.plan.draws,
+                             self.plan.seed + count, self.plan.look_level())
+            self._fits = {k: v for k, v in self._fits.items() if k[0] != "shape"}
+            self._fits[key] = fit
+        return self._fits[key]
+
     def estimate(self) -> N0:
-        """n0 from the full-schedule runs, at the level of one look."""
-        return n0_from(self.fit(FULL), self.pairs, self.plan.look_level())
+        """n0 from the full-schedule runs, at the level of one look: from the shape when
+        the lack-of-fit test keeps it, else from the pairs' signs (`n0_from`)."""
+        shape = self.shape_fit()
+        n0 = shape.n0() if shape is not None else None
+        return n0 or n0_from(self.fit(FULL), self.pairs, self.plan.look_level())
+
+    def shape_report(self) -> str | None:
+        """Whether the full-schedule differences follow the shape (None: not used)."""
+        shape = self.shape_fit()
+        return shape.report() if shape is not None else None
 
     def spent(self) -> float:
         return sum(r["cost"] for r in self.log) + sum(self.cost(t) for t in self.running)
@@ -386,7 +418,10 @@ class N0Policy:
                 p = self.pairs[i]
                 if len(self.seeds_of(p.deep, plan.screen)) < min(2, len(plan.seeds)):
                     return self.seed_for(p, plan.screen)
-        # Full schedules where they narrow n0 most per FLOP.
+        shape = self.shape_fit()
+        if shape is not None and shape.kept:
+            return self.shape_trial(shape)
+        # Full schedules where they narrow n0 most per unit of cost.
         w_full = self.weights(self.fit(FULL))  # (fits are cached per log length)
         w_low = self.weights(self.fit(plan.screen)) if plan.screen is not None else None
         ws = [w for w in (w_full, w_low) if w is not None]
@@ -418,10 +453,37 @@ class N0Policy:
                 continue
             # an opened pair first gets min_seeds; opening one is worth a first seed
             gain = 1.0 if n == 0 else 10.0 if n < plan.min_seeds else 1 / n - 1 / (n + 1)
-            value = w[i] * gain / (self.nets[p.deep].flops + self.nets[p.multi].flops)
+            value = w[i] * gain / self.pair_cost(p)
             if value > score:
                 best, score = p, value
         return self.seed_for(best, FULL) if best is not None else None
+
+    def shape_trial(self, shapes: Shapes) -> Trial | None:
+        """Under the closest kept shape: a full-schedule seed of the pair that most lowers the
+        variance of n0 per unit of cost, averaged over where the crossing may lie (draws beyond
+        the ladder count at its end pair)."""
+        ladder = np.array([p.depth for p in self.pairs], dtype=float)
+        open_ = [i for i, p in enumerate(self.pairs)
+                 if len(self.seeds_of(p.deep, FULL)) < len(self.plan.seeds)]
+        if not open_:
+            return None
+        shape = shapes.best()
+        at = np.clip(shape.crossing, ladder[0], ladder[-1])
+        runs = [(len(self.seeds_of(p.deep, FULL)), len(self.seeds_of(p.multi, FULL)))
+                for p in self.pairs]  # the running trials as taken
+        seeds = [1 / (1 / a + 1 / b) if a and b else 0.0 for a, b in runs]
+        now, after = variance_after(information(ladder, seeds, shape.power), shape.power,
+                                    ladder[open_], at)
+        cost = np.array([self.pair_cost(self.pairs[i]) for i in open_])
+        best = open_[int(np.argmax((now - after) / cost))]
+        return self.seed_for(self.pairs[best], FULL)
+
+    def pair_cost(self, pair: Pair) -> float:
+        """What a full-schedule seed of the pair costs in what is capped: epochs under
+        budget.epochs (the same at every depth), else GPU time (FLOPs)."""
+        if self.plan.budget_epochs is not None:
+            return 1.0
+        return self.nets[pair.deep].flops + self.nets[pair.multi].flops
 
     def seed_for(self, pair: Pair, fidelity: float) -> Trial | None:
         have = self.seeds_of(pair.deep, fidelity)

@@ -89,6 +89,8 @@ def search_verdict(study: StudyConfig, rows: list[dict]) -> str | None:
         verdict += "; " + "; ".join(a["why"] for a in policy.added)
     if verdict and policy.monotone_report():
         verdict += "; " + policy.monotone_report()
+    if verdict and policy.shape_report():
+        verdict += "; " + policy.shape_report()
     return verdict
 
 

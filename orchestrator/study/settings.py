@@ -102,11 +102,12 @@ class N0Settings(Strict):
                                 "narrower than this many layers")
     level: float = Field(0.95, gt=0, lt=1, description="the interval's coverage, kept under the "
                          "searcher's own stopping (alpha shared over its looks)")
-    fidelities: list[float] = Field(default_factory=lambda: [0.125, 1.0], min_length=1,
-                                    max_length=2, description="a short complete schedule (this "
-                                    "fraction of train.epochs, LR milestones at the same "
-                                    "fractions) that places the bracket, then 1.0; [1.0]: full "
-                                    "schedules only")
+    fidelities: list[float] = Field(default_factory=lambda: [1.0], min_length=1,
+                                    max_length=2, description="[1.0]: full schedules only (the "
+                                    "default: in simulation short ones did not pay); [f, 1.0]: "
+                                    "also a short complete schedule (this fraction of "
+                                    "train.epochs, LR milestones at the same fractions) that "
+                                    "places the bracket, e.g. [0.125, 1.0]")
     min_seeds: int = Field(2, ge=1, description="seeds each configuration of a pair gets when "
                            "the pair is first trained")
     pair_tolerance: float = Field(0.1, gt=0, lt=1, description="largest relative parameter gap "

@@ -283,7 +283,7 @@ def report_n0(rows: list[dict], study: StudyConfig, parent, results_dir: Path,
         policy = replayed(study, rows)
         searched = policy.estimate()
         notes = [a["why"] for a in policy.added] + [
-            n for n in [policy.monotone_report()] if n]
+            n for n in [policy.monotone_report(), policy.shape_report()] if n]
     histories = {r["trial"]: ({k: r[k] for k in keys},
                               [(int(e), 100 * v) for e, v in r["history"].itertuples(index=False)])
                  for r in done if r["history"] is not None}
