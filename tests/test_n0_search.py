@@ -301,3 +301,32 @@ def test_it_brackets_then_bisects_towards_the_crossing_and_stops():
     n0 = policy.estimate()
     assert n0.bracket == (26, 32) and 26 < n0.value < 32 and n0.low <= 29 <= n0.high
     assert policy.stopped.startswith(("converged", "no trial left"))
+
+
+def test_the_verdict_says_when_an_added_pair_was_not_trained(tmp_path):
+    """A pair the ladder adds as the budget runs out is named in the verdict as not trained
+    (the report must not read as if it had been)."""
+    import yaml
+
+    from orchestrator.results import DONE
+    from orchestrator.study.config import load_study
+    from orchestrator.study.n0_search import n0_policy, search_verdict
+
+    path = tmp_path / "pairs.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "pairs", "train": {"dataset": "synthetic", "epochs": 8, "device": "cpu"},
+        "pairs": {"deep": [[2, 2, 2], [4, 4, 4]], "factors": [2]}, "seeds": 2,
+        "searcher": {"sampler": "n0"}, "trials": 8, "n0": {"min_seeds": 1}}))
+    study = load_study(path)
+    pairs = n0_policy(study).pairs
+    # depth wins by far at both pairs: n0 lies deeper, and the ladder grows past the deepest
+    rows = [{"architecture": n, "seed": s, "status": DONE,
+             "final_test_error": (0.10 if n == p.deep else 0.20) + 0.001 * s}
+            for p in pairs for n in (p.deep, p.multi) for s in (0, 1)]
+    verdict = search_verdict(study, rows)
+    assert "budget spent" in verdict and "added pair" in verdict
+    assert "(not trained before the search stopped)" in verdict
+    rows += [{"architecture": n, "seed": 0, "status": DONE, "final_test_error": 0.15}
+             for n in verdict.split("added pair ")[1].split(" (depth")[0].split(" / ")]
+    trained = search_verdict(study.model_copy(update={"trials": 10}), rows)
+    assert "added pair" in trained and "not trained" not in trained

@@ -299,3 +299,18 @@ def test_one_outcome_for_every_reader():
     assert outcome(done, errored=True) == "failed" and outcome(None) == "failed"
     assert not trained("diverged") and not trained("failed")
     assert training_flops(1e6, steps=10, batch_size=128) == 3 * 1e6 * 10 * 128
+
+
+def test_the_dry_run_says_what_interval_an_n0_budget_buys(capsys):
+    """The main study's dry run: its fifth of the grid buys an interval open at one end in the
+    simulated median study; the whole grid a closed one in most."""
+    widths = {}
+    for epochs in (1600, 8000):
+        assert sweep_main(["search_spaces/depth_vs_k.yaml", "--dry-run", "--dry-run-trials", "1",
+                           "--set", f"budget.epochs={epochs}"]) == 0
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("cost in"))
+        assert f"worst case {epochs:,}" in line
+        widths[epochs] = line.split("for a 95% interval of n0 ")[1]
+    assert widths[1600].startswith("open-ended in the median study")
+    assert widths[8000].split(" layers wide")[0].isdigit()
+    assert int(widths[8000].split("two ends in ")[1].split("%")[0]) > 50

@@ -86,7 +86,10 @@ def search_verdict(study: StudyConfig, rows: list[dict]) -> str | None:
         policy.suggest()
     verdict = policy.stopped
     if verdict and policy.added:
-        verdict += "; " + "; ".join(a["why"] for a in policy.added)
+        trained = {r["arch"] for r in policy.log}
+        verdict += "; " + "; ".join(
+            a["why"] + ("" if {n["name"] for n in a["nets"]} & trained else
+                        " (not trained before the search stopped)") for a in policy.added)
     if verdict and policy.monotone_report():
         verdict += "; " + policy.monotone_report()
     if verdict and policy.shape_report():
@@ -151,16 +154,18 @@ class N0Search(JsonStateSearcher):
 
 
 def simulated_cost(study: StudyConfig, studies: int = 10, noise: float = 0.2,
-                   rho: float = 0.7) -> tuple[float, float]:
-    """(mean, 90th percentile) epochs the search trains on simulated results: n0 uniform over
-    the pairs' depths, the difference a (n0/depth - 1) with a = 0.85, seed noise `noise`
-    points, short schedules correlated `rho` with the full ones (bench/n0_search.py's model);
-    trials finish in the order they start, `concurrency` at a time."""
+                   rho: float = 0.7) -> tuple[float, float, float, float]:
+    """(mean, 90th percentile) epochs the search trains on simulated results, and what they
+    buy: the median width of the final interval (inf: open-ended in most) and the share of
+    studies whose interval has two ends. n0 uniform over the pairs' depths, the difference
+    a (n0/depth - 1) with a = 0.85, seed noise `noise` points, short schedules correlated
+    `rho` with the full ones (bench/n0_search.py's model); trials finish in the order they
+    start, `concurrency` at a time."""
     from dataclasses import replace
 
     import numpy as np
 
-    spent = []
+    spent, widths = [], []
     for i in range(studies):
         rng = np.random.default_rng(i)
         policy = n0_policy(study)
@@ -183,4 +188,7 @@ def simulated_cost(study: StudyConfig, studies: int = 10, noise: float = 0.2,
                 gap = gap if fidelity == FULL else rho * gap + (1 - rho ** 2) ** 0.5 * other[d]
             policy.observe(name, seed, fidelity, gap + rng.normal(0, noise))
         spent.append(sum(r["cost"] for r in policy.log))
-    return float(np.mean(spent)), float(np.quantile(spent, 0.9))
+        widths.append(policy.last_look.width if policy.last_look else math.inf)
+    closed = float(np.mean(np.isfinite(widths)))
+    return (float(np.mean(spent)), float(np.quantile(spent, 0.9)),
+            float(np.median(widths)), closed)

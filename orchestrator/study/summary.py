@@ -69,12 +69,14 @@ def dry_run(study: StudyConfig, count: int) -> None:
         grid = len(nets) * len(study.seeds) * epochs
         screen = 2 * len(nets) * plan.epochs_at(plan.screen) if plan.screen else 0
         worst = min(plan.budget_epochs or math.inf, study.trials * epochs + screen, grid + screen)
-        mean, p90 = simulated_cost(study)
+        mean, p90, width, closed = simulated_cost(study)
         short = (f"short schedules of {plan.epochs_at(plan.screen)} epochs first, "
                  if plan.screen else "full schedules only, ")
         print(f"cost in epochs summed over trials ({short}the grid: {grid:,}): worst case "
               f"{worst:,.0f} ({worst / grid:.0%} of the grid; budget.epochs, trials); expected "
-              f"{mean:,.0f}, 90th percentile {p90:,.0f} (simulated: n0 anywhere among the "
+              f"{mean:,.0f}, 90th percentile {p90:,.0f}, for a 95% interval of n0 "
+              f"{'open-ended' if width == math.inf else f'{width:.0f} layers wide'} in the "
+              f"median study, with two ends in {closed:.0%} (simulated: n0 anywhere among the "
               f"pairs, seed noise 0.2 points)")
     waits = len(trials) < count and study.searcher.sampler == "n0"
     print(f"\nat most {planned_trials(study)} trials, sampler {study.searcher.sampler} (seed "
