@@ -221,7 +221,8 @@ def test_searcher_state_is_json_and_replays_without_repeating(tmp_path):
 
     nets, pairs = ladder()
     other = N0Search(N0Policy(nets, pairs, plan(min_seeds=1)))
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match=r"other settings than this study's: min_seeds \d+ "
+                       r"\(now 1\);"):
         other.restore(str(tmp_path / "searcher.json"))
 
 

@@ -145,8 +145,13 @@ class N0Search(JsonStateSearcher):
         from dataclasses import asdict
 
         plan = {k: tuple(v) if isinstance(v, list) else v for k, v in data["plan"].items()}
-        if plan != asdict(self.policy.plan):
-            raise ValueError("the saved n0 searcher has other settings than this study's")
+        now = asdict(self.policy.plan)
+        if plan != now:
+            differ = ", ".join(f"{k} {plan.get(k, 'unset')} (now {now.get(k, 'unset')})"
+                               for k in sorted(set(plan) | set(now)) if plan.get(k) != now.get(k))
+            raise ValueError(f"the saved n0 searcher has other settings than this study's: "
+                             f"{differ}; resume with the version that started it, or start the "
+                             f"study afresh under another name")
         self.policy.replay(data["log"], data["added"])
         self.trials = {k: (v[0], v[1], v[2]) for k, v in data["running"].items()}
         self.policy.running = list(self.trials.values())
