@@ -203,7 +203,8 @@ def test_searcher_state_survives_save_and_restore(tmp_path):
     from orchestrator.study.searchers import build_searcher
 
     for sampler in ("n0", "tpe"):
-        study = load_study(SPACES / "depth_vs_k.yaml", [f"searcher.sampler={sampler}"])
+        study = load_study(SPACES / "depth_vs_k.yaml", [f"searcher.sampler={sampler}",
+                                                        "budget.epochs=8000"])  # not the cap
         first = build_searcher(study)
         before = [first.suggest(f"t{i}") for i in range(6)]
         first.on_trial_complete("t0", {"test_error": 0.07, "epoch": 200})
