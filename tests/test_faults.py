@@ -267,3 +267,18 @@ def test_system_metrics_reach_the_trials_run(tmp_path):
                                                "system/cpu_utilization_percentage")
     assert [(m.step, m.value) for m in history] == [
         (1, pytest.approx(sampled["system/cpu_utilization_percentage"]))]
+
+
+def test_a_sweep_releases_the_placement_groups_its_job_left(ray_address):
+    """What a sweep's driver does as its trials end, however they end: a placement group its
+    job made and did not remove (a Ray Train worker group being made as SIGTERM arrived was
+    seen to outlive its job, holding its CPUs) is removed."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table
+
+    from orchestrator.cluster.driver import release_placement_groups
+
+    left = placement_group([{"CPU": 0.01}])
+    ray.get(left.ready(), timeout=60)
+    release_placement_groups()
+    assert placement_group_table(left)["state"] == "REMOVED"

@@ -236,6 +236,7 @@ def fit(study: StudyConfig, results: str, restoring: bool, parent, digest: str,
     import ray.tune
     from ray.tune import Tuner
 
+    from orchestrator.cluster.driver import release_placement_groups
     from orchestrator.study.console import StudyProgress
     from orchestrator.study.searchers import build_searcher
     from orchestrator.study.tracking import TrialTracker
@@ -281,6 +282,10 @@ def fit(study: StudyConfig, results: str, restoring: bool, parent, digest: str,
         with signing(results):
             return tuner.fit()
     finally:
+        try:
+            release_placement_groups()
+        except Exception as exc:  # the command ends with its own outcome, not this
+            log.warning(f"could not release this sweep's placement groups: {exc}")
         # Tune leaves its own Ctrl-C handler behind, which would swallow the caller's next one.
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, ctrl_c)
