@@ -6,6 +6,7 @@ import datetime
 import os
 import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,20 +47,28 @@ def init_ray(num_cpus: int | None = None) -> None:
     sigterm_as_ctrl_c()
 
 
-def release_placement_groups() -> None:
-    """Remove the placement groups this driver's job still holds once its trials have ended.
-    Ray removes a group with the actor that made it, but a Ray Train worker group being made as
-    Ctrl-C or SIGTERM arrived was seen to outlive its job (its cleaner never learned of it),
-    holding its CPUs or GPUs on a long-lived cluster until someone removed it by hand."""
+def release_placement_groups(settle_s: float = 2.0, limit_s: float = 15.0) -> None:
+    """Remove the placement groups this driver's job still holds once its trials have ended,
+    until none has appeared for `settle_s` (at most `limit_s`). Ray removes a job's groups when
+    the job ends, but a Ray Train worker group made as Ctrl-C or SIGTERM arrived (its trial
+    already stopped, its controller not yet gone) was seen to outlive the job, holding its CPUs
+    or GPUs on a long-lived cluster until someone removed it by hand."""
     from ray._raylet import PlacementGroupID
     from ray.util.placement_group import (PlacementGroup, placement_group_table,
                                           remove_placement_group)
 
     job = ray.get_runtime_context().get_job_id()
-    for group, info in placement_group_table().items():
-        # A group's id ends with the id of the job that made it (Ray's id layout).
-        if group.endswith(job) and info.get("state") != "REMOVED":
-            remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(group)))
+    start = last = time.monotonic()
+    while True:
+        for group, info in placement_group_table().items():
+            # A group's id ends with the id of the job that made it (Ray's id layout).
+            if group.endswith(job) and info.get("state") != "REMOVED":
+                remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(group)))
+                last = time.monotonic()
+        now = time.monotonic()
+        if now - last >= settle_s or now - start >= limit_s:
+            return
+        time.sleep(0.2)
 
 
 def _connect(num_cpus: int | None) -> None:
