@@ -85,16 +85,16 @@ def search_verdict(study: StudyConfig, rows: list[dict]) -> str | None:
     if policy.stopped is None:
         policy.suggest()
     verdict = policy.stopped
-    if verdict and policy.added:
-        trained = {r["arch"] for r in policy.log}
-        verdict += "; " + "; ".join(
-            a["why"] + ("" if {n["name"] for n in a["nets"]} & trained else
-                        " (not trained before the search stopped)") for a in policy.added)
-    if verdict and policy.monotone_report():
-        verdict += "; " + policy.monotone_report()
-    if verdict and policy.shape_report():
-        verdict += "; " + policy.shape_report()
-    return verdict
+    return "; ".join([verdict, *search_notes(policy)]) if verdict else None
+
+
+def search_notes(policy: N0Policy) -> list[str]:
+    """What the report says beside n0: the pairs the ladder added and why (and whether they
+    were trained), where the differences break a single crossing, whether a shape fits."""
+    trained = {r["arch"] for r in policy.log}
+    added = [a["why"] + ("" if {n["name"] for n in a["nets"]} & trained else
+                         " (not trained before the search stopped)") for a in policy.added]
+    return added + [n for n in (policy.monotone_report(), policy.shape_report()) if n]
 
 
 def trial_error(row: dict) -> float:

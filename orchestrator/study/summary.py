@@ -70,9 +70,9 @@ def dry_run(study: StudyConfig, count: int) -> None:
         screen = 2 * len(nets) * plan.epochs_at(plan.screen) if plan.screen else 0
         worst = min(plan.budget_epochs or math.inf, study.trials * epochs + screen, grid + screen)
         mean, p90, width, closed = simulated_cost(study)
-        short = (f"short schedules of {plan.epochs_at(plan.screen)} epochs first, "
-                 if plan.screen else "full schedules only, ")
-        print(f"cost in epochs summed over trials ({short}the grid: {grid:,}): worst case "
+        schedules = (f"short schedules of {plan.epochs_at(plan.screen)} epochs first, "
+                     if plan.screen else "full schedules only, ")
+        print(f"cost in epochs summed over trials ({schedules}the grid: {grid:,}): worst case "
               f"{worst:,.0f} ({worst / grid:.0%} of the grid; budget.epochs, trials); expected "
               f"{mean:,.0f}, 90th percentile {p90:,.0f}, for a 95% interval of n0 "
               f"{'open-ended' if width == math.inf else f'{width:.0f} layers wide'} in the "
@@ -273,25 +273,24 @@ def report_n0(rows: list[dict], study: StudyConfig, parent, results_dir: Path,
     keys = ["depth", "k", "width", "params", "seed", "flops"]
     runs = pd.DataFrame([{**{k: r[k] for k in keys}, "name": r["architecture"],
                           "test_error": 100 * r["final_test_error"]} for r in done])
-    short = pd.DataFrame([{**{k: r[k] for k in keys}, "fidelity": r["fidelity"],
-                           "test_error": 100 * r["final_test_error"]}
-                          for r in finished if r.get("fidelity", 1.0) != 1.0])
+    short_runs = pd.DataFrame([{**{k: r[k] for k in keys}, "fidelity": r["fidelity"],
+                                "test_error": 100 * r["final_test_error"]}
+                               for r in finished if r.get("fidelity", 1.0) != 1.0])
     if runs.empty or not find_pairs(runs, study.n0.pair_tolerance):
         return
     searched, notes = None, []
     if study.searcher.sampler == "n0":  # the searcher's own interval, valid under its stopping
-        from orchestrator.study.n0_search import replayed
+        from orchestrator.study.n0_search import replayed, search_notes
 
         policy = replayed(study, rows)
         searched = policy.estimate()
-        notes = [a["why"] for a in policy.added] + [
-            n for n in [policy.monotone_report(), policy.shape_report()] if n]
+        notes = search_notes(policy)
     histories = {r["trial"]: ({k: r[k] for k in keys},
                               [(int(e), 100 * v) for e, v in r["history"].itertuples(index=False)])
                  for r in done if r["history"] is not None}
     n0, path = build_report(runs, results_dir / "report", f"Deeper or wider: {study.name}",
                             histories, tolerance=study.n0.pair_tolerance, n0=searched,
-                            notes=notes, short=short)
+                            notes=notes, short=short_runs)
     print()
     show(path, n0)
     if verdict:
