@@ -141,3 +141,13 @@ def test_progress_writes_a_line_per_finished_trial(tmp_path, capsys):
                      "diverged d8-k2-w1-s0-lr1e+08  1/2 epochs  the loss became non-finite at "
                      "step 3"]
     assert progress.study_bar.total == 4  # the epochs that ended trials skip are not coming
+
+
+def test_the_time_estimate_of_an_n0_study_counts_its_epoch_budget():
+    """depth_vs_k caps its training at 1,600 epochs, 8 of its 200-epoch trials: the estimate
+    for running it on these CPUs counts those, not its 40-trial cap."""
+    path = Path("search_spaces/depth_vs_k.yaml")
+    with pytest.raises(ConfigError) as error:
+        check_fit(load_study(path), LAPTOP, str(path))
+    here = str(error.value).splitlines()[-1]
+    assert "this study on these CPUs" in here and "(8 trials, " in here

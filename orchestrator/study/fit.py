@@ -158,6 +158,8 @@ def estimate(study: StudyConfig, resources: Resources, at_once: int) -> str:
         torch.set_num_threads(threads)
     rate = training_flops(forward[len(configs) // 2], 1, study.train.batch_size) / step_s
     trials = planned_trials(study)
+    if study.searcher.sampler == "n0" and study.budget.epochs:  # the n0 searcher's own cap
+        trials = min(trials, math.ceil(study.budget.epochs / study.train.epochs))
     total = trials * estimated_cost(study, statistics.mean(forward))
     hours = total / (rate * at_once) / 3600
     took = f"{hours:,.0f} hours" if hours >= 2 else f"{60 * hours:.0f} minutes"
