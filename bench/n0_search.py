@@ -33,12 +33,14 @@ Reported per row: epochs vs the grid's full-schedule epochs (mean and 90th perce
 (inf when open-ended), the share of closed intervals and their median width, the share of
 worker time idle (until the last trial ends) and of it before the search stopped (between
 rounds, while the budget lasts), and the simulated wall clock vs the grid's at the same
-concurrency.
+concurrency. `--bound`: instead, what no searcher beats at those shares of the grid
+(`bound_row`: the Cramer-Rao bound, one look).
 """
 from __future__ import annotations
 
 import argparse
 import heapq
+import math
 import time
 
 import numpy as np
@@ -224,39 +226,28 @@ def grid_row(args, concurrency: int):
             "wall vs grid": 1.0, "grown": 0.0, "stops": "-"}
 
 
-def bound_row(args, share: float) -> dict:
-    """What no searcher beats at this share of the grid: the shape known (1/depth, this
-    simulation's own, the only one fitted), the design chosen knowing n0 (the best of a few
-    splits of the seeds between depth 8, the pairs nearest n0 and the deepest), one look at
-    95%; the median width over the studies (each design's width: its median over 12 draws of
-    the noise)."""
-    from orchestrator.analysis.n0_shape import fit_shapes
-
-    total = round(share * 18 * len(SEEDS) / 2)  # pair-seeds: both nets of a pair
-    splits = ({8: .22, "near": .45, 56: .33}, {8: .22, "near": .56, 56: .22},
-              {8: .33, "near": .33, "next": .34}, {8: .22, "near": .45, "next": .33})
+def bound_row(args, share: float, rho: float) -> dict:
+    """What no searcher beats at this share of the grid, whatever its design and estimator: the
+    Cramer-Rao bound on n0, given the true shape, the seed noise and the short schedule's
+    model, and one look at 95%. A full-schedule pair-seed (both nets, one seed) at any depth
+    tells about n0 at most (a/n0)^2 / (2 sd^2) with the scale a unknown (the mean difference
+    is linear in g = 1/depth for `inverse`, in depth for `linear`: the information about the
+    crossing is the same at every depth; `tanh` is flatter, so less). Short schedules, free
+    here and with unlimited seeds: at a depth they see rho x the full difference plus an
+    independent value of the ladder's spread, so each of the 15 depths the ladder may hold
+    adds at most rho^2 (2 sd^2) / ((1 - rho^2) spread^2) pair-seeds. The width:
+    2 x 1.96 x n0 x sqrt(2 sd^2 / pair-seeds) / a, its median over the studies."""
+    pair_seeds = share * 18 * len(SEEDS) / 2
     widths = []
     for study in range(args.studies):
-        rng = np.random.default_rng(10_000 * study + 7)
-        oracle = Oracle(rng, 0.0, args.short_noise)
-        near = sorted(DEPTHS, key=lambda d: abs(d - oracle.n0))[:2]
-        best = np.inf
-        for split in splits:
-            design = {({"near": near[0], "next": near[1]}).get(d, d): max(2, round(f * total))
-                      for d, f in split.items()}
-            pairs = [Pair(f"deep{d}", f"multi{d}", d) for d in sorted(design)]
-            ws = []
-            for rep in range(12):
-                errors = {}
-                for d, n in design.items():
-                    errors[f"deep{d}"] = list(rng.normal(0, oracle.sd, n))
-                    errors[f"multi{d}"] = list(oracle.gap(d) + rng.normal(0, oracle.sd, n))
-                fit = next(f for f in fit_shapes(errors, pairs, 600, rep).fits if f.power == -1)
-                low, high = fit.interval(0.95)
-                ws.append(high - low)
-            best = min(best, float(np.median(ws)))
-        widths.append(best)
-    return {"budget": f"{2 * total / (18 * len(SEEDS)):.0%}", "pair-seeds": total,
+        oracle = Oracle(np.random.default_rng(10_000 * study + 7), 0.0, args.short_noise)
+        depths = np.arange(8, 81, 6)  # the spread of the short schedule's own curve
+        spread = float(np.std(oracle.gap(depths)))
+        pair_var = 2 * oracle.sd ** 2
+        short = 15 * rho ** 2 * pair_var / ((1 - rho ** 2) * spread ** 2) if rho < 1 else np.inf
+        widths.append(2 * 1.96 * oracle.n0 * math.sqrt(pair_var / (pair_seeds + short))
+                      / oracle.scale)
+    return {"budget": f"{share:.0%}", "rho": rho, "pair-seeds": pair_seeds,
             "bound: median width": float(np.median(widths)),
             "share <= 10 layers": float(np.mean(np.array(widths) <= 10))}
 
@@ -286,12 +277,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the table here")
     args = p.parse_args(argv)
     grid_epochs = 18 * len(SEEDS) * EPOCHS
-    if args.bound:
-        print(pd.DataFrame([bound_row(args, share) for share in args.bound]).to_string(
-            index=False, float_format=lambda v: f"{v:.2f}"))
-        return 0
     rows, start = [], time.time()
-    for concurrency in args.concurrency:
+    if args.bound:
+        rows = [bound_row(args, share, rho) for share in args.bound for rho in args.rho]
+    for concurrency in [] if args.bound else args.concurrency:
         if args.grid:
             rows.append(grid_row(args, concurrency))
         for budget in args.budget:

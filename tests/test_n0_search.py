@@ -240,8 +240,8 @@ def test_single_crossing(diffs, expected):
 
 def test_looks_are_fixed_and_share_alpha():
     p = plan(budget_epochs=40 * 200, min_seeds=2)
-    assert p.looks() == [8, 16, 32]
-    assert p.look_level() == pytest.approx(1 - 0.05 / 4)
+    assert p.looks() == [8, 16]  # within the first half of the 40 trials the budget allows
+    assert p.look_level() == pytest.approx(1 - 0.05 / 3)
     assert bisection_order(7) == [0, 6, 3, 1, 4, 2, 5]
 
 

@@ -23,10 +23,10 @@ Its parts, in the shape of Optuna's GP sampler and SMAC (model, acquisition, sto
 - **Interval**: n0 and its interval come from full-schedule runs only: the union of the kept
   shapes' intervals, or with none kept the pairs' signs (`n0_from`; the report says which,
   `shape_report`). The stopping rule looks at the interval only at fixed counts of finished
-  full-schedule trials (`looks`, set before any result) plus once at the end, and each look's
-  interval has level 1 - alpha/(looks + 1): by the union bound the interval at whichever look
-  the search stops holds the true n0 with probability at least 1 - alpha, however the stopping
-  depends on it (Bonferroni over looks).
+  full-schedule trials (`looks`, set before any result, in the first half of what the study
+  may train) plus once at the end, and each look's interval has level 1 - alpha/(looks + 1):
+  by the union bound the interval at whichever look the search stops holds the true n0 with
+  probability at least 1 - alpha, however the stopping depends on it (Bonferroni over looks).
 
 Its state is the settings plus an append-only log of (architecture, seed, fidelity) -> (error,
 cost); `replay` rebuilds every decision from it, so the same order of results gives the same
@@ -83,13 +83,15 @@ class N0Plan:
 
     def looks(self) -> list[int]:
         """Finished full-schedule trials after which the stopping rule looks at the interval
-        (fixed before any result): 4 x min_seeds (two pairs), then x1.5, up to what the budget
-        allows; few looks keep each look's level near the nominal one."""
+        (fixed before any result): 4 x min_seeds (two pairs), then doubling, within the first
+        half of the full-schedule trials the study may train (max_trials, or what the budget
+        allows). Every look lowers every look's level; one in the second half could save
+        little of the budget."""
         most = self.max_trials
         if self.budget_epochs is not None:
             most = min(most, int(self.budget_epochs // self.epochs))
         out, n = [], 4 * self.min_seeds
-        while n < most:
+        while n <= most / 2:
             out.append(n)
             n *= 2
         return out
@@ -240,8 +242,12 @@ class N0Policy:
 
     def __post_init__(self):
         self.pairs = sorted(self.pairs, key=lambda p: p.depth)
-        self.plan = N0Plan(**{**asdict(self.plan),
-                              "min_seeds": min(self.plan.min_seeds, len(self.plan.seeds))})
+        plan = self.plan
+        # No more full-schedule trials than every seed of every pair the ladder may hold (its
+        # looks are planned within them).
+        pairs = len(self.pairs) + (2 * self.max_growth if self.grow is not None else 0)
+        self.plan = N0Plan(**{**asdict(plan), "min_seeds": min(plan.min_seeds, len(plan.seeds)),
+                              "max_trials": min(plan.max_trials, 2 * len(plan.seeds) * pairs)})
 
     # -- what the searcher calls
     def suggest(self) -> Trial | None:
