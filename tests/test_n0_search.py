@@ -242,6 +242,12 @@ def test_looks_are_fixed_and_share_alpha():
     p = plan(budget_epochs=40 * 200, min_seeds=2)
     assert p.looks() == [8, 16]  # within the first half of the 40 trials the budget allows
     assert p.look_level() == pytest.approx(1 - 0.05 / 3)
+    # No budget: the looks lie within the trials the ladder can hold (every seed of its 7
+    # pairs, 3 more each side when it grows), not within an unbounded `trials`.
+    nets, pairs = ladder()
+    assert N0Policy(nets, pairs, plan(max_trials=10_000)).plan.looks() == [8, 16, 32]
+    assert N0Policy(nets, pairs, plan(max_trials=10_000), grow=grow).plan.looks() == \
+        [8, 16, 32, 64]
     assert bisection_order(7) == [0, 6, 3, 1, 4, 2, 5]
 
 
