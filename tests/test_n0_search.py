@@ -317,7 +317,7 @@ def test_the_verdict_says_when_an_added_pair_was_not_trained(tmp_path):
 
     from orchestrator.results import DONE
     from orchestrator.study.config import load_study
-    from orchestrator.study.n0_search import n0_policy, search_verdict
+    from orchestrator.study.n0_search import n0_policy, replayed, search_verdict
 
     path = tmp_path / "pairs.yaml"
     path.write_text(yaml.safe_dump({
@@ -330,10 +330,10 @@ def test_the_verdict_says_when_an_added_pair_was_not_trained(tmp_path):
     rows = [{"architecture": n, "seed": s, "status": DONE,
              "final_test_error": (0.10 if n == p.deep else 0.20) + 0.001 * s}
             for p in pairs for n in (p.deep, p.multi) for s in (0, 1)]
-    verdict = search_verdict(study, rows)
+    verdict = search_verdict(replayed(study, rows))
     assert "budget spent" in verdict and "added pair" in verdict
     assert "(not trained before the search stopped)" in verdict
     rows += [{"architecture": n, "seed": 0, "status": DONE, "final_test_error": 0.15}
              for n in verdict.split("added pair ")[1].split(" (depth")[0].split(" / ")]
-    trained = search_verdict(study.model_copy(update={"trials": 10}), rows)
+    trained = search_verdict(replayed(study.model_copy(update={"trials": 10}), rows))
     assert "added pair" in trained and "not trained" not in trained

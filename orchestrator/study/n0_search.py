@@ -78,10 +78,9 @@ def replayed(study: StudyConfig, rows: list[dict]) -> N0Policy:
     return policy
 
 
-def search_verdict(study: StudyConfig, rows: list[dict]) -> str | None:
-    """Why an n0 search ended, replayed from its finished trials (the sweep's summary rows);
+def search_verdict(policy: N0Policy) -> str | None:
+    """Why an n0 search ended, from its policy replayed from the finished trials (`replayed`);
     None when it would have wanted more trials (it was interrupted)."""
-    policy = replayed(study, rows)
     if policy.stopped is None:
         policy.suggest()
     verdict = policy.stopped

@@ -206,13 +206,14 @@ def _run(study: StudyConfig, study_file: str, resume: bool, results: str, local:
         raise
     ended = outcome.num_terminated + outcome.num_errors
     rows = summarize_results(outcome, study)
-    verdict = None
+    verdict, policy = None, None
     if ended < len(rows):  # trials that never ended: interrupted
         interrupted = True
     elif study.searcher.sampler == "n0":
-        from orchestrator.study.n0_search import search_verdict
+        from orchestrator.study.n0_search import replayed, search_verdict
 
-        verdict = search_verdict(study, rows)  # None: the search wanted more trials
+        policy = replayed(study, rows)  # once, for the verdict and the report
+        verdict = search_verdict(policy)  # None: the search wanted more trials
         interrupted = verdict is None
     else:
         interrupted = ended < planned_trials(study)
@@ -224,7 +225,7 @@ def _run(study: StudyConfig, study_file: str, resume: bool, results: str, local:
     best = report_summary(rows, study, parent, shown(results))
     if best is not None:
         register_best_model(outcome, best, study, parent)
-    report_n0(rows, study, parent, local, verdict)
+    report_n0(rows, study, parent, local, verdict, policy)
     if is_remote(results) and (local / "report").is_dir():
         upload(local / "report", join(results, "report"))
     parent.close("FINISHED", study.mlflow.outage_wait_s)
