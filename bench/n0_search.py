@@ -252,6 +252,29 @@ def bound_row(args, share: float, rho: float) -> dict:
             "share <= 10 layers": float(np.mean(np.array(widths) <= 10))}
 
 
+def searcher_rows(args) -> list[dict]:
+    """The grid's and the searcher's rows for every combination the options ask for."""
+    grid_epochs = 18 * len(SEEDS) * EPOCHS
+    rows = []
+    for concurrency in args.concurrency:
+        if args.grid:
+            rows.append(grid_row(args, concurrency))
+        for budget in args.budget:
+            cap = budget * grid_epochs if budget > 0 else None
+            for target in args.target_width:
+                for rho in args.rho:
+                    rows.append(run_row(args, rho, concurrency, (args.short, FULL), False,
+                                        target, cap))
+                if args.full_only:
+                    rows.append(run_row(args, 0.0, concurrency, (FULL,), False, target, cap))
+                if args.outside:
+                    rows.append(run_row(args, args.rho[-1], concurrency, (args.short, FULL),
+                                        True, target, cap))
+                if args.outside and args.full_only:
+                    rows.append(run_row(args, 0.0, concurrency, (FULL,), True, target, cap))
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--studies", type=int, default=200)
@@ -276,26 +299,9 @@ def main(argv=None) -> int:
                    help="only the bound at these shares of the grid (bound_row)")
     p.add_argument("--json", help="write the table here")
     args = p.parse_args(argv)
-    grid_epochs = 18 * len(SEEDS) * EPOCHS
-    rows, start = [], time.time()
-    if args.bound:
-        rows = [bound_row(args, share, rho) for share in args.bound for rho in args.rho]
-    for concurrency in [] if args.bound else args.concurrency:
-        if args.grid:
-            rows.append(grid_row(args, concurrency))
-        for budget in args.budget:
-            cap = budget * grid_epochs if budget > 0 else None
-            for target in args.target_width:
-                for rho in args.rho:
-                    rows.append(run_row(args, rho, concurrency, (args.short, FULL), False,
-                                        target, cap))
-                if args.full_only:
-                    rows.append(run_row(args, 0.0, concurrency, (FULL,), False, target, cap))
-                if args.outside:
-                    rows.append(run_row(args, args.rho[-1], concurrency, (args.short, FULL),
-                                        True, target, cap))
-                if args.outside and args.full_only:
-                    rows.append(run_row(args, 0.0, concurrency, (FULL,), True, target, cap))
+    start = time.time()
+    rows = ([bound_row(args, share, rho) for share in args.bound for rho in args.rho]
+            if args.bound else searcher_rows(args))
     table = pd.DataFrame(rows)
     print(f"{args.studies} simulated studies per row; grid = 18 nets x {len(SEEDS)} seeds x "
           f"{EPOCHS} epochs; short schedule {args.short:g} of the epochs, its noise "

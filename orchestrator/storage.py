@@ -110,8 +110,7 @@ def storage_uri(value: str, field: str = "storage_path") -> str:
         value = urlparse(value).path
     elif scheme and len(scheme) > 1:  # a Windows drive letter is no scheme
         raise StorageError(f"{field} {short(value)}: scheme {short(repr(scheme), 60)} is not "
-                           f"supported; give a "
-                           f"folder or a URI starting with "
+                           f"supported; give a folder or a URI starting with "
                            f"{', '.join(s + '://' for s in REMOTE_SCHEMES)}")
     return str(resolve(value, field))
 

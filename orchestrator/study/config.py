@@ -95,8 +95,7 @@ class StudyConfig(Strict):
         scheme = value.partition("://")[0] if "://" in value else ""
         if scheme not in ("", "file", *REMOTE_SCHEMES):
             raise ValueError(f"scheme {short(repr(scheme), 60)} is not supported; give a "
-                             f"folder, file://PATH "
-                             f"or a URI starting with "
+                             f"folder, file://PATH or a URI starting with "
                              f"{', '.join(s + '://' for s in REMOTE_SCHEMES)}")
         return value
 

@@ -52,8 +52,8 @@ def connect(tracking_uri: str) -> MlflowClient:
             raise TrackingError(f"tracking URI {short(tracking_uri)}: {reason}; use "
                                 f"sqlite:///PATH/mlflow.db") from None
         raise TrackingError(f"MLflow at {short(tracking_uri)} cannot be used "
-                            f"({type(exc).__name__}); "
-                            f"start the server or pass another --tracking-uri") from None
+                            f"({type(exc).__name__}); start the server or pass another "
+                            f"--tracking-uri") from None
     return client
 
 

@@ -78,12 +78,10 @@ def read_state(results: str) -> dict | None:
     fix = f"remove {shown(results)} to start the study again"
     try:
         text = read_text(place, fix=fix)
-        state = None if text is None else StudyState.model_validate_json(text).model_dump()
+        return None if text is None else StudyState.model_validate_json(text).model_dump()
     except (ValueError, ValidationError):  # not UTF-8, not JSON, not the fields
-        text, state = "", None
-    if text is not None and state is None:
-        raise ConfigError(f"{shown(place)} is not a study's state (truncated or edited); {fix}")
-    return state
+        raise ConfigError(f"{shown(place)} is not a study's state (truncated or edited); "
+                          f"{fix}") from None
 
 
 def local_folder(study: StudyConfig) -> Path:

@@ -344,8 +344,7 @@ def finished_trials(tracking_uri: str, experiment: str, parent_id: str | None = 
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ReportError(f"no MLflow experiment {short(repr(experiment), 60)} at "
-                          f"{short(tracking_uri)}; check "
-                          f"--experiment and --tracking-uri")
+                          f"{short(tracking_uri)}; check --experiment and --tracking-uri")
     found = all_runs(client, [exp.experiment_id], order_by=["attributes.start_time DESC"])
     # A study's parent run: top-level and tagged with its study (not any other top-level run).
     parents = [r for r in found
