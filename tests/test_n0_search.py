@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from orchestrator.analysis.n0 import single_crossings
-from orchestrator.analysis.n0_policy import FULL, N0Plan, N0Policy, Net, bisection_order
+from orchestrator.analysis.n0_policy import (FULL, SCREEN_SHARE, N0Plan, N0Policy, Net,
+                                             bisection_order)
 from orchestrator.analysis.pairs import Pair
 
 DEPTHS = [8, 14, 20, 26, 32, 38, 44]
@@ -119,13 +120,15 @@ def test_a_finished_trial_frees_a_worker_at_once_and_decisions_replay(fidelities
 
 
 def test_short_schedules_place_the_bracket_only_and_can_be_turned_off():
-    """The short schedule comes first (every pair, two seeds); n0 comes from full schedules
-    only (absurd short results leave it unchanged); fidelities [1.0] trains no short run."""
+    """The short schedule comes first (a seed of every pair, then a second); n0 comes from
+    full schedules only (absurd short results leave it unchanged); fidelities [1.0] trains no
+    short run."""
     nets, pairs = ladder()
     policy = N0Policy(nets, pairs, plan())
     first = [policy.suggest() for _ in range(4 * len(pairs))]
     assert {t[2] for t in first} == {0.125}
     assert {t[0] for t in first} == set(nets) and len(set(first)) == len(first)
+    assert {t[1] for t in first[:2 * len(pairs)]} == {SEEDS[0]}
     oracle = Oracle(5)
     run(policy, oracle)
     before = policy.estimate()
@@ -142,6 +145,26 @@ def test_short_schedules_place_the_bracket_only_and_can_be_turned_off():
     assert {r["fidelity"] for r in full_only.log} == {FULL}
 
 
+def test_short_schedules_take_at_most_their_share_of_a_budget():
+    """Under budget.epochs short schedules take about SCREEN_SHARE of it, so that the rest is
+    whole full-schedule pairs: a first seed of every pair (the ends and the middle first),
+    then a second; the rest goes to full schedules, none to a net whose pair has no run of
+    the other."""
+    nets, pairs = ladder()  # 7 pairs: a seed of each at 25 epochs is 350 epochs
+    for budget, screened in ((2400, 400), (6000, 700), (1200, 0)):  # 700: two seeds of all
+        policy = N0Policy(nets, pairs, plan(budget_epochs=budget, target_width=0.1))
+        run(policy, Oracle(7))
+        short = [(r["arch"], r["seed"]) for r in policy.log if r["fidelity"] == 0.125]
+        assert len(short) * 25 == screened, budget
+        assert abs(screened - SCREEN_SHARE * budget) <= 200  # half a full pair-seed
+        order = [(n, seed) for seed in SEEDS[:2] for i in bisection_order(len(pairs))
+                 for n in (pairs[i].deep, pairs[i].multi)]
+        assert sorted(short) == sorted(order[:len(short)])
+        full = policy.errors(FULL)
+        assert sum(map(len, full.values())) * 200 == (budget - screened) // 200 * 200
+        assert all(bool(full.get(p.deep)) == bool(full.get(p.multi)) for p in pairs)
+
+
 def test_budget_in_epochs_is_never_passed():
     nets, pairs = ladder()
     policy = N0Policy(nets, pairs, plan(budget_epochs=12 * 200, target_width=0.1))
@@ -149,6 +172,15 @@ def test_budget_in_epochs_is_never_passed():
     assert policy.stopped.startswith("budget spent")
     assert sum(r["cost"] for r in policy.log) <= 12 * 200
     assert sum(r["cost"] for r in policy.log) > 10 * 200
+    # room for one full-schedule net only: a seed of a trained pair, never a net whose pair
+    # has no run of the other (alone it tells nothing)
+    for cap in ({"budget_epochs": 13 * 200}, {"max_trials": 13}):
+        policy = N0Policy(nets, pairs, plan(fidelities=(FULL,), target_width=0.1, **cap))
+        run(policy, Oracle(7))
+        full = policy.errors(FULL)
+        assert sum(map(len, full.values())) == 13, cap
+        assert all(bool(full.get(p.deep)) == bool(full.get(p.multi)) for p in pairs)
+        assert sum(len(full.get(p.deep, [])) != len(full.get(p.multi, [])) for p in pairs) == 1
 
 
 def test_the_ladder_grows_past_the_deepest_pair_and_says_why():

@@ -11,15 +11,18 @@ Its parts, in the shape of Optuna's GP sampler and SMAC (model, acquisition, sto
   for a few monotone g, each kept only while a lack-of-fit test accepts it).
 - **Acquisition** (`N0Policy.next_trial`), asked whenever a worker is free, seeing the running
   trials as taken: first the lagging net of a half-trained pair; then a short complete schedule
-  (the lowest fidelity, two seeds) of every pair, in bisection order; then full-schedule seeds
-  of the pair that most narrows n0 per unit of cost: the share of crossing draws the pair
-  would settle (full-schedule draws, and short-schedule ones where those say more; each draw
-  read as its best single split) times the variance a seed removes, over the pair's cost; an
-  open end of the interval draws the pair that would close it. While a smooth crossing is kept,
+  (the lowest fidelity) of every pair, in bisection order, a seed then a second, within about
+  `SCREEN_SHARE` of what the study may train; then full-schedule seeds of the pair that most
+  narrows n0 per unit of cost: the share of crossing draws the pair would settle
+  (full-schedule draws, and short-schedule ones where those say more; each draw read as its
+  best single split) times the variance a seed removes, over the pair's cost; an open end of
+  the interval draws the pair that would close it. While a smooth crossing is kept,
   instead: the seed that most lowers the variance of n0 under the closest kept shape
   (`shape_trial`). Costs are epochs under `budget.epochs` (a seed costs the same epochs at
   every depth), else FLOPs.
-- **Stopping** (`Converged`, `BudgetSpent`, `NothingLeft`): objects whose `is_met` gives a reason.
+- **Stopping** (`Converged`, `BudgetSpent`, `NothingLeft`): objects whose `is_met` gives a reason;
+  the budget never starts a pair whose other net it cannot hold (room for one net goes to a
+  seed of a trained pair, `room_for`).
 - **Interval**: n0 and its interval come from full-schedule runs only: the union of the kept
   shapes' intervals, or with none kept the pairs' signs (`n0_from`; the report says which,
   `shape_report`). The stopping rule looks at the interval only at fixed counts of finished
@@ -44,6 +47,10 @@ from orchestrator.analysis.n0_shape import Shapes, fit_shapes, information, vari
 from orchestrator.analysis.pairs import Pair
 
 FULL = 1.0
+# Short schedules only place the bracket (n0 comes from full ones); in simulation they did not
+# pay even when free, and two seeds of every pair took half of a budget of a fifth of the grid:
+# they get about this share of what a study may train (N0Plan.screen_epochs).
+SCREEN_SHARE = 1 / 8
 Trial = tuple[str, int, float]  # (architecture, seed, fidelity)
 
 
@@ -95,6 +102,15 @@ class N0Plan:
             out.append(n)
             n *= 2
         return out
+
+    def screen_epochs(self) -> float:
+        """What short schedules may take: about SCREEN_SHARE of what the study may train, so
+        that the rest holds whole full-schedule pair-seeds."""
+        most = self.max_trials * self.epochs
+        if self.budget_epochs is not None:
+            most = min(most, self.budget_epochs)
+        pair = 2 * self.epochs
+        return max(0.0, most - pair * round((1 - SCREEN_SHARE) * most / pair))
 
     def look_level(self) -> float:
         """The level of each look's interval: alpha shared over the looks and the end."""
@@ -199,16 +215,16 @@ class Converged:
 
 @dataclass(frozen=True)
 class BudgetSpent:
-    """The next trial would pass `budget.epochs`, or `trials` full-schedule trials."""
-    def is_met(self, policy: "N0Policy", cost: float) -> str | None:
+    """The next trial would pass `budget.epochs`, or `trials` full-schedule trials; the first
+    run of a pair counts its other net too (one net of a pair alone tells nothing)."""
+    def is_met(self, policy: "N0Policy", trial: Trial) -> str | None:
         plan = policy.plan
-        if plan.budget_epochs is not None and policy.spent() + cost > plan.budget_epochs + 1e-9:
+        nets = 2 if policy.starts_pair(trial) else 1
+        if policy.fits(nets, trial[2]):
+            return None
+        if plan.budget_epochs is not None and not policy.fits(nets, trial[2], trials=False):
             return f"budget spent ({policy.spent():g} of budget.epochs {plan.budget_epochs:g})"
-        full = [r for r in policy.log if r["fidelity"] == FULL] + [
-            t for t in policy.running if t[2] == FULL]
-        if cost == plan.epochs and len(full) >= plan.max_trials:
-            return f"trial budget spent ({plan.max_trials} full-schedule trials)"
-        return None
+        return f"trial budget spent ({plan.max_trials} full-schedule trials)"
 
 
 @dataclass(frozen=True)
@@ -255,7 +271,7 @@ class N0Policy:
         if self.stopped:
             return None
         trial = self.next_trial()
-        reason = (BudgetSpent().is_met(self, self.cost(trial)) if trial else None) or \
+        reason = (BudgetSpent().is_met(self, trial) if trial else None) or \
             NothingLeft().is_met(self, trial)
         if reason:
             self.finish(reason)
@@ -350,11 +366,29 @@ class N0Policy:
         shape = self.shape_fit()
         return shape.report() if shape is not None else None
 
-    def spent(self) -> float:
-        return sum(r["cost"] for r in self.log) + sum(self.cost(t) for t in self.running)
+    def spent(self, fidelity: float | None = None) -> float:
+        """Epochs trained and running, at one fidelity or at all."""
+        return sum(r["cost"] for r in self.log if fidelity in (None, r["fidelity"])) + \
+            sum(self.cost(t) for t in self.running if fidelity in (None, t[2]))
 
     def cost(self, trial: Trial) -> float:
         return self.plan.epochs_at(trial[2])
+
+    def fits(self, nets: int, fidelity: float, trials: bool = True) -> bool:
+        """Whether `nets` more trials at `fidelity` fit budget.epochs (and `trials`)."""
+        plan = self.plan
+        if plan.budget_epochs is not None and \
+                self.spent() + nets * plan.epochs_at(fidelity) > plan.budget_epochs + 1e-9:
+            return False
+        full = sum(1 for r in self.log if r["fidelity"] == FULL) + \
+            sum(1 for t in self.running if t[2] == FULL)
+        return not trials or fidelity != FULL or full + nets <= plan.max_trials
+
+    def starts_pair(self, trial: Trial) -> bool:
+        """Whether no pair of the trial's net has a run of its other net at this fidelity."""
+        name, _, fidelity = trial
+        return not any(self.seeds_of(p.multi if name == p.deep else p.deep, fidelity)
+                       for p in self.pairs if name in (p.deep, p.multi))
 
     def seeds_of(self, name: str, fidelity: float) -> list[int]:
         return [s for n, s, f in self.running if n == name and f == fidelity] + \
@@ -417,13 +451,17 @@ class N0Policy:
                     seed = next((s for s in plan.seeds if s not in have), None)
                     if seed is not None:
                         return (name, seed, fidelity)
-        # The short schedule of every pair, two seeds (the model needs a repeated seed), ends
-        # and middle first.
-        if plan.screen is not None:
-            for i in bisection_order(len(self.pairs)):
-                p = self.pairs[i]
-                if len(self.seeds_of(p.deep, plan.screen)) < min(2, len(plan.seeds)):
-                    return self.seed_for(p, plan.screen)
+        # The short schedule: a seed of every pair, ends and middle first, then a second (the
+        # model needs a repeated seed), while both nets of a pair fit in the screen's share.
+        if plan.screen is not None and self.spent(plan.screen) + 2 * plan.epochs_at(
+                plan.screen) <= plan.screen_epochs() + 1e-9:
+            for want in range(1, min(2, len(plan.seeds)) + 1):
+                for i in bisection_order(len(self.pairs)):
+                    for name in (self.pairs[i].deep, self.pairs[i].multi):  # (a net may be
+                        have = self.seeds_of(name, plan.screen)              # in two pairs)
+                        if len(have) < want:
+                            return (name, next(s for s in plan.seeds if s not in have),
+                                    plan.screen)
         shape = self.shape_fit()
         if shape is not None and shape.kept:
             return self.shape_trial(shape)
@@ -459,7 +497,7 @@ class N0Policy:
                 continue
             # an opened pair first gets min_seeds; opening one is worth a first seed
             gain = 1.0 if n == 0 else 10.0 if n < plan.min_seeds else 1 / n - 1 / (n + 1)
-            value = w[i] * gain / self.pair_cost(p)
+            value = w[i] * gain / self.pair_cost(p) * self.room_for(p)
             if value > score:
                 best, score = p, value
         return self.seed_for(best, FULL) if best is not None else None
@@ -480,7 +518,8 @@ class N0Policy:
         seeds = [1 / (1 / a + 1 / b) if a and b else 0.0 for a, b in runs]
         now, after = variance_after(information(ladder, seeds, shape.power), shape.power,
                                     ladder[open_], at)
-        cost = np.array([self.pair_cost(self.pairs[i]) for i in open_])
+        cost = np.array([self.pair_cost(self.pairs[i]) / self.room_for(self.pairs[i])
+                         for i in open_])
         best = open_[int(np.argmax((now - after) / cost))]
         return self.seed_for(self.pairs[best], FULL)
 
@@ -490,6 +529,13 @@ class N0Policy:
         if self.plan.budget_epochs is not None:
             return 1.0
         return self.nets[pair.deep].flops + self.nets[pair.multi].flops
+
+    def room_for(self, pair: Pair) -> float:
+        """1, or almost 0 for an untrained pair when the budget holds one more full-schedule
+        net only: then a seed of a trained pair, and the untrained one (which the budget stops)
+        only when none is left."""
+        started = self.seeds_of(pair.deep, FULL) and self.seeds_of(pair.multi, FULL)
+        return 1.0 if started or self.fits(2, FULL) else 1e-9
 
     def seed_for(self, pair: Pair, fidelity: float) -> Trial | None:
         have = self.seeds_of(pair.deep, fidelity)

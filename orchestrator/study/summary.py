@@ -67,7 +67,8 @@ def dry_run(study: StudyConfig, count: int) -> None:
         plan, epochs = n0_plan(study), study.train.epochs
         nets = {n for p in study.pairs_to_train() for n in (p.deep, p.multi)}
         grid = len(nets) * len(study.seeds) * epochs
-        screen = 2 * len(nets) * plan.epochs_at(plan.screen) if plan.screen else 0
+        screen = min(2 * len(nets) * plan.epochs_at(plan.screen), plan.screen_epochs()) \
+            if plan.screen else 0
         worst = min(plan.budget_epochs or math.inf, study.trials * epochs + screen, grid + screen)
         mean, p90, width, closed = simulated_cost(study)
         schedules = (f"short schedules of {plan.epochs_at(plan.screen)} epochs first, "
