@@ -145,7 +145,7 @@ def test_short_schedules_place_the_bracket_only_and_can_be_turned_off():
     assert {r["fidelity"] for r in full_only.log} == {FULL}
 
 
-def test_short_schedules_take_at_most_their_share_of_a_budget():
+def test_short_schedules_take_about_their_share_of_a_budget():
     """Under budget.epochs short schedules take about SCREEN_SHARE of it, so that the rest is
     whole full-schedule pairs: a first seed of every pair (the ends and the middle first),
     then a second; the rest goes to full schedules, none to a net whose pair has no run of

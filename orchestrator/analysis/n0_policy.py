@@ -452,13 +452,14 @@ class N0Policy:
                     if seed is not None:
                         return (name, seed, fidelity)
         # The short schedule: a seed of every pair, ends and middle first, then a second (the
-        # model needs a repeated seed), while both nets of a pair fit in the screen's share.
+        # model needs a repeated seed), while both nets of a pair fit in the screen's share;
+        # per net, as a deep net may serve two pairs.
         if plan.screen is not None and self.spent(plan.screen) + 2 * plan.epochs_at(
                 plan.screen) <= plan.screen_epochs() + 1e-9:
             for want in range(1, min(2, len(plan.seeds)) + 1):
                 for i in bisection_order(len(self.pairs)):
-                    for name in (self.pairs[i].deep, self.pairs[i].multi):  # (a net may be
-                        have = self.seeds_of(name, plan.screen)              # in two pairs)
+                    for name in (self.pairs[i].deep, self.pairs[i].multi):
+                        have = self.seeds_of(name, plan.screen)
                         if len(have) < want:
                             return (name, next(s for s in plan.seeds if s not in have),
                                     plan.screen)

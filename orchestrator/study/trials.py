@@ -13,7 +13,7 @@ def planned_trials(study: StudyConfig) -> int:
     """Trials the study trains at most: the grid, or `trials` within the space's size."""
     if study.searcher.sampler == "grid":
         return int(study.space_size())
-    if study.searcher.sampler == "n0":  # and the short schedules: two seeds of each net
+    if study.searcher.sampler == "n0":  # and the short schedules: at most two seeds a net
         nets = {n for p in study.pairs_to_train() for n in (p.deep, p.multi)}
         short = len(study.n0.fidelities) > 1 and round(
             study.n0.fidelities[0] * study.train.epochs) < study.train.epochs
