@@ -48,8 +48,8 @@ from orchestrator.analysis.pairs import Pair
 
 FULL = 1.0
 # Short schedules only place the bracket (n0 comes from full ones); in simulation they did not
-# pay even when free, and two seeds of every pair took half of a budget of a fifth of the grid:
-# they get about this share of what a study may train (N0Plan.screen_epochs).
+# pay even when free, and two seeds of every pair took a quarter of a budget of a fifth of the
+# grid: they get about this share of what a study may train (N0Plan.screen_epochs).
 SCREEN_SHARE = 1 / 8
 Trial = tuple[str, int, float]  # (architecture, seed, fidelity)
 
