@@ -262,8 +262,7 @@ def report_n0(rows: list[dict], study: StudyConfig, parent, results_dir: Path,
               verdict: str | None, policy=None) -> None:
     """Where the trials pair up: n0 as `orchestrator.report` gives it, printed, written to
     results/STUDY/report/ and logged to the parent run (report.md, figures, n0 metrics). An n0
-    study's interval is its searcher's: `policy` replayed from the rows (replayed here if not
-    given)."""
+    study's interval is its searcher's: `policy`, replayed from the rows (None for others)."""
     import pandas as pd
     from mlflow.entities import Metric, RunTag
 
@@ -282,10 +281,9 @@ def report_n0(rows: list[dict], study: StudyConfig, parent, results_dir: Path,
     if runs.empty or not find_pairs(runs, study.n0.pair_tolerance):
         return
     searched, notes = None, []
-    if study.searcher.sampler == "n0":  # the searcher's own interval, valid under its stopping
-        from orchestrator.study.n0_search import replayed, search_notes
+    if policy is not None:  # the searcher's own interval, valid under its stopping
+        from orchestrator.study.n0_search import search_notes
 
-        policy = policy or replayed(study, rows)
         searched = policy.estimate()
         notes = search_notes(policy)
     histories = {r["trial"]: ({k: r[k] for k in keys},

@@ -14,10 +14,10 @@ def planned_trials(study: StudyConfig) -> int:
     if study.searcher.sampler == "grid":
         return int(study.space_size())
     if study.searcher.sampler == "n0":  # and the short schedules: at most two seeds a net
+        from orchestrator.study.n0_search import n0_plan
+
         nets = {n for p in study.pairs_to_train() for n in (p.deep, p.multi)}
-        short = len(study.n0.fidelities) > 1 and round(
-            study.n0.fidelities[0] * study.train.epochs) < study.train.epochs
-        return study.trials + (2 * len(nets) if short else 0)
+        return study.trials + (2 * len(nets) if n0_plan(study).screen is not None else 0)
     return int(min(study.trials, study.space_size()))
 
 
