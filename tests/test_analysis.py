@@ -8,7 +8,7 @@ from models.multi_resnet import Architecture
 from models.summary import summarize
 from orchestrator.analysis.n0 import PAPER_TABLE_II, estimate_n0, find_pairs, pair_differences
 from orchestrator.report import main as report_main
-from orchestrator.analysis.pairs import generate_pairs, matched_multi
+from orchestrator.analysis.pairs import PairDesign, matched_multi
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -67,8 +67,11 @@ def test_pair_generation_reproduces_the_papers_pairs():
                         ((18, 18, 18), (5, 4, 5))]:
         assert matched_multi(deep, 4) == multi
         assert abs(params(multi, 4) / params(deep, 1) - 1) <= 0.03
-    for deep, multi, k in generate_pairs([0.29e6, 1.0e6, 1.7e6], [2, 4]):
-        assert abs(params(multi, k) / params(deep, 1) - 1) <= 0.03
+    design = PairDesign(budgets=[0.29e6, 1.0e6, 1.7e6], factors=[2, 4]).configurations()
+    for deep in design[::3]:
+        for multi in design[design.index(deep) + 1:design.index(deep) + 3]:
+            ratio = params(tuple(multi["blocks"]), multi["k"]) / params(tuple(deep["blocks"]), 1)
+            assert abs(ratio - 1) <= 0.03
 
 
 def test_report_from_csv_writes_markdown_and_figures(tmp_path, capsys):

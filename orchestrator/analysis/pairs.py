@@ -36,9 +36,8 @@ class PairDesign(Strict):
             deep_for_budget(b, self.width) for b in self.budgets]
 
     def configurations(self) -> list[dict]:
-        deeps = self.deep or [deep_for_budget(b, self.width) for b in self.budgets]
         out = []
-        for deep in deeps:
+        for deep in self.deep_nets():
             out.append({"blocks": list(deep), "k": 1, "width": self.width})
             for c in self.factors:
                 out.append({"blocks": list(matched_multi(tuple(deep), c, width=self.width)),
@@ -102,14 +101,3 @@ def deep_for_budget(budget: float, width: int = 1) -> tuple[int, ...]:
             if p > 2 * budget:
                 return best[1]
     return best[1]
-
-
-def generate_pairs(budgets: list[float], factors: list[int], width: int = 1
-                   ) -> list[tuple[tuple[int, ...], tuple[int, ...], int]]:
-    """(deep blocks, multi blocks, k) for each budget and factor."""
-    out = []
-    for budget in budgets:
-        deep = deep_for_budget(budget, width)
-        for c in factors:
-            out.append((deep, matched_multi(deep, c, width=width), c))
-    return out
