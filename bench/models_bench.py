@@ -98,7 +98,7 @@ def bench_forms(arch: Architecture, device: torch.device, batch: int, steps: int
 
 
 def settings_runner(arch: Architecture, setting: str, device: torch.device, batch: int):
-    from orchestrator.parallel import RankEngine
+    from orchestrator.parallel.engine import RankEngine
     from orchestrator.run.config import TrainConfig
     from orchestrator.run.step import TrainingStep
 

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 # tests.ranks: the local launcher the parity tests use too.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from orchestrator.parallel import RankEngine  # noqa: E402
+from orchestrator.parallel.engine import RankEngine  # noqa: E402
 from orchestrator.run.config import TrainConfig  # noqa: E402
 from orchestrator.run.step import TrainingStep  # noqa: E402
 from tests.ranks import run_ranks  # noqa: E402

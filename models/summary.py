@@ -1,5 +1,5 @@
-"""Parameter count and forward FLOPs per image of a Multi-ResNet (torch's FlopCounterMode on the
-meta device). The command is `python -m orchestrator.summary`."""
+"""Forward FLOPs per image of a Multi-ResNet (torch's FlopCounterMode on the meta device), with
+its parameter count (models/architecture.py). The command is `python -m orchestrator.summary`."""
 from __future__ import annotations
 
 from functools import lru_cache
@@ -7,31 +7,12 @@ from functools import lru_cache
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.multi_resnet import Architecture, count_parameters, create_model
+from models.architecture import Architecture, parameter_count  # noqa: F401 (the count's home)
+from models.multi_resnet import count_parameters, create_model
 
 
 def input_size(arch: Architecture) -> int:
     return 224 if arch.dataset == "imagenet" else 32
-
-
-@lru_cache(maxsize=4096)
-def parameter_count(arch: Architecture) -> int:
-    """Parameters only, without building the whole network (studies count hundreds): the blocks
-    after the first of a stage are identical, so the count is that of the net with one block per
-    stage plus, per stage, the extra blocks times what a second block adds there."""
-    blocks = arch.stage_blocks
-    if arch.dataset == "imagenet" or max(blocks) <= 2:
-        with torch.device("meta"):
-            return count_parameters(create_model(arch))
-    fields = arch.model_dump(exclude={"depth", "blocks"})
-
-    def with_blocks(counts) -> int:
-        return parameter_count(Architecture(**fields, blocks=tuple(counts)))
-
-    one = with_blocks([1] * len(blocks))
-    second = [with_blocks([2 if i == s else 1 for i in range(len(blocks))]) - one
-              for s in range(len(blocks))]
-    return one + sum((n - 1) * extra for n, extra in zip(blocks, second))
 
 
 @lru_cache(maxsize=256)

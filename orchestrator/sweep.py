@@ -39,7 +39,10 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def sweep_command(args: argparse.Namespace) -> int:
+def load_checked_study(args: argparse.Namespace) -> tuple[str, ...]:
+    """The study, loaded and validated before torch, Ray and MLflow load (its schema imports
+    none of them), so that bad input is answered at once; then the modules the command needs."""
+    from orchestrator.errors import ConfigError
     from orchestrator.study.config import load_study
 
     overrides = list(args.set)
@@ -48,10 +51,20 @@ def sweep_command(args: argparse.Namespace) -> int:
         if getattr(args, flag):
             overrides.append(f"{key}={getattr(args, flag)}")
     if not 1 <= args.dry_run_trials <= 1000:
-        from orchestrator.errors import ConfigError
-
         raise ConfigError(f"--dry-run-trials {args.dry_run_trials}: give 1 to 1000")
-    study = load_study(args.study, overrides)
+    args.loaded_study = load_study(args.study, overrides)
+    return DRY_RUN_MODULES if args.dry_run else SWEEP_MODULES
+
+
+DRY_RUN_MODULES = ("orchestrator.study.summary",)
+SWEEP_MODULES = ("orchestrator.study.sweep", "orchestrator.study.summary",
+                 "orchestrator.study.searchers", "orchestrator.study.tracking",
+                 "orchestrator.study.fit", "orchestrator.study.console",
+                 "orchestrator.cluster.driver")
+
+
+def sweep_command(args: argparse.Namespace) -> int:
+    study = args.loaded_study
     if args.dry_run:
         from orchestrator.study.summary import dry_run
 
@@ -64,10 +77,7 @@ def sweep_command(args: argparse.Namespace) -> int:
 
 main = command(parser, sweep_command,
                interrupted="interrupted; run the same command again to resume",
-               preload=("orchestrator.study.sweep", "orchestrator.study.summary",
-                        "orchestrator.study.searchers", "orchestrator.study.tracking",
-                        "orchestrator.study.fit", "orchestrator.study.console",
-                        "orchestrator.cluster.driver"))
+               preload=load_checked_study)
 
 
 if __name__ == "__main__":

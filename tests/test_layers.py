@@ -2,6 +2,8 @@
 which), so that models stay plain modules, a single run needs no Ray, and the analysis no MLflow.
 Checked on every import statement, those inside functions included."""
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,3 +82,14 @@ def test_every_package_says_what_it_may_import():
     for init in sorted((ROOT / "orchestrator").rglob("__init__.py")):
         text = ast.get_docstring(ast.parse(init.read_text())) or ""
         assert "import" in text, f"{init.relative_to(ROOT)}: say what the package may import"
+
+
+def test_study_and_run_files_validate_without_torch():
+    """Config I/O sits at the base: a study's schema, pairs and budget are checked without
+    torch, so `--dry-run`'s first lines and every bad-input line come before it loads."""
+    code = ("import sys; from orchestrator.study.config import load_study; "
+            "load_study('search_spaces/depth_vs_k.yaml'); import orchestrator.run.config; "
+            "print(sorted(m for m in ('torch', 'torchvision', 'PIL', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -323,13 +323,15 @@ def test_flops_equal_an_independent_count(fields):
 @pytest.mark.parametrize("fields", [
     dict(depth=110, k=1), dict(depth=56, k=3, width=2), dict(blocks=(5, 4, 5), k=4),
     dict(depth=29, k=2, block="bottleneck"), dict(depth=20, k=3, shortcut="B"),
-    dict(depth=164, k=1, block="bottleneck", dataset="cifar100"), dict(depth=50, k=2,
-                                                                       dataset="imagenet"),
+    dict(blocks=(2, 3, 1), k=5, width=4, shortcut="A"), dict(blocks=(1, 1, 1), k=2, width=2),
+    dict(depth=164, k=1, block="bottleneck", dataset="cifar100"),
+    dict(depth=47, k=3, width=2, block="bottleneck", shortcut="A"),
+    dict(depth=18, k=3, dataset="imagenet", classes=37), dict(depth=50, k=2, dataset="imagenet"),
 ])
-def test_fast_parameter_count_equals_the_built_network(fields):
-    """Studies count hundreds of architectures from one net per stage pattern; the count must
-    be the built network's."""
-    from models.summary import parameter_count
+def test_parameter_count_from_the_architecture_equals_the_built_network(fields):
+    """Studies count hundreds of architectures without torch; the count must be the built
+    network's, for every block kind, shortcut, width and variant."""
+    from models.architecture import parameter_count
 
     arch = Architecture(**fields)
     with torch.device("meta"):

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from models.multi_resnet import create_model
-from orchestrator.parallel import RankEngine
+from orchestrator.parallel.engine import RankEngine
 from orchestrator.parallel.branch import owned_functions
 from orchestrator.parallel.pipeline import partition, stage_block_keys
 from orchestrator.results import CHECKPOINT_FILE

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from orchestrator.errors import ConfigError
-from orchestrator.parallel import RankEngine
+from orchestrator.parallel.engine import RankEngine
 from orchestrator.run.config import TrainConfig
 from orchestrator.run.step import TrainingStep
 from orchestrator.study.config import StudyConfig

@@ -7,8 +7,8 @@ from typing import Annotated
 
 from pydantic import Field, model_validator
 
-from models.multi_resnet import Architecture
-from models.summary import parameter_count
+from models.architecture import Architecture
+from models.architecture import parameter_count
 from orchestrator.run.config import Strict
 
 

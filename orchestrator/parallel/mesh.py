@@ -7,39 +7,14 @@ node, and the pipeline's point-to-point traffic is what crosses nodes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from orchestrator.parallel.degrees import ParallelConfig
+
 DIMS = ("pp", "dp", "bp")
-
-
-class ParallelConfig(BaseModel):
-    """Degrees of the mesh: data x pipeline x branch parallelism (one process each). Part of
-    a run's config (`TrainConfig.parallel`); defined here, where it is used, so that this layer
-    needs nothing from the run above it."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    dp: int = Field(1, ge=1, le=4096, description="data-parallel replicas")
-    pp: int = Field(1, ge=1, le=4096, description="pipeline stages (consecutive blocks, balanced "
-                    "by FLOPs)")
-    bp: int = Field(1, ge=1, le=4096, description="branch-parallel ranks sharing each block's k "
-                    "functions")
-    microbatches: int = Field(1, ge=1, le=4096, description="pipeline micro-batches per replica "
-                              "batch")
-    schedule: Literal["gpipe", "1f1b"] = "gpipe"
-
-    @property
-    def world_size(self) -> int:
-        return self.dp * self.pp * self.bp
-
-    @property
-    def layout(self) -> str:
-        return f"dp={self.dp},pp={self.pp},bp={self.bp},mb={self.microbatches},{self.schedule}"
 
 
 @dataclass

@@ -13,11 +13,11 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from models.multi_resnet import Architecture
+from models.architecture import Architecture
 from orchestrator.errors import ConfigError, short
 from orchestrator.storage import check_regular
-from orchestrator.parallel.mesh import ParallelConfig  # the mesh's own schema, part of a run's
-from orchestrator.run.data import DATASETS
+from orchestrator.parallel.degrees import ParallelConfig  # the mesh's own schema, part of a run's
+from orchestrator.run.datasets import DATASETS
 
 # Bounds on what input may ask for, checked at load (one line, before anything is allocated).
 MAX_SEED = 2**31 - 1        # seeds are mixed into 64-bit generator seeds (seed * 1_000_003 + i)
@@ -176,10 +176,10 @@ class TrainConfig(Strict):
             fields = self.architecture.model_dump(exclude_unset=True)
             fields["dataset"] = wanted
             self.architecture = Architecture(**fields)
-        if self.recipe == "imagenet" and DATASETS[self.dataset].batches is None:
+        if self.recipe == "imagenet" and DATASETS[self.dataset].batcher is None:
             raise ValueError(f"recipe imagenet augments image files; {self.dataset} is trained "
                              f"with recipe cifar (or use dataset imagefolder or imagenet)")
-        if self.decode == "device" and DATASETS[self.dataset].batches is None:
+        if self.decode == "device" and DATASETS[self.dataset].batcher is None:
             raise ValueError(f"decode device decodes image files; {self.dataset} is already "
                              f"decoded: use decode workers (or dataset imagefolder or imagenet)")
         if any(not 0 < m < 1 for m in self.lr_milestones):

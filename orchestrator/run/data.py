@@ -1,7 +1,6 @@
 """Datasets: CIFAR-10/100 from their standard python layouts, synthetic CIFAR-shaped data, and
-image folders (a user's own, and ImageNet: orchestrator.run.images), one `DATASETS` entry each
-(adding a dataset is one entry: classes, normalisation, the architecture family its nets are
-built for, and a loader).
+image folders (a user's own, and ImageNet: orchestrator.run.images), each an entry of
+`DATASETS` (datasets.py) naming its loader here.
 
 CIFAR is held whole as one uint8 tensor on the training device and augmented a whole epoch at a
 time there, batches being slices (the airbench approach): normalise with the per-channel means and stds of the original Torch code,
@@ -19,15 +18,15 @@ import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from orchestrator.errors import DataError, short
 from orchestrator.storage import check_regular
-from orchestrator.run.images import IMAGENET_CLASSES, IMAGENET_MEAN, IMAGENET_STD, folder_batches, \
-    load_folder, scan
+from orchestrator.run.datasets import DATASETS, FOLDER_NORMALIZATION, IMAGENET_CLASSES
+from orchestrator.run.images import folder_batches, load_folder, scan
 
 log = logging.getLogger(__name__)
 
@@ -181,56 +180,35 @@ def synthetic_cifar(train_size: int = 2048, test_size: int = 512, num_classes: i
     return make(train_size, 1), make(test_size, 2)
 
 
-@dataclass(frozen=True)
-class Dataset:
-    """One dataset a run can train on."""
-    classes: int | None  # None: as many as the data has (an image folder's class folders)
-    normalization: tuple[tuple[float, ...], tuple[float, ...]]  # per-channel mean, std (0-255)
-    architecture: str   # the family its nets are built for (stem, head): Architecture.dataset
-    # (data_dir, train_size, test_size, seed) -> (train, test); may download where allowed
-    load: Callable[[Path | None, int | None, int | None, int], tuple[Split, Split]]
-    train_images: int  # in the whole training split (for cost estimates; 0: count the folder)
-    needs_files: bool = True  # read from data_dir (checked, and fetched, before a study starts)
-    # Builds the batches of a split read file by file, (split, cfg, batch_size, device, train,
-    # shard) -> batches; None: the split is held whole as tensors (`Batches`).
-    batches: Callable | None = None
-    any_architecture: bool = False  # the user may pick the net family (default: `architecture`)
+def _cifar(name: str, data_dir: Path | None) -> tuple[Split, Split]:
+    if data_dir is None:
+        raise DataError(f"{name} needs a data dir: pass --data-dir DIR")
+    return load_cifar(name, data_dir)
 
 
-def _cifar(name: str):
-    def load(data_dir, train_size, test_size, seed):
-        if data_dir is None:
-            raise DataError(f"{name} needs a data dir: pass --data-dir DIR")
-        return load_cifar(name, data_dir)
-    return load
+# The loaders that `DATASETS` (datasets.py) names: (data_dir, train_size, test_size, seed).
+def load_cifar10(data_dir, train_size, test_size, seed) -> tuple[Split, Split]:
+    return _cifar("cifar10", data_dir)
 
 
-def _folder_batches(*args, **kwargs):
+def load_cifar100(data_dir, train_size, test_size, seed) -> tuple[Split, Split]:
+    return _cifar("cifar100", data_dir)
+
+
+def load_synthetic(data_dir, train_size, test_size, seed) -> tuple[Split, Split]:
+    return synthetic_cifar(train_size or 2048, test_size or 512, seed=seed)
+
+
+def load_image_folder(data_dir, train_size, test_size, seed):
+    return load_folder(data_dir)
+
+
+def load_imagenet(data_dir, train_size, test_size, seed):
+    return load_folder(data_dir, IMAGENET_CLASSES, "imagenet")
+
+
+def image_folder_batches(*args, **kwargs):
     return folder_batches(*args, normalization=FOLDER_NORMALIZATION, **kwargs)
-
-
-# Means and stds of fb.resnet.torch's CIFAR loaders, which the paper's code used.
-DATASETS: dict[str, Dataset] = {
-    "cifar10": Dataset(10, ((125.3, 123.0, 113.9), (63.0, 62.1, 66.7)), "cifar10",
-                       _cifar("cifar10"), 50_000),
-    "cifar100": Dataset(100, ((129.3, 124.1, 112.4), (68.2, 65.4, 70.4)), "cifar100",
-                        _cifar("cifar100"), 50_000),
-    "synthetic": Dataset(10, ((127.5, 127.5, 127.5), (64.0, 64.0, 64.0)), "cifar10",
-                         lambda data_dir, train_size, test_size, seed: synthetic_cifar(
-                             train_size or 2048, test_size or 512, seed=seed),
-                         2048, needs_files=False),
-    # Image folders; the normalisation follows the recipe (see FOLDER_NORMALIZATION).
-    "imagefolder": Dataset(None, (IMAGENET_MEAN, IMAGENET_STD), "imagenet",
-                           lambda data_dir, train_size, test_size, seed: load_folder(data_dir),
-                           0, batches=_folder_batches, any_architecture=True),
-    "imagenet": Dataset(IMAGENET_CLASSES, (IMAGENET_MEAN, IMAGENET_STD), "imagenet",
-                        lambda data_dir, train_size, test_size, seed: load_folder(
-                            data_dir, IMAGENET_CLASSES, "imagenet"), 1_281_167,
-                        batches=_folder_batches),
-}
-# An image folder trained with the CIFAR recipe is normalised as CIFAR-10 is.
-FOLDER_NORMALIZATION = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD),
-                        "cifar": DATASETS["cifar10"].normalization}
 
 
 @functools.lru_cache(maxsize=16)

@@ -44,12 +44,9 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 SPLITS = ("train", "val")
-IMAGENET_CLASSES = 1000
 SUBSTITUTES = 16  # undecodable images in a row before the split is declared unreadable
 
 # fb.resnet.torch (datasets/imagenet.lua), which the paper's ImageNet code followed.
-IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
 PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009),
               (-0.5808, -0.0045, -0.8140),

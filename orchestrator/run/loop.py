@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from orchestrator.errors import CheckpointError, ConfigError, TrainingDiverged, short
-from orchestrator.parallel import RankEngine
+from orchestrator.parallel.engine import RankEngine
 from orchestrator.run.checkpoint import SMALL_CHECKPOINT_BYTES, check_same_run, checkpoint_due
 from orchestrator.run.config import TrainConfig
 from orchestrator.run.data import DATASETS, Batches, load_dataset

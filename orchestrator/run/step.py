@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from orchestrator.parallel import RankEngine
+from orchestrator.parallel.engine import RankEngine
 from orchestrator.run.config import TrainConfig
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

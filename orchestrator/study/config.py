@@ -13,8 +13,8 @@ from typing import Annotated, Any
 import yaml
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from models.multi_resnet import Architecture
-from models.summary import parameter_count
+from models.architecture import Architecture
+from models.architecture import parameter_count
 from orchestrator.errors import ConfigError, short
 from orchestrator.run.config import (MAX_SEED, ParallelConfig, Strict, TrainConfig, describe,
                                      load_yaml, parse_yaml, yaml_problem)

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from models.multi_resnet import Architecture
+from models.architecture import Architecture
 from orchestrator.errors import short
 from orchestrator.results import OBJECTIVE_METRICS
 from orchestrator.run.config import Strict
