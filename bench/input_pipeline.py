@@ -46,7 +46,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator.run import images  # noqa: E402
+from orchestrator.run import datasets, images  # noqa: E402
 
 
 def generate(root: Path, count: int, classes: int = 10, seed: int = 0) -> None:
@@ -85,8 +85,8 @@ def project_loader(root: Path, batch: int, workers: int, apply: bool = True):
     """The project's path whole (`apply`: float batches, the maps applied in this process), or
     the workers alone (uint8 batches and their maps, as a GPU's host side)."""
     train, _ = images.load_folder(root)
-    batches = images.FolderBatches(train, "imagenet", 224, images.IMAGENET_MEAN,
-                                   images.IMAGENET_STD, batch, "cpu", train=True,
+    batches = images.FolderBatches(train, "imagenet", 224, datasets.IMAGENET_MEAN,
+                                   datasets.IMAGENET_STD, batch, "cpu", train=True,
                                    workers=workers, channels_last=True)
     epochs = iter(range(10**6))
     if apply:
@@ -132,8 +132,8 @@ def step_costs(root: Path, count: int = 200) -> dict[str, float]:
     tensors = [images.read_image(p) for p in paths]
     rng = np.random.default_rng(0)
     split = images.FolderSplit(root, ("a",), paths, np.zeros(len(paths), np.int64))
-    data = images.FolderImages(split, "imagenet", 224, True, 0, images.IMAGENET_MEAN,
-                               images.IMAGENET_STD)
+    data = images.FolderImages(split, "imagenet", 224, True, 0, datasets.IMAGENET_MEAN,
+                               datasets.IMAGENET_STD)
     draws = [data.draw(t.shape[2], t.shape[1], rng) for t in tensors]
     outs = [images.geometry(t, d, 224, data.pad_value) for t, d in zip(tensors, draws)]
 
@@ -200,8 +200,8 @@ def device_table(root: Path, device: str, batch: int, workers: int, rounds: int)
     blobs = [torch.frombuffer(images.read_bytes(p), dtype=torch.uint8) for p in train.paths]
 
     def project(decode):
-        batches = images.FolderBatches(train, "imagenet", 224, images.IMAGENET_MEAN,
-                                       images.IMAGENET_STD, batch, dev, train=True,
+        batches = images.FolderBatches(train, "imagenet", 224, datasets.IMAGENET_MEAN,
+                                       datasets.IMAGENET_STD, batch, dev, train=True,
                                        workers=workers, channels_last=True, decode=decode)
         epochs = iter(range(10**6))
         return lambda: batches.epoch(next(epochs))
@@ -248,8 +248,8 @@ def dali_loader(root: Path, batch: int, workers: int, device: torch.device):
                                           random_aspect_ratio=[3 / 4, 4 / 3])
         x = fn.resize(x, resize_x=224, resize_y=224)
         x = fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="CHW",
-                                     mean=list(images.IMAGENET_MEAN),
-                                     std=list(images.IMAGENET_STD), mirror=fn.random.coin_flip())
+                                     mean=list(datasets.IMAGENET_MEAN),
+                                     std=list(datasets.IMAGENET_STD), mirror=fn.random.coin_flip())
         return x, labels
 
     pipe = pipeline()

@@ -20,7 +20,7 @@ from torch import nn
 from models.architecture import (IMAGENET_BLOCKS, MAX_DEPTH, MAX_FUNCTIONS,  # noqa: F401
                                  NUM_CLASSES, Architecture)
 from models.blocks import (BasicFunction, BottleneckFunction, MultiResidualBlock, PreActivation,
-                           set_fused, shortcut)
+                           ResidualFunction, set_fused, shortcut)
 
 
 class MultiResNet(nn.Module):
@@ -65,11 +65,13 @@ class MultiResNet(nn.Module):
     def _block(arch: Architecture, cin: int, cout: int, stride: int, first: bool,
                shared: bool) -> MultiResidualBlock:
         per_function_preact = not first
-        if arch.block_type == "basic":
-            make = lambda: BasicFunction(cin, cout, stride, per_function_preact)
-        else:
-            stride_on = "conv2" if arch.dataset == "imagenet" else "conv1"
-            make = lambda: BottleneckFunction(cin, cout, stride, per_function_preact, stride_on)
+        stride_on = "conv2" if arch.dataset == "imagenet" else "conv1"
+
+        def make() -> ResidualFunction:
+            if arch.block_type == "basic":
+                return BasicFunction(cin, cout, stride, per_function_preact)
+            return BottleneckFunction(cin, cout, stride, per_function_preact, stride_on)
+
         return MultiResidualBlock([make() for _ in range(arch.k)],
                                   shortcut(arch.shortcut_type, cin, cout, stride),
                                   PreActivation(cin) if shared else None)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from orchestrator.errors import DataError
-from orchestrator.run import images
+from orchestrator.run import datasets, images
 from orchestrator.run.images import FolderBatches, FolderImages, load_folder
 from orchestrator.train import main as train_main
 from tests.images import COLOURS, write_cifar_as_png, write_image_folder
@@ -194,7 +194,7 @@ def test_an_epoch_is_a_pure_function_of_seed_and_epoch(folder):
     train, _ = load_folder(folder)
 
     def epoch(seed, e, workers):
-        b = FolderBatches(train, "imagenet", 64, images.IMAGENET_MEAN, images.IMAGENET_STD,
+        b = FolderBatches(train, "imagenet", 64, datasets.IMAGENET_MEAN, datasets.IMAGENET_STD,
                           batch_size=12, device="cpu", train=True, seed=seed, workers=workers)
         return list(b.epoch(e))
 
@@ -207,8 +207,8 @@ def test_an_epoch_is_a_pure_function_of_seed_and_epoch(folder):
     # The workers hand over uint8 pixels and one colour map per image; the batches the training
     # process makes of them (maps applied batched, in either memory format) hold each image's
     # own map applied to its own pixels, as float64 arithmetic gives it.
-    data = FolderImages(train, "imagenet", 64, True, 1, images.IMAGENET_MEAN, images.IMAGENET_STD)
-    last = FolderBatches(train, "imagenet", 64, images.IMAGENET_MEAN, images.IMAGENET_STD,
+    data = FolderImages(train, "imagenet", 64, True, 1, datasets.IMAGENET_MEAN, datasets.IMAGENET_STD)
+    last = FolderBatches(train, "imagenet", 64, datasets.IMAGENET_MEAN, datasets.IMAGENET_STD,
                          batch_size=12, device="cpu", train=True, seed=1, workers=0,
                          channels_last=True)
     keys = last.shard_indices(0)

@@ -3,10 +3,11 @@ image folders (a user's own, and ImageNet: orchestrator.run.images), each an ent
 `DATASETS` (datasets.py) naming its loader here.
 
 CIFAR is held whole as one uint8 tensor on the training device and augmented a whole epoch at a
-time there, batches being slices (the airbench approach): normalise with the per-channel means and stds of the original Torch code,
-random horizontal flip, 4-pixel zero pad and random 32x32 crop. All randomness comes from a
-generator seeded by (seed, epoch), so an epoch's batches are a pure function of the seed: a
-resumed run sees the same data, and every rank of a data-parallel replica sees the same batch.
+time there, batches being slices (the airbench approach): normalise with the per-channel means and
+stds of the original Torch code, random horizontal flip, 4-pixel zero pad and random 32x32 crop.
+All randomness comes from a generator seeded by (seed, epoch), so an epoch's batches are a pure
+function of the seed: a resumed run sees the same data, and every rank of a data-parallel replica
+sees the same batch.
 """
 from __future__ import annotations
 
