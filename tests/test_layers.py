@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parent.parent
-BASE = {"orchestrator.errors", "orchestrator.results", "orchestrator.storage"}
+BASE = {"orchestrator.errors", "orchestrator.results", "orchestrator.storage", "orchestrator.compat"}
 # package -> the project packages (and modules) it may import, besides itself
 ALLOWED = {
     "models": set(),
     "orchestrator.errors": set(),
     "orchestrator.results": set(),
+    "orchestrator.compat": set(),
     "orchestrator.storage": {"orchestrator.errors"},
-    "orchestrator.trust": {"orchestrator.errors", "orchestrator.storage"},
+    "orchestrator.trust": {"orchestrator.errors", "orchestrator.storage", "orchestrator.compat"},
     "orchestrator.parallel": {"models"} | BASE,
     "orchestrator.run": {"models", "orchestrator.parallel"} | BASE,
     "orchestrator.analysis": {"models", "orchestrator.run"} | BASE,
