@@ -10,12 +10,13 @@
 #   deps       every module the project and the checks import
 #   gpu_check  bench/gpu_check.sh: thin, deep and wide nets, epoch against bare step, cold and
 #              warm regional compilation
-#   sweep      a Ray Tune sweep of a small real-CIFAR study, one GPU per trial
+#   sweep      a Ray Tune sweep of a small real-CIFAR study (search_spaces/cifar_cpu.yaml at depth
+#              8, k 1 and 2: two trials), one GPU per trial
 #   mesh       bp=2 x dp=1, two ranks sharing one GPU (NCCL probed; gloo otherwise)
 #   decode     --decode device against the workers' decode, bit for bit, on generated JPEGs
 # Results: OUT (default acceptance-<UTC time>.tgz): each step's log and tables, small files only.
 # Environment: CIFAR_DIR (a folder with cifar-10-batches-py/; default: from the pieces; with DRY=1
-# and none, the sweep uses synthetic data), TRIALS (2), EPOCHS (2), STEPS (the steps to run,
+# and none, the sweep uses synthetic data), EPOCHS (2), STEPS (the steps to run,
 # e.g. "install deps mesh"; default all).
 set -euo pipefail
 pieces=${1:-}
@@ -79,7 +80,7 @@ gpu_check() {
 }
 
 sweep() {
-  local data=(--set train.dataset=synthetic) trials=${TRIALS:-2} epochs=${EPOCHS:-2}
+  local data=(--set train.dataset=synthetic) epochs=${EPOCHS:-2}
   if [[ -n $cifar ]]; then
     data=(--data-dir "$cifar")
   elif [[ $dry != 1 ]]; then
@@ -90,7 +91,7 @@ sweep() {
   [[ $dry == 1 ]] && sizes=(--set train.train_size=256 --set train.test_size=128) epochs=1
   python3 -m orchestrator.sweep search_spaces/cifar_cpu.yaml "${data[@]}" "${sizes[@]}" \
     --set "train.device=$device" --set "resources.gpus_per_worker=$([[ $dry == 1 ]] && echo 0 || echo 1)" \
-    --set "trials=$trials" --set "train.epochs=$epochs" --set name=gpu_acceptance \
+    --set space.depth=8 --set "train.epochs=$epochs" --set name=gpu_acceptance \
     --storage-path "$work/ray-results" --tracking-uri "sqlite:///$results/mlflow.db"
 }
 
