@@ -11,18 +11,24 @@
 #   bash bench/gpu_check.sh [OUTPUT_DIR]         # on a GPU
 #   DRY=1 bash bench/gpu_check.sh [OUTPUT_DIR]   # on a CPU: the same parts, tiny and uncompiled,
 #                                                # to check the script runs (numbers mean nothing)
-# Each part has its own time limit, so one slow compilation cannot take the rest with it.
-set -uo pipefail
+# Each part has its own time limit, so one slow compilation cannot take the rest with it; any
+# other failure (a missing module, a crash) stops the check with a non-zero exit.
+# OUTPUT_DIR gets small files only (tables, logs, JSON); the inductor cache and the checkpoints
+# (the wide net's is about 555 MiB) go to a scratch folder that is removed at the end.
+set -euo pipefail
 out=${1:-bench-gpu-out}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-rm -rf "$out"/settings_* "$out"/train_* "$out"/ckpt_*
+rm -rf "$out"/settings_* "$out"/train_*
+scratch=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
+trap 'rm -rf "$scratch"' EXIT
+python3 -c "import pydantic, torchvision, yaml" || {
+  echo "gpu_check: a dependency is missing (above); install the wheelhouse first" >&2; exit 1; }
 # One inductor (and Triton) cache for every process of this check, as a node's trials share one:
-# its own, emptied first so that "cold" means cold (a cache you set is used, and kept).
+# its own, empty, so that "cold" means cold (a cache you set is used, and kept).
 if [[ -z ${TORCHINDUCTOR_CACHE_DIR:-} ]]; then
-  export TORCHINDUCTOR_CACHE_DIR=$out/inductor-cache TRITON_CACHE_DIR=$out/inductor-cache/triton
-  rm -rf "$TORCHINDUCTOR_CACHE_DIR"
+  export TORCHINDUCTOR_CACHE_DIR=$scratch/inductor-cache TRITON_CACHE_DIR=$scratch/triton-cache
 else
   echo "TORCHINDUCTOR_CACHE_DIR is set: the 'cold' compile times below may be warm"
 fi
@@ -38,30 +44,43 @@ fi
 python3 -c "import torch; print('torch', torch.__version__,
   torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
 
+limited() {  # NAME LIMIT_S LOG COMMAND...: a time limit stops the part, any other error the check
+  local name=$1 limit=$2 log=$3 rc=0
+  shift 3
+  timeout "$limit" "$@" > "$log" 2>&1 || rc=$?
+  if [[ $rc == 124 ]]; then
+    echo "($name: stopped after $limit s)"
+  elif [[ $rc != 0 ]]; then
+    tail -n 20 "$log" >&2
+    echo "gpu_check: $name failed (exit $rc); its log: $log" >&2
+    exit "$rc"
+  fi
+}
 bench() {  # LIMIT_S NAME MODEL SETTINGS STEPS ROUNDS
   local limit=$(($1 * limit_scale)) settings=$4 steps=$5 rounds=$6
-  [[ $dry == 1 ]] && settings=${settings//cudagraphs/none} steps=1 rounds=1
-  timeout "$limit" python3 bench/models_bench.py --device "$device" --models "$3" \
-    --settings "$settings" --batch "$batch" --steps "$steps" --rounds "$rounds" \
-    --json "$out/settings_$2.json" 2>&1 \
-    | grep -v "^W\|Warning" | tee "$out/settings_$2.txt"
-  [[ ${PIPESTATUS[0]} == 124 ]] && echo "($2: stopped after $limit s)"
+  if [[ $dry == 1 ]]; then settings=${settings//cudagraphs/none} steps=1 rounds=1; fi
+  limited "$2" "$limit" "$out/settings_$2.log" python3 bench/models_bench.py --device "$device" \
+    --models "$3" --settings "$settings" --batch "$batch" --steps "$steps" --rounds "$rounds" \
+    --json "$out/settings_$2.json"
+  grep -v "^W\|Warning" "$out/settings_$2.log" > "$out/settings_$2.txt" || true
+  cat "$out/settings_$2.txt"
+  rm "$out/settings_$2.log"
 }
 epochs() {  # LIMIT_S NAME TRAIN_SIZE EPOCHS ARCHITECTURE_FLAGS...
   local limit=$(($1 * limit_scale)) name=$2 size=$3 n=$4
   shift 4
-  [[ $dry == 1 ]] && size=16 n=3
+  if [[ $dry == 1 ]]; then size=16 n=3; fi
   echo "$size $batch" > "$out/train_$name.size"
   # Each output line stamped with the time it appeared: an epoch line is printed before its
   # checkpoint is written, so two consecutive stamps span checkpoint + train + eval.
-  timeout "$limit" python3 -m orchestrator.train --dataset synthetic --device "$device" "$@" \
+  limited "$name" "$limit" "$out/train_$name.txt" bash -o pipefail -c '"$@" 2>&1 | python3 -c "
+import sys, time
+for line in sys.stdin: print(f\"{time.time():.3f} {line}\", end=\"\", flush=True)"' _ \
+    python3 -m orchestrator.train --dataset synthetic --device "$device" "$@" \
     --train-size "$size" --test-size "$test_size" --epochs "$n" --batch-size "$batch" \
-    --log-json "$out/train_$name.jsonl" --checkpoint-dir "$out/ckpt_$name" 2>&1 \
-    | python3 -c 'import sys, time
-for line in sys.stdin: print(f"{time.time():.3f} {line}", end="", flush=True)' \
-    > "$out/train_$name.txt"
-  [[ ${PIPESTATUS[0]} == 124 ]] && echo "($name: stopped after $limit s)"
-  grep " epoch \| error" "$out/train_$name.txt" | cut -d' ' -f2-
+    --log-json "$out/train_$name.jsonl" --checkpoint-dir "$scratch/ckpt_$name"
+  rm -rf "$scratch/ckpt_$name"
+  grep " epoch \| error" "$out/train_$name.txt" | cut -d' ' -f2- || true
 }
 
 # 1. Bare steps. The wide net: bf16 eager and CUDA graphs in both forms (its default is the

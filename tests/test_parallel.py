@@ -233,3 +233,45 @@ def _diverge_rank(rank, cfg: TrainConfig):
 
 def test_replicated_parameters_are_checked():
     run_ranks(2, _diverge_rank, config(dict(bp=2)))
+
+
+def _perturbed_rank(rank, cfg: TrainConfig):
+    """Rank 1 computes the replicated parameters' gradients slightly differently (as a
+    different cuDNN algorithm does on a GPU): the step must still leave the bp replicas equal."""
+    cfg = cfg.resolved(cuda_available=False)
+    engine = RankEngine(cfg, torch.device("cpu"))
+    step = TrainingStep(cfg, engine, total_steps=10)
+    if rank == 1:
+        for name, q in engine.model.named_parameters():
+            if ".functions." not in name:
+                q.register_hook(lambda g: g * (1 + 1e-6) + 1e-9)
+    x, y = global_batch()
+    step(x.contiguous(memory_format=torch.channels_last), y)
+    engine.check_replicas()  # ReplicaMismatch if the replicated gradients were not averaged
+
+
+def test_branch_parallel_ranks_average_replicated_gradients():
+    run_ranks(2, _perturbed_rank, config(dict(bp=2)))
+
+
+def _count_rank(rank, cfg: TrainConfig):
+    engine = RankEngine(cfg.resolved(False), torch.device("cpu"))
+    buffers = [b for b in engine.model.buffers() if b.is_floating_point()]
+    with torch.no_grad():
+        for b in buffers:
+            b.add_(rank + 1)  # replicas' statistics differ, as after steps on different data
+    mean = [b + 0.5 - rank for b in buffers]  # both ranks: the original + 1.5
+    calls = []
+    original = dist.all_reduce
+    dist.all_reduce = lambda *args, **kw: calls.append(1) or original(*args, **kw)
+    try:
+        engine.sync_batchnorm_statistics()
+    finally:
+        dist.all_reduce = original
+    assert len(buffers) > 20 and len(calls) == 1
+    for b, m in zip(buffers, mean):
+        torch.testing.assert_close(b, m, rtol=0, atol=1e-12)
+
+
+def test_batchnorm_statistics_sync_in_one_collective():
+    run_ranks(2, _count_rank, config(dict(dp=2)))

@@ -225,6 +225,7 @@ def test_a_trial_on_a_gpu_share_is_held_to_it(monkeypatch):
     monkeypatch.setattr(worker.ray, "get_runtime_context", lambda: types.SimpleNamespace(
         get_assigned_resources=lambda: {"CPU": 1.0, "GPU": 0.25}))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # the metrics' GPU
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", limits.append)
 
     def out_of_memory(cfg, session):

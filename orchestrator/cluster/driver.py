@@ -129,6 +129,8 @@ def build_trainer(cfg: TrainConfig, *, name: str, storage_path: str, echo: bool,
     """A TorchTrainer with one worker per rank of cfg.parallel's mesh. The same (storage_path,
     name) restores the run from its latest checkpoint."""
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
+    if not gpus_per_worker:  # Ray (2.60) no longer hides GPUs from a worker given none
+        cfg = cfg.model_copy(update={"device": "cpu"})  # (auto: every rank on cuda:0, gloo)
     os.environ.setdefault(*HEALTH_CHECK_INTERVAL)  # Ray Train passes it to its controller
     return TorchTrainer(
         train_loop_per_worker,
@@ -163,6 +165,9 @@ def run_on_ray(cfg: TrainConfig) -> dict:
     cpus_per_worker = min(1.0, ray.cluster_resources().get("CPU", 1) / world)
     gpus = ray.cluster_resources().get("GPU", 0) if cfg.device != "cpu" else 0
     gpus_per_worker = 1 if gpus >= world else 0
+    if cfg.device == "cuda" and not gpus_per_worker:
+        raise ConfigError(f"device cuda: {world} ranks need a GPU each and the cluster has "
+                          f"{gpus:g}; use device auto or cpu, or fewer ranks")
     trainer = build_trainer(cfg, name="train", storage_path=str(storage), echo=True,
                             cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
     try:

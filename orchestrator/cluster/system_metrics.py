@@ -17,7 +17,9 @@ class SystemSampler:
 
     def __init__(self, gpu: bool = False, interval_s: float = 2.0):
         self.process = psutil.Process()
-        self.gpu = gpu  # the worker's GPU: the one it sees first (Ray sets CUDA_VISIBLE_DEVICES)
+        # The worker's GPU, read in its training thread (Ray set it there): the ranks of a trial
+        # on one node all see the trial's GPUs, and a new thread starts on GPU 0.
+        self.device = torch.cuda.current_device() if gpu else None
         self.samples: list[dict[str, float]] = []
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -38,13 +40,13 @@ class SystemSampler:
                "system_memory_usage_megabytes": memory.used / 2**20,
                "system_memory_usage_percentage": memory.percent,
                "process_memory_rss_megabytes": self.process.memory_info().rss / 2**20}
-        if self.gpu:
-            total = torch.cuda.get_device_properties(0).total_memory
-            reserved = torch.cuda.memory_reserved(0)  # the allocator's count: no sync
+        if self.device is not None:
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            reserved = torch.cuda.memory_reserved(self.device)  # the allocator's count: no sync
             out["gpu_0_memory_usage_megabytes"] = reserved / 2**20
             out["gpu_0_memory_usage_percentage"] = 100 * reserved / total
             try:
-                out["gpu_0_utilization_percentage"] = torch.cuda.utilization(0)
+                out["gpu_0_utilization_percentage"] = torch.cuda.utilization(self.device)
             except Exception:  # NVML (pynvml) is optional: no utilisation without it
                 pass
         return out

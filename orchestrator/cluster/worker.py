@@ -20,6 +20,7 @@ from orchestrator.errors import OutOfMemory, TrainingDiverged
 from orchestrator.results import CHECKPOINT_FILE, DIVERGED, training_flops
 from orchestrator.run.checkpoint import load_checkpoint, save_atomic
 from orchestrator.run.config import TrainConfig
+from orchestrator.run.images import assigned_cpus
 from orchestrator.run.loop import out_of_memory, train_loop
 from orchestrator.run.session import LocalSession
 
@@ -68,6 +69,7 @@ def train_loop_per_worker(config: dict) -> None:
     """config: {"run": TrainConfig fields, "echo": print epoch lines}."""
     cfg = TrainConfig(**config["run"])
     share = limit_gpu_memory()
+    limit_compile_threads()
     session = RaySession(cfg, echo=config.get("echo", False))
     try:
         train_loop(cfg, session)
@@ -78,6 +80,16 @@ def train_loop_per_worker(config: dict) -> None:
         raise OutOfMemory(out_of_memory(cfg, share)) from None
     finally:
         session.close()
+
+
+def limit_compile_threads() -> None:
+    """Inductor's compile workers from this worker's CPUs, not the node's (by default up to
+    32 a process: with 8 trials on a node, 256 cold compiles at once)."""
+    import torch._inductor.config
+
+    cpus = assigned_cpus()
+    if cpus is not None:
+        torch._inductor.config.compile_threads = max(1, int(cpus))
 
 
 def limit_gpu_memory() -> float | None:

@@ -25,7 +25,7 @@ class _CopyToBranches(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous().clone()
+        grad = grad.clone()  # dense strides kept (channels_last stays so), else contiguous
         dist.all_reduce(grad, group=ctx.group)
         return grad, None
 
@@ -33,7 +33,7 @@ class _CopyToBranches(torch.autograd.Function):
 class _ReduceFromBranches(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
-        x = x.contiguous().clone()
+        x = x.clone()  # as above: collectives take channels_last-dense tensors
         dist.all_reduce(x, group=group)
         return x
 

@@ -31,6 +31,20 @@ def _unscaled(loss: torch.Tensor) -> torch.Tensor:
     return loss
 
 
+def _average(tensors: list[torch.Tensor], group: dist.ProcessGroup | None, size: int) -> None:
+    """All-reduce-average `tensors` in place over `group`: one flat buffer per dtype, one
+    collective each (a CUDA collective costs about as much as a small step's kernel)."""
+    if group is None:
+        return
+    for dtype in dict.fromkeys(t.dtype for t in tensors):
+        same = [t for t in tensors if t.dtype == dtype]
+        flat = torch.cat([t.reshape(-1) for t in same])
+        dist.all_reduce(flat, group=group)
+        flat /= size
+        torch._foreach_copy_(same, [f.view_as(t) for f, t in
+                                    zip(flat.split([t.numel() for t in same]), same)])
+
+
 class ReplicaMismatch(RuntimeError):
     """Parameters that should be identical across ranks are not."""
 
@@ -106,17 +120,14 @@ class RankEngine:
         return torch.stack([mean_loss.double() * len(y), (out.argmax(1) != y).sum().double()])
 
     def average_gradients(self) -> None:
-        group = self.mesh.group("dp")
-        if group is None:
-            return
+        """Average gradients over the data-parallel replicas, and those of the parameters
+        replicated in a branch-parallel group (stem, head, pre-activation BN, shortcuts) over
+        that group: each bp rank computes them separately, and on CUDA (cudnn.benchmark picks
+        its algorithm per rank, some with atomics) their bits differ."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=group)
-        flat /= self.cfg.parallel.dp
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        _average(grads, self.mesh.group("dp"), self.cfg.parallel.dp)
+        _average([p.grad for p, name in self.names.items() if p.grad is not None
+                  and ".functions." not in name], self.mesh.group("bp"), self.cfg.parallel.bp)
 
     def clip_gradients(self, max_norm: float) -> torch.Tensor:
         """Clip to the global gradient norm of the whole model (every parameter counted once:
@@ -134,14 +145,10 @@ class RankEngine:
         return norm
 
     def sync_batchnorm_statistics(self) -> None:
-        """Keep data-parallel replicas identical: average their BatchNorm running statistics."""
-        group = self.mesh.group("dp")
-        if group is None:
-            return
-        for buf in self.model.buffers():
-            if buf.is_floating_point():
-                dist.all_reduce(buf, group=group)
-                buf /= self.cfg.parallel.dp
+        """Keep data-parallel replicas identical: average their BatchNorm running statistics
+        (one collective a step, not one per buffer)."""
+        _average([b for b in self.model.buffers() if b.is_floating_point()],
+                 self.mesh.group("dp"), self.cfg.parallel.dp)
 
     def reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         if self.world > 1:

@@ -53,6 +53,19 @@ def cpu_computes_bf16() -> bool:
         return False
 
 
+def auto_precision(device: str) -> str:
+    """`precision: auto` for a float32 run: bf16 where the device computes it natively (CUDA
+    capability 8.0 on; a CPU with bf16 arithmetic), fp16 on older GPUs (V100, T4: bf16 is
+    emulated there, slower than fp32; fp16 runs on their tensor cores, with a loss scaler),
+    else fp32. A driver that sees no GPU (a study's head node) assumes a recent one."""
+    import torch
+
+    if device == "cuda":
+        old = torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 0)
+        return "fp16" if old else "bf16"
+    return "bf16" if cpu_computes_bf16() else "fp32"
+
+
 # What a recipe changes from the defaults below, unless the run sets it. ImageNet (fb.resnet.torch):
 # 90 epochs, batch 256, lr x0.1 at epochs 30 and 60; lr 0.1 per 256 images (scaled by batch_size).
 RECIPES = {"cifar": {},
@@ -229,8 +242,7 @@ class TrainConfig(Strict):
         if self.execution == "auto":
             update["execution"] = fastest_form(self.architecture, device)
         if self.precision == "auto":
-            fast_bf16 = cuda or cpu_computes_bf16()
-            update["precision"] = "bf16" if fast_bf16 and self.dtype == "float32" else "fp32"
+            update["precision"] = auto_precision(device) if self.dtype == "float32" else "fp32"
         if self.compile == "auto":
             update["compile"] = "cudagraphs" if cuda and plain_mesh else "none"
         if self.compile == "cudagraphs" and not cuda:

@@ -23,10 +23,12 @@ slice of every global batch (the replica index is the mesh's, from the global ra
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import mmap
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -201,7 +203,8 @@ def geometry(image: torch.Tensor, draws: Draws, size: int, pad_value) -> torch.T
     if draws.shift is not None:  # padded with the mean colour: zero after normalisation
         r, c = draws.shift
         padded = out.new_empty((size + 8, size + 8, 3))
-        padded[:] = out.new_tensor(pad_value)
+        for channel, value in enumerate(pad_value):  # fills: no copy (and wait) per image
+            padded[..., channel] = value
         padded[4:4 + size, 4:4 + size] = out
         out = padded[r:r + size, c:c + size]
     if draws.flip:
@@ -314,10 +317,7 @@ class FolderImages(torch.utils.data.Dataset):
         items = list(items)
         encoded = [i for i, item in enumerate(items) if isinstance(item[0], Encoded)]
         data = [torch.frombuffer(items[i][0].data, dtype=torch.uint8) for i in encoded]
-        try:
-            decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-        except RuntimeError:  # one bad file fails the batched call: one by one
-            decoded = [decode_one(d, device) for d in data]
+        decoded = decode_in_order(data, device)
         for i, image in zip(encoded, decoded):
             item, label, skipped, _ = items[i]
             if image is None:
@@ -336,6 +336,38 @@ class FolderImages(torch.utils.data.Dataset):
         return x, torch.tensor(labels), names, self.colour_inputs(x, draws)
 
 
+def decode_all(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:  # one bad file fails the batched call: one by one
+        return [decode_one(d, device) for d in data]
+
+
+def decode_in_order(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """`decode_all`, on CUDA ordered with the work queued before it. torchvision's nvJPEG
+    decode writes its outputs from a stream of its own that does not wait for the caller's
+    (pytorch/vision#9606): memory freed by the running step could be written while queued
+    kernels still use it. Decoding on a side stream that waits for the current one, then
+    making the current stream wait for it (and telling the allocator), orders both."""
+    if device.type != "cuda":
+        return decode_all(data, device)
+    current = torch.cuda.current_stream(device)
+    side = side_stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        decoded = decode_all(data, device)
+    current.wait_stream(side)
+    for image in decoded:
+        if image is not None:
+            image.record_stream(current)  # freed later: not reused before the current's uses
+    return decoded
+
+
+@functools.cache
+def side_stream(device: torch.device) -> "torch.cuda.Stream":
+    return torch.cuda.Stream(device)
+
+
 def decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
     try:
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
@@ -351,9 +383,10 @@ def jpeg_size(data: bytes | bytearray) -> tuple[int, int] | None:
     """(width, height) of a Huffman-coded DCT JPEG with 1 or 3 components (grayscale, YCbCr or
     RGB: what nvJPEG decodes to RGB), from its frame header; None for anything else (CMYK,
     lossless or arithmetic-coded JPEG, PNG, not an image, a header cut short), which the workers
-    decode."""
+    decode. So is a file that does not end with the end-of-image marker (cut short: libjpeg
+    fails on it, nvJPEG may decode it without an error)."""
     b = memoryview(data)
-    if len(b) < 4 or b[0] != 0xFF or b[1] != 0xD8:
+    if len(b) < 4 or b[0] != 0xFF or b[1] != 0xD8 or b[-2:] != b"\xff\xd9":
         return None
     i = 2
     while i + 9 < len(b) and b[i] == 0xFF:
@@ -373,9 +406,17 @@ def jpeg_size(data: bytes | bytearray) -> tuple[int, int] | None:
     return None
 
 
+@dataclass
+class ToDecode:
+    """A `decode: device` batch's items, for the training process to decode
+    (`FolderImages.finish`). Not a sequence: pin_memory passes it through untouched, while the
+    workers' tuples may come back as lists (torch before 2.10)."""
+    items: list
+
+
 def collate(items):
     if any(isinstance(item[0], Encoded) for item in items):
-        return items  # `decode: device`: the training process decodes (`FolderImages.finish`)
+        return ToDecode(items)
     images, labels, skipped, colour = zip(*items)
     names = [name for names in skipped for name in names]
     if any(image is None for image in images):  # a run of undecodable files: no batch
@@ -458,11 +499,23 @@ def batch_memory(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
     return torch.frombuffer(memory, dtype=dtype).view(shape)  # the tensor keeps `memory` alive
 
 
+def assigned_cpus() -> float | None:
+    """The CPUs Ray assigned to this process (a Ray worker), else None. Under Ray the CPUs a
+    process may run on are the whole node's, shared by every trial there."""
+    ray = sys.modules.get("ray")  # imported by any Ray worker; not imported here otherwise
+    if ray is None or not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_assigned_resources().get("CPU")
+
+
 def default_workers() -> int:
-    """This process's share of the CPU cores, less one for the training loop (the ranks on a
-    node share its cores: LOCAL_WORLD_SIZE, as torchrun and Ray Train set it)."""
-    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, len(os.sched_getaffinity(0)) // ranks - 1)
+    """This process's share of the CPU cores, less one for the training loop: its Ray
+    worker's CPUs, else the cores it may use shared by the node's ranks (LOCAL_WORLD_SIZE, as
+    torchrun sets it)."""
+    cpus = assigned_cpus()
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, int(cpus) - 1)
 
 
 class FolderBatches:
@@ -514,8 +567,8 @@ class FolderBatches:
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.skipped = []
         for batch in self.loader(epoch, start_step):
-            if isinstance(batch, list):  # JPEGs to decode here, on the device
-                batch = self.images.finish(batch, self.device)
+            if isinstance(batch, ToDecode):  # JPEGs to decode here, on the device
+                batch = self.images.finish(batch.items, self.device)
             x, y, skipped, colour = batch
             if skipped:
                 if self.bad_images == "error":
@@ -525,14 +578,20 @@ class FolderBatches:
             if x is None:
                 raise DataError(f"{SUBSTITUTES} images in a row cannot be decoded, e.g. "
                                 f"{skipped[-1]}; check the files under {self.split.root}")
-            M, t = (m.to(self.device, non_blocking=True) for m in self.images.maps(colour))
+            M, t = (self.to_device(m) for m in self.images.maps(colour))
             x = apply_colour(x.to(self.device, non_blocking=True), M, t, self.memory_format)
-            yield x, y.to(self.device)
+            yield x, self.to_device(y)
         if self.skipped:
             log.warning(f"skipped {len(self.skipped)} undecodable image(s) this epoch, each "
                         f"replaced by the next image of the split: "
                         f"{'; '.join(self.skipped[:20])}")
 
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A copy that does not wait: from pinned memory on CUDA (a pageable source blocks)."""
+        if self.device.type == "cuda" and not tensor.is_pinned():
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
 
     def padded_epoch(self, shard: tuple[int, int] = (0, 1)
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:

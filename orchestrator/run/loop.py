@@ -44,16 +44,24 @@ class Session(Protocol):
 
 
 def rng_state() -> dict:
+    # This process's own GPU only: a state per visible GPU could not be restored where fewer
+    # are visible (a resume under Ray, or on another layout).
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or not torch.cuda.is_available():
+        return
+    if isinstance(cuda, (list, tuple)):  # older checkpoints: one state per GPU visible then
+        device = torch.cuda.current_device()
+        cuda = cuda[device] if device < len(cuda) else None
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)
 
 
 def timed(batches, waited: list[float]):

@@ -45,12 +45,17 @@ def compile_blocks(model: torch.nn.Module, **options) -> int:
     """Regional compilation (torch's recipe for repeated layers): each multi-residual block is
     compiled on its own, in place; blocks of the same shapes share one compiled graph, so the
     compile time grows with the number of distinct blocks (about six in a CIFAR net), not with
-    the depth. Stem and head stay eager. Returns the number of blocks compiled."""
+    the depth. Stem and head stay eager. Static shapes (dynamic=False): dynamo's automatic
+    dynamic pass would otherwise turn the later stages' graphs into dynamic-shape ones once a
+    second input size appears. All blocks share one code object, so its recompile limit must
+    cover every distinct block (a 4-stage ImageNet net has 8). Returns the number compiled."""
     from models.blocks import MultiResidualBlock
 
     blocks = [m for m in model.modules() if isinstance(m, MultiResidualBlock)]
+    config = torch._dynamo.config
+    config.cache_size_limit = max(config.cache_size_limit, len(blocks))  # recompile_limit
     for block in blocks:
-        block.compile(**options)
+        block.compile(dynamic=False, **options)
     return len(blocks)
 
 

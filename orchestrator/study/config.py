@@ -131,6 +131,10 @@ class StudyConfig(Strict):
             raise ValueError("train.device cuda needs GPUs: set resources.gpus_per_worker to "
                              "auto, 1, or 0.25 to pack four trials on a GPU")
         world = self.parallel.world_size
+        gpus = self.resources.gpus_per_worker
+        if world > 1 and gpus != "auto" and 0 < gpus < 1:  # Ray would pack ranks on one GPU
+            raise ValueError(f"resources.gpus_per_worker: {gpus:g} with {world} ranks per trial; "
+                             f"NCCL needs a whole GPU per rank: set it to 1 or auto")
         if self.resources.workers is None:
             self.resources.workers = world
         elif self.resources.workers != world:
