@@ -259,10 +259,11 @@ def registered_version(client, name: str, run_id: str) -> str | None:
 
 
 def report_n0(rows: list[dict], study: StudyConfig, parent, results_dir: Path,
-              verdict: str | None, policy=None) -> None:
+              verdict: str | None, policy=None, extended: list[str] = ()) -> None:
     """Where the trials pair up: n0 as `orchestrator.report` gives it, printed, written to
     results/STUDY/report/ and logged to the parent run (report.md, figures, n0 metrics). An n0
-    study's interval is its searcher's: `policy`, replayed from the rows (None for others)."""
+    study's interval is its searcher's: `policy`, replayed from the rows (None for others);
+    `extended`: what the report says about the study's extensions."""
     import pandas as pd
     from mlflow.entities import Metric, RunTag
 
@@ -280,12 +281,12 @@ def report_n0(rows: list[dict], study: StudyConfig, parent, results_dir: Path,
                                for r in finished if r.get("fidelity", 1.0) != 1.0])
     if runs.empty or not find_pairs(runs, study.n0.pair_tolerance):
         return
-    searched, notes = None, []
+    searched, notes = None, list(extended)
     if policy is not None:  # the searcher's own interval, valid under its stopping
         from orchestrator.study.n0_search import search_notes
 
         searched = policy.estimate()
-        notes = search_notes(policy)
+        notes += search_notes(policy)
     histories = {r["trial"]: ({k: r[k] for k in keys},
                               [(int(e), 100 * v) for e, v in r["history"].itertuples(index=False)])
                  for r in done if r["history"] is not None}

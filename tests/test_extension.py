@@ -1,0 +1,153 @@
+"""A study that grows: which changes of a study file extend a trained study and which are refused,
+the finished part saved once (a kill at any point repeats nothing), and the continuation's
+searcher seeded with every finished trial."""
+import json
+from pathlib import Path
+
+import pytest
+
+from orchestrator.errors import ConfigError
+from orchestrator.study.config import load_study
+from orchestrator.study.extension import (PRIOR_FILE, begin, check_extension, classify,
+                                          prior_for, read_prior, seed_searcher)
+
+ROOT = Path(__file__).parent.parent
+PAIRS = str(ROOT / "search_spaces" / "pairs_cpu.yaml")
+DEPTH_VS_K = str(ROOT / "search_spaces" / "depth_vs_k.yaml")
+
+
+def dump(path: str, *overrides: str) -> dict:
+    return load_study(path, list(overrides)).model_dump(mode="json")
+
+
+@pytest.mark.parametrize("path, overrides, grown", [
+    (PAIRS, ["trials=20"], ["trials 12 -> 20"]),
+    (PAIRS, ["budget.epochs=200"], ["budget.epochs 60.0 -> 200.0"]),
+    (PAIRS, ["seeds=3"], ["seeds [0, 1] -> [0, 1, 2]"]),
+    (PAIRS, ["n0.target_width=3"], ["n0.target_width 6.0 -> 3.0"]),
+    (PAIRS, ["pairs.deep=[[2,2,2],[4,4,4],[6,6,6],[8,8,8]]"],
+     ["configurations", "pairs.deep"]),
+    (DEPTH_VS_K, ["budget.epochs=3200", "trials=60", "concurrency=4"],
+     ["budget.epochs 1600.0 -> 3200.0", "trials 40 -> 60"]),
+    (DEPTH_VS_K, ["space.depth.choices=[8,14,20,26,32,38,44,50,56,68,80,110]"],
+     ["space.depth.choices"]),
+])
+def test_growth_is_an_extension(path, overrides, grown):
+    base = ["budget.epochs=60"] if "budget.epochs=200" in overrides else []
+    change = check_extension(dump(path, *base), dump(path, *overrides), "s", "/r")
+    assert not change.refused
+    assert [line if " -> " in g else line.split(" ")[0] for line, g in
+            zip(change.grown, grown)] == grown
+    assert change.allowed == (["concurrency 8 -> 4"] if "concurrency=4" in overrides else [])
+
+
+@pytest.mark.parametrize("overrides, keys", [
+    (["train.epochs=6"], ["train.epochs"]),                       # the recipe
+    (["train.lr=0.05", "trials=20"], ["train.lr"]),              # the recipe beside growth
+    (["train.train_size=20000"], ["train.train_size"]),          # the dataset
+    (["pairs.deep=[[2,2,2],[6,6,6]]"], ["configurations", "pairs.deep"]),  # a trained pair gone
+    (["seeds=[0, 5]"], ["seeds"]),                               # seed 1 replaced
+    (["trials=8"], ["trials"]),                                  # shrinks
+    (["n0.target_width=8"], ["n0.target_width"]),                # looser
+    (["budget.epochs=100"], ["budget.epochs"]),                  # a cap where there was none
+    (["searcher.seed=1", "trials=20"], ["searcher.seed"]),       # another search
+    (["n0.level=0.9", "trials=20"], ["n0.level"]),               # other statistics
+])
+def test_what_alters_trained_trials_is_refused_naming_the_keys(overrides, keys):
+    with pytest.raises(ConfigError) as err:
+        check_extension(dump(PAIRS), dump(PAIRS, *overrides), "pairs_cpu", "/r")
+    line = str(err.value)
+    assert "\n" not in line and "another --storage-path" in line
+    named = [part.split(" ")[0] for part in line.split(": ", 1)[1].split(" (an extension")[0]
+             .split("; ")]
+    assert named == keys
+
+
+def test_a_change_that_grows_nothing_is_refused():
+    with pytest.raises(ConfigError, match="concurrency 2 -> 1 and nothing that grows it"):
+        check_extension(dump(PAIRS), dump(PAIRS, "concurrency=1"), "pairs_cpu", "/r")
+    with pytest.raises(ConfigError, match="with a different configuration"):
+        check_extension(None, dump(PAIRS, "trials=20"), "pairs_cpu", "/r")  # an old folder
+
+
+def test_classify_names_space_value_changes_of_trained_nets():
+    change = classify(dump(DEPTH_VS_K), dump(DEPTH_VS_K, "space.k.choices=[1,2,3,4,5,6]"))
+    assert [line.split(" ")[0] for line in change.refused] == ["space.k.choices"]
+
+
+def fake_experiment(folder: Path, log: list[dict]) -> None:
+    """The Tune state files of a finished n0 study (its searcher's state is JSON)."""
+    folder.mkdir(parents=True)
+    (folder / "tuner.pkl").write_bytes(b"pickle")
+    (folder / "experiment_state-2026-12-07_01-00-00.json").write_text("{}")
+    (folder / "searcher-state-2026-12-07_01-00-00.pkl").write_text(json.dumps(
+        {"plan": {}, "log": log, "added": [], "running": {}, "fixed": {}}))
+    (folder / "train-abc").mkdir()
+    (folder / "train-abc" / "params.pkl").write_bytes(b"kept")
+
+
+def row(trial: str, arch: str, seed: int, error: float) -> dict:
+    return {"trial": trial, "architecture": arch, "seed": seed, "fidelity": 1.0, "depth": 8,
+            "k": 2, "width": 1, "params": 10, "flops": 20, "epochs": 5,
+            "best_test_error": error, "final_test_error": error, "time_s": 1.0,
+            "status": "done", "history": None}
+
+
+def test_the_finished_part_is_saved_once_and_the_searcher_replays_it(tmp_path):
+    from orchestrator.study.n0_search import N0Search, n0_policy
+
+    study = load_study(PAIRS, ["trials=20"])
+    pair = study.pairs_to_train()[0]
+    log = [{"arch": pair.deep, "seed": 0, "fidelity": 1.0, "error": 30.0, "cost": 5},
+           {"arch": pair.multi, "seed": 0, "fidelity": 1.0, "error": 29.0, "cost": 5}]
+    results = tmp_path / "pairs_cpu"
+    fake_experiment(results, log)
+    state = {"config_hash": "0" * 16}
+    change = check_extension(dump(PAIRS), dump(PAIRS, "trials=20"), "pairs_cpu", str(results))
+    calls = []
+
+    def rows():
+        calls.append(1)
+        return [row("t1", pair.deep, 0, 0.30), row("t2", pair.multi, 0, 0.29)]
+
+    prior = begin(str(results), state, "1" * 16, change, rows)
+    assert prior.extensions == ["trials 12 -> 20"] and prior.trial_ids() == {"t1", "t2"}
+    # Only the continuation can be restored now; the trials' own files stay.
+    assert sorted(p.name for p in results.iterdir()) == [PRIOR_FILE, "train-abc"]
+    assert (results / "train-abc" / "params.pkl").exists()
+    # Run again (a kill after this point): nothing is read or summarized twice.
+    assert begin(str(results), state, "1" * 16, change, rows).rows == prior.rows
+    assert len(calls) == 1 and prior_for(str(results), "2" * 16) is None
+    back = read_prior(str(results))
+    assert back.rows[0]["architecture"] == pair.deep and back.searcher["log"] == log
+
+    searcher = N0Search(n0_policy(study))
+    seed_searcher(searcher, back)
+    assert searcher.policy.log == log
+    trained = {(r["arch"], r["seed"]) for r in log}
+    suggested = [searcher.suggest(f"x{i}") for i in range(4)]
+    assert not trained & {(s["arch"], s["seed"]) for s in suggested if isinstance(s, dict)}
+
+
+def test_a_second_extension_keeps_the_first_ones_trials(tmp_path):
+    results = tmp_path / "pairs_cpu"
+    fake_experiment(results, [])
+    first = check_extension(dump(PAIRS), dump(PAIRS, "trials=20"), "p", str(results))
+    begin(str(results), {"config_hash": "0" * 16}, "1" * 16, first,
+          lambda: [row("t1", "a", 0, 0.3)])
+    fake_experiment(tmp_path / "again", [])  # the continuation's own Tune state
+    for path in (tmp_path / "again").iterdir():
+        if path.is_file():
+            path.rename(results / path.name)
+    second = check_extension(dump(PAIRS, "trials=20"), dump(PAIRS, "trials=30"), "p",
+                             str(results))
+    prior = begin(str(results), {"config_hash": "1" * 16}, "2" * 16, second,
+                  lambda: [row("t2", "b", 0, 0.3)])
+    assert prior.trial_ids() == {"t1", "t2"}
+    assert prior.extensions == ["trials 12 -> 20", "trials 20 -> 30"]
+
+
+def test_an_edited_prior_file_is_refused(tmp_path):
+    (tmp_path / PRIOR_FILE).write_text('{"for": "x", "rows": [{"trial": 1}]}')
+    with pytest.raises(ConfigError, match="is not a study's finished trials"):
+        read_prior(str(tmp_path))
