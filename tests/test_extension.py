@@ -2,6 +2,7 @@
 the finished part saved once (a kill at any point repeats nothing), and the continuation's
 searcher seeded with every finished trial."""
 import json
+from ray import cloudpickle
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from orchestrator.errors import ConfigError
 from orchestrator.study.config import load_study
 from orchestrator.study.extension import (PRIOR_FILE, begin, check_extension, classify,
-                                          prior_for, read_prior, seed_searcher)
+                                          prior_for, read_prior, seeded)
 
 ROOT = Path(__file__).parent.parent
 PAIRS = str(ROOT / "search_spaces" / "pairs_cpu.yaml")
@@ -121,12 +122,18 @@ def test_the_finished_part_is_saved_once_and_the_searcher_replays_it(tmp_path):
     back = read_prior(str(results))
     assert back.rows[0]["architecture"] == pair.deep and back.searcher["log"] == log
 
-    searcher = N0Search(n0_policy(study))
-    seed_searcher(searcher, back)
-    assert searcher.policy.log == log
+    searcher = seeded(N0Search(n0_policy(study)), back)
+    assert searcher.inner.policy.log == log
     trained = {(r["arch"], r["seed"]) for r in log}
     suggested = [searcher.suggest(f"x{i}") for i in range(4)]
     assert not trained & {(s["arch"], s["seed"]) for s in suggested if isinstance(s, dict)}
+    # Saved and restored (Tune pickles the seeded searcher, then loads its saved state into
+    # it): each finished trial is in the log once.
+    saved = tmp_path / "searcher-state.pkl"
+    searcher.save(str(saved))
+    restored = cloudpickle.loads(cloudpickle.dumps(searcher))  # as Tune pickles it
+    restored.restore(str(saved))
+    assert restored.inner.policy.log == log and restored.inner.trials == searcher.inner.trials
 
 
 def test_a_second_extension_keeps_the_first_ones_trials(tmp_path):
@@ -151,3 +158,51 @@ def test_an_edited_prior_file_is_refused(tmp_path):
     (tmp_path / PRIOR_FILE).write_text('{"for": "x", "rows": [{"trial": 1}]}')
     with pytest.raises(ConfigError, match="is not a study's finished trials"):
         read_prior(str(tmp_path))
+
+
+def test_an_extended_study_trains_only_new_trials_and_survives_a_killed_driver(
+        ray_address, tmp_path, capsys):
+    """A two-pair n0 study run at trials=4 (one seed a pair), then the same command with
+    trials=8: the second seeds are trained in the same MLflow parent run, tagged with the
+    extension, and no finished trial is trained again. The driver is killed (SIGKILL) during the
+    extension, and the same command again loses nothing and repeats nothing."""
+    from tests.sweeps import assert_resumes_once, child_statuses, runs, start_sweep, wait_for
+    from tests.test_sweep import pair_study
+
+    path = pair_study(tmp_path)
+    uri, results = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "results"
+    args = [str(path), "--storage-path", str(results), "--tracking-uri", uri,
+            "--set", "concurrency=1"]
+    from orchestrator.sweep import main as sweep_main
+
+    assert sweep_main([*args, "--set", "trials=4"]) == 0
+    _, (parent,), first = runs(uri, "pairs")
+    assert len(first) == 4 and parent.info.status == "FINISHED"
+    # Today's refusal stays for what would alter the trained nets.
+    assert sweep_main([*args, "--set", "train.lr=0.2", "--set", "trials=8"]) == 2
+    assert "train.lr 0.1 -> 0.2" in capsys.readouterr().err
+
+    extended = [*args, "--set", "trials=8"]
+    proc = start_sweep(extended[1:], ray_address, study=str(path), cwd=tmp_path)
+    wait_for(lambda: child_statuses(uri, "pairs").count("FINISHED") >= 5
+             and "RUNNING" in child_statuses(uri, "pairs"), proc)
+    proc.kill()
+    output = proc.communicate(timeout=60)[0]
+    assert "study pairs extended (trials 4 -> 8): 4 trials kept from before" in output
+
+    children = assert_resumes_once(extended, uri, results, "pairs", epochs=1)
+    trained = [(c.data.tags["architecture"], c.data.tags["seed"]) for c in children]
+    assert len(trained) == len(set(trained)) == 8  # every net with both seeds, each once
+    assert {c.info.run_id for c in first} <= {c.info.run_id for c in children}
+    client, (again,), _ = runs(uri, "pairs")
+    assert again.info.run_id == parent.info.run_id
+    assert again.data.tags["extended"] == "trials 4 -> 8"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"study.yaml", "study.extension-1.yaml"} <= artifacts
+    out = capsys.readouterr().out
+    assert "study pairs extended (trials 4 -> 8): 4 trials kept from before" in out
+    report = (results / "pairs" / "report" / "report.md").read_text()
+    assert "- study pairs extended (trials 4 -> 8)" in report
+    # The finished study, run again: nothing to do.
+    assert sweep_main(extended) == 0
+    assert "nothing changed" in capsys.readouterr().out

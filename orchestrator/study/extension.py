@@ -16,6 +16,7 @@ What changes a trained trial (the recipe, the dataset, the space's values of tra
 searcher, the statistics) is refused, naming the keys."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from typing import Any, Callable
 
 from orchestrator.errors import ConfigError, short
 from orchestrator.storage import filesystem, join, read_text, shown, write_text
+from orchestrator.study.search_state import JsonStateSearcher
 
 PRIOR_FILE = "multires_prior.json"
 
@@ -229,19 +231,49 @@ def begin(results: str, state: dict, digest: str, change: Change,
     return prior
 
 
-def seed_searcher(searcher, prior: Prior | None) -> None:
-    """The continuation's searcher learns every finished trial: the n0 policy replays its log
-    (`N0Policy.replay`), an Optuna sampler gets the results as evaluated points."""
-    from orchestrator.study.n0_search import N0Search
-
+def seeded(searcher, prior: Prior | None):
+    """The continuation's searcher: it has learnt every finished trial of `prior`."""
     if prior is None or prior.searcher is None:
-        return
-    data = prior.searcher
-    if isinstance(searcher, N0Search):
-        searcher.policy.replay(data["log"], data["added"])
-        searcher.fixed = data["fixed"]
-    else:
-        searcher.load_state(data)
+        return searcher
+    return ContinuedSearch(searcher, prior.searcher)
+
+
+class ContinuedSearch(JsonStateSearcher):
+    """A study's searcher seeded with the finished trials of its earlier parts (the n0 policy
+    replays its log, `N0Policy.replay`; an Optuna sampler learns the results as evaluated
+    points), pickled seeded with the Tune experiment. Its saved state is the inner searcher's,
+    which holds the seed too: a restore reloads it into an unseeded copy, so nothing is learnt
+    twice."""
+
+    def __init__(self, searcher: JsonStateSearcher, seed: dict):
+        super().__init__(metric=searcher.metric, mode=searcher.mode)
+        if seed.get("running"):  # a study that ended has none
+            raise ConfigError("the study's earlier part has trials still running; run it to "
+                              "its end before extending it")
+        self.blank = copy.deepcopy(searcher)
+        self.inner = searcher
+        self.load_state(seed)
+
+    def load_state(self, data: dict) -> None:
+        from orchestrator.study.n0_search import N0Search
+
+        self.inner = copy.deepcopy(self.blank)
+        if isinstance(self.inner, N0Search):  # the seed was planned with the smaller budget
+            data = {**data, "plan": self.inner.state()["plan"]}
+        self.inner.load_state(data)
+
+    def state(self) -> dict:
+        return self.inner.state()
+
+    def suggest(self, trial_id: str):
+        return self.inner.suggest(trial_id)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self.inner.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        self.inner.on_trial_complete(trial_id, result, error)
 
 
 def spent_epochs(prior: Prior) -> float:

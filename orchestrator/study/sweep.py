@@ -285,7 +285,7 @@ def fit(study: StudyConfig, results: str, restoring: bool, parent, config: tuple
 
     from orchestrator.cluster.driver import release_placement_groups
     from orchestrator.study.console import StudyProgress
-    from orchestrator.study.extension import seed_searcher
+    from orchestrator.study.extension import seeded
     from orchestrator.study.searchers import build_searcher
     from orchestrator.study.tracking import TrialTracker
     from orchestrator.trust import check, signing
@@ -308,8 +308,7 @@ def fit(study: StudyConfig, results: str, restoring: bool, parent, config: tuple
         kept = prior.trial_ids() if prior else frozenset()
         tracker = TrialTracker(study.tracking_uri(), study, parent.experiment_id, parent.run_id,
                                layout=study.parallel.layout, kept=kept)
-        searcher = build_searcher(study)
-        seed_searcher(searcher, prior)
+        searcher = seeded(build_searcher(study), prior)
         planned = planned_trials(study) - len(kept)
         tuner = Tuner(
             trainable,
