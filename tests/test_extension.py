@@ -206,3 +206,61 @@ def test_an_extended_study_trains_only_new_trials_and_survives_a_killed_driver(
     # The finished study, run again: nothing to do.
     assert sweep_main(extended) == 0
     assert "nothing changed" in capsys.readouterr().out
+
+
+def trained_folder(tmp_path: Path, *overrides: str) -> tuple[list[str], Path]:
+    """A results folder that holds pairs_cpu trained with `overrides` (its state and the n0
+    searcher's log of four finished trials, as a sweep leaves them), and the command's args."""
+    from orchestrator.study.sweep import config_hash, resolve_paths
+
+    args = ["--storage-path", str(tmp_path / "results"), "--tracking-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}", "--data-dir", str(tmp_path / "data")]
+    study = resolve_paths(load_study(PAIRS, [*overrides, *[
+        f"{k}={v}" for k, v in (("storage_path", args[1]), ("mlflow.tracking_uri", args[3]),
+                                ("train.data_dir", args[5]))]]), fetch=False)
+    pairs = study.pairs_to_train()[:2]
+    log = [{"arch": net, "seed": 0, "fidelity": 1.0, "error": 30.0, "cost": 5}
+           for p in pairs for net in (p.deep, p.multi)]
+    results = Path(study.results_place())
+    fake_experiment(results, log)
+    (results / "multires_study.json").write_text(json.dumps({
+        "parent_run_id": "abc", "config_hash": config_hash(study), "experiment": "pairs_cpu",
+        "tracking_uri": args[3], "config": study.model_dump(mode="json")}))
+    return args, results
+
+
+def test_the_dry_run_on_a_trained_folder_says_what_an_extension_adds(tmp_path, capsys):
+    from orchestrator.sweep import main as sweep_main
+
+    args, results = trained_folder(tmp_path, "trials=4")
+    before = sorted(p.name for p in results.iterdir())
+    assert sweep_main([PAIRS, *args, "--set", "trials=4", "--dry-run"]) == 0
+    assert f"{results} holds this study (4 trials trained (20 epochs))" in capsys.readouterr().out
+
+    assert sweep_main([PAIRS, *args, "--set", "trials=8", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert (f"extends study pairs_cpu in {results}: trials 4 -> 8; 4 trials trained (20 epochs) "
+            f"are kept, none trained again") in out
+    assert "it adds at most 20 epochs" in out  # 8 trials of 5 epochs, 20 of them trained
+    first = out.split("; the first ")[1].splitlines()[2:]  # what it would train next
+    trained = {(net, "0") for p in load_study(PAIRS).pairs_to_train()[:2]
+               for net in (p.deep, p.multi)}
+    assert first and not trained & {tuple(line.split()[:2]) for line in first}
+
+    assert sweep_main([PAIRS, *args, "--set", "trials=8", "--set", "train.epochs=6",
+                       "--dry-run"]) == 2
+    assert "train.epochs 5 -> 6" in capsys.readouterr().err
+    assert sorted(p.name for p in results.iterdir()) == before  # the dry run changed nothing
+
+
+def test_the_dry_run_prices_a_gpu_study_and_what_an_extension_would_need(capsys):
+    from orchestrator.sweep import main as sweep_main
+
+    assert sweep_main([DEPTH_VS_K, "--dry-run", "--dry-run-trials", "1"]) == 0
+    out = capsys.readouterr().out
+    gpu = next(line for line in out.splitlines() if line.startswith("GPU time: expected"))
+    assert "15,686 images/s, bench/RESULTS.md" in gpu
+    # worst case: budget.epochs 1,600 x 50,000 images at 15,686 images/s
+    assert f"worst case {1600 * 50_000 / 15_686 / 3600:,.1f} GPU hours" in gpu
+    close = next(line for line in out.splitlines() if line.startswith("chance to close: "))
+    assert "extending it" in close and "more epochs" in close

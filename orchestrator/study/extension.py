@@ -296,3 +296,37 @@ def mark_parent(parent, prior: Prior, study_text: str) -> None:
     client, run_id = parent.client, parent.run_id
     client.set_tag(run_id, "extended", short(" | then ".join(prior.extensions), 4000))
     client.log_text(run_id, study_text, f"study.extension-{len(prior.extensions)}.yaml")
+
+
+def last_state(results: str, state: dict) -> dict | None:
+    """The folder's searcher state when its study last saved it (read as data: the dry run
+    reads the folder, and trusts nothing in it)."""
+    data = saved_searcher(results, tune_state_files(results))
+    prior = prior_for(results, state["config_hash"])
+    if data is None and prior is not None:
+        data = prior.searcher
+    return data if isinstance(data, dict) else None
+
+
+def trained_so_far(data: dict | None, epochs: int) -> tuple[int, float]:
+    """(trials, epochs) a study has trained, from its searcher's state (`last_state`); `epochs`:
+    a trial's, where the searcher does not count them."""
+    if data is None:
+        return 0, 0.0
+    if "log" in data:  # the n0 policy's log: every finished trial with its cost
+        log = data["log"]
+        return len(log), float(sum(r["cost"] for r in log))
+    return len(data.get("taken", {})), float(len(data.get("taken", {})) * epochs)
+
+
+def earlier_study(study, old: dict):
+    """The study as its results folder was trained: `study` with the keys an extension changed
+    put back to their `old` values (from `StudyState.config`)."""
+    from orchestrator.study.config import StudyConfig, set_dotted
+
+    data = study.model_dump(mode="json", exclude_unset=True)
+    before, now = flat(old), flat(study.model_dump(mode="json"))
+    for key in sorted(before):
+        if before[key] != now.get(key):
+            set_dotted(data, key, before[key])
+    return StudyConfig(**data)

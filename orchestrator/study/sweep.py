@@ -45,14 +45,14 @@ def start_ray(study: StudyConfig, study_file: str | None) -> tuple[StudyConfig, 
     return check_fit(study, Cluster.of_ray(), study_file)
 
 
-def resolve_paths(study: StudyConfig) -> StudyConfig:
+def resolve_paths(study: StudyConfig, fetch: bool = True) -> StudyConfig:
     """Make every path absolute (trials run in other folders, or on other machines) and fetch
-    the dataset once, before any trial starts."""
+    the dataset once, before any trial starts (`fetch`; the dry run does not)."""
     train = study.train
     if DATASETS[train.dataset].needs_files:
         data_dir = str(resolve(train.data_dir or "data", "--data-dir"))
-        # Downloads when absent and online; checks the files.
-        DATASETS[train.dataset].load(data_dir, None, None, train.seed)
+        if fetch:  # downloads when absent and online; checks the files
+            DATASETS[train.dataset].load(data_dir, None, None, train.seed)
         train = train.model_copy(update={"data_dir": data_dir})
     mlflow = study.mlflow.model_copy(update={"tracking_uri": study.tracking_uri()})
     return study.model_copy(update={"train": train, "mlflow": mlflow,
