@@ -264,3 +264,24 @@ def test_the_dry_run_prices_a_gpu_study_and_what_an_extension_would_need(capsys)
     assert f"worst case {1600 * 50_000 / 15_686 / 3600:,.1f} GPU hours" in gpu
     close = next(line for line in out.splitlines() if line.startswith("chance to close: "))
     assert "extending it" in close and "more epochs" in close
+
+
+def test_an_optuna_searchers_continuation_skips_what_was_trained():
+    """A TPE study of 4 nets x 2 seeds run at trials=3, then extended: the seeded searcher
+    gives the 5 trials not trained yet, then nothing."""
+    from orchestrator.study.extension import Prior
+    from orchestrator.study.searchers import build_searcher
+
+    smoke = str(ROOT / "search_spaces" / "smoke.yaml")
+    grid = ["searcher.sampler=tpe", "space.lr=0.05", "scheduler.type=none", "seeds=2"]
+    first = build_searcher(load_study(smoke, [*grid, "trials=3"]))
+    trained = []
+    for i in range(3):
+        config = first.suggest(f"t{i}")
+        first.on_trial_complete(f"t{i}", {"test_error": 0.5, "epoch": 2})
+        trained.append(json.dumps(config, sort_keys=True))
+    prior = Prior("x", ["trials 3 -> 8"], [], json.loads(json.dumps(first.state())))
+    more = seeded(build_searcher(load_study(smoke, [*grid, "trials=8"])), prior)
+    new = [more.suggest(f"n{i}") for i in range(6)]
+    found = [json.dumps(c, sort_keys=True) for c in new if isinstance(c, dict)]
+    assert len(found) == 5 and len(set(found)) == 5 and not set(found) & set(trained)

@@ -188,6 +188,10 @@ def _run(study: StudyConfig, study_file: str, resume: bool, results: str, local:
     change = None
     if state is not None and state["config_hash"] != digest:  # an extension, or refused
         change = check_extension(state.get("config"), settings, study.name, results)
+        if resume:
+            raise ConfigError(f"--resume continues study {study.name} as it began, but its "
+                              f"settings grew ({'; '.join(change.grown)}); drop --resume to "
+                              f"extend it")
     # Before Ray starts: the study's parent run is where the results folder says it is.
     if state is not None:
         client, parent_run = check_parent(study, state, results)
