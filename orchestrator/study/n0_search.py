@@ -161,15 +161,31 @@ def simulated_cost(study: StudyConfig, studies: int = 10, noise: float = 0.2,
                    rho: float = 0.7) -> tuple[float, float, float, float]:
     """(mean, 90th percentile) epochs the search trains on simulated results, and what they
     buy: the median width of the final interval (inf: open-ended in most) and the share of
-    studies whose interval has two ends. n0 uniform over the pairs' depths, the difference
-    a (n0/depth - 1) with a = 0.85, seed noise `noise` points, short schedules correlated
-    `rho` with the full ones (bench/n0_search.py's model); trials finish in the order they
-    start, `concurrency` at a time."""
+    studies whose interval has two ends (`simulated_studies`' model)."""
+    import numpy as np
+
+    runs = simulated_studies(study, studies, noise, rho)
+    spent = [r["spent"] for r in runs]
+    widths = [r["width"] for r in runs]
+    closed = float(np.mean(np.isfinite(widths)))
+    return (float(np.mean(spent)), float(np.quantile(spent, 0.9)),
+            float(np.median(widths)), closed)
+
+
+def simulated_studies(study: StudyConfig, studies: int = 10, noise: float = 0.2,
+                      rho: float = 0.7, then: StudyConfig | None = None) -> list[dict]:
+    """Per simulated study: the epochs the search trains (`spent`) and the width of its final
+    interval (inf: open-ended); with `then`, a study that ends open is extended to `then`'s
+    settings (its policy replays the log) on the same truth: `extra` epochs, `width_after`.
+    n0 uniform over the pairs' depths, the difference a (n0/depth - 1) with a = 0.85, seed
+    noise `noise` points, short schedules correlated `rho` with the full ones
+    (bench/n0_search.py's model); trials finish in the order they start, `concurrency` at a
+    time."""
     from dataclasses import replace
 
     import numpy as np
 
-    spent, widths = [], []
+    out = []
     for i in range(studies):
         rng = np.random.default_rng(i)
         policy = n0_policy(study)
@@ -178,21 +194,39 @@ def simulated_cost(study: StudyConfig, studies: int = 10, noise: float = 0.2,
         n0 = rng.uniform(min(depths), max(depths))
         other = {d: rng.normal(0, 0.5) for d in depths}
         multi = {p.multi: p.depth for p in policy.pairs}
-        running = []
-        while True:
-            while len(running) < study.concurrency and (trial := policy.suggest()):
-                running.append(trial)
-            if not running:
-                break
-            name, seed, fidelity = running.pop(0)
+
+        def error(name: str, fidelity: float) -> float:
             gap = 0.0
             if name in multi:
                 d = multi[name]
                 gap = 0.85 * (n0 / d - 1)
                 gap = gap if fidelity == FULL else rho * gap + (1 - rho ** 2) ** 0.5 * other[d]
-            policy.observe(name, seed, fidelity, gap + rng.normal(0, noise))
-        spent.append(sum(r["cost"] for r in policy.log))
-        widths.append(policy.last_look.width if policy.last_look else math.inf)
-    closed = float(np.mean(np.isfinite(widths)))
-    return (float(np.mean(spent)), float(np.quantile(spent, 0.9)),
-            float(np.median(widths)), closed)
+            return gap + rng.normal(0, noise)
+
+        _play(policy, study.concurrency, error)
+        row = {"spent": sum(r["cost"] for r in policy.log), "width": _width(policy)}
+        if then is not None and not math.isfinite(row["width"]):
+            more = n0_policy(then)
+            more.plan = replace(more.plan, draws=300)
+            more.replay(policy.log, policy.added)
+            _play(more, then.concurrency, error)
+            row.update(extra=sum(r["cost"] for r in more.log) - row["spent"],
+                       width_after=_width(more))
+        out.append(row)
+    return out
+
+
+def _width(policy: N0Policy) -> float:
+    return policy.last_look.width if policy.last_look else math.inf
+
+
+def _play(policy: N0Policy, concurrency: int, error) -> None:
+    """Run a policy to its stop on simulated results (`error(name, fidelity)`)."""
+    running = []
+    while True:
+        while len(running) < concurrency and (trial := policy.suggest()):
+            running.append(trial)
+        if not running:
+            break
+        name, seed, fidelity = running.pop(0)
+        policy.observe(name, seed, fidelity, error(name, fidelity))

@@ -27,11 +27,14 @@ def estimated_cost(study: StudyConfig, flops: int) -> float:
     return training_flops(flops, steps, train.batch_size)
 
 
-def first_trials(study: StudyConfig, count: int) -> list[dict]:
-    """What the searcher would start first, before any result comes back."""
+def first_trials(study: StudyConfig, count: int, seed: dict | None = None) -> list[dict]:
+    """What the searcher would start first, before any result comes back (after the finished
+    trials of `seed`, a saved searcher state, for an extension)."""
+    from orchestrator.study.extension import ContinuedSearch
     from orchestrator.study.searchers import build_searcher
 
     searcher = build_searcher(study)
+    searcher = searcher if seed is None else ContinuedSearch(searcher, seed)
     out = []
     for i in range(count):
         suggestion = searcher.suggest(f"dry{i}")
@@ -50,7 +53,8 @@ def dry_run(study: StudyConfig, count: int) -> None:
     if excluded:
         print_table([{"outside the budget": c.name, "why": c.excluded} for c in excluded])
     rows = []
-    trials = first_trials(study, count)
+    seed = extension_cost(study)
+    trials = first_trials(study, count, seed)
     for sampled in trials:
         cfg = study.trial_config(sampled)
         info = summarize(cfg.architecture)
@@ -60,30 +64,128 @@ def dry_run(study: StudyConfig, count: int) -> None:
                      "GFLOPs/img": f"{info['flops'] / 1e9:.3f}",
                      "train PFLOPs": f"{estimated_cost(study, info['flops']) / 1e15:.2f}"})
     if study.searcher.sampler == "n0":
-        from orchestrator.study.n0_search import n0_plan, simulated_cost
-
-        pairs = ", ".join(f"{p.deep} / {p.multi}" for p in study.pairs_to_train())
-        print(f"matched pairs (k=1 / k>1): {pairs}")
-        plan, epochs = n0_plan(study), study.train.epochs
-        nets = {n for p in study.pairs_to_train() for n in (p.deep, p.multi)}
-        grid = len(nets) * len(study.seeds) * epochs
-        screen = min(2 * len(nets) * plan.epochs_at(plan.screen), plan.screen_epochs()) \
-            if plan.screen else 0
-        worst = min(plan.budget_epochs or math.inf, study.trials * epochs + screen, grid + screen)
-        mean, p90, width, closed = simulated_cost(study)
-        schedules = (f"short schedules of {plan.epochs_at(plan.screen)} epochs first, "
-                     if plan.screen else "full schedules only, ")
-        print(f"cost in epochs summed over trials ({schedules}the grid: {grid:,}): worst case "
-              f"{worst:,.0f} ({worst / grid:.0%} of the grid; budget.epochs, trials); expected "
-              f"{mean:,.0f}, 90th percentile {p90:,.0f}, for a 95% interval of n0 "
-              f"{'open-ended' if width == math.inf else f'{width:.0f} layers wide'} in the "
-              f"median study, with two ends in {closed:.0%} (simulated: n0 anywhere among the "
-              f"pairs, seed noise 0.2 points)")
+        n0_cost(study)
     waits = len(trials) < count and study.searcher.sampler == "n0"
     print(f"\nat most {planned_trials(study)} trials, sampler {study.searcher.sampler} (seed "
           f"{study.searcher.seed}), seeds {study.seeds}; the first {len(rows)}"
           f"{' (then it waits for their results)' if waits else ''}:")
     print_table(rows)
+
+
+# The one measured speed the dry run prices GPU time with: bench/RESULTS.md, "GPU: the first
+# measurement", pre-resnet-68 in `orchestrator.train` epochs on one H200 (the slower of the two
+# ~1M-parameter CIFAR nets measured there).
+GPU_IMAGES_PER_S = 15_686
+
+
+def gpu_hours(study: StudyConfig, epochs: float) -> str:
+    """Epochs summed over trials as GPU time at the measured speed ("" for a CPU study)."""
+    if study.train.device == "cpu":
+        return ""
+    train = study.train
+    images = train.train_size or train_images(train.dataset, train.data_dir)
+    return f"{epochs * images / GPU_IMAGES_PER_S / 3600:,.1f} GPU hours"
+
+
+def worst_epochs(study: StudyConfig) -> tuple[float, int]:
+    """(the most epochs an n0 study may train, the grid's epochs)."""
+    from orchestrator.study.n0_search import n0_plan
+
+    plan, epochs = n0_plan(study), study.train.epochs
+    nets = {n for p in study.pairs_to_train() for n in (p.deep, p.multi)}
+    grid = len(nets) * len(study.seeds) * epochs
+    screen = min(2 * len(nets) * plan.epochs_at(plan.screen), plan.screen_epochs()) \
+        if plan.screen else 0
+    return min(plan.budget_epochs or math.inf, study.trials * epochs + screen, grid + screen), grid
+
+
+def n0_cost(study: StudyConfig, studies: int = 10) -> None:
+    """What an n0 study will likely cost and buy, on simulated results: epochs and GPU time
+    (expected, worst case), the chance that its interval closes, and what extending it to the
+    whole grid would add where it does not."""
+    import numpy as np
+
+    from orchestrator.study.n0_search import n0_plan, simulated_studies
+
+    pairs = ", ".join(f"{p.deep} / {p.multi}" for p in study.pairs_to_train())
+    print(f"matched pairs (k=1 / k>1): {pairs}")
+    plan = n0_plan(study)
+    worst, grid = worst_epochs(study)
+    whole = study.model_copy(update={"budget": study.budget.model_copy(update={"epochs": None}),
+                                     "trials": grid // study.train.epochs})
+    runs = simulated_studies(study, studies, then=whole)
+    spent = [r["spent"] for r in runs]
+    mean, p90 = float(np.mean(spent)), float(np.quantile(spent, 0.9))
+    width, closed = float(np.median([r["width"] for r in runs])), \
+        float(np.mean([math.isfinite(r["width"]) for r in runs]))
+    schedules = (f"short schedules of {plan.epochs_at(plan.screen)} epochs first, "
+                 if plan.screen else "full schedules only, ")
+    print(f"cost in epochs summed over trials ({schedules}the grid: {grid:,}): worst case "
+          f"{worst:,.0f} ({worst / grid:.0%} of the grid; budget.epochs, trials); expected "
+          f"{mean:,.0f}, 90th percentile {p90:,.0f}, for a 95% interval of n0 "
+          f"{'open-ended' if width == math.inf else f'{width:.0f} layers wide'} in the "
+          f"median study, with two ends in {closed:.0%} (simulated: n0 anywhere among the "
+          f"pairs, seed noise 0.2 points)")
+    if gpu_hours(study, 1):
+        print(f"GPU time: expected {gpu_hours(study, mean)}, worst case "
+              f"{gpu_hours(study, worst)} (epochs x the training images at "
+              f"{GPU_IMAGES_PER_S:,} images/s, bench/RESULTS.md)")
+    opened = [r for r in runs if "extra" in r]
+    if opened:
+        extra = float(np.median([r["extra"] for r in opened]))
+        after = float(np.mean([math.isfinite(r["width_after"]) for r in opened]))
+        print(f"chance to close: {closed:.0%}; where it does not, extending it (same command, "
+              f"larger budget) up to the whole grid closes {after:.0%} of those, with a median "
+              f"of {extra:,.0f} more epochs{f' ({gpu_hours(study, extra)})' * bool(gpu_hours(study, 1))}")
+    else:
+        print(f"chance to close: {closed:.0%}")
+
+
+def extension_cost(study: StudyConfig) -> dict | None:
+    """On a results folder that holds the study: what running it would do. Another budget:
+    what the extension adds and costs (or the one line that refuses it), and the searcher
+    state it continues from."""
+    from orchestrator.study.extension import (check_extension, earlier_study, last_state,
+                                              trained_so_far)
+    from orchestrator.study.sweep import config_hash, read_state, resolve_paths
+
+    results = study.results_place()
+    state = read_state(results)
+    if state is None:
+        return None
+    resolved = resolve_paths(study, fetch=False)
+    data = last_state(results, state)
+    trials, spent = trained_so_far(data, study.train.epochs)
+    done = f"{trials} trials trained ({spent:,.0f} epochs)"
+    if state["config_hash"] == config_hash(resolved):
+        print(f"{results} holds this study ({done}); running it continues it, or shows its "
+              f"result if it ended")
+        return None
+    change = check_extension(state.get("config"), resolved.model_dump(mode="json"),
+                             study.name, results)
+    print(f"extends study {study.name} in {results}: {'; '.join(change.grown)}; {done} are "
+          f"kept, none trained again")
+    if study.searcher.sampler != "n0":
+        added = planned_trials(study) - trials
+        print(f"it adds up to {added} trials ({added * study.train.epochs:,} epochs"
+              f"{f', {gpu_hours(study, added * study.train.epochs)}' * bool(gpu_hours(study, 1))})")
+        return data
+    import numpy as np
+
+    from orchestrator.study.n0_search import simulated_studies
+
+    worst = max(0.0, worst_epochs(study)[0] - spent)
+    before = earlier_study(resolved, state["config"])
+    opened = [r for r in simulated_studies(before, then=study) if "extra" in r]
+    line = f"it adds at most {worst:,.0f} epochs"
+    if opened:
+        extra = float(np.mean([r["extra"] for r in opened]))
+        after = float(np.mean([math.isfinite(r["width_after"]) for r in opened]))
+        line += (f"; expected {extra:,.0f}, closing the interval in {after:.0%} of the "
+                 f"simulated studies that the earlier settings left open")
+    print(line + (f" (GPU time: at most {gpu_hours(study, worst)})" if gpu_hours(study, 1)
+                  else ""))
+    return data
 
 
 def print_table(rows: list[dict]) -> None:
@@ -259,10 +361,11 @@ def registered_version(client, name: str, run_id: str) -> str | None:
 
 
 def report_n0(rows: list[dict], study: StudyConfig, parent, results_dir: Path,
-              verdict: str | None, policy=None) -> None:
+              verdict: str | None, policy=None, extended: list[str] = ()) -> None:
     """Where the trials pair up: n0 as `orchestrator.report` gives it, printed, written to
     results/STUDY/report/ and logged to the parent run (report.md, figures, n0 metrics). An n0
-    study's interval is its searcher's: `policy`, replayed from the rows (None for others)."""
+    study's interval is its searcher's: `policy`, replayed from the rows (None for others);
+    `extended`: what the report says about the study's extensions."""
     import pandas as pd
     from mlflow.entities import Metric, RunTag
 
@@ -280,12 +383,12 @@ def report_n0(rows: list[dict], study: StudyConfig, parent, results_dir: Path,
                                for r in finished if r.get("fidelity", 1.0) != 1.0])
     if runs.empty or not find_pairs(runs, study.n0.pair_tolerance):
         return
-    searched, notes = None, []
+    searched, notes = None, list(extended)
     if policy is not None:  # the searcher's own interval, valid under its stopping
         from orchestrator.study.n0_search import search_notes
 
         searched = policy.estimate()
-        notes = search_notes(policy)
+        notes += search_notes(policy)
     histories = {r["trial"]: ({k: r[k] for k in keys},
                               [(int(e), 100 * v) for e, v in r["history"].itertuples(index=False)])
                  for r in done if r["history"] is not None}

@@ -4,6 +4,8 @@ Study file -> StudyConfig -> Tuner(searcher, trial scheduler) -> trial driver ->
 workers (`orchestrator.cluster.worker`) -> ray.train.report -> Tune -> MLflow (`tracking`).
 Running the same command again after Ctrl-C (or with --resume) continues the study with
 `Tuner.restore`: finished trials are kept, unfinished ones resume from their last checkpoint.
+Run with a larger budget (trials, budget.epochs, seeds, depths, pairs) it extends the study
+(extension.py).
 """
 from __future__ import annotations
 
@@ -43,14 +45,14 @@ def start_ray(study: StudyConfig, study_file: str | None) -> tuple[StudyConfig, 
     return check_fit(study, Cluster.of_ray(), study_file)
 
 
-def resolve_paths(study: StudyConfig) -> StudyConfig:
+def resolve_paths(study: StudyConfig, fetch: bool = True) -> StudyConfig:
     """Make every path absolute (trials run in other folders, or on other machines) and fetch
-    the dataset once, before any trial starts."""
+    the dataset once, before any trial starts (`fetch`; the dry run does not)."""
     train = study.train
     if DATASETS[train.dataset].needs_files:
         data_dir = str(resolve(train.data_dir or "data", "--data-dir"))
-        # Downloads when absent and online; checks the files.
-        DATASETS[train.dataset].load(data_dir, None, None, train.seed)
+        if fetch:  # downloads when absent and online; checks the files
+            DATASETS[train.dataset].load(data_dir, None, None, train.seed)
         train = train.model_copy(update={"data_dir": data_dir})
     mlflow = study.mlflow.model_copy(update={"tracking_uri": study.tracking_uri()})
     return study.model_copy(update={"train": train, "mlflow": mlflow,
@@ -62,6 +64,18 @@ def config_hash(study: StudyConfig) -> str:
                           ).hexdigest()[:16]
 
 
+def trainable_of(study: StudyConfig):
+    """What Tune runs for each trial of the study (a fit, or a restore, takes it)."""
+    import ray.tune
+
+    from orchestrator.study.trials import trial_driver
+
+    return ray.tune.with_resources(
+        ray.tune.with_parameters(trial_driver,
+                                 study_data=study.model_dump(mode="json", exclude_unset=True)),
+        {"cpu": study.resources.driver_cpus})
+
+
 class StudyState(BaseModel):
     """What a results folder's multires_study.json holds (read back: checked, never trusted)."""
     model_config = ConfigDict(extra="ignore", strict=True)
@@ -70,6 +84,7 @@ class StudyState(BaseModel):
     config_hash: str = Field(pattern=r"^[0-9a-f]{16}$")
     tracking_uri: str = Field(max_length=4096)
     experiment: str = Field(max_length=4096)
+    config: dict | None = None  # what was trained (an extension is checked against it)
 
 
 def read_state(results: str) -> dict | None:
@@ -163,37 +178,57 @@ def _run(study: StudyConfig, study_file: str, resume: bool, results: str, local:
     from orchestrator.study.mlflow_client import connect, sqlite_path
     from orchestrator.study.summary import (register_best_model, report_n0, report_summary,
                                             summarize_results, show_finished)
+    from orchestrator.study.extension import (begin, check_extension, extended_line,
+                                              mark_parent, prior_for)
     from orchestrator.study.tracking import StudyRun, check_parent
 
     digest = config_hash(study)  # before `auto` resources are fitted to this cluster
+    settings = study.model_dump(mode="json")
     state = read_state(results)
-    if state is not None and state["config_hash"] != digest:
-        raise ConfigError(f"{shown(results)} holds study {study.name} with a different "
-                          f"configuration; use another --storage-path or remove that folder")
+    change = None
+    if state is not None and state["config_hash"] != digest:  # an extension, or refused
+        change = check_extension(state.get("config"), settings, study.name, results)
+        if resume:
+            raise ConfigError(f"--resume continues study {study.name} as it began, but its "
+                              f"settings grew ({'; '.join(change.grown)}); drop --resume to "
+                              f"extend it")
     # Before Ray starts: the study's parent run is where the results folder says it is.
     if state is not None:
         client, parent_run = check_parent(study, state, results)
-        if parent_run.info.status == "FINISHED":  # a rerun changes nothing
+        if change is None and parent_run.info.status == "FINISHED":  # a rerun changes nothing
             show_finished(parent_run, study, shown(results))
             return 0
+        if change is not None and parent_run.info.status != "FINISHED" and \
+                prior_for(results, digest) is None:
+            raise ConfigError(f"study {study.name} in {shown(results)} was interrupted before "
+                              f"it ended; run it to its end with the settings it began with, "
+                              f"then extend it")
     elif sqlite_path(study.tracking_uri()) is None or sqlite_path(study.tracking_uri()).exists():
         client = connect(study.tracking_uri())  # a server, a file store: checked before Ray
     else:
         client = None  # a new database is made once the cluster is there
     study, concurrency = start_ray(study, study_file)
+    prior = None if state is None else (
+        begin(results, state, digest, change, lambda: old_rows(study, results)) if change
+        else prior_for(results, digest))
     restoring = state is not None and Tuner.can_restore(results)
     if resume and not restoring:
         raise ConfigError(f"nothing to resume in {shown(results)}; run without --resume")
     print(start_line(study, planned_trials(study), concurrency, shown(results), ray_log),
           flush=True)
+    if prior:
+        print(extended_line(study.name, prior), flush=True)
 
     client = client or connect(study.tracking_uri())
     parent = StudyRun(client, study)
     # A driver killed before Tune first saved its state leaves a parent run and nothing to
     # restore: the fresh start continues that parent run instead of leaving it RUNNING.
     parent.open(state and state["parent_run_id"], local, Path(study_file).read_text())
+    if prior:
+        mark_parent(parent, prior, Path(study_file).read_text())
     try:
-        outcome = fit(study, results, restoring, parent, digest, concurrency, ray_log is not None)
+        outcome = fit(study, results, restoring, parent, (digest, settings), concurrency,
+                      ray_log is not None, prior)
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)
         try:
@@ -204,48 +239,63 @@ def _run(study: StudyConfig, study_file: str, resume: bool, results: str, local:
         raise
     ended = outcome.num_terminated + outcome.num_errors
     rows = summarize_results(outcome, study)
-    verdict, policy = None, None
+    verdict, policy, kept = None, None, prior.rows if prior else []
     if ended < len(rows):  # trials that never ended: interrupted
         interrupted = True
     elif study.searcher.sampler == "n0":
         from orchestrator.study.n0_search import replayed, search_verdict
 
-        policy = replayed(study, rows)  # once, for the verdict and the report
+        policy = replayed(study, kept + rows)  # once, for the verdict and the report
         verdict = search_verdict(policy)  # None: the search wanted more trials
         interrupted = verdict is None
     else:
-        interrupted = ended < planned_trials(study)
+        interrupted = ended + len(kept) < planned_trials(study)
     if interrupted:
         parent.close("KILLED", study.mlflow.outage_wait_s)
         log.warning(f"sweep interrupted after {ended} trials; run the same command again (or "
                     f"add --resume) to continue")
         return 130
+    rows = kept + rows
     best = report_summary(rows, study, parent, shown(results))
     if best is not None:
         register_best_model(outcome, best, study, parent)
-    report_n0(rows, study, parent, local, verdict, policy)
+    report_n0(rows, study, parent, local, verdict, policy,
+              [extended_line(study.name, prior)] if prior else [])
     if is_remote(results) and (local / "report").is_dir():
         upload(local / "report", join(results, "report"))
     parent.close("FINISHED", study.mlflow.outage_wait_s)
     return 0 if any(trained(r["status"]) for r in rows) else 1
 
 
-def fit(study: StudyConfig, results: str, restoring: bool, parent, digest: str,
-        concurrency: int, quiet: bool):
+def old_rows(study: StudyConfig, results: str) -> list[dict]:
+    """The summary rows of the study's last Tune experiment in `results` (none if it never
+    saved its state), read before an extension starts a new one there."""
+    from ray.tune import Tuner
+
+    from orchestrator.study.summary import summarize_results
+
+    if not Tuner.can_restore(results):
+        return []
+    return summarize_results(Tuner.restore(results, trainable=trainable_of(study)).get_results(),
+                             study)
+
+
+def fit(study: StudyConfig, results: str, restoring: bool, parent, config: tuple[str, dict],
+        concurrency: int, quiet: bool, prior=None):
+    """Run (or restore) the study's Tune experiment; `config`: its hash and what it trains, as
+    the results folder keeps them; `prior`: an extension's finished trials."""
     import ray.tune
     from ray.tune import Tuner
 
     from orchestrator.cluster.driver import release_placement_groups
     from orchestrator.study.console import StudyProgress
+    from orchestrator.study.extension import seeded
     from orchestrator.study.searchers import build_searcher
     from orchestrator.study.tracking import TrialTracker
     from orchestrator.trust import check, signing
-    from orchestrator.study.trials import build_scheduler, trial_driver
+    from orchestrator.study.trials import build_scheduler
 
-    trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(trial_driver,
-                                 study_data=study.model_dump(mode="json", exclude_unset=True)),
-        {"cpu": study.resources.driver_cpus})
+    trainable = trainable_of(study)
     if restoring:
         log.info(f"resuming study {study.name} from {shown(results)}")
         check(results)  # again, just before Tune unpickles its state
@@ -255,22 +305,27 @@ def fit(study: StudyConfig, results: str, restoring: bool, parent, digest: str,
                               resume_errored=False, restart_errored=False)
     else:
         write_text(join(results, STATE_FILE), json.dumps(  # whole or absent, even if killed
-            {"parent_run_id": parent.run_id, "config_hash": digest,
-             "tracking_uri": study.tracking_uri(), "experiment": study.experiment_name}))
+            {"parent_run_id": parent.run_id, "config_hash": config[0],
+             "tracking_uri": study.tracking_uri(), "experiment": study.experiment_name,
+             "config": config[1]}))
+        # An extension's trials before it are neither run nor tracked again.
+        kept = prior.trial_ids() if prior else frozenset()
         tracker = TrialTracker(study.tracking_uri(), study, parent.experiment_id, parent.run_id,
-                               layout=study.parallel.layout)
+                               layout=study.parallel.layout, kept=kept)
+        searcher = seeded(build_searcher(study), prior)
+        planned = planned_trials(study) - len(kept)
         tuner = Tuner(
             trainable,
             tune_config=ray.tune.TuneConfig(
-                search_alg=build_searcher(study), scheduler=build_scheduler(study),
-                num_samples=planned_trials(study), max_concurrent_trials=concurrency,
+                search_alg=searcher, scheduler=build_scheduler(study),
+                num_samples=max(1, planned), max_concurrent_trials=concurrency,
                 # The next trial runs in a finished trial's driver process: no new process,
                 # no second import of torch and Ray Train (about 6 CPU-seconds a trial).
                 reuse_actors=True,
                 trial_name_creator=lambda trial: study.trial_name(trial.config)),
             run_config=ray.tune.RunConfig(
                 name=study.name, storage_path=study.storage(),
-                callbacks=[tracker, StudyProgress(study, planned_trials(study))],
+                callbacks=[tracker, StudyProgress(study, planned)],
                 verbose=0 if quiet else None,  # our table (console.py) instead of Tune's
                 # A trial whose driver's node was lost restarts from its last checkpoint too.
                 failure_config=ray.tune.FailureConfig(

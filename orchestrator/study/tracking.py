@@ -174,8 +174,9 @@ class TrialTracker(Callback):
     Updates go through the outbox, so an MLflow outage never stops the sweep."""
 
     def __init__(self, tracking_uri: str, study: StudyConfig, experiment_id: str,
-                 parent_run_id: str, layout: str):
-        self.args = (tracking_uri, study, experiment_id, parent_run_id, layout)
+                 parent_run_id: str, layout: str, kept: frozenset[str] = frozenset()):
+        self.args = (tracking_uri, study, experiment_id, parent_run_id, layout, kept)
+        self.kept = kept  # trials of the study's earlier parts (an extension): not this Tune's
         self.client, self.study, self.layout = MlflowClient(tracking_uri), study, layout
         self.experiment_id, self.parent_run_id = experiment_id, parent_run_id
         self.outbox = outbox(tracking_uri)
@@ -214,7 +215,7 @@ class TrialTracker(Callback):
         # trains it again as a new trial: its run is ended and deleted (`mlflow runs restore`
         # brings it back), so that each trial of the study has one run.
         known = {trial.trial_id for trial in trials}
-        for trial_id in [t for t in self.logged if t not in known]:
+        for trial_id in [t for t in self.logged if t not in known | self.kept]:
             log.warning(f"trial {trial_id} started after the study was last saved; it runs "
                         f"again as a new trial and its MLflow run is deleted")
             self.put(trial_id, "forgotten", lambda run_id: self.client.set_tag(

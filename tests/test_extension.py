@@ -1,0 +1,287 @@
+"""A study that grows: which changes of a study file extend a trained study and which are refused,
+the finished part saved once (a kill at any point repeats nothing), and the continuation's
+searcher seeded with every finished trial."""
+import json
+from ray import cloudpickle
+from pathlib import Path
+
+import pytest
+
+from orchestrator.errors import ConfigError
+from orchestrator.study.config import load_study
+from orchestrator.study.extension import (PRIOR_FILE, begin, check_extension, classify,
+                                          prior_for, read_prior, seeded)
+
+ROOT = Path(__file__).parent.parent
+PAIRS = str(ROOT / "search_spaces" / "pairs_cpu.yaml")
+DEPTH_VS_K = str(ROOT / "search_spaces" / "depth_vs_k.yaml")
+
+
+def dump(path: str, *overrides: str) -> dict:
+    return load_study(path, list(overrides)).model_dump(mode="json")
+
+
+@pytest.mark.parametrize("path, overrides, grown", [
+    (PAIRS, ["trials=20"], ["trials 12 -> 20"]),
+    (PAIRS, ["budget.epochs=200"], ["budget.epochs 60.0 -> 200.0"]),
+    (PAIRS, ["seeds=3"], ["seeds [0, 1] -> [0, 1, 2]"]),
+    (PAIRS, ["n0.target_width=3"], ["n0.target_width 6.0 -> 3.0"]),
+    (PAIRS, ["pairs.deep=[[2,2,2],[4,4,4],[6,6,6],[8,8,8]]"],
+     ["configurations", "pairs.deep"]),
+    (DEPTH_VS_K, ["budget.epochs=3200", "trials=60", "concurrency=4"],
+     ["budget.epochs 1600.0 -> 3200.0", "trials 40 -> 60"]),
+    (DEPTH_VS_K, ["space.depth.choices=[8,14,20,26,32,38,44,50,56,68,80,110]"],
+     ["space.depth.choices"]),
+])
+def test_growth_is_an_extension(path, overrides, grown):
+    base = ["budget.epochs=60"] if "budget.epochs=200" in overrides else []
+    change = check_extension(dump(path, *base), dump(path, *overrides), "s", "/r")
+    assert not change.refused
+    assert [line if " -> " in g else line.split(" ")[0] for line, g in
+            zip(change.grown, grown)] == grown
+    assert change.allowed == (["concurrency 8 -> 4"] if "concurrency=4" in overrides else [])
+
+
+@pytest.mark.parametrize("overrides, keys", [
+    (["train.epochs=6"], ["train.epochs"]),                       # the recipe
+    (["train.lr=0.05", "trials=20"], ["train.lr"]),              # the recipe beside growth
+    (["train.train_size=20000"], ["train.train_size"]),          # the dataset
+    (["pairs.deep=[[2,2,2],[6,6,6]]"], ["configurations", "pairs.deep"]),  # a trained pair gone
+    (["seeds=[0, 5]"], ["seeds"]),                               # seed 1 replaced
+    (["trials=8"], ["trials"]),                                  # shrinks
+    (["n0.target_width=8"], ["n0.target_width"]),                # looser
+    (["budget.epochs=100"], ["budget.epochs"]),                  # a cap where there was none
+    (["searcher.seed=1", "trials=20"], ["searcher.seed"]),       # another search
+    (["n0.level=0.9", "trials=20"], ["n0.level"]),               # other statistics
+])
+def test_what_alters_trained_trials_is_refused_naming_the_keys(overrides, keys):
+    with pytest.raises(ConfigError) as err:
+        check_extension(dump(PAIRS), dump(PAIRS, *overrides), "pairs_cpu", "/r")
+    line = str(err.value)
+    assert "\n" not in line and "another --storage-path" in line
+    named = [part.split(" ")[0] for part in line.split(": ", 1)[1].split(" (an extension")[0]
+             .split("; ")]
+    assert named == keys
+
+
+def test_a_change_that_grows_nothing_is_refused():
+    with pytest.raises(ConfigError, match="concurrency 2 -> 1 and nothing that grows it"):
+        check_extension(dump(PAIRS), dump(PAIRS, "concurrency=1"), "pairs_cpu", "/r")
+    with pytest.raises(ConfigError, match="with a different configuration"):
+        check_extension(None, dump(PAIRS, "trials=20"), "pairs_cpu", "/r")  # an old folder
+
+
+def test_classify_names_space_value_changes_of_trained_nets():
+    change = classify(dump(DEPTH_VS_K), dump(DEPTH_VS_K, "space.k.choices=[1,2,3,4,5,6]"))
+    assert [line.split(" ")[0] for line in change.refused] == ["space.k.choices"]
+
+
+def fake_experiment(folder: Path, log: list[dict]) -> None:
+    """The Tune state files of a finished n0 study (its searcher's state is JSON)."""
+    folder.mkdir(parents=True)
+    (folder / "tuner.pkl").write_bytes(b"pickle")
+    (folder / "experiment_state-2026-12-07_01-00-00.json").write_text("{}")
+    (folder / "searcher-state-2026-12-07_01-00-00.pkl").write_text(json.dumps(
+        {"plan": {}, "log": log, "added": [], "running": {}, "fixed": {}}))
+    (folder / "train-abc").mkdir()
+    (folder / "train-abc" / "params.pkl").write_bytes(b"kept")
+
+
+def row(trial: str, arch: str, seed: int, error: float) -> dict:
+    return {"trial": trial, "architecture": arch, "seed": seed, "fidelity": 1.0, "depth": 8,
+            "k": 2, "width": 1, "params": 10, "flops": 20, "epochs": 5,
+            "best_test_error": error, "final_test_error": error, "time_s": 1.0,
+            "status": "done", "history": None}
+
+
+def test_the_finished_part_is_saved_once_and_the_searcher_replays_it(tmp_path):
+    from orchestrator.study.n0_search import N0Search, n0_policy
+
+    study = load_study(PAIRS, ["trials=20"])
+    pair = study.pairs_to_train()[0]
+    log = [{"arch": pair.deep, "seed": 0, "fidelity": 1.0, "error": 30.0, "cost": 5},
+           {"arch": pair.multi, "seed": 0, "fidelity": 1.0, "error": 29.0, "cost": 5}]
+    results = tmp_path / "pairs_cpu"
+    fake_experiment(results, log)
+    state = {"config_hash": "0" * 16}
+    change = check_extension(dump(PAIRS), dump(PAIRS, "trials=20"), "pairs_cpu", str(results))
+    calls = []
+
+    def rows():
+        calls.append(1)
+        return [row("t1", pair.deep, 0, 0.30), row("t2", pair.multi, 0, 0.29)]
+
+    prior = begin(str(results), state, "1" * 16, change, rows)
+    assert prior.extensions == ["trials 12 -> 20"] and prior.trial_ids() == {"t1", "t2"}
+    # Only the continuation can be restored now; the trials' own files stay.
+    assert sorted(p.name for p in results.iterdir()) == [PRIOR_FILE, "train-abc"]
+    assert (results / "train-abc" / "params.pkl").exists()
+    # Run again (a kill after this point): nothing is read or summarized twice.
+    assert begin(str(results), state, "1" * 16, change, rows).rows == prior.rows
+    assert len(calls) == 1 and prior_for(str(results), "2" * 16) is None
+    back = read_prior(str(results))
+    assert back.rows[0]["architecture"] == pair.deep and back.searcher["log"] == log
+
+    searcher = seeded(N0Search(n0_policy(study)), back)
+    assert searcher.inner.policy.log == log
+    trained = {(r["arch"], r["seed"]) for r in log}
+    suggested = [searcher.suggest(f"x{i}") for i in range(4)]
+    assert not trained & {(s["arch"], s["seed"]) for s in suggested if isinstance(s, dict)}
+    # Saved and restored (Tune pickles the seeded searcher, then loads its saved state into
+    # it): each finished trial is in the log once.
+    saved = tmp_path / "searcher-state.pkl"
+    searcher.save(str(saved))
+    restored = cloudpickle.loads(cloudpickle.dumps(searcher))  # as Tune pickles it
+    restored.restore(str(saved))
+    assert restored.inner.policy.log == log and restored.inner.trials == searcher.inner.trials
+
+
+def test_a_second_extension_keeps_the_first_ones_trials(tmp_path):
+    results = tmp_path / "pairs_cpu"
+    fake_experiment(results, [])
+    first = check_extension(dump(PAIRS), dump(PAIRS, "trials=20"), "p", str(results))
+    begin(str(results), {"config_hash": "0" * 16}, "1" * 16, first,
+          lambda: [row("t1", "a", 0, 0.3)])
+    fake_experiment(tmp_path / "again", [])  # the continuation's own Tune state
+    for path in (tmp_path / "again").iterdir():
+        if path.is_file():
+            path.rename(results / path.name)
+    second = check_extension(dump(PAIRS, "trials=20"), dump(PAIRS, "trials=30"), "p",
+                             str(results))
+    prior = begin(str(results), {"config_hash": "1" * 16}, "2" * 16, second,
+                  lambda: [row("t2", "b", 0, 0.3)])
+    assert prior.trial_ids() == {"t1", "t2"}
+    assert prior.extensions == ["trials 12 -> 20", "trials 20 -> 30"]
+
+
+def test_an_edited_prior_file_is_refused(tmp_path):
+    (tmp_path / PRIOR_FILE).write_text('{"for": "x", "rows": [{"trial": 1}]}')
+    with pytest.raises(ConfigError, match="is not a study's finished trials"):
+        read_prior(str(tmp_path))
+
+
+def test_an_extended_study_trains_only_new_trials_and_survives_a_killed_driver(
+        ray_address, tmp_path, capsys):
+    """A two-pair n0 study run at trials=4 (one seed a pair), then the same command with
+    trials=8: the second seeds are trained in the same MLflow parent run, tagged with the
+    extension, and no finished trial is trained again. The driver is killed (SIGKILL) during the
+    extension, and the same command again loses nothing and repeats nothing."""
+    from tests.sweeps import assert_resumes_once, child_statuses, runs, start_sweep, wait_for
+    from tests.test_sweep import pair_study
+
+    path = pair_study(tmp_path)
+    uri, results = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "results"
+    args = [str(path), "--storage-path", str(results), "--tracking-uri", uri,
+            "--set", "concurrency=1"]
+    from orchestrator.sweep import main as sweep_main
+
+    assert sweep_main([*args, "--set", "trials=4"]) == 0
+    _, (parent,), first = runs(uri, "pairs")
+    assert len(first) == 4 and parent.info.status == "FINISHED"
+    # Today's refusal stays for what would alter the trained nets.
+    assert sweep_main([*args, "--set", "train.lr=0.2", "--set", "trials=8"]) == 2
+    assert "train.lr 0.1 -> 0.2" in capsys.readouterr().err
+
+    extended = [*args, "--set", "trials=8"]
+    proc = start_sweep(extended[1:], ray_address, study=str(path), cwd=tmp_path)
+    wait_for(lambda: child_statuses(uri, "pairs").count("FINISHED") >= 5
+             and "RUNNING" in child_statuses(uri, "pairs"), proc)
+    proc.kill()
+    output = proc.communicate(timeout=60)[0]
+    assert "study pairs extended (trials 4 -> 8): 4 trials kept from before" in output
+
+    children = assert_resumes_once(extended, uri, results, "pairs", epochs=1)
+    trained = [(c.data.tags["architecture"], c.data.tags["seed"]) for c in children]
+    assert len(trained) == len(set(trained)) == 8  # every net with both seeds, each once
+    assert {c.info.run_id for c in first} <= {c.info.run_id for c in children}
+    client, (again,), _ = runs(uri, "pairs")
+    assert again.info.run_id == parent.info.run_id
+    assert again.data.tags["extended"] == "trials 4 -> 8"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"study.yaml", "study.extension-1.yaml"} <= artifacts
+    out = capsys.readouterr().out
+    assert "study pairs extended (trials 4 -> 8): 4 trials kept from before" in out
+    report = (results / "pairs" / "report" / "report.md").read_text()
+    assert "- study pairs extended (trials 4 -> 8)" in report
+    # The finished study, run again: nothing to do.
+    assert sweep_main(extended) == 0
+    assert "nothing changed" in capsys.readouterr().out
+
+
+def trained_folder(tmp_path: Path, *overrides: str) -> tuple[list[str], Path]:
+    """A results folder that holds pairs_cpu trained with `overrides` (its state and the n0
+    searcher's log of four finished trials, as a sweep leaves them), and the command's args."""
+    from orchestrator.study.sweep import config_hash, resolve_paths
+
+    args = ["--storage-path", str(tmp_path / "results"), "--tracking-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}", "--data-dir", str(tmp_path / "data")]
+    study = resolve_paths(load_study(PAIRS, [*overrides, *[
+        f"{k}={v}" for k, v in (("storage_path", args[1]), ("mlflow.tracking_uri", args[3]),
+                                ("train.data_dir", args[5]))]]), fetch=False)
+    pairs = study.pairs_to_train()[:2]
+    log = [{"arch": net, "seed": 0, "fidelity": 1.0, "error": 30.0, "cost": 5}
+           for p in pairs for net in (p.deep, p.multi)]
+    results = Path(study.results_place())
+    fake_experiment(results, log)
+    (results / "multires_study.json").write_text(json.dumps({
+        "parent_run_id": "abc", "config_hash": config_hash(study), "experiment": "pairs_cpu",
+        "tracking_uri": args[3], "config": study.model_dump(mode="json")}))
+    return args, results
+
+
+def test_the_dry_run_on_a_trained_folder_says_what_an_extension_adds(tmp_path, capsys):
+    from orchestrator.sweep import main as sweep_main
+
+    args, results = trained_folder(tmp_path, "trials=4")
+    before = sorted(p.name for p in results.iterdir())
+    assert sweep_main([PAIRS, *args, "--set", "trials=4", "--dry-run"]) == 0
+    assert f"{results} holds this study (4 trials trained (20 epochs))" in capsys.readouterr().out
+
+    assert sweep_main([PAIRS, *args, "--set", "trials=8", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert (f"extends study pairs_cpu in {results}: trials 4 -> 8; 4 trials trained (20 epochs) "
+            f"are kept, none trained again") in out
+    assert "it adds at most 20 epochs" in out  # 8 trials of 5 epochs, 20 of them trained
+    first = out.split("; the first ")[1].splitlines()[2:]  # what it would train next
+    trained = {(net, "0") for p in load_study(PAIRS).pairs_to_train()[:2]
+               for net in (p.deep, p.multi)}
+    assert first and not trained & {tuple(line.split()[:2]) for line in first}
+
+    assert sweep_main([PAIRS, *args, "--set", "trials=8", "--set", "train.epochs=6",
+                       "--dry-run"]) == 2
+    assert "train.epochs 5 -> 6" in capsys.readouterr().err
+    assert sorted(p.name for p in results.iterdir()) == before  # the dry run changed nothing
+
+
+def test_the_dry_run_prices_a_gpu_study_and_what_an_extension_would_need(capsys):
+    from orchestrator.sweep import main as sweep_main
+
+    assert sweep_main([DEPTH_VS_K, "--dry-run", "--dry-run-trials", "1"]) == 0
+    out = capsys.readouterr().out
+    gpu = next(line for line in out.splitlines() if line.startswith("GPU time: expected"))
+    assert "15,686 images/s, bench/RESULTS.md" in gpu
+    # worst case: budget.epochs 1,600 x 50,000 images at 15,686 images/s
+    assert f"worst case {1600 * 50_000 / 15_686 / 3600:,.1f} GPU hours" in gpu
+    close = next(line for line in out.splitlines() if line.startswith("chance to close: "))
+    assert "extending it" in close and "more epochs" in close
+
+
+def test_an_optuna_searchers_continuation_skips_what_was_trained():
+    """A TPE study of 4 nets x 2 seeds run at trials=3, then extended: the seeded searcher
+    gives the 5 trials not trained yet, then nothing."""
+    from orchestrator.study.extension import Prior
+    from orchestrator.study.searchers import build_searcher
+
+    smoke = str(ROOT / "search_spaces" / "smoke.yaml")
+    grid = ["searcher.sampler=tpe", "space.lr=0.05", "scheduler.type=none", "seeds=2"]
+    first = build_searcher(load_study(smoke, [*grid, "trials=3"]))
+    trained = []
+    for i in range(3):
+        config = first.suggest(f"t{i}")
+        first.on_trial_complete(f"t{i}", {"test_error": 0.5, "epoch": 2})
+        trained.append(json.dumps(config, sort_keys=True))
+    prior = Prior("x", ["trials 3 -> 8"], [], json.loads(json.dumps(first.state())))
+    more = seeded(build_searcher(load_study(smoke, [*grid, "trials=8"])), prior)
+    new = [more.suggest(f"n{i}") for i in range(6)]
+    found = [json.dumps(c, sort_keys=True) for c in new if isinstance(c, dict)]
+    assert len(found) == 5 and len(set(found)) == 5 and not set(found) & set(trained)
