@@ -108,85 +108,22 @@ def train_loop(cfg: TrainConfig, session: Session) -> dict:
     device = torch.device(cfg.device)
     train_split, test_split = load_dataset(cfg.dataset, cfg.data_dir, cfg.train_size,
                                            cfg.test_size, cfg.seed)
-    entry = DATASETS[cfg.dataset]
-    classes = entry.classes or len(train_split.classes)  # an image folder: its class folders
-    if classes != cfg.architecture.num_classes:
-        if entry.classes is not None or cfg.architecture.classes is not None:
-            raise ConfigError(f"{cfg.dataset} has {classes} classes, the architecture "
-                              f"{cfg.architecture.num_classes}; set architecture.classes: "
-                              f"{classes} or leave it out")
-        cfg = cfg.model_copy(update={"architecture": cfg.architecture.model_copy(
-            update={"classes": classes})})
+    cfg = with_data_classes(cfg, train_split)
     engine = RankEngine(cfg, device)
-    p = cfg.parallel
-    # Pipeline stages keep the shapes of the first step: evaluate in batches of the training size
-    # there. Elsewhere in large batches (a compiled model evaluates eagerly: see
-    # TrainingStep.evaluation_context).
-    test_size = cfg.batch_size if p.pp > 1 else max(cfg.batch_size, EVAL_BATCH[device.type])
-    if entry.batches is not None:  # read file by file
-        shard = (engine.mesh.dp_rank, p.dp)
-        train_batches = entry.batches(train_split, cfg, cfg.batch_size, device, True, shard)
-        test_batches = entry.batches(test_split, cfg, test_size, device, False, shard)
-    else:
-        train_batches = Batches(train_split, cfg.dataset, cfg.batch_size, device, train=True,
-                                seed=cfg.seed, shard=(engine.mesh.dp_rank, p.dp),
-                                channels_last=cfg.channels_last)
-        test_batches = Batches(test_split, cfg.dataset, test_size, device, train=False,
-                               channels_last=cfg.channels_last)
-    if len(train_batches) == 0:
-        raise ConfigError(f"train_size {len(train_split)} is smaller than one batch "
-                          f"({cfg.batch_size}); raise train_size or lower batch_size")
-
+    train_batches, test_batches = make_batches(cfg, engine, train_split, test_split)
     per_epoch = len(train_batches)
     total_steps = min(cfg.steps or math.inf, cfg.epochs * per_epoch)
     epochs = math.ceil(total_steps / per_epoch)
     train_step = TrainingStep(cfg, engine, total_steps)
+    start_epoch, best, metrics = restore(cfg, session, train_step)
 
-    start_epoch, best = 0, math.inf
-    state = session.restore()
-    if state is not None:
-        try:
-            check_same_run(state, cfg)
-            train_step.load_state_dict(state)
-            start_epoch, best = int(state["epoch"]), float(state["best_test_error"])
-            set_rng_state(state["rng"])
-        except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as exc:
-            first_line = short((str(exc).strip().splitlines() or [""])[0], 200)
-            raise CheckpointError(f"the checkpoint's state does not fit this run "
-                                  f"({type(exc).__name__}: {first_line}); delete it to start "
-                                  f"over") from None
-
-    metrics: dict = state["metrics"] if state is not None else {}
     size = checkpoint_bytes(cfg)
     saved_at, write_s = time.perf_counter(), None  # the last checkpoint: when, and its cost
     for epoch in range(start_epoch, epochs):
         started = time.perf_counter()
-        engine.model.train()
-        seen = loss_sum = wrong = 0.0
-        steps_this_epoch = min(per_epoch, total_steps - epoch * per_epoch)
-        bar = tqdm(total=steps_this_epoch, desc=f"epoch {epoch + 1}/{epochs}", unit="step",
-                   disable=not session.interactive, leave=False, file=sys.stderr)
-        waited = [0.0]  # seconds spent waiting for input batches
-        for i, (x, y) in enumerate(timed(train_batches.epoch(epoch), waited)):
-            if i == steps_this_epoch:
-                break
-            lr = train_step.lr  # the rate this step uses
-            train_step(x, y)
-            bar.update()
-            if (i + 1) % cfg.log_every and i + 1 < steps_this_epoch:
-                continue  # the device runs ahead; nothing is read back until the next log line
-            window = train_step.read()
-            if window.first_nonfinite is not None:
-                raise TrainingDiverged(
-                    f"loss became non-finite at step {window.first_nonfinite} (epoch "
-                    f"{(window.first_nonfinite - 1) // per_epoch + 1}); lower the learning rate")
-            seen, loss_sum, wrong = seen + window.images, loss_sum + window.loss_sum, \
-                wrong + window.wrong
-            session.log_step({"kind": "step", "step": train_step.steps_done, "epoch": epoch + 1,
-                              "loss": window.loss, "lr": lr})
-            bar.set_postfix(loss=f"{window.loss:.3f}", refresh=False)
-        bar.close()
-        del x, y  # views of this epoch's images: freed before the next epoch's are made
+        steps = min(per_epoch, total_steps - epoch * per_epoch)
+        seen, loss_sum, wrong, waited = train_epoch(cfg, session, engine, train_step,
+                                                    train_batches, epoch, epochs, steps)
         train_time = time.perf_counter() - started
         engine.check_replicas()
         test_error, test_error_top5 = engine.evaluate(test_batches,
@@ -202,17 +139,11 @@ def train_loop(cfg: TrainConfig, session: Session) -> dict:
             "lr": train_step.lr,
             "images_per_s": seen / train_time,
             "epoch_time_s": time.perf_counter() - started,
-            "data_time_s": waited[0],
-            "step_time_s": train_time - waited[0],
+            "data_time_s": waited,
+            "step_time_s": train_time - waited,
             "step": train_step.steps_done,
             "epochs_total": epochs,
-        }
-        if getattr(train_batches, "skipped", None) is not None:
-            # Summed over the data-parallel replicas; every rank of a replica reads its images.
-            skipped = engine.reduce(torch.tensor([len(train_batches.skipped)],
-                                                 dtype=torch.float64, device=engine.device))
-            metrics["skipped_images"] = round(skipped.item()) // (engine.world
-                                                                  // cfg.parallel.dp)
+        } | skipped_images(cfg, engine, train_batches)
         reporting = time.perf_counter()
         if due_for_checkpoint(cfg, engine, epoch + 1, epochs, size, reporting - saved_at,
                               write_s):
@@ -228,3 +159,100 @@ def train_loop(cfg: TrainConfig, session: Session) -> dict:
         else:  # metrics every epoch, a checkpoint only on checkpoint epochs (Ray's convention)
             session.report(metrics, None)
     return metrics
+
+
+def with_data_classes(cfg: TrainConfig, train_split) -> TrainConfig:
+    """The config with the classifier sized to the data (an image folder: its class folders)."""
+    entry = DATASETS[cfg.dataset]
+    classes = entry.classes or len(train_split.classes)
+    if classes == cfg.architecture.num_classes:
+        return cfg
+    if entry.classes is not None or cfg.architecture.classes is not None:
+        raise ConfigError(f"{cfg.dataset} has {classes} classes, the architecture "
+                          f"{cfg.architecture.num_classes}; set architecture.classes: "
+                          f"{classes} or leave it out")
+    return cfg.model_copy(update={"architecture": cfg.architecture.model_copy(
+        update={"classes": classes})})
+
+
+def make_batches(cfg: TrainConfig, engine: RankEngine, train_split, test_split) -> tuple:
+    """This rank's training and evaluation batches: its data-parallel replica's slice."""
+    entry, device, p = DATASETS[cfg.dataset], engine.device, cfg.parallel
+    # Pipeline stages keep the shapes of the first step: evaluate in batches of the training size
+    # there. Elsewhere in large batches (a compiled model evaluates eagerly: see
+    # TrainingStep.evaluation_context).
+    test_size = cfg.batch_size if p.pp > 1 else max(cfg.batch_size, EVAL_BATCH[device.type])
+    shard = (engine.mesh.dp_rank, p.dp)
+    if entry.batches is not None:  # read file by file
+        train_batches = entry.batches(train_split, cfg, cfg.batch_size, device, True, shard)
+        test_batches = entry.batches(test_split, cfg, test_size, device, False, shard)
+    else:
+        train_batches = Batches(train_split, cfg.dataset, cfg.batch_size, device, train=True,
+                                seed=cfg.seed, shard=shard, channels_last=cfg.channels_last)
+        test_batches = Batches(test_split, cfg.dataset, test_size, device, train=False,
+                               channels_last=cfg.channels_last)
+    if len(train_batches) == 0:
+        raise ConfigError(f"train_size {len(train_split)} is smaller than one batch "
+                          f"({cfg.batch_size}); raise train_size or lower batch_size")
+    return train_batches, test_batches
+
+
+def restore(cfg: TrainConfig, session: Session, train_step: TrainingStep
+            ) -> tuple[int, float, dict]:
+    """(first epoch, best test error, last metrics) from the session's checkpoint, if any."""
+    state = session.restore()
+    if state is None:
+        return 0, math.inf, {}
+    try:
+        check_same_run(state, cfg)
+        train_step.load_state_dict(state)
+        set_rng_state(state["rng"])
+        return int(state["epoch"]), float(state["best_test_error"]), state["metrics"]
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as exc:
+        first_line = short((str(exc).strip().splitlines() or [""])[0], 200)
+        raise CheckpointError(f"the checkpoint's state does not fit this run "
+                              f"({type(exc).__name__}: {first_line}); delete it to start "
+                              f"over") from None
+
+
+def train_epoch(cfg: TrainConfig, session: Session, engine: RankEngine, train_step: TrainingStep,
+                train_batches, epoch: int, epochs: int, steps: int
+                ) -> tuple[float, float, float, float]:
+    """One epoch's steps: (images seen, loss summed, wrong predictions, seconds waiting for
+    input). Losses are read back only every `log_every` steps and at the epoch's end."""
+    engine.model.train()
+    seen = loss_sum = wrong = 0.0
+    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", unit="step",
+               disable=not session.interactive, leave=False, file=sys.stderr)
+    waited = [0.0]  # seconds spent waiting for input batches
+    for i, (x, y) in enumerate(timed(train_batches.epoch(epoch), waited)):
+        if i == steps:
+            break
+        lr = train_step.lr  # the rate this step uses
+        train_step(x, y)
+        bar.update()
+        if (i + 1) % cfg.log_every and i + 1 < steps:
+            continue  # the device runs ahead; nothing is read back until the next log line
+        window = train_step.read()
+        if window.first_nonfinite is not None:
+            raise TrainingDiverged(
+                f"loss became non-finite at step {window.first_nonfinite} (epoch "
+                f"{(window.first_nonfinite - 1) // len(train_batches) + 1}); lower the "
+                f"learning rate")
+        seen, loss_sum, wrong = seen + window.images, loss_sum + window.loss_sum, \
+            wrong + window.wrong
+        session.log_step({"kind": "step", "step": train_step.steps_done, "epoch": epoch + 1,
+                          "loss": window.loss, "lr": lr})
+        bar.set_postfix(loss=f"{window.loss:.3f}", refresh=False)
+    bar.close()
+    return seen, loss_sum, wrong, waited[0]
+
+
+def skipped_images(cfg: TrainConfig, engine: RankEngine, train_batches) -> dict:
+    """Undecodable images skipped this epoch, summed over the data-parallel replicas (every rank
+    of a replica reads its images); {} for data held whole."""
+    if getattr(train_batches, "skipped", None) is None:
+        return {}
+    skipped = engine.reduce(torch.tensor([len(train_batches.skipped)], dtype=torch.float64,
+                                         device=engine.device))
+    return {"skipped_images": round(skipped.item()) // (engine.world // cfg.parallel.dp)}
