@@ -65,6 +65,7 @@ def ray_address():
     signal.signal(signal.SIGTERM, sigterm)  # the commands' SIGTERM handler is theirs, not the session's
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+    os.environ.pop("RAY_ADDRESS", None)  # init_ray named its instance there: it is gone
 
 
 SLOW_FIXTURES = {"ray_address", "cluster", "cifar10_dir"}
