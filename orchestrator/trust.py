@@ -35,6 +35,7 @@ from orchestrator.storage import (check_regular, filesystem, is_remote, join, re
 SIGNATURES = "multires_signatures.json"
 KEY_ENV = "MULTIRES_STATE_KEY"
 MACS_KEPT = 2  # a file's signatures: the version in the folder and the one being copied there
+OWN_FILES = ("multires_", ".multires")  # the sweep's files in the results folder, not Tune's
 TUNER_STATE = "tuner.pkl"  # written by the Tuner itself, once, when a study starts
 MAX_KEY_BYTES = 4096  # the key file holds 64 hex characters
 
@@ -188,7 +189,10 @@ def signed_upload(local_path: str, fs, fs_path: str, exclude: list[str] | None =
     """Tune's copy of its staging folder to the results folder, signed: the files are read
     once; the signatures of the unpickled ones are written first (beside the previous ones);
     then each file is written whole (a local file through a renamed temporary file)."""
-    files = _staged(local_path, exclude or [])
+    # Tune's restore copied the folder's JSON files into its staging folder, the sweep's own
+    # among them: they go back never (a stale signature file would replace the current one).
+    files = {name: data for name, data in _staged(local_path, exclude or []).items()
+             if not name.startswith(OWN_FILES)}
     signed, changed = _read_signatures(place), False
     for name, data in files.items():
         if unpickled(name):

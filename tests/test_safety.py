@@ -302,6 +302,8 @@ def staged_state(folder: Path, version: int) -> None:
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(pickle.dumps({"state": name, "version": version}))
     (folder / TUNE_STATE[-1]).with_name("result.json").write_text(f'{{"epoch": {version}}}')
+    # Tune's restore copies the folder's JSON files into its staging folder, ours among them.
+    (folder / "multires_signatures.json").write_text("{}")
 
 
 def upload(staging: Path, results: Path) -> None:

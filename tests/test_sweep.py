@@ -232,6 +232,10 @@ def test_two_studies_side_by_side_each_keep_to_their_own_local_ray(tmp_path):
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # As a loaded machine makes it: a trial process that Tune would reuse has not ended its
+    # last trial by the time the next one comes (Tune waits 2 s, here none): a study that
+    # reused trial processes would drop that trial.
+    env["TUNE_FUNCTION_THREAD_TIMEOUT_S"] = "0"
     procs = {name: subprocess.Popen(
         [sys.executable, "-m", "orchestrator.sweep", SMOKE, "--storage-path", str(tmp_path / name),
          "--tracking-uri", f"sqlite:///{tmp_path / name}.db", "--set", f"name={name}",
