@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -163,7 +162,7 @@ def run(study: StudyConfig, study_file: str, resume: bool, verbose: bool = False
 
 def _run(study: StudyConfig, study_file: str, resume: bool, results: str, local: Path,
          ray_log: Path | None) -> int:
-    from orchestrator.study.console import start_line
+    from orchestrator.study.console import start_line, to_console
     from orchestrator.study.mlflow_client import connect, sqlite_path
     from orchestrator.study.summary import (failed_trials, register_best_model, report_n0,
                                             report_summary, summarize_results, show_finished)
@@ -231,7 +230,7 @@ def _run(study: StudyConfig, study_file: str, resume: bool, results: str, local:
     best = report_summary(rows, study, parent, shown(results))
     if missing:  # the study is not done: no best model, no report until a rerun trains them
         for name, reason in missing.items():
-            print(f"error: trial {name} did not train: {reason}", file=sys.stderr)
+            to_console(f"error: trial {name} did not train: {reason}")
         parent.close("FAILED", study.mlflow.outage_wait_s)
         raise TrialsFailed(f"{len(missing)} of {len(rows)} trials did not train "
                            f"({', '.join(missing)}); run the same command again to train them")
