@@ -162,7 +162,7 @@ def run(study: StudyConfig, study_file: str, resume: bool, verbose: bool = False
 
 def _run(study: StudyConfig, study_file: str, resume: bool, results: str, local: Path,
          ray_log: Path | None) -> int:
-    from orchestrator.study.console import start_line, to_console
+    from orchestrator.study.console import start_line
     from orchestrator.study.mlflow_client import connect, sqlite_path
     from orchestrator.study.summary import (failed_trials, register_best_model, report_n0,
                                             report_summary, summarize_results, show_finished)
@@ -229,11 +229,7 @@ def _run(study: StudyConfig, study_file: str, resume: bool, results: str, local:
         return 130
     best = report_summary(rows, study, parent, shown(results))
     if missing:  # the study is not done: no best model, no report until a rerun trains them
-        for name, reason in missing.items():
-            to_console(f"error: trial {name} did not train: {reason}")
-        parent.close("FAILED", study.mlflow.outage_wait_s)
-        raise TrialsFailed(f"{len(missing)} of {len(rows)} trials did not train "
-                           f"({', '.join(missing)}); run the same command again to train them")
+        fail_missing(missing, len(rows), parent, study)
     if best is not None:
         register_best_model(outcome, best, study, parent)
     report_n0(rows, study, parent, local, verdict, policy)
@@ -241,6 +237,18 @@ def _run(study: StudyConfig, study_file: str, resume: bool, results: str, local:
         upload(local / "report", join(results, "report"))
     parent.close("FINISHED", study.mlflow.outage_wait_s)
     return 0 if any(trained(r["status"]) for r in rows) else 1
+
+
+def fail_missing(missing: dict[str, str], trials: int, parent, study: StudyConfig) -> None:
+    """Trials that did not train: each named on the console with its reason, the parent run
+    FAILED, and the command's error line (the same command again trains exactly those)."""
+    from orchestrator.study.console import to_console
+
+    for name, reason in missing.items():
+        to_console(f"error: trial {name} did not train: {reason}")
+    parent.close("FAILED", study.mlflow.outage_wait_s)
+    raise TrialsFailed(f"{len(missing)} of {trials} trials did not train "
+                       f"({', '.join(missing)}); run the same command again to train them")
 
 
 def fit(study: StudyConfig, results: str, restoring: bool, parent, digest: str,
