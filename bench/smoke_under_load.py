@@ -32,7 +32,8 @@ def burners(count: int) -> list[subprocess.Popen]:
 
 
 def trained_trials(uri: str) -> int:
-    """The study's trials whose MLflow runs finished (trained to the end or stopped by ASHA)."""
+    """The study's trials that trained: their MLflow runs finished, or were ended by the trial
+    scheduler (ASHA) after an epoch (KILLED, tagged stopped_early)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -41,7 +42,7 @@ def trained_trials(uri: str) -> int:
         return 0
     runs = client.search_runs([experiment.experiment_id])
     return sum(1 for r in runs if "mlflow.parentRunId" in r.data.tags
-               and r.info.status == "FINISHED")
+               and (r.info.status == "FINISHED" or "stopped_early" in r.data.tags))
 
 
 def one_run(folder: Path) -> dict:
