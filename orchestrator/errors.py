@@ -55,6 +55,12 @@ class StorageError(UserError):
     missing, or full."""
 
 
+class TrialsFailed(UserError):
+    """Trials of a study that did not train (each one's reason is printed above); running the
+    same command again trains exactly those."""
+    exit_status = 4
+
+
 class Busy(UserError):
     """The study is being run by another process right now."""
 

@@ -5,21 +5,26 @@ Ray Tune keeps its experiment state as pickles (`tuner.pkl`, the searcher's and 
 `*-state-*.pkl`, trials' `params.pkl` and `error.pkl`) and as JSON with embedded cloudpickle
 blobs (`experiment_state-*.json`, `search_gen_state-*.json`); `Tuner.restore` and the results it
 returns unpickle them, so whoever can write a results folder could run code as the sweep's
-driver. While a sweep runs, a thread signs every such file (HMAC-SHA256 of its path in the folder
-and its bytes, with a key kept outside the storage: `MULTIRES_STATE_KEY`, or a per-user key file,
-created on first use); before a study is resumed, every such file must carry a valid signature,
-or the sweep stops in one line naming the file, before anything is unpickled. The folder may
-be a storage URI (s3://...): the files are listed and read through the same pyarrow layer.
+driver. Tune writes them in a staging folder of the driver's and copies that to the results
+folder; while a sweep runs, every copy goes through `signed_upload`: each file's signature
+(HMAC-SHA256 of its path in the folder and its bytes, with a key kept outside the storage:
+`MULTIRES_STATE_KEY`, or a per-user key file, created on first use) is written before the file
+is, beside the one of the version it replaces, and each file lands whole. So a driver killed at
+any moment leaves only signed files, and a file nobody's sweep copied there (planted before the
+first sweep or since) is never signed. Before a study is resumed, every such file must carry a
+valid signature, or the sweep stops in one line naming the file, before anything is
+unpickled. The folder may be a storage URI (s3://...): the files are listed and read through
+the same pyarrow layer.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
 import os
 import secrets
-import threading
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -29,7 +34,9 @@ from orchestrator.storage import (check_regular, filesystem, is_remote, join, re
 
 SIGNATURES = "multires_signatures.json"
 KEY_ENV = "MULTIRES_STATE_KEY"
-SIGN_EVERY_S = 1.0
+MACS_KEPT = 2  # a file's signatures: the version in the folder and the one being copied there
+OWN_FILES = ("multires_", ".multires")  # the sweep's files in the results folder, not Tune's
+TUNER_STATE = "tuner.pkl"  # written by the Tuner itself, once, when a study starts
 MAX_KEY_BYTES = 4096  # the key file holds 64 hex characters
 
 
@@ -79,10 +86,15 @@ def unpickled_files(place: str) -> dict[str, tuple[int, int]]:
                                                          allow_not_found=True)):
         name = info.path[len(root):].lstrip("/")
         # Unknown: a pipe, a socket or a device (refused by `check`, as Ray would open it too).
-        if info.type in (pyarrow.fs.FileType.File, pyarrow.fs.FileType.Unknown) and (
-                name.endswith(".pkl") or ("/" not in name and fnmatch(name, "*state-*.json"))):
+        if info.type in (pyarrow.fs.FileType.File, pyarrow.fs.FileType.Unknown) and \
+                unpickled(name):
             found[name] = (info.mtime_ns, info.size)
     return dict(sorted(found.items()))
+
+
+def unpickled(name: str) -> bool:
+    """Whether Ray may unpickle the results folder's file `name` (a path in the folder)."""
+    return name.endswith(".pkl") or ("/" not in name and fnmatch(name, "*state-*.json"))
 
 
 def regular(place: str, name: str) -> bool:
@@ -109,44 +121,46 @@ def _digest(key: bytes, place: str, name: str) -> str:
     return mac.hexdigest()
 
 
-def _read_signatures(place: str) -> dict[str, str]:
+def _read_signatures(place: str) -> dict[str, list[str]]:
+    """name -> its valid signatures (one, or two while a newer version is being copied)."""
     try:
         signed = json.loads(read_text(join(place, SIGNATURES)) or "{}")
     except (OSError, ValueError, StorageError):  # then nothing is signed
         return {}
     if not isinstance(signed, dict):
         return {}
-    return {name: mac for name, mac in signed.items() if isinstance(mac, str)}
+    macs = {name: [mac] if isinstance(mac, str) else mac for name, mac in signed.items()}
+    return {name: [m for m in mac if isinstance(m, str)] for name, mac in macs.items()
+            if isinstance(mac, list)}
 
 
-def sign(place: str, seen: dict | None = None, key: bytes | None = None) -> None:
-    """Sign the folder's unpickled files; `seen` (name -> (mtime, size)) skips files unchanged
-    since the last call that shared it."""
+def _write_signatures(place: str, signed: dict[str, list[str]]) -> None:
+    write_text(join(place, SIGNATURES), json.dumps(signed, indent=0, sort_keys=True))
+
+
+def sign(place: str, only: tuple[str, ...] | None = None, key: bytes | None = None) -> None:
+    """Sign the folder's unpickled files as they are (`only`: those names): what
+    --trust-results does, and the Tuner's own file once it has written it."""
     key = key or state_key(create=True)
     signed = _read_signatures(place)
-    changed = False
-    for name, stamp in unpickled_files(place).items():
-        if seen is not None and seen.get(name) == stamp and name in signed:
-            continue
-        if not regular(place, name):
-            continue  # never signed: a resume refuses it
-        try:
-            signed[name] = _digest(key, place, name)
-        except FileNotFoundError:  # replaced or removed by Tune meanwhile
-            continue
-        if seen is not None:
-            seen[name] = stamp
-        changed = True
-    if changed:
-        write_text(join(place, SIGNATURES), json.dumps(signed, indent=0, sort_keys=True))
+    for name in unpickled_files(place):
+        if (only is None or name in only) and regular(place, name):
+            try:
+                signed[name] = [_digest(key, place, name)]
+            except FileNotFoundError:  # removed meanwhile
+                continue
+    _write_signatures(place, signed)
 
 
-def check(place: str) -> None:
+def check(place: str) -> bool:
     """Refuse, in one line, a results folder holding a file Ray would unpickle that this user's
-    sweep did not sign (planted, edited, or from before signing)."""
+    sweep did not sign (planted, edited, or from before signing). Whether there is a signed
+    study to restore: the Tuner's file and Tune's saved state. Not when the Tuner's file is all
+    there is and was not signed yet (a driver killed at that moment; a new Tuner replaces it,
+    unread)."""
     files = unpickled_files(place)
     if not files:
-        return
+        return False
     key = state_key(create=False)
     signed = _read_signatures(place)
     for name in files:
@@ -154,33 +168,87 @@ def check(place: str) -> None:
             raise ConfigError(f"{name} in {shown(place)} is not a regular file (a pipe, a socket "
                               f"or a device: Ray would block reading it, or be handed a pickle "
                               f"through it); remove {shown(place)} to start again")
-        expected = signed.get(name)
-        if key is None or expected is None or not hmac.compare_digest(
-                expected, _digest(key, place, name)):
-            raise ConfigError(
-                f"{name} in {shown(place)} was not written by a sweep of yours (no valid "
-                f"signature in {SIGNATURES}; Ray would unpickle it and could run code from it); "
-                f"remove {shown(place)} to start again, or, if you made it and nobody else can "
-                f"write there, add --trust-results to sign it")
+        if key is not None and _valid(signed.get(name, []), _digest(key, place, name)):
+            continue
+        if list(files) == [TUNER_STATE]:
+            return False
+        raise ConfigError(
+            f"{name} in {shown(place)} was not written by a sweep of yours (no valid "
+            f"signature in {SIGNATURES}; Ray would unpickle it and could run code from it); "
+            f"remove {shown(place)} to start again, or, if you made it and nobody else can "
+            f"write there, add --trust-results to sign it")
+    return TUNER_STATE in files and any(fnmatch(n, "experiment_state-*.json") for n in files)
+
+
+def _valid(macs: list[str], digest: str) -> bool:
+    return any(hmac.compare_digest(mac, digest) for mac in macs)
+
+
+def signed_upload(local_path: str, fs, fs_path: str, exclude: list[str] | None = None, *,
+                  place: str, key: bytes) -> None:
+    """Tune's copy of its staging folder to the results folder, signed: the files are read
+    once; the signatures of the unpickled ones are written first (beside the previous ones);
+    then each file is written whole (a local file through a renamed temporary file)."""
+    # Tune's restore copied the folder's JSON files into its staging folder, the sweep's own
+    # among them: they go back never (a stale signature file would replace the current one).
+    files = {name: data for name, data in _staged(local_path, exclude or []).items()
+             if not name.startswith(OWN_FILES)}
+    signed, changed = _read_signatures(place), False
+    for name, data in files.items():
+        if unpickled(name):
+            mac = hmac.new(key, name.encode() + b"\0" + data, hashlib.sha256).hexdigest()
+            if mac not in signed.get(name, []):
+                signed[name] = [*signed.get(name, [])[1 - MACS_KEPT:], mac]
+                changed = True
+    local = not is_remote(place)
+    if local:
+        os.makedirs(fs_path, exist_ok=True)
+    if changed:
+        _write_signatures(place, signed)
+    for name, data in files.items():
+        path = f"{fs_path.rstrip('/')}/{name}"
+        if local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            staged = f"{os.path.dirname(path)}/.{os.path.basename(path)}.tmp"
+            with open(staged, "wb") as f:
+                f.write(data)
+            os.replace(staged, path)
+        else:  # an object store's object is whole by itself
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+
+
+def _staged(folder: str, exclude: list[str]) -> dict[str, bytes]:
+    """The bytes of a local folder's files by path in it (read once: Tune may rewrite them)."""
+    files = {}
+    for parent, _, names in os.walk(folder):
+        for base in names:
+            name = os.path.relpath(os.path.join(parent, base), folder).replace(os.sep, "/")
+            if any(fnmatch(name, pattern) for pattern in exclude):
+                continue
+            with contextlib.suppress(FileNotFoundError):  # removed by Tune meanwhile
+                files[name] = Path(folder, name).read_bytes()
+    return files
 
 
 @contextlib.contextmanager
 def signing(place: str):
-    """Keep the folder's unpickled files signed while the block runs (Tune saves its state
-    every few seconds; a driver killed between two saves leaves a signed folder), and once
-    more at its end."""
-    stop, seen, key = threading.Event(), {}, state_key(create=True)
+    """While the block runs (a sweep), Tune's copies of its state to the results folder `place`
+    go through `signed_upload` (Tune's syncer, patched in this process only)."""
+    from ray.train._internal.storage import _FilesystemSyncer
 
-    def loop():
-        while not stop.wait(SIGN_EVERY_S):
-            with contextlib.suppress(OSError):  # a folder being written: the next round signs
-                sign(place, seen, key)
+    key, root = state_key(create=True), filesystem(place)[1].rstrip("/")
+    original = _FilesystemSyncer._sync_up_command
 
-    thread = threading.Thread(target=loop, name="multires-sign", daemon=True)
-    thread.start()
+    def command(self, local_path: str, uri: str, exclude: list | None = None):
+        if uri.rstrip("/") != root:  # not this study's folder: Ray's own copy
+            return original(self, local_path, uri, exclude)
+        return (functools.partial(signed_upload, place=place, key=key),
+                {"local_path": local_path, "fs": self.storage_filesystem, "fs_path": uri,
+                 "exclude": exclude})
+
+    _FilesystemSyncer._sync_up_command = command
     try:
         yield
     finally:
-        stop.set()
-        thread.join()
-        sign(place, key=key)
+        _FilesystemSyncer._sync_up_command = original

@@ -62,6 +62,8 @@ def ray_address():
     os.environ.pop("RAY_ADDRESS", None)
     sigterm = signal.getsignal(signal.SIGTERM)
     init_ray(num_cpus=2)  # as the commands start it
+    # Its processes know its address; the tests' own commands are given it where they use it.
+    os.environ.pop("RAY_ADDRESS", None)
     signal.signal(signal.SIGTERM, sigterm)  # the commands' SIGTERM handler is theirs, not the session's
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()

@@ -42,11 +42,26 @@ def child_statuses(uri: str, experiment: str = "smoke") -> list[str]:
         return []
 
 
-def wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 300, every: float = 0.5,
+             what: str = "the condition") -> None:
+    """Poll `condition` while the sweep runs, at most `timeout` s (a bound, not a guess of when
+    it holds: the work it waits for takes a fraction of it on a loaded 2-core machine)."""
     deadline = time.time() + timeout
     while not condition():
-        assert proc.poll() is None, f"the sweep ended early:\n{proc.stdout.read()[-3000:]}"
-        assert time.time() < deadline, "timed out"
+        assert proc.poll() is None, f"the sweep ended before {what}:\n{proc.stdout.read()[-3000:]}"
+        assert time.time() < deadline, f"{what}: not within {timeout:.0f} s"
+        time.sleep(every)
+
+
+def poll(fetch, done, bound_s: float, what: str):
+    """fetch() until done(its value), at most bound_s; a failure says what was last seen."""
+    deadline = time.monotonic() + bound_s
+    while True:
+        seen = fetch()
+        if done(seen):
+            return seen
+        assert time.monotonic() < deadline, \
+            f"{what}: not within {bound_s:.0f} s; last seen: {str(seen)[-2000:]}"
         time.sleep(0.5)
 
 

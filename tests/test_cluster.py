@@ -17,7 +17,7 @@ import pytest
 from orchestrator.cluster.driver import LOOPBACK_ONLY
 from tests.ranks import free_port
 from tests.servers import BIN, MlflowServer, start, stop
-from tests.sweeps import runs
+from tests.sweeps import poll, runs
 
 REPO = Path(__file__).parent.parent
 
@@ -86,7 +86,12 @@ def ray_list(cluster, kind: str, *filters: str) -> list[dict]:
          "--detail", "--limit", "1000", *[f for flt in filters for f in ("--filter", flt)]],
         env=cluster["env"], capture_output=True, text=True, timeout=120)
     assert listed.returncode == 0, listed.stderr[-2000:]
-    return json.loads(listed.stdout)
+    if listed.stdout.strip().startswith("No resource"):  # how `ray list` answers "none"
+        return []
+    try:
+        return json.loads(listed.stdout)
+    except ValueError:
+        raise AssertionError(f"`ray list {kind}` answered: {listed.stdout[-2000:]}") from None
 
 
 def test_study_submitted_to_a_two_node_cluster(cluster):
@@ -151,7 +156,10 @@ def test_trial_survives_its_worker_node_being_stopped(cluster):
         while len(list(shared.glob("node-loss/train-*/checkpoint_*/checkpoint.pt"))) < 2:
             assert job.poll() is None and time.time() < deadline, job.stdout.read()[-4000:]
             time.sleep(0.5)
-        (first,) = ray_list(cluster, "actors", "class_name=RayTrainWorker", "state=ALIVE")
+        # The state API reports a worker some time after it started (longer under load).
+        (first,) = poll(lambda: ray_list(cluster, "actors", "class_name=RayTrainWorker",
+                                         "state=ALIVE"), lambda seen: len(seen) == 1, 120,
+                        "the trial's one live Ray Train worker")
         stop(cluster["node"], signal.SIGKILL)  # the whole worker node, at once
         stopped_at = time.time()
         stop(holder)
@@ -162,8 +170,9 @@ def test_trial_survives_its_worker_node_being_stopped(cluster):
 
     head = next(n["node_id"] for n in ray_list(cluster, "nodes") if n["is_head_node"])
     assert first["node_id"] != head  # it did run on the node that was stopped
-    workers = ray_list(cluster, "actors", "class_name=RayTrainWorker")
-    assert head in {w["node_id"] for w in workers}  # and finished on the head
+    poll(lambda: ray_list(cluster, "actors", "class_name=RayTrainWorker"),
+         lambda seen: head in {w["node_id"] for w in seen}, 120,
+         "a Ray Train worker on the head node (where the trial finished)")
 
     client, _, (child,) = runs(cluster["mlflow"], "node-loss")
     assert child.info.status == "FINISHED"

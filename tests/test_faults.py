@@ -14,8 +14,8 @@ import torch
 from mlflow.entities import ViewType
 
 from tests.servers import MlflowServer
-from tests.sweeps import (PARENT, SMOKE, assert_resumes_once, checkpoints, child_statuses, runs,
-                          start_sweep, wait_for)
+from tests.sweeps import (PARENT, SMOKE, assert_resumes_once, checkpoints, child_statuses, poll,
+                          runs, start_sweep, wait_for)
 
 ONE_TRIAL = ["--set", "trials=1", "--set", "space.depth=8", "--set", "space.lr=0.05",
              "--set", "scheduler.type=none"]
@@ -33,9 +33,10 @@ def test_killed_worker_restarts_from_its_checkpoint(ray_address, tmp_path):
                         "--set", "resources.max_failures=2", *run], ray_address)
     wait_for(lambda: len(checkpoints(results)) >= 2, proc)
     killed_at = time.time()
-    workers = list_actors(address=ray_address, detail=True,
-                          filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-    assert workers
+    # The state API reports a worker some time after it started (longer under load).
+    workers = poll(lambda: list_actors(address=ray_address, detail=True, filters=[
+        ("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]), bool, 120,
+        "the trial's live Ray Train worker")
     for actor in workers:
         os.kill(actor.pid, signal.SIGKILL)
     output = proc.communicate(timeout=600)[0]
@@ -67,27 +68,63 @@ def test_killed_worker_restarts_from_its_checkpoint(ray_address, tmp_path):
 
 
 def test_killed_driver_resumes_without_retraining_or_duplicates(ray_address, tmp_path):
-    """SIGKILL of the sweep's driver (no Ctrl-C handler runs) after its first trial finished:
-    the same command resumes the study in the same MLflow runs."""
+    """SIGKILL of the sweep's driver (no Ctrl-C handler runs) at one point of the sweep after
+    another, each time run again by the same command: as the Tuner has just written its own
+    file, right after Tune's first save, during a trial, as a trial has finished, and right
+    after a later save. No rerun is refused; the last one finishes the study in the same MLflow
+    runs, every trial trained and logged once."""
     uri, results = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "results"
+    folder = results / "smoke"
     args = ["--storage-path", str(results), "--tracking-uri", uri, "--set", "trials=3",
             "--set", "concurrency=1", "--set", "scheduler.type=none"]
-    proc = start_sweep(args, ray_address, cwd=tmp_path)
 
-    wait_for(lambda: {"FINISHED", "RUNNING"} <= set(child_statuses(uri)), proc)
-    proc.kill()
-    proc.communicate(timeout=60)
+    def saved() -> tuple:
+        return tuple((p.name, p.stat().st_mtime_ns) for p in
+                     sorted(folder.glob("experiment_state-*.json")))
+
+    def after_next_save():
+        first = saved()
+        return lambda: saved() != first
+
+    kill_points = [
+        ("the Tuner wrote its file", lambda: (folder / "tuner.pkl").exists, 0.02),
+        ("Tune's first save", lambda: bool(saved()), 0.02),
+        # (Registered: a kill between a checkpoint's upload and Ray Train recording it redoes
+        # that epoch, as test_killed_worker_restarts_from_its_checkpoint shows.)
+        ("a trial's first checkpoint", lambda: registered_checkpoint(folder), 0.2),
+        ("a trial finished", lambda: "FINISHED" in child_statuses(uri), 0.5),
+        ("the next save", None, 0.02)]
+    for what, condition, every in kill_points:
+        proc = start_sweep(args, ray_address, cwd=tmp_path)
+        condition = condition or after_next_save()
+        # A bound, not a guess: each point is a few epochs of the smoke study past the start.
+        wait_for(condition, proc, timeout=600, every=every, what=what)
+        proc.kill()
+        output = proc.communicate(timeout=60)[0]
+        refused = [line for line in output.splitlines() if "error:" in line]
+        assert not refused, (what, output[-3000:])  # the last rerun was not refused
 
     _, (parent,), _ = runs(uri)
     assert parent.info.status == "RUNNING"  # nothing closed it
     assert len(assert_resumes_once([SMOKE, *args], uri, results)) == 3
     # A trial started after Tune last saved the study is trained again as a new trial: its
-    # first run is ended and deleted (whether the kill lands in that window is up to timing).
+    # first run is ended and deleted (whether a kill lands in that window is up to timing).
     client, _, children = runs(uri)
     for run in client.search_runs([parent.info.experiment_id],
                                   run_view_type=ViewType.DELETED_ONLY):
         assert run.info.status == "KILLED" and "forgotten" in run.data.tags
         assert run.data.tags["trial_id"] not in {c.data.tags["trial_id"] for c in children}
+
+
+def registered_checkpoint(folder) -> bool:
+    """Whether Ray Train recorded a checkpoint of a trial in the study's folder."""
+    for snapshot in folder.glob("train-*/checkpoint_manager_snapshot.json"):
+        try:
+            if "checkpoint_" in snapshot.read_text():
+                return True
+        except OSError:  # being replaced
+            pass
+    return False
 
 
 def test_mlflow_outage_during_training(ray_address, tmp_path):
@@ -282,3 +319,34 @@ def test_a_sweep_releases_the_placement_groups_its_job_left(ray_address):
     ray.get(left.ready(), timeout=60)
     release_placement_groups()
     assert placement_group_table(left)["state"] == "REMOVED"
+
+
+def test_a_failed_trial_is_named_and_the_rerun_trains_exactly_it(ray_address, tmp_path):
+    """The Ray Train controller of a trial is killed after its first epoch, and no retry is
+    allowed: the sweep names the trial in an `error:` line with what it raised, marks the parent
+    run FAILED and exits non-zero, the other trial trained; the same command again trains
+    that trial alone, from its checkpoint, and finishes the study."""
+    from ray.util.state import list_actors
+
+    uri, results = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "results"
+    args = ["--storage-path", str(results), "--tracking-uri", uri, "--set", "trials=2",
+            "--set", "concurrency=1", "--set", "scheduler.type=none",
+            "--set", "resources.max_failures=0"]
+    proc = start_sweep(args, ray_address, cwd=tmp_path)
+    wait_for(lambda: checkpoints(results), proc, timeout=600, what="the first checkpoint")
+    (controller,) = poll(lambda: list_actors(address=ray_address, detail=True, filters=[
+        ("class_name", "=", "TrainController"), ("state", "=", "ALIVE")]),
+        lambda seen: len(seen) == 1, 120, "the trial's live Ray Train controller")
+    os.kill(controller.pid, signal.SIGKILL)
+    output = proc.communicate(timeout=900)[0]
+    assert proc.returncode == 4, output[-3000:]
+    failed = [line for line in output.splitlines() if line.startswith("error: trial ")]
+    assert len(failed) == 1 and " did not train: " in failed[0], output[-3000:]
+    assert "error: 1 of 2 trials did not train" in output, output[-3000:]
+    _, (parent,), children = runs(uri)
+    assert parent.info.status == "FAILED"
+    assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED"]
+    retried = next(c for c in children if c.info.status == "FAILED").data.tags["trial_id"]
+    assert len(checkpoints(results, retried)) == 1
+    # The rerun: that trial goes on from its epoch-1 checkpoint; the finished one is untouched.
+    assert len(assert_resumes_once([SMOKE, *args], uri, results)) == 2

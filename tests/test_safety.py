@@ -1,4 +1,5 @@
 """Safety: a local Ray listens on loopback only; checkpoints and study files never run code."""
+import contextlib
 import ipaddress
 import os
 import threading
@@ -267,3 +268,115 @@ def test_trust_results_signs_a_folder_and_the_key_stays_outside(tmp_path, state_
     assert key_file().stat().st_mode & 0o077 == 0  # readable by its user only
     assert not any(key_file().read_bytes() in p.read_bytes() for p in folder.rglob("*")
                    if p.is_file())
+
+
+def test_a_pickle_planted_before_the_first_sweep_is_refused_never_signed(tmp_path, capsys,
+                                                                          state_key):
+    """results/STUDY/ holds a pickle before the study ever ran there: the sweep stops before
+    Ray starts, naming it; nothing is signed, nothing ran."""
+    import pickle
+
+    from orchestrator.trust import SIGNATURES
+
+    folder = tmp_path / "results" / "smoke"
+    folder.mkdir(parents=True)
+    payload = RunsCode()
+    payload.marker = tmp_path / "ran"
+    (folder / "searcher-state-2026-01-01_00-00-00.pkl").write_bytes(pickle.dumps(payload))
+    code = sweep_main([str(Path(__file__).parent.parent / "search_spaces" / "smoke.yaml"),
+                       "--storage-path", str(tmp_path / "results"), "--tracking-uri",
+                       f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(
+        f"error: searcher-state-2026-01-01_00-00-00.pkl in {folder} was not written by a sweep "
+        f"of this study"), err
+    assert not (folder / SIGNATURES).exists() and not payload.marker.exists()
+
+
+def staged_state(folder: Path, version: int) -> None:
+    """Tune's staging folder as it writes it: its state files (version `version`) and a trial's
+    result."""
+    import pickle
+
+    for name in TUNE_STATE:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(pickle.dumps({"state": name, "version": version}))
+    (folder / TUNE_STATE[-1]).with_name("result.json").write_text(f'{{"epoch": {version}}}')
+    # Tune's restore copies the folder's JSON files into its staging folder, ours among them.
+    (folder / "multires_signatures.json").write_text("{}")
+
+
+def upload(staging: Path, results: Path) -> None:
+    import pyarrow.fs
+
+    from orchestrator.trust import signed_upload, state_key as read_key
+
+    signed_upload(str(staging), pyarrow.fs.LocalFileSystem(), str(results), place=str(results),
+                  key=read_key(create=True))
+
+
+def test_tunes_copies_leave_signed_files_wherever_the_driver_is_killed(tmp_path, state_key):
+    """Tune's copy of its state into the results folder, killed after each file it writes (a
+    kill -9 of the driver at any moment of a save): every file there is signed and whole, the
+    old version or the new one, and the resume accepts the folder."""
+    import pickle
+    import shutil
+
+    from orchestrator.trust import check
+
+    staging, before = tmp_path / "staging", tmp_path / "before"
+    staged_state(staging, 1)
+    upload(staging, before)
+    (before / "multires_study.json").write_text("{}")
+    staged_state(staging, 2)
+    writes = len(TUNE_STATE) + 1 + 1  # the signatures, then each file
+    for killed_after in range(writes + 1):
+        results = tmp_path / f"killed-{killed_after}"
+        shutil.copytree(before, results)
+        done = []
+
+        def replace(src, dst, real=os.replace):
+            if len(done) == killed_after:
+                raise KeyboardInterrupt  # the process ends here
+            done.append(dst)
+            real(src, dst)
+
+        with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt) if \
+                killed_after < writes else contextlib.nullcontext():
+            patch.setattr(os, "replace", replace)
+            upload(staging, results)
+        assert check(str(results)), killed_after
+        versions = {pickle.loads((results / n).read_bytes())["version"] for n in TUNE_STATE}
+        assert versions <= {1, 2} and (killed_after < writes or versions == {2})
+
+
+def test_a_planted_file_is_never_signed_by_tunes_copies(tmp_path, state_key):
+    """A pickle planted in the results folder while the study runs stays unsigned however often
+    Tune copies its own files there: the resume refuses it."""
+    from orchestrator.trust import check
+
+    staging, results = tmp_path / "staging", tmp_path / "results"
+    staged_state(staging, 1)
+    results.mkdir()
+    (results / "evil.pkl").write_bytes(b"planted")
+    upload(staging, results)
+    upload(staging, results)
+    with pytest.raises(ConfigError, match="evil.pkl in .* was not written by a sweep of yours"):
+        check(str(results))
+
+
+def test_a_tuner_file_killed_before_its_signing_is_a_fresh_start(tmp_path, state_key):
+    """Only the Tuner's own file, unsigned (the driver was killed as Tuner() had just written
+    it), or signed without Tune's saved state: nothing to restore, no refusal; once Tune's
+    state is there and signed, the study is restored."""
+    from orchestrator.trust import TUNER_STATE, check, sign
+
+    (tmp_path / TUNER_STATE).write_bytes(b"written by Tuner()")
+    assert check(str(tmp_path)) is False
+    sign(str(tmp_path), only=(TUNER_STATE,))
+    assert check(str(tmp_path)) is False
+    (tmp_path / "experiment_state-2026-01-01_00-00-00.json").write_text("{}")
+    with pytest.raises(ConfigError, match="experiment_state"):
+        check(str(tmp_path))
+    sign(str(tmp_path))
+    assert check(str(tmp_path)) is True

@@ -315,3 +315,27 @@ def test_the_dry_run_says_what_interval_an_n0_budget_buys(capsys):
     assert widths[1600].startswith("open-ended in the median study")
     assert widths[8000].split(" layers wide")[0].isdigit()
     assert int(widths[8000].split("two ends in ")[1].split("%")[0]) > 50
+
+
+def test_the_trials_that_did_not_train_are_named_with_what_they_raised():
+    """A trial that raised, or ended without an epoch, is listed by its name with the last line
+    of its error; trained, stopped and diverged trials are not."""
+    from types import SimpleNamespace as Result
+
+    from orchestrator.results import DIVERGED
+    from orchestrator.study.summary import failed_trials
+
+    study = load_study(SPACES / "smoke.yaml", ["space.lr=0.05"])
+    arch = study.feasible()[0].name
+    config = {"arch": arch, "seed": 0}
+    raised = RuntimeError("Traceback (most recent call last):\n  File x\n\nValueError: "
+                          "train_size 30 is smaller than one batch (64)\n")
+    results = [Result(config=config, metrics={"epoch": 2, "epochs_total": 2}, error=None),
+               Result(config=config, metrics={"epoch": 1, "epochs_total": 2}, error=None),
+               Result(config=config, metrics={DIVERGED: "loss is nan"}, error=None),
+               Result(config={**config, "seed": 1}, metrics={}, error=raised),
+               Result(config={**config, "seed": 2}, metrics=None, error=None),
+               Result(config=None, metrics=None, error=None)]  # never started: interrupted
+    assert failed_trials(results, study) == {
+        f"{arch}-s1": "ValueError: train_size 30 is smaller than one batch (64)",
+        f"{arch}-s2": "it ended without reporting an epoch"}

@@ -219,3 +219,42 @@ def test_unusable_tracking_server_fails_before_training(ray_address, tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.slow
+def test_two_studies_side_by_side_each_keep_to_their_own_local_ray(tmp_path):
+    """Two sweeps started at once on one machine, neither given RAY_ADDRESS (and the test run's
+    own Ray instance may be a third): each starts its own local Ray and every process of it
+    (Tune, Ray Train, Train's placement-group cleaner) reaches that one; both finish, every
+    trial trained once, in its own study and folder."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # As a loaded machine makes it: a trial process that Tune would reuse has not ended its
+    # last trial by the time the next one comes (Tune waits 2 s, here none): a study that
+    # reused trial processes would drop that trial.
+    env["TUNE_FUNCTION_THREAD_TIMEOUT_S"] = "0"
+    procs = {name: subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.sweep", SMOKE, "--storage-path", str(tmp_path / name),
+         "--tracking-uri", f"sqlite:///{tmp_path / name}.db", "--set", f"name={name}",
+         "--set", "trials=2", "--set", "concurrency=1", "--set", "scheduler.type=none",
+         "--set", "train.epochs=1"], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True) for name in ("left", "right")}
+    outputs = {name: proc.communicate(timeout=900)[0] for name, proc in procs.items()}
+    for name, proc in procs.items():
+        assert proc.returncode == 0, outputs[name][-3000:]
+        client, parents, children = runs(f"sqlite:///{tmp_path / name}.db", name)
+        assert [p.info.status for p in parents] == ["FINISHED"]
+        assert [c.info.status for c in children] == ["FINISHED"] * 2
+        trials = {c.data.tags["trial_id"] for c in children}
+        assert len(trials) == 2
+        for child in children:
+            history = client.get_metric_history(child.info.run_id, "test_error")
+            assert [m.step for m in history] == [1]
+        # Ray Train's runs of this study, and no other's, in its folder.
+        assert {p.name for p in (tmp_path / name / name).glob("train-*")} == {
+            f"train-{t}" for t in trials}
+        log = (tmp_path / name / name / "ray.log").read_text()
+        assert "Found multiple active Ray instances" not in log, name

@@ -33,6 +33,8 @@ HEALTH_CHECK_INTERVAL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # Ray Train watches a run's nodes for preemption to move the run before they go, with an actor of
 # its own per run; a private local Ray has no other node to move it to.
 PREEMPTION_WATCHER = ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# The port a local Ray's GCS listens on, read by ray.init (the address is then known before).
+GCS_PORT = "RAY_GCS_SERVER_PORT"
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -79,7 +81,7 @@ def _connect(num_cpus: int | None) -> None:
         os.environ[LOOPBACK_ONLY] = "0"  # for the processes Ray starts
         os.environ.setdefault(*PREEMPTION_WATCHER)
         ray._private.ray_constants.ENABLE_RAY_CLUSTER = False  # read when ray was imported
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True)
+        _start_local(num_cpus)
         return
     host, _, port = address.removeprefix("ray://").rpartition(":")
     try:
@@ -90,6 +92,27 @@ def _connect(num_cpus: int | None) -> None:
         raise ConfigError(f"cannot reach the Ray cluster at RAY_ADDRESS={address} "
                           f"({type(exc).__name__}); start it, fix the address or unset "
                           f"RAY_ADDRESS") from None
+
+
+def _start_local(num_cpus: int | None) -> None:
+    """Start a local Ray on a port chosen here, with RAY_ADDRESS naming it in the environment
+    of every process it starts: Ray's own helpers (Ray Train's placement group cleaner, the
+    state API) otherwise look for "the" Ray on the machine, and fail or pick another study's
+    where there are several."""
+    with socket.socket() as probe:  # a free port (another process may take it meanwhile: rare)
+        probe.bind((process_group.LOOPBACK, 0))
+        port = probe.getsockname()[1]
+    os.environ[GCS_PORT] = str(port)
+    os.environ["RAY_ADDRESS"] = f"{process_group.LOOPBACK}:{port}"
+    try:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True)
+    except BaseException:
+        del os.environ["RAY_ADDRESS"]
+        raise
+    finally:
+        del os.environ[GCS_PORT]
+    # What the driver's own clients (Tune, Train, the state API) connect to: the same instance.
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 @dataclass

@@ -21,6 +21,11 @@ _console = None  # the console's stderr while Ray's output goes to the log: for 
 _ray_lines = None  # where the lines that Ray forwards go (see _route_ray_lines)
 
 
+def to_console(line: str) -> None:
+    """A line for the user's terminal (stderr), also while Ray's output goes to the log."""
+    print(line, file=_console or sys.stderr, flush=True)
+
+
 @contextlib.contextmanager
 def ray_output_to(log_path: Path):
     """While the study runs, what the libraries write goes to `log_path`: Ray's loggers and

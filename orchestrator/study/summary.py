@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 from orchestrator.errors import TrackingError, UserError, short
-from orchestrator.results import CHECKPOINT_FILE, DONE, outcome, trained, training_flops
+from orchestrator.results import (CHECKPOINT_FILE, DONE, FAILED, outcome, trained,
+                                  training_flops)
 from orchestrator.run.data import train_images
 from orchestrator.study.config import StudyConfig
 from orchestrator.study.trials import planned_trials
@@ -216,6 +217,19 @@ def summarize_results(results, study: StudyConfig) -> list[dict]:
             "time_s": round(m.get("time_total_s", 0.0), 1), "status": status,
             "history": epoch_history(result.metrics_dataframe)})
     return rows
+
+
+def failed_trials(results, study: StudyConfig) -> dict[str, str]:
+    """The trials that ended without training (raised, or never reported an epoch), by name,
+    with the last line of what they raised."""
+    failed = {}
+    for result in results:
+        if result.config is None or outcome(result.metrics, bool(result.error)) != FAILED:
+            continue
+        lines = [line.strip() for line in str(result.error or "").splitlines() if line.strip()]
+        failed[study.trial_name(result.config)] = short(
+            lines[-1] if lines else "it ended without reporting an epoch", 300)
+    return failed
 
 
 def epoch_history(frame):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from orchestrator.errors import Busy, ConfigError, StorageError, short
+from orchestrator.errors import Busy, ConfigError, StorageError, TrialsFailed, short
 from orchestrator.results import trained
 from orchestrator.run.data import DATASETS
 from orchestrator.study.config import StudyConfig
@@ -134,10 +134,15 @@ def study_lock(folder: Path, study: StudyConfig):
 def check_results(results: str, trust: bool = False) -> None:
     """Before Ray starts: the folder's study state reads whole, and every file Ray would
     unpickle from it was signed by this user's sweeps (`trust`: sign what is there)."""
-    from orchestrator.trust import check, sign
+    from orchestrator.trust import check, sign, unpickled_files
 
     if read_state(results) is not None:
         (sign if trust else check)(results)
+    elif unpickled_files(results):  # before the study's first sweep: planted, or not a study's
+        name = next(iter(unpickled_files(results)))
+        raise ConfigError(f"{name} in {shown(results)} was not written by a sweep of this "
+                          f"study (Ray would unpickle it); remove it, or use another "
+                          f"--storage-path")
 
 
 def run(study: StudyConfig, study_file: str, resume: bool, verbose: bool = False,
@@ -172,15 +177,14 @@ def run(study: StudyConfig, study_file: str, resume: bool, verbose: bool = False
 
 def _run(study: StudyConfig, study_file: str, resume: bool, results: str, local: Path,
          ray_log: Path | None) -> int:
-    from ray.tune import Tuner
-
     from orchestrator.study.console import start_line
     from orchestrator.study.mlflow_client import connect, sqlite_path
-    from orchestrator.study.summary import (register_best_model, report_n0, report_summary,
-                                            summarize_results, show_finished)
+    from orchestrator.study.summary import (failed_trials, register_best_model, report_n0,
+                                            report_summary, summarize_results, show_finished)
     from orchestrator.study.extension import (begin, check_extension, extended_line,
                                               mark_parent, prior_for)
     from orchestrator.study.tracking import StudyRun, check_parent
+    from orchestrator.trust import check
 
     digest = config_hash(study)  # before `auto` resources are fitted to this cluster
     settings = study.model_dump(mode="json")
@@ -211,7 +215,7 @@ def _run(study: StudyConfig, study_file: str, resume: bool, results: str, local:
     prior = None if state is None else (
         begin(results, state, digest, change, lambda: old_rows(study, results)) if change
         else prior_for(results, digest))
-    restoring = state is not None and Tuner.can_restore(results)
+    restoring = state is not None and check(results)  # a signed Tuner to restore
     if resume and not restoring:
         raise ConfigError(f"nothing to resume in {shown(results)}; run without --resume")
     print(start_line(study, planned_trials(study), concurrency, shown(results), ray_log),
@@ -239,9 +243,12 @@ def _run(study: StudyConfig, study_file: str, resume: bool, results: str, local:
         raise
     ended = outcome.num_terminated + outcome.num_errors
     rows = summarize_results(outcome, study)
+    missing = failed_trials(outcome, study)
     verdict, policy, kept = None, None, prior.rows if prior else []
     if ended < len(rows):  # trials that never ended: interrupted
         interrupted = True
+    elif missing:  # reported below; a rerun trains them, then the search goes on
+        interrupted = False
     elif study.searcher.sampler == "n0":
         from orchestrator.study.n0_search import replayed, search_verdict
 
@@ -257,6 +264,8 @@ def _run(study: StudyConfig, study_file: str, resume: bool, results: str, local:
         return 130
     rows = kept + rows
     best = report_summary(rows, study, parent, shown(results))
+    if missing:  # the study is not done: no best model, no report until a rerun trains them
+        fail_missing(missing, len(rows), parent, study)
     if best is not None:
         register_best_model(outcome, best, study, parent)
     report_n0(rows, study, parent, local, verdict, policy,
@@ -273,11 +282,24 @@ def old_rows(study: StudyConfig, results: str) -> list[dict]:
     from ray.tune import Tuner
 
     from orchestrator.study.summary import summarize_results
+    from orchestrator.trust import check
 
-    if not Tuner.can_restore(results):
+    if not check(results):  # signed, or refused before anything is unpickled
         return []
     return summarize_results(Tuner.restore(results, trainable=trainable_of(study)).get_results(),
                              study)
+
+
+def fail_missing(missing: dict[str, str], trials: int, parent, study: StudyConfig) -> None:
+    """Trials that did not train: each named on the console with its reason, the parent run
+    FAILED, and the command's error line (the same command again trains exactly those)."""
+    from orchestrator.study.console import to_console
+
+    for name, reason in missing.items():
+        to_console(f"error: trial {name} did not train: {reason}")
+    parent.close("FAILED", study.mlflow.outage_wait_s)
+    raise TrialsFailed(f"{len(missing)} of {trials} trials did not train "
+                       f"({', '.join(missing)}); run the same command again to train them")
 
 
 def fit(study: StudyConfig, results: str, restoring: bool, parent, config: tuple[str, dict],
@@ -292,7 +314,7 @@ def fit(study: StudyConfig, results: str, restoring: bool, parent, config: tuple
     from orchestrator.study.extension import seeded
     from orchestrator.study.searchers import build_searcher
     from orchestrator.study.tracking import TrialTracker
-    from orchestrator.trust import check, signing
+    from orchestrator.trust import TUNER_STATE, check, sign, signing
     from orchestrator.study.trials import build_scheduler
 
     trainable = trainable_of(study)
@@ -302,7 +324,8 @@ def fit(study: StudyConfig, results: str, restoring: bool, parent, config: tuple
         # The MLflow tracker and the searcher's state come back with the experiment (see
         # TrialTracker.__reduce__ and orchestrator.study.searchers).
         tuner = Tuner.restore(results, trainable=trainable, resume_unfinished=True,
-                              resume_errored=False, restart_errored=False)
+                              # a failed trial is trained again, from its last checkpoint
+                              resume_errored=True, restart_errored=False)
     else:
         write_text(join(results, STATE_FILE), json.dumps(  # whole or absent, even if killed
             {"parent_run_id": parent.run_id, "config_hash": config[0],
@@ -319,9 +342,10 @@ def fit(study: StudyConfig, results: str, restoring: bool, parent, config: tuple
             tune_config=ray.tune.TuneConfig(
                 search_alg=searcher, scheduler=build_scheduler(study),
                 num_samples=max(1, planned), max_concurrent_trials=concurrency,
-                # The next trial runs in a finished trial's driver process: no new process,
-                # no second import of torch and Ray Train (about 6 CPU-seconds a trial).
-                reuse_actors=True,
+                # Each trial in a driver process of its own. Reusing one (Tune's reset_config)
+                # waits 2 s for the last trial's thread, which runs a Ray Train fit that a
+                # stopped trial cannot end; past that Tune drops the next trial (seen under load).
+                reuse_actors=False,
                 trial_name_creator=lambda trial: study.trial_name(trial.config)),
             run_config=ray.tune.RunConfig(
                 name=study.name, storage_path=study.storage(),
@@ -331,6 +355,7 @@ def fit(study: StudyConfig, results: str, restoring: bool, parent, config: tuple
                 failure_config=ray.tune.FailureConfig(
                     max_failures=study.resources.max_failures)),
         )
+        sign(results, only=(TUNER_STATE,))  # written by Tuner() itself, not through Tune's copy
     ctrl_c = signal.getsignal(signal.SIGINT)
     try:
         with signing(results):

@@ -183,6 +183,7 @@ class TrialTracker(Callback):
         self.runs: dict[str, str] = {}       # trial_id -> run_id, once created
         self.logged: dict[str, int] = {}     # trial_id -> last epoch logged (or queued)
         self.ended: set[str] = set()         # trials whose run has its final state
+        self.failed: set[str] = set()        # trials whose run ended FAILED (Tune retries them)
         self.restored = False                # the restored study's trials compared with runs
         self.names: set[str] = set()         # run names given in this study
         self.commit = git_commit()
@@ -197,6 +198,8 @@ class TrialTracker(Callback):
                 if run.info.status == "FINISHED" or {"stopped_early",
                                                      "failure"} & set(run.data.tags):
                     self.ended.add(trial_id)
+                if run.info.status == "FAILED":
+                    self.failed.add(trial_id)
 
     def __reduce__(self):
         # Tune pickles its callbacks with the experiment; a restored tracker re-reads its state
@@ -227,6 +230,11 @@ class TrialTracker(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         trial_id = trial.trial_id
+        if trial_id in self.failed:  # a failed trial trained again: its run goes on
+            self.failed.discard(trial_id)
+            self.ended.discard(trial_id)
+            self.put(trial_id, "retry", self.reopen)
+            return
         if trial_id in self.ended:
             # Ended before the driver was killed, but after Tune last saved its state: Tune runs
             # it again, and it ends at once from its final checkpoint. Its run stays as it was.
@@ -257,6 +265,11 @@ class TrialTracker(Callback):
         self.logged[trial_id] = 0
         self.outbox.put(f"trial {trial_id} start", create)
         self.put(trial_id, "params", lambda run_id: self.client.log_batch(run_id, params=params))
+
+    def reopen(self, run_id: str) -> None:
+        if "failure" in self.client.get_run(run_id).data.tags:  # idempotent: retried
+            self.client.delete_tag(run_id, "failure")
+        self.client.update_run(run_id, status="RUNNING")
 
     def tracked(self, trial_id: str) -> bool:
         """The trial has a run (created or queued) that has not reached its final state."""
