@@ -20,6 +20,9 @@ PLACEMENT_GROUP_ID = "ray._raylet:PlacementGroupID"
 RAY_CONSTANTS = "ray._private.ray_constants:"
 # The one function through which Ray prints the workers' and the raylet's lines (to ray.log).
 RAY_WORKER = "ray._private.worker:"
+# Tune's copy of its state to the storage path, routed through the signing (trust.signing): no
+# public hook sees each file before it lands.
+FILESYSTEM_SYNCER = "ray.train._internal.storage:_FilesystemSyncer"
 # The name rules MLflow applies to experiments and registered models, checked before Ray starts.
 VALIDATE_EXPERIMENT_NAME = "mlflow.utils.validation:_validate_experiment_name"
 VALIDATE_MODEL_NAME = "mlflow.utils.validation:_validate_model_name"
@@ -30,6 +33,7 @@ PRIVATE = {
     PLACEMENT_GROUP_ID: "from_hex",
     RAY_CONSTANTS: "ENABLE_RAY_CLUSTER",
     RAY_WORKER: "print_worker_logs",
+    FILESYSTEM_SYNCER: "_sync_up_command",
     VALIDATE_EXPERIMENT_NAME: "__call__",
     VALIDATE_MODEL_NAME: "__call__",
 }  # each name -> an attribute that the project uses on it

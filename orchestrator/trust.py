@@ -28,6 +28,7 @@ import secrets
 from fnmatch import fnmatch
 from pathlib import Path
 
+from orchestrator.compat import FILESYSTEM_SYNCER, resolve
 from orchestrator.errors import ConfigError, StorageError
 from orchestrator.storage import (check_regular, filesystem, is_remote, join, read_text, shown,
                                   write_text)
@@ -235,10 +236,9 @@ def _staged(folder: str, exclude: list[str]) -> dict[str, bytes]:
 def signing(place: str):
     """While the block runs (a sweep), Tune's copies of its state to the results folder `place`
     go through `signed_upload` (Tune's syncer, patched in this process only)."""
-    from ray.train._internal.storage import _FilesystemSyncer
-
+    syncer = resolve(FILESYSTEM_SYNCER)
     key, root = state_key(create=True), filesystem(place)[1].rstrip("/")
-    original = _FilesystemSyncer._sync_up_command
+    original = syncer._sync_up_command
 
     def command(self, local_path: str, uri: str, exclude: list | None = None):
         if uri.rstrip("/") != root:  # not this study's folder: Ray's own copy
@@ -247,8 +247,8 @@ def signing(place: str):
                 {"local_path": local_path, "fs": self.storage_filesystem, "fs_path": uri,
                  "exclude": exclude})
 
-    _FilesystemSyncer._sync_up_command = command
+    syncer._sync_up_command = command
     try:
         yield
     finally:
-        _FilesystemSyncer._sync_up_command = original
+        syncer._sync_up_command = original

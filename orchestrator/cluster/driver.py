@@ -14,10 +14,9 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-# Private: Ray's own process-group backend, reused for everything but the rendezvous.
-from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
-
 from orchestrator.cluster.worker import train_loop_per_worker
+from orchestrator.compat import (PLACEMENT_GROUP_ID, RAY_CONSTANTS, TORCH_BACKEND,
+                                 TORCH_DISTRIBUTED_ENV, resolve)
 from orchestrator.errors import ConfigError, TrainingDiverged, UserError, sigterm_as_ctrl_c
 from orchestrator.parallel import process_group
 from orchestrator.results import DIVERGED
@@ -55,7 +54,7 @@ def release_placement_groups(settle_s: float = 2.0, limit_s: float = 15.0) -> No
     the job ends, but a Ray Train worker group made as Ctrl-C or SIGTERM arrived (its trial
     already stopped, its controller not yet gone) was seen to outlive the job, holding its CPUs
     or GPUs on a long-lived cluster until someone removed it by hand."""
-    from ray._raylet import PlacementGroupID
+    PlacementGroupID = resolve(PLACEMENT_GROUP_ID)
     from ray.util.placement_group import (PlacementGroup, placement_group_table,
                                           remove_placement_group)
 
@@ -80,7 +79,7 @@ def _connect(num_cpus: int | None) -> None:
         # every interface; its loopback-only mode (meant for laptops) keeps them on 127.0.0.1.
         os.environ[LOOPBACK_ONLY] = "0"  # for the processes Ray starts
         os.environ.setdefault(*PREEMPTION_WATCHER)
-        ray._private.ray_constants.ENABLE_RAY_CLUSTER = False  # read when ray was imported
+        resolve(RAY_CONSTANTS).ENABLE_RAY_CLUSTER = False  # read when ray was imported
         _start_local(num_cpus)
         return
     host, _, port = address.removeprefix("ray://").rpartition(":")
@@ -125,7 +124,7 @@ class ScopedTorchConfig(TorchConfig):
         return _ScopedTorchBackend
 
 
-class _ScopedTorchBackend(_TorchBackend):
+class _ScopedTorchBackend(resolve(TORCH_BACKEND)):  # Ray's own, but for the rendezvous
     def on_start(self, worker_group, backend_config: TorchConfig):
         world_size = len(worker_group)
         if len(set(worker_group.execute(_node_id))) == 1:
@@ -135,7 +134,7 @@ class _ScopedTorchBackend(_TorchBackend):
         gpus = worker_group.get_resources_per_worker().get("GPU", 0)
         backend = backend_config.backend or ("nccl" if gpus else "gloo")
         port = worker_group.execute_single(0, process_group.listen, address)
-        worker_group.execute(_set_torch_distributed_env_vars)
+        worker_group.execute(resolve(TORCH_DISTRIBUTED_ENV))
         timeout = datetime.timedelta(seconds=backend_config.timeout_s)
         ray.get([worker_group.execute_single_async(rank, process_group.join, backend, rank,
                                                    world_size, address, port, timeout)

@@ -13,8 +13,8 @@ from typing import Annotated, Any
 import yaml
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from models.architecture import Architecture
-from models.architecture import parameter_count
+from models.architecture import Architecture, parameter_count
+from orchestrator.compat import VALIDATE_EXPERIMENT_NAME, VALIDATE_MODEL_NAME, resolve
 from orchestrator.errors import ConfigError, short
 from orchestrator.run.config import (MAX_SEED, ParallelConfig, Strict, TrainConfig, describe,
                                      load_yaml, parse_yaml, yaml_problem)
@@ -172,12 +172,11 @@ class StudyConfig(Strict):
         """The experiment's name is also the best model's registered name: MLflow's own rules
         for both, checked now rather than when the study ends."""
         from mlflow.exceptions import MlflowException
-        from mlflow.utils.validation import _validate_experiment_name, _validate_model_name
 
         key = "mlflow.experiment" if self.mlflow.experiment else "name"
         try:
-            _validate_experiment_name(self.experiment_name)
-            _validate_model_name(self.experiment_name)
+            resolve(VALIDATE_EXPERIMENT_NAME)(self.experiment_name)
+            resolve(VALIDATE_MODEL_NAME)(self.experiment_name)
         except MlflowException as exc:
             rule = exc.message.split(". ")[-1].rstrip(".")
             raise ValueError(f"{key}: MLflow refuses it ({rule}); choose another") from None

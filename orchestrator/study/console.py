@@ -13,6 +13,7 @@ from pathlib import Path
 from ray.tune import Callback
 from tqdm import tqdm
 
+from orchestrator.compat import RAY_WORKER, resolve
 from orchestrator.results import DIVERGED, outcome
 
 RAY_LOG = "ray.log"
@@ -80,7 +81,7 @@ def _route_ray_lines(log) -> None:
     """What Ray forwards (the workers' and the raylet's lines) goes to `log`, from now until this
     process ends: the study's actors still print as they stop, after the study returned.
     (Private: `print_worker_logs` is the one function Ray prints them through.)"""
-    import ray._private.worker as ray_worker
+    ray_worker = resolve(RAY_WORKER)
 
     global _ray_lines
     if _ray_lines is None:
