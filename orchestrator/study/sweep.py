@@ -178,39 +178,20 @@ def run(study: StudyConfig, study_file: str, resume: bool, verbose: bool = False
 def _run(study: StudyConfig, study_file: str, resume: bool, results: str, local: Path,
          ray_log: Path | None) -> int:
     from orchestrator.study.console import start_line
-    from orchestrator.study.mlflow_client import connect, sqlite_path
-    from orchestrator.study.summary import (failed_trials, register_best_model, report_n0,
-                                            report_summary, summarize_results, show_finished)
-    from orchestrator.study.extension import (begin, check_extension, extended_line,
-                                              mark_parent, prior_for)
-    from orchestrator.study.tracking import StudyRun, check_parent
+    from orchestrator.study.extension import begin, extended_line, mark_parent, prior_for
+    from orchestrator.study.mlflow_client import connect
+    from orchestrator.study.summary import show_finished
+    from orchestrator.study.tracking import StudyRun
     from orchestrator.trust import check
 
     digest = config_hash(study)  # before `auto` resources are fitted to this cluster
     settings = study.model_dump(mode="json")
     state = read_state(results)
-    change = None
-    if state is not None and state["config_hash"] != digest:  # an extension, or refused
-        change = check_extension(state.get("config"), settings, study.name, results)
-        if resume:
-            raise ConfigError(f"--resume continues study {study.name} as it began, but its "
-                              f"settings grew ({'; '.join(change.grown)}); drop --resume to "
-                              f"extend it")
-    # Before Ray starts: the study's parent run is where the results folder says it is.
-    if state is not None:
-        client, parent_run = check_parent(study, state, results)
-        if change is None and parent_run.info.status == "FINISHED":  # a rerun changes nothing
-            show_finished(parent_run, study, shown(results))
-            return 0
-        if change is not None and parent_run.info.status != "FINISHED" and \
-                prior_for(results, digest) is None:
-            raise ConfigError(f"study {study.name} in {shown(results)} was interrupted before "
-                              f"it ended; run it to its end with the settings it began with, "
-                              f"then extend it")
-    elif sqlite_path(study.tracking_uri()) is None or sqlite_path(study.tracking_uri()).exists():
-        client = connect(study.tracking_uri())  # a server, a file store: checked before Ray
-    else:
-        client = None  # a new database is made once the cluster is there
+    change = growth(study, state, digest, settings, resume, results)
+    client, finished = tracking_before_ray(study, state, change, results, digest)
+    if finished is not None:  # a rerun of a finished study changes nothing
+        show_finished(finished, study, shown(results))
+        return 0
     study, concurrency = start_ray(study, study_file)
     prior = None if state is None else (
         begin(results, state, digest, change, lambda: old_rows(study, results)) if change
@@ -223,8 +204,7 @@ def _run(study: StudyConfig, study_file: str, resume: bool, results: str, local:
     if prior:
         print(extended_line(study.name, prior), flush=True)
 
-    client = client or connect(study.tracking_uri())
-    parent = StudyRun(client, study)
+    parent = StudyRun(client or connect(study.tracking_uri()), study)
     # A driver killed before Tune first saved its state leaves a parent run and nothing to
     # restore: the fresh start continues that parent run instead of leaving it RUNNING.
     parent.open(state and state["parent_run_id"], local, Path(study_file).read_text())
@@ -241,6 +221,57 @@ def _run(study: StudyConfig, study_file: str, resume: bool, results: str, local:
         except StorageError as full:  # the first failure is the one the command ends with
             log.warning(str(full))
         raise
+    return conclude(study, outcome, parent, prior, results, local)
+
+
+def growth(study: StudyConfig, state: dict | None, digest: str, settings: dict, resume: bool,
+           results: str):
+    """How the study grew since its results folder began (None: it did not), or one line
+    refusing what would alter trained trials (`extension.check_extension`)."""
+    from orchestrator.study.extension import check_extension
+
+    if state is None or state["config_hash"] == digest:
+        return None
+    change = check_extension(state.get("config"), settings, study.name, results)
+    if resume:
+        raise ConfigError(f"--resume continues study {study.name} as it began, but its "
+                          f"settings grew ({'; '.join(change.grown)}); drop --resume to "
+                          f"extend it")
+    return change
+
+
+def tracking_before_ray(study: StudyConfig, state: dict | None, change, results: str,
+                        digest: str):
+    """(an MLflow client, or None until the cluster is there; the parent run if the study
+    finished and nothing grew), checked before Ray starts: the study's parent run is where the
+    results folder says it is."""
+    from orchestrator.study.extension import prior_for
+    from orchestrator.study.mlflow_client import connect, sqlite_path
+    from orchestrator.study.tracking import check_parent
+
+    if state is None:
+        database = sqlite_path(study.tracking_uri())
+        if database is None or database.exists():
+            return connect(study.tracking_uri()), None  # a server, a file store: checked now
+        return None, None  # a new database is made once the cluster is there
+    client, parent_run = check_parent(study, state, results)
+    if change is None and parent_run.info.status == "FINISHED":
+        return client, parent_run
+    if change is not None and parent_run.info.status != "FINISHED" and \
+            prior_for(results, digest) is None:
+        raise ConfigError(f"study {study.name} in {shown(results)} was interrupted before "
+                          f"it ended; run it to its end with the settings it began with, "
+                          f"then extend it")
+    return client, None
+
+
+def conclude(study: StudyConfig, outcome, parent, prior, results: str, local: Path) -> int:
+    """After Tune: interrupted (130), trials missing (`TrialsFailed`), or the summary, the best
+    model and the report, and the parent run FINISHED."""
+    from orchestrator.study.extension import extended_line
+    from orchestrator.study.summary import (failed_trials, register_best_model, report_n0,
+                                            report_summary, summarize_results)
+
     ended = outcome.num_terminated + outcome.num_errors
     rows = summarize_results(outcome, study)
     missing = failed_trials(outcome, study)
@@ -306,56 +337,21 @@ def fit(study: StudyConfig, results: str, restoring: bool, parent, config: tuple
         concurrency: int, quiet: bool, prior=None):
     """Run (or restore) the study's Tune experiment; `config`: its hash and what it trains, as
     the results folder keeps them; `prior`: an extension's finished trials."""
-    import ray.tune
     from ray.tune import Tuner
 
     from orchestrator.cluster.driver import release_placement_groups
-    from orchestrator.study.console import StudyProgress
-    from orchestrator.study.extension import seeded
-    from orchestrator.study.searchers import build_searcher
-    from orchestrator.study.tracking import TrialTracker
-    from orchestrator.trust import TUNER_STATE, check, sign, signing
-    from orchestrator.study.trials import build_scheduler
+    from orchestrator.trust import check, signing
 
-    trainable = trainable_of(study)
     if restoring:
         log.info(f"resuming study {study.name} from {shown(results)}")
         check(results)  # again, just before Tune unpickles its state
         # The MLflow tracker and the searcher's state come back with the experiment (see
         # TrialTracker.__reduce__ and orchestrator.study.searchers).
-        tuner = Tuner.restore(results, trainable=trainable, resume_unfinished=True,
+        tuner = Tuner.restore(results, trainable=trainable_of(study), resume_unfinished=True,
                               # a failed trial is trained again, from its last checkpoint
                               resume_errored=True, restart_errored=False)
     else:
-        write_text(join(results, STATE_FILE), json.dumps(  # whole or absent, even if killed
-            {"parent_run_id": parent.run_id, "config_hash": config[0],
-             "tracking_uri": study.tracking_uri(), "experiment": study.experiment_name,
-             "config": config[1]}))
-        # An extension's trials before it are neither run nor tracked again.
-        kept = prior.trial_ids() if prior else frozenset()
-        tracker = TrialTracker(study.tracking_uri(), study, parent.experiment_id, parent.run_id,
-                               layout=study.parallel.layout, kept=kept)
-        searcher = seeded(build_searcher(study), prior)
-        planned = planned_trials(study) - len(kept)
-        tuner = Tuner(
-            trainable,
-            tune_config=ray.tune.TuneConfig(
-                search_alg=searcher, scheduler=build_scheduler(study),
-                num_samples=max(1, planned), max_concurrent_trials=concurrency,
-                # Each trial in a driver process of its own. Reusing one (Tune's reset_config)
-                # waits 2 s for the last trial's thread, which runs a Ray Train fit that a
-                # stopped trial cannot end; past that Tune drops the next trial (seen under load).
-                reuse_actors=False,
-                trial_name_creator=lambda trial: study.trial_name(trial.config)),
-            run_config=ray.tune.RunConfig(
-                name=study.name, storage_path=study.storage(),
-                callbacks=[tracker, StudyProgress(study, planned)],
-                verbose=0 if quiet else None,  # our table (console.py) instead of Tune's
-                # A trial whose driver's node was lost restarts from its last checkpoint too.
-                failure_config=ray.tune.FailureConfig(
-                    max_failures=study.resources.max_failures)),
-        )
-        sign(results, only=(TUNER_STATE,))  # written by Tuner() itself, not through Tune's copy
+        tuner = new_tuner(study, results, parent, config, concurrency, quiet, prior)
     ctrl_c = signal.getsignal(signal.SIGINT)
     try:
         with signing(results):
@@ -368,3 +364,47 @@ def fit(study: StudyConfig, results: str, restoring: bool, parent, config: tuple
         # Tune leaves its own Ctrl-C handler behind, which would swallow the caller's next one.
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, ctrl_c)
+
+
+def new_tuner(study: StudyConfig, results: str, parent, config: tuple[str, dict],
+              concurrency: int, quiet: bool, prior):
+    """The study's Tune experiment, started: the results folder's state file written first,
+    then the Tuner (its own state file signed at once)."""
+    import ray.tune
+    from ray.tune import Tuner
+
+    from orchestrator.study.console import StudyProgress
+    from orchestrator.study.extension import seeded
+    from orchestrator.study.searchers import build_searcher
+    from orchestrator.study.tracking import TrialTracker
+    from orchestrator.study.trials import build_scheduler
+    from orchestrator.trust import TUNER_STATE, sign
+
+    write_text(join(results, STATE_FILE), json.dumps(  # whole or absent, even if killed
+        {"parent_run_id": parent.run_id, "config_hash": config[0],
+         "tracking_uri": study.tracking_uri(), "experiment": study.experiment_name,
+         "config": config[1]}))
+    # An extension's trials before it are neither run nor tracked again.
+    kept = prior.trial_ids() if prior else frozenset()
+    tracker = TrialTracker(study.tracking_uri(), study, parent.experiment_id, parent.run_id,
+                           layout=study.parallel.layout, kept=kept)
+    planned = planned_trials(study) - len(kept)
+    tuner = Tuner(
+        trainable_of(study),
+        tune_config=ray.tune.TuneConfig(
+            search_alg=seeded(build_searcher(study), prior), scheduler=build_scheduler(study),
+            num_samples=max(1, planned), max_concurrent_trials=concurrency,
+            # Each trial in a driver process of its own. Reusing one (Tune's reset_config)
+            # waits 2 s for the last trial's thread, which runs a Ray Train fit that a
+            # stopped trial cannot end; past that Tune drops the next trial (seen under load).
+            reuse_actors=False,
+            trial_name_creator=lambda trial: study.trial_name(trial.config)),
+        run_config=ray.tune.RunConfig(
+            name=study.name, storage_path=study.storage(),
+            callbacks=[tracker, StudyProgress(study, planned)],
+            verbose=0 if quiet else None,  # our table (console.py) instead of Tune's
+            # A trial whose driver's node was lost restarts from its last checkpoint too.
+            failure_config=ray.tune.FailureConfig(max_failures=study.resources.max_failures)),
+    )
+    sign(results, only=(TUNER_STATE,))  # written by Tuner() itself, not through Tune's copy
+    return tuner
