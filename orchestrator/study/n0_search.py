@@ -192,7 +192,7 @@ def simulated_cost(study: StudyConfig, studies: int = 10, noise: float = 0.2,
                 gap = gap if fidelity == FULL else rho * gap + (1 - rho ** 2) ** 0.5 * other[d]
             policy.observe(name, seed, fidelity, gap + rng.normal(0, noise))
         spent.append(sum(r["cost"] for r in policy.log))
-        widths.append(policy.last_look.width if policy.last_look else math.inf)
+        widths.append(policy.estimate().width)
     closed = float(np.mean(np.isfinite(widths)))
     return (float(np.mean(spent)), float(np.quantile(spent, 0.9)),
             float(np.median(widths)), closed)
