@@ -48,6 +48,7 @@ import argparse
 import heapq
 import math
 import time
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -319,14 +320,14 @@ def yardstick_row(args, share: float) -> dict:
     open)."""
     from scipy import stats
 
-    pair_seeds = int(round(share * 18 * len(SEEDS) / 2))
+    pair_seeds = round(share * 18 * len(SEEDS) / 2)
     grid = np.arange(2.0, 150.0, 0.25)
     ladder_d = np.array(DEPTHS, dtype=float)
     widths = []
     for study in range(args.studies):
         rng = np.random.default_rng(10_000 * study + 7)
         oracle = Oracle(rng, 0.0, args.short_noise, shape=args.shape, hard=not args.easy)
-        curve = lambda d, c: SHAPES[args.shape](1.0, c, d, oracle.steep)  # noqa: E731
+        curve = partial(shape_at, SHAPES[args.shape], oracle.steep)
         growth = 1 + oracle.growth * (0.9 * (ladder_d - 8) / 48 - 0.4)
         var = 2 * (oracle.sd * growth) ** 2 * (1 - oracle.shared)  # a pair-seed's difference
         eps = 1e-3
@@ -361,6 +362,11 @@ def yardstick_row(args, share: float) -> dict:
     return {"shape": args.shape, "budget": f"{share:.0%}", "pair-seeds": pair_seeds,
             "yardstick: median width": float(np.median(widths)),
             "closed": float(np.isfinite(widths).mean())}
+
+
+def shape_at(curve, w: float, d, c):
+    """The true curve's shape (scale 1) at depths d for a crossing at c."""
+    return curve(1.0, c, d, w)
 
 
 def searcher_rows(args) -> list[dict]:
