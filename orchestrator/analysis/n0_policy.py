@@ -356,8 +356,9 @@ class N0Policy:
         pairs, a smaller target) as the continuation of this study: the look at which this
         part stopped is one of its looks, so that the looks of every part share one alpha
         (`N0Plan.look_level`). Replay this policy's log (and `added`) into a policy with the
-        returned plan. An unstopped study (killed) adds no look: resume it as it was."""
-        ended = self.stopped and self.look_at not in self.plan.looks()
+        returned plan. An unstopped study (killed) adds no look: resume it as it was; nor does
+        one whose end look waits for running trials (replay the finished log instead)."""
+        ended = self.stopped and not self.end_due and self.look_at not in self.plan.looks()
         ends = tuple(sorted({*self.plan.ends, self.look_at})) if ended else self.plan.ends
         return replace(plan, ends=ends)
 
