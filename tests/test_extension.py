@@ -9,7 +9,7 @@ import pytest
 
 from orchestrator.errors import ConfigError
 from orchestrator.study.config import load_study
-from orchestrator.study.extension import (PRIOR_FILE, begin, check_extension, classify,
+from orchestrator.study.extension import (PRIOR_FILE, Prior, begin, check_extension, classify,
                                           prior_for, read_prior, seeded)
 
 ROOT = Path(__file__).parent.parent
@@ -124,6 +124,7 @@ def test_the_finished_part_is_saved_once_and_the_searcher_replays_it(tmp_path):
 
     searcher = seeded(N0Search(n0_policy(study)), back)
     assert searcher.inner.policy.log == log
+    assert searcher.inner.policy.plan.ends == ()  # the first part ended with no look taken
     trained = {(r["arch"], r["seed"]) for r in log}
     suggested = [searcher.suggest(f"x{i}") for i in range(4)]
     assert not trained & {(s["arch"], s["seed"]) for s in suggested if isinstance(s, dict)}
@@ -285,3 +286,20 @@ def test_an_optuna_searchers_continuation_skips_what_was_trained():
     new = [more.suggest(f"n{i}") for i in range(6)]
     found = [json.dumps(c, sort_keys=True) for c in new if isinstance(c, dict)]
     assert len(found) == 5 and len(set(found)) == 5 and not set(found) & set(trained)
+
+
+def test_the_stop_of_an_earlier_part_is_a_look_of_the_continuation():
+    """The earlier part's end look spent alpha: the continuation's plan counts it, so every
+    part's looks together spend at most 1 - level (the interval stays valid across parts)."""
+    from orchestrator.study.n0_search import N0Search, n0_policy
+
+    small = load_study(PAIRS, ["trials=6"])
+    first = N0Search(n0_policy(small))
+    while (trial := first.policy.suggest()) is not None:  # three pairs: the budget is spent
+        first.policy.observe(trial[0], trial[1], trial[2], 30.0, 5)
+    assert first.policy.stopped and first.policy.full_done() == 6
+    assert 6 not in first.policy.plan.looks()  # its end look is not a scheduled one
+    continued = seeded(N0Search(n0_policy(load_study(PAIRS, ["trials=20"]))),
+                       Prior("1" * 16, ["trials 6 -> 20"], [], first.state()))
+    policy = continued.inner.policy
+    assert policy.plan.ends == (6,) and policy.ends_done == 1 and len(policy.log) == 6

@@ -270,17 +270,112 @@ def test_single_crossing(diffs, expected):
     assert got == pytest.approx(expected, abs=0.5)
 
 
-def test_looks_are_fixed_and_share_alpha():
-    p = plan(budget_epochs=40 * 200, min_seeds=2)
-    assert p.looks() == [8, 16]  # within the first half of the 40 trials the budget allows
-    assert p.look_level() == pytest.approx(1 - 0.05 / 3)
-    # No budget: the looks lie within the trials the ladder can hold (every seed of its 7
-    # pairs, 3 more each side when it grows), not within an unbounded `trials`.
+def test_looks_are_fixed_and_alpha_is_spent_over_an_open_ended_sequence():
+    """The looks and their levels do not depend on what an extension may change (budget,
+    trials, target): a larger budget only adds looks after the old ones; scheduled looks and
+    ends each spend alpha/2 over an open-ended sequence, so any number of looks and of
+    extensions spends at most alpha."""
+    small, large = plan(budget_epochs=18 * 200), plan(budget_epochs=54 * 200)
+    assert small.looks() == [8, 16] and large.looks() == [8, 16, 32]
+    assert [small.look_level(j) for j in (1, 2, 3)] == [large.look_level(j) for j in (1, 2, 3)]
+    j = np.arange(1, 1_000_001)
+    spent = 2 * np.sum(1 - np.array([small.look_level(int(k)) for k in j[:1000]])) + \
+        2 * np.sum((1 - small.level) / 2 / (j[1000:] * (j[1000:] + 1.0)))
+    assert spent <= 1 - small.level + 1e-12
+    assert small.look_level(1) == pytest.approx(1 - 0.05 / 4)  # the first end: alpha/4
     nets, pairs = ladder()
-    assert N0Policy(nets, pairs, plan(max_trials=10_000)).plan.looks() == [8, 16, 32]
-    assert N0Policy(nets, pairs, plan(max_trials=10_000), grow=grow).plan.looks() == \
-        [8, 16, 32, 64]
+    # no budget: up to every seed of the 7 pairs (70 trials)
+    assert N0Policy(nets, pairs, plan(max_trials=10_000)).plan.looks() == [8, 16, 32, 64]
     assert bisection_order(7) == [0, 6, 3, 1, 4, 2, 5]
+
+
+def steep_errors(policy: N0Policy, n0: float, sd: float = 0.01, seeds: int = 3) -> None:
+    """Every pair of the ladder trained with `seeds` seeds: a steep saturating difference
+    tanh((n0 - depth) / 2) (in no fitted shape, convex on one side of n0), tiny seed noise."""
+    rng = np.random.default_rng(0)
+    for p in policy.pairs:
+        for s in range(seeds):
+            policy.observe(p.deep, s, FULL, 6.0 + rng.normal(0, sd))
+            policy.observe(p.multi, s, FULL, 6.0 + np.tanh((n0 - p.depth) / 2)
+                           + rng.normal(0, sd))
+
+
+def test_no_straight_line_inside_a_gap_makes_the_interval_narrow_and_wrong():
+    """n0 = 27 between the pairs at 26 and 32 of a steep curve: a straight line between the
+    two (the interval before) crosses at 27.9 with almost no noise, an interval of a fraction
+    of a layer that misses n0; without a shape between pairs the interval is the gap."""
+    nets, pairs = ladder()
+    policy = N0Policy(nets, pairs, plan(fidelities=(FULL,), max_trials=10_000))
+    steep_errors(policy, 27.0)
+    n0 = policy.interval(0.95)
+    assert (n0.low, n0.high) == (26.0, 32.0)
+    assert n0.value == pytest.approx(27.9, abs=0.1)  # the point estimate still interpolates
+
+
+def test_a_wrong_shape_that_is_kept_does_not_decide():
+    """Where a smooth shape kept by its lack-of-fit test gives a narrow interval that misses
+    n0 (interval "shapes", the rule before), the reported interval (the pairs' signs) covers."""
+    nets, pairs = ladder([8, 20, 32, 44])
+    shapes = N0Policy(nets, pairs, plan(fidelities=(FULL,), interval="shapes", shape=True))
+    signs = N0Policy(*ladder([8, 20, 32, 44]), plan(fidelities=(FULL,)))
+    for policy in (shapes, signs):
+        steep_errors(policy, 17.0, sd=0.3, seeds=2)
+    wrong, right = shapes.interval(0.95), signs.interval(0.95)
+    assert shapes.shape_fit().kept and wrong.high < 17.0, wrong  # wholly on the shallow side
+    assert (right.low, right.high) == (8.0, 20.0)
+
+
+def test_the_reported_interval_is_the_one_that_decided():
+    """A converged stop with trials still running: the reported interval is the deciding
+    look's, unchanged by the trials that finish after it; a budget stop looks once more, after
+    the last running trial, at the end's own level."""
+    for target, why in ((1000.0, "converged"), (0.0, "budget spent")):
+        nets, pairs = ladder()
+        policy = N0Policy(nets, pairs, plan(target_width=target, fidelities=(FULL,),
+                                            budget_epochs=(40 if target else 14) * 200))
+        oracle = Oracle(3, n0=24.0)
+        running, seen = [], None
+        while True:
+            while len(running) < 6 and (trial := policy.suggest()) is not None:
+                running.append(trial)
+            if policy.stopped and seen is None:
+                seen, in_flight = policy.last_look, len(running)
+            if not running:
+                break
+            name, seed, fidelity = running.pop(0)
+            policy.observe(name, seed, fidelity, oracle.error(nets[name], seed, fidelity))
+        assert policy.stopped.startswith(why)
+        if why == "converged":
+            assert in_flight > 0 and policy.estimate() is seen
+            assert policy.look_at < policy.full_done()
+        else:
+            assert policy.look_at == policy.full_done() == 14
+            assert policy.last_level == policy.plan.look_level(1)
+            assert policy.estimate() == policy.interval(policy.plan.look_level(1))
+
+
+def test_an_extended_study_keeps_its_trials_and_counts_its_old_end_as_a_look():
+    """Run at 16 full-schedule trials, then extended to 40 from the same log: nothing is
+    trained twice, the old end is a look of the extension (the same interval at the same
+    level), and the new end spends the next end's alpha."""
+    nets, pairs = ladder()
+    first = N0Policy(nets, pairs, plan(target_width=0.0, fidelities=(FULL,),
+                                       budget_epochs=16 * 200))
+    oracle = Oracle(5, n0=26.0)
+    run(first, oracle)
+    assert first.stopped.startswith("budget spent")
+    bigger = first.extension_plan(plan(target_width=0.0, fidelities=(FULL,),
+                                       budget_epochs=40 * 200))
+    assert bigger.ends == (() if first.look_at in first.plan.looks() else (first.look_at,))
+    second = N0Policy(*ladder(), bigger)
+    second.replay(first.log)
+    assert second.stopped is None and second.last_look == first.last_look
+    old = {(r["arch"], r["seed"]) for r in first.log}
+    run(second, oracle)
+    keys = [(r["arch"], r["seed"]) for r in second.log]
+    assert len(keys) == len(set(keys)) and old <= set(keys) and len(keys) > len(old)
+    ends = 1 + len(bigger.ends)
+    assert second.ends_done == ends and second.last_level == bigger.look_level(ends)
 
 
 def test_a_pairs_design_grows_its_own_ladder(tmp_path):

@@ -6,9 +6,9 @@ Its parts, in the shape of Optuna's GP sampler and SMAC (model, acquisition, sto
 
 - **Model** (`fit_differences`): per fidelity, every net's mean error over its seeds and the seed
   noise pooled over nets; draws of each pair's difference (multi - deep) and where they first
-  cross zero going deeper (`orchestrator.analysis.n0.crossings`). On full schedules also the
+  cross zero going deeper (`orchestrator.analysis.n0.crossings`). With `plan.shape`, also the
   **smooth single crossing** pooled across pairs (`n0_shape.fit_shapes`: diff = b0 + b1 g(depth)
-  for a few monotone g, each kept only while a lack-of-fit test accepts it).
+  for a few monotone g, each kept only while a lack-of-fit test accepts it), to steer only.
 - **Acquisition** (`N0Policy.next_trial`), asked whenever a worker is free, seeing the running
   trials as taken: first the lagging net of a half-trained pair; then a short complete schedule
   (the lowest fidelity) of every pair, in bisection order, a seed then a second, within about
@@ -16,20 +16,26 @@ Its parts, in the shape of Optuna's GP sampler and SMAC (model, acquisition, sto
   narrows n0 per unit of cost: the share of crossing draws the pair would settle
   (full-schedule draws, and short-schedule ones where those say more; each draw read as its
   best single split) times the variance a seed removes, over the pair's cost; an open end of
-  the interval draws the pair that would close it. While a smooth crossing is kept,
-  instead: the seed that most lowers the variance of n0 under the closest kept shape
-  (`shape_trial`). Costs are epochs under `budget.epochs` (a seed costs the same epochs at
+  the interval draws the pair that would close it. With `plan.shape` and a kept smooth
+  crossing, instead: the seed that most lowers the variance of n0 under the closest kept shape
+  (`shape_trial`; off by default: its best design, the ladder's ends, leaves the shape-free
+  interval wide). Costs are epochs under `budget.epochs` (a seed costs the same epochs at
   every depth), else FLOPs.
 - **Stopping** (`Converged`, `BudgetSpent`, `NothingLeft`): objects whose `is_met` gives a reason;
   the budget never starts a pair whose other net it cannot hold (room for one net goes to a
   seed of a trained pair, `room_for`).
-- **Interval**: n0 and its interval come from full-schedule runs only: the union of the kept
-  shapes' intervals, or with none kept the pairs' signs (`n0_from`; the report says which,
-  `shape_report`). The stopping rule looks at the interval only at fixed counts of finished
-  full-schedule trials (`looks`, set before any result, in the first half of what the study
-  may train) plus once at the end, and each look's interval has level 1 - alpha/(looks + 1):
-  by the union bound the interval at whichever look the search stops holds the true n0 with
-  probability at least 1 - alpha, however the stopping depends on it (Bonferroni over looks).
+- **Interval** (`interval`): from full-schedule runs only and without a shape between pairs
+  (`n0_from`: each draw's first crossing read as the whole gap between the trained pairs
+  around it), so it holds whatever the difference curve; a shape kept by its lack-of-fit test
+  with few pairs gave narrow intervals wholly on one side of n0, and their narrowness stopped
+  the search. The stopping rule looks at fixed counts of finished full-schedule trials
+  (`looks`: set before any result, by nothing an extension changes) and once at the end, after
+  the trials still running have finished. Scheduled looks and ends each spend alpha/2 over an
+  open-ended sequence (`look_level`), so by the union bound the reported interval holds the
+  true n0 with probability at least 1 - alpha whatever the reason the search stopped, and
+  across extensions (`extension_plan`). The reported interval (`estimate`) is the one that
+  decided: a converged look's (trials finishing after it stay in the log for an extension),
+  or the end look's.
 
 Its state is the settings plus an append-only log of (architecture, seed, fidelity) -> (error,
 cost); `replay` rebuilds every decision from it, so the same order of results gives the same
@@ -37,7 +43,7 @@ trials."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -78,7 +84,16 @@ class N0Plan:
     level: float = 0.95
     draws: int = 1000
     seed: int = 0
-    shape: bool = True  # pool the pairs through a single smooth crossing (n0_shape.py)
+    # Steer by a single smooth crossing across pairs (n0_shape.py): off, as its best design (the
+    # ends of the ladder) leaves the shape-free interval wide (bench/RESULTS.md).
+    shape: bool = False
+    # The interval: "pairs" (the pairs' own signs, no shape between them: valid whatever the
+    # curve) or "shapes" (the union of the kept smooth crossings': narrow and biased when a kept
+    # shape is wrong; for the bench's comparison only).
+    interval: str = "pairs"
+    # Counts of finished full-schedule trials at which earlier parts of this study stopped
+    # (looks already taken); `N0Policy.extension_plan` sets them.
+    ends: tuple[int, ...] = ()
 
     @property
     def screen(self) -> float | None:
@@ -89,19 +104,20 @@ class N0Plan:
         return max(1, round(fidelity * self.epochs))
 
     def looks(self) -> list[int]:
-        """Finished full-schedule trials after which the stopping rule looks at the interval
-        (fixed before any result): 4 x min_seeds (two pairs), then doubling, within the first
-        half of the full-schedule trials the study may train (max_trials, or what the budget
-        allows). Every look lowers every look's level; one in the second half could save
-        little of the budget."""
-        most = self.max_trials
-        if self.budget_epochs is not None:
-            most = min(most, int(self.budget_epochs // self.epochs))
+        """Finished full-schedule trials after which the stopping rule looks at the interval,
+        fixed before any result and by nothing a study may extend (budget, trials, target):
+        4 x min_seeds (two pairs), then doubling, up to what the study may train."""
         out, n = [], 4 * self.min_seeds
-        while n <= most / 2:
+        while n <= self.most_trials():
             out.append(n)
             n *= 2
         return out
+
+    def most_trials(self) -> int:
+        """The full-schedule trials the study may train (max_trials, or what the budget holds)."""
+        if self.budget_epochs is None:
+            return self.max_trials
+        return min(self.max_trials, int(self.budget_epochs // self.epochs))
 
     def screen_epochs(self) -> float:
         """What short schedules may take: about SCREEN_SHARE of what the study may train, so
@@ -112,9 +128,15 @@ class N0Plan:
         pair = 2 * self.epochs
         return max(0.0, most - pair * round((1 - SCREEN_SHARE) * most / pair))
 
-    def look_level(self) -> float:
-        """The level of each look's interval: alpha shared over the looks and the end."""
-        return 1 - (1 - self.level) / (len(self.looks()) + 1)
+    def look_level(self, look: int) -> float:
+        """The level of the interval at the look-th scheduled look, or at the look-th end
+        (1, 2, ...: in order, across the parts of an extended study): each of the two
+        sequences spends alpha/2 as alpha/2 / (j (j + 1)), which sums to alpha/2 over an
+        open-ended sequence, so that by the union bound the interval at whichever look the
+        study stops at, or is extended from, holds the true n0 with probability at least
+        1 - alpha. Ends get their own half: most studies end on their budget, and no number
+        of scheduled looks before then lowers its level."""
+        return 1 - (1 - self.level) / 2 / (look * (look + 1))
 
 
 @dataclass
@@ -159,21 +181,16 @@ def fit_differences(errors: dict[str, list[float]], pairs: list[Pair], draws: in
 
 
 def gap_ends(fit: Fit, pairs: list[Pair]) -> tuple[np.ndarray, np.ndarray]:
-    """Per draw, what it says about n0 without a shape between pairs: its interpolated crossing
-    when the trained pairs around it are neighbours on the ladder, else the whole gap between
-    them (any depth in it is as likely under a single crossing); a draw beyond the trained
-    pairs: from the end pair on."""
+    """Per draw, what it says about n0 without a shape: the whole gap between the trained pairs
+    around its first crossing (with no shape between two pairs, any depth in the gap is as
+    likely: an interpolated crossing assumed a straight line there, and a convex or steep curve
+    made such intervals narrow and wrong); a draw beyond the trained pairs: from the end pair
+    on."""
     trained = np.array([pairs[i].depth for i in fit.pairs], dtype=float)
-    ladder = np.array([p.depth for p in pairs], dtype=float)
     x = fit.crossing
     i = np.clip(np.searchsorted(trained, x, side="right") - 1, 0, len(trained) - 2)
-    left, right = trained[i], trained[i + 1]
-    wide = np.array([((ladder > a) & (ladder < b)).any() for a, b in zip(trained[:-1],
-                                                                         trained[1:])])[i]
-    low = np.where(x == np.inf, trained[-1], np.where(wide, left, x))
-    high = np.where(x == -np.inf, trained[0], np.where(wide, right, x))
-    low = np.where(x == -np.inf, -np.inf, low)
-    high = np.where(x == np.inf, np.inf, high)
+    low = np.where(x == np.inf, trained[-1], np.where(x == -np.inf, -np.inf, trained[i]))
+    high = np.where(x == -np.inf, trained[0], np.where(x == np.inf, np.inf, trained[i + 1]))
     return low, high
 
 
@@ -209,7 +226,8 @@ class Converged:
         if n0 is None or n0.value is None or not n0.width <= policy.plan.target_width:
             return None
         return (f"converged: the interval of n0 ({n0.width:.1f} layers, level "
-                f"{policy.plan.look_level():.4g} at look {policy.looks_done}) is narrower than "
+                f"{policy.last_level:.4g} at {policy.look_at} full-schedule trials) is narrower "
+                f"than "
                 f"n0.target_width {policy.plan.target_width:g}")
 
 
@@ -233,7 +251,7 @@ class NothingLeft:
     def is_met(self, policy: "N0Policy", trial: Trial | None) -> str | None:
         if trial is not None or policy.running:
             return None
-        n0 = policy.estimate()
+        n0 = policy.interval(policy.plan.level)
         return ("no trial left that narrows it: every seed of the pairs that decide n0 is used"
                 if n0.value is not None else f"n0 not found ({n0.message})")
 
@@ -249,8 +267,12 @@ class N0Policy:
     grow: Callable[[str, list[Pair], dict], tuple[Pair, list[Net]] | None] | None = None
     log: list[dict] = field(default_factory=list)        # finished trials, in order
     running: list[Trial] = field(default_factory=list)
-    looks_done: int = 0
+    looks_done: int = 0          # scheduled looks taken
+    ends_done: int = 0           # end looks taken (this part's and earlier parts')
     last_look: N0 | None = None
+    last_level: float | None = None
+    look_at: int | None = None   # finished full-schedule trials at the last look
+    end_due: bool = False        # stopped by budget or nothing left: the end look once all finish
     stopped: str | None = None
     added: list[dict] = field(default_factory=list)      # ladder growth: pair, nets, why
     max_growth: int = 3
@@ -290,17 +312,55 @@ class N0Policy:
         cost = self.plan.epochs_at(fidelity) if cost is None else cost
         self.log.append({"arch": name, "seed": seed, "fidelity": fidelity, "error": error,
                          "cost": cost})
-        if fidelity == FULL and self.stopped is None:
-            done = sum(1 for r in self.log if r["fidelity"] == FULL)
-            if done in self.plan.looks():
-                self.looks_done += 1
-                self.last_look = self.estimate()
-                self.stopped = Converged().is_met(self)
+        done = self.full_done()
+        # (a scheduled look is taken while a budget stop waits for its running trials, so that
+        # a replay of the log, which stops later, takes the same looks)
+        open_ = self.stopped is None or self.end_due
+        if fidelity == FULL and open_ and done in self.plan.looks():
+            self.look(end=False)
+            self.stopped = self.stopped or Converged().is_met(self)
+        elif fidelity == FULL and self.stopped is None and done in self.plan.ends:
+            self.look(end=True)  # where an earlier part stopped: its interval, its alpha
+            self.stopped = Converged().is_met(self)
+        if self.end_due and not self.running:
+            self.end_look()
 
     def finish(self, reason: str) -> None:
+        """Stop: the interval reported is the deciding look's (a converged stop's), or, for a
+        stop that did not look at the interval (the budget, nothing left), the end look once the
+        trials still running have finished (an extra look: its own share of alpha)."""
         self.stopped = reason
-        self.looks_done += 1  # the end is a look of its own
-        self.last_look = self.estimate()
+        self.end_due = True
+        if not self.running:
+            self.end_look()
+
+    def end_look(self) -> None:
+        self.end_due = False
+        if self.look_at != self.full_done():  # (a look at this count was taken: the same data)
+            self.look(end=True)
+
+    def look(self, end: bool) -> None:
+        if end:
+            self.ends_done += 1
+        else:
+            self.looks_done += 1
+        self.look_at = self.full_done()
+        self.last_level = self.plan.look_level(self.ends_done if end else self.looks_done)
+        self.last_look = self.interval(self.last_level)
+
+    def full_done(self) -> int:
+        return sum(1 for r in self.log if r["fidelity"] == FULL)
+
+    def extension_plan(self, plan: N0Plan) -> N0Plan:
+        """`plan` (the study's new settings: a larger budget, more trials, seeds, depths or
+        pairs, a smaller target) as the continuation of this study: the look at which this
+        part stopped is one of its looks, so that the looks of every part share one alpha
+        (`N0Plan.look_level`). Replay this policy's log (and `added`) into a policy with the
+        returned plan. An unstopped study (killed) adds no look: resume it as it was; nor does
+        one whose end look waits for running trials (replay the finished log instead)."""
+        ended = self.stopped and not self.end_due and self.look_at not in self.plan.looks()
+        ends = tuple(sorted({*self.plan.ends, self.look_at})) if ended else self.plan.ends
+        return replace(plan, ends=ends)
 
     def replay(self, log: list[dict], added: list[dict] = ()) -> None:
         """Rebuild the state from a saved log (and the pairs the ladder added, with why):
@@ -349,17 +409,26 @@ class N0Policy:
         if key not in self._fits:
             # (4x the draws: its interval's tails lie at alpha/4 of a look)
             fit = fit_shapes(self.errors(FULL), self.pairs, 4 * self.plan.draws,
-                             self.plan.seed + count, self.plan.look_level())
+                             self.plan.seed + count, self.plan.level)  # (steering only)
             self._fits = {k: v for k, v in self._fits.items() if k[0] != "shape"}
             self._fits[key] = fit
         return self._fits[key]
 
     def estimate(self) -> N0:
-        """n0 from the full-schedule runs, at the level of one look: from the shape when
-        the lack-of-fit test keeps it, else from the pairs' signs (`n0_from`)."""
-        shape = self.shape_fit()
-        n0 = shape.n0() if shape is not None else None
-        return n0 or n0_from(self.fit(FULL), self.pairs, self.plan.look_level())
+        """The n0 the study reports: once stopped, the last look's (the deciding one, or the
+        end look); before, what an end now would say."""
+        if self.stopped and not self.end_due and self.last_look is not None:
+            return self.last_look
+        return self.interval(self.plan.look_level(self.ends_done + 1))
+
+    def interval(self, level: float) -> N0:
+        """n0 from the full-schedule runs with its interval at `level`: the pairs' signs
+        without a shape between pairs (`n0_from`: valid whatever the curve; a kept wrong shape
+        gave narrow, biased intervals that stopped the search), or with plan.interval
+        "shapes" the kept shapes' union (n0_shape.py)."""
+        shape = self.shape_fit() if self.plan.interval == "shapes" else None
+        n0 = shape.n0(level) if shape is not None else None
+        return n0 or n0_from(self.fit(FULL), self.pairs, level)
 
     def shape_report(self) -> str | None:
         """Whether the full-schedule differences follow the shape (None: not used)."""
@@ -400,7 +469,7 @@ class N0Policy:
         fit = self.fit(FULL)
         if fit is None:
             return None
-        tail = (1 - self.plan.look_level()) / 2
+        tail = (1 - (self.last_level or self.plan.level)) / 2
         low, high = np.quantile(fit.diff_draws, [tail, 1 - tail], axis=0)
         depths = [self.pairs[i].depth for i in fit.pairs]
         neg = [d for d, h in zip(depths, high) if h < 0]
@@ -477,7 +546,7 @@ class N0Policy:
             w[list(bisection_order(len(self.pairs)))[:3]] = 1.0
         full = self.fit(FULL)
         if full is not None:  # an open end of the interval: the pair that would close it
-            n0 = n0_from(full, self.pairs, plan.look_level())
+            n0 = n0_from(full, self.pairs, plan.level)  # (nominal: where to train next)
             for open_end, end, step in ((n0.low == -np.inf, full.pairs[0], -1),
                                         (n0.high == np.inf, full.pairs[-1], 1)):
                 if open_end:

@@ -109,13 +109,13 @@ class Shapes:
         """The kept shape closest to the pairs (the point estimate and the acquisition's)."""
         return min(self.kept, key=lambda f: f.residual)
 
-    def n0(self) -> N0 | None:
+    def n0(self, level: float | None = None) -> N0 | None:
         """n0 from the closest kept shape, the interval the union of the kept shapes' central
-        intervals at 1 - alpha/2 (an end beyond the trained pairs infinite); None when none is
-        kept."""
+        intervals at 1 - alpha/2 (alpha: of `level`, default the fit's; an end beyond the
+        trained pairs infinite); None when none is kept."""
         if not self.kept:
             return None
-        level = self.level
+        level = self.level if level is None else level
         ends = [f.interval(1 - (1 - level) / 2) for f in self.kept]
         low, high = min(e[0] for e in ends), max(e[1] for e in ends)
         best = self.best()

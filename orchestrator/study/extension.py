@@ -250,6 +250,10 @@ class ContinuedSearch(JsonStateSearcher):
         if seed.get("running"):  # a study that ended has none
             raise ConfigError("the study's earlier part has trials still running; run it to "
                               "its end before extending it")
+        from orchestrator.study.n0_search import N0Search, continuation_plan
+
+        if isinstance(searcher, N0Search):  # the earlier parts' looks spent alpha too
+            searcher.policy.plan = continuation_plan(searcher.policy, seed)
         self.blank = copy.deepcopy(searcher)
         self.inner = searcher
         self.load_state(seed)

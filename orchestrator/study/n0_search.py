@@ -3,6 +3,7 @@ finished study's search ended, replayed from its trials."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from ray.tune.search import Searcher
 
@@ -66,6 +67,19 @@ def ladder_of(study: StudyConfig):
         return Pair(made[0].name, made[1].name, made[1].depth), made
 
     return grow
+
+
+def continuation_plan(policy: N0Policy, earlier: dict) -> N0Plan:
+    """`policy`'s plan as the continuation of the study part whose searcher state is `earlier`:
+    the look at which that part stopped counts as one of the continuation's looks
+    (`N0Policy.extension_plan`), so that the looks of all parts spend one alpha together."""
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in earlier["plan"].items()}
+    plan = replace(policy.plan, **{k: v for k, v in saved.items() if hasattr(policy.plan, k)})
+    old = N0Policy(dict(policy.nets), list(policy.pairs), plan, grow=policy.grow)
+    old.replay(earlier["log"], earlier["added"])
+    if old.stopped is None:
+        old.suggest()  # a spent budget takes its end look here, as the sweep's verdict does
+    return old.extension_plan(policy.plan)
 
 
 def replayed(study: StudyConfig, rows: list[dict]) -> N0Policy:
@@ -181,7 +195,6 @@ def simulated_studies(study: StudyConfig, studies: int = 10, noise: float = 0.2,
     noise `noise` points, short schedules correlated `rho` with the full ones
     (bench/n0_search.py's model); trials finish in the order they start, `concurrency` at a
     time."""
-    from dataclasses import replace
 
     import numpy as np
 
@@ -207,7 +220,7 @@ def simulated_studies(study: StudyConfig, studies: int = 10, noise: float = 0.2,
         row = {"spent": sum(r["cost"] for r in policy.log), "width": _width(policy)}
         if then is not None and not math.isfinite(row["width"]):
             more = n0_policy(then)
-            more.plan = replace(more.plan, draws=300)
+            more.plan = policy.extension_plan(replace(more.plan, draws=300))
             more.replay(policy.log, policy.added)
             _play(more, then.concurrency, error)
             row.update(extra=sum(r["cost"] for r in more.log) - row["spent"],
@@ -217,7 +230,7 @@ def simulated_studies(study: StudyConfig, studies: int = 10, noise: float = 0.2,
 
 
 def _width(policy: N0Policy) -> float:
-    return policy.last_look.width if policy.last_look else math.inf
+    return policy.estimate().width  # the interval it reports: the deciding look's, or the end's
 
 
 def _play(policy: N0Policy, concurrency: int, error) -> None:
