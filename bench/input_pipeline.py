@@ -289,9 +289,9 @@ def main(argv=None) -> None:
               "| tv, images/s per worker | project, images/s per worker | ratio |")
         print("|" + " ---: |" * 12)
         for workers in args.workers:
-            loaders = {"tv": lambda: torchvision_loader(root, args.batch, workers),
-                       "project": lambda: project_loader(root, args.batch, workers),
-                       "workers": lambda: project_loader(root, args.batch, workers, False)}
+            loaders = {"tv": lambda w=workers: torchvision_loader(root, args.batch, w),
+                       "project": lambda w=workers: project_loader(root, args.batch, w),
+                       "workers": lambda w=workers: project_loader(root, args.batch, w, False)}
             runs = {name: [] for name in ("tv", "project", "tv read", "project read", "workers")}
             for _ in range(args.rounds):  # interleaved: all see the same load
                 for name in runs:

@@ -194,7 +194,7 @@ def one_study(args, study: int, rho: float, concurrency: int, fidelities, outsid
     rng = np.random.default_rng(10_000 * study + 7)
     oracle = Oracle(rng, rho, args.short_noise, outside, args.shape, not args.easy)
     policy, wall, idle, before = None, 0.0, 0.0, 0.0
-    for part, budget in enumerate(budgets):
+    for budget in budgets:
         nets, pairs = ladder(DEPTHS)
         plan = N0Plan(target_width=target, seeds=SEEDS, min_seeds=args.min_seeds,
                       fidelities=fidelities, epochs=EPOCHS, budget_epochs=budget,

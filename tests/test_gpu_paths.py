@@ -3,7 +3,6 @@ the CUDA calls faked or recorded (placement, RNG state on resume, precision, str
 static compiled blocks, sizes from the trial's own CPUs, layouts kept by branch collectives)."""
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch

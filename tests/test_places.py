@@ -517,7 +517,7 @@ def test_a_study_on_s3_storage(ray_address, tmp_path, capsys, monkeypatch):
                 "scheduler.type=none", "--set", "train.epochs=1"]
         assert sweep_main(args) == 0
         out = capsys.readouterr().out
-        assert "test:test" not in out and f"results: s3://multires/results/smoke\n" in out
+        assert "test:test" not in out and "results: s3://multires/results/smoke\n" in out
         assert "best model: mlflow.pytorch.load_model(\"models:/smoke/1\")" in out
         assert sorted(p.name for p in tmp_path.iterdir()) == ["mlartifacts", "mlflow.db",
                                                              "moto.log"]  # no ./s3:

@@ -44,8 +44,10 @@ def test_every_shipped_study_is_valid(path):
     (dict(colour="red"), "colour: unknown key"),
     (dict(train__epochz=3), "train.epochz: unknown key"),
     (dict(trials="many"), "trials: Input should be a valid integer"),
-    (dict(space__depth={"type": "categorical", "choices": [8, 21]}), r"depth=21, k=1 is no valid architecture: depth must be 6n\+2"),
-    (dict(space__k={"type": "int", "low": 0, "high": 2}), "k=0 is no valid architecture: architecture.k: Input should be greater"),
+    (dict(space__depth={"type": "categorical", "choices": [8, 21]}),
+     r"depth=21, k=1 is no valid architecture: depth must be 6n\+2"),
+    (dict(space__k={"type": "int", "low": 0, "high": 2}),
+     "k=0 is no valid architecture: architecture.k: Input should be greater"),
     (dict(space__depth={"type": "float", "low": 8, "high": 20}), "architecture keys take int"),
     (dict(space__colour=3), "unknown key 'colour'"),
     # Search ranges are checked at load, before Ray or MLflow (they used to fail in Optuna).

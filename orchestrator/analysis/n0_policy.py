@@ -473,7 +473,7 @@ class N0Policy:
         low, high = np.quantile(fit.diff_draws, [tail, 1 - tail], axis=0)
         depths = [self.pairs[i].depth for i in fit.pairs]
         neg = [d for d, h in zip(depths, high) if h < 0]
-        pos = [d for d, l in zip(depths, low) if l > 0]
+        pos = [d for d, lo in zip(depths, low) if lo > 0]
         if neg and pos and min(neg) < max(pos):
             return (f"not monotone: functions win at depth {min(neg)} but depth wins again at "
                     f"depth {max(pos)}; n0 as the first crossing")

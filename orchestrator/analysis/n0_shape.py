@@ -13,8 +13,9 @@ shapes the pairs do not follow; the interval is the union of the kept shapes' in
 with none kept the searcher falls back to the interval without a shape and says so. Its level:
 alpha (one look's) is split between the test and the intervals, alpha/2 each, so that when
 the true shape is one of the family the interval misses n0 with probability at most alpha (the
-true shape dropped by its test, or kept and its interval missing: the union bound). A fit never extrapolates: a
-crossing beyond the trained pairs is an open end beyond the end pair, as without a shape."""
+true shape dropped by its test, or kept and its interval missing: the union bound). A fit never
+extrapolates: a crossing beyond the trained pairs is an open end beyond the end pair, as without
+a shape."""
 from __future__ import annotations
 
 import math

@@ -206,16 +206,8 @@ def simulated_studies(study: StudyConfig, studies: int = 10, noise: float = 0.2,
         depths = [p.depth for p in policy.pairs]
         n0 = rng.uniform(min(depths), max(depths))
         other = {d: rng.normal(0, 0.5) for d in depths}
-        multi = {p.multi: p.depth for p in policy.pairs}
-
-        def error(name: str, fidelity: float) -> float:
-            gap = 0.0
-            if name in multi:
-                d = multi[name]
-                gap = 0.85 * (n0 / d - 1)
-                gap = gap if fidelity == FULL else rho * gap + (1 - rho ** 2) ** 0.5 * other[d]
-            return gap + rng.normal(0, noise)
-
+        error = _simulated_error({p.multi: p.depth for p in policy.pairs}, n0, other, rng,
+                                 noise, rho)
         _play(policy, study.concurrency, error)
         row = {"spent": sum(r["cost"] for r in policy.log), "width": _width(policy)}
         if then is not None and not math.isfinite(row["width"]):
@@ -227,6 +219,19 @@ def simulated_studies(study: StudyConfig, studies: int = 10, noise: float = 0.2,
                        width_after=_width(more))
         out.append(row)
     return out
+
+
+def _simulated_error(multi: dict[str, int], n0: float, other: dict, rng, noise: float,
+                     rho: float):
+    """A simulated study's results: (net, fidelity) -> its error difference from the deep net."""
+    def error(name: str, fidelity: float) -> float:
+        gap = 0.0
+        if name in multi:
+            d = multi[name]
+            gap = 0.85 * (n0 / d - 1)
+            gap = gap if fidelity == FULL else rho * gap + (1 - rho ** 2) ** 0.5 * other[d]
+        return gap + rng.normal(0, noise)
+    return error
 
 
 def _width(policy: N0Policy) -> float:
