@@ -16,6 +16,7 @@ from orchestrator.train import main as train_main
 from tests.conftest import write_cifar_layout
 
 SMOKE = (Path(__file__).parent.parent / "search_spaces" / "smoke.yaml").read_text()
+PAIRS = (Path(__file__).parent.parent / "search_spaces" / "pairs_cpu.yaml").read_text()
 TINY = ["--dataset", "synthetic", "--depth", "8", "--train-size", "128", "--test-size", "64",
         "--batch-size", "64", "--epochs", "1", "--device", "cpu"]
 
@@ -466,6 +467,66 @@ CASES = {
         lambda t: train_main([*TINY, "--log-json", fifo(t, "log.jsonl")]),
         "--log-json {t}/inputs/log.jsonl is a named pipe that no process reads; start its "
         "reader first, or give a file"),
+    # Every number of a study: finite, in range, a number (the rules live in the schema, so
+    # these fail at load, before Ray starts).
+    "an infinite learning rate": (lambda t: sweep(t, study(t), "--set", "train.lr=.inf"),
+                                  "train.lr: Input should be a finite number"),
+    "an infinite end of a range": (
+        lambda t: sweep(t, study(t), "--set", "space.lr={type: float, low: 0.01, high: .inf}"),
+        "space.lr.high: Input should be a finite number"),
+    "NaN CPUs per worker": (lambda t: sweep(t, study(t), "--set",
+                                            "resources.cpus_per_worker=.nan"),
+                            "resources.cpus_per_worker: nan: give a finite number, or auto"),
+    "infinite GPUs per worker": (lambda t: sweep(t, study(t), "--set",
+                                                 "resources.gpus_per_worker=.inf"),
+                                 "resources.gpus_per_worker: inf: give a finite number, or auto"),
+    "infinite driver CPUs": (lambda t: sweep(t, study(t), "--set", "resources.driver_cpus=.inf"),
+                             "resources.driver_cpus: Input should be a finite number"),
+    "an infinite ASHA reduction factor": (
+        lambda t: sweep(t, study(t), "--set", "scheduler.reduction_factor=.inf"),
+        "scheduler.reduction_factor: Input should be a finite number"),
+    "a negative searcher seed": (lambda t: sweep(t, study(t), "--set", "searcher.seed=-1"),
+                                 "searcher.seed: Input should be greater than or equal to 0"),
+    "a searcher seed past 2^31": (lambda t: sweep(t, study(t), "--set", "searcher.seed=" +
+                                                  "9" * 20),
+                                  "searcher.seed: Input should be less than or equal to "
+                                  "2147483647"),
+    "true as a number of epochs": (lambda t: sweep(t, study(t), "--set", "train.epochs=true"),
+                                   "train: epochs takes a number, not true"),
+    "a choice given twice": (
+        lambda t: sweep(t, study(t), "--set", "space.depth={type: categorical, choices: [8, 8]}"),
+        "space.depth.choices: 8 is listed twice; give each choice once"),
+    "an ASHA grace period above the epochs": (
+        lambda t: sweep(t, study(t), "--set", "scheduler.grace_period=5"),
+        "scheduler.grace_period 5 is above train.epochs 2; lower it to at most 2"),
+    "an epoch budget below one pair of trials": (
+        lambda t: sweep(t, study(t, PAIRS), "--set", "budget.epochs=9"),
+        "budget.epochs 9 is below one pair of trials (2 x train.epochs = 10); raise it"),
+    "an epoch budget that no searcher but n0 reads": (
+        lambda t: sweep(t, study(t), "--set", "budget.epochs=100"),
+        "budget.epochs caps the n0 searcher only; drop it"),
+    # YAML shapes: what safe YAML holds that a study cannot be.
+    "a !!python tag": (lambda t: sweep(t, study(t, SMOKE.replace(
+                           "name: smoke", "name: !!python/object/apply:os.system ['echo x']"))),
+                       "study.yaml: the tag !!python/object/apply:os.system is not read (line 3);"
+                       " give plain values"),
+    "a !!python tag in --set": (lambda t: sweep(t, study(t), "--set",
+                                                "name=!!python/name:os.system"),
+                                "the tag !!python/name:os.system is not read (line 1)"),
+    "two YAML documents": (lambda t: sweep(t, study(t, SMOKE + "---\nname: other\n")),
+                           "study.yaml: more than one YAML document (line 20); give one"),
+    "a key that is not a name": (lambda t: sweep(t, study(t, SMOKE + "1: 2\n")),
+                                 "study.yaml: key 1 is not a name (line 20); quote it or remove"),
+    # Storage URIs of a shape no store takes.
+    "a storage URI without a bucket": (lambda t: sweep(t, study(t), "--storage-path", "gs:///x"),
+                                       "storage_path: 'gs:///x': no bucket (or host); give "
+                                       "gs://BUCKET/PATH"),
+    "a storage URI with ..": (lambda t: sweep(t, study(t), "--storage-path", "s3://b/x/../.."),
+                              "a . or .. in the URI's path; give the path without them"),
+    "a file URI with a host": (lambda t: sweep(t, study(t), "--storage-path", "file://host/x"),
+                               "a file URI takes an absolute path: file:///PATH"),
+    "a storage URI with a space": (lambda t: sweep(t, study(t), "--storage-path", "s3://b c/x"),
+                                   "a space in the URI; percent-encode it"),
     "a long --set value that is not YAML": (
         lambda t: sweep(t, study(t), "--set", "trials=" + "[" * 100_000),
         "...(100,009 characters): nests too deeply; flatten it"),
