@@ -119,8 +119,9 @@ def study_lock(folder: Path, study: StudyConfig):
 def check_results(results: str, trust: bool = False) -> None:
     """Before Ray starts: the folder's study state reads whole, and every file Ray would
     unpickle from it was signed by this user's sweeps (`trust`: sign what is there)."""
-    from orchestrator.trust import check, sign
+    from orchestrator.trust import check, sign, state_key
 
+    state_key(create=True)  # one that cannot sign is refused now, not after training
     if read_state(results) is not None:
         (sign if trust else check)(results)
 
