@@ -16,6 +16,7 @@ from orchestrator.train import main as train_main
 from tests.conftest import write_cifar_layout
 
 SMOKE = (Path(__file__).parent.parent / "search_spaces" / "smoke.yaml").read_text()
+IMAGEFOLDER = (Path(__file__).parent.parent / "search_spaces" / "imagefolder_cpu.yaml").read_text()
 PAIRS = (Path(__file__).parent.parent / "search_spaces" / "pairs_cpu.yaml").read_text()
 TINY = ["--dataset", "synthetic", "--depth", "8", "--train-size", "128", "--test-size", "64",
         "--batch-size", "64", "--epochs", "1", "--device", "cpu"]
@@ -60,6 +61,13 @@ def cifar(tmp: Path, damage: str) -> str:
     return str(tmp / "inputs" / "data")
 
 
+def images(tmp: Path) -> str:
+    """An image folder of 3 classes, 36 training and 12 validation images."""
+    from tests.images import write_image_folder
+
+    return str(write_image_folder(tmp / "inputs" / "images"))
+
+
 def binary(tmp: Path) -> str:
     path = tmp / "inputs" / "study.bin"
     path.write_bytes(bytes(range(256)) * 4)
@@ -98,6 +106,17 @@ def checkpoint(tmp: Path, damage: str) -> str:
 
         state = torch.load(path, weights_only=True)
         state["epoch"] = "one"
+        torch.save(state, path)
+    elif damage in ("a relative data dir", "an image folder of other classes"):
+        import torch
+
+        from tests.images import write_image_folder
+
+        state = torch.load(path, weights_only=True)
+        state["config"].update({"dataset": "cifar10", "data_dir": "data"} if damage[2] == "r"
+                               else {"dataset": "imagefolder", "train_size": None,
+                                     "test_size": None, "data_dir": str(write_image_folder(
+                                         tmp / "inputs" / "images"))})
         torch.save(state, path)
     elif damage == "empty dict":
         import torch
@@ -527,6 +546,35 @@ CASES = {
                                "a file URI takes an absolute path: file:///PATH"),
     "a storage URI with a space": (lambda t: sweep(t, study(t), "--storage-path", "s3://b c/x"),
                                    "a space in the URI; percent-encode it"),
+    # Image folders: checked before Ray starts (sizes against the folder and the batch).
+    "a train size above the folder's images": (
+        lambda t: train_main([*TINY, "--dataset", "imagefolder", "--data-dir",
+                              images(t), "--train-size", "1000", "--data-workers", "0",
+                              "--depth", "18"]),
+        "train_size 1,000 is more than the 36 images imagefolder has there; lower train_size "
+        "to at most 36 or leave it out"),
+    "an image-folder study whose train size is above the folder's": (
+        lambda t: sweep(t, study(t, IMAGEFOLDER), "--data-dir", images(t)),
+        "train_size 2,000 is more than the 36 images imagefolder has there"),
+    "an image-folder study smaller than one batch (before Ray)": (
+        lambda t: sweep(t, study(t, IMAGEFOLDER), "--data-dir", images(t), "--set",
+                        "train.train_size=null", "--set", "train.test_size=null"),
+        "train_size 36 is smaller than one batch (64); raise train_size or lower batch_size"),
+    "an image-folder study whose searched batch sizes outgrow it": (
+        lambda t: sweep(t, study(t, IMAGEFOLDER), "--data-dir", images(t), "--set",
+                        "train.train_size=null", "--set", "train.test_size=null", "--set",
+                        "space.batch_size={type: categorical, choices: [16, 48]}"),
+        "train_size 36 is smaller than one batch (48)"),
+    "a lesion of a checkpoint whose data dir is relative": (
+        lambda t: lesion_main([str(Path(checkpoint(t, "a relative data dir")) / "checkpoint.pt"),
+                               "--out", str(t / "lesion")]),
+        "its data dir 'data' is relative to the folder training ran in, not known here; pass "
+        "--data-dir"),
+    "a lesion on an image folder of other classes": (
+        lambda t: lesion_main([str(Path(checkpoint(t, "an image folder of other classes")) /
+                                   "checkpoint.pt"), "--out", str(t / "lesion")]),
+        "images has 3 class folders, the checkpoint's net 10 classes: not the data it was "
+        "trained on; pass --data-dir of that data"),
     "a long --set value that is not YAML": (
         lambda t: sweep(t, study(t), "--set", "trials=" + "[" * 100_000),
         "...(100,009 characters): nests too deeply; flatten it"),
