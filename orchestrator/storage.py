@@ -43,6 +43,12 @@ def os_error_line(exc: Exception, where: object = None, field: str | None = None
     of ANYWHERE)."""
     if isinstance(exc, RuntimeError) and str(exc).startswith("Symlink loop from "):
         exc = OSError(errno.ELOOP, "symlink loop", str(exc).split("from ", 1)[1].strip("'"))
+    if getattr(exc, "errno", None) is None and "No space left on device" in str(exc):
+        # Raised again without its errno: a DataLoader worker's error re-raised in the training
+        # process, or torch's shared memory (/dev/shm, where workers hand over their batches).
+        shm = "/torch_" in str(exc) or "shared memory" in str(exc)
+        exc = OSError(errno.ENOSPC, "No space left on device",
+                      "shared memory (/dev/shm)" if shm else None)
     code = getattr(exc, "errno", None)
     meaning = MEANING.get(code) if code in ANYWHERE or not anywhere else None
     if meaning is None:

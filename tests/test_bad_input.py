@@ -630,3 +630,53 @@ def test_ctrl_c_while_the_libraries_load_ends_in_one_line(command):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and out == ""
     assert err.startswith("interrupted; ") and err.count("\n") == 1, err
+
+
+@pytest.fixture
+def silent_store():
+    """An S3 endpoint that takes connections and never answers (a store behind a black hole):
+    its URI, and the listening socket."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    port = server.getsockname()[1]
+    yield f"s3://bucket/results?endpoint_override=127.0.0.1:{port}&scheme=http", server
+    server.close()
+
+
+def test_an_unreachable_store_fails_in_one_line_within_the_bound(tmp_path, capsys, monkeypatch,
+                                                                silent_store):
+    """The first write to the storage is waited on for at most REMOTE_CHECK_S (pyarrow's own
+    retries took 35 minutes against an unreachable gs://), before Ray starts."""
+    from orchestrator import storage
+
+    monkeypatch.setattr(storage, "REMOTE_CHECK_S", 2)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "inputs").mkdir()
+    assert sweep(tmp_path, study(tmp_path), "--storage-path", silent_store[0]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: storage_path s3://bucket/results/smoke: no answer in 2 s; check the "
+                   "URI, the network and the credentials"], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs"]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_sweep_waiting_on_an_unreachable_store(tmp_path, silent_store):
+    """SIGTERM while the store is being tried: the sweep ends at once (143), not when the
+    store's client gives up."""
+    import signal
+
+    (tmp_path / "inputs").mkdir()
+    command = [sys.executable, "-m", "orchestrator.sweep", study(tmp_path), "--storage-path",
+               silent_store[0], "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            env={**os.environ, "AWS_EC2_METADATA_DISABLED": "true"})
+    silent_store[1].settimeout(300)  # the sweep's imports, on a loaded machine
+    silent_store[1].accept()  # the check is under way
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "interrupted; run the same command again to resume"

@@ -613,3 +613,22 @@ def test_pipes_and_devices_named_as_images_are_skipped_not_read(folder):
     for path, line in zip(train.paths[2:4], skipped):
         assert line.startswith(f"{path} (OSError: [Errno 22] not a regular file (a pipe, a "
                                f"socket or a device)")
+
+
+def test_a_full_disk_during_an_image_folder_epoch_ends_in_one_line(folder, tmp_path, capsys,
+                                                                    monkeypatch):
+    """/dev/shm full while a decoding worker hands over its batch: torch raises it again in
+    the training process as a RuntimeError without its errno; it is still a full disk (exit 2,
+    one line naming the place), not an internal error."""
+    def full(items):
+        raise RuntimeError("unable to write to file </torch_1_2_3>: No space left on device (28)")
+
+    monkeypatch.setattr(images, "collate", full)
+    config = tmp_path / "run.yaml"
+    config.write_text("architecture: {depth: 8, dataset: cifar10}\nrecipe: cifar\n")
+    args = ["--config", str(config), "--dataset", "imagefolder", "--data-dir", str(folder),
+            "--epochs", "1", "--batch-size", "12", "--device", "cpu", "--data-workers", "1"]
+    assert train_main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: no space left on shared memory (/dev/shm); free space there or "
+                   "choose another place"], err
