@@ -680,3 +680,42 @@ def test_sigterm_stops_a_sweep_waiting_on_an_unreachable_store(tmp_path, silent_
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 143, err
     assert err.strip().splitlines()[-1] == "interrupted; run the same command again to resume"
+
+
+def test_a_checkpoint_write_killed_midway_leaves_the_last_whole_one(tmp_path):
+    """kill -9 while torch.save writes: the checkpoint is still the previous whole one (the new
+    one is written aside and renamed), the partial file is never read (a resume takes the whole
+    one), and the next save clears it."""
+    import torch
+
+    from orchestrator.run.checkpoint import load_checkpoint, save_atomic
+
+    folder = Path(checkpoint(tmp_path, "none"))
+    before = torch.load(folder / "checkpoint.pt", weights_only=True)["epoch"]
+    dying = ("import os, signal, sys, torch\n"
+             "from pathlib import Path\n"
+             "from orchestrator.run.checkpoint import save_atomic\n"
+             "def save(state, f):\n"
+             "    f.write(b'partial' * 10000); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+             "torch.save = save\n"
+             "save_atomic({'epoch': 9}, Path(sys.argv[1]))\n")
+    run = subprocess.run([sys.executable, "-c", dying, str(folder / "checkpoint.pt")],
+                         timeout=120)
+    assert run.returncode == -9
+    assert [p.name for p in folder.glob(".checkpoint.pt.tmp-*")]  # the partial one, aside
+    assert load_checkpoint(folder / "checkpoint.pt")["epoch"] == before == 1
+    assert train_main([*TINY, "--k", "1", "--resume", "--checkpoint-dir", str(folder)]) == 0
+    save_atomic(load_checkpoint(folder / "checkpoint.pt"), folder / "checkpoint.pt")
+    assert not list(folder.glob(".checkpoint.pt.tmp-*"))  # the next save clears it
+
+
+def test_a_lock_left_by_a_killed_sweep_does_not_block_the_next(tmp_path):
+    """The study lock is an flock, released by the kernel when its holder dies (kill -9): the
+    file it leaves (with the dead pid) is taken over."""
+    from orchestrator.study.config import load_study
+    from orchestrator.study.sweep import LOCK_FILE, study_lock
+
+    (tmp_path / LOCK_FILE).write_text("4194303\n")  # a pid no process has
+    study = load_study(Path(__file__).parent.parent / "search_spaces" / "smoke.yaml")
+    with study_lock(tmp_path, study):
+        assert (tmp_path / LOCK_FILE).read_text() == f"{os.getpid()}\n"
