@@ -521,9 +521,6 @@ CASES = {
     "an epoch budget below one pair of trials": (
         lambda t: sweep(t, study(t, PAIRS), "--set", "budget.epochs=9"),
         "budget.epochs 9 is below one pair of trials (2 x train.epochs = 10); raise it"),
-    "an epoch budget that no searcher but n0 reads": (
-        lambda t: sweep(t, study(t), "--set", "budget.epochs=100"),
-        "budget.epochs caps the n0 searcher only; drop it"),
     # YAML shapes: what safe YAML holds that a study cannot be.
     "a !!python tag": (lambda t: sweep(t, study(t, SMOKE.replace(
                            "name: smoke", "name: !!python/object/apply:os.system ['echo x']"))),

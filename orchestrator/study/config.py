@@ -176,11 +176,9 @@ class StudyConfig(Strict):
             if self.scheduler.grace_period > epochs:
                 raise ValueError(f"scheduler.grace_period {self.scheduler.grace_period} is "
                                  f"above train.epochs {epochs}; lower it to at most {epochs}")
-        budget = self.budget.epochs
-        if budget is not None and self.searcher.sampler != "n0":
-            raise ValueError(f"budget.epochs caps the n0 searcher only; drop it (or use "
-                             f"trials: to cap the {self.searcher.sampler} sampler)")
-        if budget is not None and budget < 2 * epochs:  # a pair: the least n0 is read from
+        budget = self.budget.epochs  # the n0 searcher's cap (other samplers: trials)
+        if self.searcher.sampler == "n0" and budget is not None and budget < 2 * epochs:
+            # a pair of full schedules: the least an n0 is read from
             raise ValueError(f"budget.epochs {budget:g} is below one pair of trials (2 x "
                              f"train.epochs = {2 * epochs}); raise it or drop it")
 
