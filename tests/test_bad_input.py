@@ -495,10 +495,10 @@ CASES = {
         "space.lr.high: Input should be a finite number"),
     "NaN CPUs per worker": (lambda t: sweep(t, study(t), "--set",
                                             "resources.cpus_per_worker=.nan"),
-                            "resources.cpus_per_worker: nan: give a finite number, or auto"),
+                            "resources.cpus_per_worker: nan: give a number, or auto"),
     "infinite GPUs per worker": (lambda t: sweep(t, study(t), "--set",
                                                  "resources.gpus_per_worker=.inf"),
-                                 "resources.gpus_per_worker: inf: give a finite number, or auto"),
+                                 "resources.gpus_per_worker: inf: give a number, or auto"),
     "infinite driver CPUs": (lambda t: sweep(t, study(t), "--set", "resources.driver_cpus=.inf"),
                              "resources.driver_cpus: Input should be a finite number"),
     "an infinite ASHA reduction factor": (

@@ -161,7 +161,7 @@ class Resources(Strict):
         if value == "auto" or isinstance(value, (int, float)) and not isinstance(value, bool) \
                 and math.isfinite(value):
             return value
-        raise ValueError(f"{short(repr(value), 60)}: give a finite number, or auto")
+        raise ValueError(f"{short(repr(value), 60)}: give a number, or auto")
 
     @field_validator("cpus_per_worker")
     @classmethod
