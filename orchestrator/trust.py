@@ -112,23 +112,22 @@ def unpickled_files(place: str) -> dict[str, tuple[int, int]]:
     root = root.rstrip("/")
     found = {}
     if is_remote(place):
-        infos = [(info.path[len(root):].lstrip("/"), info.type, info.mtime_ns, info.size)
+        infos = [(info.path[len(root):].lstrip("/"), info.type, info.mtime_ns, info.size, False)
                  for info in fs.get_file_info(pyarrow.fs.FileSelector(
                      root, recursive=True, allow_not_found=True))]
     else:
         infos = list(_walk_local(root))
-    for name, kind, mtime, size in infos:
-        # Unknown: a pipe, a socket, a device or a link (refused by `check`, as Ray would open
-        # it too).
-        if kind == pyarrow.fs.FileType.Unknown or kind == pyarrow.fs.FileType.File and (
+    for name, kind, mtime, size, link in infos:
+        # Unknown: a pipe, a socket or a device (refused by `check`, as Ray would open it too).
+        if link or kind in (pyarrow.fs.FileType.File, pyarrow.fs.FileType.Unknown) and (
                 name.endswith(".pkl") or ("/" not in name and fnmatch(name, "*state-*.json"))):
             found[name] = (mtime, size)
     return dict(sorted(found.items()))
 
 
 def _walk_local(root: str):
-    """(name in the folder, pyarrow file type, mtime_ns, size) of a local folder's entries,
-    links not followed (their type Unknown)."""
+    """(name in the folder, pyarrow file type, mtime_ns, size, is a link) of a local folder's
+    entries, links not followed (their type Unknown)."""
     import pyarrow.fs
 
     for parent, dirs, files in os.walk(root):
@@ -141,7 +140,8 @@ def _walk_local(root: str):
             kind = (pyarrow.fs.FileType.Directory if stat.S_ISDIR(info.st_mode) else
                     pyarrow.fs.FileType.File if stat.S_ISREG(info.st_mode) else
                     pyarrow.fs.FileType.Unknown)
-            yield os.path.relpath(path, root), kind, info.st_mtime_ns, info.st_size
+            yield (os.path.relpath(path, root), kind, info.st_mtime_ns, info.st_size,
+                   stat.S_ISLNK(info.st_mode))
 
 
 def regular(place: str, name: str) -> bool:
