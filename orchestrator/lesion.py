@@ -34,7 +34,8 @@ def lesion_command(args: argparse.Namespace) -> None:
 
     check_writable(args.out, "--out")  # before the lesion study, not after it
     model, config = load_model(Path(args.checkpoint))
-    test, dataset = test_split(config, args.data_dir, args.test_size, args.checkpoint)
+    test, dataset = test_split(config, args.data_dir, args.test_size, args.checkpoint,
+                               model.arch.num_classes)
     if DATASETS[dataset].batches is not None:  # an image folder: its run's recipe and size
         cfg = TrainConfig(**{**config, "dataset": dataset, "device": "cpu"})
         batches = DATASETS[dataset].batches(test, cfg, 500, "cpu", False, (0, 1))

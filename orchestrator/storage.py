@@ -43,6 +43,12 @@ def os_error_line(exc: Exception, where: object = None, field: str | None = None
     of ANYWHERE)."""
     if isinstance(exc, RuntimeError) and str(exc).startswith("Symlink loop from "):
         exc = OSError(errno.ELOOP, "symlink loop", str(exc).split("from ", 1)[1].strip("'"))
+    if getattr(exc, "errno", None) is None and "No space left on device" in str(exc):
+        # Raised again without its errno: a DataLoader worker's error re-raised in the training
+        # process, or torch's shared memory (/dev/shm, where workers hand over their batches).
+        shm = "/torch_" in str(exc) or "shared memory" in str(exc)
+        exc = OSError(errno.ENOSPC, "No space left on device",
+                      "shared memory (/dev/shm)" if shm else None)
     code = getattr(exc, "errno", None)
     meaning = MEANING.get(code) if code in ANYWHERE or not anywhere else None
     if meaning is None:
@@ -253,15 +259,57 @@ def _check_pipe(path: Path, field: str) -> None:
                            f"its reader first, or give a file") from None
 
 
+def uri_problem(value: str) -> str | None:
+    """What is wrong with the shape of a storage URI (no bucket, a space, `..`, a file:// URI
+    with a host or no path), or None; a plain folder is always fine."""
+    parts = urlsplit(value)
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            return "a file URI takes an absolute path: file:///PATH (or give the folder)"
+    elif parts.scheme in REMOTE_SCHEMES:
+        if not parts.netloc.rpartition("@")[2]:
+            return f"no bucket (or host); give {parts.scheme}://BUCKET/PATH"
+        if any(c.isspace() for c in value):
+            return "a space in the URI; percent-encode it (%20) or rename"
+        if {".", ".."} & set(parts.path.split("/")):
+            return "a . or .. in the URI's path; give the path without them"
+    return None
+
+
+REMOTE_CHECK_S = 60  # a store that has not taken the first write by then is unreachable
+# The first write, in a process of its own: pyarrow's calls cannot be interrupted, and its
+# S3 client waits at exit for a request in flight.
+_PROBE = """import sys, pyarrow.fs
+try:
+    fs, path = pyarrow.fs.FileSystem.from_uri(sys.argv[1])
+    fs.create_dir(path, recursive=True)
+    with fs.open_output_stream(path.rstrip("/") + "/.multires-write-check") as f:
+        f.write(b"\\0")
+    fs.delete_file(path.rstrip("/") + "/.multires-write-check")
+except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+    print((str(exc).strip().splitlines() or ["?"])[0])
+    sys.exit(1)
+"""
+
+
 def _check_remote(place: str, field: str) -> None:
-    fs, path = filesystem(place)
-    probe = f"{path.rstrip('/')}/.multires-write-check"
+    """Whether the store takes a first write within REMOTE_CHECK_S (a blocked network, a
+    store that retries for ever: one line, not a hang); Ctrl-C and SIGTERM stop the wait."""
+    import subprocess
+    import sys
+
+    probe = subprocess.Popen([sys.executable, "-c", _PROBE, place], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        fs.create_dir(path, recursive=True)
-        with fs.open_output_stream(probe) as f:
-            f.write(b"\0")
-        fs.delete_file(probe)
-    except OSError as exc:
-        first = (str(exc).strip().splitlines() or [""])[0]
+        out, _ = probe.communicate(timeout=REMOTE_CHECK_S)
+    except subprocess.TimeoutExpired:
+        raise StorageError(f"{field} {shown(place)}: no answer in {REMOTE_CHECK_S} s; check "
+                           f"the URI, the network and the credentials") from None
+    finally:
+        if probe.poll() is None:
+            probe.kill()
+            probe.wait()
+    if probe.returncode:
+        first = out.strip() or f"exit status {probe.returncode}"
         raise StorageError(f"{field} {shown(place)}: cannot write there ({short(first, 160)}); "
-                           f"check the URI and its credentials") from None
+                           f"check the URI and its credentials")

@@ -97,7 +97,10 @@ def build_config(args: argparse.Namespace):
     arch_flags = architecture_fields(args)
     if arch_flags:
         fields["architecture"] = {**fields.get("architecture", {}), **arch_flags}
-    fields.setdefault("data_dir", "data")
+    if isinstance(fields.setdefault("data_dir", "data"), str):  # as the checkpoint records it
+        from orchestrator.storage import resolve
+
+        fields["data_dir"] = str(resolve(fields["data_dir"], "--data-dir"))
     try:
         return TrainConfig(**fields)
     except ValidationError as err:

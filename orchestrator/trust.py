@@ -25,6 +25,7 @@ import hmac
 import json
 import os
 import secrets
+import stat
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -47,49 +48,88 @@ def key_file() -> Path:
 
 
 def state_key(create: bool) -> bytes | None:
-    """The signing key: MULTIRES_STATE_KEY, else the per-user key file (made when `create`)."""
-    if os.environ.get(KEY_ENV):
+    """The signing key: MULTIRES_STATE_KEY, else the per-user key file (made when `create`).
+    A key that cannot be trusted to sign (set but empty, an empty or cut file, one others may
+    read or replace) is refused in one line, before any work."""
+    if KEY_ENV in os.environ:
+        if not os.environ[KEY_ENV].strip():
+            raise ConfigError(f"{KEY_ENV} is set but empty; unset it (the per-user key file is "
+                              f"used) or give it a key")
         return os.environ[KEY_ENV].encode()
     path = key_file()
     try:
         check_regular(path, "the state key", ConfigError, MAX_KEY_BYTES,
                       f"remove it (a new one is made) or set {KEY_ENV}")
-        return path.read_bytes().strip() or None
+        return _checked_key(path)
     except FileNotFoundError:
         if not create:
             return None
     except OSError as exc:
         raise ConfigError(f"cannot read the state key {path} ({exc.strerror}); fix its "
                           f"permissions or set {KEY_ENV}") from None
+    _create_key(path)
+    return _checked_key(path)
+
+
+def _checked_key(path: Path) -> bytes:
+    info = os.lstat(path)
+    redo = (f"remove it (a new one is made; folders signed with it then need --trust-results) "
+            f"or set {KEY_ENV}")
+    if info.st_uid != os.getuid() or info.st_mode & 0o077 or os.path.islink(path):
+        raise ConfigError(f"the state key {path} is a link, another user's, or open to others "
+                          f"(mode {info.st_mode & 0o777:o}): they could sign what Ray unpickles; "
+                          f"{redo}")
+    key = path.read_bytes().strip()
+    if len(key) < 32:  # made whole (`_create_key`): a short one was cut or edited
+        raise ConfigError(f"the state key {path} holds {len(key)} characters, not a key (a "
+                          f"full disk, or edited); {redo}")
+    return key
+
+
+def _create_key(path: Path) -> None:
+    """A new random key file, whole or absent (written aside, then linked into place)."""
+    import tempfile
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32))
+        fd, staged = tempfile.mkstemp(dir=path.parent, prefix=".state.key.")  # mode 0600
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(staged, path)
+        finally:
+            os.unlink(staged)
     except FileExistsError:
         pass  # made by a sweep started at the same time
     except OSError as exc:
         raise ConfigError(f"cannot create the state key {path} ({exc.strerror}); make "
                           f"{path.parent} writable or set {KEY_ENV}") from None
-    return path.read_bytes().strip()
 
 
 def unpickled_files(place: str) -> dict[str, tuple[int, int]]:
     """The files of a results folder (a local path or a storage URI) that Ray may unpickle, by
     name in the folder, with their (mtime, size): every `*.pkl` at any depth, and Tune's
-    `*state-*.json` at the top (JSON that may embed cloudpickle)."""
+    `*state-*.json` at the top (JSON that may embed cloudpickle). In a local folder, every
+    symbolic link too (never followed: a link to `.` would be walked for ever; `check` refuses
+    them, as Ray would read through them what no signature covers)."""
     import pyarrow.fs
 
     fs, root = filesystem(place)
     root = root.rstrip("/")
     found = {}
-    for info in fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True,
-                                                         allow_not_found=True)):
-        name = info.path[len(root):].lstrip("/")
+    if is_remote(place):
+        infos = [(info.path[len(root):].lstrip("/"), info.type, info.mtime_ns, info.size, False)
+                 for info in fs.get_file_info(pyarrow.fs.FileSelector(
+                     root, recursive=True, allow_not_found=True))]
+    else:
+        infos = list(_walk_local(root))
+    for name, kind, mtime, size, link in infos:
         # Unknown: a pipe, a socket or a device (refused by `check`, as Ray would open it too).
-        if info.type in (pyarrow.fs.FileType.File, pyarrow.fs.FileType.Unknown) and \
+        if link or kind in (pyarrow.fs.FileType.File, pyarrow.fs.FileType.Unknown) and \
                 unpickled(name):
-            found[name] = (info.mtime_ns, info.size)
+            found[name] = (mtime, size)
     return dict(sorted(found.items()))
 
 
@@ -98,14 +138,37 @@ def unpickled(name: str) -> bool:
     return name.endswith(".pkl") or ("/" not in name and fnmatch(name, "*state-*.json"))
 
 
+def _walk_local(root: str):
+    """(name in the folder, pyarrow file type, mtime_ns, size, is a link) of a local folder's
+    entries, links not followed (their type Unknown)."""
+    import pyarrow.fs
+
+    for parent, dirs, files in os.walk(root):
+        for entry in (*dirs, *files):
+            path = os.path.join(parent, entry)
+            try:
+                info = os.lstat(path)
+            except FileNotFoundError:  # removed by Tune meanwhile
+                continue
+            kind = (pyarrow.fs.FileType.Directory if stat.S_ISDIR(info.st_mode) else
+                    pyarrow.fs.FileType.File if stat.S_ISREG(info.st_mode) else
+                    pyarrow.fs.FileType.Unknown)
+            yield (os.path.relpath(path, root), kind, info.st_mtime_ns, info.st_size,
+                   stat.S_ISLNK(info.st_mode))
+
+
 def regular(place: str, name: str) -> bool:
-    """Whether the folder's file `name` is a regular file (or an object of a store). A pipe
-    would block its reader for ever, and could hand Ray a pickle written when it is read; a
-    device such as /dev/zero would never end: neither is read, signed or accepted."""
+    """Whether the folder's file `name` is a regular file (or an object of a store), not a link.
+    A pipe would block its reader for ever, and could hand Ray a pickle written when it is read;
+    a device such as /dev/zero would never end; a link points where no signature covers:
+    none is read, signed or accepted."""
     if is_remote(place):
         return True
+    path = filesystem(place)[1].rstrip("/") + "/" + name
+    if os.path.islink(path):
+        return False
     try:
-        check_regular(filesystem(place)[1].rstrip("/") + "/" + name)
+        check_regular(path)
     except StorageError:
         return False
     except FileNotFoundError:  # removed by Tune meanwhile: told by the read, as before
@@ -165,6 +228,10 @@ def check(place: str) -> bool:
     key = state_key(create=False)
     signed = _read_signatures(place)
     for name in files:
+        if not is_remote(place) and os.path.islink(os.path.join(filesystem(place)[1], name)):
+            raise ConfigError(f"{name} in {shown(place)} is a symbolic link (Ray would read "
+                              f"what it points to, which no signature covers); remove "
+                              f"{shown(place)} to start again")
         if not regular(place, name):
             raise ConfigError(f"{name} in {shown(place)} is not a regular file (a pipe, a socket "
                               f"or a device: Ray would block reading it, or be handed a pickle "

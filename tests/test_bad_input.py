@@ -16,6 +16,8 @@ from orchestrator.train import main as train_main
 from tests.conftest import write_cifar_layout
 
 SMOKE = (Path(__file__).parent.parent / "search_spaces" / "smoke.yaml").read_text()
+IMAGEFOLDER = (Path(__file__).parent.parent / "search_spaces" / "imagefolder_cpu.yaml").read_text()
+PAIRS = (Path(__file__).parent.parent / "search_spaces" / "pairs_cpu.yaml").read_text()
 TINY = ["--dataset", "synthetic", "--depth", "8", "--train-size", "128", "--test-size", "64",
         "--batch-size", "64", "--epochs", "1", "--device", "cpu"]
 
@@ -59,6 +61,13 @@ def cifar(tmp: Path, damage: str) -> str:
     return str(tmp / "inputs" / "data")
 
 
+def images(tmp: Path) -> str:
+    """An image folder of 3 classes, 36 training and 12 validation images."""
+    from tests.images import write_image_folder
+
+    return str(write_image_folder(tmp / "inputs" / "images"))
+
+
 def binary(tmp: Path) -> str:
     path = tmp / "inputs" / "study.bin"
     path.write_bytes(bytes(range(256)) * 4)
@@ -97,6 +106,17 @@ def checkpoint(tmp: Path, damage: str) -> str:
 
         state = torch.load(path, weights_only=True)
         state["epoch"] = "one"
+        torch.save(state, path)
+    elif damage in ("a relative data dir", "an image folder of other classes"):
+        import torch
+
+        from tests.images import write_image_folder
+
+        state = torch.load(path, weights_only=True)
+        state["config"].update({"dataset": "cifar10", "data_dir": "data"} if damage[2] == "r"
+                               else {"dataset": "imagefolder", "train_size": None,
+                                     "test_size": None, "data_dir": str(write_image_folder(
+                                         tmp / "inputs" / "images"))})
         torch.save(state, path)
     elif damage == "empty dict":
         import torch
@@ -466,6 +486,92 @@ CASES = {
         lambda t: train_main([*TINY, "--log-json", fifo(t, "log.jsonl")]),
         "--log-json {t}/inputs/log.jsonl is a named pipe that no process reads; start its "
         "reader first, or give a file"),
+    # Every number of a study: finite, in range, a number (the rules live in the schema, so
+    # these fail at load, before Ray starts).
+    "an infinite learning rate": (lambda t: sweep(t, study(t), "--set", "train.lr=.inf"),
+                                  "train.lr: Input should be a finite number"),
+    "an infinite end of a range": (
+        lambda t: sweep(t, study(t), "--set", "space.lr={type: float, low: 0.01, high: .inf}"),
+        "space.lr.high: Input should be a finite number"),
+    "NaN CPUs per worker": (lambda t: sweep(t, study(t), "--set",
+                                            "resources.cpus_per_worker=.nan"),
+                            "resources.cpus_per_worker: nan: give a number, or auto"),
+    "infinite GPUs per worker": (lambda t: sweep(t, study(t), "--set",
+                                                 "resources.gpus_per_worker=.inf"),
+                                 "resources.gpus_per_worker: inf: give a number, or auto"),
+    "infinite driver CPUs": (lambda t: sweep(t, study(t), "--set", "resources.driver_cpus=.inf"),
+                             "resources.driver_cpus: Input should be a finite number"),
+    "an infinite ASHA reduction factor": (
+        lambda t: sweep(t, study(t), "--set", "scheduler.reduction_factor=.inf"),
+        "scheduler.reduction_factor: Input should be a finite number"),
+    "a negative searcher seed": (lambda t: sweep(t, study(t), "--set", "searcher.seed=-1"),
+                                 "searcher.seed: Input should be greater than or equal to 0"),
+    "a searcher seed past 2^31": (lambda t: sweep(t, study(t), "--set", "searcher.seed=" +
+                                                  "9" * 20),
+                                  "searcher.seed: Input should be less than or equal to "
+                                  "2147483647"),
+    "true as a number of epochs": (lambda t: sweep(t, study(t), "--set", "train.epochs=true"),
+                                   "train: epochs takes a number, not true"),
+    "a choice given twice": (
+        lambda t: sweep(t, study(t), "--set", "space.depth={type: categorical, choices: [8, 8]}"),
+        "space.depth.choices: 8 is listed twice; give each choice once"),
+    "an ASHA grace period above the epochs": (
+        lambda t: sweep(t, study(t), "--set", "scheduler.grace_period=5"),
+        "scheduler.grace_period 5 is above train.epochs 2; lower it to at most 2"),
+    "an epoch budget below one pair of trials": (
+        lambda t: sweep(t, study(t, PAIRS), "--set", "budget.epochs=9"),
+        "budget.epochs 9 is below one pair of trials (2 x train.epochs = 10); raise it"),
+    # YAML shapes: what safe YAML holds that a study cannot be.
+    "a !!python tag": (lambda t: sweep(t, study(t, SMOKE.replace(
+                           "name: smoke", "name: !!python/object/apply:os.system ['echo x']"))),
+                       "study.yaml: the tag !!python/object/apply:os.system is not read (line 3);"
+                       " give plain values"),
+    "a !!python tag in --set": (lambda t: sweep(t, study(t), "--set",
+                                                "name=!!python/name:os.system"),
+                                "the tag !!python/name:os.system is not read (line 1)"),
+    "two YAML documents": (lambda t: sweep(t, study(t, SMOKE + "---\nname: other\n")),
+                           "study.yaml: more than one YAML document (line 20); give one"),
+    "a key that is not a name": (lambda t: sweep(t, study(t, SMOKE + "1: 2\n")),
+                                 "study.yaml: key 1 is not a name (line 20); quote it or remove"),
+    # Storage URIs of a shape no store takes.
+    "a storage URI without a bucket": (lambda t: sweep(t, study(t), "--storage-path", "gs:///x"),
+                                       "storage_path: 'gs:///x': no bucket (or host); give "
+                                       "gs://BUCKET/PATH"),
+    "a storage URI with ..": (lambda t: sweep(t, study(t), "--storage-path", "s3://b/x/../.."),
+                              "a . or .. in the URI's path; give the path without them"),
+    "a file URI with a host": (lambda t: sweep(t, study(t), "--storage-path", "file://host/x"),
+                               "a file URI takes an absolute path: file:///PATH"),
+    "a storage URI with a space": (lambda t: sweep(t, study(t), "--storage-path", "s3://b c/x"),
+                                   "a space in the URI; percent-encode it"),
+    # Image folders: checked before Ray starts (sizes against the folder and the batch).
+    "a train size above the folder's images": (
+        lambda t: train_main([*TINY, "--dataset", "imagefolder", "--data-dir",
+                              images(t), "--train-size", "1000", "--data-workers", "0",
+                              "--depth", "18"]),
+        "train_size 1,000 is more than the 36 images imagefolder has there; lower train_size "
+        "to at most 36 or leave it out"),
+    "an image-folder study whose train size is above the folder's": (
+        lambda t: sweep(t, study(t, IMAGEFOLDER), "--data-dir", images(t)),
+        "train_size 2,000 is more than the 36 images imagefolder has there"),
+    "an image-folder study smaller than one batch (before Ray)": (
+        lambda t: sweep(t, study(t, IMAGEFOLDER), "--data-dir", images(t), "--set",
+                        "train.train_size=null", "--set", "train.test_size=null"),
+        "train_size 36 is smaller than one batch (64); raise train_size or lower batch_size"),
+    "an image-folder study whose searched batch sizes outgrow it": (
+        lambda t: sweep(t, study(t, IMAGEFOLDER), "--data-dir", images(t), "--set",
+                        "train.train_size=null", "--set", "train.test_size=null", "--set",
+                        "space.batch_size={type: categorical, choices: [16, 48]}"),
+        "train_size 36 is smaller than one batch (48)"),
+    "a lesion of a checkpoint whose data dir is relative": (
+        lambda t: lesion_main([str(Path(checkpoint(t, "a relative data dir")) / "checkpoint.pt"),
+                               "--out", str(t / "lesion")]),
+        "its data dir 'data' is relative to the folder training ran in, not known here; pass "
+        "--data-dir"),
+    "a lesion on an image folder of other classes": (
+        lambda t: lesion_main([str(Path(checkpoint(t, "an image folder of other classes")) /
+                                   "checkpoint.pt"), "--out", str(t / "lesion")]),
+        "images has 3 class folders, the checkpoint's net 10 classes: not the data it was "
+        "trained on; pass --data-dir of that data"),
     "a long --set value that is not YAML": (
         lambda t: sweep(t, study(t), "--set", "trials=" + "[" * 100_000),
         "...(100,009 characters): nests too deeply; flatten it"),
@@ -521,3 +627,92 @@ def test_ctrl_c_while_the_libraries_load_ends_in_one_line(command):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and out == ""
     assert err.startswith("interrupted; ") and err.count("\n") == 1, err
+
+
+@pytest.fixture
+def silent_store():
+    """An S3 endpoint that takes connections and never answers (a store behind a black hole):
+    its URI, and the listening socket."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    port = server.getsockname()[1]
+    yield f"s3://bucket/results?endpoint_override=127.0.0.1:{port}&scheme=http", server
+    server.close()
+
+
+def test_an_unreachable_store_fails_in_one_line_within_the_bound(tmp_path, capsys, monkeypatch,
+                                                                silent_store):
+    """The first write to the storage is waited on for at most REMOTE_CHECK_S (pyarrow's own
+    retries took 35 minutes against an unreachable gs://), before Ray starts."""
+    from orchestrator import storage
+
+    monkeypatch.setattr(storage, "REMOTE_CHECK_S", 2)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "inputs").mkdir()
+    assert sweep(tmp_path, study(tmp_path), "--storage-path", silent_store[0]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: storage_path s3://bucket/results/smoke: no answer in 2 s; check the "
+                   "URI, the network and the credentials"], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs"]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_sweep_waiting_on_an_unreachable_store(tmp_path, silent_store):
+    """SIGTERM while the store is being tried: the sweep ends at once (143), not when the
+    store's client gives up."""
+    import signal
+
+    (tmp_path / "inputs").mkdir()
+    command = [sys.executable, "-m", "orchestrator.sweep", study(tmp_path), "--storage-path",
+               silent_store[0], "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            env={**os.environ, "AWS_EC2_METADATA_DISABLED": "true"})
+    silent_store[1].settimeout(300)  # the sweep's imports, on a loaded machine
+    silent_store[1].accept()  # the check is under way
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "interrupted; run the same command again to resume"
+
+
+def test_a_checkpoint_write_killed_midway_leaves_the_last_whole_one(tmp_path):
+    """kill -9 while torch.save writes: the checkpoint is still the previous whole one (the new
+    one is written aside and renamed), the partial file is never read (a resume takes the whole
+    one), and the next save clears it."""
+    import torch
+
+    from orchestrator.run.checkpoint import load_checkpoint, save_atomic
+
+    folder = Path(checkpoint(tmp_path, "none"))
+    before = torch.load(folder / "checkpoint.pt", weights_only=True)["epoch"]
+    dying = ("import os, signal, sys, torch\n"
+             "from pathlib import Path\n"
+             "from orchestrator.run.checkpoint import save_atomic\n"
+             "def save(state, f):\n"
+             "    f.write(b'partial' * 10000); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+             "torch.save = save\n"
+             "save_atomic({'epoch': 9}, Path(sys.argv[1]))\n")
+    run = subprocess.run([sys.executable, "-c", dying, str(folder / "checkpoint.pt")],
+                         timeout=120)
+    assert run.returncode == -9
+    assert [p.name for p in folder.glob(".checkpoint.pt.tmp-*")]  # the partial one, aside
+    assert load_checkpoint(folder / "checkpoint.pt")["epoch"] == before == 1
+    assert train_main([*TINY, "--k", "1", "--resume", "--checkpoint-dir", str(folder)]) == 0
+    save_atomic(load_checkpoint(folder / "checkpoint.pt"), folder / "checkpoint.pt")
+    assert not list(folder.glob(".checkpoint.pt.tmp-*"))  # the next save clears it
+
+
+def test_a_lock_left_by_a_killed_sweep_does_not_block_the_next(tmp_path):
+    """The study lock is an flock, released by the kernel when its holder dies (kill -9): the
+    file it leaves (with the dead pid) is taken over."""
+    from orchestrator.study.config import load_study
+    from orchestrator.study.sweep import LOCK_FILE, study_lock
+
+    (tmp_path / LOCK_FILE).write_text("4194303\n")  # a pid no process has
+    study = load_study(Path(__file__).parent.parent / "search_spaces" / "smoke.yaml")
+    with study_lock(tmp_path, study):
+        assert (tmp_path / LOCK_FILE).read_text() == f"{os.getpid()}\n"

@@ -69,6 +69,16 @@ def _damage(root: Path, case: str) -> None:
             (root / split).mkdir()
     elif case == "no val split":
         shutil.rmtree(root / "val")
+    elif case == "one class":
+        for split in ("train", "val"):
+            shutil.rmtree(root / split / "c01")
+            shutil.rmtree(root / split / "c02")
+    elif case in ("a class name with a newline", "a class name not UTF-8"):
+        import os
+
+        for split in ("train", "val"):
+            new = (b"c\n02" if "newline" in case else b"c\xff02")
+            os.rename(root / split / "c02", os.path.join(bytes(root / split), new))
 
 
 BAD_FOLDERS = {
@@ -78,6 +88,11 @@ BAD_FOLDERS = {
                       "cat); give both splits the same class folders",
     "no images": "{root}/train has no class folders; put each class's images in",
     "no val split": "{root}/val is not a folder; an image folder needs",
+    "one class": "{root}/train has one class folder (c00); a classifier needs two or more",
+    "a class name with a newline": "class folder 'c\\n02' in {root}/train: not a printable "
+                                   "name (control characters, bytes that are not UTF-8, or "
+                                   "spaces at an end); rename it",
+    "a class name not UTF-8": "class folder 'c\\udcff02' in {root}/train: not a printable name",
 }
 
 
@@ -229,7 +244,7 @@ def test_files_decode_to_the_pixels_pil_gives(folder, tmp_path):
     pixels of PIL's `convert("RGB")`, for RGB, grayscale and CMYK JPEGs and PNGs of every mode."""
     paths = [str(p) for p in sorted(folder.rglob("*")) if p.is_file()]
     pixels = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
-    for mode in ("P", "RGBA", "LA", "L", "1", "I;16"):
+    for mode in ("P", "RGBA", "LA", "L", "1"):  # 16-bit: scaled, not PIL's clip (below)
         paths.append(str(tmp_path / f"{mode.replace(';', '')}.png"))
         Image.fromarray(pixels).convert(mode).save(paths[-1])
     modes = set()
@@ -537,3 +552,83 @@ def test_a_sweep_over_an_image_folder_tracks_top1_and_top5(ray_address, tmp_path
     top1 = client.get_metric_history(child.info.run_id, "test_error")[-1].value
     assert child.data.metrics["final_test_error_top5"] <= top1 == \
         child.data.metrics["final_test_error"]
+
+
+def png16(path: Path, pixels: np.ndarray) -> None:
+    """A 16-bit PNG (RGB for (h, w, 3) pixels, grayscale for (h, w)), written by hand: PIL
+    writes no 16-bit RGB."""
+    import struct
+    import zlib
+
+    h, w = pixels.shape[:2]
+    colour = 2 if pixels.ndim == 3 else 0
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(
+            ">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour,
+                                                                     0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_sixteen_bit_pngs_are_scaled_to_eight_bits_not_clipped(channels, tmp_path):
+    """65535 is white: a 16-bit value v reads as round(255 v / 65535), in RGB and grayscale."""
+    values = np.array([0, 257, 30000, 40000, 65535], dtype=np.uint16)
+    pixels = np.stack([values, values[::-1], values], -1)[None] if channels == 3 else values[None]
+    png16(tmp_path / "deep.png", pixels)
+    image = images.read_image(str(tmp_path / "deep.png"))
+    expected = np.round(pixels.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    expected = expected if channels == 3 else np.repeat(expected[..., None], 3, -1)
+    assert image.dtype == torch.uint8
+    assert image.permute(1, 2, 0).numpy().tolist() == expected.tolist()
+
+
+def test_an_image_larger_than_the_pixel_cap_is_never_decoded(tmp_path, monkeypatch):
+    """A decompression bomb (a small file of a huge image) is refused from its header, in both
+    decode paths, and skipped and named as any bad image."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)
+    Image.new("RGB", (150, 100)).save(tmp_path / "bomb.png")  # 1.5 x the cap
+    Image.new("RGB", (150, 100)).save(tmp_path / "bomb.jpg")
+    for name in ("bomb.png", "bomb.jpg"):
+        with pytest.raises(Image.DecompressionBombError, match="150 x 100 pixels, more than the "
+                                                                "10,000 an image may have"):
+            images.read_image(str(tmp_path / name))
+
+
+def test_pipes_and_devices_named_as_images_are_skipped_not_read(folder):
+    """A FIFO would block the read for ever, /dev/zero never end: each is a bad image."""
+    import os
+
+    train, _ = load_folder(folder)
+    for path in train.paths[2:4]:
+        os.unlink(path)
+    os.mkfifo(train.paths[2])
+    os.symlink("/dev/zero", train.paths[3])
+    data = FolderImages(train, "cifar", 32, train=False, seed=0, mean=(0, 0, 0), std=(1, 1, 1))
+    image, label, skipped, _ = data[(0, 2, 2)]  # both met, the next file read instead
+    assert image is not None and label == train.labels[4] and len(skipped) == 2
+    for path, line in zip(train.paths[2:4], skipped):
+        assert line.startswith(f"{path} (OSError: [Errno 22] not a regular file (a pipe, a "
+                               f"socket or a device)")
+
+
+def test_a_full_disk_during_an_image_folder_epoch_ends_in_one_line(folder, tmp_path, capsys,
+                                                                    monkeypatch):
+    """/dev/shm full while a decoding worker hands over its batch: torch raises it again in
+    the training process as a RuntimeError without its errno; it is still a full disk (exit 2,
+    one line naming the place), not an internal error."""
+    def full(items):
+        raise RuntimeError("unable to write to file </torch_1_2_3>: No space left on device (28)")
+
+    monkeypatch.setattr(images, "collate", full)
+    config = tmp_path / "run.yaml"
+    config.write_text("architecture: {depth: 8, dataset: cifar10}\nrecipe: cifar\n")
+    args = ["--config", str(config), "--dataset", "imagefolder", "--data-dir", str(folder),
+            "--epochs", "1", "--batch-size", "12", "--device", "cpu", "--data-workers", "1"]
+    assert train_main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: no space left on shared memory (/dev/shm); free space there or "
+                   "choose another place"], err

@@ -119,7 +119,7 @@ def test_study_file_tags_are_not_executed(tmp_path, capsys):
     study = tmp_path / "study.yaml"
     study.write_text(f"name: !!python/object/apply:os.system ['touch {tmp_path / 'ran'}']\n")
     assert sweep_main([str(study), "--storage-path", str(tmp_path / "results")]) == 2
-    assert "not valid YAML" in capsys.readouterr().err
+    assert "the tag !!python/object/apply:os.system is not read" in capsys.readouterr().err
     assert not (tmp_path / "ran").exists()
 
 
@@ -202,6 +202,7 @@ def replaced_by(path: Path, make) -> None:
 
 
 NOT_SIGNED = "was not written by a sweep of yours"
+LINKED = "is a symbolic link (Ray would read what it points to, which no signature covers)"
 NOT_REGULAR = ("smoke is not a regular file (a pipe, a socket or a device: Ray would block "
                "reading it")
 # A signed results folder, changed: each is refused by the check before a resume, in one line
@@ -218,8 +219,22 @@ CHANGES = {
     "a pipe in place of a pickle (it could feed Ray one)": (
         lambda f, m: replaced_by(f / "tuner.pkl", os.mkfifo), NOT_REGULAR),
     "a pickle linked to /dev/zero": (
-        lambda f, m: replaced_by(f / "tuner.pkl", lambda p: p.symlink_to("/dev/zero")),
-        NOT_REGULAR),
+        lambda f, m: replaced_by(f / "tuner.pkl", lambda p: p.symlink_to("/dev/zero")), LINKED),
+    # a link to a file outside, signed there as the folder's: what it points to can change
+    "a pickle linked to one outside the folder": (
+        lambda f, m: [(f.parent / "elsewhere.pkl").write_bytes((f / "tuner.pkl").read_bytes()),
+                      replaced_by(f / "tuner.pkl", lambda p: p.symlink_to(f.parent /
+                                                                          "elsewhere.pkl"))],
+        LINKED),
+    # two links to `.` (a folder walked through its links never ends: 5.7 GB, then a hang)
+    "links to the folder itself": (
+        lambda f, m: [(f / name).symlink_to(".") for name in ("a", "b")], LINKED),
+    "a trial folder linked to another": (
+        lambda f, m: (f / "trial-copy").symlink_to(next(f.glob("d8-*"))), LINKED),
+    "a signature changed": (
+        lambda f, m: (f / "multires_signatures.json").write_text(
+            (f / "multires_signatures.json").read_text().replace('": "', '": "0', 1)),
+        NOT_SIGNED),
     "signatures that are not strings": (
         lambda f, m: (f / "multires_signatures.json").write_text('{"tuner.pkl": 1}'), NOT_SIGNED),
     "signatures a list": (lambda f, m: (f / "multires_signatures.json").write_text("[1, 2]"),
@@ -253,6 +268,61 @@ def test_a_state_key_that_is_a_pipe_is_refused(tmp_path, state_key):
                                           ".*; remove it .a new one is made. or set "
                                           "MULTIRES_STATE_KEY"):
         read_key(create=False)
+
+
+# A state key that cannot be trusted to sign: refused in one line when it is read, which a
+# sweep does before Ray starts (a key that fails only at the end leaves a folder trained but
+# neither signed nor resumable).
+BAD_KEYS = {
+    "MULTIRES_STATE_KEY set but empty": (
+        lambda path, m: m.setenv("MULTIRES_STATE_KEY", ""),
+        "MULTIRES_STATE_KEY is set but empty; unset it"),
+    "an empty key file (what a full disk leaves)": (
+        lambda path, m: path.write_bytes(b""),
+        "state.key holds 0 characters, not a key (a full disk, or edited); remove it (a new one "
+        "is made; folders signed with it then need --trust-results) or set MULTIRES_STATE_KEY"),
+    "a key file cut short": (lambda path, m: path.write_bytes(path.read_bytes()[:7]),
+                             "state.key holds 7 characters, not a key"),
+    "a key file others may read": (lambda path, m: path.chmod(0o644),
+                                   "state.key is a link, another user's, or open to others "
+                                   "(mode 644)"),
+    "a key file others may write": (lambda path, m: path.chmod(0o620), "(mode 620)"),
+    "a key file that is a link": (
+        lambda path, m: [(path.parent / "k").write_bytes(path.read_bytes()),
+                         (path.parent / "k").chmod(0o600),
+                         replaced_by(path, lambda p: p.symlink_to(path.parent / "k"))],
+        "is a link, another user's"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_KEYS)
+def test_a_state_key_that_cannot_sign_is_refused(case, tmp_path, monkeypatch, state_key):
+    from orchestrator.trust import key_file, state_key as read_key
+
+    assert len(read_key(create=True)) == 64
+    damage, message = BAD_KEYS[case]
+    damage(key_file(), monkeypatch)
+    with pytest.raises(ConfigError) as error:
+        read_key(create=True)
+    assert message in str(error.value)
+
+
+def test_a_sweep_with_an_empty_key_stops_before_ray_and_runs_once_it_is_removed(
+        tmp_path, capsys, state_key, monkeypatch):
+    """The key is read before Ray starts: nothing is written; removed, a new one is made."""
+    from orchestrator.trust import key_file, state_key as read_key
+
+    read_key(create=True)
+    key_file().write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert sweep_main([str(Path(__file__).parent.parent / "search_spaces" / "smoke.yaml"),
+                       "--storage-path", str(tmp_path / "results"), "--tracking-uri",
+                       f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "state.key holds 0 characters, not a key" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config"]
+    key_file().unlink()
+    assert len(read_key(create=True)) == 64 and key_file().stat().st_mode & 0o077 == 0
 
 
 def test_trust_results_signs_a_folder_and_the_key_stays_outside(tmp_path, state_key):

@@ -23,7 +23,7 @@ from models.multi_resnet import Architecture, MultiResNet, create_model  # noqa:
 from orchestrator.analysis.report import save_figure  # noqa: E402
 from orchestrator.errors import CheckpointError, short  # noqa: E402
 from orchestrator.run.checkpoint import load_checkpoint  # noqa: E402
-from orchestrator.run.data import Batches, Split, load_dataset  # noqa: E402
+from orchestrator.run.data import DATASETS, Batches, Split, load_dataset  # noqa: E402
 
 
 def load_model(path: Path) -> tuple[MultiResNet, dict]:
@@ -41,13 +41,14 @@ def load_model(path: Path) -> tuple[MultiResNet, dict]:
 
 
 def test_split(config: dict, data_dir: str | None, size: int | None,
-               path) -> tuple[Split, str]:
+               path, classes: int | None = None) -> tuple[Split, str]:
     """The test images the checkpoint was evaluated on (its dataset, subset and seed: synthetic
-    data is generated from them), or the first `size` of them; and the dataset's name."""
+    data is generated from them), or the first `size` of them; and the dataset's name. An image
+    folder must have the net's `classes` (a class folder added: other data)."""
     try:
         dataset, seed = str(config["dataset"]), int(config["seed"])
         train_size, test_size = config.get("train_size"), config.get("test_size")
-        data_dir = data_dir or config.get("data_dir")
+        given, data_dir = data_dir, data_dir or config.get("data_dir")
         if not all(size is None or type(size) is int and size >= 1  # noqa: E721 (not bool)
                    for size in (train_size, test_size)) or \
                 not isinstance(data_dir, (str, type(None))):
@@ -56,7 +57,16 @@ def test_split(config: dict, data_dir: str | None, size: int | None,
         raise CheckpointError(f"{path}: its run config lacks the dataset or seed, or holds "
                               f"sizes or a data dir of the wrong kind; use a checkpoint written "
                               f"by orchestrator.train or a sweep") from None
+    if given is None and data_dir is not None and not Path(data_dir).is_absolute() and \
+            dataset in DATASETS and DATASETS[dataset].needs_files:
+        raise CheckpointError(f"{path}: its data dir {short(repr(data_dir), 80)} is relative to "
+                              f"the folder training ran in, not known here; pass --data-dir")
     _, test = load_dataset(dataset, data_dir, train_size, test_size, seed)
+    found = len(getattr(test, "classes", ())) or None  # an image folder's class folders
+    if None not in (found, classes) and found != classes:
+        raise CheckpointError(f"{path}: {data_dir} has {found} class folders, the checkpoint's "
+                              f"net {classes} classes: not the data it was trained on; pass "
+                              f"--data-dir of that data")
     if size is not None and not 1 <= size <= len(test):
         raise CheckpointError(f"--test-size {size}: the checkpoint was tested on {len(test)} "
                               f"images; give 1 to {len(test)}")

@@ -8,7 +8,7 @@ defaults live here and nowhere else. The recipe defaults are the paper's: SGD wi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -74,7 +74,25 @@ IMAGENET_LR_PER_256 = 0.1
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A schema read from user input: unknown keys, NaN and infinities refused (an inf learning
+    rate or CPU count would pass `gt=0` and fail later, inside Ray), and true/false where a
+    number goes (YAML's `true` would count as 1)."""
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, data):
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                if isinstance(data.get(name), bool) and _numeric_only(field.annotation):
+                    raise ValueError(f"{name} takes a number, not {str(data[name]).lower()}")
+        return data
+
+
+def _numeric_only(annotation) -> bool:
+    """Whether a field takes numbers but no bool (int, float | None, float | 'auto', ...)."""
+    args = set(get_args(annotation)) or {annotation}
+    return bool(args & {int, float}) and bool not in args
 
 
 class TrainConfig(Strict):
@@ -273,9 +291,14 @@ def describe(err: ValidationError, prefix: str = "") -> str:
     return "; ".join(parts)
 
 
+class _Refused(yaml.constructor.ConstructorError):
+    """What the loader refuses in valid YAML; its problem says what and how to fix it."""
+
+
 class _Loader(yaml.SafeLoader):
     """yaml.safe_load's loader that refuses a key given twice in one mapping (the later one
-    would silently win)."""
+    would silently win), a key that is not text (every key of a study or run is a name) and
+    a tag (`!!python/...`: never constructed, and said so rather than "fix the syntax")."""
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -283,13 +306,22 @@ class _Loader(yaml.SafeLoader):
             seen = set()
             for key_node, _ in node.value:
                 key = self.construct_object(key_node, deep=True)
-                if not isinstance(key, (str, int, float, bool)):
-                    continue  # SafeLoader refuses unhashable keys itself
+                if not isinstance(key, str):
+                    raise _Refused(None, None, f"key {short(repr(key), 60)} is not a name; "
+                                   f"quote it or remove it", key_node.start_mark)
                 if key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {short(repr(key), 60)}", key_node.start_mark)
+                    raise _Refused(None, None, f"duplicate key {short(repr(key), 60)}; give "
+                                   f"each key once", key_node.start_mark)
                 seen.add(key)
         return super().construct_mapping(node, deep)
+
+    def construct_undefined(self, node):
+        tag = short(node.tag.replace('tag:yaml.org,2002:', '!!'), 60)
+        raise _Refused(None, None, f"the tag {tag} is not read; give plain values",
+                       node.start_mark)
+
+
+_Loader.add_constructor(None, _Loader.construct_undefined)  # SafeLoader's, replaced
 
 
 def _expanded_size(node, sizes: dict) -> int:
@@ -358,6 +390,9 @@ def yaml_problem(exc: yaml.YAMLError, where: str) -> str:
     mark = getattr(exc, "problem_mark", None)
     line = f" (line {mark.line + 1})" if mark else ""
     problem = getattr(exc, "problem", "") or ""
-    if problem.startswith("duplicate key"):
-        return f"{where}: {problem}{line}; give each key once"
+    if isinstance(exc, _Refused):
+        first, _, fix = problem.partition("; ")
+        return f"{where}: {first}{line}; {fix}"
+    if (getattr(exc, "context", "") or "").startswith("expected a single document"):
+        return f"{where}: more than one YAML document{line}; give one (drop the ---)"
     return f"{where}: not valid YAML{line}; fix the syntax"

@@ -229,6 +229,10 @@ def load_dataset(name: str, data_dir: str | Path | None, train_size: int | None 
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)}")
     train, test = DATASETS[name].load(data_dir, train_size, test_size, seed)
+    for key, size, split in (("train_size", train_size, train), ("test_size", test_size, test)):
+        if size is not None and size > len(split):  # never cut to what is there in silence
+            raise DataError(f"{key} {size:,} is more than the {len(split):,} images {name} has "
+                            f"there; lower {key} to at most {len(split):,} or leave it out")
     return train.subset(train_size), test.subset(test_size)
 
 

@@ -24,11 +24,14 @@ slice of every global batch (the replica index is the mesh's, from the global ra
 from __future__ import annotations
 
 import functools
+import errno
+import io
 import logging
 import math
 import mmap
 import os
 import sys
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -89,6 +92,13 @@ def scan(root: Path, split: str) -> FolderSplit:
     if not classes:
         raise DataError(f"{folder} has no class folders; put each class's images in "
                         f"{folder}/<class name>/")
+    if len(classes) == 1:  # every net is 100% right on one class: nothing is learned
+        raise DataError(f"{folder} has one class folder ({classes[0]}); a classifier needs two "
+                        f"or more, one per class")
+    odd = next((c for c in classes if not c.isprintable() or c != c.strip()), None)
+    if odd is not None:  # names go into logs, MLflow and reports, and are compared as text
+        raise DataError(f"class folder {odd!r} in {folder}: not a printable name (control "
+                        f"characters, bytes that are not UTF-8, or spaces at an end); rename it")
     paths, labels = [], []
     for index, name in enumerate(classes):
         found, others = [], []
@@ -170,23 +180,45 @@ class Draws:
 
 
 def read_bytes(path: str) -> bytearray:
-    """A file's bytes, writable (a tensor over them needs no copy)."""
-    with open(path, "rb") as f:
+    """A file's bytes, writable (a tensor over them needs no copy). A pipe, a device (a link to
+    /dev/zero) or a socket named .jpg raises OSError, a bad image: read, it would block or never
+    end (opened without blocking, so a pipe is not waited on)."""
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a pipe, a socket or a device)", path)
         return bytearray(f.read())
+
+
+def check_pixels(w: int, h: int) -> None:
+    """Refuse an image whose header claims more than PIL's MAX_IMAGE_PIXELS (89 million, about
+    9,500 x 9,500): a 380 KB PNG of 20,000 x 20,000 would decode to 1.2 GB. Raised as PIL's
+    DecompressionBombError: a bad image, skipped or stopped on by `bad_images`."""
+    if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+        raise Image.DecompressionBombError(f"{w} x {h} pixels, more than the "
+                                           f"{Image.MAX_IMAGE_PIXELS:,} an image may have")
 
 
 def read_image(path: str, data: bytearray | None = None) -> torch.Tensor:
     """A file's RGB pixels, uint8 (3, H, W): torchvision's decoders (libjpeg-turbo, libpng; C,
-    from the file's bytes: no Python-level header parsing), PIL for what they do not read as
-    8-bit RGB (16-bit PNG, rarer JPEG variants). Raises ValueError/OSError if neither can."""
+    from the file's bytes), PIL for what they do not read (rarer JPEG variants). Its size is read
+    from the header first (`check_pixels`); 16-bit images are scaled to 8 bits (not clipped).
+    EXIF orientation is not applied, by either decoder (as torchvision's ImageFolder). Raises
+    ValueError/OSError if neither can."""
     data = read_bytes(path) if data is None else data
-    try:
-        image = decode_image(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
-        if image.dtype == torch.uint8:
-            return image
-    except RuntimeError:
-        pass
-    with Image.open(path) as pil:
+    with Image.open(io.BytesIO(data)) as pil:  # the header only: no pixel decoded yet
+        check_pixels(*pil.size)
+        try:
+            image = decode_image(torch.frombuffer(data, dtype=torch.uint8),
+                                 mode=ImageReadMode.RGB)
+            if image.dtype == torch.uint16:  # a 16-bit PNG: 65535 -> 255, rounded
+                return ((image.to(torch.int32) * 255 + 32767) // 65535).to(torch.uint8)
+            if image.dtype == torch.uint8:
+                return image
+        except RuntimeError:
+            pass
+        if pil.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grayscale
+            pixels = np.asarray(pil, dtype=np.int64)
+            pil = Image.fromarray(((pixels * 255 + 32767) // 65535).clip(0, 255).astype(np.uint8))
         return torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1)
 
 
@@ -252,6 +284,7 @@ class FolderImages(torch.utils.data.Dataset):
                 if (decode or self.decode) == "device":
                     size = jpeg_size(data)
                     if size is not None:
+                        check_pixels(*size)
                         item = Encoded(data, self.draw(*size, rng), key)
                         return item, int(self.split.labels[i]), tuple(skipped), None
                 image = read_image(self.split.paths[i], data)

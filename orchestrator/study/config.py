@@ -18,7 +18,7 @@ from orchestrator.compat import VALIDATE_EXPERIMENT_NAME, VALIDATE_MODEL_NAME, r
 from orchestrator.errors import ConfigError, short
 from orchestrator.run.config import (MAX_SEED, ParallelConfig, Strict, TrainConfig, describe,
                                      load_yaml, parse_yaml, yaml_problem)
-from orchestrator.storage import REMOTE_SCHEMES, join, storage_uri
+from orchestrator.storage import REMOTE_SCHEMES, join, storage_uri, uri_problem
 from orchestrator.analysis.pairs import Pair, PairDesign
 from orchestrator.study.settings import (ARCH_KEYS, RECIPE_KEYS, Budget, Choice, Distribution,
                                          FloatRange, IntRange, MlflowSettings, N0Settings,
@@ -97,6 +97,9 @@ class StudyConfig(Strict):
             raise ValueError(f"scheme {short(repr(scheme), 60)} is not supported; give a "
                              f"folder, file://PATH or a URI starting with "
                              f"{', '.join(s + '://' for s in REMOTE_SCHEMES)}")
+        problem = uri_problem(value)
+        if problem:
+            raise ValueError(f"{short(repr(value), 80)}: {problem}")
         return value
 
     @field_validator("space")
@@ -140,9 +143,7 @@ class StudyConfig(Strict):
         elif self.resources.workers != world:
             raise ValueError(f"resources.workers={self.resources.workers} but parallel dp x pp x "
                              f"bp = {world}; drop resources.workers or match it")
-        if len(self.searcher.objectives) > 1 and self.scheduler.type == "asha":
-            raise ValueError("scheduler.type asha needs a single objective; use one objective "
-                             "or scheduler.type none")
+        self._check_schedule()
         for key, dist in self.space.items():
             if key in ARCH_KEYS and isinstance(dist, FloatRange):
                 raise ValueError(f"space.{key}: architecture keys take int or categorical values")
@@ -167,6 +168,23 @@ class StudyConfig(Strict):
             self._check_n0()
         self._check_mlflow_name()
         return self
+
+    def _check_schedule(self) -> None:
+        """What the trial scheduler and the epoch budget need of train.epochs (Tune's ASHA and
+        the n0 searcher would otherwise fail once Ray has started)."""
+        epochs = self.train.epochs
+        if self.scheduler.type == "asha":
+            if len(self.searcher.objectives) > 1:
+                raise ValueError("scheduler.type asha needs a single objective; use one "
+                                 "objective or scheduler.type none")
+            if self.scheduler.grace_period > epochs:
+                raise ValueError(f"scheduler.grace_period {self.scheduler.grace_period} is "
+                                 f"above train.epochs {epochs}; lower it to at most {epochs}")
+        budget = self.budget.epochs  # the n0 searcher's cap (other samplers: trials)
+        if self.searcher.sampler == "n0" and budget is not None and budget < 2 * epochs:
+            # a pair of full schedules: the least an n0 is read from
+            raise ValueError(f"budget.epochs {budget:g} is below one pair of trials (2 x "
+                             f"train.epochs = {2 * epochs}); raise it or drop it")
 
     def _check_mlflow_name(self) -> None:
         """The experiment's name is also the best model's registered name: MLflow's own rules
@@ -239,7 +257,8 @@ class StudyConfig(Strict):
                 try:
                     arch = self._run_config({**base, **chosen}, {}).architecture
                 except ValidationError as err:
-                    keys = ", ".join(f"{k}={v}" for k, v in chosen.items())
+                    keys = ", ".join(f"{k}={v}" for k, v in chosen.items()) or \
+                        "train.architecture"  # no key in space or configurations
                     raise ValueError(f"space: {keys} is no valid architecture: "
                                      f"{describe(err).removeprefix('architecture: ')}") from None
                 if arch in found:
@@ -373,7 +392,7 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
         try:
             value = parse_yaml(raw, where)
         except yaml.YAMLError as exc:
-            if "duplicate key" in (getattr(exc, "problem", "") or ""):
+            if isinstance(exc, yaml.constructor.ConstructorError):  # valid YAML, refused
                 raise ConfigError(yaml_problem(exc, where)) from None
             raise ConfigError(f"{where}: the value is not valid YAML; quote it or close its "
                               f"brackets") from None

@@ -2,6 +2,7 @@
 trial scheduler, resources and MLflow settings."""
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -62,6 +63,17 @@ class Choice(Strict):
     type: Literal["categorical"] = "categorical"
     choices: list[Any] = Field(min_length=1, max_length=MAX_VALUES)
 
+    @field_validator("choices")
+    @classmethod
+    def _distinct(cls, choices: list[Any]) -> list[Any]:
+        seen = []  # not a set: a choice may be a list or a mapping
+        for choice in choices:  # a grid would train a repeated value twice
+            if choice in seen:
+                raise ValueError(f"{short(repr(choice), 60)} is listed twice; give each choice "
+                                 f"once")
+            seen.append(choice)
+        return choices
+
 
 Distribution = Annotated[IntRange | FloatRange | Choice, Field(discriminator="type")]
 
@@ -92,7 +104,7 @@ class SearcherSettings(Strict):
     sampler: Literal[("n0", *OPTUNA_SAMPLERS)] = Field(
         "tpe", description="n0: matched pairs chosen to narrow n0 (orchestrator.study.n0_search); "
         "tpe, random, grid: Optuna's samplers over the feasible architectures")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**31 - 1)  # Optuna's and NumPy's seeds
     objectives: list[Objective] = Field(default_factory=lambda: [Objective()], min_length=1)
 
 
@@ -108,7 +120,7 @@ class N0Settings(Strict):
                                     "also a short complete schedule (this fraction of "
                                     "train.epochs, LR milestones at the same fractions) that "
                                     "places the bracket, e.g. [0.125, 1.0]")
-    min_seeds: int = Field(2, ge=1, description="seeds each configuration of a pair gets when "
+    min_seeds: int = Field(2, ge=1, le=10_000, description="seeds each configuration of a pair gets when "
                            "the pair is first trained")
     pair_tolerance: float = Field(0.1, gt=0, lt=1, description="largest relative parameter gap "
                                   "between the two nets of a pair")
@@ -139,14 +151,15 @@ class Resources(Strict):
         "auto", description="a number, or auto; a fraction (e.g. 0.25) packs trials on a GPU, "
         "each held to that share of its memory")
     driver_cpus: float = Field(0.1, gt=0, description="the trial driver only waits on workers")
-    max_failures: int = Field(0, ge=-1, description="restarts per trial from its last "
+    max_failures: int = Field(0, ge=-1, le=1_000_000, description="restarts per trial from its last "
                               "checkpoint: of its workers (Ray Train) and of the trial (Tune, "
                               "when its driver's node is lost); -1: no limit")
 
     @field_validator("cpus_per_worker", "gpus_per_worker", mode="before")
     @classmethod
     def _number_or_auto(cls, value):
-        if value == "auto" or isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value == "auto" or isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and math.isfinite(value):
             return value
         raise ValueError(f"{short(repr(value), 60)}: give a number, or auto")
 
@@ -177,5 +190,6 @@ class MlflowSettings(Strict):
     experiment: str | None = Field(None, description="default: the study name")
     tracking_uri: str | None = Field(None, description="default: sqlite:///<cwd>/mlflow.db")
     log_checkpoint: bool = Field(False, description="log each trial's final checkpoint")
-    outage_wait_s: float = Field(300, ge=0, le=7 * 24 * 3600, description="at the end of a sweep, how long to wait "
-                                 "for an unreachable MLflow before listing what it did not get")
+    outage_wait_s: float = Field(300, ge=0, le=7 * 24 * 3600,
+                                 description="at the end of a sweep, how long to wait for an "
+                                 "unreachable MLflow before listing what it did not get")

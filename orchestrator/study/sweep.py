@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator.errors import Busy, ConfigError, StorageError, TrialsFailed, short
 from orchestrator.results import trained
-from orchestrator.run.data import DATASETS
+from orchestrator.run.data import DATASETS, load_dataset
 from orchestrator.study.config import StudyConfig
 from orchestrator.storage import (check_regular, check_writable, is_remote, join, read_text,
                                   resolve, shown, upload, write_text)
@@ -51,12 +51,26 @@ def resolve_paths(study: StudyConfig, fetch: bool = True) -> StudyConfig:
     train = study.train
     if DATASETS[train.dataset].needs_files:
         data_dir = str(resolve(train.data_dir or "data", "--data-dir"))
-        if fetch:  # downloads when absent and online; checks the files
-            DATASETS[train.dataset].load(data_dir, None, None, train.seed)
+        if fetch:  # downloads when absent and online; checks the files, sizes and classes
+            images = len(load_dataset(train.dataset, data_dir, train.train_size,
+                                      train.test_size, train.seed)[0])
+            batch = max(study.trial_config(sampled).batch_size
+                        for sampled in _batch_choices(study))
+            if images < batch:  # as orchestrator.train says, before any trial starts
+                raise ConfigError(f"train_size {images} is smaller than one batch ({batch}); "
+                                  f"raise train_size or lower batch_size")
         train = train.model_copy(update={"data_dir": data_dir})
     mlflow = study.mlflow.model_copy(update={"tracking_uri": study.tracking_uri()})
     return study.model_copy(update={"train": train, "mlflow": mlflow,
                                     "storage_path": study.storage()})
+
+
+def _batch_choices(study: StudyConfig) -> list[dict]:
+    """A sampled trial at each end of the study's batch sizes (one when it is fixed)."""
+    dist = study.searched().get("batch_size")
+    values = getattr(dist, "choices", None) or [getattr(dist, "low", None),
+                                                getattr(dist, "high", None)]
+    return [{"batch_size": v} for v in values if v is not None] or [{}]
 
 
 def config_hash(study: StudyConfig) -> str:
@@ -134,8 +148,9 @@ def study_lock(folder: Path, study: StudyConfig):
 def check_results(results: str, trust: bool = False) -> None:
     """Before Ray starts: the folder's study state reads whole, and every file Ray would
     unpickle from it was signed by this user's sweeps (`trust`: sign what is there)."""
-    from orchestrator.trust import check, sign, unpickled_files
+    from orchestrator.trust import check, sign, state_key, unpickled_files
 
+    state_key(create=True)  # one that cannot sign is refused now, not after training
     if read_state(results) is not None:
         (sign if trust else check)(results)
     elif unpickled_files(results):  # before the study's first sweep: planted, or not a study's
