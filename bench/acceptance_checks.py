@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from orchestrator.parallel import RankEngine  # noqa: E402
+from orchestrator.parallel.engine import RankEngine  # noqa: E402
 from orchestrator.run.config import TrainConfig  # noqa: E402
 from orchestrator.run.images import FolderBatches, load_folder  # noqa: E402
 from orchestrator.run.step import TrainingStep  # noqa: E402
