@@ -101,6 +101,18 @@ class Architecture(BaseModel):
         return (n, n, n)
 
     @property
+    def stem_width(self) -> int:
+        return 64 if self.dataset == "imagenet" else 16
+
+    @property
+    def stage_widths(self) -> list[int]:
+        """The output channels of each stage's blocks."""
+        w, basic = self.width, self.block_type == "basic"
+        if self.dataset == "imagenet":
+            return [c * w * (1 if basic else 4) for c in (64, 128, 256, 512)]
+        return [16 * w, 32 * w, 64 * w] if basic else [64 * w, 128 * w, 256 * w]
+
+    @property
     def total_depth(self) -> int:
         if self.dataset == "imagenet":
             return self.depth
@@ -140,17 +152,9 @@ def _function_parameters(arch: Architecture, cin: int, cout: int, preact: bool) 
 def parameter_count(arch: Architecture) -> int:
     """The parameters of `create_model(arch)`, counted from the architecture alone."""
     imagenet = arch.dataset == "imagenet"
-    basic = arch.block_type == "basic"
-    w = arch.width
-    if imagenet:
-        channels = 64
-        widths = [c * w * (1 if basic else 4) for c in (64, 128, 256, 512)]
-        total = 3 * 64 * 49 + 2 * 64  # 7x7 conv and its BatchNorm
-    else:
-        channels = 16
-        widths = [16 * w, 32 * w, 64 * w] if basic else [64 * w, 128 * w, 256 * w]
-        total = 3 * 16 * 9
-    for stage, (count, out) in enumerate(zip(arch.stage_blocks, widths)):
+    channels = arch.stem_width
+    total = 3 * 64 * 49 + 2 * 64 if imagenet else 3 * 16 * 9  # the stem's conv (and BatchNorm)
+    for stage, (count, out) in enumerate(zip(arch.stage_blocks, arch.stage_widths)):
         for i in range(count):
             first = i == 0
             stride = 2 if first and stage > 0 else 1

@@ -31,17 +31,12 @@ class MultiResNet(nn.Module):
         super().__init__()
         self.arch = arch
         imagenet = arch.dataset == "imagenet"
-        basic = arch.block_type == "basic"
-        w = arch.width
+        stem_width, widths = arch.stem_width, arch.stage_widths
         if imagenet:
-            stem_width = 64
-            widths = [c * w * (1 if basic else 4) for c in (64, 128, 256, 512)]
             self.stem = nn.Sequential(
                 nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
                 nn.MaxPool2d(3, 2, 1))
         else:
-            stem_width = 16
-            widths = [16 * w, 32 * w, 64 * w] if basic else [64 * w, 128 * w, 256 * w]
             self.stem = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
 
         blocks = []

@@ -508,34 +508,63 @@ class N0Policy:
 
     def next_trial(self) -> Trial | None:
         self.grow_ladder()
-        plan = self.plan
-        # The lagging net of a pair that has one more seed on the other (at any fidelity).
-        for fidelity in (plan.screen, FULL):
+        trial = self.lagging_trial() or self.screen_trial()
+        if trial is not None:
+            return trial
+        shape = self.shape_fit()
+        if shape is not None and shape.kept:
+            return self.shape_trial(shape)
+        return self.full_trial()
+
+    def lagging_trial(self) -> Trial | None:
+        """The lagging net of a pair that has one more seed on the other (at any fidelity)."""
+        for fidelity in (self.plan.screen, FULL):
             for p in self.pairs:
                 if fidelity is None:
                     continue
                 a, b = self.seeds_of(p.deep, fidelity), self.seeds_of(p.multi, fidelity)
                 if len(a) != len(b):
                     name, have = (p.deep, a) if len(a) < len(b) else (p.multi, b)
-                    seed = next((s for s in plan.seeds if s not in have), None)
+                    seed = next((s for s in self.plan.seeds if s not in have), None)
                     if seed is not None:
                         return (name, seed, fidelity)
-        # The short schedule: a seed of every pair, ends and middle first, then a second (the
-        # model needs a repeated seed), while both nets of a pair fit in the screen's share;
-        # per net, as a deep net may serve two pairs.
-        if plan.screen is not None and self.spent(plan.screen) + 2 * plan.epochs_at(
-                plan.screen) <= plan.screen_epochs() + 1e-9:
-            for want in range(1, min(2, len(plan.seeds)) + 1):
-                for i in bisection_order(len(self.pairs)):
-                    for name in (self.pairs[i].deep, self.pairs[i].multi):
-                        have = self.seeds_of(name, plan.screen)
-                        if len(have) < want:
-                            return (name, next(s for s in plan.seeds if s not in have),
-                                    plan.screen)
-        shape = self.shape_fit()
-        if shape is not None and shape.kept:
-            return self.shape_trial(shape)
-        # Full schedules where they narrow n0 most per unit of cost.
+        return None
+
+    def screen_trial(self) -> Trial | None:
+        """The short schedule: a seed of every pair, ends and middle first, then a second (the
+        model needs a repeated seed), while both nets of a pair fit in the screen's share; per
+        net, as a deep net may serve two pairs."""
+        plan = self.plan
+        if plan.screen is None or self.spent(plan.screen) + 2 * plan.epochs_at(
+                plan.screen) > plan.screen_epochs() + 1e-9:
+            return None
+        for want in range(1, min(2, len(plan.seeds)) + 1):
+            for i in bisection_order(len(self.pairs)):
+                for name in (self.pairs[i].deep, self.pairs[i].multi):
+                    have = self.seeds_of(name, plan.screen)
+                    if len(have) < want:
+                        return (name, next(s for s in plan.seeds if s not in have),
+                                plan.screen)
+        return None
+
+    def full_trial(self) -> Trial | None:
+        """A full-schedule seed of the pair that narrows n0 most per unit of cost."""
+        w = self.full_weights()
+        best, score = None, 0.0
+        for i, p in enumerate(self.pairs):
+            n = len(self.seeds_of(p.deep, FULL))
+            if n >= len(self.plan.seeds) or w[i] < 0.02:
+                continue
+            # an opened pair first gets min_seeds; opening one is worth a first seed
+            gain = 1.0 if n == 0 else 10.0 if n < self.plan.min_seeds else 1 / n - 1 / (n + 1)
+            value = w[i] * gain / self.pair_cost(p) * self.room_for(p)
+            if value > score:
+                best, score = p, value
+        return self.seed_for(best, FULL) if best is not None else None
+
+    def full_weights(self) -> np.ndarray:
+        """Per pair, how much a full-schedule seed of it would settle where n0 lies."""
+        plan = self.plan
         w_full = self.weights(self.fit(FULL))  # (fits are cached per log length)
         w_low = self.weights(self.fit(plan.screen)) if plan.screen is not None else None
         ws = [w for w in (w_full, w_low) if w is not None]
@@ -560,17 +589,7 @@ class N0Policy:
                 others[opened[0]] = 0.0
             j = int(others.argmax())
             w[j] = max(w[j], 1.0)
-        best, score = None, 0.0
-        for i, p in enumerate(self.pairs):
-            n = len(self.seeds_of(p.deep, FULL))
-            if n >= len(plan.seeds) or w[i] < 0.02:
-                continue
-            # an opened pair first gets min_seeds; opening one is worth a first seed
-            gain = 1.0 if n == 0 else 10.0 if n < plan.min_seeds else 1 / n - 1 / (n + 1)
-            value = w[i] * gain / self.pair_cost(p) * self.room_for(p)
-            if value > score:
-                best, score = p, value
-        return self.seed_for(best, FULL) if best is not None else None
+        return w
 
     def shape_trial(self, shapes: Shapes) -> Trial | None:
         """Under the closest kept shape: a full-schedule seed of the pair that most lowers the
