@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from typing import Any, Callable
 
+from orchestrator.study.mlflow_names import Tag
 from orchestrator.errors import ConfigError, short
 from orchestrator.storage import filesystem, join, read_text, shown, write_text
 from orchestrator.study.search_state import JsonStateSearcher
@@ -298,7 +299,7 @@ def mark_parent(parent, prior: Prior, study_text: str) -> None:
     """The parent run goes on: tagged with its extensions, each one's study file logged
     beside the first (`study.yaml`)."""
     client, run_id = parent.client, parent.run_id
-    client.set_tag(run_id, "extended", short(" | then ".join(prior.extensions), 4000))
+    client.set_tag(run_id, Tag.EXTENDED, short(" | then ".join(prior.extensions), 4000))
     client.log_text(run_id, study_text, f"study.extension-{len(prior.extensions)}.yaml")
 
 

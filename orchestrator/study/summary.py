@@ -8,6 +8,7 @@ import math
 import time
 from pathlib import Path
 
+from orchestrator.study.mlflow_names import Tag
 from orchestrator.errors import TrackingError, UserError, short
 from orchestrator.results import (CHECKPOINT_FILE, DONE, FAILED, outcome, trained,
                                   training_flops)
@@ -283,8 +284,8 @@ def show_finished(parent, study: StudyConfig, results: str) -> None:
     lines = [f"study {study.name} is finished (parent run {parent.info.run_id}): "
              f"{int(trials)} trials trained"
              + (f", best test error {100 * best:.2f}%" if best is not None else "")]
-    if "n0" in tags:
-        lines.append(tags["n0"])
+    if Tag.N0 in tags:
+        lines.append(tags[Tag.N0])
     lines.append(f"results: {results}\nMLflow: {study.tracking_uri()} experiment "
                  f"'{study.experiment_name}'\nnothing changed; to train it again, use another "
                  f"--storage-path or remove that folder")
@@ -421,4 +422,4 @@ def report_n0(rows: list[dict], study: StudyConfig, parent, results_dir: Path,
     folder = str(path.parent)
     send("report", lambda: client.log_artifacts(run_id, folder, "report"))
     send("n0 metrics", lambda: client.log_batch(run_id, metrics=metrics, tags=[
-        RunTag("n0", n0.line())] + ([RunTag("n0_search", verdict)] if verdict else [])))
+        RunTag(Tag.N0, n0.line())] + ([RunTag(Tag.N0_SEARCH, verdict)] if verdict else [])))

@@ -25,6 +25,7 @@ from ray.tune import Callback
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
 from models.summary import summarize
+from orchestrator.study.mlflow_names import Tag
 from orchestrator.analysis.n0 import check_runs
 from orchestrator.errors import ReportError, StorageError, TrackingError, short
 from orchestrator.results import DIVERGED, EPOCH_METRICS, STOPPED, SYSTEM_PREFIX, outcome
@@ -123,8 +124,8 @@ class StudyRun:
             self.run_id = run_id
             return run_id
         run = self.client.create_run(self.experiment_id, run_name=self.study.name, tags={
-            "study": self.study.name, "results_dir": shown(self.study.results_place()),
-            "git_commit": git_commit(), **package_versions()})
+            Tag.STUDY: self.study.name, Tag.RESULTS_DIR: shown(self.study.results_place()),
+            Tag.GIT_COMMIT: git_commit(), **package_versions()})
         self.run_id = run.info.run_id
         self.client.log_text(self.run_id, study_text, "study.yaml")
         resolved = {**self.study.model_dump(mode="json"),  # no storage credentials
@@ -189,14 +190,14 @@ class TrialTracker(Callback):
         self.commit = git_commit()
         for run in all_runs(self.client, [experiment_id],
                             f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'"):
-            trial_id = run.data.tags.get("trial_id")
+            trial_id = run.data.tags.get(Tag.TRIAL_ID)
             self.names.add(run.info.run_name)
             if trial_id:
                 self.runs[trial_id] = run.info.run_id
                 history = self.client.get_metric_history(run.info.run_id, "test_error")
                 self.logged[trial_id] = max((m.step for m in history), default=0)
-                if run.info.status == "FINISHED" or {"stopped_early",
-                                                     "failure"} & set(run.data.tags):
+                if run.info.status == "FINISHED" or {Tag.STOPPED_EARLY,
+                                                     Tag.FAILURE} & set(run.data.tags):
                     self.ended.add(trial_id)
                 if run.info.status == "FAILED":
                     self.failed.add(trial_id)
@@ -222,7 +223,7 @@ class TrialTracker(Callback):
             log.warning(f"trial {trial_id} started after the study was last saved; it runs "
                         f"again as a new trial and its MLflow run is deleted")
             self.put(trial_id, "forgotten", lambda run_id: self.client.set_tag(
-                run_id, "forgotten", "started after the study was last saved; trained again "
+                run_id, Tag.FORGOTTEN, "started after the study was last saved; trained again "
                                      "as a new trial of the restored study"))
             self.put(trial_id, "end", lambda run_id: self.client.set_terminated(run_id, "KILLED"))
             self.put(trial_id, "deletion", lambda run_id: self.client.delete_run(run_id))
@@ -250,12 +251,12 @@ class TrialTracker(Callback):
         self.names.add(name)
         summary = summarize(cfg.architecture)
         tags = {MLFLOW_PARENT_RUN_ID: self.parent_run_id, MLFLOW_RUN_NAME: name,
-                "trial_id": trial_id, "study": self.study.name, "seed": str(cfg.seed),
+                Tag.TRIAL_ID: trial_id, Tag.STUDY: self.study.name, Tag.SEED: str(cfg.seed),
                 "params": str(summary["params"]), "flops": str(summary["flops"]),
-                "architecture": cfg.architecture.name, "parallel_layout": self.layout,
-                "git_commit": self.commit, **package_versions(),
+                Tag.ARCHITECTURE: cfg.architecture.name, Tag.LAYOUT: self.layout,
+                Tag.GIT_COMMIT: self.commit, **package_versions(),
                 # a short complete schedule (the n0 searcher's low fidelity) or 1.0
-                "fidelity": str(trial.config.get("fidelity", 1.0))}
+                Tag.FIDELITY: str(trial.config.get("fidelity", 1.0))}
         params = [Param(k, v) for k, v in flat_params(cfg).items()]
         params += [Param("params", str(summary["params"])), Param("flops", str(summary["flops"]))]
 
@@ -267,8 +268,8 @@ class TrialTracker(Callback):
         self.put(trial_id, "params", lambda run_id: self.client.log_batch(run_id, params=params))
 
     def reopen(self, run_id: str) -> None:
-        if "failure" in self.client.get_run(run_id).data.tags:  # idempotent: retried
-            self.client.delete_tag(run_id, "failure")
+        if Tag.FAILURE in self.client.get_run(run_id).data.tags:  # idempotent: retried
+            self.client.delete_tag(run_id, Tag.FAILURE)
         self.client.update_run(run_id, status="RUNNING")
 
     def tracked(self, trial_id: str) -> bool:
@@ -317,7 +318,7 @@ class TrialTracker(Callback):
         checkpoint = last.get(CHECKPOINT_PATH_KEY)
         if stopped_early:
             note = f"scheduler stopped it after epoch {last.get('epoch')}"
-            self.put(trial_id, "stop", lambda run_id: client.set_tag(run_id, "stopped_early",
+            self.put(trial_id, "stop", lambda run_id: client.set_tag(run_id, Tag.STOPPED_EARLY,
                                                                      note))
         elif self.study.mlflow.log_checkpoint and checkpoint:
             self.put(trial_id, "checkpoint",
@@ -333,7 +334,7 @@ class TrialTracker(Callback):
         self.fail(trial_id, failure_reason(trial))
 
     def fail(self, trial_id: str, reason: str) -> None:
-        self.put(trial_id, "failure", lambda run_id: self.client.set_tag(run_id, "failure",
+        self.put(trial_id, "failure", lambda run_id: self.client.set_tag(run_id, Tag.FAILURE,
                                                                          reason))
         self.put(trial_id, "end", lambda run_id: self.client.set_terminated(run_id, "FAILED"))
 
@@ -362,7 +363,7 @@ def finished_trials(tracking_uri: str, experiment: str, parent_id: str | None = 
     found = all_runs(client, [exp.experiment_id], order_by=["attributes.start_time DESC"])
     # A study's parent run: top-level and tagged with its study (not any other top-level run).
     parents = [r for r in found
-               if MLFLOW_PARENT_RUN_ID not in r.data.tags and "study" in r.data.tags]
+               if MLFLOW_PARENT_RUN_ID not in r.data.tags and Tag.STUDY in r.data.tags]
     if parent_id is None:
         if not parents:
             raise ReportError(f"experiment {short(repr(experiment), 60)} has no study run")
@@ -373,13 +374,13 @@ def finished_trials(tracking_uri: str, experiment: str, parent_id: str | None = 
         if (tags.get(MLFLOW_PARENT_RUN_ID) != parent_id
                 or "final_test_error" not in run.data.metrics):
             continue  # other sweeps, pruned, failed or unfinished trials
-        if "stopped_early" in tags:
+        if Tag.STOPPED_EARLY in tags:
             continue  # a trial stopped by ASHA is not a finished training
         if fidelity(run) != 1.0:
             continue  # a short schedule placed the n0 searcher's bracket; n0 is full schedules
         rows.append({"run_id": run.info.run_id, **{column: read_back(run, column)
                                                    for column in RUN_COLUMNS},
-                     "name": tags.get("architecture", "")})
+                     "name": tags.get(Tag.ARCHITECTURE, "")})
         points += [{"run_id": run.info.run_id, "step": m.step, "test_error": percent(m.value)}
                    for m in client.get_metric_history(run.info.run_id, "test_error")]
     if not rows:
@@ -434,7 +435,7 @@ def checked(table, columns: dict):
 
 def fidelity(run) -> float:
     """The share of the full schedule a trial trained (tag `fidelity`, 1.0 when absent)."""
-    text = run.data.tags.get("fidelity", "1.0")
+    text = run.data.tags.get(Tag.FIDELITY, "1.0")
     try:
         value = float(text)
     except ValueError:
