@@ -84,7 +84,7 @@ def run_command(parser: argparse.ArgumentParser, work: Work, argv: list[str] | N
     setup_logging()
     sigterm = sigterm_as_ctrl_c(fresh=True)
     try:
-        _load(preload(args) if callable(preload) else preload, advice)
+        _load(lambda: preload(args) if callable(preload) else preload, advice)
         status = work(args) or 0
         return interrupted_status() if status == EXIT_INTERRUPTED else status
     except KeyboardInterrupt:
@@ -130,8 +130,9 @@ def one_line(text: str) -> str:
     return f"{text[:half]} [... {len(text) - 2 * half:,} characters ...] {text[-half:]}"
 
 
-def _load(modules: Iterable[str], advice: Callable[[], str]) -> None:
-    """Import `modules`; Ctrl-C meanwhile prints the advice and exits at once (130)."""
+def _load(modules: Callable[[], Iterable[str]], advice: Callable[[], str]) -> None:
+    """Import the `modules` (what a command checks before them, such as its study file, runs
+    first); Ctrl-C meanwhile prints the advice and exits at once (130)."""
     def quit_now(signum, frame):
         print(advice(), file=sys.stderr, flush=True)
         os._exit(interrupted_status())
@@ -140,7 +141,7 @@ def _load(modules: Iterable[str], advice: Callable[[], str]) -> None:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, quit_now) if main_thread else None
     try:
-        for module in modules:
+        for module in modules():
             importlib.import_module(module)
     finally:
         if main_thread:
