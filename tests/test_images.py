@@ -543,7 +543,9 @@ def test_a_sweep_over_an_image_folder_tracks_top1_and_top5(ray_address, tmp_path
     assert sweep_main([study, "--data-dir", str(root), "--storage-path", str(tmp_path / "results"),
                        "--tracking-uri", uri, "--set", "space.depth=8", "--set", "space.k=1",
                        "--set", "trials=1", "--set", "concurrency=1", "--set", "train.epochs=2",
-                       "--set", "train.batch_size=16"]) == 0
+                       "--set", "train.batch_size=16",
+                       # the whole folder: a size above its images is refused, never cut
+                       "--set", "train.train_size=null", "--set", "train.test_size=null"]) == 0
     client, _, (child,) = runs(uri, "imagefolder_cpu")
     assert child.info.status == "FINISHED"
     for key in ("test_error", "test_error_top5", "data_time_s", "step_time_s"):
