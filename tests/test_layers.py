@@ -94,3 +94,12 @@ def test_study_and_run_files_validate_without_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_functions_are_short():
+    """No function of the project over 60 lines: a long one is split into named steps."""
+    long = [f"{module_name(path)}.{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in MODULES for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > 60]
+    assert not long, long
