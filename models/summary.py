@@ -7,7 +7,7 @@ from functools import lru_cache
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.architecture import Architecture, parameter_count  # noqa: F401 (the count's home)
+from models.architecture import Architecture
 from models.multi_resnet import count_parameters, create_model
 
 

@@ -46,7 +46,8 @@ def ladder_of(study: StudyConfig):
     if design is None:
         return None
     from models.multi_resnet import Architecture
-    from models.summary import parameter_count, summarize
+    from models.architecture import parameter_count
+    from models.summary import summarize
     from orchestrator.analysis.pairs import Pair, matched_multi, next_deep
 
     def grow(side: str, pairs: list, nets: dict) -> tuple | None:
