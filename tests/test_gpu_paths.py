@@ -150,12 +150,15 @@ def ray_worker(monkeypatch):
 
 
 def test_data_and_compile_workers_follow_the_trials_cpus(ray_worker, monkeypatch):
-    import torch._inductor.config as inductor
+    import torch._inductor.config
 
     from orchestrator.cluster.worker import limit_compile_threads
 
     assert images.default_workers() == 3  # not 127: the node's cores are every trial's
-    monkeypatch.setattr(inductor, "compile_threads", 32)
+    # A stand-in for inductor's process-wide config: patching the real one here preceded a later
+    # compile in the same process failing with "compile_threads does not exist".
+    inductor = types.SimpleNamespace(compile_threads=32)
+    monkeypatch.setattr(torch._inductor, "config", inductor)
     limit_compile_threads()
     assert inductor.compile_threads == 4
 
