@@ -3,6 +3,7 @@
     errors.py, results.py   what goes wrong, and the names of what a run reports
     storage.py              the places written to: checked at start, local or a URI
     compat.py               the private Ray and MLflow names used, in one place
+    costs.py                what training costs: FLOPs, GPU hours, an n0 study's most epochs
     trust.py                Ray's pickled state in a results folder: signed, checked on resume
     parallel/               data x pipeline x branch parallelism around an unmodified model
                             (handed the run's config; its own schema: the mesh's degrees)

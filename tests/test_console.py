@@ -13,6 +13,7 @@ from orchestrator.errors import ConfigError
 from orchestrator.study.config import load_study
 from orchestrator.study.console import StudyProgress
 from orchestrator.study.fit import Cluster, check_fit, fit
+from orchestrator.study.summary import worst_epochs
 from tests.test_study import SMOKE, with_changes, write
 
 LAPTOP = Cluster(cpus=2, gpus=0)
@@ -144,10 +145,13 @@ def test_progress_writes_a_line_per_finished_trial(tmp_path, capsys):
 
 
 def test_the_time_estimate_of_an_n0_study_counts_its_epoch_budget():
-    """depth_vs_k caps its training at 1,600 epochs, 8 of its 200-epoch trials: the estimate
-    for running it on these CPUs counts those, not its 40-trial cap."""
+    """depth_vs_k with budget.epochs 1,700 trains at most 8 of its 200-epoch trials (no trial
+    starts that would pass the budget): the estimate for running it on these CPUs counts those
+    1,600 epochs, as the dry run's worst case does, not its 40-trial cap nor 9 trials."""
     path = Path("search_spaces/depth_vs_k.yaml")
+    study = load_study(path, ["budget.epochs=1700"])
     with pytest.raises(ConfigError) as error:
-        check_fit(load_study(path), LAPTOP, str(path))
+        check_fit(study, LAPTOP, str(path))
     here = str(error.value).splitlines()[-1]
-    assert "this study on these CPUs" in here and "(8 trials, " in here
+    assert "this study on these CPUs" in here and "(1,600 epochs, " in here
+    assert worst_epochs(study)[0] == 1600

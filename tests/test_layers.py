@@ -9,13 +9,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parent.parent
-BASE = {"orchestrator.errors", "orchestrator.results", "orchestrator.storage", "orchestrator.compat"}
+BASE = {"orchestrator.errors", "orchestrator.results", "orchestrator.storage", "orchestrator.compat",
+        "orchestrator.costs"}
 # package -> the project packages (and modules) it may import, besides itself
 ALLOWED = {
     "models": set(),
     "orchestrator.errors": set(),
     "orchestrator.results": set(),
     "orchestrator.compat": set(),
+    "orchestrator.costs": {"orchestrator.results"},
     "orchestrator.storage": {"orchestrator.errors"},
     "orchestrator.trust": {"orchestrator.errors", "orchestrator.storage", "orchestrator.compat"},
     "orchestrator.parallel": {"models"} | BASE,

@@ -145,7 +145,7 @@ def estimate(study: StudyConfig, resources: Resources, at_once: int) -> str:
 
     from models.summary import summarize
     from orchestrator.run.step import seconds_per_step
-    from orchestrator.study.summary import estimated_cost
+    from orchestrator.study.summary import estimated_cost, worst_epochs
 
     configs = sorted((study.trial_config({"arch": c.name}) for c in study.feasible()),
                      key=lambda cfg: summarize(cfg.architecture)["flops"])
@@ -157,13 +157,14 @@ def estimate(study: StudyConfig, resources: Resources, at_once: int) -> str:
     finally:
         torch.set_num_threads(threads)
     rate = training_flops(forward[len(configs) // 2], 1, study.train.batch_size) / step_s
-    trials = planned_trials(study)
-    if study.searcher.sampler == "n0" and study.budget.epochs:  # the n0 searcher's own cap
-        trials = min(trials, math.ceil(study.budget.epochs / study.train.epochs))
-    total = trials * estimated_cost(study, statistics.mean(forward))
+    per_trial = estimated_cost(study, statistics.mean(forward))
+    trials, total = f"{planned_trials(study)} trials", planned_trials(study) * per_trial
+    if study.searcher.sampler == "n0":  # the n0 searcher's own caps, in epochs
+        epochs = worst_epochs(study)[0]
+        trials, total = f"{epochs:,.0f} epochs", epochs / study.train.epochs * per_trial
     hours = total / (rate * at_once) / 3600
     took = f"{hours:,.0f} hours" if hours >= 2 else f"{60 * hours:.0f} minutes"
     # A floor: evaluation, data loading and each trial's start-up come on top (on two cores,
     # CIFAR-sized trials took about twice as long).
-    return (f"at least {took} ({trials} trials, {total / 1e15:,.2f} PFLOPs of training at "
+    return (f"at least {took} ({trials}, {total / 1e15:,.2f} PFLOPs of training at "
             f"{rate / 1e9:.1f} GFLOP/s measured here in one step, {at_once} at a time)")
