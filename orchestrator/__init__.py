@@ -11,7 +11,8 @@
     analysis/               matched pairs, n0 statistics and the n0 policy, the report, lesions
     cluster/                Ray: connecting, a run's ranks as Ray Train workers
     study/                  studies: schema, searchers, trials, MLflow tracking, the sweep
-    train.py sweep.py report.py lesion.py summary.py   the commands (cli.py: what they share)
+    commands/               the commands: train, sweep, report, lesion, summary (cli.py: what
+                            they share)
 
 `models/` (the networks) is below all of it.
 """

@@ -1,6 +1,6 @@
 """What training costs, in one home: a trial's FLOPs, epochs as GPU time at the measured speed,
 and the most an n0 study trains under its caps. The dry run, the placement advice
-(`orchestrator.study.fit`) and the n0 searcher (`orchestrator.analysis.n0_policy`) all ask here,
+(`orchestrator.study.placement`) and the n0 searcher (`orchestrator.analysis.n0_policy`) all ask here,
 so their numbers agree (tests/test_n0_search.py checks the searcher against `most_epochs`).
 
 Caps in epochs round down: the searcher never starts a trial that would pass `budget.epochs`, so

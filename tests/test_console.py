@@ -12,8 +12,8 @@ import yaml
 from orchestrator.errors import ConfigError
 from orchestrator.study.config import load_study
 from orchestrator.study.console import StudyProgress
-from orchestrator.study.fit import Cluster, check_fit, fit
-from orchestrator.study.summary import worst_epochs
+from orchestrator.study.placement import Cluster, check_fit, fit
+from orchestrator.study.outputs import worst_epochs
 from tests.test_study import SMOKE, with_changes, write
 
 LAPTOP = Cluster(cpus=2, gpus=0)
@@ -87,7 +87,7 @@ def test_the_study_lines_reach_the_console_and_rays_output_the_log(tmp_path):
     script = textwrap.dedent(f"""
         import logging, os, sys, warnings
         from pathlib import Path
-        from orchestrator.cli import setup_logging
+        from orchestrator.commands.cli import setup_logging
         from orchestrator.study.console import ray_output_to
         setup_logging()
         with ray_output_to(Path({str(tmp_path / "results" / "ray.log")!r})):

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from orchestrator.cli import add_architecture_flags, add_common_flags, architecture_fields, command
+from orchestrator.commands.cli import add_architecture_flags, add_common_flags, architecture_fields, command
 from orchestrator.errors import ConfigError
 
 # Flag name -> TrainConfig field, for the flags that map one to one.

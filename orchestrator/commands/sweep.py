@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from orchestrator.cli import add_common_flags, command
+from orchestrator.commands.cli import add_common_flags, command
 
 
 def parser() -> argparse.ArgumentParser:
@@ -56,21 +56,21 @@ def load_checked_study(args: argparse.Namespace) -> tuple[str, ...]:
     return DRY_RUN_MODULES if args.dry_run else SWEEP_MODULES
 
 
-DRY_RUN_MODULES = ("orchestrator.study.summary",)
-SWEEP_MODULES = ("orchestrator.study.sweep", "orchestrator.study.summary",
+DRY_RUN_MODULES = ("orchestrator.study.outputs",)
+SWEEP_MODULES = ("orchestrator.study.runner", "orchestrator.study.outputs",
                  "orchestrator.study.searchers", "orchestrator.study.tracking",
-                 "orchestrator.study.fit", "orchestrator.study.console",
+                 "orchestrator.study.placement", "orchestrator.study.console",
                  "orchestrator.cluster.driver")
 
 
 def sweep_command(args: argparse.Namespace) -> int:
     study = args.loaded_study
     if args.dry_run:
-        from orchestrator.study.summary import dry_run
+        from orchestrator.study.outputs import dry_run
 
         dry_run(study, args.dry_run_trials)
         return 0
-    from orchestrator.study.sweep import run
+    from orchestrator.study.runner import run
 
     return run(study, args.study, args.resume, args.verbose, args.trust_results)
 

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from orchestrator.cli import add_common_flags, command
+from orchestrator.commands.cli import add_common_flags, command
 
 
 def parser() -> argparse.ArgumentParser:
@@ -33,7 +33,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def report_command(args: argparse.Namespace) -> None:
-    from orchestrator.analysis.report import build_report, show
+    from orchestrator.analysis.report_builder import build_report, show
     from orchestrator.errors import ConfigError
     from orchestrator.storage import check_writable
 
@@ -69,7 +69,7 @@ def report_command(args: argparse.Namespace) -> None:
 
 
 main = command(parser, report_command,
-               preload=lambda args: ["orchestrator.analysis.report"] + (
+               preload=lambda args: ["orchestrator.analysis.report_builder"] + (
                    [] if args.from_csv else ["orchestrator.study.tracking"]))
 
 

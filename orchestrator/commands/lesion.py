@@ -1,6 +1,6 @@
 """`python -m orchestrator.lesion CHECKPOINT`: delete one block, or one function of a block, from a
 trained network at test time and report the test error of each deletion (Veit et al., 2016; the
-ensemble evidence of the paper's Section III; `orchestrator.analysis.lesion`).
+ensemble evidence of the paper's Section III; `orchestrator.analysis.lesion_study`).
 
     python -m orchestrator.lesion results/study/train-xyz/checkpoint_.../checkpoint.pt --out lesion/
 """
@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from orchestrator.cli import add_common_flags, command
+from orchestrator.commands.cli import add_common_flags, command
 
 
 def parser() -> argparse.ArgumentParser:
@@ -27,7 +27,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def lesion_command(args: argparse.Namespace) -> None:
-    from orchestrator.analysis.lesion import lesion_study, load_model, plot, test_split
+    from orchestrator.analysis.lesion_study import lesion_study, load_model, plot, test_split
     from orchestrator.run.config import TrainConfig
     from orchestrator.run.data import DATASETS, Batches
     from orchestrator.storage import check_writable
@@ -51,7 +51,7 @@ def lesion_command(args: argparse.Namespace) -> None:
     print(f"written: {out / 'lesion.csv'}, {out / 'lesion.png'}")
 
 
-main = command(parser, lesion_command, preload=("orchestrator.analysis.lesion",))
+main = command(parser, lesion_command, preload=("orchestrator.analysis.lesion_study",))
 
 
 if __name__ == "__main__":

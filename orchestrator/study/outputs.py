@@ -50,7 +50,7 @@ def first_trials(study: StudyConfig, count: int, seed: dict | None = None) -> li
 
 
 def dry_run(study: StudyConfig, count: int) -> None:
-    from models.summary import summarize
+    from models.complexity import summarize
 
     feasible, excluded = study.feasible(), study.excluded()
     print(f"study {study.name}: {len(feasible)} architectures in the budget, "
@@ -142,7 +142,7 @@ def extension_cost(study: StudyConfig) -> dict | None:
     state it continues from."""
     from orchestrator.study.extension import (check_extension, earlier_study, last_state,
                                               trained_so_far)
-    from orchestrator.study.sweep import config_hash, read_state, resolve_paths
+    from orchestrator.study.runner import config_hash, read_state, resolve_paths
 
     results = study.results_place()
     state = read_state(results)
@@ -191,7 +191,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def summarize_results(results, study: StudyConfig) -> list[dict]:
-    from models.summary import summarize
+    from models.complexity import summarize
 
     rows = []
     for result in results:
@@ -312,7 +312,7 @@ def register_best_model(results, trial_id: str, study: StudyConfig, parent) -> N
     from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
     from models.multi_resnet import Architecture, create_model
-    from models.summary import input_size
+    from models.complexity import input_size
     from orchestrator.run.checkpoint import load_checkpoint
     from orchestrator.study.mlflow_client import all_runs, outbox
 
@@ -378,7 +378,7 @@ def report_n0(rows: list[dict], study: StudyConfig, parent, results_dir: Path,
     from mlflow.entities import Metric, RunTag
 
     from orchestrator.analysis.n0 import find_pairs
-    from orchestrator.analysis.report import build_report, show
+    from orchestrator.analysis.report_builder import build_report, show
     from orchestrator.study.tracking import outbox
 
     finished = [r for r in rows if r["status"] == DONE and r["final_test_error"] is not None]

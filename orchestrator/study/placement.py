@@ -143,9 +143,9 @@ def estimate(study: StudyConfig, resources: Resources, at_once: int) -> str:
     short step of its median architecture reaches on this machine, `at_once` trials at a time."""
     import torch
 
-    from models.summary import summarize
+    from models.complexity import summarize
     from orchestrator.run.step import seconds_per_step
-    from orchestrator.study.summary import estimated_cost, worst_epochs
+    from orchestrator.study.outputs import estimated_cost, worst_epochs
 
     configs = sorted((study.trial_config({"arch": c.name}) for c in study.feasible()),
                      key=lambda cfg: summarize(cfg.architecture)["flops"])

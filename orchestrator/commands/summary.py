@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from orchestrator.cli import add_architecture_flags, add_common_flags, architecture_fields, command
+from orchestrator.commands.cli import add_architecture_flags, add_common_flags, architecture_fields, command
 
 
 def parser() -> argparse.ArgumentParser:
@@ -26,7 +26,7 @@ def summary_command(args: argparse.Namespace) -> None:
     from pydantic import ValidationError
 
     from models.multi_resnet import Architecture
-    from models.summary import summarize
+    from models.complexity import summarize
     from orchestrator.errors import ConfigError
     from orchestrator.run.config import describe
 
@@ -44,7 +44,7 @@ def summary_command(args: argparse.Namespace) -> None:
     print(f"forward FLOPs per image: {info['flops']:,} ({info['flops'] / 1e9:.3f} GFLOPs)")
 
 
-main = command(parser, summary_command, preload=("models.summary", "orchestrator.run.config"))
+main = command(parser, summary_command, preload=("models.complexity", "orchestrator.run.config"))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def start_ray(study: StudyConfig, study_file: str | None) -> tuple[StudyConfig, 
     """Connect to RAY_ADDRESS or start a local Ray; the study with its resources fitted to the
     cluster, and how many trials run at once."""
     from orchestrator.cluster.driver import init_ray
-    from orchestrator.study.fit import Cluster, check_fit
+    from orchestrator.study.placement import Cluster, check_fit
 
     init_ray()
     return check_fit(study, Cluster.of_ray(), study_file)
@@ -195,7 +195,7 @@ def _run(study: StudyConfig, study_file: str, resume: bool, results: str, local:
     from orchestrator.study.console import start_line
     from orchestrator.study.extension import begin, extended_line, mark_parent, prior_for
     from orchestrator.study.mlflow_client import connect
-    from orchestrator.study.summary import show_finished
+    from orchestrator.study.outputs import show_finished
     from orchestrator.study.tracking import StudyRun
     from orchestrator.trust import check
 
@@ -284,7 +284,7 @@ def conclude(study: StudyConfig, outcome, parent, prior, results: str, local: Pa
     """After Tune: interrupted (130), trials missing (`TrialsFailed`), or the summary, the best
     model and the report, and the parent run FINISHED."""
     from orchestrator.study.extension import extended_line
-    from orchestrator.study.summary import (failed_trials, register_best_model, report_n0,
+    from orchestrator.study.outputs import (failed_trials, register_best_model, report_n0,
                                             report_summary, summarize_results)
 
     ended = outcome.num_terminated + outcome.num_errors
@@ -327,7 +327,7 @@ def old_rows(study: StudyConfig, results: str) -> list[dict]:
     saved its state), read before an extension starts a new one there."""
     from ray.tune import Tuner
 
-    from orchestrator.study.summary import summarize_results
+    from orchestrator.study.outputs import summarize_results
     from orchestrator.trust import check
 
     if not check(results):  # signed, or refused before anything is unpickled
