@@ -12,7 +12,7 @@ import yaml
 from orchestrator.errors import ConfigError
 from orchestrator.study.config import load_study
 from orchestrator.study.console import StudyProgress
-from orchestrator.study.placement import Cluster, check_fit, fit
+from orchestrator.study.placement import Cluster, check_place, place
 from orchestrator.study.outputs import worst_epochs
 from tests.test_study import SMOKE, with_changes, write
 
@@ -39,7 +39,7 @@ def study(tmp_path, **changes):
     (GPU_NODES, dict(train__device="auto", resources={"cpus_per_worker": 2}), (2, 1, 2)),
 ])
 def test_auto_resources_follow_the_cluster(tmp_path, machine, changes, expected):
-    resources, at_once = fit(study(tmp_path, **changes), machine)
+    resources, at_once = place(study(tmp_path, **changes), machine)
     assert (resources.cpus_per_worker, resources.gpus_per_worker, at_once) == expected
 
 
@@ -47,8 +47,8 @@ def test_sizes_that_leave_cores_idle_are_refused_with_a_hint(tmp_path):
     with pytest.raises(ConfigError, match=r"resources.cpus_per_worker: 1 x 1 CPUs \(\+0.1 for "
                        r"the trial driver\) fit 1 trial at a time into 2 CPUs and no GPU, "
                        r"leaving 0.9 CPUs idle; set it to auto \(or lower concurrency to 1\)"):
-        fit(study(tmp_path, resources={"cpus_per_worker": 1}), LAPTOP)
-    resources, at_once = fit(study(tmp_path, resources={"cpus_per_worker": 1}, concurrency=1),
+        place(study(tmp_path, resources={"cpus_per_worker": 1}), LAPTOP)
+    resources, at_once = place(study(tmp_path, resources={"cpus_per_worker": 1}, concurrency=1),
                              LAPTOP)
     assert (resources.cpus_per_worker, at_once) == (1, 1)
 
@@ -68,7 +68,7 @@ def test_a_study_that_cannot_fit_says_what_it_needs_and_the_ways_on(tmp_path):
     path = folder / "big.yaml"
     path.write_text(yaml.safe_dump(big))
     with pytest.raises(ConfigError) as error:
-        check_fit(load_study(path), LAPTOP, str(path))
+        check_place(load_study(path), LAPTOP, str(path))
     first, beside, here = str(error.value).splitlines()
     assert first == ("study big does not fit this cluster: it needs 1 GPU per worker, 1 "
                      "worker per trial and up to 8 trials at once; the "
@@ -151,7 +151,7 @@ def test_the_time_estimate_of_an_n0_study_counts_its_epoch_budget():
     path = Path("search_spaces/depth_vs_k.yaml")
     study = load_study(path, ["budget.epochs=1700"])
     with pytest.raises(ConfigError) as error:
-        check_fit(study, LAPTOP, str(path))
+        check_place(study, LAPTOP, str(path))
     here = str(error.value).splitlines()[-1]
     assert "this study on these CPUs" in here and "(1,600 epochs, " in here
     assert worst_epochs(study)[0] == 1600

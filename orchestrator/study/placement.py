@@ -40,10 +40,10 @@ class Cluster:
 
 
 class DoesNotFit(Exception):
-    """What the study needs that the cluster lacks (turned into the message by `check_fit`)."""
+    """What the study needs that the cluster lacks (turned into the message by `check_place`)."""
 
 
-def fit(study: StudyConfig, cluster: Cluster) -> tuple[Resources, int]:
+def place(study: StudyConfig, cluster: Cluster) -> tuple[Resources, int]:
     """The study's resources with `auto` resolved, and how many trials run at once."""
     res, device = study.resources, study.train.device
     workers, driver = res.workers, res.driver_cpus
@@ -85,11 +85,11 @@ def fit(study: StudyConfig, cluster: Cluster) -> tuple[Resources, int]:
                                   "gpus_per_worker": float(gpus)}), at_once
 
 
-def check_fit(study: StudyConfig, cluster: Cluster, study_file: str | None) -> tuple[
+def check_place(study: StudyConfig, cluster: Cluster, study_file: str | None) -> tuple[
         StudyConfig, int]:
-    """`fit`, or a ConfigError with the message described above."""
+    """`place`, or a ConfigError with the message described above."""
     try:
-        resources, at_once = fit(study, cluster)
+        resources, at_once = place(study, cluster)
         return study.model_copy(update={"resources": resources}), at_once
     except DoesNotFit as need:
         raise ConfigError(no_fit_message(study, cluster, str(need), study_file)) from None
@@ -117,7 +117,7 @@ def no_fit_message(study: StudyConfig, cluster: Cluster, need: str,
         "resources": res.model_copy(update={"gpus_per_worker": "auto",
                                             "cpus_per_worker": "auto"})})
     try:
-        resources, at_once = fit(on_cpus, cluster)
+        resources, at_once = place(on_cpus, cluster)
     except (DoesNotFit, ConfigError):
         pass
     else:
@@ -132,7 +132,7 @@ def no_fit_message(study: StudyConfig, cluster: Cluster, need: str,
 
 def fits(path: Path, cluster: Cluster) -> bool:
     try:
-        fit(load_study(str(path), []), cluster)
+        place(load_study(str(path), []), cluster)
         return True
     except Exception:  # a study that does not load, or does not fit, is not offered
         return False

@@ -39,10 +39,10 @@ def start_ray(study: StudyConfig, study_file: str | None) -> tuple[StudyConfig, 
     """Connect to RAY_ADDRESS or start a local Ray; the study with its resources fitted to the
     cluster, and how many trials run at once."""
     from orchestrator.cluster.driver import init_ray
-    from orchestrator.study.placement import Cluster, check_fit
+    from orchestrator.study.placement import Cluster, check_place
 
     init_ray()
-    return check_fit(study, Cluster.of_ray(), study_file)
+    return check_place(study, Cluster.of_ray(), study_file)
 
 
 def resolve_paths(study: StudyConfig, fetch: bool = True) -> StudyConfig:
@@ -226,7 +226,7 @@ def _run(study: StudyConfig, study_file: str, resume: bool, results: str, local:
     if prior:
         mark_parent(parent, prior, Path(study_file).read_text())
     try:
-        outcome = fit(study, results, restoring, parent, (digest, settings), concurrency,
+        outcome = run_tuner(study, results, restoring, parent, (digest, settings), concurrency,
                       ray_log is not None, prior)
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)
@@ -348,8 +348,8 @@ def fail_missing(missing: dict[str, str], trials: int, parent, study: StudyConfi
                        f"({', '.join(missing)}); run the same command again to train them")
 
 
-def fit(study: StudyConfig, results: str, restoring: bool, parent, config: tuple[str, dict],
-        concurrency: int, quiet: bool, prior=None):
+def run_tuner(study: StudyConfig, results: str, restoring: bool, parent,
+              config: tuple[str, dict], concurrency: int, quiet: bool, prior=None):
     """Run (or restore) the study's Tune experiment; `config`: its hash and what it trains, as
     the results folder keeps them; `prior`: an extension's finished trials."""
     from ray.tune import Tuner
