@@ -2,6 +2,7 @@
 which), so that models stay plain modules, a single run needs no Ray, and the analysis no MLflow.
 Checked on every import statement, those inside functions included."""
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,25 @@ def test_functions_are_short():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
             and node.end_lineno - node.lineno + 1 > 60]
     assert not long, long
+
+
+def test_every_module_has_a_row_in_the_map_of_tests():
+    """docs/architecture.md maps each module to its tests: every module of models/ and
+    orchestrator/ (but the package docstrings) is named there, and every name is a file."""
+    text = (ROOT / "docs/architecture.md").read_text().split("## Where each module is tested")[1]
+    named, tests = set(), set()
+    for row in text.split("\n## ")[0].splitlines():
+        cells = row.split("|")
+        if len(cells) < 4 or not cells[1].strip().startswith("`"):
+            continue
+        folder = ""
+        for token in re.findall(r"`([^`]+)`", cells[1]):
+            if "/" in token:
+                folder = token.rsplit("/", 1)[0]
+            named.add(f"{folder}/{token.rsplit('/', 1)[-1]}")
+        tests |= {t for t in re.findall(r"`([^`]+\.py)`", cells[2])}
+    modules = {str(p.relative_to(ROOT)) for p in MODULES if p.name != "__init__.py"}
+    assert not modules - named, f"modules with no row in docs/architecture.md: {modules - named}"
+    assert not named - modules, f"rows naming no module: {named - modules}"
+    missing = {t for t in tests if not (ROOT / "tests" / t).is_file()}
+    assert not missing, f"test files the map names that do not exist: {missing}"
