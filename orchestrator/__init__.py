@@ -3,6 +3,7 @@
     errors.py, results.py   what goes wrong, and the names of what a run reports
     storage.py              the places written to: checked at start, local or a URI
     compat.py               the private Ray and MLflow names used, in one place
+    costs.py                what training costs: FLOPs, GPU hours, an n0 study's most epochs
     trust.py                Ray's pickled state in a results folder: signed, checked on resume
     parallel/               data x pipeline x branch parallelism around an unmodified model
                             (handed the run's config; its own schema: the mesh's degrees)
@@ -10,7 +11,8 @@
     analysis/               matched pairs, n0 statistics and the n0 policy, the report, lesions
     cluster/                Ray: connecting, a run's ranks as Ray Train workers
     study/                  studies: schema, searchers, trials, MLflow tracking, the sweep
-    train.py sweep.py report.py lesion.py summary.py   the commands (cli.py: what they share)
+    commands/               the commands: train, sweep, report, lesion, summary (cli.py: what
+                            they share)
 
 `models/` (the networks) is below all of it.
 """

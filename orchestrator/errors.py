@@ -1,5 +1,5 @@
 """What can go wrong, in two kinds: what the user can fix (a `UserError`: one line that names the
-field and the fix) and anything else (a bug). `orchestrator.cli.run_command` prints both.
+field and the fix) and anything else (a bug). `orchestrator.commands.cli.run_command` prints both.
 SIGTERM (what `ray job stop`, Kubernetes and batch schedulers send) takes the Ctrl-C path
 (`sigterm_as_ctrl_c`), and the command exits 143 instead of 130."""
 import signal

@@ -1,51 +1,7 @@
-"""`python -m orchestrator.summary`: parameter count and forward FLOPs per image of a Multi-ResNet.
-
-    python -m orchestrator.summary --depth 110 --k 1
-    python -m orchestrator.summary --depth 26 --k 2 --width 10 --json
-"""
-from __future__ import annotations
-
-import argparse
-import json
+"""`python -m orchestrator.summary`, as the docs write it: runs `orchestrator.commands.summary`."""
 import sys
 
-from orchestrator.cli import add_architecture_flags, add_common_flags, architecture_fields, command
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m orchestrator.summary",
-                                description=__doc__.split("\n")[0].split(": ", 1)[1])
-    add_architecture_flags(p)
-    p.add_argument("--dataset", choices=["cifar10", "cifar100", "imagenet"], default="cifar10")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    add_common_flags(p)
-    return p
-
-
-def summary_command(args: argparse.Namespace) -> None:
-    from pydantic import ValidationError
-
-    from models.multi_resnet import Architecture
-    from models.summary import summarize
-    from orchestrator.errors import ConfigError
-    from orchestrator.run.config import describe
-
-    try:
-        arch = Architecture(dataset=args.dataset, **architecture_fields(args))
-    except ValidationError as err:
-        raise ConfigError(describe(err)) from None
-    info = summarize(arch)
-    if args.json:
-        print(json.dumps(info))
-        return
-    print(f"multi-resnet {info['name']} ({info['dataset']}, {info['block']} blocks "
-          f"{tuple(info['blocks'])}, shortcut {info['shortcut']})")
-    print(f"parameters: {info['params']:,}")
-    print(f"forward FLOPs per image: {info['flops']:,} ({info['flops'] / 1e9:.3f} GFLOPs)")
-
-
-main = command(parser, summary_command, preload=("models.summary", "orchestrator.run.config"))
-
-
 if __name__ == "__main__":
+    from orchestrator.commands.summary import main
+
     sys.exit(main())

@@ -9,7 +9,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from orchestrator.study.mlflow_client import quick_http
-from orchestrator.sweep import main as sweep_main
+from orchestrator.commands.sweep import main as sweep_main
 
 SMOKE = str(Path(__file__).parent.parent / "search_spaces" / "smoke.yaml")
 PARENT = "mlflow.parentRunId"

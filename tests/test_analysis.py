@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from models.multi_resnet import Architecture
-from models.summary import summarize
+from models.complexity import summarize
 from orchestrator.analysis.n0 import PAPER_TABLE_II, estimate_n0, find_pairs, pair_differences
-from orchestrator.report import main as report_main
+from orchestrator.commands.report import main as report_main
 from orchestrator.analysis.pairs import PairDesign, matched_multi
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -123,8 +123,8 @@ def test_a_report_from_mlflow_reads_the_runs_its_csv_holds(tmp_path, capsys):
 def test_lesion_of_nothing_reproduces_the_models_error(tmp_path, capsys):
     """On the test images the checkpoint was evaluated on: synthetic data regenerated from the
     checkpoint's seed (3, not the default 0) and sizes."""
-    from orchestrator.lesion import main as lesion_main
-    from orchestrator.train import main as train_main
+    from orchestrator.commands.lesion import main as lesion_main
+    from orchestrator.commands.train import main as train_main
 
     assert train_main(["--dataset", "synthetic", "--depth", "8", "--k", "2", "--train-size",
                        "256", "--test-size", "128", "--batch-size", "64", "--epochs", "2",
@@ -138,7 +138,7 @@ def test_lesion_of_nothing_reproduces_the_models_error(tmp_path, capsys):
     assert table.test_error.iloc[0] == pytest.approx(state["metrics"]["test_error"], abs=1e-9)
     assert len(table) == 1 + 3 + 3 * 2  # nothing, 3 blocks, 2 functions of each
     assert (tmp_path / "lesion" / "lesion.png").read_bytes().startswith(PNG)
-    from orchestrator.analysis.lesion import test_split
+    from orchestrator.analysis.lesion_study import test_split
     from orchestrator.errors import CheckpointError
     from orchestrator.run.data import load_dataset
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.lesion import main as lesion_main
-from orchestrator.report import main as report_main
-from orchestrator.summary import main as summary_main
-from orchestrator.sweep import main as sweep_main
-from orchestrator.train import main as train_main
+from orchestrator.commands.lesion import main as lesion_main
+from orchestrator.commands.report import main as report_main
+from orchestrator.commands.summary import main as summary_main
+from orchestrator.commands.sweep import main as sweep_main
+from orchestrator.commands.train import main as train_main
 from tests.conftest import write_cifar_layout
 
 SMOKE = (Path(__file__).parent.parent / "search_spaces" / "smoke.yaml").read_text()
@@ -710,7 +710,7 @@ def test_a_lock_left_by_a_killed_sweep_does_not_block_the_next(tmp_path):
     """The study lock is an flock, released by the kernel when its holder dies (kill -9): the
     file it leaves (with the dead pid) is taken over."""
     from orchestrator.study.config import load_study
-    from orchestrator.study.sweep import LOCK_FILE, study_lock
+    from orchestrator.study.runner import LOCK_FILE, study_lock
 
     (tmp_path / LOCK_FILE).write_text("4194303\n")  # a pid no process has
     study = load_study(Path(__file__).parent.parent / "search_spaces" / "smoke.yaml")

@@ -12,7 +12,8 @@ import yaml
 from orchestrator.errors import ConfigError
 from orchestrator.study.config import load_study
 from orchestrator.study.console import StudyProgress
-from orchestrator.study.fit import Cluster, check_fit, fit
+from orchestrator.study.placement import Cluster, check_place, place
+from orchestrator.study.outputs import worst_epochs
 from tests.test_study import SMOKE, with_changes, write
 
 LAPTOP = Cluster(cpus=2, gpus=0)
@@ -38,7 +39,7 @@ def study(tmp_path, **changes):
     (GPU_NODES, dict(train__device="auto", resources={"cpus_per_worker": 2}), (2, 1, 2)),
 ])
 def test_auto_resources_follow_the_cluster(tmp_path, machine, changes, expected):
-    resources, at_once = fit(study(tmp_path, **changes), machine)
+    resources, at_once = place(study(tmp_path, **changes), machine)
     assert (resources.cpus_per_worker, resources.gpus_per_worker, at_once) == expected
 
 
@@ -46,8 +47,8 @@ def test_sizes_that_leave_cores_idle_are_refused_with_a_hint(tmp_path):
     with pytest.raises(ConfigError, match=r"resources.cpus_per_worker: 1 x 1 CPUs \(\+0.1 for "
                        r"the trial driver\) fit 1 trial at a time into 2 CPUs and no GPU, "
                        r"leaving 0.9 CPUs idle; set it to auto \(or lower concurrency to 1\)"):
-        fit(study(tmp_path, resources={"cpus_per_worker": 1}), LAPTOP)
-    resources, at_once = fit(study(tmp_path, resources={"cpus_per_worker": 1}, concurrency=1),
+        place(study(tmp_path, resources={"cpus_per_worker": 1}), LAPTOP)
+    resources, at_once = place(study(tmp_path, resources={"cpus_per_worker": 1}, concurrency=1),
                              LAPTOP)
     assert (resources.cpus_per_worker, at_once) == (1, 1)
 
@@ -67,7 +68,7 @@ def test_a_study_that_cannot_fit_says_what_it_needs_and_the_ways_on(tmp_path):
     path = folder / "big.yaml"
     path.write_text(yaml.safe_dump(big))
     with pytest.raises(ConfigError) as error:
-        check_fit(load_study(path), LAPTOP, str(path))
+        check_place(load_study(path), LAPTOP, str(path))
     first, beside, here = str(error.value).splitlines()
     assert first == ("study big does not fit this cluster: it needs 1 GPU per worker, 1 "
                      "worker per trial and up to 8 trials at once; the "
@@ -86,7 +87,7 @@ def test_the_study_lines_reach_the_console_and_rays_output_the_log(tmp_path):
     script = textwrap.dedent(f"""
         import logging, os, sys, warnings
         from pathlib import Path
-        from orchestrator.cli import setup_logging
+        from orchestrator.commands.cli import setup_logging
         from orchestrator.study.console import ray_output_to
         setup_logging()
         with ray_output_to(Path({str(tmp_path / "results" / "ray.log")!r})):
@@ -144,10 +145,13 @@ def test_progress_writes_a_line_per_finished_trial(tmp_path, capsys):
 
 
 def test_the_time_estimate_of_an_n0_study_counts_its_epoch_budget():
-    """depth_vs_k caps its training at 1,600 epochs, 8 of its 200-epoch trials: the estimate
-    for running it on these CPUs counts those, not its 40-trial cap."""
+    """depth_vs_k with budget.epochs 1,700 trains at most 8 of its 200-epoch trials (no trial
+    starts that would pass the budget): the estimate for running it on these CPUs counts those
+    1,600 epochs, as the dry run's worst case does, not its 40-trial cap nor 9 trials."""
     path = Path("search_spaces/depth_vs_k.yaml")
+    study = load_study(path, ["budget.epochs=1700"])
     with pytest.raises(ConfigError) as error:
-        check_fit(load_study(path), LAPTOP, str(path))
+        check_place(study, LAPTOP, str(path))
     here = str(error.value).splitlines()[-1]
-    assert "this study on these CPUs" in here and "(8 trials, " in here
+    assert "this study on these CPUs" in here and "(1,600 epochs, " in here
+    assert worst_epochs(study)[0] == 1600

@@ -1,9 +1,14 @@
 """The front door: the README stays short, its commands name what exists, every docs page is
 linked and every link resolves, and no sentence is kept in two homes (README, docs, docstrings)."""
 import ast
+import importlib
 import importlib.util
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).parent.parent
 README = ROOT / "README.md"
@@ -40,6 +45,21 @@ def test_commands_name_what_exists():
         assert importlib.util.find_spec(module) is not None, module
     for study in set(re.findall(r"search_spaces/\w+\.yaml", text)):
         assert (ROOT / study).is_file(), study
+
+
+def test_every_command_has_a_console_script_and_a_python_m_form():
+    """Each module of orchestrator/commands/ (but cli.py) is `multires-<name>` once installed
+    and `python -m orchestrator.<name>` from a checkout; both reach the same `main`."""
+    tomllib = pytest.importorskip("tomllib")
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    names = {p.stem for p in (ROOT / "orchestrator/commands").glob("*.py")} - {"__init__", "cli"}
+    assert scripts == {f"multires-{n}": f"orchestrator.commands.{n}:main" for n in names}
+    for name in sorted(names):
+        assert callable(importlib.import_module(f"orchestrator.commands.{name}").main), name
+        assert (ROOT / "orchestrator" / f"{name}.py").is_file(), f"orchestrator/{name}.py"
+        out = subprocess.run([sys.executable, "-m", f"orchestrator.{name}", "--help"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout
+        assert out.startswith(f"usage: python -m orchestrator.{name}"), out[:200]
 
 
 def test_ci_runs_the_readme_install_and_test_commands():

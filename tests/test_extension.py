@@ -174,7 +174,7 @@ def test_an_extended_study_trains_only_new_trials_and_survives_a_killed_driver(
     uri, results = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "results"
     args = [str(path), "--storage-path", str(results), "--tracking-uri", uri,
             "--set", "concurrency=1"]
-    from orchestrator.sweep import main as sweep_main
+    from orchestrator.commands.sweep import main as sweep_main
 
     assert sweep_main([*args, "--set", "trials=4"]) == 0
     _, (parent,), first = runs(uri, "pairs")
@@ -212,7 +212,7 @@ def test_an_extended_study_trains_only_new_trials_and_survives_a_killed_driver(
 def trained_folder(tmp_path: Path, *overrides: str) -> tuple[list[str], Path]:
     """A results folder that holds pairs_cpu trained with `overrides` (its state and the n0
     searcher's log of four finished trials, as a sweep leaves them), and the command's args."""
-    from orchestrator.study.sweep import config_hash, resolve_paths
+    from orchestrator.study.runner import config_hash, resolve_paths
 
     args = ["--storage-path", str(tmp_path / "results"), "--tracking-uri",
             f"sqlite:///{tmp_path / 'mlflow.db'}", "--data-dir", str(tmp_path / "data")]
@@ -231,7 +231,7 @@ def trained_folder(tmp_path: Path, *overrides: str) -> tuple[list[str], Path]:
 
 
 def test_the_dry_run_on_a_trained_folder_says_what_an_extension_adds(tmp_path, capsys):
-    from orchestrator.sweep import main as sweep_main
+    from orchestrator.commands.sweep import main as sweep_main
 
     args, results = trained_folder(tmp_path, "trials=4")
     before = sorted(p.name for p in results.iterdir())
@@ -255,7 +255,7 @@ def test_the_dry_run_on_a_trained_folder_says_what_an_extension_adds(tmp_path, c
 
 
 def test_the_dry_run_prices_a_gpu_study_and_what_an_extension_would_need(capsys):
-    from orchestrator.sweep import main as sweep_main
+    from orchestrator.commands.sweep import main as sweep_main
 
     assert sweep_main([DEPTH_VS_K, "--dry-run", "--dry-run-trials", "1"]) == 0
     out = capsys.readouterr().out

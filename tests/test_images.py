@@ -13,7 +13,7 @@ from PIL import Image
 from orchestrator.errors import DataError
 from orchestrator.run import datasets, images
 from orchestrator.run.images import FolderBatches, FolderImages, load_folder
-from orchestrator.train import main as train_main
+from orchestrator.commands.train import main as train_main
 from tests.images import COLOURS, write_cifar_as_png, write_image_folder
 
 CIFAR_NORM = ((125.3, 123.0, 113.9), (63.0, 62.1, 66.7))
@@ -193,7 +193,7 @@ def test_the_cost_estimate_counts_an_image_folder_without_train_size(folder):
     training images (36 here); a folder not there yet counts 0."""
     from orchestrator.results import training_flops
     from orchestrator.study.config import load_study
-    from orchestrator.study.summary import estimated_cost
+    from orchestrator.study.outputs import estimated_cost
 
     study_file = Path(__file__).parent.parent / "search_spaces" / "imagefolder_cpu.yaml"
     settings = ["train.train_size=null", "train.batch_size=8", "train.epochs=2"]
@@ -431,7 +431,7 @@ def test_a_folder_run_resumes_as_if_uninterrupted(tmp_path, monkeypatch):
     assert [{k: r.get(k) for k in keys} for r in whole] == [{k: r.get(k) for k in keys}
                                                             for r in parts]
     # The lesion command evaluates the folder's checkpoint as the run did.
-    from orchestrator.lesion import main as lesion_main
+    from orchestrator.commands.lesion import main as lesion_main
 
     assert lesion_main([str(tmp_path / "whole" / "checkpoint.pt"), "--out",
                         str(tmp_path / "lesion")]) == 0
@@ -513,7 +513,7 @@ def test_cifar10_as_png_folder_trains_like_the_native_loader(cifar10_dir, tmp_pa
 
 
 def test_report_shows_top5_beside_top1_and_n0_uses_top1(tmp_path):
-    from orchestrator.analysis.report import build_report
+    from orchestrator.analysis.report_builder import build_report
     from tests.test_analysis import constructed
 
     runs = constructed(seeds=2)
@@ -532,7 +532,7 @@ def test_report_shows_top5_beside_top1_and_n0_uses_top1(tmp_path):
 def test_a_sweep_over_an_image_folder_tracks_top1_and_top5(ray_address, tmp_path, monkeypatch):
     """search_spaces/imagefolder_cpu.yaml on a generated folder (one small trial): every epoch's
     top-1 and top-5 error, data and step time in MLflow; the final top-5 on the run."""
-    from orchestrator.sweep import main as sweep_main
+    from orchestrator.commands.sweep import main as sweep_main
     from tests.sweeps import runs
 
     root = write_image_folder(tmp_path / "folder", train=16, val=4, size=(32, 32),

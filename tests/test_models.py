@@ -10,8 +10,8 @@ from torch import nn
 
 from models.blocks import MultiResidualBlock, ResidualFunctions, TypeAShortcut, set_fused
 from models.multi_resnet import Architecture, count_parameters, create_model
-from models.summary import summarize
-from orchestrator.summary import main as summary_main
+from models.complexity import summarize
+from orchestrator.commands.summary import main as summary_main
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

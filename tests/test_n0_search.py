@@ -183,6 +183,30 @@ def test_budget_in_epochs_is_never_passed():
         assert sum(len(full.get(p.deep, [])) != len(full.get(p.multi, [])) for p in pairs) == 1
 
 
+@pytest.mark.parametrize("caps, tight", [
+    ({"fidelities": (FULL,), "budget_epochs": 1100}, True),  # 5 trials of 200: 1,000, not 1,100
+    ({"fidelities": (FULL,), "max_trials": 7}, True),
+    ({"budget_epochs": 2300}, True),
+    ({"max_trials": 9}, True),
+    ({"fidelities": (0.3, FULL), "budget_epochs": 5000}, True),
+    ({"budget_epochs": 6150}, False),  # short schedules leave 50 epochs no trial fits
+    ({"fidelities": (FULL,), "seeds": (0, 1)}, False),  # stops when no seed is left to narrow it
+    ({"max_trials": 12, "fidelities": (0.3, FULL), "shared": True}, False),
+])
+def test_the_dry_runs_worst_case_is_what_the_searcher_spends_at_most(caps, tight):
+    """The dry run and the placement advice price an n0 study at `N0Plan.most_epochs`
+    (`orchestrator.costs`); the searcher, never stopped by its interval, spends no more, and
+    all of it when the caps bind in whole trials. A deep net shared by two pairs too."""
+    nets, pairs = ladder()
+    caps = dict(caps)
+    if caps.pop("shared", False):
+        pairs = pairs + [Pair(pairs[0].deep, pairs[1].multi, pairs[1].depth)]
+    policy = N0Policy(nets, pairs, plan(target_width=0.1, **caps))
+    run(policy, Oracle(7))
+    spent, most = sum(r["cost"] for r in policy.log), policy.plan.most_epochs(pairs)
+    assert spent == most if tight else spent <= most, (spent, most, policy.stopped)
+
+
 def test_the_ladder_grows_past_the_deepest_pair_and_says_why():
     """n0 = 60, beyond the deepest pair (44): the searcher adds deeper pairs (with why) and its
     interval holds n0; without a generator the interval stays open past depth 44."""

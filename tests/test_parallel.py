@@ -198,7 +198,7 @@ def test_ray_train_run_reports_the_one_process_losses(ray_address, tmp_path):
     that cuts each batch into the same two halves (dp=2 <-> 2 micro-batches). (dp alone, and
     every other mesh, is checked against one process without Ray above.)"""
     mesh = "dp=2,bp=2"
-    from orchestrator.train import main as train_main
+    from orchestrator.commands.train import main as train_main
 
     common = ["--dataset", "synthetic", "--depth", "8", "--k", "2", "--train-size", "128",
               "--test-size", "32", "--batch-size", "32", "--epochs", "2", "--device", "cpu",

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.lesion import main as lesion_main
-from orchestrator.report import main as report_main
-from orchestrator.sweep import main as sweep_main
-from orchestrator.train import main as train_main
+from orchestrator.commands.lesion import main as lesion_main
+from orchestrator.commands.report import main as report_main
+from orchestrator.commands.sweep import main as sweep_main
+from orchestrator.commands.train import main as train_main
 
 ROOT = Path(__file__).parent.parent
 SMOKE = str(ROOT / "search_spaces" / "smoke.yaml")
@@ -129,7 +129,7 @@ CASES = {
 def test_places_are_checked_before_any_work(case, tmp_path, capsys, monkeypatch):
     command, message = CASES[case]
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("orchestrator.study.sweep.start_ray", never)
+    monkeypatch.setattr("orchestrator.study.runner.start_ray", never)
     inputs(tmp_path).mkdir()
     (inputs(tmp_path) / "runs.csv").write_text(CSV)
     before = sorted(p.name for p in inputs(tmp_path).iterdir())
@@ -235,7 +235,7 @@ def finished_study(t: Path, status: str = "FINISHED"):
     from mlflow.tracking import MlflowClient
 
     from orchestrator.study.config import load_study
-    from orchestrator.study.sweep import STATE_FILE, config_hash, resolve_paths
+    from orchestrator.study.runner import STATE_FILE, config_hash, resolve_paths
 
     uri = f"sqlite:///{t / 'mlflow.db'}"
     study = resolve_paths(load_study(SMOKE, ["storage_path=" + str(t / "results"),
@@ -259,7 +259,7 @@ def never(*args, **kwargs):
 
 
 def test_a_finished_studys_command_again_changes_nothing(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("orchestrator.study.sweep.start_ray", never)
+    monkeypatch.setattr("orchestrator.study.runner.start_ray", never)
     client, run_id = finished_study(tmp_path)
     capsys.readouterr()
     before = (tmp_path / "mlflow.db").read_bytes()
@@ -327,7 +327,7 @@ READ_BACK = {
 def test_what_a_rerun_reads_back_is_checked(case, tmp_path, capsys, monkeypatch):
     """A finished study's command again, its state or its parent run damaged: one line naming
     the file or the run and the metric, exit 2, before Ray, nothing changed."""
-    monkeypatch.setattr("orchestrator.study.sweep.start_ray", never)
+    monkeypatch.setattr("orchestrator.study.runner.start_ray", never)
     damage, message = READ_BACK[case]
     client, run_id = finished_study(tmp_path)
     damage(tmp_path, client, run_id)
@@ -345,7 +345,7 @@ def test_epoch_histories_read_back_from_tune_keep_only_possible_points():
     the history (a figure), never plotted or crashed on."""
     import pandas as pd
 
-    from orchestrator.study.summary import epoch_history
+    from orchestrator.study.outputs import epoch_history
 
     frame = pd.DataFrame({"epoch": [1, 2, 3, 4, "x", -1, 6],
                           "test_error": [0.5, float("inf"), float("nan"), "a", 0.2, 0.3, 1.5],
@@ -400,7 +400,7 @@ def test_a_rerun_registers_the_best_model_once(tmp_path, capsys, monkeypatch, ca
 
     from orchestrator.study import mlflow_client
     from orchestrator.study.config import load_study
-    from orchestrator.study.summary import register_best_model
+    from orchestrator.study.outputs import register_best_model
 
     monkeypatch.setattr(mlflow_client, "OUTBOXES", {})  # this test's own
     client, run_id = finished_study(tmp_path, status="KILLED")
@@ -431,7 +431,7 @@ def test_a_rerun_registers_the_best_model_once(tmp_path, capsys, monkeypatch, ca
 
 def test_a_studys_parent_run_gone_or_its_database_moved(tmp_path, capsys, monkeypatch):
     """Before Ray starts: a clear error, never a new empty database or a second parent."""
-    monkeypatch.setattr("orchestrator.study.sweep.start_ray", never)
+    monkeypatch.setattr("orchestrator.study.runner.start_ray", never)
     client, run_id = finished_study(tmp_path, status="KILLED")
     client.delete_run(run_id)
     capsys.readouterr()
@@ -447,7 +447,7 @@ def test_a_studys_parent_run_gone_or_its_database_moved(tmp_path, capsys, monkey
 
 
 def test_a_second_sweep_of_the_same_study_is_refused(tmp_path, capsys):
-    from orchestrator.study.sweep import LOCK_FILE
+    from orchestrator.study.runner import LOCK_FILE
 
     folder = tmp_path / "results" / "smoke"
     folder.mkdir(parents=True)
@@ -504,7 +504,7 @@ def test_a_study_on_s3_storage(ray_address, tmp_path, capsys, monkeypatch):
     import pyarrow.fs
 
     from orchestrator.storage import filesystem, join, read_text
-    from orchestrator.study.sweep import STATE_FILE
+    from orchestrator.study.runner import STATE_FILE
     from tests.servers import S3Server
 
     monkeypatch.chdir(tmp_path)

@@ -11,7 +11,7 @@ import torch
 
 from orchestrator.errors import CheckpointError, ConfigError
 from orchestrator.run.checkpoint import load_checkpoint
-from orchestrator.sweep import main as sweep_main
+from orchestrator.commands.sweep import main as sweep_main
 
 
 def descendants(root: int) -> set[int]:
@@ -76,7 +76,7 @@ def test_local_ray_listens_on_loopback_only(ray_address):
 def test_training_listens_on_loopback_only(ray_address, tmp_path):
     """While a two-rank run trains, its process group's store and gloo's sockets are on
     127.0.0.1 (torch's own rendezvous puts the store on every interface)."""
-    from orchestrator.train import main as train_main
+    from orchestrator.commands.train import main as train_main
 
     before = set(listening_addresses(descendants(os.getpid())))
     seen: set[tuple[str, int]] = set()
@@ -138,7 +138,7 @@ def results_folder(tmp_path: Path) -> Path:
     import json
     import pickle
 
-    from orchestrator.study.sweep import STATE_FILE
+    from orchestrator.study.runner import STATE_FILE
     from orchestrator.trust import sign
 
     folder = tmp_path / "results" / "smoke"
@@ -337,7 +337,7 @@ def test_trust_results_signs_a_folder_and_the_key_stays_outside(tmp_path, state_
     folder = results_folder(tmp_path)
     (folder / SIGNATURES).unlink()
     (folder / "tuner.pkl").write_bytes(b"not a pickle")  # fails later, in Ray: not our check
-    import orchestrator.study.sweep as sweep
+    import orchestrator.study.runner as sweep
 
     sweep.check_results(folder, trust=True)
     check(folder)

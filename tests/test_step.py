@@ -134,7 +134,7 @@ RUN = ["--dataset", "synthetic", "--depth", "8", "--k", "2", "--train-size", "64
 
 
 def test_a_diverged_run_names_the_first_bad_step(tmp_path, capsys):
-    from orchestrator.train import main
+    from orchestrator.commands.train import main
 
     assert main(RUN + ["--lr", "1e6", "--log-json", str(tmp_path / "l.jsonl")]) == 2
     err = capsys.readouterr().err
@@ -148,7 +148,7 @@ def test_a_diverged_run_names_the_first_bad_step(tmp_path, capsys):
     (KeyError("momentum_buffer"), 1, "internal error: KeyError: 'momentum_buffer'"),
 ])
 def test_out_of_memory_and_bugs_are_not_bad_input(monkeypatch, capsys, raised, status, message):
-    import orchestrator.train as train
+    import orchestrator.commands.train as train
 
     def fail(cfg, session):
         raise raised

@@ -7,9 +7,9 @@ import yaml
 
 from orchestrator.errors import ConfigError
 from orchestrator.study.config import load_study
-from orchestrator.study.summary import first_trials
+from orchestrator.study.outputs import first_trials
 from orchestrator.study.trials import planned_trials
-from orchestrator.sweep import main as sweep_main
+from orchestrator.commands.sweep import main as sweep_main
 
 SPACES = Path(__file__).parent.parent / "search_spaces"
 SMOKE = yaml.safe_load((SPACES / "smoke.yaml").read_text())
@@ -225,7 +225,7 @@ def test_sweep_end_logs_n0_to_the_parent_run(tmp_path, capsys):
     """The end of a pair study (no Ray): n0 printed, report and n0 metrics in MLflow."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.study.summary import report_n0
+    from orchestrator.study.outputs import report_n0
     from orchestrator.study.tracking import StudyRun
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -325,7 +325,7 @@ def test_the_trials_that_did_not_train_are_named_with_what_they_raised():
     from types import SimpleNamespace as Result
 
     from orchestrator.results import DIVERGED
-    from orchestrator.study.summary import failed_trials
+    from orchestrator.study.outputs import failed_trials
 
     study = load_study(SPACES / "smoke.yaml", ["space.lr=0.05"])
     arch = study.feasible()[0].name

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from models.multi_resnet import Architecture
-from models.summary import summarize
-from orchestrator.sweep import main as sweep_main
+from models.complexity import summarize
+from orchestrator.commands.sweep import main as sweep_main
 from tests.sweeps import (PARENT, SMOKE, assert_resumes_once, checkpoints, child_statuses, runs,
                           start_sweep, wait_for)
 
@@ -126,7 +126,7 @@ def test_n0_study_resumes_and_ends_with_n0(ray_address, tmp_path, capsys):
     where the difference is unsure, then it stops and says why; the sweep prints the report and
     n0 and logs them to the parent run; orchestrator.report reads the same study back from
     MLflow."""
-    from orchestrator.report import main as report_main
+    from orchestrator.commands.report import main as report_main
 
     path = pair_study(tmp_path)
     uri, results = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "results"

@@ -9,7 +9,7 @@ from orchestrator.run.checkpoint import load_checkpoint
 from orchestrator.run.config import TrainConfig
 from orchestrator.run.loop import train_loop
 from orchestrator.run.session import LocalSession
-from orchestrator.train import main as train_main
+from orchestrator.commands.train import main as train_main
 
 TINY = dict(dataset="synthetic", architecture=dict(depth=8, k=2), train_size=256,
             test_size=64, batch_size=64, epochs=3, device="cpu")
@@ -277,7 +277,7 @@ def test_a_save_clears_what_a_killed_writer_left(tmp_path):
 
 
 def test_every_command_takes_debug():
-    from orchestrator.summary import main as summary_main
+    from orchestrator.commands.summary import main as summary_main
 
     assert summary_main(["--depth", "20", "--k", "4", "--debug"]) == 0
 

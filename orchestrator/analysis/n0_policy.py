@@ -51,6 +51,7 @@ import numpy as np
 from orchestrator.analysis.n0 import N0, crossings, single_crossings
 from orchestrator.analysis.n0_shape import Shapes, fit_shapes, information, variance_after
 from orchestrator.analysis.pairs import Pair
+from orchestrator.costs import most_epochs, most_full_trials
 
 FULL = 1.0
 # Short schedules only place the bracket (n0 comes from full ones); in simulation they did not
@@ -115,9 +116,14 @@ class N0Plan:
 
     def most_trials(self) -> int:
         """The full-schedule trials the study may train (max_trials, or what the budget holds)."""
-        if self.budget_epochs is None:
-            return self.max_trials
-        return min(self.max_trials, int(self.budget_epochs // self.epochs))
+        return most_full_trials(self.epochs, self.max_trials, self.budget_epochs)
+
+    def most_epochs(self, pairs: list[Pair]) -> float:
+        """The most epochs a study of these pairs may train (`orchestrator.costs`)."""
+        nets, screen = len({n for p in pairs for n in (p.deep, p.multi)}), self.screen
+        return most_epochs(self.epochs, self.max_trials, self.budget_epochs, nets, len(pairs),
+                           len(self.seeds), None if screen is None else self.epochs_at(screen),
+                           self.screen_epochs())
 
     def screen_epochs(self) -> float:
         """What short schedules may take: about SCREEN_SHARE of what the study may train, so

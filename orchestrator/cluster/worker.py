@@ -14,7 +14,7 @@ from pathlib import Path
 import ray.train
 import torch
 
-from models.summary import summarize
+from models.complexity import summarize
 from orchestrator.cluster.system_metrics import SystemSampler
 from orchestrator.errors import OutOfMemory, TrainingDiverged
 from orchestrator.results import CHECKPOINT_FILE, DIVERGED, training_flops

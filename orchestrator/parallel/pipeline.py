@@ -16,7 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from models.multi_resnet import Architecture, MultiResNet, create_model
-from models.summary import input_size
+from models.complexity import input_size
 
 
 @lru_cache(maxsize=64)

@@ -42,7 +42,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2.functional import resize
 
-from models.summary import input_size
+from models.complexity import input_size
 from orchestrator.errors import DataError
 
 log = logging.getLogger(__name__)

@@ -80,7 +80,7 @@ def timed(batches, waited: list[float]):
 
 def checkpoint_bytes(cfg: TrainConfig) -> int:
     """About the size of a checkpoint: weights and momentum (BN statistics are small)."""
-    from models.summary import summarize
+    from models.complexity import summarize
 
     return summarize(cfg.architecture)["params"] * 2 * DTYPE_BYTES[cfg.dtype]
 

@@ -199,7 +199,7 @@ class TrainingStep:
 def seconds_per_step(cfg: TrainConfig, steps: int = 2) -> float:
     """A short measurement: seconds per training step of `cfg` (one process, this machine's
     device, random images), after one warm-up step."""
-    from models.summary import input_size
+    from models.complexity import input_size
 
     cfg = cfg.resolved(torch.cuda.is_available())
     device = torch.device(cfg.device)

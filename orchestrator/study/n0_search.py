@@ -25,7 +25,7 @@ def n0_plan(study: StudyConfig) -> N0Plan:
 
 
 def n0_policy(study: StudyConfig) -> N0Policy:
-    from models.summary import summarize
+    from models.complexity import summarize
 
     nets = {}
     for c in study.feasible():
@@ -47,7 +47,7 @@ def ladder_of(study: StudyConfig):
         return None
     from models.multi_resnet import Architecture
     from models.architecture import parameter_count
-    from models.summary import summarize
+    from models.complexity import summarize
     from orchestrator.analysis.pairs import Pair, matched_multi, next_deep
 
     def grow(side: str, pairs: list, nets: dict) -> tuple | None:

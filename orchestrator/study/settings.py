@@ -142,7 +142,7 @@ class TrialSchedulerSettings(Strict):
 
 class Resources(Strict):
     """What each trial takes. `auto` follows the cluster when the sweep starts
-    (`orchestrator.study.fit`): a GPU per worker where there are GPUs and train.device is not
+    (`orchestrator.study.placement`): a GPU per worker where there are GPUs and train.device is not
     cpu; the CPUs shared among the trials that run at once (on GPUs: the CPUs each GPU has)."""
     workers: int | None = Field(None, ge=1, description="Ray Train workers per trial; default "
                                 "and only valid value: parallel.dp x pp x bp")

@@ -24,7 +24,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from ray.tune import Callback
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
-from models.summary import summarize
+from models.complexity import summarize
 from orchestrator.study.mlflow_names import Tag
 from orchestrator.analysis.n0 import check_runs
 from orchestrator.errors import ReportError, StorageError, TrackingError, short

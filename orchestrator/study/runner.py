@@ -39,10 +39,10 @@ def start_ray(study: StudyConfig, study_file: str | None) -> tuple[StudyConfig, 
     """Connect to RAY_ADDRESS or start a local Ray; the study with its resources fitted to the
     cluster, and how many trials run at once."""
     from orchestrator.cluster.driver import init_ray
-    from orchestrator.study.fit import Cluster, check_fit
+    from orchestrator.study.placement import Cluster, check_place
 
     init_ray()
-    return check_fit(study, Cluster.of_ray(), study_file)
+    return check_place(study, Cluster.of_ray(), study_file)
 
 
 def resolve_paths(study: StudyConfig, fetch: bool = True) -> StudyConfig:
@@ -195,7 +195,7 @@ def _run(study: StudyConfig, study_file: str, resume: bool, results: str, local:
     from orchestrator.study.console import start_line
     from orchestrator.study.extension import begin, extended_line, mark_parent, prior_for
     from orchestrator.study.mlflow_client import connect
-    from orchestrator.study.summary import show_finished
+    from orchestrator.study.outputs import show_finished
     from orchestrator.study.tracking import StudyRun
     from orchestrator.trust import check
 
@@ -226,7 +226,7 @@ def _run(study: StudyConfig, study_file: str, resume: bool, results: str, local:
     if prior:
         mark_parent(parent, prior, Path(study_file).read_text())
     try:
-        outcome = fit(study, results, restoring, parent, (digest, settings), concurrency,
+        outcome = run_tuner(study, results, restoring, parent, (digest, settings), concurrency,
                       ray_log is not None, prior)
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)
@@ -284,7 +284,7 @@ def conclude(study: StudyConfig, outcome, parent, prior, results: str, local: Pa
     """After Tune: interrupted (130), trials missing (`TrialsFailed`), or the summary, the best
     model and the report, and the parent run FINISHED."""
     from orchestrator.study.extension import extended_line
-    from orchestrator.study.summary import (failed_trials, register_best_model, report_n0,
+    from orchestrator.study.outputs import (failed_trials, register_best_model, report_n0,
                                             report_summary, summarize_results)
 
     ended = outcome.num_terminated + outcome.num_errors
@@ -327,7 +327,7 @@ def old_rows(study: StudyConfig, results: str) -> list[dict]:
     saved its state), read before an extension starts a new one there."""
     from ray.tune import Tuner
 
-    from orchestrator.study.summary import summarize_results
+    from orchestrator.study.outputs import summarize_results
     from orchestrator.trust import check
 
     if not check(results):  # signed, or refused before anything is unpickled
@@ -348,8 +348,8 @@ def fail_missing(missing: dict[str, str], trials: int, parent, study: StudyConfi
                        f"({', '.join(missing)}); run the same command again to train them")
 
 
-def fit(study: StudyConfig, results: str, restoring: bool, parent, config: tuple[str, dict],
-        concurrency: int, quiet: bool, prior=None):
+def run_tuner(study: StudyConfig, results: str, restoring: bool, parent,
+              config: tuple[str, dict], concurrency: int, quiet: bool, prior=None):
     """Run (or restore) the study's Tune experiment; `config`: its hash and what it trains, as
     the results folder keeps them; `prior`: an extension's finished trials."""
     from ray.tune import Tuner

@@ -10,8 +10,9 @@ from pathlib import Path
 
 from orchestrator.study.mlflow_names import Tag
 from orchestrator.errors import TrackingError, UserError, short
-from orchestrator.results import (CHECKPOINT_FILE, DONE, FAILED, outcome, trained,
-                                  training_flops)
+from orchestrator.costs import GPU_IMAGES_PER_S, trial_flops
+from orchestrator.costs import gpu_hours as hours_of
+from orchestrator.results import CHECKPOINT_FILE, DONE, FAILED, outcome, trained
 from orchestrator.run.data import train_images
 from orchestrator.study.config import StudyConfig
 from orchestrator.study.trials import planned_trials
@@ -19,14 +20,16 @@ from orchestrator.study.trials import planned_trials
 log = logging.getLogger(__name__)
 
 
-def estimated_cost(study: StudyConfig, flops: int) -> float:
-    """Training FLOPs of one trial: every image of every epoch (or `steps`)."""
+def study_images(study: StudyConfig) -> int:
+    """The training images a trial's epoch goes over."""
     train = study.train
-    train_size = train.train_size or train_images(train.dataset, train.data_dir)
-    steps = train.epochs * (train_size // train.batch_size)
-    if train.steps:
-        steps = min(steps, train.steps)
-    return training_flops(flops, steps, train.batch_size)
+    return train.train_size or train_images(train.dataset, train.data_dir)
+
+
+def estimated_cost(study: StudyConfig, flops: float) -> float:
+    """Training FLOPs of one trial (`orchestrator.costs.trial_flops`)."""
+    train = study.train
+    return trial_flops(flops, train.epochs, study_images(study), train.batch_size, train.steps)
 
 
 def first_trials(study: StudyConfig, count: int, seed: dict | None = None) -> list[dict]:
@@ -47,7 +50,7 @@ def first_trials(study: StudyConfig, count: int, seed: dict | None = None) -> li
 
 
 def dry_run(study: StudyConfig, count: int) -> None:
-    from models.summary import summarize
+    from models.complexity import summarize
 
     feasible, excluded = study.feasible(), study.excluded()
     print(f"study {study.name}: {len(feasible)} architectures in the budget, "
@@ -74,31 +77,21 @@ def dry_run(study: StudyConfig, count: int) -> None:
     print_table(rows)
 
 
-# The one measured speed the dry run prices GPU time with: bench/RESULTS.md, "GPU: the first
-# measurement", pre-resnet-68 in `orchestrator.train` epochs on one H200 (the slower of the two
-# ~1M-parameter CIFAR nets measured there).
-GPU_IMAGES_PER_S = 15_686
-
-
 def gpu_hours(study: StudyConfig, epochs: float) -> str:
     """Epochs summed over trials as GPU time at the measured speed ("" for a CPU study)."""
     if study.train.device == "cpu":
         return ""
-    train = study.train
-    images = train.train_size or train_images(train.dataset, train.data_dir)
-    return f"{epochs * images / GPU_IMAGES_PER_S / 3600:,.1f} GPU hours"
+    return f"{hours_of(epochs, study_images(study)):,.1f} GPU hours"
 
 
 def worst_epochs(study: StudyConfig) -> tuple[float, int]:
-    """(the most epochs an n0 study may train, the grid's epochs)."""
+    """(the most epochs an n0 study may train, the grid's epochs): what its searcher's plan
+    holds (`orchestrator.costs.most_epochs`)."""
     from orchestrator.study.n0_search import n0_plan
 
-    plan, epochs = n0_plan(study), study.train.epochs
-    nets = {n for p in study.pairs_to_train() for n in (p.deep, p.multi)}
-    grid = len(nets) * len(study.seeds) * epochs
-    screen = min(2 * len(nets) * plan.epochs_at(plan.screen), plan.screen_epochs()) \
-        if plan.screen else 0
-    return min(plan.budget_epochs or math.inf, study.trials * epochs + screen, grid + screen), grid
+    pairs = study.pairs_to_train()
+    nets = len({n for p in pairs for n in (p.deep, p.multi)})
+    return n0_plan(study).most_epochs(pairs), nets * len(study.seeds) * study.train.epochs
 
 
 def n0_cost(study: StudyConfig, studies: int = 10) -> None:
@@ -149,7 +142,7 @@ def extension_cost(study: StudyConfig) -> dict | None:
     state it continues from."""
     from orchestrator.study.extension import (check_extension, earlier_study, last_state,
                                               trained_so_far)
-    from orchestrator.study.sweep import config_hash, read_state, resolve_paths
+    from orchestrator.study.runner import config_hash, read_state, resolve_paths
 
     results = study.results_place()
     state = read_state(results)
@@ -198,7 +191,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def summarize_results(results, study: StudyConfig) -> list[dict]:
-    from models.summary import summarize
+    from models.complexity import summarize
 
     rows = []
     for result in results:
@@ -319,7 +312,7 @@ def register_best_model(results, trial_id: str, study: StudyConfig, parent) -> N
     from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
     from models.multi_resnet import Architecture, create_model
-    from models.summary import input_size
+    from models.complexity import input_size
     from orchestrator.run.checkpoint import load_checkpoint
     from orchestrator.study.mlflow_client import all_runs, outbox
 
@@ -385,7 +378,7 @@ def report_n0(rows: list[dict], study: StudyConfig, parent, results_dir: Path,
     from mlflow.entities import Metric, RunTag
 
     from orchestrator.analysis.n0 import find_pairs
-    from orchestrator.analysis.report import build_report, show
+    from orchestrator.analysis.report_builder import build_report, show
     from orchestrator.study.tracking import outbox
 
     finished = [r for r in rows if r["status"] == DONE and r["final_test_error"] is not None]

@@ -40,10 +40,10 @@ class Cluster:
 
 
 class DoesNotFit(Exception):
-    """What the study needs that the cluster lacks (turned into the message by `check_fit`)."""
+    """What the study needs that the cluster lacks (turned into the message by `check_place`)."""
 
 
-def fit(study: StudyConfig, cluster: Cluster) -> tuple[Resources, int]:
+def place(study: StudyConfig, cluster: Cluster) -> tuple[Resources, int]:
     """The study's resources with `auto` resolved, and how many trials run at once."""
     res, device = study.resources, study.train.device
     workers, driver = res.workers, res.driver_cpus
@@ -85,11 +85,11 @@ def fit(study: StudyConfig, cluster: Cluster) -> tuple[Resources, int]:
                                   "gpus_per_worker": float(gpus)}), at_once
 
 
-def check_fit(study: StudyConfig, cluster: Cluster, study_file: str | None) -> tuple[
+def check_place(study: StudyConfig, cluster: Cluster, study_file: str | None) -> tuple[
         StudyConfig, int]:
-    """`fit`, or a ConfigError with the message described above."""
+    """`place`, or a ConfigError with the message described above."""
     try:
-        resources, at_once = fit(study, cluster)
+        resources, at_once = place(study, cluster)
         return study.model_copy(update={"resources": resources}), at_once
     except DoesNotFit as need:
         raise ConfigError(no_fit_message(study, cluster, str(need), study_file)) from None
@@ -117,7 +117,7 @@ def no_fit_message(study: StudyConfig, cluster: Cluster, need: str,
         "resources": res.model_copy(update={"gpus_per_worker": "auto",
                                             "cpus_per_worker": "auto"})})
     try:
-        resources, at_once = fit(on_cpus, cluster)
+        resources, at_once = place(on_cpus, cluster)
     except (DoesNotFit, ConfigError):
         pass
     else:
@@ -132,7 +132,7 @@ def no_fit_message(study: StudyConfig, cluster: Cluster, need: str,
 
 def fits(path: Path, cluster: Cluster) -> bool:
     try:
-        fit(load_study(str(path), []), cluster)
+        place(load_study(str(path), []), cluster)
         return True
     except Exception:  # a study that does not load, or does not fit, is not offered
         return False
@@ -143,9 +143,9 @@ def estimate(study: StudyConfig, resources: Resources, at_once: int) -> str:
     short step of its median architecture reaches on this machine, `at_once` trials at a time."""
     import torch
 
-    from models.summary import summarize
+    from models.complexity import summarize
     from orchestrator.run.step import seconds_per_step
-    from orchestrator.study.summary import estimated_cost
+    from orchestrator.study.outputs import estimated_cost, worst_epochs
 
     configs = sorted((study.trial_config({"arch": c.name}) for c in study.feasible()),
                      key=lambda cfg: summarize(cfg.architecture)["flops"])
@@ -157,13 +157,14 @@ def estimate(study: StudyConfig, resources: Resources, at_once: int) -> str:
     finally:
         torch.set_num_threads(threads)
     rate = training_flops(forward[len(configs) // 2], 1, study.train.batch_size) / step_s
-    trials = planned_trials(study)
-    if study.searcher.sampler == "n0" and study.budget.epochs:  # the n0 searcher's own cap
-        trials = min(trials, math.ceil(study.budget.epochs / study.train.epochs))
-    total = trials * estimated_cost(study, statistics.mean(forward))
+    per_trial = estimated_cost(study, statistics.mean(forward))
+    trials, total = f"{planned_trials(study)} trials", planned_trials(study) * per_trial
+    if study.searcher.sampler == "n0":  # the n0 searcher's own caps, in epochs
+        epochs = worst_epochs(study)[0]
+        trials, total = f"{epochs:,.0f} epochs", epochs / study.train.epochs * per_trial
     hours = total / (rate * at_once) / 3600
     took = f"{hours:,.0f} hours" if hours >= 2 else f"{60 * hours:.0f} minutes"
     # A floor: evaluation, data loading and each trial's start-up come on top (on two cores,
     # CIFAR-sized trials took about twice as long).
-    return (f"at least {took} ({trials} trials, {total / 1e15:,.2f} PFLOPs of training at "
+    return (f"at least {took} ({trials}, {total / 1e15:,.2f} PFLOPs of training at "
             f"{rate / 1e9:.1f} GFLOP/s measured here in one step, {at_once} at a time)")

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 
 from models.multi_resnet import Architecture, MultiResNet, create_model  # noqa: E402
-from orchestrator.analysis.report import save_figure  # noqa: E402
+from orchestrator.analysis.report_builder import save_figure  # noqa: E402
 from orchestrator.errors import CheckpointError, short  # noqa: E402
 from orchestrator.run.checkpoint import load_checkpoint  # noqa: E402
 from orchestrator.run.data import DATASETS, Batches, Split, load_dataset  # noqa: E402
