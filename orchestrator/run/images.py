@@ -44,6 +44,7 @@ from torchvision.transforms.v2.functional import resize
 
 from models.summary import input_size
 from orchestrator.errors import DataError
+from orchestrator.run.batches import check_split, share, share_size
 
 log = logging.getLogger(__name__)
 
@@ -552,9 +553,9 @@ def default_workers() -> int:
 
 
 class FolderBatches:
-    """Batches of an image-folder split, the same interface as `data.Batches`: epoch e's order
-    and augmentation depend only on (seed, e); `shard=(index, count)` gives one data-parallel
-    replica its slice of every global batch, for training and evaluation."""
+    """Batches of an image-folder split, an `EpochBatches`: epoch e's order and augmentation
+    depend only on (seed, e); `shard=(index, count)` gives one data-parallel replica its `share`
+    of every global batch, for training and evaluation."""
 
     def __init__(self, split: FolderSplit, recipe: str, size: int, mean, std, batch_size: int,
                  device: torch.device | str, train: bool, seed: int = 0,
@@ -564,9 +565,8 @@ class FolderBatches:
         self.split, self.recipe, self.batch_size, self.train = split, recipe, batch_size, train
         self.seed, self.device, self.bad_images = seed, torch.device(device), bad_images
         self.shard_index, self.shard_count = shard
-        if batch_size % self.shard_count and train:
-            raise ValueError(f"batch size {batch_size} is not divisible by {self.shard_count} "
-                             f"data-parallel replicas")
+        if train:
+            check_split(batch_size, self.shard_count)
         self.images = FolderImages(split, recipe, size, train, seed, mean, std, decode)
         self.workers = default_workers() if workers is None else workers
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -576,71 +576,95 @@ class FolderBatches:
         n = len(self.split)
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
-    def shard_indices(self, epoch: int) -> list[list[int]]:
-        """This replica's positions in the epoch's order, batch by batch."""
+    def shard_indices(self, epoch: int) -> list[list[tuple[int, int]]]:
+        """This replica's (position, index) in the epoch's order, batch by batch (empty where
+        its share of a short evaluation batch is)."""
         n = len(self.split)
         order = (torch.randperm(n, generator=torch.Generator().manual_seed(
             self.seed * 1_000_003 + epoch)) if self.train else torch.arange(n)).tolist()
-        batches = []
-        for step in range(len(self)):
-            positions = list(range(step * self.batch_size, min(n, (step + 1) * self.batch_size)))
-            mine = np.array_split(np.asarray(positions), self.shard_count)[self.shard_index]
-            batches.append([(p, order[p]) for p in mine.tolist()])
-        return batches
+        return [[(p, order[p]) for p in share(step * self.batch_size, n, self.batch_size,
+                                             self.shard_index, self.shard_count)]
+                for step in range(len(self))]
 
     def loader(self, epoch: int, start_step: int = 0) -> torch.utils.data.DataLoader:
         """The workers' side of an epoch: batches (uint8 images, labels, skipped names, the
         colour maps' inputs) as the workers make them."""
-        keys = [[(epoch, p, i) for p, i in batch] for batch in self.shard_indices(epoch)]
+        return self.load(epoch, self.shard_indices(epoch)[start_step:])
+
+    def load(self, epoch: int, shares: list[list[tuple[int, int]]]
+             ) -> torch.utils.data.DataLoader:
+        keys = [[(epoch, p, i) for p, i in mine] for mine in shares if mine]
         return torch.utils.data.DataLoader(
-            self.images, batch_sampler=keys[start_step:], num_workers=self.workers,
-            collate_fn=collate, pin_memory=self.device.type == "cuda",
-            prefetch_factor=4 if self.workers else None)
+            self.images, batch_sampler=keys, num_workers=self.workers, collate_fn=collate,
+            pin_memory=self.device.type == "cuda", prefetch_factor=4 if self.workers else None)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.skipped = []
-        for batch in self.loader(epoch, start_step):
-            if isinstance(batch, ToDecode):  # JPEGs to decode here, on the device
-                batch = self.images.finish(batch.items, self.device)
-            x, y, skipped, colour = batch
-            if skipped:
-                if self.bad_images == "error":
-                    raise DataError(f"cannot decode {skipped[0]}; replace or remove the file, "
-                                    f"or set bad_images: skip")
-                self.skipped += skipped
-            if x is None:
-                raise DataError(f"{SUBSTITUTES} images in a row cannot be decoded, e.g. "
-                                f"{skipped[-1]}; check the files under {self.split.root}")
-            M, t = (self.to_device(m) for m in self.images.maps(colour))
-            x = apply_colour(x.to(self.device, non_blocking=True), M, t, self.memory_format)
-            yield x, self.to_device(y)
+        shares = self.shard_indices(epoch)[start_step:]
+        loaded = iter(self.load(epoch, shares))
+        for mine in shares:
+            # An empty share (of a short evaluation batch): an empty batch, so that every replica
+            # steps through the same batches.
+            yield self.batch(next(loaded)) if mine else self.empty()
         if self.skipped:
             log.warning(f"skipped {len(self.skipped)} undecodable image(s) this epoch, each "
                         f"replaced by the next image of the split: "
                         f"{'; '.join(self.skipped[:20])}")
 
+    def batch(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float images and labels on the device from a batch of the workers (or of JPEGs to
+        decode here, on the device)."""
+        if isinstance(batch, ToDecode):
+            batch = self.images.finish(batch.items, self.device)
+        x, y, skipped, colour = batch
+        if skipped:
+            if self.bad_images == "error":
+                raise DataError(f"cannot decode {skipped[0]}; replace or remove the file, "
+                                f"or set bad_images: skip")
+            self.skipped += skipped
+        if x is None:
+            raise DataError(f"{SUBSTITUTES} images in a row cannot be decoded, e.g. "
+                            f"{skipped[-1]}; check the files under {self.split.root}")
+        M, t = (to_device(m, self.device) for m in self.images.maps(colour))
+        x = apply_colour(to_device(x, self.device), M, t, self.memory_format)
+        return x, to_device(y, self.device)
 
-    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A copy that does not wait: from pinned memory on CUDA (a pageable source blocks)."""
-        if self.device.type == "cuda" and not tensor.is_pinned():
-            tensor = tensor.pin_memory()
-        return tensor.to(self.device, non_blocking=True)
+    def empty(self) -> tuple[torch.Tensor, torch.Tensor]:
+        size = self.images.size
+        x = torch.empty((0, 3, size, size), device=self.device, memory_format=self.memory_format)
+        return x, torch.empty(0, dtype=torch.int64, device=self.device)
 
     def padded_epoch(self, shard: tuple[int, int] = (0, 1)
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         """Evaluation batches as `data.Batches.padded_epoch` gives them: (images, labels, how
-        many are real), this replica's slice of every batch padded to one fixed size."""
+        many are real), this replica's share of every batch padded to one fixed size."""
         if shard != (self.shard_index, self.shard_count):
             raise ValueError(f"these batches are replica {self.shard_index} of "
                              f"{self.shard_count}'s, not {shard[0]} of {shard[1]}'s")
-        per = -(-self.batch_size // self.shard_count)
+        per = share_size(self.batch_size, self.shard_count)
         for x, y in self.epoch(0):
-            valid = len(y)
-            if valid < per:  # the last batch, or a share of a batch that does not split evenly
-                x = torch.cat([x, x.new_zeros((per - valid, *x.shape[1:]))]).contiguous(
-                    memory_format=self.memory_format)
-                y = torch.cat([y, y.new_zeros(per - valid)])
-            yield x, y, valid
+            yield *pad_share(x, y, per, self.memory_format), len(y)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy that does not wait: from pinned memory to CUDA (a pageable source blocks); a
+    tensor already there as it is."""
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def pad_share(x: torch.Tensor, y: torch.Tensor, rows: int, memory_format: torch.memory_format
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A replica's share of an evaluation batch padded to `rows` images (zeros, label 0): the
+    fixed shapes of evaluation steps (pipeline stages keep the shapes of their first step)."""
+    if len(y) == rows:
+        return x, y
+    x = torch.cat([x, x.new_zeros((rows - len(y), *x.shape[1:]))]).contiguous(
+        memory_format=memory_format)
+    return x, torch.cat([y, y.new_zeros(rows - len(y))])
 
 
 def folder_batches(split: FolderSplit, cfg, batch_size: int, device, train: bool,
