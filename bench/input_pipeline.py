@@ -159,8 +159,8 @@ def step_costs(root: Path, count: int = 200) -> dict[str, float]:
         "resize: torch antialiased, crop copied channels-last": torch_resize,
         "resize: torch antialiased, CHW crop": lambda i: torch_resize(i, False),
         "flip (224x224x3 uint8)": lambda i: outs[i].flip(1),
-        "channel means (224x224x3)": lambda i: data.colour_inputs(outs[i][None],
-                                                                  draws[i].colour[None]),
+        "channel means (224x224x3)": lambda i: data.colour_inputs(
+            outs[i][None], torch.from_numpy(draws[i].colour[None])),
         "JPEG frame header (size)": lambda i: images.jpeg_size(blobs[i]),
         "draws (generator + crop, flip, colour)":
             lambda i: data.draw(tensors[i].shape[2], tensors[i].shape[1],

@@ -382,9 +382,9 @@ def reference_colour(x: torch.Tensor, factors, order, alpha) -> torch.Tensor:
 
 def colour_augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     """`images.colour_transform` applied to images in [0, 1] (N, 3, H, W)."""
-    M, t = images.colour_transform(x.mean((2, 3)).numpy(), *images.colour_draws(len(x), rng))
-    return torch.einsum("nij,njhw->nihw", torch.from_numpy(M), x) + \
-        torch.from_numpy(t)[:, :, None, None]
+    M, t = images.colour_transform(x.mean((2, 3)), *map(torch.from_numpy,
+                                                        images.colour_draws(len(x), rng)))
+    return torch.einsum("nij,njhw->nihw", M, x) + t[:, :, None, None]
 
 
 def test_colour_augmentation_matches_fb_resnet_torch():
@@ -394,6 +394,72 @@ def test_colour_augmentation_matches_fb_resnet_torch():
     assert len({tuple(o) for o in order.tolist()}) > 1  # the random order is exercised
     torch.testing.assert_close(got, reference_colour(x, *map(torch.from_numpy,
                                                              (factors, order, alpha))))
+
+
+def numpy_colour_maps(colour: np.ndarray, mean, std) -> tuple[np.ndarray, np.ndarray]:
+    """The colour maps as the training process made them on the host, in numpy, before they
+    moved to torch on the batch's device: the reference they must equal."""
+    means, factors, order, lighting = (colour[:, :3], colour[:, 3:6],
+                                       colour[:, 6:9].astype(np.int64), colour[:, 9:])
+    n = len(means)
+    gray = np.array((0.299, 0.587, 0.114))
+    eye, to_gray = np.eye(3), np.tile(gray, (3, 1))
+    M, t = np.tile(eye, (n, 1, 1)), np.zeros((n, 3))
+    for step in range(3):
+        op = order[:, step]
+        alpha = factors[np.arange(n), op][:, None, None]
+        mean_gray = (np.einsum("nij,nj->ni", M, means) + t) @ gray
+        A = alpha * eye + (1 - alpha) * (op == 2)[:, None, None] * to_gray
+        offset = (1 - alpha[:, :, 0]) * (op == 1)[:, None] * mean_gray[:, None]
+        M, t = A @ M, np.einsum("nij,nj->ni", A, t) + offset
+    t = t + (lighting * np.asarray(images.PCA_EIGVAL)) @ np.asarray(images.PCA_EIGVEC).T
+    M, t = torch.from_numpy(M).float(), torch.from_numpy(t).float()
+    mean, std = torch.tensor(mean), torch.tensor(std)
+    return M / std[:, None], (255 * t - mean) / std
+
+
+def imagenet_colour_inputs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixels (n, 8, 8, 3) and their colour draws as the workers make them."""
+    rng = np.random.default_rng(seed)
+    pixels = torch.from_numpy(rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8))
+    draws = np.concatenate(images.colour_draws(n, rng), axis=1)
+    return pixels, torch.from_numpy(draws)
+
+
+def test_colour_maps_in_torch_equal_the_numpy_reference():
+    """The maps made in torch (on the batch's device) are the host's numpy maps, within float32
+    rounding, for the same draws: the same seeding, the same augmentation."""
+    data = FolderImages(None, "imagenet", 8, True, 0, datasets.IMAGENET_MEAN,
+                        datasets.IMAGENET_STD)
+    pixels, draws = imagenet_colour_inputs(256, seed=4)
+    colour = data.colour_inputs(pixels, draws)
+    means = pixels.reshape(256, -1, 3).double().mean(1) / 255
+    assert torch.equal(colour, torch.cat([means, draws], 1))
+    assert len({tuple(o) for o in colour[:, 6:9].tolist()}) == 6  # every order drawn
+    M, t = data.maps(colour)
+    M0, t0 = numpy_colour_maps(colour.numpy(), datasets.IMAGENET_MEAN, datasets.IMAGENET_STD)
+    assert M.dtype == t.dtype == torch.float32
+    torch.testing.assert_close(M, M0, rtol=2e-7, atol=0)
+    torch.testing.assert_close(t, t0, rtol=2e-7, atol=1e-6)
+
+
+@pytest.mark.parametrize("recipe, train", [("imagenet", True), ("imagenet", False),
+                                           ("cifar", True)])
+def test_colour_maps_are_made_on_the_batchs_device_without_reading_back(recipe, train):
+    """On a meta device (shapes only: a read-back to the host, `.cpu()`, `.numpy()`, `.item()`,
+    raises): a batch's colour inputs and maps are made there from its pixels and draws, so on
+    a GPU (`decode: device`) nothing waits for the device."""
+    data = FolderImages(None, recipe, 8, train, 0, datasets.IMAGENET_MEAN,
+                        datasets.IMAGENET_STD)
+    for shape in ((4, 8, 8, 3), (4, 5, 7, 3)):  # 64 pixels to a row, and not
+        pixels = torch.empty(shape, dtype=torch.uint8, device="meta")
+        colour = data.colour_inputs(pixels, torch.empty(4, 9, dtype=torch.float64,
+                                                        device="meta"))
+        assert colour.device.type == "meta"
+        assert colour.shape == (4, 12 if (recipe, train) == ("imagenet", True) else 0)
+        M, t = data.maps(colour)
+        assert M.device.type == t.device.type == "meta"
+        assert M.shape == (4, 3, 3) and t.shape == (4, 3) and M.dtype == torch.float32
 
 
 def test_a_folder_run_resumes_as_if_uninterrupted(tmp_path, monkeypatch):

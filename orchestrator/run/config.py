@@ -17,6 +17,7 @@ from models.architecture import Architecture
 from orchestrator.errors import ConfigError, short
 from orchestrator.storage import check_regular
 from orchestrator.parallel.degrees import ParallelConfig  # the mesh's own schema, part of a run's
+from orchestrator.run.batches import check_split
 from orchestrator.run.datasets import DATASETS
 
 # Bounds on what input may ask for, checked at load (one line, before anything is allocated).
@@ -207,10 +208,10 @@ class TrainConfig(Strict):
             fields = self.architecture.model_dump(exclude_unset=True)
             fields["dataset"] = wanted
             self.architecture = Architecture(**fields)
-        if self.recipe == "imagenet" and DATASETS[self.dataset].batcher is None:
+        if self.recipe == "imagenet" and not DATASETS[self.dataset].image_files:
             raise ValueError(f"recipe imagenet augments image files; {self.dataset} is trained "
                              f"with recipe cifar (or use dataset imagefolder or imagenet)")
-        if self.decode == "device" and DATASETS[self.dataset].batcher is None:
+        if self.decode == "device" and not DATASETS[self.dataset].image_files:
             raise ValueError(f"decode device decodes image files; {self.dataset} is already "
                              f"decoded: use decode workers (or dataset imagefolder or imagenet)")
         if any(not 0 < m < 1 for m in self.lr_milestones):
@@ -231,10 +232,7 @@ class TrainConfig(Strict):
         if p.pp > sum(arch.stage_blocks):
             raise ValueError(f"parallel.pp={p.pp} exceeds the {sum(arch.stage_blocks)} blocks; "
                              f"use pp <= number of blocks")
-        if self.batch_size % (p.dp * p.microbatches):
-            raise ValueError(f"batch_size {self.batch_size} does not split into dp={p.dp} x "
-                             f"microbatches={p.microbatches}; make it a multiple of "
-                             f"{p.dp * p.microbatches}")
+        check_split(self.batch_size, p.dp, p.microbatches)
         if p.schedule == "1f1b" and p.pp > 1 and p.microbatches < p.pp:
             raise ValueError(f"parallel.schedule 1f1b needs microbatches >= pp ({p.pp})")
         if self.dtype == "float64" and self.precision not in ("auto", "fp32"):

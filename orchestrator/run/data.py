@@ -26,8 +26,9 @@ import torch
 
 from orchestrator.errors import DataError, short
 from orchestrator.storage import check_regular
+from orchestrator.run.batches import check_split, share, share_size
 from orchestrator.run.datasets import DATASETS, FOLDER_NORMALIZATION, IMAGENET_CLASSES
-from orchestrator.run.images import folder_batches, load_folder, scan
+from orchestrator.run.images import folder_batches, load_folder, pad_share, scan
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +209,14 @@ def load_imagenet(data_dir, train_size, test_size, seed):
     return load_folder(data_dir, IMAGENET_CLASSES, "imagenet")
 
 
+# The batchers that `DATASETS` names: (split, cfg, batch_size, device, train, shard), cfg a
+# resolved `TrainConfig`, shard (replica index, replicas) -> `EpochBatches` (batches.py).
+def held_batches(split: Split, cfg, batch_size: int, device: torch.device | str, train: bool,
+                 shard: tuple[int, int]) -> Batches:
+    return Batches(split, cfg.dataset, batch_size, device, train, seed=cfg.seed, shard=shard,
+                   channels_last=cfg.channels_last)
+
+
 def image_folder_batches(*args, **kwargs):
     return folder_batches(*args, normalization=FOLDER_NORMALIZATION, **kwargs)
 
@@ -237,17 +246,20 @@ def load_dataset(name: str, data_dir: str | Path | None, train_size: int | None 
 
 
 class Batches:
-    """Batches of one split, normalised and (for training) augmented on `device`.
+    """Batches of one split held whole as tensors (CIFAR, synthetic data): an `EpochBatches`,
+    normalised and (for training) augmented on `device`.
 
     The split lives on the device in the net's memory layout. A training epoch's order, flips and
     crops are drawn at its start (from a generator seeded by (seed, epoch)) and applied, with the
     normalisation, to the whole epoch at once, so every batch is a slice and nothing waits for
     the host until the loop reads a loss (the airbench / hlb-CIFAR10 way); the split itself stays
     uint8 (a quarter of the memory of a normalised copy, for no measurable cost per epoch).
-    `shard=(index, count)` gives one data-parallel replica its slice of every global batch.
-    Evaluation batches are slices of a normalised test tensor padded to whole batches
-    (`padded_epoch`).
+    `shard=(index, count)` gives one data-parallel replica its `share` of every global batch.
+    Evaluation batches are slices of a normalised test tensor; `padded_epoch` gives any
+    replica's share (the split is all here).
     """
+
+    skipped = None  # decoded already: no file to skip
 
     def __init__(self, split: Split, dataset: str, batch_size: int, device: torch.device | str,
                  train: bool, seed: int = 0, shard: tuple[int, int] = (0, 1),
@@ -255,30 +267,25 @@ class Batches:
         self.split, self.batch_size, self.train, self.seed = split, batch_size, train, seed
         self.device = torch.device(device)
         self.shard_index, self.shard_count = shard
-        if batch_size % self.shard_count:
-            raise ValueError(f"batch size {batch_size} is not divisible by {self.shard_count} "
-                             f"data-parallel replicas")
+        if train:
+            check_split(batch_size, self.shard_count)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         mean, std = DATASETS[dataset].normalization
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
-        n = len(split)
         self.labels = split.labels.to(self.device)
         if train:
             # uint8 on the device (a quarter of float32); each epoch normalises what it draws.
             self.images = split.images.to(self.device).contiguous(
                 memory_format=self.memory_format)
             return
-        # Evaluation: normalised once, padded to whole batches (zeros, label 0; never counted).
-        rows = len(self) * batch_size
-        self.images = torch.empty((rows, *split.images.shape[1:]), device=self.device,
+        # Evaluation: normalised once.
+        self.images = torch.empty(split.images.shape, device=self.device,
                                   memory_format=self.memory_format)
-        self.images[n:] = 0
         chunk = CHUNK.get(self.device.type, CHUNK["cuda"])
-        for start in range(0, n, chunk):  # bounded temporary float copies
+        for start in range(0, len(split), chunk):  # bounded temporary float copies
             part = split.images[start:start + chunk].to(self.device)
             self.images[start:start + len(part)] = self.normalise(part)
-        self.labels = torch.cat([self.labels, self.labels.new_zeros(rows - n)])
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         return (images.float() - self.mean) / self.std
@@ -300,19 +307,17 @@ class Batches:
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if not self.train:
             for step in range(start_step, len(self)):
-                start, end = step * self.batch_size, min((step + 1) * self.batch_size,
-                                                         len(self.split))
-                yield self.images[start:end], self.labels[start:end]
+                mine = self.positions(step)
+                yield self.images[mine.start:mine.stop], self.labels[mine.start:mine.stop]
             return
         steps = len(self) - start_step
         if steps <= 0:
             return
         order, flips, shifts = self.draw(epoch)
         # This replica's share of every global batch from start_step on, in step order.
-        per = self.batch_size // self.shard_count
+        mine = self.positions(0)
         idx = order[start_step * self.batch_size:len(self) * self.batch_size]
-        mine = slice(self.shard_index * per, (self.shard_index + 1) * per)
-        idx = idx.view(steps, self.batch_size)[:, mine].reshape(-1)
+        idx = idx.view(steps, self.batch_size)[:, mine.start:mine.stop].reshape(-1)
         # One asynchronous host-to-device copy of each per epoch.
         dev_idx, dev_flips, dev_shifts = (
             t.to(self.device, non_blocking=True)
@@ -325,25 +330,27 @@ class Batches:
             x[start:end] = augment(self.normalise(self.images[dev_idx[start:end]]),
                                    dev_flips[start:end], dev_shifts[start:end])
         y = self.labels[dev_idx]
+        per = len(mine)
         for step in range(steps):
             yield x[step * per:(step + 1) * per], y[step * per:(step + 1) * per]
+
+    def positions(self, step: int, shard: tuple[int, int] | None = None) -> range:
+        """The positions (in the epoch's order) of a replica's share of batch `step`: this
+        replica's, or `shard`'s."""
+        index, count = shard or (self.shard_index, self.shard_count)
+        start = step * self.batch_size
+        return share(start, len(self.split), self.batch_size, index, count)
 
     def padded_epoch(self, shard: tuple[int, int] = (0, 1)
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         """Evaluation batches of one fixed size: (images, labels, how many are real) of replica
-        `shard[0]` of `shard[1]`, each taking a contiguous share of every padded batch."""
-        index, count = shard
-        per = -(-self.batch_size // count)
+        `shard[0]` of `shard[1]`, each its `share` of every batch, padded."""
+        per = share_size(self.batch_size, shard[1])
         for step in range(len(self)):
-            start = step * self.batch_size + index * per
-            end = min(start + per, (step + 1) * self.batch_size)
-            valid = max(0, min(end, len(self.split)) - start)
-            x, y = self.images[start:end], self.labels[start:end]
-            if len(y) < per:  # the batch size does not split evenly: pad this share
-                x = torch.cat([x, x.new_zeros((per - len(y), *x.shape[1:]))]).contiguous(
-                    memory_format=self.memory_format)
-                y = torch.cat([y, y.new_zeros(per - len(y))])
-            yield x, y, valid
+            mine = self.positions(step, shard)
+            x, y = self.images[mine.start:mine.stop], self.labels[mine.start:mine.stop]
+            yield *pad_share(x, y, per, self.memory_format), len(mine)
+
 
 
 # Images normalised and augmented per chunk: bounds the temporary copies on a GPU, and keeps

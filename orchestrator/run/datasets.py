@@ -32,9 +32,12 @@ class Dataset:
     loader: str
     train_images: int  # in the whole training split (for cost estimates; 0: count the folder)
     needs_files: bool = True  # read from data_dir (checked, and fetched, before a study starts)
-    # "module:function" building the batches of a split read file by file, (split, cfg,
-    # batch_size, device, train, shard) -> batches; None: the split is held whole as tensors.
-    batcher: str | None = None
+    # "module:function" building a split's batches, (split, cfg, batch_size, device, train,
+    # shard) -> an `EpochBatches` (batches.py): the one way every dataset's batches are made.
+    batcher: str = "orchestrator.run.data:held_batches"  # held whole as tensors on the device
+    # Read as image files every epoch (a recipe's augmentation and `decode` apply); else held
+    # decoded.
+    image_files: bool = False
     any_architecture: bool = False  # the user may pick the net family (default: `architecture`)
 
     @property
@@ -42,8 +45,8 @@ class Dataset:
         return _resolve(self.loader)
 
     @property
-    def batches(self) -> Callable | None:
-        return _resolve(self.batcher) if self.batcher else None
+    def batches(self) -> Callable:
+        return _resolve(self.batcher)
 
 
 # Means and stds of fb.resnet.torch's CIFAR loaders, which the paper's code used.
@@ -58,10 +61,11 @@ DATASETS: dict[str, Dataset] = {
     "imagefolder": Dataset(None, (IMAGENET_MEAN, IMAGENET_STD), "imagenet",
                            "orchestrator.run.data:load_image_folder", 0,
                            batcher="orchestrator.run.data:image_folder_batches",
-                           any_architecture=True),
+                           image_files=True, any_architecture=True),
     "imagenet": Dataset(IMAGENET_CLASSES, (IMAGENET_MEAN, IMAGENET_STD), "imagenet",
                         "orchestrator.run.data:load_imagenet", 1_281_167,
-                        batcher="orchestrator.run.data:image_folder_batches"),
+                        batcher="orchestrator.run.data:image_folder_batches",
+                        image_files=True),
 }
 # An image folder trained with the CIFAR recipe is normalised as CIFAR-10 is.
 FOLDER_NORMALIZATION = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD),

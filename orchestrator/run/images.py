@@ -44,6 +44,7 @@ from torchvision.transforms.v2.functional import resize
 
 from models.complexity import input_size
 from orchestrator.errors import DataError
+from orchestrator.run.batches import check_split, share, share_size
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009),
               (-0.5836, -0.6948, 0.4203))
 JITTER = 0.4      # brightness, contrast and saturation: factors uniform in [1 - 0.4, 1 + 0.4]
 LIGHTING = 0.1    # std of the PCA lighting noise
+GRAY = (0.299, 0.587, 0.114)  # luminance weights of R, G, B (grayscale, saturation, contrast)
 EVAL_RESIZE = 256 / 224  # evaluation: shorter side to 256, centre crop 224
 
 
@@ -266,7 +268,7 @@ class FolderImages(torch.utils.data.Dataset):
     def __init__(self, split: FolderSplit, recipe: str, size: int, train: bool, seed: int,
                  mean: tuple[float, ...], std: tuple[float, ...], decode: str = "workers"):
         self.split, self.recipe, self.size, self.train, self.seed = split, recipe, size, train, seed
-        self.mean, self.std = torch.tensor(mean), torch.tensor(std)
+        self.mean, self.std = tuple(mean), tuple(std)
         self.pad_value = tuple(round(m) for m in mean)
         self.decode = decode
 
@@ -293,7 +295,7 @@ class FolderImages(torch.utils.data.Dataset):
                 continue
             draws = self.draw(image.shape[2], image.shape[1], rng)
             pixels = geometry(image, draws, self.size, self.pad_value)
-            colour = self.colour_inputs(pixels[None], draws.colour[None])[0]
+            colour = self.colour_inputs(pixels[None], torch.from_numpy(draws.colour[None]))[0]
             return pixels, int(self.split.labels[i]), tuple(skipped), colour
         # No image: the training process raises (`FolderBatches.epoch`), in one line; raised in
         # a worker, it would come wrapped in the worker's traceback.
@@ -314,33 +316,37 @@ class FolderImages(torch.utils.data.Dataset):
                   if self.train and self.recipe == "imagenet" else np.empty(0))
         return Draws(box, shift, flip, colour)
 
-    def colour_inputs(self, pixels: torch.Tensor, draws: np.ndarray) -> torch.Tensor:
-        """What the colour maps of images (n, H, W, 3) need, (n, 12) float64 (ImageNet
-        recipe, training): the per-channel means in [0, 1], then the random draws (jitter
-        factors, their order, lighting weights); (n, 0) otherwise. The maps are made batched
-        (`maps`): 3x3 algebra costs numpy's call overhead per image, not per batch."""
+    def colour_inputs(self, pixels: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+        """What the colour maps of images (n, H, W, 3) need, (n, 12) float64 on their device
+        (ImageNet recipe, training): the per-channel means in [0, 1], then the random draws
+        (n, 9) on that device (jitter factors, their order, lighting weights); (n, 0)
+        otherwise. Nothing is read back: on a GPU the means stay there. The maps are made
+        batched (`maps`): 3x3 algebra costs a call's overhead per image, not per batch."""
         if not (self.train and self.recipe == "imagenet"):
-            return torch.empty(len(pixels), 0, dtype=torch.float64)
+            return torch.empty(len(pixels), 0, dtype=torch.float64, device=pixels.device)
         n, h, w, _ = pixels.shape
         if h * w % 64 == 0:  # 64 pixels to a row: a vectorised column sum (3.5x faster)
             sums = pixels.reshape(n, -1, 192).sum(1, dtype=torch.int32).view(n, 64, 3).sum(1)
         else:
             sums = pixels.reshape(n, h * w, 3).sum(1, dtype=torch.int64)
-        means = sums.cpu().double() / (h * w * 255)  # exact integer sums
-        return torch.cat([means, torch.as_tensor(draws, dtype=torch.float64)], 1)
+        means = sums.double() / (h * w * 255)  # exact integer sums
+        return torch.cat([means, draws.double()], 1)
 
     def maps(self, colour: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The colour maps (M, t) of a batch for its uint8 pixels, from the workers'
-        `colour_inputs` (n, 12 or 0): the colour augmentation, then normalisation by the mean
-        and std (0-255)."""
+        """The colour maps (M, t) of a batch for its uint8 pixels, float32 on `colour`'s device,
+        from `colour_inputs` (n, 12 or 0): the colour augmentation, then normalisation by the
+        mean and std (0-255)."""
+        device = colour.device
         if colour.shape[1]:
-            c = colour.numpy()
-            M, t = colour_transform(c[:, :3], c[:, 3:6], c[:, 6:9].astype(np.int64), c[:, 9:])
-            M, t = torch.from_numpy(M).float(), torch.from_numpy(t).float()
+            M, t = colour_transform(colour[:, :3], colour[:, 3:6], colour[:, 6:9].long(),
+                                    colour[:, 9:])
+            M, t = M.float(), t.float()
         else:
-            M, t = torch.eye(3).expand(len(colour), 3, 3), torch.zeros(len(colour), 3)
+            M = torch.eye(3, device=device).expand(len(colour), 3, 3)
+            t = torch.zeros(len(colour), 3, device=device)
+        mean, std = (constant(v, device, torch.float32) for v in (self.mean, self.std))
         # x01 = x / 255 -> M x01 + t -> (. - mean / 255) / (std / 255)
-        return M / self.std[:, None], (255 * t - self.mean) / self.std
+        return M / std[:, None], (255 * t - mean) / std
 
     def finish(self, items: list, device: torch.device):
         """A `decode: device` batch, made as `collate` makes the workers' batches, on `device`:
@@ -366,6 +372,7 @@ class FolderImages(torch.utils.data.Dataset):
         # The workers' colour inputs are (means, draws); the means again, batched, are the same.
         draws = np.stack([c.colour if isinstance(c, Draws) else np.asarray(c)[3:]
                           for c in colour])
+        draws = to_device(torch.from_numpy(draws), device)
         return x, torch.tensor(labels), names, self.colour_inputs(x, draws)
 
 
@@ -495,28 +502,36 @@ def colour_draws(n: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
     return factors, order, rng.standard_normal((n, 3)) * LIGHTING
 
 
-def colour_transform(mean: np.ndarray, factors: np.ndarray, order: np.ndarray,
-                     lighting: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def colour_transform(mean: torch.Tensor, factors: torch.Tensor, order: torch.Tensor,
+                     lighting: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fb.resnet.torch's ColorJitter (brightness, contrast, saturation in a random order per
     image) and PCA Lighting, for images in [0, 1] with per-channel means `mean` (n, 3), as one
-    affine map per image: x -> M x + t (M: (n, 3, 3), t: (n, 3)). Every step is affine in the
-    RGB vector (contrast blends with the mean gray level, which follows from the mean), so the
-    whole chain is applied to the pixels once."""
-    n = len(mean)
-    gray = np.array((0.299, 0.587, 0.114))
-    eye, to_gray = np.eye(3), np.tile(gray, (3, 1))  # to_gray: every row the gray weights
-    M, t = np.tile(eye, (n, 1, 1)), np.zeros((n, 3))
+    affine map per image: x -> M x + t (M: (n, 3, 3), t: (n, 3)), in `mean`'s dtype on its
+    device (`order`: int64). Every step is affine in the RGB vector (contrast blends with the
+    mean gray level, which follows from the mean), so the whole chain is applied to the pixels
+    once."""
+    n, device, dtype = len(mean), mean.device, mean.dtype
+    gray = constant(GRAY, device, dtype)
+    eye, to_gray = torch.eye(3, device=device, dtype=dtype), gray.expand(3, 3)  # rows: gray
+    M, t = eye.expand(n, 3, 3), torch.zeros_like(mean)
     for step in range(3):
         op = order[:, step]
-        alpha = factors[np.arange(n), op][:, None, None]  # (n, 1, 1)
-        mean_gray = (np.einsum("nij,nj->ni", M, mean) + t) @ gray  # (n,)
+        alpha = factors.gather(1, op[:, None])[:, :, None]  # (n, 1, 1)
+        mean_gray = (torch.einsum("nij,nj->ni", M, mean) + t) @ gray  # (n,)
         # op 0 brightness: blend with black; 1 contrast: with the mean gray; 2 saturation: with
         # the pixel's gray.
         A = alpha * eye + (1 - alpha) * (op == 2)[:, None, None] * to_gray
         offset = (1 - alpha[:, :, 0]) * (op == 1)[:, None] * mean_gray[:, None]
-        M, t = A @ M, np.einsum("nij,nj->ni", A, t) + offset
-    eigvec, eigval = np.asarray(PCA_EIGVEC), np.asarray(PCA_EIGVAL)
+        M, t = A @ M, torch.einsum("nij,nj->ni", A, t) + offset
+    eigvec, eigval = constant(PCA_EIGVEC, device, dtype), constant(PCA_EIGVAL, device, dtype)
     return M, t + (lighting * eigval) @ eigvec.T  # channel c: sum_j eigvec[c,j] a_j eigval_j
+
+
+@functools.lru_cache(maxsize=64)
+def constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A small constant on a device, made once: made per batch on a GPU, each would be a
+    blocking host-to-device copy."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def batch_memory(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -552,9 +567,9 @@ def default_workers() -> int:
 
 
 class FolderBatches:
-    """Batches of an image-folder split, the same interface as `data.Batches`: epoch e's order
-    and augmentation depend only on (seed, e); `shard=(index, count)` gives one data-parallel
-    replica its slice of every global batch, for training and evaluation."""
+    """Batches of an image-folder split, an `EpochBatches`: epoch e's order and augmentation
+    depend only on (seed, e); `shard=(index, count)` gives one data-parallel replica its `share`
+    of every global batch, for training and evaluation."""
 
     def __init__(self, split: FolderSplit, recipe: str, size: int, mean, std, batch_size: int,
                  device: torch.device | str, train: bool, seed: int = 0,
@@ -564,9 +579,8 @@ class FolderBatches:
         self.split, self.recipe, self.batch_size, self.train = split, recipe, batch_size, train
         self.seed, self.device, self.bad_images = seed, torch.device(device), bad_images
         self.shard_index, self.shard_count = shard
-        if batch_size % self.shard_count and train:
-            raise ValueError(f"batch size {batch_size} is not divisible by {self.shard_count} "
-                             f"data-parallel replicas")
+        if train:
+            check_split(batch_size, self.shard_count)
         self.images = FolderImages(split, recipe, size, train, seed, mean, std, decode)
         self.workers = default_workers() if workers is None else workers
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -576,71 +590,95 @@ class FolderBatches:
         n = len(self.split)
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
-    def shard_indices(self, epoch: int) -> list[list[int]]:
-        """This replica's positions in the epoch's order, batch by batch."""
+    def shard_indices(self, epoch: int) -> list[list[tuple[int, int]]]:
+        """This replica's (position, index) in the epoch's order, batch by batch (empty where
+        its share of a short evaluation batch is)."""
         n = len(self.split)
         order = (torch.randperm(n, generator=torch.Generator().manual_seed(
             self.seed * 1_000_003 + epoch)) if self.train else torch.arange(n)).tolist()
-        batches = []
-        for step in range(len(self)):
-            positions = list(range(step * self.batch_size, min(n, (step + 1) * self.batch_size)))
-            mine = np.array_split(np.asarray(positions), self.shard_count)[self.shard_index]
-            batches.append([(p, order[p]) for p in mine.tolist()])
-        return batches
+        return [[(p, order[p]) for p in share(step * self.batch_size, n, self.batch_size,
+                                             self.shard_index, self.shard_count)]
+                for step in range(len(self))]
 
     def loader(self, epoch: int, start_step: int = 0) -> torch.utils.data.DataLoader:
         """The workers' side of an epoch: batches (uint8 images, labels, skipped names, the
         colour maps' inputs) as the workers make them."""
-        keys = [[(epoch, p, i) for p, i in batch] for batch in self.shard_indices(epoch)]
+        return self.load(epoch, self.shard_indices(epoch)[start_step:])
+
+    def load(self, epoch: int, shares: list[list[tuple[int, int]]]
+             ) -> torch.utils.data.DataLoader:
+        keys = [[(epoch, p, i) for p, i in mine] for mine in shares if mine]
         return torch.utils.data.DataLoader(
-            self.images, batch_sampler=keys[start_step:], num_workers=self.workers,
-            collate_fn=collate, pin_memory=self.device.type == "cuda",
-            prefetch_factor=4 if self.workers else None)
+            self.images, batch_sampler=keys, num_workers=self.workers, collate_fn=collate,
+            pin_memory=self.device.type == "cuda", prefetch_factor=4 if self.workers else None)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.skipped = []
-        for batch in self.loader(epoch, start_step):
-            if isinstance(batch, ToDecode):  # JPEGs to decode here, on the device
-                batch = self.images.finish(batch.items, self.device)
-            x, y, skipped, colour = batch
-            if skipped:
-                if self.bad_images == "error":
-                    raise DataError(f"cannot decode {skipped[0]}; replace or remove the file, "
-                                    f"or set bad_images: skip")
-                self.skipped += skipped
-            if x is None:
-                raise DataError(f"{SUBSTITUTES} images in a row cannot be decoded, e.g. "
-                                f"{skipped[-1]}; check the files under {self.split.root}")
-            M, t = (self.to_device(m) for m in self.images.maps(colour))
-            x = apply_colour(x.to(self.device, non_blocking=True), M, t, self.memory_format)
-            yield x, self.to_device(y)
+        shares = self.shard_indices(epoch)[start_step:]
+        loaded = iter(self.load(epoch, shares))
+        for mine in shares:
+            # An empty share (of a short evaluation batch): an empty batch, so that every replica
+            # steps through the same batches.
+            yield self.batch(next(loaded)) if mine else self.empty()
         if self.skipped:
             log.warning(f"skipped {len(self.skipped)} undecodable image(s) this epoch, each "
                         f"replaced by the next image of the split: "
                         f"{'; '.join(self.skipped[:20])}")
 
+    def batch(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float images and labels on the device from a batch of the workers (or of JPEGs to
+        decode here, on the device)."""
+        if isinstance(batch, ToDecode):
+            batch = self.images.finish(batch.items, self.device)
+        x, y, skipped, colour = batch
+        if skipped:
+            if self.bad_images == "error":
+                raise DataError(f"cannot decode {skipped[0]}; replace or remove the file, "
+                                f"or set bad_images: skip")
+            self.skipped += skipped
+        if x is None:
+            raise DataError(f"{SUBSTITUTES} images in a row cannot be decoded, e.g. "
+                            f"{skipped[-1]}; check the files under {self.split.root}")
+        M, t = (to_device(m, self.device) for m in self.images.maps(colour))
+        x = apply_colour(to_device(x, self.device), M, t, self.memory_format)
+        return x, to_device(y, self.device)
 
-    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A copy that does not wait: from pinned memory on CUDA (a pageable source blocks)."""
-        if self.device.type == "cuda" and not tensor.is_pinned():
-            tensor = tensor.pin_memory()
-        return tensor.to(self.device, non_blocking=True)
+    def empty(self) -> tuple[torch.Tensor, torch.Tensor]:
+        size = self.images.size
+        x = torch.empty((0, 3, size, size), device=self.device, memory_format=self.memory_format)
+        return x, torch.empty(0, dtype=torch.int64, device=self.device)
 
     def padded_epoch(self, shard: tuple[int, int] = (0, 1)
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         """Evaluation batches as `data.Batches.padded_epoch` gives them: (images, labels, how
-        many are real), this replica's slice of every batch padded to one fixed size."""
+        many are real), this replica's share of every batch padded to one fixed size."""
         if shard != (self.shard_index, self.shard_count):
             raise ValueError(f"these batches are replica {self.shard_index} of "
                              f"{self.shard_count}'s, not {shard[0]} of {shard[1]}'s")
-        per = -(-self.batch_size // self.shard_count)
+        per = share_size(self.batch_size, self.shard_count)
         for x, y in self.epoch(0):
-            valid = len(y)
-            if valid < per:  # the last batch, or a share of a batch that does not split evenly
-                x = torch.cat([x, x.new_zeros((per - valid, *x.shape[1:]))]).contiguous(
-                    memory_format=self.memory_format)
-                y = torch.cat([y, y.new_zeros(per - valid)])
-            yield x, y, valid
+            yield *pad_share(x, y, per, self.memory_format), len(y)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy that does not wait: from pinned memory to CUDA (a pageable source blocks); a
+    tensor already there as it is."""
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def pad_share(x: torch.Tensor, y: torch.Tensor, rows: int, memory_format: torch.memory_format
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A replica's share of an evaluation batch padded to `rows` images (zeros, label 0): the
+    fixed shapes of evaluation steps (pipeline stages keep the shapes of their first step)."""
+    if len(y) == rows:
+        return x, y
+    x = torch.cat([x, x.new_zeros((rows - len(y), *x.shape[1:]))]).contiguous(
+        memory_format=memory_format)
+    return x, torch.cat([y, y.new_zeros(rows - len(y))])
 
 
 def folder_batches(split: FolderSplit, cfg, batch_size: int, device, train: bool,

@@ -19,7 +19,8 @@ from orchestrator.errors import CheckpointError, ConfigError, TrainingDiverged, 
 from orchestrator.parallel.engine import RankEngine
 from orchestrator.run.checkpoint import SMALL_CHECKPOINT_BYTES, check_same_run, checkpoint_due
 from orchestrator.run.config import TrainConfig
-from orchestrator.run.data import DATASETS, Batches, load_dataset
+from orchestrator.run.batches import EpochBatches
+from orchestrator.run.data import DATASETS, load_dataset
 from orchestrator.run.step import TrainingStep
 
 
@@ -175,22 +176,17 @@ def with_data_classes(cfg: TrainConfig, train_split) -> TrainConfig:
         update={"classes": classes})})
 
 
-def make_batches(cfg: TrainConfig, engine: RankEngine, train_split, test_split) -> tuple:
-    """This rank's training and evaluation batches: its data-parallel replica's slice."""
+def make_batches(cfg: TrainConfig, engine: RankEngine, train_split, test_split
+                 ) -> tuple[EpochBatches, EpochBatches]:
+    """This rank's training and evaluation batches: its data-parallel replica's share."""
     entry, device, p = DATASETS[cfg.dataset], engine.device, cfg.parallel
     # Pipeline stages keep the shapes of the first step: evaluate in batches of the training size
     # there. Elsewhere in large batches (a compiled model evaluates eagerly: see
     # TrainingStep.evaluation_context).
     test_size = cfg.batch_size if p.pp > 1 else max(cfg.batch_size, EVAL_BATCH[device.type])
     shard = (engine.mesh.dp_rank, p.dp)
-    if entry.batches is not None:  # read file by file
-        train_batches = entry.batches(train_split, cfg, cfg.batch_size, device, True, shard)
-        test_batches = entry.batches(test_split, cfg, test_size, device, False, shard)
-    else:
-        train_batches = Batches(train_split, cfg.dataset, cfg.batch_size, device, train=True,
-                                seed=cfg.seed, shard=shard, channels_last=cfg.channels_last)
-        test_batches = Batches(test_split, cfg.dataset, test_size, device, train=False,
-                               channels_last=cfg.channels_last)
+    train_batches = entry.batches(train_split, cfg, cfg.batch_size, device, True, shard)
+    test_batches = entry.batches(test_split, cfg, test_size, device, False, shard)
     if len(train_batches) == 0:
         raise ConfigError(f"train_size {len(train_split)} is smaller than one batch "
                           f"({cfg.batch_size}); raise train_size or lower batch_size")
@@ -248,10 +244,10 @@ def train_epoch(cfg: TrainConfig, session: Session, engine: RankEngine, train_st
     return seen, loss_sum, wrong, waited[0]
 
 
-def skipped_images(cfg: TrainConfig, engine: RankEngine, train_batches) -> dict:
+def skipped_images(cfg: TrainConfig, engine: RankEngine, train_batches: EpochBatches) -> dict:
     """Undecodable images skipped this epoch, summed over the data-parallel replicas (every rank
     of a replica reads its images); {} for data held whole."""
-    if getattr(train_batches, "skipped", None) is None:
+    if train_batches.skipped is None:
         return {}
     skipped = engine.reduce(torch.tensor([len(train_batches.skipped)], dtype=torch.float64,
                                          device=engine.device))
