@@ -101,7 +101,8 @@ def scan(root: Path, split: str) -> FolderSplit:
                         f"characters, bytes that are not UTF-8, or spaces at an end); rename it")
     paths, labels = [], []
     for index, name in enumerate(classes):
-        found, others = [], []
+        found: list[str] = []
+        others: list[str] = []
         for parent, dirs, files in os.walk(folder / name):
             dirs[:] = sorted(d for d in dirs if d[0] != ".")
             for f in sorted(files):
@@ -216,10 +217,11 @@ def read_image(path: str, data: bytearray | None = None) -> torch.Tensor:
                 return image
         except RuntimeError:
             pass
+        picture: Image.Image = pil
         if pil.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grayscale
             pixels = np.asarray(pil, dtype=np.int64)
-            pil = Image.fromarray(((pixels * 255 + 32767) // 65535).clip(0, 255).astype(np.uint8))
-        return torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1)
+            picture = Image.fromarray(((pixels * 255 + 32767) // 65535).clip(0, 255).astype(np.uint8))
+        return torch.from_numpy(np.array(picture.convert("RGB"))).permute(2, 0, 1)
 
 
 def geometry(image: torch.Tensor, draws: Draws, size: int, pad_value) -> torch.Tensor:
@@ -275,7 +277,7 @@ class FolderImages(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int, int], decode: str | None = None):
         epoch, position, index = key
-        skipped = []
+        skipped: list[str] = []
         for attempt in range(SUBSTITUTES):
             i = (index + attempt) % len(self.split)
             rng = np.random.default_rng((self.seed, epoch, position, attempt))
@@ -308,7 +310,8 @@ class FolderImages(torch.utils.data.Dataset):
             shift = None
         else:  # the CIFAR recipe: shorter side to `size`, centre crop, 4-pixel pad + crop
             box = centre_box(w, h, 1.0)
-            shift = tuple(int(v) for v in rng.integers(0, 9, 2)) if self.train else None
+            drawn = rng.integers(0, 9, 2) if self.train else None
+            shift = (int(drawn[0]), int(drawn[1])) if drawn is not None else None
         flip = bool(self.train and rng.uniform() < 0.5)
         colour = (np.concatenate([d[0] for d in colour_draws(1, rng)])
                   if self.train and self.recipe == "imagenet" else np.empty(0))
@@ -335,8 +338,8 @@ class FolderImages(torch.utils.data.Dataset):
         and std (0-255)."""
         if colour.shape[1]:
             c = colour.numpy()
-            M, t = colour_transform(c[:, :3], c[:, 3:6], c[:, 6:9].astype(np.int64), c[:, 9:])
-            M, t = torch.from_numpy(M).float(), torch.from_numpy(t).float()
+            M_np, t_np = colour_transform(c[:, :3], c[:, 3:6], c[:, 6:9].astype(np.int64), c[:, 9:])
+            M, t = torch.from_numpy(M_np).float(), torch.from_numpy(t_np).float()
         else:
             M, t = torch.eye(3).expand(len(colour), 3, 3), torch.zeros(len(colour), 3)
         # x01 = x / 255 -> M x01 + t -> (. - mean / 255) / (std / 255)
@@ -354,7 +357,7 @@ class FolderImages(torch.utils.data.Dataset):
         for i, image in zip(encoded, decoded):
             item, label, skipped, _ = items[i]
             if image is None:
-                items[i] = self.__getitem__(item.key, decode="workers")
+                items[i] = self.__getitem__(item.key, "workers")  # decoded the workers' way
             else:
                 pixels = geometry(image, item.draws, self.size, self.pad_value)
                 items[i] = (pixels, label, skipped, item.draws)
@@ -576,7 +579,7 @@ class FolderBatches:
         n = len(self.split)
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
-    def shard_indices(self, epoch: int) -> list[list[int]]:
+    def shard_indices(self, epoch: int) -> list[list[tuple[int, int]]]:
         """This replica's positions in the epoch's order, batch by batch."""
         n = len(self.split)
         order = (torch.randperm(n, generator=torch.Generator().manual_seed(
