@@ -2,6 +2,7 @@
 which), so that models stay plain modules, a single run needs no Ray, and the analysis no MLflow.
 Checked on every import statement, those inside functions included."""
 import ast
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -103,3 +104,14 @@ def test_functions_are_short():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
             and node.end_lineno - node.lineno + 1 > 60]
     assert not long, long
+
+
+@pytest.mark.parametrize("tool, args", [("ruff", ["check", "."]), ("mypy", [])])
+def test_the_linter_and_the_type_checker_find_nothing(tool, args):
+    """`ruff check .` and `mypy` (configured in pyproject.toml, both run by .ci/run) are clean:
+    a finding fails here, in the inner loop, with the tool's own lines."""
+    if importlib.util.find_spec(tool) is None:
+        pytest.skip(f"{tool} is not installed: pip install -e '.[dev]' brings it")
+    out = subprocess.run([sys.executable, "-m", tool, *args], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, f"{tool} {' '.join(args)}:\n{out.stdout}{out.stderr}"
