@@ -72,7 +72,7 @@ class Architecture(BaseModel):
             if self.depth is not None and self.depth != depth:
                 raise ValueError(f"depth {self.depth} disagrees with blocks {self.blocks} "
                                  f"(which give depth {depth}); give one of them")
-        elif (self.depth - 2) % (3 * per_block) or self.depth < 3 * per_block + 2:
+        elif (self._depth - 2) % (3 * per_block) or self._depth < 3 * per_block + 2:
             raise ValueError(f"depth must be {3 * per_block}n+2 for {self.block_type} blocks "
                              f"(e.g. {3 * per_block * 3 + 2}), got {self.depth}")
         functions = sum(self.stage_blocks) * self.k
@@ -82,9 +82,15 @@ class Architecture(BaseModel):
         return self
 
     @property
+    def _depth(self) -> int:
+        # Read only where `_check` makes it present: ImageNet nets, and CIFAR nets without blocks.
+        assert self.depth is not None, "depth read where blocks define the net"
+        return self.depth
+
+    @property
     def block_type(self) -> str:
         if self.dataset == "imagenet":
-            return IMAGENET_BLOCKS[self.depth][0]
+            return IMAGENET_BLOCKS[self._depth][0]
         return self.block or "basic"
 
     @property
@@ -94,10 +100,10 @@ class Architecture(BaseModel):
     @property
     def stage_blocks(self) -> tuple[int, ...]:
         if self.dataset == "imagenet":
-            return IMAGENET_BLOCKS[self.depth][1]
+            return IMAGENET_BLOCKS[self._depth][1]
         if self.blocks is not None:
             return tuple(self.blocks)
-        n = (self.depth - 2) // (3 * self.layers_per_block)
+        n = (self._depth - 2) // (3 * self.layers_per_block)
         return (n, n, n)
 
     @property
@@ -115,7 +121,7 @@ class Architecture(BaseModel):
     @property
     def total_depth(self) -> int:
         if self.dataset == "imagenet":
-            return self.depth
+            return self._depth
         return self.layers_per_block * sum(self.stage_blocks) + 2
 
     @property

@@ -17,6 +17,8 @@ parallelism) and checkpoints keep one naming. Nothing here knows about devices o
 """
 from __future__ import annotations
 
+from typing import NamedTuple, TypeVar, cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -97,7 +99,7 @@ class ResidualFunctions(nn.ModuleDict):
         self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        functions = list(self.values())
+        functions = cast(list[ResidualFunction], list(self.values()))  # the only kind it is built with
         if not functions:
             return None
         if self.fused and len(functions) > 1:
@@ -161,6 +163,25 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(tensors, dim=0)
 
 
+class _RunningStats(NamedTuple):
+    mean: torch.Tensor
+    var: torch.Tensor
+    batches: torch.Tensor
+
+
+def _running_stats(bn: nn.BatchNorm2d) -> _RunningStats:
+    """bn's running buffers, read only where bn.track_running_stats says they exist."""
+    mean, var, batches = bn.running_mean, bn.running_var, bn.num_batches_tracked
+    assert mean is not None and var is not None and batches is not None, "BatchNorm tracks no statistics"
+    return _RunningStats(mean, var, batches)
+
+
+def _momentum(bn: nn.BatchNorm2d) -> float:
+    if bn.momentum is None:  # F.batch_norm and lerp_ take a number only
+        raise TypeError("the fused form needs BatchNorm momentum as a number, not None (cumulative average)")
+    return bn.momentum
+
+
 def _batch_norm_stacked(bns: list[nn.BatchNorm2d], h: torch.Tensor) -> torch.Tensor:
     """k BatchNorms over k channel groups of h, as one normalisation.
 
@@ -169,16 +190,17 @@ def _batch_norm_stacked(bns: list[nn.BatchNorm2d], h: torch.Tensor) -> torch.Ten
     """
     bn0 = bns[0]
     use_batch_stats = bn0.training or bn0.running_mean is None
-    running_mean = _stack([b.running_mean for b in bns]) if bn0.track_running_stats else None
-    running_var = _stack([b.running_var for b in bns]) if bn0.track_running_stats else None
+    stats = [_running_stats(b) for b in bns] if bn0.track_running_stats else None
+    running_mean = _stack([s.mean for s in stats]) if stats is not None else None
+    running_var = _stack([s.var for s in stats]) if stats is not None else None
     out = F.batch_norm(h, running_mean, running_var, _stack([b.weight for b in bns]),
-                       _stack([b.bias for b in bns]), use_batch_stats, bn0.momentum, bn0.eps)
-    if bn0.training and bn0.track_running_stats:
+                       _stack([b.bias for b in bns]), use_batch_stats, _momentum(bn0), bn0.eps)
+    if bn0.training and stats is not None and running_mean is not None and running_var is not None:
         with torch.no_grad():
-            for b, m, v in zip(bns, running_mean.chunk(len(bns)), running_var.chunk(len(bns))):
-                b.running_mean.copy_(m)
-                b.running_var.copy_(v)
-                b.num_batches_tracked.add_(1)
+            for s, m, v in zip(stats, running_mean.chunk(len(bns)), running_var.chunk(len(bns))):
+                s.mean.copy_(m)
+                s.var.copy_(v)
+                s.batches.add_(1)
     return out
 
 
@@ -200,14 +222,15 @@ def _batch_norm_shared_input(bns: list[nn.BatchNorm2d], x: torch.Tensor) -> torc
             n = x.numel() // x.size(1)
             with torch.no_grad():
                 unbiased = var * (n / max(n - 1, 1))
-                for b in bns:
-                    b.running_mean.lerp_(mean, bn0.momentum)
-                    b.running_var.lerp_(unbiased, bn0.momentum)
-                    b.num_batches_tracked.add_(1)
+                for s in map(_running_stats, bns):
+                    s.mean.lerp_(mean, _momentum(bn0))
+                    s.var.lerp_(unbiased, _momentum(bn0))
+                    s.batches.add_(1)
         return (x_hat.repeat(1, k, 1, 1) * weight + bias).to(out_dtype)
     # Evaluation: each function has its own running statistics, so each gets its own affine map.
-    inv_std = torch.rsqrt(_stack([b.running_var for b in bns]) + bn0.eps)[None, :, None, None]
-    mean = _stack([b.running_mean for b in bns])[None, :, None, None]
+    stats = [_running_stats(b) for b in bns]
+    inv_std = torch.rsqrt(_stack([s.var for s in stats]) + bn0.eps)[None, :, None, None]
+    mean = _stack([s.mean for s in stats])[None, :, None, None]
     return ((x.repeat(1, k, 1, 1) - mean) * (inv_std * weight) + bias).to(out_dtype)
 
 
@@ -222,10 +245,10 @@ def fused_sum(functions: list[ResidualFunction], x: torch.Tensor) -> torch.Tenso
     depth = len(units[0])
     h = x
     for j in range(depth):
-        bns = [u[j][0] for u in units]
+        bns = [bn for bn, _ in (u[j] for u in units) if bn is not None]  # all or none: alike functions
         convs = [u[j][1] for u in units]
         first, last = j == 0, j == depth - 1
-        if bns[0] is not None:
+        if bns:
             h = _batch_norm_shared_input(bns, h) if first else _batch_norm_stacked(bns, h)
             h = F.relu(h)
         if last:
@@ -235,12 +258,15 @@ def fused_sum(functions: list[ResidualFunction], x: torch.Tensor) -> torch.Tenso
         else:
             weight = _stack([c.weight for c in convs])
             # A first unit without BN reads the one shared input: a dense conv to k*C channels.
-            groups = 1 if first and bns[0] is None else k
+            groups = 1 if first and not bns else k
             h = _conv(convs[0], h, weight, groups)
     return h
 
 
-def set_fused(model: nn.Module, fused: bool) -> nn.Module:
+M = TypeVar("M", bound=nn.Module)
+
+
+def set_fused(model: M, fused: bool) -> M:
     """Switch every multi-residual block of `model` to the fused (True) or reference form."""
     for module in model.modules():
         if isinstance(module, ResidualFunctions):

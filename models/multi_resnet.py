@@ -27,6 +27,9 @@ class MultiResNet(nn.Module):
     """Stem -> blocks (ModuleDict "0".."N-1") -> head. Any of them may be deleted by a pipeline
     stage; forward uses what is present."""
 
+    stem: nn.Module | None  # None on a pipeline stage that does not hold it
+    head: nn.Module | None
+
     def __init__(self, arch: Architecture):
         super().__init__()
         self.arch = arch

@@ -3,6 +3,8 @@ its training cost. Every reader (the sweep's summary, the MLflow tracker, the se
 report) uses these, so the names live here once."""
 from __future__ import annotations
 
+from typing import Literal
+
 # Reported at the end of every epoch (the loop), logged per epoch to MLflow (the tracker).
 # test_error is top-1 (what studies and n0 use); data_time_s is the training loop's wait for
 # input, step_time_s the rest of the epoch's training: data time near the total is input-bound.
@@ -11,8 +13,8 @@ EPOCH_METRICS = ("train_loss", "train_error", "test_error", "test_error_top5", "
 # Worker system metrics (CPU, memory, GPU) are reported under MLflow's own prefix.
 SYSTEM_PREFIX = "system/"
 # What a study may optimise (searcher.objectives[].metric).
-OBJECTIVE_METRICS = ("test_error", "best_test_error", "train_loss", "train_gflops",
-                     "time_total_s")
+ObjectiveMetric = Literal["test_error", "best_test_error", "train_loss", "train_gflops",
+                          "time_total_s"]
 # The file a run's checkpoint is written to, in its checkpoint dir (or Ray Train checkpoint).
 CHECKPOINT_FILE = "checkpoint.pt"
 # A diverged run reports this key (the reason) instead of raising: a restart would diverge again.

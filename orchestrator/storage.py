@@ -49,15 +49,15 @@ def os_error_line(exc: Exception, where: object = None, field: str | None = None
         shm = "/torch_" in str(exc) or "shared memory" in str(exc)
         exc = OSError(errno.ENOSPC, "No space left on device",
                       "shared memory (/dev/shm)" if shm else None)
-    code = getattr(exc, "errno", None)
-    meaning = MEANING.get(code) if code in ANYWHERE or not anywhere else None
+    code: int | None = getattr(exc, "errno", None)
+    meaning = MEANING.get(code) if code is not None and (code in ANYWHERE or not anywhere) else None
     if meaning is None:
         return None
-    where = short(exc.filename or where or "this place")
+    where = short(getattr(exc, "filename", None) or where or "this place")
     return f"{field}: {meaning.format(where=where)}" if field else meaning.format(where=where)
 
 
-def check_regular(path: object, field: str | None = None, error: type = StorageError,
+def check_regular(path: str | os.PathLike[str], field: str | None = None, error: type = StorageError,
                   limit: int | None = None, fix: str = "give a file") -> None:
     """Before a file is opened to be read back: it is a regular file (a FIFO would block the
     read for ever, a device such as /dev/zero would never end), of at most `limit` bytes;

@@ -28,6 +28,7 @@ import secrets
 import stat
 from fnmatch import fnmatch
 from pathlib import Path
+from typing import Literal, overload
 
 from orchestrator.compat import FILESYSTEM_SYNCER, resolve
 from orchestrator.errors import ConfigError, StorageError
@@ -45,6 +46,12 @@ MAX_KEY_BYTES = 4096  # the key file holds 64 hex characters
 def key_file() -> Path:
     base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
     return Path(base) / "multires" / "state.key"
+
+
+@overload
+def state_key(create: Literal[True]) -> bytes: ...
+@overload
+def state_key(create: bool) -> bytes | None: ...
 
 
 def state_key(create: bool) -> bytes | None:

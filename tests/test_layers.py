@@ -3,6 +3,7 @@ which), so that models stay plain modules, a single run needs no Ray, and the an
 Checked on every import statement, those inside functions included."""
 import ast
 import re
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -130,3 +131,14 @@ def test_every_module_has_a_row_in_the_map_of_tests():
     assert not named - modules, f"rows naming no module: {named - modules}"
     missing = {t for t in tests if not (ROOT / "tests" / t).is_file()}
     assert not missing, f"test files the map names that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("tool, args", [("ruff", ["check", "."]), ("mypy", [])])
+def test_the_linter_and_the_type_checker_find_nothing(tool, args):
+    """`ruff check .` and `mypy` (configured in pyproject.toml, both run by .ci/run) are clean:
+    a finding fails here, in the inner loop, with the tool's own lines."""
+    if importlib.util.find_spec(tool) is None:
+        pytest.skip(f"{tool} is not installed: pip install -e '.[dev]' brings it")
+    out = subprocess.run([sys.executable, "-m", tool, *args], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, f"{tool} {' '.join(args)}:\n{out.stdout}{out.stderr}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import cast
 
 import matplotlib
 
@@ -19,6 +20,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 
+from models.blocks import MultiResidualBlock  # noqa: E402
 from models.multi_resnet import Architecture, MultiResNet, create_model  # noqa: E402
 from orchestrator.analysis.report_builder import save_figure  # noqa: E402
 from orchestrator.errors import CheckpointError, short  # noqa: E402
@@ -83,10 +85,14 @@ def test_error(model: MultiResNet, batches: Batches) -> float:
     return wrong / total
 
 
+def _blocks(model: MultiResNet) -> dict[str, MultiResidualBlock]:
+    return cast(dict[str, MultiResidualBlock], dict(model.blocks.items()))  # all it holds
+
+
 def without(model: MultiResNet, block: str, function: str | None = None) -> MultiResNet:
     """A copy of `model` without one function of `block`, or without all of them."""
     lesioned = copy.deepcopy(model)
-    functions = lesioned.blocks[block].functions
+    functions = _blocks(lesioned)[block].functions
     for key in ([function] if function is not None else list(functions)):
         del functions[key]
     return lesioned
@@ -95,7 +101,7 @@ def without(model: MultiResNet, block: str, function: str | None = None) -> Mult
 def lesion_study(model: MultiResNet, batches: Batches) -> pd.DataFrame:
     rows = [{"deleted": "nothing", "block": None, "function": None, "downsampling": False,
              "test_error": test_error(model, batches)}]
-    for key, block in model.blocks.items():
+    for key, block in _blocks(model).items():
         downsampling = not isinstance(block.shortcut, torch.nn.Identity)
         rows.append({"deleted": f"block {key}", "block": int(key), "function": None,
                      "downsampling": downsampling,

@@ -61,7 +61,7 @@ class N0:
     @property
     def width(self) -> float:
         """The interval's width in depth units (inf when unknown or open-ended)."""
-        if self.low is None:
+        if self.low is None or self.high is None:  # (set together)
             return float("inf")
         return self.high - self.low
 
@@ -207,7 +207,9 @@ def estimate_n0(runs: pd.DataFrame, pairs, draws: int = 2000, seed: int = 0) -> 
     if not seed_noise(runs)[1]:
         return N0(value, bracket=bracket, message=f"between depths {bracket[0]} and "
                   f"{bracket[1]}; one run per configuration, no interval")
-    low, high = interval(crossing_draws(runs, pairs, draws, seed))
+    samples = crossing_draws(runs, pairs, draws, seed)
+    assert samples is not None, "pairs and runs with seed noise: checked above"
+    low, high = interval(samples)
     seeds = min(len(errors[k]) for pair in pairs for k in pair)
     return N0(value, low, high, bracket,
               f"between depths {bracket[0]} and {bracket[1]}, {seeds}+ seeds per configuration")

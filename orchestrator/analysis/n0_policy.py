@@ -43,6 +43,7 @@ trials."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
@@ -128,7 +129,7 @@ class N0Plan:
     def screen_epochs(self) -> float:
         """What short schedules may take: about SCREEN_SHARE of what the study may train, so
         that the rest holds whole full-schedule pair-seeds."""
-        most = self.max_trials * self.epochs
+        most: float = self.max_trials * self.epochs
         if self.budget_epochs is not None:
             most = min(most, self.budget_epochs)
         pair = 2 * self.epochs
@@ -365,10 +366,11 @@ class N0Policy:
         returned plan. An unstopped study (killed) adds no look: resume it as it was; nor does
         one whose end look waits for running trials (replay the finished log instead)."""
         ended = self.stopped and not self.end_due and self.look_at not in self.plan.looks()
-        ends = tuple(sorted({*self.plan.ends, self.look_at})) if ended else self.plan.ends
+        ends = tuple(sorted({*self.plan.ends, self.look_at})) if ended and self.look_at is not None \
+            else self.plan.ends  # (a stopped policy has looked)
         return replace(plan, ends=ends)
 
-    def replay(self, log: list[dict], added: list[dict] = ()) -> None:
+    def replay(self, log: list[dict], added: Sequence[dict] = ()) -> None:
         """Rebuild the state from a saved log (and the pairs the ladder added, with why):
         observe the finished trials in their order, so every look and stop comes back."""
         for row in added:

@@ -32,8 +32,10 @@ class PairDesign(Strict):
         return self
 
     def deep_nets(self) -> list[tuple[int, ...]]:
-        return [tuple(d) for d in self.deep] if self.deep else [
-            deep_for_budget(b, self.width) for b in self.budgets]
+        if self.budgets is None:
+            assert self.deep is not None, "_one_source asks for deep or budgets"
+            return [tuple(d) for d in self.deep]
+        return [deep_for_budget(b, self.width) for b in self.budgets]
 
     def configurations(self) -> list[dict]:
         out = []
@@ -100,4 +102,5 @@ def deep_for_budget(budget: float, width: int = 1) -> tuple[int, ...]:
                 best = (gap, blocks)
             if p > 2 * budget:
                 return best[1]
+    assert best is not None, "n=1 with no cut is always a net"
     return best[1]

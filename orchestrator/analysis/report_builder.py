@@ -3,6 +3,7 @@
 written as report.md and PNGs to a folder."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -91,7 +92,7 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 def build_report(runs: pd.DataFrame, out: Path, title: str, histories: dict | None = None,
                  draws: int = 2000, tolerance: float = 0.1, n0: N0 | None = None,
-                 notes: list[str] = (), short: pd.DataFrame | None = None) -> tuple[N0, Path]:
+                 notes: Sequence[str] = (), short: pd.DataFrame | None = None) -> tuple[N0, Path]:
     """`n0`: a searcher's own (its interval kept under its stopping rule) instead of one
     estimated here; `notes`: lines under it (why the search stopped, pairs it added);
     `short`: short-schedule runs (a `fidelity` column), shown apart, never in n0."""

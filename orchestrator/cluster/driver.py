@@ -9,6 +9,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import ray
 import ray.train
@@ -124,7 +125,10 @@ class ScopedTorchConfig(TorchConfig):
         return _ScopedTorchBackend
 
 
-class _ScopedTorchBackend(resolve(TORCH_BACKEND)):  # Ray's own, but for the rendezvous
+_TorchBackend: Any = resolve(TORCH_BACKEND)  # a private class of Ray's, found by its name
+
+
+class _ScopedTorchBackend(_TorchBackend):  # Ray's own, but for the rendezvous
     def on_start(self, worker_group, backend_config: TorchConfig):
         world_size = len(worker_group)
         if len(set(worker_group.execute(_node_id))) == 1:
@@ -201,7 +205,7 @@ def run_on_ray(cfg: TrainConfig) -> dict:
     return result.metrics
 
 
-def worker_cause(exc: Exception) -> Exception:
+def worker_cause(exc: ray.train.WorkerGroupError) -> Exception:
     """The first worker's own exception when it is one we explain, else Ray's."""
     for failure in exc.worker_failures.values():
         cause = getattr(failure, "cause", None) or failure  # a RayTaskError wraps it

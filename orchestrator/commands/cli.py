@@ -18,6 +18,7 @@ import tempfile
 import threading
 import traceback
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from orchestrator.errors import (EXIT_INTERRUPTED, UserError, interrupted_status, short,
                                  sigterm_as_ctrl_c)
@@ -60,7 +61,7 @@ def setup_logging(verbose: bool = False) -> None:
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
-def add_common_flags(parser: argparse.ArgumentParser) -> None:
+def add_common_flags(parser: argparse._ActionsContainer) -> None:  # a parser or a group of it
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an error instead of one line")
 
@@ -148,9 +149,12 @@ def _load(modules: Callable[[], Iterable[str]], advice: Callable[[], str]) -> No
             signal.signal(signal.SIGINT, previous)
 
 
+class Main(Protocol):
+    def __call__(self, argv: list[str] | None = None) -> int: ...
+
+
 def command(parser: Callable[[], argparse.ArgumentParser], work: Work,
-            interrupted: Advice = "interrupted", preload: Preload = ()
-            ) -> Callable[[list[str] | None], int]:
+            interrupted: Advice = "interrupted", preload: Preload = ()) -> Main:
     """A command's `main(argv=None) -> exit status`, through `run_command`."""
     def main(argv: list[str] | None = None) -> int:
         return run_command(parser(), work, argv, interrupted, preload)

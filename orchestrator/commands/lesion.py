@@ -36,9 +36,10 @@ def lesion_command(args: argparse.Namespace) -> None:
     model, config = load_model(Path(args.checkpoint))
     test, dataset = test_split(config, args.data_dir, args.test_size, args.checkpoint,
                                model.arch.num_classes)
-    if DATASETS[dataset].batches is not None:  # an image folder: its run's recipe and size
+    batcher = DATASETS[dataset].batches
+    if batcher is not None:  # an image folder: its run's recipe and size
         cfg = TrainConfig(**{**config, "dataset": dataset, "device": "cpu"})
-        batches = DATASETS[dataset].batches(test, cfg, 500, "cpu", False, (0, 1))
+        batches = batcher(test, cfg, 500, "cpu", False, (0, 1))
     else:
         batches = Batches(test, dataset, 500, "cpu", train=False)
     table = lesion_study(model, batches)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,7 +25,7 @@ from orchestrator.parallel.mesh import build_mesh
 from orchestrator.parallel.pipeline import build_schedule, keep_stage
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-LossScale = Callable[[torch.Tensor], torch.Tensor] | None
+LossScale = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _unscaled(loss: torch.Tensor) -> torch.Tensor:
@@ -61,7 +62,7 @@ class RankEngine:
             model = model.to(memory_format=torch.channels_last)
         set_fused(model, cfg.execution == "fused")
         if p.bp > 1:
-            apply_branch_parallel(model, self.mesh.group("bp"), p.bp, self.mesh.bp_rank)
+            apply_branch_parallel(model, self.mesh.required_group("bp"), p.bp, self.mesh.bp_rank)
         self.schedule = None
         self._scale_loss: LossScale = _unscaled
         self._stage_losses: list[torch.Tensor] = []
@@ -71,13 +72,13 @@ class RankEngine:
                                            self.mesh.group("pp"), p.microbatches, p.schedule,
                                            cfg.channels_last, self._pipeline_loss)
         self.model = model
-        self.names = {param: name for name, param in model.named_parameters()}
+        self.names: dict[torch.Tensor, str] = {param: name for name, param in model.named_parameters()}
         # The ranks whose losses and predictions make the metrics: one per dp replica.
         self.reports_metrics = self.mesh.last_stage and self.mesh.bp_rank == 0
 
     # ------------------------------------------------------------------------- training
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, forward_context,
-                         scale_loss: LossScale = None) -> torch.Tensor:
+                         scale_loss: LossScale | None = None) -> torch.Tensor:
         """Forward (inside `forward_context()`, e.g. autocast) and backward on this replica's
         batch, gradients summed over micro-batches as a mean loss (`scale_loss` applied: a loss
         scaler's `scale`).
@@ -194,11 +195,11 @@ class RankEngine:
                               for p, s in optimizer.state.items() if "momentum_buffer" in s}}
         if self.world == 1:
             return local
-        gathered = [None] * self.world if self.mesh.world_rank == 0 else None
+        gathered: list[Any] | None = [None] * self.world if self.mesh.world_rank == 0 else None
         dist.gather_object(local, gathered, dst=0)
         if gathered is None:
             return None
-        merged = {"model": {}, "momentum": {}}
+        merged: dict[str, dict] = {"model": {}, "momentum": {}}
         for part in gathered:  # replicated entries are identical on every rank holding them
             merged["model"].update(part["model"])
             merged["momentum"].update(part["momentum"])

@@ -31,6 +31,12 @@ class Mesh:
             return None
         return self.device_mesh.get_group(dim)
 
+    def required_group(self, dim: str) -> dist.ProcessGroup:
+        """The process group along `dim`, whose degree is above 1 (so the mesh is built)."""
+        group = self.group(dim)
+        assert group is not None, f"parallel.{dim} is 1: no process group along it"
+        return group
+
     @property
     def world_rank(self) -> int:
         return dist.get_rank() if dist.is_initialized() else 0
@@ -52,5 +58,7 @@ def build_mesh(cfg: ParallelConfig, device: torch.device) -> Mesh:
     if world == 1:
         return Mesh(cfg)
     mesh = init_device_mesh(device.type, (cfg.pp, cfg.dp, cfg.bp), mesh_dim_names=DIMS)
-    pp_rank, dp_rank, bp_rank = mesh.get_coordinate()
+    coordinate = mesh.get_coordinate()
+    assert coordinate is not None, "every process is in the mesh: its size is the world's"
+    pp_rank, dp_rank, bp_rank = coordinate
     return Mesh(cfg, mesh, pp_rank, dp_rank, bp_rank)

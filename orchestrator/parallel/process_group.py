@@ -40,6 +40,7 @@ def join(backend: str, rank: int, world_size: int, address: str, port: int,
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # fail, not hang, on timeout
     if rank == 0:
         # detach: the store now owns the descriptor and closes it with the group.
+        assert _listening is not None, "rank 0 binds the store's socket (listen) before it joins"
         fd, _listening = _listening.detach(), None
         store = dist.TCPStore(address, port, world_size, True, timeout, master_listen_fd=fd)
     else:

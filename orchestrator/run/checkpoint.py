@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -44,7 +45,7 @@ CHECKPOINT_SHARE = 0.05
 CHECKPOINT_MAX_INTERVAL_S = 120.0
 
 
-def checkpoint_due(every: int | str, epoch: int, last_epoch: int, size_bytes: int,
+def checkpoint_due(every: int | Literal["auto"], epoch: int, last_epoch: int, size_bytes: int,
                    since_s: float, last_write_s: float | None) -> bool:
     """Whether epoch `epoch` (counted from 1) ends with a checkpoint of `size_bytes`. `since_s`:
     seconds since the last checkpoint (or since training started in this process);

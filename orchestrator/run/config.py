@@ -8,7 +8,7 @@ defaults live here and nowhere else. The recipe defaults are the paper's: SGD wi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -96,9 +96,15 @@ def _numeric_only(annotation) -> bool:
     return bool(args & {int, float}) and bool not in args
 
 
+if TYPE_CHECKING:
+    DatasetName = str  # pydantic checks the names; `DATASETS` is their one list
+else:
+    DatasetName = Literal[tuple(DATASETS)]
+
+
 class TrainConfig(Strict):
     architecture: Architecture = Field(default_factory=lambda: Architecture(depth=20, k=4))
-    dataset: Literal[tuple(DATASETS)] = "cifar10"
+    dataset: DatasetName = "cifar10"
     data_dir: str | None = Field(None, description="folder holding cifar-10-batches-py/ etc.")
     train_size: int | None = Field(None, ge=1, le=10**9, description="use the first N "
                                    "training images")
@@ -254,7 +260,7 @@ class TrainConfig(Strict):
         device = "cuda" if self.device == "auto" and cuda_available else \
             ("cpu" if self.device == "auto" else self.device)
         cuda, plain_mesh = device == "cuda", self.parallel.pp == self.parallel.bp == 1
-        update = {"device": device}
+        update: dict[str, str] = {"device": device}
         if self.execution == "auto":
             update["execution"] = fastest_form(self.architecture, device)
         if self.precision == "auto":

@@ -134,6 +134,8 @@ def _download(name: str, data_dir: Path) -> None:
 def load_cifar(name: str, data_dir: str | Path, download: bool = True) -> tuple[Split, Split]:
     """(train, test) of CIFAR-10 or CIFAR-100 from `data_dir/<standard folder>/`."""
     folder_name, train_files, test_files, label_key = LAYOUT[name]
+    classes = DATASETS[name].classes
+    assert classes is not None, "the CIFAR entries name their classes"
     data_dir = Path(data_dir).expanduser().resolve()
     folder = data_dir / folder_name
     if not folder.is_dir():
@@ -148,10 +150,9 @@ def load_cifar(name: str, data_dir: str | Path, download: bool = True) -> tuple[
                             f"download {name} again into {data_dir}")
         parts = [_read_batch(folder / f, label_key) for f in files]
         for f, (_, batch_labels, _) in zip(files, parts):
-            if len(batch_labels) and not 0 <= batch_labels.min() <= batch_labels.max() < \
-                    DATASETS[name].classes:
+            if len(batch_labels) and not 0 <= batch_labels.min() <= batch_labels.max() < classes:
                 raise DataError(f"{folder / f}: labels from {batch_labels.min()} to "
-                                f"{batch_labels.max()}, not 0..{DATASETS[name].classes - 1}; "
+                                f"{batch_labels.max()}, not 0..{classes - 1}; "
                                 f"download {name} again into {data_dir}")
         images = torch.from_numpy(np.concatenate([p[0] for p in parts]))
         labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))

@@ -103,7 +103,8 @@ def scan(root: Path, split: str) -> FolderSplit:
                         f"characters, bytes that are not UTF-8, or spaces at an end); rename it")
     paths, labels = [], []
     for index, name in enumerate(classes):
-        found, others = [], []
+        found: list[str] = []
+        others: list[str] = []
         for parent, dirs, files in os.walk(folder / name):
             dirs[:] = sorted(d for d in dirs if d[0] != ".")
             for f in sorted(files):
@@ -218,10 +219,11 @@ def read_image(path: str, data: bytearray | None = None) -> torch.Tensor:
                 return image
         except RuntimeError:
             pass
+        picture: Image.Image = pil
         if pil.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grayscale
             pixels = np.asarray(pil, dtype=np.int64)
-            pil = Image.fromarray(((pixels * 255 + 32767) // 65535).clip(0, 255).astype(np.uint8))
-        return torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1)
+            picture = Image.fromarray(((pixels * 255 + 32767) // 65535).clip(0, 255).astype(np.uint8))
+        return torch.from_numpy(np.array(picture.convert("RGB"))).permute(2, 0, 1)
 
 
 def geometry(image: torch.Tensor, draws: Draws, size: int, pad_value) -> torch.Tensor:
@@ -277,7 +279,7 @@ class FolderImages(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int, int], decode: str | None = None):
         epoch, position, index = key
-        skipped = []
+        skipped: list[str] = []
         for attempt in range(SUBSTITUTES):
             i = (index + attempt) % len(self.split)
             rng = np.random.default_rng((self.seed, epoch, position, attempt))
@@ -310,7 +312,8 @@ class FolderImages(torch.utils.data.Dataset):
             shift = None
         else:  # the CIFAR recipe: shorter side to `size`, centre crop, 4-pixel pad + crop
             box = centre_box(w, h, 1.0)
-            shift = tuple(int(v) for v in rng.integers(0, 9, 2)) if self.train else None
+            drawn = rng.integers(0, 9, 2) if self.train else None
+            shift = (int(drawn[0]), int(drawn[1])) if drawn is not None else None
         flip = bool(self.train and rng.uniform() < 0.5)
         colour = (np.concatenate([d[0] for d in colour_draws(1, rng)])
                   if self.train and self.recipe == "imagenet" else np.empty(0))
@@ -360,7 +363,7 @@ class FolderImages(torch.utils.data.Dataset):
         for i, image in zip(encoded, decoded):
             item, label, skipped, _ = items[i]
             if image is None:
-                items[i] = self.__getitem__(item.key, decode="workers")
+                items[i] = self.__getitem__(item.key, "workers")  # decoded the workers' way
             else:
                 pixels = geometry(image, item.draws, self.size, self.pad_value)
                 items[i] = (pixels, label, skipped, item.draws)
@@ -370,9 +373,9 @@ class FolderImages(torch.utils.data.Dataset):
             return None, None, names, None
         x = torch.stack([image.to(device, non_blocking=True) for image in images])
         # The workers' colour inputs are (means, draws); the means again, batched, are the same.
-        draws = np.stack([c.colour if isinstance(c, Draws) else np.asarray(c)[3:]
+        drawn = np.stack([c.colour if isinstance(c, Draws) else np.asarray(c)[3:]
                           for c in colour])
-        draws = to_device(torch.from_numpy(draws), device)
+        draws = to_device(torch.from_numpy(drawn), device)
         return x, torch.tensor(labels), names, self.colour_inputs(x, draws)
 
 

@@ -113,7 +113,7 @@ def train_loop(cfg: TrainConfig, session: Session) -> dict:
     engine = RankEngine(cfg, device)
     train_batches, test_batches = make_batches(cfg, engine, train_split, test_split)
     per_epoch = len(train_batches)
-    total_steps = min(cfg.steps or math.inf, cfg.epochs * per_epoch)
+    total_steps = int(min(cfg.steps or math.inf, cfg.epochs * per_epoch))  # finite: epochs bound it
     epochs = math.ceil(total_steps / per_epoch)
     train_step = TrainingStep(cfg, engine, total_steps)
     start_epoch, best, metrics = restore(cfg, session, train_step)

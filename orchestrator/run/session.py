@@ -6,6 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TextIO
 
 import torch.distributed as dist
 
@@ -70,7 +71,7 @@ class LocalSession:
         self.dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
         self.resume = cfg.resume
         self.log_path = Path(cfg.log_json) if cfg.log_json and self.lead else None
-        self.log = None
+        self.log: TextIO | None = None
         self.kept_log: list[str] | None = None  # on resume: written back at the first new line
         self.log_failed: Exception | None = None  # raised after the epoch's checkpoint
         if guard and self.lead:
@@ -79,6 +80,7 @@ class LocalSession:
     def restore(self) -> dict | None:
         if not self.resume:
             return None
+        assert self.dir is not None, "TrainConfig: resume needs checkpoint_dir"
         path = self.dir / CHECKPOINT_FILE
         if not path.exists():  # anything else there is told by load_checkpoint
             raise CheckpointError(f"no checkpoint in {self.dir} to resume from; run without "

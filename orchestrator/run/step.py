@@ -167,9 +167,9 @@ class TrainingStep:
         totals, first = self._totals.clone(), self._first_nonfinite.clone()
         self.engine.reduce(totals)
         self.engine.reduce(first, op=torch.distributed.ReduceOp.MIN)
-        (loss_sum, wrong), first = totals.tolist(), int(first)
+        (loss_sum, wrong), first_step = totals.tolist(), int(first)
         window = Window(self._since_read, self._since_read * self.batch_size, loss_sum, wrong,
-                        None if first == NOT_SEEN else first)
+                        None if first_step == NOT_SEEN else first_step)
         self._totals.zero_()
         self._since_read = 0
         return window

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -381,7 +382,7 @@ def set_dotted(data: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def load_study(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
+def load_study(path: str | Path, overrides: Sequence[str] = ()) -> StudyConfig:
     """Read, override (`key=value`, values parsed as YAML) and validate a study file."""
     data = load_yaml(path)
     for item in overrides:

@@ -221,7 +221,7 @@ def begin(results: str, state: dict, digest: str, change: Change,
         return prior
     earlier = prior_for(results, state["config_hash"])
     names = tune_state_files(results)
-    searcher = saved_searcher(results, names) or (earlier and earlier.searcher)
+    searcher = saved_searcher(results, names) or (earlier.searcher if earlier else None)
     rows = (earlier.rows if earlier else []) + finished_rows()
     prior = Prior(digest, (earlier.extensions if earlier else []) + ["; ".join(change.grown)],
                   rows, searcher)

@@ -86,7 +86,8 @@ def all_runs(client: MlflowClient, experiment_ids: list[str], filter_string: str
              order_by: list[str] | None = None) -> list:
     """Every matching run: search_runs answers in pages of at most 1,000. A server that
     hands back a page token it gave before would be asked for ever: that is an error."""
-    runs, token, seen = [], None, set()
+    runs: list = []
+    token, seen = None, set()
     while True:
         page = client.search_runs(experiment_ids, filter_string, max_results=1000,
                                   order_by=order_by, page_token=token)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from typing import Any
 
 from ray.tune.search import Searcher
 
 from orchestrator.results import DIVERGED, DONE
 from orchestrator.study.config import StudyConfig
-from orchestrator.analysis.n0_policy import FULL, N0Plan, N0Policy, Net
+from orchestrator.analysis.n0_policy import FULL, N0Plan, N0Policy, Net, Trial
 from orchestrator.study.search_state import WAIT, JsonStateSearcher
 
 
@@ -74,7 +75,7 @@ def continuation_plan(policy: N0Policy, earlier: dict) -> N0Plan:
     """`policy`'s plan as the continuation of the study part whose searcher state is `earlier`:
     the look at which that part stopped counts as one of the continuation's looks
     (`N0Policy.extension_plan`), so that the looks of all parts spend one alpha together."""
-    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in earlier["plan"].items()}
+    saved: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in earlier["plan"].items()}
     plan = replace(policy.plan, **{k: v for k, v in saved.items() if hasattr(policy.plan, k)})
     old = N0Policy(dict(policy.nets), list(policy.pairs), plan, grow=policy.grow)
     old.replay(earlier["log"], earlier["added"])
@@ -145,7 +146,7 @@ class N0Search(JsonStateSearcher):
         name, seed, fidelity = self.trials.pop(trial_id)
         epochs = (result or {}).get("epoch") or self.policy.plan.epochs_at(fidelity)
         self.policy.observe(name, seed, fidelity,
-                            100 * result["test_error"] if ok else float("nan"), epochs)
+                            100 * result["test_error"] if ok and result else float("nan"), epochs)
 
     def state(self) -> dict:
         from dataclasses import asdict
@@ -241,7 +242,7 @@ def _width(policy: N0Policy) -> float:
 
 def _play(policy: N0Policy, concurrency: int, error) -> None:
     """Run a policy to its stop on simulated results (`error(name, fidelity)`)."""
-    running = []
+    running: list[Trial] = []
     while True:
         while len(running) < concurrency and (trial := policy.suggest()):
             running.append(trial)

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from orchestrator.study.mlflow_names import Tag
@@ -251,7 +252,7 @@ def report_summary(rows: list[dict], study: StudyConfig, parent, results: str) -
     client, run_id, send = parent.client, parent.run_id, outbox(study.tracking_uri()).put
     summary_csv = table.to_csv(index=False)
     send("summary.csv", lambda: client.log_text(run_id, summary_csv, "summary.csv"))
-    study_metrics = {"trials_trained": len(finished)}
+    study_metrics: dict[str, float] = {"trials_trained": len(finished)}
     if len(finished):
         best = finished.iloc[0]
         study_metrics["best_test_error"] = float(best["best_test_error"])
@@ -369,7 +370,7 @@ def registered_version(client, name: str, run_id: str) -> str | None:
 
 
 def report_n0(rows: list[dict], study: StudyConfig, parent, results_dir: Path,
-              verdict: str | None, policy=None, extended: list[str] = ()) -> None:
+              verdict: str | None, policy=None, extended: Sequence[str] = ()) -> None:
     """Where the trials pair up: n0 as `orchestrator.report` gives it, printed, written to
     results/STUDY/report/ and logged to the parent run (report.md, figures, n0 metrics). An n0
     study's interval is its searcher's: `policy`, replayed from the rows (None for others);

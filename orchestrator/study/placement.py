@@ -46,7 +46,7 @@ class DoesNotFit(Exception):
 def place(study: StudyConfig, cluster: Cluster) -> tuple[Resources, int]:
     """The study's resources with `auto` resolved, and how many trials run at once."""
     res, device = study.resources, study.train.device
-    workers, driver = res.workers, res.driver_cpus
+    workers, driver = _workers(res), res.driver_cpus
     gpus = res.gpus_per_worker
     if gpus == "auto":
         gpus = 1 if device != "cpu" and cluster.gpus >= workers else 0
@@ -60,7 +60,7 @@ def place(study: StudyConfig, cluster: Cluster) -> tuple[Resources, int]:
     cpus = res.cpus_per_worker
     if cpus == "auto":
         if gpus:  # the CPUs that come with a worker's GPU (share), less its trial driver's
-            cpus = max(1, math.floor(cluster.cpus_per_gpu * gpus - driver))
+            cpus = float(max(1, math.floor(cluster.cpus_per_gpu * gpus - driver)))
         else:  # every worker about a core, the trials that run at once sharing the rest
             at_once = min(at_once, max(1, int(cluster.cpus // workers)))
             share = (cluster.cpus - at_once * driver) / (at_once * workers)
@@ -85,6 +85,11 @@ def place(study: StudyConfig, cluster: Cluster) -> tuple[Resources, int]:
                                   "gpus_per_worker": float(gpus)}), at_once
 
 
+def _workers(res: Resources) -> int:
+    assert res.workers is not None, "StudyConfig sets resources.workers (parallel dp x pp x bp)"
+    return res.workers
+
+
 def check_place(study: StudyConfig, cluster: Cluster, study_file: str | None) -> tuple[
         StudyConfig, int]:
     """`place`, or a ConfigError with the message described above."""
@@ -99,7 +104,7 @@ def no_fit_message(study: StudyConfig, cluster: Cluster, need: str,
                    study_file: str | None) -> str:
     res = study.resources
     lines = [f"study {study.name} does not fit this cluster: it needs {need}, {res.workers} "
-             f"worker{'s' * (res.workers > 1)} per trial and up to {study.concurrency} trials "
+             f"worker{'s' * (_workers(res) > 1)} per trial and up to {study.concurrency} trials "
              f"at once; the cluster has {cluster}. Ways on:"]
     if study_file is not None:
         here = Path(study_file)
@@ -151,6 +156,7 @@ def estimate(study: StudyConfig, resources: Resources, at_once: int) -> str:
                      key=lambda cfg: summarize(cfg.architecture)["flops"])
     forward = [summarize(cfg.architecture)["flops"] for cfg in configs]
     threads = torch.get_num_threads()
+    assert resources.cpus_per_worker != "auto", "estimate takes the resources that fit resolved"
     torch.set_num_threads(max(1, round(resources.cpus_per_worker)))  # as one worker gets
     try:
         step_s = seconds_per_step(configs[len(configs) // 2])

@@ -222,7 +222,7 @@ def _run(study: StudyConfig, study_file: str, resume: bool, results: str, local:
     parent = StudyRun(client or connect(study.tracking_uri()), study)
     # A driver killed before Tune first saved its state leaves a parent run and nothing to
     # restore: the fresh start continues that parent run instead of leaving it RUNNING.
-    parent.open(state and state["parent_run_id"], local, Path(study_file).read_text())
+    parent.open(state["parent_run_id"] if state else None, local, Path(study_file).read_text())
     if prior:
         mark_parent(parent, prior, Path(study_file).read_text())
     try:

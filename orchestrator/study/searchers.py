@@ -110,15 +110,15 @@ class ReplicateSearch(JsonStateSearcher):
         if trial_id not in self.taken:
             return
         key = self.taken[trial_id][0]
-        finished = bool(result) and not error and DIVERGED not in result
-        if finished:
-            self.results.setdefault(key, []).append(result)
+        finished = result if result and not error and DIVERGED not in result else None
+        if finished is not None:
+            self.results.setdefault(key, []).append(finished)
         if self.optuna is None:
             return
         if self.optuna_id[trial_id] in self.live:
             self.optuna.on_trial_complete(self.optuna_id[trial_id], result=result, error=error)
-        elif finished:  # running when the study was saved: resumed after a restore
-            self.teach(key, result)
+        elif finished is not None:  # running when the study was saved: resumed after a restore
+            self.teach(key, finished)
 
 
 def build_replicate_search(study: StudyConfig) -> ReplicateSearch:
@@ -133,7 +133,7 @@ def build_replicate_search(study: StudyConfig) -> ReplicateSearch:
     searched = study.searched()
     if not searched:
         return ReplicateSearch(None, study.seeds, metric, mode)
-    space = {}
+    space: dict[str, d.BaseDistribution] = {}
     for key, dist in searched.items():
         if isinstance(dist, IntRange):
             space[key] = d.IntDistribution(dist.low, dist.high, step=dist.step, log=dist.log)
@@ -164,7 +164,7 @@ def json_safe(value):
     return tuple(value) if isinstance(value, list) else value
 
 
-def build_searcher(study: StudyConfig) -> Searcher:
+def build_searcher(study: StudyConfig) -> JsonStateSearcher:
     if study.searcher.sampler == "n0":
         return N0Search(n0_policy(study))
     return build_replicate_search(study)

@@ -3,22 +3,31 @@ trial scheduler, resources and MLflow settings."""
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from models.architecture import Architecture
 from orchestrator.errors import short
-from orchestrator.results import OBJECTIVE_METRICS
+from orchestrator.results import ObjectiveMetric
 from orchestrator.run.config import Strict
 from orchestrator.study.samplers import OPTUNA_SAMPLERS
 
 ARCH_KEYS = set(Architecture.model_fields) - {"dataset"}
 RECIPE_KEYS = {"lr", "weight_decay", "momentum", "batch_size", "epochs", "nesterov"}
+if TYPE_CHECKING:
+    SamplerName = str  # pydantic checks the names; the registry is their one list
+else:
+    SamplerName = Literal[("n0", *OPTUNA_SAMPLERS)]
 
 
 class Range(Strict):
     """low..high (a log scale needs low > 0), checked where Optuna would check it: at load."""
+
+    if TYPE_CHECKING:  # each subclass declares them, as int or float
+        low: float
+        high: float
+        log: bool
 
     @model_validator(mode="after")
     def _ordered(self) -> "Range":
@@ -96,12 +105,12 @@ class Budget(Strict):
 
 
 class Objective(Strict):
-    metric: Literal[OBJECTIVE_METRICS] = "test_error"
+    metric: ObjectiveMetric = "test_error"
     mode: Literal["min", "max"] = "min"
 
 
 class SearcherSettings(Strict):
-    sampler: Literal[("n0", *OPTUNA_SAMPLERS)] = Field(
+    sampler: SamplerName = Field(
         "tpe", description="n0: matched pairs chosen to narrow n0 (orchestrator.study.n0_search); "
         "tpe, random, grid: Optuna's samplers over the feasible architectures")
     seed: int = Field(0, ge=0, le=2**31 - 1)  # Optuna's and NumPy's seeds
@@ -165,14 +174,14 @@ class Resources(Strict):
 
     @field_validator("cpus_per_worker")
     @classmethod
-    def _positive(cls, cpus: float | str) -> float | str:
+    def _positive(cls, cpus: float | Literal["auto"]) -> float | Literal["auto"]:
         if cpus != "auto" and cpus <= 0:
             raise ValueError(f"{cpus:g} CPUs: give a number above 0, or auto")
         return cpus
 
     @field_validator("gpus_per_worker")
     @classmethod
-    def _whole_or_fraction(cls, gpus: float | str) -> float | str:
+    def _whole_or_fraction(cls, gpus: float | Literal["auto"]) -> float | Literal["auto"]:
         if gpus != "auto" and (gpus < 0 or gpus > 1 and gpus != int(gpus)):
             raise ValueError(f"{gpus:g} GPUs: give a fraction up to 1 (trials share a GPU), a "
                              f"whole number, or auto")

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
@@ -71,7 +71,7 @@ def flat_params(cfg: TrainConfig) -> dict[str, str]:
     return {k: str(v) for k, v in flat.items()}
 
 
-def check_parent(study: StudyConfig, state: dict, results: str) -> tuple[MlflowClient, object]:
+def check_parent(study: StudyConfig, state: dict, results: str) -> tuple[MlflowClient, Run]:
     """Before Ray starts, for a results folder that holds a study: (client, parent run), the
     parent run found where it was made. A moved database is not created again empty, and a
     deleted parent run is not silently replaced."""
@@ -143,7 +143,7 @@ class StudyRun:
         """End the parent; children still RUNNING (an interrupted sweep) end as KILLED. Updates
         held back by an outage are delivered, waiting up to `wait_s`; what MLflow still did not
         get is listed in the study's results folder."""
-        if self.run_id is None:
+        if self.run_id is None or self.results_dir is None:  # never opened: both are set by open
             return
         client, experiment_id, run_id = self.client, self.experiment_id, self.run_id
 

@@ -41,11 +41,12 @@ def trial_driver(config: dict, study_data: dict) -> None:
     study = StudyConfig(**study_data)
     cfg = study.trial_config(config)
     res = study.resources
+    cpus, gpus = res.cpus_per_worker, res.gpus_per_worker
+    assert cpus != "auto" and gpus != "auto", "the sweep resolves auto resources before Tune starts"
     # Same (storage_path, name) on a restarted trial: Ray Train restores its checkpoint.
     trainer = build_trainer(cfg, name=f"train-{ray.tune.get_context().get_trial_id()}",
                             storage_path=study.results_place(), echo=False,
-                            cpus_per_worker=res.cpus_per_worker,
-                            gpus_per_worker=res.gpus_per_worker, max_failures=res.max_failures,
+                            cpus_per_worker=cpus, gpus_per_worker=gpus, max_failures=res.max_failures,
                             callbacks=[TuneReport(worst_objectives(study))])
     trainer.fit()
 
