@@ -29,19 +29,15 @@ def parser() -> argparse.ArgumentParser:
 def lesion_command(args: argparse.Namespace) -> None:
     from orchestrator.analysis.lesion_study import lesion_study, load_model, plot, test_split
     from orchestrator.run.config import TrainConfig
-    from orchestrator.run.data import DATASETS, Batches
+    from orchestrator.run.data import DATASETS
     from orchestrator.storage import check_writable
 
     check_writable(args.out, "--out")  # before the lesion study, not after it
     model, config = load_model(Path(args.checkpoint))
     test, dataset = test_split(config, args.data_dir, args.test_size, args.checkpoint,
                                model.arch.num_classes)
-    batcher = DATASETS[dataset].batches
-    if batcher is not None:  # an image folder: its run's recipe and size
-        cfg = TrainConfig(**{**config, "dataset": dataset, "device": "cpu"})
-        batches = batcher(test, cfg, 500, "cpu", False, (0, 1))
-    else:
-        batches = Batches(test, dataset, 500, "cpu", train=False)
+    cfg = TrainConfig(**{**config, "dataset": dataset, "device": "cpu"})  # its recipe and size
+    batches = DATASETS[dataset].batches(test, cfg, 500, "cpu", False, (0, 1))
     table = lesion_study(model, batches)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
