@@ -199,7 +199,7 @@ def one_study(args, study: int, rho: float, concurrency: int, fidelities, outsid
         plan = N0Plan(target_width=target, seeds=SEEDS, min_seeds=args.min_seeds,
                       fidelities=fidelities, epochs=EPOCHS, budget_epochs=budget,
                       draws=args.draws, seed=study, shape=args.steer,
-                      interval=args.interval, paired=args.paired, steer=args.steer_seeds)
+                      interval=args.interval, paired=not args.unpaired, steer=args.steer_seeds)
         if policy is not None:
             plan = policy.extension_plan(plan)
         new = N0Policy(nets, pairs, plan, grow=grow)
@@ -241,7 +241,7 @@ def run_row(args, rho: float, concurrency: int, fidelities, outside: bool, targe
                                     budgets) for study in range(args.studies)])
     stops, worst = by_stop(frame)
     return {"shape": args.shape, "steer": "shapes" if args.steer else "signs",
-            "interval": args.interval, "paired": args.paired, "seeds to": args.steer_seeds,
+            "interval": args.interval, "paired": not args.unpaired, "seeds to": args.steer_seeds,
             "rho": rho, "concurrency": concurrency,
             "fidelities": "/".join(f"{f:g}" for f in fidelities),
             "n0": "outside" if outside else "12-50", "target": target,
@@ -425,9 +425,10 @@ def main(argv=None) -> int:
     p.add_argument("--interval", choices=[*READINGS, "shapes"], default="pairs",
                    help="the reported interval: how a draw of the pairs' differences is read "
                    "(n0_policy.draw_ends), or the kept shapes' (before issue 30)")
-    p.add_argument("--paired", action="store_true",
-                   help="each seed's own pair difference (N0Plan.paired)")
-    p.add_argument("--steer-seeds", choices=["spread", "ends"], default="spread",
+    p.add_argument("--unpaired", action="store_true",
+                   help="the difference of the nets' means, not each seed's own pair "
+                   "difference (N0Plan.paired; the rule before)")
+    p.add_argument("--steer-seeds", choices=["spread", "ends"], default="ends",
                    help="where full-schedule seeds go (N0Plan.steer)")
     p.add_argument("--bound", type=float, nargs="*",
                    help="only the bound at these shares of the grid (bound_row)")

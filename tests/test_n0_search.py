@@ -463,3 +463,80 @@ def test_the_verdict_says_when_an_added_pair_was_not_trained(tmp_path):
              for n in verdict.split("added pair ")[1].split(" (depth")[0].split(" / ")]
     trained = search_verdict(replayed(study.model_copy(update={"trials": 10}), rows))
     assert "added pair" in trained and "not trained" not in trained
+
+
+def test_each_seeds_own_difference_cancels_what_its_two_nets_share():
+    """Each seed moves both nets of a pair together (its data order) by far more than their own
+    noise: the paired reading (each seed's multi - deep) places n0 in its gap, the difference
+    of the nets' means (the rule before) cannot tell the pairs around it apart; a seed whose
+    other net failed counts in neither."""
+    rng = np.random.default_rng(3)
+    shared = rng.normal(0, 1.0, 5)
+    policies = {paired: N0Policy(*ladder(), plan(fidelities=(FULL,), paired=paired))
+                for paired in (True, False)}
+    for policy in policies.values():
+        for p in policy.pairs:
+            for s in SEEDS[:4]:
+                policy.observe(p.deep, s, FULL, 6.0 + shared[s] + rng.normal(0, 0.02))
+                policy.observe(p.multi, s, FULL, 6.0 + shared[s] + 0.05 * (29 - p.depth)
+                               + rng.normal(0, 0.02))
+        policy.observe(policy.pairs[0].multi, 4, FULL, 6.0 + shared[4])  # its deep net: none
+    paired, means = policies[True].interval(0.95), policies[False].interval(0.95)
+    assert (paired.low, paired.high) == (26.0, 32.0), paired
+    assert means.high - means.low >= 18, means
+    fit = policies[True].fit(FULL)
+    assert list(fit.precision) == [4.0] * len(DEPTHS)
+
+
+def test_the_nonincreasing_fit_is_isotonic_regression():
+    from scipy.optimize import isotonic_regression
+
+    from orchestrator.analysis.n0_policy import nonincreasing
+
+    rng = np.random.default_rng(0)
+    y, w = rng.normal(0, 1, (50, 7)), rng.uniform(0.5, 3, 7)
+    fit = nonincreasing(y, w)
+    for row, got in zip(y, fit):
+        want = isotonic_regression(row, weights=w, increasing=False).x
+        np.testing.assert_allclose(got, want, atol=1e-12)
+
+
+def test_seeds_go_to_the_pairs_that_hold_the_interval_s_ends():
+    """Every pair trained with two seeds, n0 = 29: steered to the ends, the next full-schedule
+    seed goes to the pair just inside an end of the interval (whose sign keeps the end where it
+    is); spread over the crossing draws (the rule before), to a pair beside the crossing."""
+    chosen = {}
+    for steer in ("ends", "spread"):
+        nets, pairs = ladder([8, 14, 20, 26, 32, 38, 44, 50, 56])
+        policy = N0Policy(nets, pairs, plan(fidelities=(FULL,), steer=steer, max_trials=10_000))
+        oracle = Oracle(2, n0=29.0)
+        oracle.sd = 0.3
+        for p in pairs:
+            for s in SEEDS[:2]:
+                for name in (p.deep, p.multi):
+                    policy.observe(name, s, FULL, oracle.error(nets[name], s, FULL))
+        n0 = policy.interval(policy.plan.look_level(1))
+        trained = [p.depth for p in pairs]
+        inner = {min(d for d in trained if d > n0.low), max(d for d in trained if d < n0.high)}
+        arch = policy.suggest().arch
+        chosen[steer] = (next(p.depth for p in pairs if arch in (p.deep, p.multi)), inner)
+    depth, inner = chosen["ends"]
+    assert depth in inner, chosen
+    assert chosen["spread"][0] not in inner, chosen
+
+
+def test_a_searcher_saved_before_paired_differences_is_refused_naming_them(tmp_path):
+    """State saved before the plan had `paired` and `steer` ran with the means' difference,
+    spread: restoring it into today's default (paired, ends) names both settings."""
+    from orchestrator.study.n0_search import N0Search
+
+    saved = N0Search(N0Policy(*ladder(), plan(paired=False, steer="spread")))
+    data = saved.state()
+    for key in ("paired", "steer"):
+        del data["plan"][key]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"paired False \(now True\), steer spread \(now ends\)"):
+        N0Search(N0Policy(*ladder(), plan())).restore(str(tmp_path / "old.json"))
+    old = N0Search(N0Policy(*ladder(), plan(paired=False, steer="spread")))
+    old.restore(str(tmp_path / "old.json"))
+    assert old.policy.plan.paired is False

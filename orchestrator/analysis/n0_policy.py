@@ -4,9 +4,11 @@ that the interval of n0 narrows for the least GPU time, and when to stop. `N0Sea
 
 Its parts, in the shape of Optuna's GP sampler and SMAC (model, acquisition, stopping rules):
 
-- **Model** (`fit_differences`): per fidelity, every net's mean error over its seeds and the seed
-  noise pooled over nets; draws of each pair's difference (multi - deep) and where they first
-  cross zero going deeper (`orchestrator.analysis.n0.crossings`). With `plan.shape`, also the
+- **Model** (`fit_paired`): per fidelity, each seed's own difference (multi - deep of the same
+  seed: what a seed's two nets share cancels) averaged per pair, the seed noise pooled over the
+  pairs; draws of each pair's difference and where they first cross zero going deeper
+  (`orchestrator.analysis.n0.crossings`). (`fit_differences`, with `plan.paired` off: the
+  difference of the nets' means, the rule before.) With `plan.shape`, also the
   **smooth single crossing** pooled across pairs (`n0_shape.fit_shapes`: diff = b0 + b1 g(depth)
   for a few monotone g, each kept only while a lack-of-fit test accepts it), to steer only.
 - **Acquisition** (`N0Policy.next_trial`), asked whenever a worker is free, seeing the running
@@ -16,7 +18,11 @@ Its parts, in the shape of Optuna's GP sampler and SMAC (model, acquisition, sto
   narrows n0 per unit of cost: the share of crossing draws the pair would settle
   (full-schedule draws, and short-schedule ones where those say more; each draw read as its
   best single split) times the variance a seed removes, over the pair's cost; an open end of
-  the interval draws the pair that would close it. With `plan.shape` and a kept smooth
+  the interval draws the pair that would close it. With `plan.steer` "ends" (the default),
+  the share is instead how much the pair's sign holds an end of the interval where it is
+  (`end_weights`: the pairs just inside the ends, or an untrained pair splitting an end's gap):
+  the interval's width is its ends', and seeds spread over the crossing's draws left them
+  unsure (bench/RESULTS.md). With `plan.shape` and a kept smooth
   crossing, instead: the seed that most lowers the variance of n0 under the closest kept shape
   (`shape_trial`; off by default: its best design, the ladder's ends, leaves the shape-free
   interval wide). Costs are epochs under `budget.epochs` (a seed costs the same epochs at
@@ -25,21 +31,23 @@ Its parts, in the shape of Optuna's GP sampler and SMAC (model, acquisition, sto
   the budget never starts a pair whose other net it cannot hold (room for one net goes to a
   seed of a trained pair, `room_for`).
 - **Interval** (`interval`): from full-schedule runs only and without a shape between pairs
-  (`n0_from`: each draw's first crossing read as the whole gap between the trained pairs
-  around it), so it holds whatever the difference curve; a shape kept by its lack-of-fit test
-  with few pairs gave narrow intervals wholly on one side of n0, and their narrowness stopped
-  the search. The stopping rule looks at fixed counts of finished full-schedule trials
-  (`looks`: set before any result, by nothing an extension changes) and once at the end, after
-  the trials still running have finished. Scheduled looks and ends each spend alpha/2 over an
-  open-ended sequence (`look_level`), so by the union bound the reported interval holds the
-  true n0 with probability at least 1 - alpha whatever the reason the search stopped, and
-  across extensions (`extension_plan`). The reported interval (`estimate`) is the one that
-  decided: a converged look's (trials finishing after it stay in the log for an extension),
-  or the end look's.
+  (`n0_from`: each draw's first crossing read as the whole gap between the trained pairs around
+  it, `draw_ends`), so it holds whatever the difference curve (a monotone fit of each draw,
+  `plan.interval` "isotonic", closed fewer intervals; its crossing interpolated inside the gap,
+  "isotonic-line", missed n0 in converged studies: the bench's comparisons); a shape kept by its
+  lack-of-fit test with few pairs gave narrow intervals wholly on one side of n0, and their
+  narrowness stopped the search. The stopping rule looks at fixed counts of finished
+  full-schedule trials (`looks`: set before any result, by nothing an extension changes) and
+  once at the end, after the trials still running have finished. Scheduled looks and ends each
+  spend alpha/2 over an open-ended sequence (`look_level`), so by the union bound the reported
+  interval holds the true n0 with probability at least 1 - alpha whatever the reason the search
+  stopped, and across extensions (`extension_plan`). The reported interval (`estimate`) is the
+  one that decided: a converged look's (trials finishing after it stay in the log for an
+  extension), or the end look's.
 
-Its state is the settings plus an append-only log of (architecture, seed, fidelity) -> (error,
-cost); `replay` rebuilds every decision from it, so the same order of results gives the same
-trials."""
+Its state is the settings plus an append-only log of `Result`s ((architecture, seed,
+fidelity) -> (error, cost)) and the pairs the ladder added (`Growth`); `replay` rebuilds every
+decision from it, so the same order of results gives the same trials."""
 from __future__ import annotations
 
 import math
@@ -137,12 +145,13 @@ class N0Plan:
     # curve) or "shapes" (the union of the kept smooth crossings': narrow and biased when a kept
     # shape is wrong; for the bench's comparison only).
     interval: str = "pairs"
-    # Each seed's own pair difference (what a seed's two nets share cancels) rather than the
-    # difference of the nets' means.
-    paired: bool = False
+    # Each seed's own pair difference (what a seed's two nets share cancels; no worse when they
+    # share nothing, bar a seed whose other net failed) rather than the difference of the
+    # nets' means.
+    paired: bool = True
     # Where full-schedule seeds go: "spread" (by the share of crossing draws a pair would
     # settle) or "ends" (the pairs that decide the interval's ends first).
-    steer: str = "spread"
+    steer: str = "ends"
     # Counts of finished full-schedule trials at which earlier parts of this study stopped
     # (looks already taken); `N0Policy.extension_plan` sets them.
     ends: tuple[int, ...] = ()
@@ -187,7 +196,8 @@ class N0Plan:
         open-ended sequence, so that by the union bound the interval at whichever look the
         study stops at, or is extended from, holds the true n0 with probability at least
         1 - alpha. Ends get their own half: most studies end on their budget, and no number
-        of scheduled looks before then lowers its level."""
+        of scheduled looks before then lowers its level. (Ends given 0.8 of alpha instead
+        closed no more intervals in simulation.)"""
         return 1 - (1 - self.level) / 2 / (look * (look + 1))
 
 
@@ -693,7 +703,7 @@ class N0Policy:
         w_full = self.weights(self.fit(FULL))  # (fits are cached per log length)
         w_low = self.weights(self.fit(plan.screen)) if plan.screen is not None else None
         ws = [w for w in (w_full, w_low) if w is not None]
-        ends = self.end_weights(self.fit(FULL)) if plan.steer == "ends" else None
+        ends = self.end_weights(self.fit(FULL), w_full) if plan.steer == "ends" else None
         if ends is not None and ends.max() > 0:
             w = ends
         elif ws and np.max(ws) > 0:
@@ -719,17 +729,19 @@ class N0Policy:
             w[j] = max(w[j], 1.0)
         return w
 
-    def end_weights(self, fit: Fit | None) -> np.ndarray | None:
+    def end_weights(self, fit: Fit | None, spread: np.ndarray | None) -> np.ndarray | None:
         """Per pair of the ladder, how much its sign holds each end of the interval where it
         is (at the next end look's level): of the draws that reach past the trained pair just
         inside an end, the share whose crossing that pair's sign places there (the deep edge
         of a draw's range at the shallow end, the shallow edge at the deep end), each end's
-        shares summing to 1; an untrained pair inside an end's gap would split it (0.5)."""
-        if fit is None:
+        shares summing to 1; an untrained pair inside an end's gap would split it: its
+        `spread` weight (the crossing draws it would settle)."""
+        if fit is None or spread is None:
             return None
         level = self.plan.look_level(self.ends_done + 1)
-        n0 = n0_from(fit, self.pairs, level, self.reading)
-        lows, highs = draw_ends(fit, self.pairs, self.reading)
+        gaps = "isotonic" if self.reading == "isotonic-line" else self.reading  # (pairs' edges)
+        n0 = n0_from(fit, self.pairs, level, gaps)
+        lows, highs = draw_ends(fit, self.pairs, gaps)
         trained = np.array([self.pairs[i].depth for i in fit.pairs], dtype=float)
         index = {p.depth: i for i, p in enumerate(self.pairs)}
         w = np.zeros(len(self.pairs))
@@ -744,7 +756,7 @@ class N0Policy:
                 w[index[int(d)]] += c / counts.sum()
             for i, p in enumerate(self.pairs):
                 if min(end, inner) < p.depth < max(end, inner) and i not in fit.pairs:
-                    w[i] = max(w[i], 0.5)
+                    w[i] = max(w[i], spread[i])
         return w
 
     @property
