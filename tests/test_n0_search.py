@@ -332,7 +332,7 @@ def test_the_reported_interval_is_the_one_that_decided():
         nets, pairs = ladder()
         policy = N0Policy(nets, pairs, plan(target_width=target, fidelities=(FULL,),
                                             budget_epochs=(40 if target else 14) * 200))
-        oracle = Oracle(3, n0=24.0)
+        oracle = Oracle(6, n0=24.0)  # (one whose interval closes at a look)
         running, seen = [], None
         while True:
             while len(running) < 6 and (trial := policy.suggest()) is not None:
