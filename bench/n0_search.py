@@ -29,7 +29,10 @@ True shapes (`--shape`): `inverse` a(n0/d - 1) (the paper's; linear in 1/d, one 
 `orchestrator.analysis.n0_shape` fits), `linear` a(n0 - d)/n0 and `tanh` a tanh(log(n0/d)),
 these three with slope -a/n0 at n0, and `steep` a tanh((n0 - d)/w), w 2-15 layers per study
 (in no fitted family). `--steer`: the trials steered by the fitted shapes; `--interval shapes`:
-the kept shapes' interval reported (the rule before issue 30).
+the kept shapes' interval reported (the rule before issue 30); `--interval isotonic` or
+`isotonic-line`: each draw read through its monotone fit (`n0_policy.draw_ends`); `--unpaired`
+and `--steer-seeds spread`: the difference of the nets' means and seeds spread over the crossing
+draws (the rules before paired differences and seeds steered to the interval's ends).
 
 Reported per row: epochs vs the grid's full-schedule epochs (mean and 90th percentile), coverage
 (an open-ended interval covers when the true n0 lies beyond its finite end) overall and per stop
