@@ -29,7 +29,10 @@ True shapes (`--shape`): `inverse` a(n0/d - 1) (the paper's; linear in 1/d, one 
 `orchestrator.analysis.n0_shape` fits), `linear` a(n0 - d)/n0 and `tanh` a tanh(log(n0/d)),
 these three with slope -a/n0 at n0, and `steep` a tanh((n0 - d)/w), w 2-15 layers per study
 (in no fitted family). `--steer`: the trials steered by the fitted shapes; `--interval shapes`:
-the kept shapes' interval reported (the rule before issue 30).
+the kept shapes' interval reported (the rule before issue 30); `--interval isotonic` or
+`isotonic-line`: each draw read through its monotone fit (`n0_policy.draw_ends`); `--unpaired`
+and `--steer-seeds spread`: the difference of the nets' means and seeds spread over the crossing
+draws (the rules before paired differences and seeds steered to the interval's ends).
 
 Reported per row: epochs vs the grid's full-schedule epochs (mean and 90th percentile), coverage
 (an open-ended interval covers when the true n0 lies beyond its finite end) overall and per stop
@@ -54,7 +57,7 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.analysis.n0 import estimate_n0, find_pairs
-from orchestrator.analysis.n0_policy import FULL, N0Plan, N0Policy, Net
+from orchestrator.analysis.n0_policy import FULL, READINGS, N0Plan, N0Policy, Net
 from orchestrator.analysis.pairs import Pair
 
 DEPTHS = [8, 14, 20, 26, 32, 38, 44, 50, 56]
@@ -153,8 +156,8 @@ def simulate(policy: N0Policy, oracle: Oracle, concurrency: int):
             trial = policy.suggest()
             if trial is None:
                 break
-            net = policy.nets[trial[0]]
-            epochs = policy.plan.epochs_at(trial[2])
+            net = policy.nets[trial.arch]
+            epochs = policy.plan.epochs_at(trial.fidelity)
             heapq.heappush(events, (now + net.flops * epochs / 1e6, order, trial, epochs))
             order += 1
             busy += 1
@@ -167,8 +170,8 @@ def simulate(policy: N0Policy, oracle: Oracle, concurrency: int):
         work += busy * (end - now)
         now = end
         busy -= 1
-        policy.observe(trial[0], trial[1], trial[2],
-                       oracle.error(policy.nets[trial[0]], trial[1], trial[2]), epochs)
+        policy.observe(*trial, oracle.error(policy.nets[trial.arch], trial.seed, trial.fidelity),
+                       epochs)
     return now, idle / max(work + idle, 1e-9), before or 0.0
 
 
@@ -199,7 +202,7 @@ def one_study(args, study: int, rho: float, concurrency: int, fidelities, outsid
         plan = N0Plan(target_width=target, seeds=SEEDS, min_seeds=args.min_seeds,
                       fidelities=fidelities, epochs=EPOCHS, budget_epochs=budget,
                       draws=args.draws, seed=study, shape=args.steer,
-                      interval=args.interval)
+                      interval=args.interval, paired=not args.unpaired, steer=args.steer_seeds)
         if policy is not None:
             plan = policy.extension_plan(plan)
         new = N0Policy(nets, pairs, plan, grow=grow)
@@ -208,11 +211,11 @@ def one_study(args, study: int, rho: float, concurrency: int, fidelities, outsid
         policy = new
         took, idle, before = simulate(policy, oracle, concurrency)
         wall += took
-    keys = [(r["arch"], r["seed"], r["fidelity"]) for r in policy.log]
+    keys = [r.trial for r in policy.log]
     assert len(keys) == len(set(keys)), "a trial was trained twice"
     n0 = policy.estimate()
     stop = (policy.stopped or "").split(":")[0].split(" (")[0]
-    return {"epochs": sum(r["cost"] for r in policy.log) / (len(nets0) * len(SEEDS) * EPOCHS),
+    return {"epochs": sum(r.cost for r in policy.log) / (len(nets0) * len(SEEDS) * EPOCHS),
             "hit": covers(n0.low, n0.high, oracle.n0), "width": n0.width,
             "closed wrongly": outside and math.isfinite(n0.width) and not
             covers(n0.low, n0.high, oracle.n0),
@@ -241,7 +244,8 @@ def run_row(args, rho: float, concurrency: int, fidelities, outside: bool, targe
                                     budgets) for study in range(args.studies)])
     stops, worst = by_stop(frame)
     return {"shape": args.shape, "steer": "shapes" if args.steer else "signs",
-            "interval": args.interval, "rho": rho, "concurrency": concurrency,
+            "interval": args.interval, "paired": not args.unpaired, "seeds to": args.steer_seeds,
+            "rho": rho, "concurrency": concurrency,
             "fidelities": "/".join(f"{f:g}" for f in fidelities),
             "n0": "outside" if outside else "12-50", "target": target,
             "budget": " -> ".join("-" if b is None else f"{b / grid_epochs:.0%}"
@@ -421,9 +425,14 @@ def main(argv=None) -> int:
     p.add_argument("--steer", action="store_true",
                    help="steer the trials by the single-crossing fit (default: by the pairs' "
                    "signs)")
-    p.add_argument("--interval", choices=["pairs", "shapes"], default="pairs",
-                   help="the reported interval: the pairs' signs (default) or the kept shapes' "
-                   "(before issue 30)")
+    p.add_argument("--interval", choices=[*READINGS, "shapes"], default="pairs",
+                   help="the reported interval: how a draw of the pairs' differences is read "
+                   "(n0_policy.draw_ends), or the kept shapes' (before issue 30)")
+    p.add_argument("--unpaired", action="store_true",
+                   help="the difference of the nets' means, not each seed's own pair "
+                   "difference (N0Plan.paired; the rule before)")
+    p.add_argument("--steer-seeds", choices=["spread", "ends"], default="ends",
+                   help="where full-schedule seeds go (N0Plan.steer)")
     p.add_argument("--bound", type=float, nargs="*",
                    help="only the bound at these shares of the grid (bound_row)")
     p.add_argument("--json", help="write the table here")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from orchestrator.analysis.n0 import single_crossings
-from orchestrator.analysis.n0_policy import (FULL, SCREEN_SHARE, N0Plan, N0Policy, Net,
-                                             bisection_order)
+from orchestrator.analysis.n0_policy import (FULL, SCREEN_SHARE, Growth, N0Plan, N0Policy,
+                                             Net, Result, bisection_order)
 from orchestrator.analysis.pairs import Pair
 
 DEPTHS = [8, 14, 20, 26, 32, 38, 44]
@@ -126,23 +126,22 @@ def test_short_schedules_place_the_bracket_only_and_can_be_turned_off():
     nets, pairs = ladder()
     policy = N0Policy(nets, pairs, plan())
     first = [policy.suggest() for _ in range(4 * len(pairs))]
-    assert {t[2] for t in first} == {0.125}
-    assert {t[0] for t in first} == set(nets) and len(set(first)) == len(first)
-    assert {t[1] for t in first[:2 * len(pairs)]} == {SEEDS[0]}
+    assert {t.fidelity for t in first} == {0.125}
+    assert {t.arch for t in first} == set(nets) and len(set(first)) == len(first)
+    assert {t.seed for t in first[:2 * len(pairs)]} == {SEEDS[0]}
     oracle = Oracle(5)
     run(policy, oracle)
     before = policy.estimate()
     for name in nets:  # short runs that would put n0 anywhere
-        policy.log.append({"arch": name, "seed": 9, "fidelity": 0.125, "error": 50.0,
-                           "cost": 25})
-    policy.log.append(dict(policy.log[-1]))  # keep the log length (the model's draw seed)
+        policy.log.append(Result(name, 9, 0.125, 50.0, 25))
+    policy.log.append(policy.log[-1])  # keep the log length (the model's draw seed)
     policy.log.pop()
     assert policy.estimate().line() == before.line()
 
     nets, pairs = ladder()
     full_only = N0Policy(nets, pairs, plan(fidelities=(FULL,)))
     run(full_only, Oracle(5))
-    assert {r["fidelity"] for r in full_only.log} == {FULL}
+    assert {r.fidelity for r in full_only.log} == {FULL}
 
 
 def test_short_schedules_take_about_their_share_of_a_budget():
@@ -154,7 +153,7 @@ def test_short_schedules_take_about_their_share_of_a_budget():
     for budget, screened in ((2400, 400), (6000, 700), (1200, 0)):  # 700: two seeds of all
         policy = N0Policy(nets, pairs, plan(budget_epochs=budget, target_width=0.1))
         run(policy, Oracle(7))
-        short = [(r["arch"], r["seed"]) for r in policy.log if r["fidelity"] == 0.125]
+        short = [(r.arch, r.seed) for r in policy.log if r.fidelity == 0.125]
         assert len(short) * 25 == screened, budget
         assert abs(screened - SCREEN_SHARE * budget) <= 200  # half a full pair-seed
         order = [(n, seed) for seed in SEEDS[:2] for i in bisection_order(len(pairs))
@@ -170,8 +169,8 @@ def test_budget_in_epochs_is_never_passed():
     policy = N0Policy(nets, pairs, plan(budget_epochs=12 * 200, target_width=0.1))
     run(policy, Oracle(7))
     assert policy.stopped.startswith("budget spent")
-    assert sum(r["cost"] for r in policy.log) <= 12 * 200
-    assert sum(r["cost"] for r in policy.log) > 10 * 200
+    assert sum(r.cost for r in policy.log) <= 12 * 200
+    assert sum(r.cost for r in policy.log) > 10 * 200
     # room for one full-schedule net only: a seed of a trained pair, never a net whose pair
     # has no run of the other (alone it tells nothing)
     for cap in ({"budget_epochs": 13 * 200}, {"max_trials": 13}):
@@ -203,7 +202,7 @@ def test_the_dry_runs_worst_case_is_what_the_searcher_spends_at_most(caps, tight
         pairs = pairs + [Pair(pairs[0].deep, pairs[1].multi, pairs[1].depth)]
     policy = N0Policy(nets, pairs, plan(target_width=0.1, **caps))
     run(policy, Oracle(7))
-    spent, most = sum(r["cost"] for r in policy.log), policy.plan.most_epochs(pairs)
+    spent, most = sum(r.cost for r in policy.log), policy.plan.most_epochs(pairs)
     assert spent == most if tight else spent <= most, (spent, most, policy.stopped)
 
 
@@ -213,7 +212,7 @@ def test_the_ladder_grows_past_the_deepest_pair_and_says_why():
     nets, pairs = ladder()
     policy = N0Policy(nets, pairs, plan(seed=2), grow=grow)
     run(policy, Oracle(11, n0=60.0))
-    assert policy.added and "reaches deeper than depth 44" in policy.added[0]["why"]
+    assert policy.added and "reaches deeper than depth 44" in policy.added[0].why
     assert max(p.depth for p in policy.pairs) > 44
     n0 = policy.estimate()
     assert n0.low <= 60 <= n0.high
@@ -266,12 +265,12 @@ def test_searcher_state_is_json_and_replays_without_repeating(tmp_path):
     nets, pairs = ladder()
     again = N0Search(N0Policy(nets, pairs, plan()))
     again.restore(str(tmp_path / "searcher.json"))
-    assert [r["error"] for r in again.policy.log if r["error"] == r["error"]] == [
-        r["error"] for r in first.policy.log if r["error"] == r["error"]]  # nan != nan
+    assert [r.error for r in again.policy.log if r.error == r.error] == [
+        r.error for r in first.policy.log if r.error == r.error]  # nan != nan
     assert len(again.policy.log) == len(first.policy.log)
     assert sorted(again.policy.running) == sorted(first.policy.running)
     assert again.suggest("t30") == first.suggest("t30")
-    taken = [(r["arch"], r["seed"], r["fidelity"]) for r in again.policy.log]
+    taken = [r.trial for r in again.policy.log]
     taken += again.policy.running
     assert len(taken) == len(set(taken)) == 31
 
@@ -357,7 +356,7 @@ def test_the_reported_interval_is_the_one_that_decided():
         nets, pairs = ladder()
         policy = N0Policy(nets, pairs, plan(target_width=target, fidelities=(FULL,),
                                             budget_epochs=(40 if target else 14) * 200))
-        oracle = Oracle(3, n0=24.0)
+        oracle = Oracle(6, n0=24.0)  # (one whose interval closes at a look)
         running, seen = [], None
         while True:
             while len(running) < 6 and (trial := policy.suggest()) is not None:
@@ -394,9 +393,9 @@ def test_an_extended_study_keeps_its_trials_and_counts_its_old_end_as_a_look():
     second = N0Policy(*ladder(), bigger)
     second.replay(first.log)
     assert second.stopped is None and second.last_look == first.last_look
-    old = {(r["arch"], r["seed"]) for r in first.log}
+    old = {(r.arch, r.seed) for r in first.log}
     run(second, oracle)
-    keys = [(r["arch"], r["seed"]) for r in second.log]
+    keys = [(r.arch, r.seed) for r in second.log]
     assert len(keys) == len(set(keys)) and old <= set(keys) and len(keys) > len(old)
     ends = 1 + len(bigger.ends)
     assert second.ends_done == ends and second.last_level == bigger.look_level(ends)
@@ -421,9 +420,9 @@ def test_a_pairs_design_grows_its_own_ladder(tmp_path):
     assert policy.grow("shallower", policy.pairs, policy.nets) is None
     pair, nets = policy.grow("deeper", policy.pairs, policy.nets)
     assert nets[0].blocks == (6, 6, 6) and nets[0].name == pair.deep and pair.depth > 14
-    policy.add_pair(pair, nets, "test")
+    policy.add_pair(Growth(pair, tuple(nets), "test"))
     searcher = N0Search(policy)
-    policy.log = [{"arch": n, "seed": s, "fidelity": f, "error": 5.0, "cost": 1}
+    policy.log = [Result(n, s, f, 5.0, 1)
                   for p in policy.pairs[:-1] for n in (p.deep, p.multi) for s in (0, 1)
                   for f in (0.125, 1.0)]
     suggestion = searcher.suggest("t0")
@@ -445,14 +444,14 @@ def test_it_brackets_then_bisects_towards_the_crossing_and_stops():
     policy = N0Policy(nets, pairs, plan(fidelities=(FULL,), target_width=2.0, draws=400,
                                         seeds=(0, 1, 2, 3), shape=False))
     first = [policy.suggest() for _ in range(4)]
-    assert {t[0] for t in first} == {pairs[0].deep, pairs[0].multi}  # the shallowest, 2 seeds
+    assert {t.arch for t in first} == {pairs[0].deep, pairs[0].multi}  # the shallowest, 2 seeds
     trials = list(first)
     policy.running = []
     for t in first:
-        policy.observe(*t, oracle.error(nets[t[0]], t[1], t[2]))
+        policy.observe(*t, oracle.error(nets[t.arch], t.seed, t.fidelity))
     while (t := policy.suggest()) is not None:
         trials.append(t)
-        policy.observe(*t, oracle.error(nets[t[0]], t[1], t[2]))
+        policy.observe(*t, oracle.error(nets[t.arch], t.seed, t.fidelity))
     assert len(trials) == len(set(trials))
     trained = {p.depth for p in pairs if policy.seeds_of(p.deep, FULL)}
     assert {8, 26, 32} <= trained and 14 not in trained
@@ -488,3 +487,80 @@ def test_the_verdict_says_when_an_added_pair_was_not_trained(tmp_path):
              for n in verdict.split("added pair ")[1].split(" (depth")[0].split(" / ")]
     trained = search_verdict(replayed(study.model_copy(update={"trials": 10}), rows))
     assert "added pair" in trained and "not trained" not in trained
+
+
+def test_each_seeds_own_difference_cancels_what_its_two_nets_share():
+    """Each seed moves both nets of a pair together (its data order) by far more than their own
+    noise: the paired reading (each seed's multi - deep) places n0 in its gap, the difference
+    of the nets' means (the rule before) cannot tell the pairs around it apart; a seed whose
+    other net failed counts in neither."""
+    rng = np.random.default_rng(3)
+    shared = rng.normal(0, 1.0, 5)
+    policies = {paired: N0Policy(*ladder(), plan(fidelities=(FULL,), paired=paired))
+                for paired in (True, False)}
+    for policy in policies.values():
+        for p in policy.pairs:
+            for s in SEEDS[:4]:
+                policy.observe(p.deep, s, FULL, 6.0 + shared[s] + rng.normal(0, 0.02))
+                policy.observe(p.multi, s, FULL, 6.0 + shared[s] + 0.05 * (29 - p.depth)
+                               + rng.normal(0, 0.02))
+        policy.observe(policy.pairs[0].multi, 4, FULL, 6.0 + shared[4])  # its deep net: none
+    paired, means = policies[True].interval(0.95), policies[False].interval(0.95)
+    assert (paired.low, paired.high) == (26.0, 32.0), paired
+    assert means.high - means.low >= 18, means
+    fit = policies[True].fit(FULL)
+    assert list(fit.precision) == [4.0] * len(DEPTHS)
+
+
+def test_the_nonincreasing_fit_is_isotonic_regression():
+    from scipy.optimize import isotonic_regression
+
+    from orchestrator.analysis.n0_policy import nonincreasing
+
+    rng = np.random.default_rng(0)
+    y, w = rng.normal(0, 1, (50, 7)), rng.uniform(0.5, 3, 7)
+    fit = nonincreasing(y, w)
+    for row, got in zip(y, fit):
+        want = isotonic_regression(row, weights=w, increasing=False).x
+        np.testing.assert_allclose(got, want, atol=1e-12)
+
+
+def test_seeds_go_to_the_pairs_that_hold_the_interval_s_ends():
+    """Every pair trained with two seeds, n0 = 29: steered to the ends, the next full-schedule
+    seed goes to the pair just inside an end of the interval (whose sign keeps the end where it
+    is); spread over the crossing draws (the rule before), to a pair beside the crossing."""
+    chosen = {}
+    for steer in ("ends", "spread"):
+        nets, pairs = ladder([8, 14, 20, 26, 32, 38, 44, 50, 56])
+        policy = N0Policy(nets, pairs, plan(fidelities=(FULL,), steer=steer, max_trials=10_000))
+        oracle = Oracle(2, n0=29.0)
+        oracle.sd = 0.3
+        for p in pairs:
+            for s in SEEDS[:2]:
+                for name in (p.deep, p.multi):
+                    policy.observe(name, s, FULL, oracle.error(nets[name], s, FULL))
+        n0 = policy.interval(policy.plan.look_level(1))
+        trained = [p.depth for p in pairs]
+        inner = {min(d for d in trained if d > n0.low), max(d for d in trained if d < n0.high)}
+        arch = policy.suggest().arch
+        chosen[steer] = (next(p.depth for p in pairs if arch in (p.deep, p.multi)), inner)
+    depth, inner = chosen["ends"]
+    assert depth in inner, chosen
+    assert chosen["spread"][0] not in inner, chosen
+
+
+def test_a_searcher_saved_before_paired_differences_is_refused_naming_them(tmp_path):
+    """State saved before the plan had `paired` and `steer` ran with the means' difference,
+    spread: restoring it into today's default (paired, ends) names both settings."""
+    from orchestrator.study.n0_search import N0Search
+
+    saved = N0Search(N0Policy(*ladder(), plan(paired=False, steer="spread")))
+    data = saved.state()
+    for key in ("paired", "steer"):
+        del data["plan"][key]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"paired False \(now True\), steer spread \(now ends\)"):
+        N0Search(N0Policy(*ladder(), plan())).restore(str(tmp_path / "old.json"))
+    old = N0Search(N0Policy(*ladder(), plan(paired=False, steer="spread")))
+    old.restore(str(tmp_path / "old.json"))
+    assert old.policy.plan.paired is False

@@ -4,9 +4,11 @@ that the interval of n0 narrows for the least GPU time, and when to stop. `N0Sea
 
 Its parts, in the shape of Optuna's GP sampler and SMAC (model, acquisition, stopping rules):
 
-- **Model** (`fit_differences`): per fidelity, every net's mean error over its seeds and the seed
-  noise pooled over nets; draws of each pair's difference (multi - deep) and where they first
-  cross zero going deeper (`orchestrator.analysis.n0.crossings`). With `plan.shape`, also the
+- **Model** (`fit_paired`): per fidelity, each seed's own difference (multi - deep of the same
+  seed: what a seed's two nets share cancels) averaged per pair, the seed noise pooled over the
+  pairs; draws of each pair's difference and where they first cross zero going deeper
+  (`orchestrator.analysis.n0.crossings`). (`fit_differences`, with `plan.paired` off: the
+  difference of the nets' means, the rule before.) With `plan.shape`, also the
   **smooth single crossing** pooled across pairs (`n0_shape.fit_shapes`: diff = b0 + b1 g(depth)
   for a few monotone g, each kept only while a lack-of-fit test accepts it), to steer only.
 - **Acquisition** (`N0Policy.next_trial`), asked whenever a worker is free, seeing the running
@@ -16,7 +18,11 @@ Its parts, in the shape of Optuna's GP sampler and SMAC (model, acquisition, sto
   narrows n0 per unit of cost: the share of crossing draws the pair would settle
   (full-schedule draws, and short-schedule ones where those say more; each draw read as its
   best single split) times the variance a seed removes, over the pair's cost; an open end of
-  the interval draws the pair that would close it. With `plan.shape` and a kept smooth
+  the interval draws the pair that would close it. With `plan.steer` "ends" (the default),
+  the share is instead how much the pair's sign holds an end of the interval where it is
+  (`end_weights`: the pairs just inside the ends, or an untrained pair splitting an end's gap):
+  the interval's width is its ends', and seeds spread over the crossing's draws left them
+  unsure (bench/RESULTS.md). With `plan.shape` and a kept smooth
   crossing, instead: the seed that most lowers the variance of n0 under the closest kept shape
   (`shape_trial`; off by default: its best design, the ladder's ends, leaves the shape-free
   interval wide). Costs are epochs under `budget.epochs` (a seed costs the same epochs at
@@ -25,27 +31,29 @@ Its parts, in the shape of Optuna's GP sampler and SMAC (model, acquisition, sto
   the budget never starts a pair whose other net it cannot hold (room for one net goes to a
   seed of a trained pair, `room_for`).
 - **Interval** (`interval`): from full-schedule runs only and without a shape between pairs
-  (`n0_from`: each draw's first crossing read as the whole gap between the trained pairs
-  around it), so it holds whatever the difference curve; a shape kept by its lack-of-fit test
-  with few pairs gave narrow intervals wholly on one side of n0, and their narrowness stopped
-  the search. The stopping rule looks at fixed counts of finished full-schedule trials
-  (`looks`: set before any result, by nothing an extension changes) and once at the end, after
-  the trials still running have finished. Scheduled looks and ends each spend alpha/2 over an
-  open-ended sequence (`look_level`), so by the union bound the reported interval holds the
-  true n0 with probability at least 1 - alpha whatever the reason the search stopped, and
-  across extensions (`extension_plan`). The reported interval (`estimate`) is the one that
-  decided: a converged look's (trials finishing after it stay in the log for an extension),
-  or the end look's.
+  (`n0_from`: each draw's first crossing read as the whole gap between the trained pairs around
+  it, `draw_ends`), so it holds whatever the difference curve (a monotone fit of each draw,
+  `plan.interval` "isotonic", closed fewer intervals; its crossing interpolated inside the gap,
+  "isotonic-line", missed n0 in converged studies: the bench's comparisons); a shape kept by its
+  lack-of-fit test with few pairs gave narrow intervals wholly on one side of n0, and their
+  narrowness stopped the search. The stopping rule looks at fixed counts of finished
+  full-schedule trials (`looks`: set before any result, by nothing an extension changes) and
+  once at the end, after the trials still running have finished. Scheduled looks and ends each
+  spend alpha/2 over an open-ended sequence (`look_level`), so by the union bound the reported
+  interval holds the true n0 with probability at least 1 - alpha whatever the reason the search
+  stopped, and across extensions (`extension_plan`). The reported interval (`estimate`) is the
+  one that decided: a converged look's (trials finishing after it stay in the log for an
+  extension), or the end look's.
 
-Its state is the settings plus an append-only log of (architecture, seed, fidelity) -> (error,
-cost); `replay` rebuilds every decision from it, so the same order of results gives the same
-trials."""
+Its state is the settings plus an append-only log of `Result`s ((architecture, seed,
+fidelity) -> (error, cost)) and the pairs the ladder added (`Growth`); `replay` rebuilds every
+decision from it, so the same order of results gives the same trials."""
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -59,7 +67,36 @@ FULL = 1.0
 # pay even when free, and two seeds of every pair took a quarter of a budget of a fifth of the
 # grid: they get about this share of what a study may train (N0Plan.screen_epochs).
 SCREEN_SHARE = 1 / 8
-Trial = tuple[str, int, float]  # (architecture, seed, fidelity)
+
+
+class Trial(NamedTuple):
+    """One run the searcher asks for (a tuple: saved state lists it as [arch, seed, fidelity])."""
+    arch: str
+    seed: int
+    fidelity: float
+
+
+class Result(NamedTuple):
+    """A finished trial in the log: its final test error in percent (nan: failed or diverged)
+    and what it cost in epochs."""
+    arch: str
+    seed: int
+    fidelity: float
+    error: float
+    cost: float
+
+    @property
+    def trial(self) -> Trial:
+        return Trial(self.arch, self.seed, self.fidelity)
+
+    def saved(self) -> dict:
+        """As saved state holds it (strict JSON: a failed trial's nan as null)."""
+        return {**self._asdict(), "error": self.error if math.isfinite(self.error) else None}
+
+    @classmethod
+    def load(cls, row: dict) -> "Result":
+        error = float("nan") if row["error"] is None else row["error"]
+        return cls(row["arch"], row["seed"], row["fidelity"], error, row["cost"])
 
 
 @dataclass(frozen=True)
@@ -71,6 +108,23 @@ class Net:
     params: int
     flops: float  # per image, forward: what one epoch costs, relatively
     blocks: tuple[int, ...] | None = None  # for a net the ladder added (not in the study's space)
+
+
+@dataclass(frozen=True)
+class Growth:
+    """A pair the ladder added beyond an end, its nets, and why."""
+    pair: Pair
+    nets: tuple[Net, ...]
+    why: str
+
+    def saved(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def load(cls, row: dict) -> "Growth":
+        nets = tuple(Net(**{**n, "blocks": n["blocks"] and tuple(n["blocks"])})
+                     for n in row["nets"])
+        return cls(Pair(**row["pair"]), nets, row["why"])
 
 
 @dataclass(frozen=True)
@@ -93,6 +147,13 @@ class N0Plan:
     # curve) or "shapes" (the union of the kept smooth crossings': narrow and biased when a kept
     # shape is wrong; for the bench's comparison only).
     interval: str = "pairs"
+    # Each seed's own pair difference (what a seed's two nets share cancels; no worse when they
+    # share nothing, bar a seed whose other net failed) rather than the difference of the
+    # nets' means.
+    paired: bool = True
+    # Where full-schedule seeds go: "spread" (by the share of crossing draws a pair would
+    # settle) or "ends" (the pairs that decide the interval's ends first).
+    steer: str = "ends"
     # Counts of finished full-schedule trials at which earlier parts of this study stopped
     # (looks already taken); `N0Policy.extension_plan` sets them.
     ends: tuple[int, ...] = ()
@@ -142,7 +203,8 @@ class N0Plan:
         open-ended sequence, so that by the union bound the interval at whichever look the
         study stops at, or is extended from, holds the true n0 with probability at least
         1 - alpha. Ends get their own half: most studies end on their budget, and no number
-        of scheduled looks before then lowers its level."""
+        of scheduled looks before then lowers its level. (Ends given 0.8 of alpha instead
+        closed no more intervals in simulation.)"""
         return 1 - (1 - self.level) / 2 / (look * (look + 1))
 
 
@@ -157,6 +219,7 @@ class Fit:
     diff_draws: np.ndarray  # draws x pairs
     crossing: np.ndarray    # draws: the first crossing (the interval's, as the report's)
     split: np.ndarray       # draws: the best single split (where to train next)
+    precision: np.ndarray   # per pair: 1 / the variance of its mean difference, in seed units
 
 
 def fit_differences(errors: dict[str, list[float]], pairs: list[Pair], draws: int,
@@ -184,33 +247,98 @@ def fit_differences(errors: dict[str, list[float]], pairs: list[Pair], draws: in
     diff = net[:, multi] - net[:, deep]
     depths = np.array([pairs[i].depth for i in trained], dtype=float)
     return Fit(trained, mean[multi] - mean[deep], diff, crossings(depths, diff),
-               single_crossings(depths, diff))
+               single_crossings(depths, diff), 1 / (1 / count[multi] + 1 / count[deep]))
 
 
-def gap_ends(fit: Fit, pairs: list[Pair]) -> tuple[np.ndarray, np.ndarray]:
-    """Per draw, what it says about n0 without a shape: the whole gap between the trained pairs
-    around its first crossing (with no shape between two pairs, any depth in the gap is as
-    likely: an interpolated crossing assumed a straight line there, and a convex or steep curve
-    made such intervals narrow and wrong); a draw beyond the trained pairs: from the end pair
-    on."""
-    trained = np.array([pairs[i].depth for i in fit.pairs], dtype=float)
-    x = fit.crossing
+def fit_paired(runs: dict[str, dict[int, float]], pairs: list[Pair], draws: int,
+               seed: int) -> Fit | None:
+    """As `fit_differences`, from each seed's own difference (multi - deep of the same seed):
+    what the two nets of a seed share (its data order) cancels, and the seed noise is pooled
+    over the pairs' differences; a seed with one net's result only is left out. None without
+    two pairs with a complete seed or any pair with two."""
+    diffs = {}
+    for i, p in enumerate(pairs):
+        deep, multi = runs.get(p.deep, {}), runs.get(p.multi, {})
+        got = [multi[s] - deep[s] for s in multi if s in deep]
+        if got:
+            diffs[i] = np.array(got)
+    trained = sorted(diffs)
+    dof = sum(len(diffs[i]) - 1 for i in trained)
+    if len(trained) < 2 or dof <= 0:
+        return None
+    sd = math.sqrt(sum(float(np.sum((d - d.mean()) ** 2)) for d in diffs.values()) / dof)
+    rng = np.random.default_rng(seed)
+    sigma = sd * np.sqrt(dof / rng.chisquare(dof, draws))
+    means = np.array([diffs[i].mean() for i in trained])
+    count = np.array([len(diffs[i]) for i in trained], dtype=float)
+    diff = means + sigma[:, None] * rng.standard_normal((draws, len(trained))) / np.sqrt(count)
+    depths = np.array([pairs[i].depth for i in trained], dtype=float)
+    return Fit(trained, means, diff, crossings(depths, diff), single_crossings(depths, diff),
+               count)
+
+
+def nonincreasing(y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The weighted least-squares nonincreasing fit of each row of y (draws x k), by the
+    min-max formula of isotonic regression: at i, the least over a <= i of the largest over
+    b >= i of the weighted mean of a..b (vectorised over the draws, which scipy's
+    `isotonic_regression` is not)."""
+    k = y.shape[1]
+    c = np.concatenate([np.zeros((len(y), 1)), np.cumsum(y * w, axis=1)], axis=1)
+    cw = np.concatenate([[0.0], np.cumsum(w)])
+    out = np.empty_like(y)
+    for i in range(k):
+        best = np.full(len(y), np.inf)
+        for a in range(i + 1):
+            b = np.arange(i, k)
+            mean = (c[:, b + 1] - c[:, [a]]) / (cw[b + 1] - cw[a])
+            best = np.minimum(best, mean.max(axis=1))
+        out[:, i] = best
+    return out
+
+
+def gap_ends(x: np.ndarray, trained: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per draw's crossing x, what it says about n0 without a shape: the whole gap between the
+    trained pairs (at depths `trained`) around it (with no shape between two pairs, any depth
+    in the gap is as likely: an interpolated crossing assumed a straight line there, and a
+    convex or steep curve made such intervals narrow and wrong); a draw beyond the trained
+    pairs: from the end pair on."""
     i = np.clip(np.searchsorted(trained, x, side="right") - 1, 0, len(trained) - 2)
     low = np.where(x == np.inf, trained[-1], np.where(x == -np.inf, -np.inf, trained[i]))
     high = np.where(x == -np.inf, trained[0], np.where(x == np.inf, np.inf, trained[i + 1]))
     return low, high
 
 
-def n0_from(fit: Fit | None, pairs: list[Pair], level: float) -> N0:
+# How a draw of the pairs' differences is read as a range of n0 (N0Plan.interval).
+READINGS = ("pairs", "isotonic", "isotonic-line")
+
+
+def draw_ends(fit: Fit, pairs: list[Pair], reading: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per draw, the range of n0 it says: "pairs", the gap around its first crossing;
+    "isotonic", the gap around the crossing of its nonincreasing fit (a single crossing: noise
+    that flips a pair's sign is pooled with its neighbours); "isotonic-line", that crossing
+    interpolated linearly inside its gap (a straight line between pairs; the gap beyond the end
+    pairs)."""
+    trained = np.array([pairs[i].depth for i in fit.pairs], dtype=float)
+    if reading == "pairs":
+        return gap_ends(fit.crossing, trained)
+    x = crossings(trained, nonincreasing(fit.diff_draws, fit.precision))
+    low, high = gap_ends(x, trained)
+    if reading == "isotonic-line":
+        inside = np.isfinite(x)
+        low, high = np.where(inside, x, low), np.where(inside, x, high)
+    return low, high
+
+
+def n0_from(fit: Fit | None, pairs: list[Pair], level: float, reading: str = "pairs") -> N0:
     """n0 (where the mean differences first cross zero, as `orchestrator.report`) with the
-    central `level` interval of what the draws say (`gap_ends`); ends beyond the trained pairs
+    central `level` interval of what the draws say (`draw_ends`); ends beyond the trained pairs
     are infinite."""
     if fit is None:
         return N0(None, message="fewer than two pairs trained with a repeated seed")
     depths = np.array([pairs[i].depth for i in fit.pairs], dtype=float)
     value = crossings(depths, fit.means[None, :])[0]
     tail = (1 - level) / 2
-    lows, highs = gap_ends(fit, pairs)
+    lows, highs = draw_ends(fit, pairs, reading)
     low = float(np.quantile(lows, tail, method="lower"))
     high = float(np.quantile(highs, 1 - tail, method="higher"))
     if not math.isfinite(value):
@@ -245,9 +373,9 @@ class BudgetSpent:
     def is_met(self, policy: "N0Policy", trial: Trial) -> str | None:
         plan = policy.plan
         nets = 2 if policy.starts_pair(trial) else 1
-        if policy.fits(nets, trial[2]):
+        if policy.fits(nets, trial.fidelity):
             return None
-        if plan.budget_epochs is not None and not policy.fits(nets, trial[2], trials=False):
+        if plan.budget_epochs is not None and not policy.fits(nets, trial.fidelity, trials=False):
             return f"budget spent ({policy.spent():g} of budget.epochs {plan.budget_epochs:g})"
         return f"trial budget spent ({plan.max_trials} full-schedule trials)"
 
@@ -272,7 +400,7 @@ class N0Policy:
     plan: N0Plan
     # (side, pairs, nets) -> a pair beyond that end and its nets, or None
     grow: Callable[[str, list[Pair], dict], tuple[Pair, list[Net]] | None] | None = None
-    log: list[dict] = field(default_factory=list)        # finished trials, in order
+    log: list[Result] = field(default_factory=list)      # finished trials, in order
     running: list[Trial] = field(default_factory=list)
     looks_done: int = 0          # scheduled looks taken
     ends_done: int = 0           # end looks taken (this part's and earlier parts')
@@ -281,7 +409,7 @@ class N0Policy:
     look_at: int | None = None   # finished full-schedule trials at the last look
     end_due: bool = False        # stopped by budget or nothing left: the end look once all finish
     stopped: str | None = None
-    added: list[dict] = field(default_factory=list)      # ladder growth: pair, nets, why
+    added: list[Growth] = field(default_factory=list)    # ladder growth
     max_growth: int = 3
     _fits: dict = field(default_factory=dict, repr=False)
 
@@ -313,12 +441,11 @@ class N0Policy:
                 cost: float | None = None) -> None:
         """A finished trial's final test error in percent (nan: failed or diverged) and its cost
         in epochs (default: its schedule's epochs)."""
-        trial = (name, seed, fidelity)
+        trial = Trial(name, seed, fidelity)
         if trial in self.running:
             self.running.remove(trial)
         cost = self.plan.epochs_at(fidelity) if cost is None else cost
-        self.log.append({"arch": name, "seed": seed, "fidelity": fidelity, "error": error,
-                         "cost": cost})
+        self.log.append(Result(name, seed, fidelity, error, cost))
         done = self.full_done()
         # (a scheduled look is taken while a budget stop waits for its running trials, so that
         # a replay of the log, which stops later, takes the same looks)
@@ -356,7 +483,7 @@ class N0Policy:
         self.last_look = self.interval(self.last_level)
 
     def full_done(self) -> int:
-        return sum(1 for r in self.log if r["fidelity"] == FULL)
+        return sum(1 for r in self.log if r.fidelity == FULL)
 
     def extension_plan(self, plan: N0Plan) -> N0Plan:
         """`plan` (the study's new settings: a larger budget, more trials, seeds, depths or
@@ -370,39 +497,46 @@ class N0Policy:
             else self.plan.ends  # (a stopped policy has looked)
         return replace(plan, ends=ends)
 
-    def replay(self, log: list[dict], added: Sequence[dict] = ()) -> None:
-        """Rebuild the state from a saved log (and the pairs the ladder added, with why):
-        observe the finished trials in their order, so every look and stop comes back."""
-        for row in added:
-            nets = [Net(**{**n, "blocks": n["blocks"] and tuple(n["blocks"])})
-                    for n in row["nets"]]
-            self.add_pair(Pair(**row["pair"]), nets, row["why"])
-        for row in log:  # (a failed trial's error is saved as null)
-            error = float("nan") if row["error"] is None else row["error"]
-            self.observe(row["arch"], row["seed"], row["fidelity"], error, row["cost"])
+    def replay(self, log: Sequence[Result], added: Sequence[Growth] = ()) -> None:
+        """Rebuild the state from a log (and the pairs the ladder added; saved state:
+        `Result.load`, `Growth.load`): observe the finished trials in their order, so every
+        look and stop comes back."""
+        for growth in added:
+            self.add_pair(growth)
+        for r in log:
+            self.observe(r.arch, r.seed, r.fidelity, r.error, r.cost)
 
-    def add_pair(self, pair: Pair, nets: list[Net], why: str) -> None:
-        self.nets.update({n.name: n for n in nets})
-        self.pairs = sorted([*self.pairs, pair], key=lambda p: p.depth)
-        self.added.append({"pair": asdict(pair), "nets": [asdict(n) for n in nets],
-                           "why": why})
+    def add_pair(self, growth: Growth) -> None:
+        self.nets.update({n.name: n for n in growth.nets})
+        self.pairs = sorted([*self.pairs, growth.pair], key=lambda p: p.depth)
+        self.added.append(growth)
 
     # -- the model
     def errors(self, fidelity: float) -> dict[str, list[float]]:
         out: dict[str, list[float]] = {}
         for r in self.log:
-            if r["fidelity"] == fidelity and math.isfinite(r["error"]):
-                out.setdefault(r["arch"], []).append(r["error"])
+            if r.fidelity == fidelity and math.isfinite(r.error):
+                out.setdefault(r.arch, []).append(r.error)
+        return out
+
+    def runs(self, fidelity: float) -> dict[str, dict[int, float]]:
+        """Per net, its seeds' finite errors at one fidelity."""
+        out: dict[str, dict[int, float]] = {}
+        for r in self.log:
+            if r.fidelity == fidelity and math.isfinite(r.error):
+                out.setdefault(r.arch, {})[r.seed] = r.error
         return out
 
     def fit(self, fidelity: float) -> Fit | None:
         """The model at one fidelity; its draws are seeded by the count of results there, so
         the same results give the same fit (cached until one more comes)."""
-        count = sum(1 for r in self.log if r["fidelity"] == fidelity)
+        count = sum(1 for r in self.log if r.fidelity == fidelity)
         key = (fidelity, count, len(self.pairs))
         if key not in self._fits:
-            fit = fit_differences(self.errors(fidelity), self.pairs, self.plan.draws,
-                                  self.plan.seed + count)
+            fit = fit_paired(self.runs(fidelity), self.pairs, self.plan.draws,
+                             self.plan.seed + count) if self.plan.paired else \
+                fit_differences(self.errors(fidelity), self.pairs, self.plan.draws,
+                                self.plan.seed + count)
             self._fits = {k: v for k, v in self._fits.items() if k[0] != fidelity}
             self._fits[key] = fit
         return self._fits[key]
@@ -412,7 +546,7 @@ class N0Policy:
         `fit`; None when the plan does not use it or the pairs are too few."""
         if not self.plan.shape:
             return None
-        count = sum(1 for r in self.log if r["fidelity"] == FULL)
+        count = self.full_done()
         key = ("shape", count, len(self.pairs))
         if key not in self._fits:
             # (4x the draws: its interval's tails lie at alpha/4 of a look)
@@ -434,9 +568,11 @@ class N0Policy:
         without a shape between pairs (`n0_from`: valid whatever the curve; a kept wrong shape
         gave narrow, biased intervals that stopped the search), or with plan.interval
         "shapes" the kept shapes' union (n0_shape.py)."""
-        shape = self.shape_fit() if self.plan.interval == "shapes" else None
-        n0 = shape.n0(level) if shape is not None else None
-        return n0 or n0_from(self.fit(FULL), self.pairs, level)
+        if self.plan.interval == "shapes":
+            shape = self.shape_fit()
+            n0 = shape.n0(level) if shape is not None else None
+            return n0 or n0_from(self.fit(FULL), self.pairs, level)
+        return n0_from(self.fit(FULL), self.pairs, level, self.plan.interval)
 
     def shape_report(self) -> str | None:
         """Whether the full-schedule differences follow the shape (None: not used)."""
@@ -445,11 +581,11 @@ class N0Policy:
 
     def spent(self, fidelity: float | None = None) -> float:
         """Epochs trained and running, at one fidelity or at all."""
-        return sum(r["cost"] for r in self.log if fidelity in (None, r["fidelity"])) + \
-            sum(self.cost(t) for t in self.running if fidelity in (None, t[2]))
+        return sum(r.cost for r in self.log if fidelity in (None, r.fidelity)) + \
+            sum(self.cost(t) for t in self.running if fidelity in (None, t.fidelity))
 
     def cost(self, trial: Trial) -> float:
-        return self.plan.epochs_at(trial[2])
+        return self.plan.epochs_at(trial.fidelity)
 
     def fits(self, nets: int, fidelity: float, trials: bool = True) -> bool:
         """Whether `nets` more trials at `fidelity` fit budget.epochs (and `trials`)."""
@@ -457,19 +593,18 @@ class N0Policy:
         if plan.budget_epochs is not None and \
                 self.spent() + nets * plan.epochs_at(fidelity) > plan.budget_epochs + 1e-9:
             return False
-        full = sum(1 for r in self.log if r["fidelity"] == FULL) + \
-            sum(1 for t in self.running if t[2] == FULL)
+        full = self.full_done() + sum(1 for t in self.running if t.fidelity == FULL)
         return not trials or fidelity != FULL or full + nets <= plan.max_trials
 
     def starts_pair(self, trial: Trial) -> bool:
         """Whether no pair of the trial's net has a run of its other net at this fidelity."""
-        name, _, fidelity = trial
+        name, fidelity = trial.arch, trial.fidelity
         return not any(self.seeds_of(p.multi if name == p.deep else p.deep, fidelity)
                        for p in self.pairs if name in (p.deep, p.multi))
 
     def seeds_of(self, name: str, fidelity: float) -> list[int]:
         return [s for n, s, f in self.running if n == name and f == fidelity] + \
-            [r["seed"] for r in self.log if r["arch"] == name and r["fidelity"] == fidelity]
+            [r.seed for r in self.log if r.arch == name and r.fidelity == fidelity]
 
     def monotone_report(self) -> str | None:
         """Where the full-schedule differences break the single crossing: a pair whose
@@ -535,7 +670,7 @@ class N0Policy:
                     name, have = (p.deep, a) if len(a) < len(b) else (p.multi, b)
                     seed = next((s for s in self.plan.seeds if s not in have), None)
                     if seed is not None:
-                        return (name, seed, fidelity)
+                        return Trial(name, seed, fidelity)
         return None
 
     def screen_trial(self) -> Trial | None:
@@ -551,7 +686,7 @@ class N0Policy:
                 for name in (self.pairs[i].deep, self.pairs[i].multi):
                     have = self.seeds_of(name, plan.screen)
                     if len(have) < want:
-                        return (name, next(s for s in plan.seeds if s not in have),
+                        return Trial(name, next(s for s in plan.seeds if s not in have),
                                 plan.screen)
         return None
 
@@ -576,14 +711,17 @@ class N0Policy:
         w_full = self.weights(self.fit(FULL))  # (fits are cached per log length)
         w_low = self.weights(self.fit(plan.screen)) if plan.screen is not None else None
         ws = [w for w in (w_full, w_low) if w is not None]
-        if ws and np.max(ws) > 0:
+        ends = self.end_weights(self.fit(FULL), w_full) if plan.steer == "ends" else None
+        if ends is not None and ends.max() > 0:
+            w = ends
+        elif ws and np.max(ws) > 0:
             w = np.max(ws, axis=0)
         else:  # nothing to go on: the ends and the middle
             w = np.zeros(len(self.pairs))
             w[list(bisection_order(len(self.pairs)))[:3]] = 1.0
         full = self.fit(FULL)
         if full is not None:  # an open end of the interval: the pair that would close it
-            n0 = n0_from(full, self.pairs, plan.level)  # (nominal: where to train next)
+            n0 = n0_from(full, self.pairs, plan.level, self.reading)  # (nominal: where next)
             for open_end, end, step in ((n0.low == -np.inf, full.pairs[0], -1),
                                         (n0.high == np.inf, full.pairs[-1], 1)):
                 if open_end:
@@ -598,6 +736,43 @@ class N0Policy:
             j = int(others.argmax())
             w[j] = max(w[j], 1.0)
         return w
+
+    def end_weights(self, fit: Fit | None, spread: np.ndarray | None) -> np.ndarray | None:
+        """Per pair of the ladder, how much its sign holds each end of the interval where it
+        is (at the next end look's level): of the draws that reach past the trained pair just
+        inside an end, the share whose crossing that pair's sign places there (the deep edge
+        of a draw's range at the shallow end, the shallow edge at the deep end), each end's
+        shares summing to 1; an untrained pair inside an end's gap would split it: its
+        `spread` weight (the crossing draws it would settle)."""
+        if fit is None or spread is None:
+            return None
+        level = self.plan.look_level(self.ends_done + 1)
+        gaps = "isotonic" if self.reading == "isotonic-line" else self.reading  # (pairs' edges)
+        n0 = n0_from(fit, self.pairs, level, gaps)
+        if n0.low is None or n0.high is None:  # too few pairs for an interval: nothing to steer
+            return None
+        lows, highs = draw_ends(fit, self.pairs, gaps)
+        trained = np.array([self.pairs[i].depth for i in fit.pairs], dtype=float)
+        index = {p.depth: i for i, p in enumerate(self.pairs)}
+        w = np.zeros(len(self.pairs))
+        for end, edge, inner in ((n0.low, highs, trained[trained > n0.low].min(initial=np.inf)),
+                                 (n0.high, lows, trained[trained < n0.high].max(
+                                     initial=-np.inf))):
+            if not math.isfinite(end) or not math.isfinite(inner):
+                continue
+            past = edge <= inner if end == n0.low else edge >= inner
+            depths, counts = np.unique(edge[past & np.isfinite(edge)], return_counts=True)
+            for d, c in zip(depths, counts):
+                w[index[int(d)]] += c / counts.sum()
+            for i, p in enumerate(self.pairs):
+                if min(end, inner) < p.depth < max(end, inner) and i not in fit.pairs:
+                    w[i] = max(w[i], spread[i])
+        return w
+
+    @property
+    def reading(self) -> str:
+        """How the interval reads a draw (`draw_ends`); the shapes' interval steers as "pairs"."""
+        return self.plan.interval if self.plan.interval in READINGS else "pairs"
 
     def shape_trial(self, shapes: Shapes) -> Trial | None:
         """Under the closest kept shape: a full-schedule seed of the pair that most lowers the
@@ -637,7 +812,7 @@ class N0Policy:
     def seed_for(self, pair: Pair, fidelity: float) -> Trial | None:
         have = self.seeds_of(pair.deep, fidelity)
         seed = next((s for s in self.plan.seeds if s not in have), None)
-        return (pair.deep, seed, fidelity) if seed is not None else None
+        return Trial(pair.deep, seed, fidelity) if seed is not None else None
 
     def grow_ladder(self) -> None:
         """A pair beyond the shallowest or deepest when the full schedules' nominal interval of
@@ -659,9 +834,9 @@ class N0Policy:
                 made = self.grow(side, self.pairs, self.nets)
                 if made is not None:
                     new, nets = made
-                    self.add_pair(new, nets, f"added pair {new.deep} / {new.multi} (depth "
-                                  f"{new.depth}): the interval of n0 reaches {side} than "
-                                  f"depth {pair.depth}")
+                    why = (f"added pair {new.deep} / {new.multi} (depth {new.depth}): the "
+                           f"interval of n0 reaches {side} than depth {pair.depth}")
+                    self.add_pair(Growth(new, tuple(nets), why))
                     return
 
 

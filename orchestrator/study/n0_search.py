@@ -10,7 +10,7 @@ from ray.tune.search import Searcher
 
 from orchestrator.results import DIVERGED, DONE
 from orchestrator.study.config import StudyConfig
-from orchestrator.analysis.n0_policy import FULL, N0Plan, N0Policy, Net, Trial
+from orchestrator.analysis.n0_policy import FULL, Growth, N0Plan, N0Policy, Net, Result, Trial
 from orchestrator.study.search_state import WAIT, JsonStateSearcher
 
 
@@ -78,7 +78,7 @@ def continuation_plan(policy: N0Policy, earlier: dict) -> N0Plan:
     saved: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in earlier["plan"].items()}
     plan = replace(policy.plan, **{k: v for k, v in saved.items() if hasattr(policy.plan, k)})
     old = N0Policy(dict(policy.nets), list(policy.pairs), plan, grow=policy.grow)
-    old.replay(earlier["log"], earlier["added"])
+    old.replay(*saved_log(earlier))
     if old.stopped is None:
         old.suggest()  # a spent budget takes its end look here, as the sweep's verdict does
     return old.extension_plan(policy.plan)
@@ -87,9 +87,8 @@ def continuation_plan(policy: N0Policy, earlier: dict) -> N0Plan:
 def replayed(study: StudyConfig, rows: list[dict]) -> N0Policy:
     """The policy rebuilt from a study's trials (the sweep's summary rows)."""
     policy = n0_policy(study)
-    policy.replay([{"arch": r["architecture"], "seed": r["seed"],
-                    "fidelity": r.get("fidelity", FULL), "error": trial_error(r), "cost":
-                    r.get("epochs") or policy.plan.epochs_at(r.get("fidelity", FULL))}
+    policy.replay([Result(r["architecture"], r["seed"], r.get("fidelity", FULL), trial_error(r),
+                          r.get("epochs") or policy.plan.epochs_at(r.get("fidelity", FULL)))
                    for r in rows])
     return policy
 
@@ -106,15 +105,24 @@ def search_verdict(policy: N0Policy) -> str | None:
 def search_notes(policy: N0Policy) -> list[str]:
     """What the report says beside n0: the pairs the ladder added and why (and whether they
     were trained), where the differences break a single crossing, whether a shape fits."""
-    trained = {r["arch"] for r in policy.log}
-    added = [a["why"] + ("" if {n["name"] for n in a["nets"]} & trained else
-                         " (not trained before the search stopped)") for a in policy.added]
+    trained = {r.arch for r in policy.log}
+    added = [a.why + ("" if {n.name for n in a.nets} & trained else
+                      " (not trained before the search stopped)") for a in policy.added]
     return added + [n for n in (policy.monotone_report(), policy.shape_report()) if n]
+
+
+def saved_log(data: dict) -> tuple[list[Result], list[Growth]]:
+    """The log and the ladder's growth from a searcher's saved state (`N0Search.state`)."""
+    return [Result.load(r) for r in data["log"]], [Growth.load(a) for a in data["added"]]
 
 
 def trial_error(row: dict) -> float:
     ok = row["status"] == DONE and row["final_test_error"] is not None
     return 100 * row["final_test_error"] if ok else float("nan")
+
+
+# The plan's settings that a searcher saved before they existed ran with.
+SAVED_BEFORE = {"paired": False, "steer": "spread"}
 
 
 class N0Search(JsonStateSearcher):
@@ -125,18 +133,18 @@ class N0Search(JsonStateSearcher):
     def __init__(self, policy: N0Policy, fixed: dict | None = None):
         super().__init__(metric="test_error", mode="min")
         self.policy, self.fixed = policy, dict(fixed or {})
-        self.trials: dict[str, tuple[str, int, float]] = {}  # trial id -> running trial
+        self.trials: dict[str, Trial] = {}  # trial id -> running trial
 
     def suggest(self, trial_id: str):
         item = self.policy.suggest()
         if item is None:
             return Searcher.FINISHED if self.policy.stopped else WAIT
         self.trials[trial_id] = item
-        fidelity = {} if item[2] == FULL else {"fidelity": item[2]}
-        net = self.policy.nets[item[0]]
+        fidelity = {} if item.fidelity == FULL else {"fidelity": item.fidelity}
+        net = self.policy.nets[item.arch]
         added = {} if net.blocks is None else {"blocks": list(net.blocks), "k": net.k,
                                                "width": net.width}
-        return {**self.fixed, "arch": item[0], "seed": item[1], **fidelity, **added}
+        return {**self.fixed, "arch": item.arch, "seed": item.seed, **fidelity, **added}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
@@ -151,15 +159,15 @@ class N0Search(JsonStateSearcher):
     def state(self) -> dict:
         from dataclasses import asdict
 
-        log = [{**r, "error": r["error"] if math.isfinite(r["error"]) else None}
-               for r in self.policy.log]  # strict JSON: a failed trial's nan as null
-        return {"plan": asdict(self.policy.plan), "log": log,
-                "added": self.policy.added, "running": self.trials, "fixed": self.fixed}
+        return {"plan": asdict(self.policy.plan), "log": [r.saved() for r in self.policy.log],
+                "added": [a.saved() for a in self.policy.added],
+                "running": {k: list(t) for k, t in self.trials.items()}, "fixed": self.fixed}
 
     def load_state(self, data: dict) -> None:
         from dataclasses import asdict
 
-        plan = {k: tuple(v) if isinstance(v, list) else v for k, v in data["plan"].items()}
+        plan = {**SAVED_BEFORE, **{k: tuple(v) if isinstance(v, list) else v
+                                   for k, v in data["plan"].items()}}
         now = asdict(self.policy.plan)
         if plan != now:
             differ = ", ".join(f"{k} {plan.get(k, 'unset')} (now {now.get(k, 'unset')})"
@@ -167,8 +175,8 @@ class N0Search(JsonStateSearcher):
             raise ValueError(f"the saved n0 searcher has other settings than this study's: "
                              f"{differ}; resume with the version that started it, or start the "
                              f"study afresh under another name")
-        self.policy.replay(data["log"], data["added"])
-        self.trials = {k: (v[0], v[1], v[2]) for k, v in data["running"].items()}
+        self.policy.replay(*saved_log(data))
+        self.trials = {k: Trial(*v) for k, v in data["running"].items()}
         self.policy.running = list(self.trials.values())
         self.fixed = data["fixed"]
 
@@ -211,13 +219,13 @@ def simulated_studies(study: StudyConfig, studies: int = 10, noise: float = 0.2,
         error = _simulated_error({p.multi: p.depth for p in policy.pairs}, n0, other, rng,
                                  noise, rho)
         _play(policy, study.concurrency, error)
-        row = {"spent": sum(r["cost"] for r in policy.log), "width": _width(policy)}
+        row = {"spent": sum(r.cost for r in policy.log), "width": _width(policy)}
         if then is not None and not math.isfinite(row["width"]):
             more = n0_policy(then)
             more.plan = policy.extension_plan(replace(more.plan, draws=300))
             more.replay(policy.log, policy.added)
             _play(more, then.concurrency, error)
-            row.update(extra=sum(r["cost"] for r in more.log) - row["spent"],
+            row.update(extra=sum(r.cost for r in more.log) - row["spent"],
                        width_after=_width(more))
         out.append(row)
     return out
