@@ -265,8 +265,10 @@ def test_trials_that_ended_unseen_by_mlflow_are_caught_up_from_their_stored_resu
             client.set_terminated(run.info.run_id, status)
     done_end = client.get_run(run.info.run_id).info.end_time
 
+    # Ended by an interruption before it reported: nothing to catch up, its run stays absent.
+    silent = SimpleNamespace(trial_id="silent", status="TERMINATED", last_result={})
     tracker = TrialTracker(uri, study, parent.experiment_id, parent.run_id, layout="dp=1")
-    tracker.on_experiment_end(trials)
+    tracker.on_experiment_end([*trials, silent])
     _, _, children = runs(uri)
     by_trial = {c.data.tags["trial_id"]: c for c in children}
     assert sorted(by_trial) == ["cut", "done", "unseen"]

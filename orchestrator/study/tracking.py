@@ -339,8 +339,9 @@ class TrialTracker(Callback):
         # A trial that ended in an earlier sweep whose MLflow updates outlasted its outage
         # (listed in mlflow_undelivered.txt): Tune does not run it again, so its run is brought
         # up to date here from the results Tune stored for it.
-        for trial in trials:
-            if trial.status == "TERMINATED" and trial.trial_id not in self.ended | self.kept:
+        for trial in trials:  # (one that never reported stays as the interruption left it)
+            if trial.status == "TERMINATED" and (trial.last_result or {}).get("epoch") and \
+                    trial.trial_id not in self.ended | self.kept:
                 log.warning(f"trial {trial.trial_id} ended while MLflow did not answer; its run "
                             f"is brought up to date from {shown(trial.path)}")
                 if trial.trial_id not in self.logged:
