@@ -202,6 +202,22 @@ def write_text(place: str, text: str) -> None:
             f.write(text.encode())
 
 
+def check_still_there(place: str, field: str = "storage_path") -> None:
+    """A study's results place that went away while it ran (a bucket or a folder deleted): one
+    line naming it, instead of the error Tune meets next."""
+    import pyarrow.fs
+
+    fs, path = filesystem(place)
+    try:
+        gone = fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound
+    except OSError:  # the store cannot be asked: the error that came first stands
+        return
+    if gone:
+        raise StorageError(f"{field} {shown(place)} went away while the study ran (deleted?) "
+                           f"and the study's state with it; create it again and run the same "
+                           f"command to start the study over, or give another --storage-path")
+
+
 def upload(folder: Path, place: str) -> None:
     """A local folder's files to a place of the storage (a remote study's report)."""
     import pyarrow.fs

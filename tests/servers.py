@@ -104,3 +104,11 @@ class S3Server:
         if self.proc is not None:
             stop(self.proc)
             self.proc = None
+
+    def delete_bucket(self) -> None:
+        """The bucket and everything in it gone at once, whatever is being written (moto's reset:
+        an S3 client must empty a bucket before deleting it, and a running study refills it)."""
+        import urllib.request
+
+        urllib.request.urlopen(urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/moto-api/reset", method="POST"), timeout=30).close()

@@ -156,26 +156,49 @@ def test_mlflow_outage_during_training(ray_address, tmp_path):
         server.stop()
 
 
-def test_mlflow_that_never_returns_is_listed_not_fatal(ray_address, tmp_path):
+def test_mlflow_stopped_mid_study_is_caught_up_by_the_rerun(ray_address, tmp_path, caplog):
+    """The MLflow server stops as the first of two trials starts and is still down when the study
+    ends: both trials train, the sweep exits 0 listing what MLflow did not get (the second
+    trial's run among it). With the server back, the same command brings every run up to date
+    from the results folder (Tune does not run a finished trial again) and drops the list."""
+    from orchestrator.sweep import main as sweep_main
+
     server = MlflowServer(tmp_path)
     results = tmp_path / "results"
+    args = ["--storage-path", str(results), "--tracking-uri", server.uri, "--set", "trials=2",
+            "--set", "concurrency=1", "--set", "space.depth=8", "--set", "space.lr=0.05",
+            "--set", "scheduler.type=none", "--set", "train.epochs=1",
+            "--set", "mlflow.outage_wait_s=2"]
+    proc = None
     try:
         server.start()
-        proc = start_sweep(["--storage-path", str(results), "--tracking-uri", server.uri,
-                            *ONE_TRIAL, "--set", "space.k=1", "--set", "train.epochs=3",
-                            "--set", "train.train_size=1024", "--set", "mlflow.outage_wait_s=2"],
-                           ray_address)
-        wait_for(lambda: child_statuses(server.uri), proc)
+        proc = start_sweep(args, ray_address, cwd=tmp_path)
+        wait_for(lambda: child_statuses(server.uri), proc, timeout=600,
+                 what="the first trial's run")
         server.stop()
-        output = proc.communicate(timeout=600)[0]
+        output = proc.communicate(timeout=900)[0]
+        assert proc.returncode == 0, output[-3000:]
+        assert "were not delivered" in output, output[-3000:]
+        lost = (results / "smoke" / "mlflow_undelivered.txt").read_text().splitlines()
+        assert lost[-1] == "end of parent run (FINISHED)"
+        assert sum(line.endswith(" start") for line in lost) == 1, lost  # the second trial
+        assert sum(line.endswith(" epoch 1") for line in lost) >= 1, lost
+        assert len(checkpoints(results)) == 2  # training lost nothing
+
+        server.start()
+        assert sweep_main([SMOKE, *args]) == 0
+        assert "brought up to date" in caplog.text
+        client, (parent,), children = runs(server.uri)
+        assert parent.info.status == "FINISHED" and parent.data.metrics["trials_trained"] == 2
+        assert [c.info.status for c in children] == ["FINISHED"] * 2
+        for child in children:
+            steps = [m.step for m in client.get_metric_history(child.info.run_id, "test_error")]
+            assert steps == [1] and "final_test_error" in child.data.metrics
+        assert not (results / "smoke" / "mlflow_undelivered.txt").exists()
     finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
         server.stop()
-    assert proc.returncode == 0, output[-3000:]
-    assert "were not delivered" in output
-    lost = (results / "smoke" / "mlflow_undelivered.txt").read_text().splitlines()
-    assert lost[-1] == "end of parent run (FINISHED)"
-    assert any(line.endswith("epoch 3") for line in lost)
-    assert len(checkpoints(results)) == 3  # training itself lost nothing
 
 
 def test_run_of_a_trial_the_restored_study_forgot_is_ended_and_deleted(tmp_path):
@@ -203,6 +226,73 @@ def test_run_of_a_trial_the_restored_study_forgot_is_ended_and_deleted(tmp_path)
     (deleted,) = client.search_runs([parent.experiment_id], run_view_type=ViewType.DELETED_ONLY)
     assert deleted.data.tags["trial_id"] == "forgot" and deleted.info.status == "KILLED"
     assert "forgotten" in deleted.data.tags
+
+
+def test_trials_that_ended_unseen_by_mlflow_are_caught_up_from_their_stored_results(tmp_path):
+    """The tracker of a rerun, at the end of a Tune experiment whose trials had all ended
+    before (their MLflow updates outlasted an outage): the trial whose run was never created
+    gets one, the one whose run stopped at epoch 1 gets epoch 2; both get their final metrics
+    and end FINISHED, from the results Tune stored for them; a finished run is left alone."""
+    import json
+    from types import SimpleNamespace
+
+    import pyarrow.fs
+
+    from orchestrator.study.config import load_study
+    from orchestrator.study.mlflow_client import connect
+    from orchestrator.study.tracking import StudyRun, TrialTracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    study = load_study(SMOKE, [f"mlflow.tracking_uri={uri}"])
+    parent = StudyRun(connect(uri), study)
+    parent.open(None, tmp_path, "")
+    client = parent.client
+    epochs = [{"epoch": e, "test_error": 0.9 - e / 10, "train_loss": 2.0} for e in (1, 2)]
+    trials = []
+    for trial_id in ("unseen", "cut", "done"):
+        folder = tmp_path / trial_id
+        folder.mkdir()
+        (folder / "result.json").write_text("".join(json.dumps(r) + "\n" for r in epochs))
+        trials.append(SimpleNamespace(
+            trial_id=trial_id, status="TERMINATED", path=str(folder), last_result=epochs[-1],
+            config={"arch": study.feasible()[0].name, "seed": 0, "lr": 0.05},
+            storage=SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem())))
+    for trial_id, status in (("cut", "RUNNING"), ("done", "FINISHED")):
+        run = client.create_run(parent.experiment_id, tags={PARENT: parent.run_id,
+                                                            "trial_id": trial_id})
+        client.log_metric(run.info.run_id, "test_error", 0.8, step=1)
+        if status == "FINISHED":
+            client.set_terminated(run.info.run_id, status)
+    done_end = client.get_run(run.info.run_id).info.end_time
+
+    # Ended by an interruption before it reported: nothing to catch up, its run stays absent.
+    silent = SimpleNamespace(trial_id="silent", status="TERMINATED", last_result={})
+    tracker = TrialTracker(uri, study, parent.experiment_id, parent.run_id, layout="dp=1")
+    tracker.on_experiment_end([*trials, silent])
+    _, _, children = runs(uri)
+    by_trial = {c.data.tags["trial_id"]: c for c in children}
+    assert sorted(by_trial) == ["cut", "done", "unseen"]
+    for trial_id, steps in (("unseen", [1, 2]), ("cut", [1, 2]), ("done", [1])):
+        child = by_trial[trial_id]
+        history = client.get_metric_history(child.info.run_id, "test_error")
+        assert [m.step for m in history] == steps, trial_id
+        assert child.info.status == "FINISHED"
+        assert ("final_test_error" in child.data.metrics) == (trial_id != "done")
+    assert by_trial["done"].info.end_time == done_end
+
+
+def test_a_storage_that_went_away_is_one_line_naming_it(tmp_path):
+    from orchestrator.errors import StorageError
+    from orchestrator.storage import check_still_there
+
+    folder = tmp_path / "results" / "smoke"
+    folder.mkdir(parents=True)
+    check_still_there(str(folder))  # there: nothing to say
+    folder.rmdir()
+    with pytest.raises(StorageError) as err:
+        check_still_there(str(folder))
+    assert str(err.value).startswith(f"storage_path {folder} went away while the study ran")
+    assert "\n" not in str(err.value) and "another --storage-path" in str(err.value)
 
 
 def test_a_failing_update_is_not_an_outage(caplog):
@@ -257,17 +347,23 @@ def test_the_end_of_a_sweep_tries_mlflow_often(caplog):
 
 
 def test_every_run_is_read_past_mlflows_first_page(tmp_path):
-    """search_runs answers 1,000 runs at a time; the tracker and the report read them all."""
+    """search_runs answers in pages (1,000 runs at most; a server may answer fewer): the
+    tracker and the report read them all. Pages of 10 here, so that a few runs make pages
+    (1,003 runs took 20-50 s to create)."""
     from mlflow.tracking import MlflowClient
 
     from orchestrator.study.mlflow_client import all_runs
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    class SmallPages(MlflowClient):
+        def search_runs(self, *args, max_results: int = 1000, **kwargs):
+            return super().search_runs(*args, max_results=min(max_results, 10), **kwargs)
+
+    client = SmallPages(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.create_experiment("many")
-    for _ in range(1003):
+    for _ in range(23):
         client.create_run(experiment)
-    assert len(client.search_runs([experiment])) == 1000
-    assert len({run.info.run_id for run in all_runs(client, [experiment])}) == 1003
+    assert len(client.search_runs([experiment])) == 10
+    assert len({run.info.run_id for run in all_runs(client, [experiment])}) == 23
 
 
 def test_system_metrics_reach_the_trials_run(tmp_path):
@@ -352,4 +448,42 @@ def test_a_failed_trial_is_named_and_the_rerun_trains_exactly_it(ray_address, tm
     retried = next(c for c in children if c.info.status == "FAILED").data.tags["trial_id"]
     assert len(checkpoints(results, retried)) == 1
     # The rerun: that trial goes on from its epoch-1 checkpoint; the finished one is untouched.
-    assert len(assert_resumes_once([SMOKE, *args], uri, results)) == 2
+    assert len(assert_resumes_once([SMOKE, *args], uri, results)) == 3
+
+
+def test_a_bucket_deleted_mid_study_fails_cleanly(ray_address, tmp_path):
+    """The study's s3 bucket is deleted (with everything in it) while the trial trains: the sweep
+    ends, without hanging, with exit 2 and one `error:` line naming the storage (without its
+    credentials) and what to do; its parent run ends FAILED, no run is left RUNNING."""
+    import pyarrow.fs
+
+    from tests.servers import S3Server
+
+    s3 = S3Server(tmp_path).start()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = None
+    try:
+        proc = start_sweep(["--storage-path", s3.uri("results"), "--tracking-uri", uri,
+                            *ONE_TRIAL, "--set", "space.k=1", "--set", "train.epochs=3"],
+                           ray_address, cwd=tmp_path)
+        fs, _ = pyarrow.fs.FileSystem.from_uri(s3.uri(""))
+        stored = pyarrow.fs.FileSelector(f"{s3.bucket}/results/smoke", recursive=True,
+                                         allow_not_found=True)
+        wait_for(lambda: any(f.path.endswith("/checkpoint.pt") for f in fs.get_file_info(stored)),
+                 proc, timeout=600, what="the first checkpoint in the bucket")
+        s3.delete_bucket()
+        assert fs.get_file_info(s3.bucket).type == pyarrow.fs.FileType.NotFound
+        output = proc.communicate(timeout=600)[0]
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        s3.stop()
+    assert proc.returncode == 2, output[-3000:]  # the user's to fix: not an internal error
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, output[-3000:]
+    assert "storage_path s3://multires/results/smoke went away" in errors[0], errors
+    assert "create it again" in errors[0] and "test:test" not in output
+    assert not (tmp_path / "s3:").exists()  # nothing written to a local stand-in
+    _, parents, children = runs(uri)
+    assert [p.info.status for p in parents] == ["FAILED"]
+    assert "RUNNING" not in [c.info.status for c in children]

@@ -26,8 +26,8 @@ from orchestrator.errors import Busy, ConfigError, StorageError, TrialsFailed, s
 from orchestrator.results import trained
 from orchestrator.run.data import DATASETS, load_dataset
 from orchestrator.study.config import StudyConfig
-from orchestrator.storage import (check_regular, check_writable, is_remote, join, read_text,
-                                  resolve, shown, upload, write_text)
+from orchestrator.storage import (check_regular, check_still_there, check_writable, is_remote,
+                                  join, read_text, resolve, shown, upload, write_text)
 from orchestrator.study.trials import planned_trials
 
 STATE_FILE = "multires_study.json"
@@ -370,7 +370,13 @@ def run_tuner(study: StudyConfig, results: str, restoring: bool, parent,
     ctrl_c = signal.getsignal(signal.SIGINT)
     try:
         with signing(results):
-            return tuner.fit()
+            try:
+                outcome = tuner.fit()
+            except Exception:
+                check_still_there(results)  # a deleted bucket is the user's to fix, not a bug
+                raise
+            check_still_there(results)  # Tune logs the writes that failed and goes on
+            return outcome
     finally:
         try:
             release_placement_groups()

@@ -156,8 +156,10 @@ class StudyRun:
         uri = self.study.tracking_uri()
         outbox(uri).put(f"end of parent run ({status})", end)
         lost = outbox(uri).drain(wait_s)
-        if lost:
-            path = self.results_dir / "mlflow_undelivered.txt"
+        path = self.results_dir / "mlflow_undelivered.txt"
+        if not lost:  # a list left by an earlier sweep: delivered now
+            path.unlink(missing_ok=True)
+        else:
             try:
                 with writing(path, "storage_path"):
                     path.write_text("".join(f"{what}\n" for what in lost))
@@ -333,10 +335,40 @@ class TrialTracker(Callback):
         self.ended.add(trial_id)
         self.fail(trial_id, failure_reason(trial))
 
+    def on_experiment_end(self, trials, **info):
+        # A trial that ended in an earlier sweep whose MLflow updates outlasted its outage
+        # (listed in mlflow_undelivered.txt): Tune does not run it again, so its run is brought
+        # up to date here from the results Tune stored for it.
+        for trial in trials:  # (one that never reported stays as the interruption left it)
+            if trial.status == "TERMINATED" and (trial.last_result or {}).get("epoch") and \
+                    trial.trial_id not in self.ended | self.kept:
+                log.warning(f"trial {trial.trial_id} ended while MLflow did not answer; its run "
+                            f"is brought up to date from {shown(trial.path)}")
+                if trial.trial_id not in self.logged:
+                    self.on_trial_start(0, trials, trial)
+                for result in stored_results(trial):
+                    self.on_trial_result(0, trials, trial, result)
+                self.on_trial_complete(0, trials, trial)
+
     def fail(self, trial_id: str, reason: str) -> None:
         self.put(trial_id, "failure", lambda run_id: self.client.set_tag(run_id, Tag.FAILURE,
                                                                          reason))
         self.put(trial_id, "end", lambda run_id: self.client.set_terminated(run_id, "FAILED"))
+
+
+def stored_results(trial) -> list[dict]:
+    """The results a trial reported, one per epoch, as Tune stored them (its result.json)."""
+    import json
+
+    path = f"{trial.path}/result.json"
+    try:
+        with trial.storage.storage_filesystem.open_input_stream(path) as f:
+            lines = f.read().decode().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        log.warning(f"the results of trial {trial.trial_id} cannot be read ({short(exc)}); its "
+                    f"MLflow run lacks the epochs they hold")
+        return []
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def failure_reason(trial) -> str:
