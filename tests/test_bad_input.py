@@ -622,7 +622,17 @@ def test_ctrl_c_while_the_libraries_load_ends_in_one_line(command):
 
     proc = subprocess.Popen([sys.executable, "-m", *command], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
-    time.sleep(0.5)  # the first imports take seconds
+    maps = Path(f"/proc/{proc.pid}/maps")
+    deadline = time.monotonic() + 60
+    # The signal lands once torch's libraries are being mapped (the command has started loading
+    # them), not after a fixed delay that a busy machine spends starting Python itself.
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if "libtorch" in maps.read_text():
+                break
+        except OSError:  # it has ended: the assertions below say how
+            break
+        time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and out == ""
