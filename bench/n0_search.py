@@ -32,7 +32,8 @@ these three with slope -a/n0 at n0, and `steep` a tanh((n0 - d)/w), w 2-15 layer
 the kept shapes' interval reported (the rule before issue 30); `--interval isotonic` or
 `isotonic-line`: each draw read through its monotone fit (`n0_policy.draw_ends`); `--unpaired`
 and `--steer-seeds spread`: the difference of the nets' means and seeds spread over the crossing
-draws (the rules before paired differences and seeds steered to the interval's ends).
+draws: the searcher's defaults (paired differences steered to the ends, this bench's
+defaults, closed intervals wrongly with n0 beyond the ladder: bench/RESULTS.md).
 
 Reported per row: epochs vs the grid's full-schedule epochs (mean and 90th percentile), coverage
 (an open-ended interval covers when the true n0 lies beyond its finite end) overall and per stop

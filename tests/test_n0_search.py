@@ -549,18 +549,20 @@ def test_seeds_go_to_the_pairs_that_hold_the_interval_s_ends():
     assert chosen["spread"][0] not in inner, chosen
 
 
-def test_a_searcher_saved_before_paired_differences_is_refused_naming_them(tmp_path):
+def test_a_searcher_saved_before_paired_differences_restores_as_it_ran(tmp_path):
     """State saved before the plan had `paired` and `steer` ran with the means' difference,
-    spread: restoring it into today's default (paired, ends) names both settings."""
+    spread (still the defaults): it restores into them, and restoring it into a plan with
+    paired differences steered to the ends is refused naming both settings."""
     from orchestrator.study.n0_search import N0Search
 
-    saved = N0Search(N0Policy(*ladder(), plan(paired=False, steer="spread")))
+    saved = N0Search(N0Policy(*ladder(), plan()))
     data = saved.state()
     for key in ("paired", "steer"):
         del data["plan"][key]
     (tmp_path / "old.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"paired False \(now True\), steer spread \(now ends\)"):
-        N0Search(N0Policy(*ladder(), plan())).restore(str(tmp_path / "old.json"))
-    old = N0Search(N0Policy(*ladder(), plan(paired=False, steer="spread")))
+        N0Search(N0Policy(*ladder(), plan(paired=True, steer="ends"))).restore(
+            str(tmp_path / "old.json"))
+    old = N0Search(N0Policy(*ladder(), plan()))
     old.restore(str(tmp_path / "old.json"))
-    assert old.policy.plan.paired is False
+    assert old.policy.plan.paired is False and old.policy.plan.steer == "spread"

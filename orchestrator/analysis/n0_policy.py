@@ -4,11 +4,11 @@ that the interval of n0 narrows for the least GPU time, and when to stop. `N0Sea
 
 Its parts, in the shape of Optuna's GP sampler and SMAC (model, acquisition, stopping rules):
 
-- **Model** (`fit_paired`): per fidelity, each seed's own difference (multi - deep of the same
-  seed: what a seed's two nets share cancels) averaged per pair, the seed noise pooled over the
-  pairs; draws of each pair's difference and where they first cross zero going deeper
-  (`orchestrator.analysis.n0.crossings`). (`fit_differences`, with `plan.paired` off: the
-  difference of the nets' means, the rule before.) With `plan.shape`, also the
+- **Model** (`fit_differences`): per fidelity, the difference of each pair's nets' means;
+  draws of each pair's difference and where they first cross zero going deeper
+  (`orchestrator.analysis.n0.crossings`). (`fit_paired`, with `plan.paired`: each seed's own
+  difference, multi - deep of the same seed, the seed noise pooled over the pairs.) With
+  `plan.shape`, also the
   **smooth single crossing** pooled across pairs (`n0_shape.fit_shapes`: diff = b0 + b1 g(depth)
   for a few monotone g, each kept only while a lack-of-fit test accepts it), to steer only.
 - **Acquisition** (`N0Policy.next_trial`), asked whenever a worker is free, seeing the running
@@ -18,7 +18,7 @@ Its parts, in the shape of Optuna's GP sampler and SMAC (model, acquisition, sto
   narrows n0 per unit of cost: the share of crossing draws the pair would settle
   (full-schedule draws, and short-schedule ones where those say more; each draw read as its
   best single split) times the variance a seed removes, over the pair's cost; an open end of
-  the interval draws the pair that would close it. With `plan.steer` "ends" (the default),
+  the interval draws the pair that would close it. With `plan.steer` "ends",
   the share is instead how much the pair's sign holds an end of the interval where it is
   (`end_weights`: the pairs just inside the ends, or an untrained pair splitting an end's gap):
   the interval's width is its ends', and seeds spread over the crossing's draws left them
@@ -147,13 +147,15 @@ class N0Plan:
     # curve) or "shapes" (the union of the kept smooth crossings': narrow and biased when a kept
     # shape is wrong; for the bench's comparison only).
     interval: str = "pairs"
-    # Each seed's own pair difference (what a seed's two nets share cancels; no worse when they
-    # share nothing, bar a seed whose other net failed) rather than the difference of the
-    # nets' means.
-    paired: bool = True
+    # Each seed's own pair difference (what a seed's two nets share cancels) rather than the
+    # difference of the nets' means: narrower, but its seed noise pooled over the pairs
+    # understates the deepest pairs' when noise grows with depth, and with n0 beyond the ladder
+    # it closed 2 of 300 intervals wrongly where the means' difference closed none
+    # (bench/RESULTS.md): off by default, as is steering to the ends that it pairs with.
+    paired: bool = False
     # Where full-schedule seeds go: "spread" (by the share of crossing draws a pair would
     # settle) or "ends" (the pairs that decide the interval's ends first).
-    steer: str = "ends"
+    steer: str = "spread"
     # Counts of finished full-schedule trials at which earlier parts of this study stopped
     # (looks already taken); `N0Policy.extension_plan` sets them.
     ends: tuple[int, ...] = ()
