@@ -291,7 +291,7 @@ def conclude(study: StudyConfig, outcome, parent, prior, results: str, local: Pa
     rows = summarize_results(outcome, study)
     missing = failed_trials(outcome, study)
     verdict, policy, kept = None, None, prior.rows if prior else []
-    if ended < len(rows):  # trials that never ended: interrupted
+    if ended < len(rows) or left_unfinished(outcome):  # trials that never ended: interrupted
         interrupted = True
     elif missing:  # reported below; a rerun trains them, then the search goes on
         interrupted = False
@@ -320,6 +320,25 @@ def conclude(study: StudyConfig, outcome, parent, prior, results: str, local: Pa
         upload(local / "report", join(results, "report"))
     parent.close("FINISHED", study.mlflow.outage_wait_s)
     return 0 if any(trained(r["status"]) for r in rows) else 1
+
+
+def left_unfinished(outcome) -> bool:
+    """Whether the state Tune saved for `Tuner.restore` holds trials that had not ended. After
+    Ctrl-C or SIGTERM, Tune's clean-up marks the trials it stops TERMINATED (or ERROR, one caught
+    starting) in the outcome, while its saved state keeps them RUNNING or PENDING."""
+    from ray.tune import ExperimentAnalysis
+
+    quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its warning for each trial with no result yet is noise here
+    try:
+        saved = ExperimentAnalysis(outcome.experiment_path, storage_filesystem=outcome.filesystem)
+        return any(t.status not in ("TERMINATED", "ERROR") for t in saved.trials)
+    except Exception as exc:  # unreadable: the outcome's own statuses decide
+        log.warning(f"could not read the study's saved state back ({short(exc)})")
+        return False
+    finally:
+        quiet.setLevel(level)
 
 
 def old_rows(study: StudyConfig, results: str) -> list[dict]:

@@ -186,6 +186,7 @@ class TrialTracker(Callback):
         self.runs: dict[str, str] = {}       # trial_id -> run_id, once created
         self.logged: dict[str, int] = {}     # trial_id -> last epoch logged (or queued)
         self.ended: set[str] = set()         # trials whose run has its final state
+        self.started: set[str] = set()       # trials Tune started in this sweep
         self.failed: set[str] = set()        # trials whose run ended FAILED (Tune retries them)
         self.restored = False                # the restored study's trials compared with runs
         self.names: set[str] = set()         # run names given in this study
@@ -233,6 +234,7 @@ class TrialTracker(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         trial_id = trial.trial_id
+        self.started.add(trial_id)
         if trial_id in self.failed:  # a failed trial trained again: its run goes on
             self.failed.discard(trial_id)
             self.ended.discard(trial_id)
@@ -339,9 +341,11 @@ class TrialTracker(Callback):
         # A trial that ended in an earlier sweep whose MLflow updates outlasted its outage
         # (listed in mlflow_undelivered.txt): Tune does not run it again, so its run is brought
         # up to date here from the results Tune stored for it.
-        for trial in trials:  # (one that never reported stays as the interruption left it)
+        # Not one started in this sweep: Ctrl-C or SIGTERM ends those as TERMINATED too, and
+        # they go on when the study is run again. (One that never reported is left as it is.)
+        for trial in trials:
             if trial.status == "TERMINATED" and (trial.last_result or {}).get("epoch") and \
-                    trial.trial_id not in self.ended | self.kept:
+                    trial.trial_id not in self.ended | self.kept | self.started:
                 log.warning(f"trial {trial.trial_id} ended while MLflow did not answer; its run "
                             f"is brought up to date from {shown(trial.path)}")
                 if trial.trial_id not in self.logged:
