@@ -161,7 +161,7 @@ def test_mlflow_stopped_mid_study_is_caught_up_by_the_rerun(ray_address, tmp_pat
     ends: both trials train, the sweep exits 0 listing what MLflow did not get (the second
     trial's run among it). With the server back, the same command brings every run up to date
     from the results folder (Tune does not run a finished trial again) and drops the list."""
-    from orchestrator.sweep import main as sweep_main
+    from orchestrator.commands.sweep import main as sweep_main
 
     server = MlflowServer(tmp_path)
     results = tmp_path / "results"
@@ -427,7 +427,7 @@ def test_a_failed_trial_is_named_and_the_rerun_trains_exactly_it(ray_address, tm
     uri, results = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "results"
     args = ["--storage-path", str(results), "--tracking-uri", uri, "--set", "trials=2",
             "--set", "concurrency=1", "--set", "scheduler.type=none",
-            "--set", "resources.max_failures=0"]
+            "--set", "resources.max_failures=0", "--set", "train.epochs=5"]
     proc = start_sweep(args, ray_address, cwd=tmp_path)
     # Killed once Ray Train recorded the checkpoint (killed between its upload and its record,
     # the retry would start over: Ray Train's behaviour, not what this test is about).
@@ -446,9 +446,9 @@ def test_a_failed_trial_is_named_and_the_rerun_trains_exactly_it(ray_address, tm
     assert parent.info.status == "FAILED"
     assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED"]
     retried = next(c for c in children if c.info.status == "FAILED").data.tags["trial_id"]
-    assert len(checkpoints(results, retried)) == 1
-    # The rerun: that trial goes on from its epoch-1 checkpoint; the finished one is untouched.
-    assert len(assert_resumes_once([SMOKE, *args], uri, results)) == 3
+    assert 1 <= len(checkpoints(results, retried)) < 5  # killed before its last epoch
+    # The rerun: that trial goes on from its checkpoint; the finished one is untouched.
+    assert len(assert_resumes_once([SMOKE, *args], uri, results, epochs=5)) == 2
 
 
 def test_a_bucket_deleted_mid_study_fails_cleanly(ray_address, tmp_path):
