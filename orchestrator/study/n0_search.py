@@ -216,8 +216,7 @@ def simulated_studies(study: StudyConfig, studies: int = 10, noise: float = 0.2,
         depths = [p.depth for p in policy.pairs]
         n0 = rng.uniform(min(depths), max(depths))
         other = {d: rng.normal(0, 0.5) for d in depths}
-        error = _simulated_error({p.multi: p.depth for p in policy.pairs}, n0, other, rng,
-                                 noise, rho)
+        error = _simulated_error(n0, other, rng, noise, rho)
         _play(policy, study.concurrency, error)
         row = {"spent": sum(r.cost for r in policy.log), "width": _width(policy)}
         if then is not None and not math.isfinite(row["width"]):
@@ -231,15 +230,18 @@ def simulated_studies(study: StudyConfig, studies: int = 10, noise: float = 0.2,
     return out
 
 
-def _simulated_error(multi: dict[str, int], n0: float, other: dict, rng, noise: float,
-                     rho: float):
-    """A simulated study's results: (net, fidelity) -> its error difference from the deep net."""
-    def error(name: str, fidelity: float) -> float:
+def _simulated_error(n0: float, other: dict, rng, noise: float, rho: float):
+    """A simulated study's results: (net, fidelity) -> its error difference from the deep net.
+    A multi-residual net (k > 1) differs by the curve at its depth, pairs the ladder added
+    included (their short schedules' own curve drawn when first asked)."""
+    def error(net: Net, fidelity: float) -> float:
         gap = 0.0
-        if name in multi:
-            d = multi[name]
-            gap = 0.85 * (n0 / d - 1)
-            gap = gap if fidelity == FULL else rho * gap + (1 - rho ** 2) ** 0.5 * other[d]
+        if net.k > 1:
+            gap = 0.85 * (n0 / net.depth - 1)
+            if fidelity != FULL:
+                if net.depth not in other:
+                    other[net.depth] = rng.normal(0, 0.5)
+                gap = rho * gap + (1 - rho ** 2) ** 0.5 * other[net.depth]
         return gap + rng.normal(0, noise)
     return error
 
@@ -249,7 +251,7 @@ def _width(policy: N0Policy) -> float:
 
 
 def _play(policy: N0Policy, concurrency: int, error) -> None:
-    """Run a policy to its stop on simulated results (`error(name, fidelity)`)."""
+    """Run a policy to its stop on simulated results (`error(net, fidelity)`)."""
     running: list[Trial] = []
     while True:
         while len(running) < concurrency and (trial := policy.suggest()):
@@ -257,4 +259,4 @@ def _play(policy: N0Policy, concurrency: int, error) -> None:
         if not running:
             break
         name, seed, fidelity = running.pop(0)
-        policy.observe(name, seed, fidelity, error(name, fidelity))
+        policy.observe(name, seed, fidelity, error(policy.nets[name], fidelity))
