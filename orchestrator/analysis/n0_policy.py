@@ -409,6 +409,7 @@ class N0Policy:
     last_look: N0 | None = None
     last_level: float | None = None
     look_at: int | None = None   # finished full-schedule trials at the last look
+    end_at: int | None = None    # ... at the last end look
     end_due: bool = False        # stopped by budget or nothing left: the end look once all finish
     stopped: str | None = None
     added: list[Growth] = field(default_factory=list)    # ladder growth
@@ -455,7 +456,7 @@ class N0Policy:
         if fidelity == FULL and open_ and done in self.plan.looks():
             self.look(end=False)
             self.stopped = self.stopped or Converged().is_met(self)
-        elif fidelity == FULL and self.stopped is None and done in self.plan.ends:
+        if fidelity == FULL and self.stopped is None and done in self.plan.ends:
             self.look(end=True)  # where an earlier part stopped: its interval, its alpha
             self.stopped = Converged().is_met(self)
         if self.end_due and not self.running:
@@ -471,13 +472,18 @@ class N0Policy:
             self.end_look()
 
     def end_look(self) -> None:
+        """The end look, with its own share of alpha even where a scheduled look saw the same
+        trials (the budget often ends on one: at 40% of the bench's grid, the third, at an
+        eighth of the ends' level's alpha, wider by a gap or two); not twice at one count (an
+        extension that trained nothing more)."""
         self.end_due = False
-        if self.look_at != self.full_done():  # (a look at this count was taken: the same data)
+        if self.end_at != self.full_done():
             self.look(end=True)
 
     def look(self, end: bool) -> None:
         if end:
             self.ends_done += 1
+            self.end_at = self.full_done()
         else:
             self.looks_done += 1
         self.look_at = self.full_done()
@@ -489,14 +495,14 @@ class N0Policy:
 
     def extension_plan(self, plan: N0Plan) -> N0Plan:
         """`plan` (the study's new settings: a larger budget, more trials, seeds, depths or
-        pairs, a smaller target) as the continuation of this study: the look at which this
-        part stopped is one of its looks, so that the looks of every part share one alpha
+        pairs, a smaller target) as the continuation of this study: the end look this part
+        took is one of its ends, so that the looks of every part share one alpha
         (`N0Plan.look_level`). Replay this policy's log (and `added`) into a policy with the
         returned plan. An unstopped study (killed) adds no look: resume it as it was; nor does
         one whose end look waits for running trials (replay the finished log instead)."""
-        ended = self.stopped and not self.end_due and self.look_at not in self.plan.looks()
-        ends = tuple(sorted({*self.plan.ends, self.look_at})) if ended and self.look_at is not None \
-            else self.plan.ends  # (a stopped policy has looked)
+        ended = self.stopped and not self.end_due and self.end_at is not None
+        ends = tuple(sorted({*self.plan.ends, self.end_at})) if ended and self.end_at is not None \
+            else self.plan.ends
         return replace(plan, ends=ends)
 
     def replay(self, log: Sequence[Result], added: Sequence[Growth] = ()) -> None:

@@ -198,8 +198,9 @@ def simulated_cost(study: StudyConfig, studies: int = 10, noise: float = 0.2,
 
 def simulated_studies(study: StudyConfig, studies: int = 10, noise: float = 0.2,
                       rho: float = 0.7, then: StudyConfig | None = None) -> list[dict]:
-    """Per simulated study: the epochs the search trains (`spent`) and the width of its final
-    interval (inf: open-ended); with `then`, a study that ends open is extended to `then`'s
+    """Per simulated study: the epochs the search trains (`spent`), the width of its final
+    interval (inf: open-ended), whether it holds the true `n0` (`covers`) and the pairs the ladder
+    added (`added`); with `then`, a study that ends open is extended to `then`'s
     settings (its policy replays the log) on the same truth: `extra` epochs, `width_after`.
     n0 uniform over the pairs' depths, the difference a (n0/depth - 1) with a = 0.85, seed
     noise `noise` points, short schedules correlated `rho` with the full ones
@@ -218,7 +219,11 @@ def simulated_studies(study: StudyConfig, studies: int = 10, noise: float = 0.2,
         other = {d: rng.normal(0, 0.5) for d in depths}
         error = _simulated_error(n0, other, rng, noise, rho)
         _play(policy, study.concurrency, error)
-        row = {"spent": sum(r.cost for r in policy.log), "width": _width(policy)}
+        found = policy.estimate()  # the interval it reports: the deciding look's, or the end's
+        row = {"n0": n0, "spent": sum(r.cost for r in policy.log), "width": found.width,
+               "covers": found.low is not None and found.high is not None and
+               found.low <= n0 <= found.high,
+               "added": len(policy.added)}
         if then is not None and not math.isfinite(row["width"]):
             more = n0_policy(then)
             more.plan = policy.extension_plan(replace(more.plan, draws=300))
