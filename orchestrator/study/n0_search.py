@@ -122,7 +122,7 @@ def trial_error(row: dict) -> float:
 
 
 # The plan's settings that a searcher saved before they existed ran with.
-SAVED_BEFORE = {"paired": False, "steer": "spread"}
+SAVED_BEFORE = {"paired": False, "steer": "spread", "end_on_look": False}
 
 
 class N0Search(JsonStateSearcher):
