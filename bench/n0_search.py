@@ -33,7 +33,8 @@ the kept shapes' interval reported (the rule before issue 30); `--interval isoto
 `isotonic-line`: each draw read through its monotone fit (`n0_policy.draw_ends`); `--unpaired`
 and `--steer-seeds spread`: the difference of the nets' means and seeds spread over the crossing
 draws: the searcher's defaults (paired differences steered to the ends, this bench's
-defaults, closed intervals wrongly with n0 beyond the ladder: bench/RESULTS.md).
+defaults, closed intervals wrongly with n0 beyond the ladder: bench/RESULTS.md); `--end-on-look`:
+the end look also where the budget ends on a scheduled look (off in the searcher, as above).
 
 Reported per row: epochs vs the grid's full-schedule epochs (mean and 90th percentile), coverage
 (an open-ended interval covers when the true n0 lies beyond its finite end) overall and per stop
@@ -203,7 +204,8 @@ def one_study(args, study: int, rho: float, concurrency: int, fidelities, outsid
         plan = N0Plan(target_width=target, seeds=SEEDS, min_seeds=args.min_seeds,
                       fidelities=fidelities, epochs=EPOCHS, budget_epochs=budget,
                       draws=args.draws, seed=study, shape=args.steer,
-                      interval=args.interval, paired=not args.unpaired, steer=args.steer_seeds)
+                      interval=args.interval, paired=not args.unpaired, steer=args.steer_seeds,
+                      end_on_look=args.end_on_look)
         if policy is not None:
             plan = policy.extension_plan(plan)
         new = N0Policy(nets, pairs, plan, grow=grow)
@@ -246,6 +248,7 @@ def run_row(args, rho: float, concurrency: int, fidelities, outside: bool, targe
     stops, worst = by_stop(frame)
     return {"shape": args.shape, "steer": "shapes" if args.steer else "signs",
             "interval": args.interval, "paired": not args.unpaired, "seeds to": args.steer_seeds,
+            "end on look": args.end_on_look,
             "rho": rho, "concurrency": concurrency,
             "fidelities": "/".join(f"{f:g}" for f in fidelities),
             "n0": "outside" if outside else "12-50", "target": target,
@@ -434,6 +437,9 @@ def main(argv=None) -> int:
                    "difference (N0Plan.paired; the rule before)")
     p.add_argument("--steer-seeds", choices=["spread", "ends"], default="ends",
                    help="where full-schedule seeds go (N0Plan.steer)")
+    p.add_argument("--end-on-look", action="store_true",
+                   help="the end look also where the budget ends on a scheduled look "
+                   "(N0Plan.end_on_look)")
     p.add_argument("--bound", type=float, nargs="*",
                    help="only the bound at these shares of the grid (bound_row)")
     p.add_argument("--json", help="write the table here")

@@ -147,7 +147,7 @@ def test_progress_writes_a_line_per_finished_trial(tmp_path, capsys):
 def test_the_time_estimate_of_an_n0_study_counts_its_epoch_budget():
     """depth_vs_k with budget.epochs 1,700 trains at most 8 of its 200-epoch trials (no trial
     starts that would pass the budget): the estimate for running it on these CPUs counts those
-    1,600 epochs, as the dry run's worst case does, not its 40-trial cap nor 9 trials."""
+    1,600 epochs, as the dry run's worst case does, not its 110-trial cap nor 9 trials."""
     path = Path("search_spaces/depth_vs_k.yaml")
     study = load_study(path, ["budget.epochs=1700"])
     with pytest.raises(ConfigError) as error:

@@ -401,6 +401,27 @@ def test_an_extended_study_keeps_its_trials_and_counts_its_old_end_as_a_look():
     assert second.ends_done == ends and second.last_level == bigger.look_level(ends)
 
 
+@pytest.mark.parametrize("end_on_look", [False, True])
+def test_a_budget_that_ends_on_a_scheduled_look(end_on_look):
+    """16 full-schedule trials: the budget ends on the second scheduled look (8, 16), at the
+    looks' alpha/12. By default that look's interval is reported; with `end_on_look` the end
+    look reads the same trials at its own share (alpha/4: level 0.9875) and is reported, and an
+    extension counts it as an end. A replay (restore, the report) gives the same."""
+    nets, pairs = ladder()
+    policy = N0Policy(nets, pairs, plan(target_width=0.0, fidelities=(FULL,),
+                                        budget_epochs=16 * 200, end_on_look=end_on_look))
+    run(policy, Oracle(5, n0=26.0))
+    assert policy.stopped.startswith("budget spent") and 16 in policy.plan.looks()
+    level = policy.plan.look_level(1 if end_on_look else 2)
+    assert (policy.looks_done, policy.ends_done) == (2, int(end_on_look))
+    assert policy.last_level == level and policy.estimate() == policy.interval(level)
+    assert policy.extension_plan(policy.plan).ends == ((16,) if end_on_look else ())
+    again = N0Policy(*ladder(), policy.plan)
+    again.replay(policy.log)
+    again.suggest()
+    assert again.estimate() == policy.estimate() and again.ends_done == policy.ends_done
+
+
 def test_a_pairs_design_grows_its_own_ladder(tmp_path):
     """A study with `pairs:` makes the pair one step past its deepest (blocks (6,6,6) after
     (2,2,2), (4,4,4)), none shallower than one block per stage; the searcher's suggestion for

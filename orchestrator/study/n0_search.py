@@ -122,7 +122,7 @@ def trial_error(row: dict) -> float:
 
 
 # The plan's settings that a searcher saved before they existed ran with.
-SAVED_BEFORE = {"paired": False, "steer": "spread"}
+SAVED_BEFORE = {"paired": False, "steer": "spread", "end_on_look": False}
 
 
 class N0Search(JsonStateSearcher):
@@ -198,8 +198,9 @@ def simulated_cost(study: StudyConfig, studies: int = 10, noise: float = 0.2,
 
 def simulated_studies(study: StudyConfig, studies: int = 10, noise: float = 0.2,
                       rho: float = 0.7, then: StudyConfig | None = None) -> list[dict]:
-    """Per simulated study: the epochs the search trains (`spent`) and the width of its final
-    interval (inf: open-ended); with `then`, a study that ends open is extended to `then`'s
+    """Per simulated study: the epochs the search trains (`spent`), the width of its final
+    interval (inf: open-ended), whether it holds the true `n0` (`covers`) and the pairs the ladder
+    added (`added`); with `then`, a study that ends open is extended to `then`'s
     settings (its policy replays the log) on the same truth: `extra` epochs, `width_after`.
     n0 uniform over the pairs' depths, the difference a (n0/depth - 1) with a = 0.85, seed
     noise `noise` points, short schedules correlated `rho` with the full ones
@@ -216,10 +217,13 @@ def simulated_studies(study: StudyConfig, studies: int = 10, noise: float = 0.2,
         depths = [p.depth for p in policy.pairs]
         n0 = rng.uniform(min(depths), max(depths))
         other = {d: rng.normal(0, 0.5) for d in depths}
-        error = _simulated_error({p.multi: p.depth for p in policy.pairs}, n0, other, rng,
-                                 noise, rho)
+        error = _simulated_error(n0, other, rng, noise, rho)
         _play(policy, study.concurrency, error)
-        row = {"spent": sum(r.cost for r in policy.log), "width": _width(policy)}
+        found = policy.estimate()  # the interval it reports: the deciding look's, or the end's
+        row = {"n0": n0, "spent": sum(r.cost for r in policy.log), "width": found.width,
+               "covers": found.low is not None and found.high is not None and
+               found.low <= n0 <= found.high,
+               "added": len(policy.added)}
         if then is not None and not math.isfinite(row["width"]):
             more = n0_policy(then)
             more.plan = policy.extension_plan(replace(more.plan, draws=300))
@@ -231,15 +235,18 @@ def simulated_studies(study: StudyConfig, studies: int = 10, noise: float = 0.2,
     return out
 
 
-def _simulated_error(multi: dict[str, int], n0: float, other: dict, rng, noise: float,
-                     rho: float):
-    """A simulated study's results: (net, fidelity) -> its error difference from the deep net."""
-    def error(name: str, fidelity: float) -> float:
+def _simulated_error(n0: float, other: dict, rng, noise: float, rho: float):
+    """A simulated study's results: (net, fidelity) -> its error difference from the deep net.
+    A multi-residual net (k > 1) differs by the curve at its depth, pairs the ladder added
+    included (their short schedules' own curve drawn when first asked)."""
+    def error(net: Net, fidelity: float) -> float:
         gap = 0.0
-        if name in multi:
-            d = multi[name]
-            gap = 0.85 * (n0 / d - 1)
-            gap = gap if fidelity == FULL else rho * gap + (1 - rho ** 2) ** 0.5 * other[d]
+        if net.k > 1:
+            gap = 0.85 * (n0 / net.depth - 1)
+            if fidelity != FULL:
+                if net.depth not in other:
+                    other[net.depth] = rng.normal(0, 0.5)
+                gap = rho * gap + (1 - rho ** 2) ** 0.5 * other[net.depth]
         return gap + rng.normal(0, noise)
     return error
 
@@ -249,7 +256,7 @@ def _width(policy: N0Policy) -> float:
 
 
 def _play(policy: N0Policy, concurrency: int, error) -> None:
-    """Run a policy to its stop on simulated results (`error(name, fidelity)`)."""
+    """Run a policy to its stop on simulated results (`error(net, fidelity)`)."""
     running: list[Trial] = []
     while True:
         while len(running) < concurrency and (trial := policy.suggest()):
@@ -257,4 +264,4 @@ def _play(policy: N0Policy, concurrency: int, error) -> None:
         if not running:
             break
         name, seed, fidelity = running.pop(0)
-        policy.observe(name, seed, fidelity, error(name, fidelity))
+        policy.observe(name, seed, fidelity, error(policy.nets[name], fidelity))

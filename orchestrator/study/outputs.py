@@ -127,14 +127,15 @@ def n0_cost(study: StudyConfig, studies: int = 10) -> None:
               f"{gpu_hours(study, worst)} (epochs x the training images at "
               f"{GPU_IMAGES_PER_S:,} images/s, bench/RESULTS.md)")
     opened = [r for r in runs if "extra" in r]
+    chance = f"chance to close: {closed:.0%} ({len(runs) - len(opened)} of {len(runs)} simulated studies)"
     if opened:
         extra = float(np.median([r["extra"] for r in opened]))
         after = float(np.mean([math.isfinite(r["width_after"]) for r in opened]))
-        print(f"chance to close: {closed:.0%}; where it does not, extending it (same command, "
-              f"larger budget) up to the whole grid closes {after:.0%} of those, with a median "
-              f"of {extra:,.0f} more epochs{f' ({gpu_hours(study, extra)})' * bool(gpu_hours(study, 1))}")
+        print(f"{chance}; where it does not, extending it (same command, larger budget) up to "
+              f"the whole grid closes {after:.0%} of those, with a median of {extra:,.0f} more "
+              f"epochs{f' ({gpu_hours(study, extra)})' * bool(gpu_hours(study, 1))}")
     else:
-        print(f"chance to close: {closed:.0%}")
+        print(chance)
 
 
 def extension_cost(study: StudyConfig) -> dict | None:
