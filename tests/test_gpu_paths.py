@@ -1,6 +1,7 @@
 """CUDA-only paths checked on a CPU: what they decide and in which order they call CUDA, with
 the CUDA calls faked or recorded (placement, RNG state on resume, precision, stream order,
 static compiled blocks, sizes from the trial's own CPUs, layouts kept by branch collectives)."""
+import os
 import sys
 import types
 
@@ -41,6 +42,21 @@ def test_workers_given_no_gpu_train_on_the_cpu(monkeypatch, tmp_path):
     with pytest.raises(ConfigError, match="device cuda: 2 ranks need a GPU each and the cluster "
                                           "has 1; use device auto or cpu"):
         driver.run_on_ray(cfg.model_copy(update={"device": "cuda"}))
+
+
+def test_a_slow_worker_start_is_waited_for_unless_the_user_says_otherwise(monkeypatch, tmp_path):
+    """Ray Train's 60 s for a worker group to start is raised (under load a start took longer,
+    and the trial restarted its workers again and again); a value the user set is kept."""
+    from orchestrator.cluster import driver
+
+    cfg = TrainConfig(architecture=dict(depth=8, k=1), dataset="synthetic")
+    name, _ = driver.WORKER_GROUP_START_TIMEOUT
+    monkeypatch.delenv(name, raising=False)
+    driver.build_trainer(cfg, name="t", storage_path=str(tmp_path), echo=False)
+    assert float(os.environ[name]) >= 300
+    monkeypatch.setenv(name, "42")
+    driver.build_trainer(cfg, name="t", storage_path=str(tmp_path), echo=False)
+    assert os.environ[name] == "42"
 
 
 def test_a_checkpoint_from_more_gpus_resumes_where_fewer_are_visible(monkeypatch):

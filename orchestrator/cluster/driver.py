@@ -33,6 +33,10 @@ HEALTH_CHECK_INTERVAL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # Ray Train watches a run's nodes for preemption to move the run before they go, with an actor of
 # its own per run; a private local Ray has no other node to move it to.
 PREEMPTION_WATCHER = ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Ray Train gives a run's workers 60 s to start, then tears them down and starts again: on a
+# loaded machine a worker importing torch can take longer, and the run then never starts. Ten
+# minutes, as Ray Train allows a started worker to answer a health check.
+WORKER_GROUP_START_TIMEOUT = ("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
 # The port a local Ray's GCS listens on, read by ray.init (the address is then known before).
 GCS_PORT = "RAY_GCS_SERVER_PORT"
 
@@ -157,7 +161,8 @@ def build_trainer(cfg: TrainConfig, *, name: str, storage_path: str, echo: bool,
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
     if not gpus_per_worker:  # Ray (2.60) no longer hides GPUs from a worker given none
         cfg = cfg.model_copy(update={"device": "cpu"})  # (auto: every rank on cuda:0, gloo)
-    os.environ.setdefault(*HEALTH_CHECK_INTERVAL)  # Ray Train passes it to its controller
+    for setting in (HEALTH_CHECK_INTERVAL, WORKER_GROUP_START_TIMEOUT):
+        os.environ.setdefault(*setting)  # Ray Train passes them to its controller
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"run": cfg.model_dump(mode="json"), "echo": echo},
