@@ -53,27 +53,33 @@ def cluster(tmp_path_factory):
     # their cluster by RAY_ADDRESS, not by looking, where this machine runs the test run's Ray too.
     nodes_env = {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}
     ray = str(BIN / "ray")
-    procs, mlflow = [], None
+    procs = []
+    # The MLflow server starts while the Ray nodes do (it needs neither); its port is theirs
+    # to avoid, like the head's.
+    mlflow = MlflowServer(tmp, env)
+    while mlflow.port in (gcs, dashboard, client):
+        mlflow = MlflowServer(tmp, env)
+    taken = (gcs, dashboard, client, mlflow.port)
+    mlflow.launch()
     try:
         head = start([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
                       "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                       f"--ray-client-server-port={client}", "--num-cpus=1",
                       f"--temp-dir={short / 'head'}", "--disable-usage-stats",
-                      *node_ports(gcs, dashboard, client)], tmp / "head.log", nodes_env)
+                      *node_ports(*taken)], tmp / "head.log", nodes_env)
         procs.append(head)
         assert head.wait(120) == 0, (tmp / "head.log").read_text()[-2000:]
         # Its own temp dir: two nodes on one machine must not share runtime-env folders.
         worker = start([ray, "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1",
                         "--num-cpus=1", f"--temp-dir={short / 'node'}", "--disable-usage-stats",
-                        *node_ports(gcs, dashboard, client)], tmp / "node.log", nodes_env)
+                        *node_ports(*taken)], tmp / "node.log", nodes_env)
         procs.append(worker)
         assert worker.wait(120) == 0, (tmp / "node.log").read_text()[-2000:]
-        mlflow = MlflowServer(tmp, env).start()
+        mlflow.ready()
         yield {"dashboard": f"http://127.0.0.1:{dashboard}", "mlflow": mlflow.uri, "env": env,
                "shared": tmp / "shared", "gcs": f"127.0.0.1:{gcs}", "node": worker, "tmp": tmp}
     finally:
-        if mlflow is not None:
-            mlflow.stop()
+        mlflow.stop()
         # A test cluster has nothing to keep, and Ray's servers take 10 s and more on SIGTERM.
         for proc in reversed(procs):
             stop(proc, signal.SIGKILL)
@@ -138,6 +144,9 @@ def test_trial_survives_its_worker_node_being_stopped(cluster):
     env, shared, tmp = cluster["env"], cluster["tmp"] / "shared-2", cluster["tmp"]
     holder = start([sys.executable, "-c", HOLD_HEAD, cluster["gcs"]], tmp / "hold.log", env)
     try:
+        # The workers of the other test's trial (while the holder starts): not this trial's.
+        before = {w["actor_id"] for w in ray_list(cluster, "actors",
+                                                  "class_name=RayTrainWorker")}
         deadline = time.time() + 120
         while "held" not in (tmp / "hold.log").read_text():
             assert holder.poll() is None and time.time() < deadline, \
@@ -156,10 +165,7 @@ def test_trial_survives_its_worker_node_being_stopped(cluster):
         while len(list(shared.glob("node-loss/train-*/checkpoint_*/checkpoint.pt"))) < 2:
             assert job.poll() is None and time.time() < deadline, job.stdout.read()[-4000:]
             time.sleep(0.5)
-        # The state API reports a worker some time after it started (longer under load).
-        (first,) = poll(lambda: ray_list(cluster, "actors", "class_name=RayTrainWorker",
-                                         "state=ALIVE"), lambda seen: len(seen) == 1, 120,
-                        "the trial's one live Ray Train worker")
+        # At once: four epochs still to train (which node the worker was on is read after).
         stop(cluster["node"], signal.SIGKILL)  # the whole worker node, at once
         stopped_at = time.time()
         stop(holder)
@@ -168,11 +174,15 @@ def test_trial_survives_its_worker_node_being_stopped(cluster):
         stop(holder)
     assert job.returncode == 0 and "succeeded" in output, output[-4000:]
 
-    head = next(n["node_id"] for n in ray_list(cluster, "nodes") if n["is_head_node"])
-    assert first["node_id"] != head  # it did run on the node that was stopped
-    poll(lambda: ray_list(cluster, "actors", "class_name=RayTrainWorker"),
-         lambda seen: head in {w["node_id"] for w in seen}, 120,
-         "a Ray Train worker on the head node (where the trial finished)")
+    nodes = ray_list(cluster, "nodes")
+    head = next(n["node_id"] for n in nodes if n["is_head_node"])
+    (stopped,) = [n["node_id"] for n in nodes if not n["is_head_node"]]
+    # The trial's workers: one on the node that was stopped, then one on the head, where the
+    # trial finished (the state API reports a worker some time after it started).
+    poll(lambda: [w for w in ray_list(cluster, "actors", "class_name=RayTrainWorker")
+                  if w["actor_id"] not in before],
+         lambda seen: {stopped, head} <= {w["node_id"] for w in seen}, 120,
+         "the trial's Ray Train workers on the stopped node and on the head")
 
     client, _, (child,) = runs(cluster["mlflow"], "node-loss")
     assert child.info.status == "FINISHED"
