@@ -193,7 +193,8 @@ def test_two_studies_side_by_side_each_keep_to_their_own_local_ray(tmp_path):
     """Two sweeps started at once on one machine, neither given RAY_ADDRESS (and the test run's
     own Ray instance may be a third): each starts its own local Ray and every process of it
     (Tune, Ray Train, Train's placement-group cleaner) reaches that one; both finish, every
-    trial trained once, in its own study and folder."""
+    trial trained once, in its own study and folder. (Left trains two trials one at a time, the
+    case that reused trial processes would break; right one, beside it.)"""
     import os
     import subprocess
     import sys
@@ -203,25 +204,26 @@ def test_two_studies_side_by_side_each_keep_to_their_own_local_ray(tmp_path):
     # last trial by the time the next one comes (Tune waits 2 s, here none): a study that
     # reused trial processes would drop that trial.
     env["TUNE_FUNCTION_THREAD_TIMEOUT_S"] = "0"
+    trials = {"left": 2, "right": 1}
     procs = {name: subprocess.Popen(
         [sys.executable, "-m", "orchestrator.sweep", SMOKE, "--storage-path", str(tmp_path / name),
          "--tracking-uri", f"sqlite:///{tmp_path / name}.db", "--set", f"name={name}",
-         "--set", "trials=2", "--set", "concurrency=1", "--set", "scheduler.type=none",
-         "--set", "train.epochs=1"], env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True) for name in ("left", "right")}
+         "--set", f"trials={trials[name]}", "--set", "concurrency=1", "--set",
+         "scheduler.type=none", "--set", "train.epochs=1"], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True) for name in trials}
     outputs = {name: proc.communicate(timeout=900)[0] for name, proc in procs.items()}
     for name, proc in procs.items():
         assert proc.returncode == 0, outputs[name][-3000:]
         client, parents, children = runs(f"sqlite:///{tmp_path / name}.db", name)
         assert [p.info.status for p in parents] == ["FINISHED"]
-        assert [c.info.status for c in children] == ["FINISHED"] * 2
-        trials = {c.data.tags["trial_id"] for c in children}
-        assert len(trials) == 2
+        assert [c.info.status for c in children] == ["FINISHED"] * trials[name]
+        ids = {c.data.tags["trial_id"] for c in children}
+        assert len(ids) == trials[name]
         for child in children:
             history = client.get_metric_history(child.info.run_id, "test_error")
             assert [m.step for m in history] == [1]
         # Ray Train's runs of this study, and no other's, in its folder.
         assert {p.name for p in (tmp_path / name / name).glob("train-*")} == {
-            f"train-{t}" for t in trials}
+            f"train-{t}" for t in ids}
         log = (tmp_path / name / name / "ray.log").read_text()
         assert "Found multiple active Ray instances" not in log, name
