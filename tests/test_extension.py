@@ -167,15 +167,16 @@ def test_an_n0_study_stopped_resumed_extended_and_killed_trains_each_net_once(
         ray_address, tmp_path, capsys):
     """A two-pair n0 study (one epoch a trial, one trial at a time) through what a study meets:
     - run at trials=2 (the first pair) in a driver of its own, stopped by SIGTERM (as Ctrl-C:
-      `ray job stop`, Kubernetes, batch schedulers) once a trial has finished: exit 143, the
-      parent run KILLED, no trial left RUNNING; the same command resumes it (Tuner.restore, the
-      searcher's state with it) in the same parent run: finished trials kept, each epoch once;
+      `ray job stop`, Kubernetes, batch schedulers) during its last trial: exit 143, the parent
+      run KILLED, no trial left RUNNING or read as done; the same command resumes it
+      (Tuner.restore) in the same parent run: finished trials kept, each epoch once;
     - extended to trials=12: a change that would alter the trained nets is refused; the
       extension's driver is killed (SIGKILL) once one of its trials has finished and the next
-      one trains; the same command again loses nothing and repeats nothing, in the same parent
-      run tagged with the extension: the second pair, a second seed where the difference is
-      unsure, then the searcher stops and says why; the sweep prints the report and n0 and
-      logs them to the parent run; orchestrator.report reads the same study back from MLflow;
+      one trains; the same command again (Tuner.restore, the searcher's state with it) loses
+      nothing and repeats nothing, in the same parent run tagged with the extension: the
+      second pair, a second seed where the difference is unsure, then the searcher stops and
+      says why; the sweep prints the report and n0 and logs them to the parent run;
+      orchestrator.report reads the same study back from MLflow;
     - every file Ray would unpickle from the folder was signed by the sweeps; one planted
       there is refused before Ray starts."""
     from tests.sweeps import assert_resumes_once, child_statuses, runs, start_sweep, wait_for
