@@ -48,6 +48,11 @@ class MlflowServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 90) -> "MlflowServer":
+        return self.launch().ready(timeout)
+
+    def launch(self) -> "MlflowServer":
+        """The server's process, started; ready() waits until it answers (other servers can
+        start meanwhile)."""
         # One web worker and no job runner: the server starts in seconds instead of a minute on
         # two cores (the tests need neither more workers nor MLflow's background jobs).
         env = {**(self.env or os.environ), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -55,6 +60,10 @@ class MlflowServer:
                            str(self.port), "--workers", "1", "--backend-store-uri",
                            f"sqlite:///{self.folder / 'mlflow.db'}", "--artifacts-destination",
                            str(self.folder / "artifacts")], self.folder / "mlflow.log", env)
+        return self
+
+    def ready(self, timeout: float = 90) -> "MlflowServer":
+        assert self.proc is not None, "launch() first"
         deadline = time.time() + timeout
         while True:
             try:

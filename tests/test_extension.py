@@ -2,6 +2,7 @@
 the finished part saved once (a kill at any point repeats nothing), and the continuation's
 searcher seeded with every finished trial."""
 import json
+import signal
 from ray import cloudpickle
 from pathlib import Path
 
@@ -162,12 +163,22 @@ def test_an_edited_prior_file_is_refused(tmp_path):
         read_prior(str(tmp_path))
 
 
-def test_an_extended_study_trains_only_new_trials_and_survives_a_killed_driver(
+def test_an_n0_study_stopped_resumed_extended_and_killed_trains_each_net_once(
         ray_address, tmp_path, capsys):
-    """A two-pair n0 study run at trials=4 (one seed a pair), then the same command with
-    trials=8: the second seeds are trained in the same MLflow parent run, tagged with the
-    extension, and no finished trial is trained again. The driver is killed (SIGKILL) during the
-    extension, and the same command again loses nothing and repeats nothing."""
+    """A two-pair n0 study (one epoch a trial, one trial at a time) through what a study meets:
+    - run at trials=2 (the first pair) in a driver of its own, stopped by SIGTERM (as Ctrl-C:
+      `ray job stop`, Kubernetes, batch schedulers) during its last trial: exit 143, the parent
+      run KILLED, no trial left RUNNING or read as done; the same command resumes it
+      (Tuner.restore) in the same parent run: finished trials kept, each epoch once;
+    - extended to trials=12: a change that would alter the trained nets is refused; the
+      extension's driver is killed (SIGKILL) once one of its trials has finished and the next
+      one trains; the same command again (Tuner.restore, the searcher's state with it) loses
+      nothing and repeats nothing, in the same parent run tagged with the extension: the
+      second pair, a second seed where the difference is unsure, then the searcher stops and
+      says why; the sweep prints the report and n0 and logs them to the parent run;
+      orchestrator.report reads the same study back from MLflow;
+    - every file Ray would unpickle from the folder was signed by the sweeps; one planted
+      there is refused before Ray starts."""
     from tests.sweeps import assert_resumes_once, child_statuses, runs, start_sweep, wait_for
     from tests.test_sweep import pair_study
 
@@ -177,37 +188,99 @@ def test_an_extended_study_trains_only_new_trials_and_survives_a_killed_driver(
             "--set", "concurrency=1"]
     from orchestrator.commands.sweep import main as sweep_main
 
-    assert sweep_main([*args, "--set", "trials=4"]) == 0
-    _, (parent,), first = runs(uri, "pairs")
-    assert len(first) == 4 and parent.info.status == "FINISHED"
+    first_part = [*args, "--set", "trials=2"]
+    proc = start_sweep(first_part[1:], ray_address, study=str(path), cwd=tmp_path)
+    # During the last trial: Tune's clean-up marks it TERMINATED, which must not read as done.
+    wait_for(lambda: sorted(child_statuses(uri, "pairs")) == ["FINISHED", "RUNNING"], proc)
+    proc.send_signal(signal.SIGTERM)  # SIGTERM takes the Ctrl-C path; exit 143
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143, output[-3000:]
+    assert "Fatal Python error" not in output and "best:" not in output
+    _, parents, children = runs(uri, "pairs")
+    assert len(parents) == 1 and parents[0].info.status == "KILLED"
+    statuses = [c.info.status for c in children]
+    assert statuses.count("FINISHED") == 1 and "RUNNING" not in statuses  # not brought "up to date"
+    first = assert_resumes_once(first_part, uri, results, "pairs", epochs=1)
+    _, (parent,), _ = runs(uri, "pairs")
+    assert len(first) == 2 and parent.info.status == "FINISHED"
     # Today's refusal stays for what would alter the trained nets.
-    assert sweep_main([*args, "--set", "train.lr=0.2", "--set", "trials=8"]) == 2
+    assert sweep_main([*args, "--set", "train.lr=0.2", "--set", "trials=12"]) == 2
     assert "train.lr 0.1 -> 0.2" in capsys.readouterr().err
 
-    extended = [*args, "--set", "trials=8"]
+    extended = [*args, "--set", "trials=12"]
     proc = start_sweep(extended[1:], ray_address, study=str(path), cwd=tmp_path)
-    wait_for(lambda: child_statuses(uri, "pairs").count("FINISHED") >= 5
+    wait_for(lambda: child_statuses(uri, "pairs").count("FINISHED") >= 3
              and "RUNNING" in child_statuses(uri, "pairs"), proc)
     proc.kill()
     output = proc.communicate(timeout=60)[0]
-    assert "study pairs extended (trials 4 -> 8): 4 trials kept from before" in output
+    assert "study pairs extended (trials 2 -> 12): 2 trials kept from before" in output
 
     children = assert_resumes_once(extended, uri, results, "pairs", epochs=1)
     trained = [(c.data.tags["architecture"], c.data.tags["seed"]) for c in children]
-    assert len(trained) == len(set(trained)) == 8  # every net with both seeds, each once
+    assert len(trained) == len(set(trained)) and 6 <= len(trained) <= 8  # each net-seed once
     assert {c.info.run_id for c in first} <= {c.info.run_id for c in children}
     client, (again,), _ = runs(uri, "pairs")
     assert again.info.run_id == parent.info.run_id
-    assert again.data.tags["extended"] == "trials 4 -> 8"
+    assert again.data.tags["extended"] == "trials 2 -> 12"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"study.yaml", "study.extension-1.yaml"} <= artifacts
     out = capsys.readouterr().out
-    assert "study pairs extended (trials 4 -> 8): 4 trials kept from before" in out
+    assert "study pairs extended (trials 2 -> 12): 2 trials kept from before" in out
     report = (results / "pairs" / "report" / "report.md").read_text()
-    assert "- study pairs extended (trials 4 -> 8)" in report
+    assert "- study pairs extended (trials 2 -> 12)" in report
+    assert_ends_with_n0(out.splitlines(), uri, tmp_path, capsys)
     # The finished study, run again: nothing to do.
     assert sweep_main(extended) == 0
     assert "nothing changed" in capsys.readouterr().out
+    assert_signed_and_a_planted_file_refused(results / "pairs", extended, tmp_path, capsys)
+
+
+def assert_ends_with_n0(out: list[str], uri: str, tmp_path: Path, capsys) -> None:
+    """The sweep's console at the end of an n0 study: the searcher's verdict, n0, and the
+    report (the pre-resnet-26 of the second pair in it), n0 logged to the parent run; the
+    report command finds the same n0 in MLflow."""
+    from orchestrator.commands.report import main as report_main
+    from tests.sweeps import runs
+
+    n0_line = next(line for line in out if line.startswith("n0: "))
+    verdict = next(line for line in out if line.startswith("n0 search: "))
+    assert "no trial left" in verdict or "n0 not found" in verdict
+    assert any("depth 26 (" in line for line in out)
+    client, (parent,), _ = runs(uri, "pairs")
+    assert parent.data.tags["n0"] == n0_line
+    if not n0_line.startswith("n0: not found"):
+        assert {"n0", "n0_low", "n0_high"} & set(parent.data.metrics)
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.md", "report/difference_vs_depth.png",
+            "report/pareto_error_vs_flops.png", "report/error_vs_epoch.png"} <= logged
+    assert report_main(["--experiment", "pairs", "--tracking-uri", uri, "--out",
+                        str(tmp_path / "report"), "--draws", "200"]) == 0
+    assert n0_line.split(" (")[0] in capsys.readouterr().out
+
+
+def assert_signed_and_a_planted_file_refused(folder: Path, command: list[str], tmp_path: Path,
+                                             capsys) -> None:
+    """Every file Ray would unpickle from the study's folder was signed by the sweeps (through
+    the interruptions, the resumes and the extension); one planted there is refused before
+    Ray starts, and its code never runs."""
+    import pickle
+
+    from orchestrator.commands.sweep import main as sweep_main
+    from orchestrator.trust import check, unpickled_files
+    from tests.test_safety import RunsCode
+
+    names = [Path(name).name for name in unpickled_files(str(folder))]
+    for prefix in ("tuner.pkl", "experiment_state-", "searcher-state-", "params.pkl"):
+        assert any(name.startswith(prefix) for name in names), (prefix, names)
+    check(str(folder))
+    payload = RunsCode()
+    payload.marker = tmp_path / "ran"
+    planted = next(folder.glob("searcher-state-*.pkl"))
+    planted.write_bytes(pickle.dumps(payload))
+    assert sweep_main(command) == 2
+    assert f"error: {planted.name} in {folder} was not written by a sweep of yours" in \
+        capsys.readouterr().err
+    assert not payload.marker.exists()
 
 
 def trained_folder(tmp_path: Path, *overrides: str) -> tuple[list[str], Path]:
