@@ -720,7 +720,7 @@ def test_a_lock_left_by_a_killed_sweep_does_not_block_the_next(tmp_path):
     """The study lock is an flock, released by the kernel when its holder dies (kill -9): the
     file it leaves (with the dead pid) is taken over."""
     from orchestrator.study.config import load_study
-    from orchestrator.study.runner import LOCK_FILE, study_lock
+    from orchestrator.study.folder import LOCK_FILE, study_lock
 
     (tmp_path / LOCK_FILE).write_text("4194303\n")  # a pid no process has
     study = load_study(Path(__file__).parent.parent / "search_spaces" / "smoke.yaml")

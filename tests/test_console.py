@@ -13,7 +13,7 @@ from orchestrator.errors import ConfigError
 from orchestrator.study.config import load_study
 from orchestrator.study.console import StudyProgress
 from orchestrator.study.placement import Cluster, check_place, place
-from orchestrator.study.outputs import worst_epochs
+from orchestrator.study.preview import worst_epochs
 from tests.test_study import SMOKE, with_changes, write
 
 LAPTOP = Cluster(cpus=2, gpus=0)
