@@ -1,7 +1,7 @@
 """`python -m orchestrator.lesion`, as the docs write it: runs `orchestrator.commands.lesion`."""
 import sys
 
-if __name__ == "__main__":
-    from orchestrator.commands.lesion import main
+from orchestrator.commands.lesion import main
 
+if __name__ == "__main__":
     sys.exit(main())

@@ -1,7 +1,7 @@
 """`python -m orchestrator.report`, as the docs write it: runs `orchestrator.commands.report`."""
 import sys
 
-if __name__ == "__main__":
-    from orchestrator.commands.report import main
+from orchestrator.commands.report import main
 
+if __name__ == "__main__":
     sys.exit(main())

@@ -1,13 +1,16 @@
 """The places the commands write to: checked before any work (`check_writable`), a failed write
 told as what it is (`os_error_line`: a full disk names the place, it is not a bug), and a
 study's storage as a local folder or a URI Ray Tune supports (`storage_uri`, read and written
-through pyarrow's filesystems, as Tune does)."""
+through pyarrow's filesystems, as Tune does). pyarrow loads only when a storage is read or
+written, so `--help` and a study's validation go without it."""
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
 import stat
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from urllib.parse import urlparse, urlsplit, urlunsplit
@@ -311,8 +314,6 @@ except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
 def _check_remote(place: str, field: str) -> None:
     """Whether the store takes a first write within REMOTE_CHECK_S (a blocked network, a
     store that retries for ever: one line, not a hang); Ctrl-C and SIGTERM stop the wait."""
-    import subprocess
-    import sys
 
     probe = subprocess.Popen([sys.executable, "-c", _PROBE, place], stdin=subprocess.DEVNULL,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

@@ -1,7 +1,7 @@
 """`python -m orchestrator.summary`, as the docs write it: runs `orchestrator.commands.summary`."""
 import sys
 
-if __name__ == "__main__":
-    from orchestrator.commands.summary import main
+from orchestrator.commands.summary import main
 
+if __name__ == "__main__":
     sys.exit(main())

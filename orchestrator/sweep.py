@@ -1,7 +1,7 @@
 """`python -m orchestrator.sweep`, as the docs write it: runs `orchestrator.commands.sweep`."""
 import sys
 
-if __name__ == "__main__":
-    from orchestrator.commands.sweep import main
+from orchestrator.commands.sweep import main
 
+if __name__ == "__main__":
     sys.exit(main())

@@ -1,7 +1,7 @@
 """`python -m orchestrator.train`, as the docs write it: runs `orchestrator.commands.train`."""
 import sys
 
-if __name__ == "__main__":
-    from orchestrator.commands.train import main
+from orchestrator.commands.train import main
 
+if __name__ == "__main__":
     sys.exit(main())

@@ -26,9 +26,12 @@ import json
 import os
 import secrets
 import stat
+import tempfile
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Literal, overload
+
+import pyarrow.fs
 
 from orchestrator.compat import FILESYSTEM_SYNCER, resolve
 from orchestrator.errors import ConfigError, StorageError
@@ -95,7 +98,6 @@ def _checked_key(path: Path) -> bytes:
 
 def _create_key(path: Path) -> None:
     """A new random key file, whole or absent (written aside, then linked into place)."""
-    import tempfile
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -121,7 +123,6 @@ def unpickled_files(place: str) -> dict[str, tuple[int, int]]:
     `*state-*.json` at the top (JSON that may embed cloudpickle). In a local folder, every
     symbolic link too (never followed: a link to `.` would be walked for ever; `check` refuses
     them, as Ray would read through them what no signature covers)."""
-    import pyarrow.fs
 
     fs, root = filesystem(place)
     root = root.rstrip("/")
@@ -148,7 +149,6 @@ def unpickled(name: str) -> bool:
 def _walk_local(root: str):
     """(name in the folder, pyarrow file type, mtime_ns, size, is a link) of a local folder's
     entries, links not followed (their type Unknown)."""
-    import pyarrow.fs
 
     for parent, dirs, files in os.walk(root):
         for entry in (*dirs, *files):

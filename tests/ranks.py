@@ -37,11 +37,15 @@ def _entry(rank: int, world: int, port: int, backend: str, fn, args, errors):
 
 
 DONE = "done"
+PRELOAD = ["tests.ranks", "orchestrator.run.step", "orchestrator.run.loop"]
 
 
 def run_ranks(world: int, fn, *args, backend: str = "gloo") -> None:
     """fn(rank, *args) on `world` processes; raises with the first rank's traceback."""
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    # Ranks fork from one server process that imported torch and the project once a session:
+    # spawned, each rank paid those imports anew (seconds a rank on a small machine).
+    ctx.set_forkserver_preload(PRELOAD)
     errors = ctx.SimpleQueue()
     port = free_port()
     procs = [ctx.Process(target=_entry, args=(r, world, port, backend, fn, args, errors))

@@ -4,8 +4,8 @@ import pandas as pd
 import pytest
 import torch
 
+from models.architecture import parameter_count
 from models.multi_resnet import Architecture
-from models.complexity import summarize
 from orchestrator.analysis.n0 import PAPER_TABLE_II, estimate_n0, find_pairs, pair_differences
 from orchestrator.commands.report import main as report_main
 from orchestrator.analysis.pairs import PairDesign, matched_multi
@@ -61,7 +61,7 @@ def test_bootstrap_intervals_shrink_with_more_seeds():
 
 def test_pair_generation_reproduces_the_papers_pairs():
     def params(blocks, k):
-        return summarize(Architecture(blocks=blocks, k=k))["params"]
+        return parameter_count(Architecture(blocks=blocks, k=k))  # the built net's (test_models.py)
 
     for deep, multi in [((4, 4, 3), (1, 1, 1)), ((11, 11, 11), (3, 3, 3)),
                         ((18, 18, 18), (5, 4, 5))]:

@@ -596,18 +596,24 @@ def test_unreachable_cluster_and_debug_traceback(tmp_path):
     (tmp_path / "inputs").mkdir()
     path = study(tmp_path)
     env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}
-    command = [sys.executable, "-m", "orchestrator.sweep", path, "--storage-path",
-               str(tmp_path / "results"), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2
-    assert run.stderr.strip() == ("error: cannot reach the Ray cluster at RAY_ADDRESS=127.0.0.1:1 "
-                                  "(ConnectionRefusedError); start it, fix the address or unset "
-                                  "RAY_ADDRESS")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs"]
-    debug = subprocess.run([*command, "--debug"], env=env, capture_output=True, text=True,
-                           timeout=120)
-    assert debug.returncode != 0 and "Traceback" in debug.stderr
-    assert "cannot reach the Ray cluster" in debug.stderr
+
+    def sweep(results: str, *flags: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", path, "--storage-path",
+                                 str(tmp_path / results), "--tracking-uri",
+                                 f"sqlite:///{tmp_path / results}.db", *flags],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    # Both at once, each with its own places: each spends its time loading torch, Ray and MLflow.
+    plain, debug = sweep("results"), sweep("debug", "--debug")
+    run, traced = plain.communicate(timeout=120)[1], debug.communicate(timeout=120)[1]
+    assert plain.returncode == 2
+    assert run.strip() == ("error: cannot reach the Ray cluster at RAY_ADDRESS=127.0.0.1:1 "
+                           "(ConnectionRefusedError); start it, fix the address or unset "
+                           "RAY_ADDRESS")
+    assert debug.returncode != 0 and "Traceback" in traced
+    assert "cannot reach the Ray cluster" in traced
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("debug")) == \
+        ["inputs"]
 
 
 @pytest.mark.parametrize("command", [
@@ -720,7 +726,7 @@ def test_a_lock_left_by_a_killed_sweep_does_not_block_the_next(tmp_path):
     """The study lock is an flock, released by the kernel when its holder dies (kill -9): the
     file it leaves (with the dead pid) is taken over."""
     from orchestrator.study.config import load_study
-    from orchestrator.study.runner import LOCK_FILE, study_lock
+    from orchestrator.study.folder import LOCK_FILE, study_lock
 
     (tmp_path / LOCK_FILE).write_text("4194303\n")  # a pid no process has
     study = load_study(Path(__file__).parent.parent / "search_spaces" / "smoke.yaml")

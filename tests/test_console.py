@@ -13,7 +13,7 @@ from orchestrator.errors import ConfigError
 from orchestrator.study.config import load_study
 from orchestrator.study.console import StudyProgress
 from orchestrator.study.placement import Cluster, check_place, place
-from orchestrator.study.outputs import worst_epochs
+from orchestrator.study.preview import worst_epochs
 from tests.test_study import SMOKE, with_changes, write
 
 LAPTOP = Cluster(cpus=2, gpus=0)
@@ -144,12 +144,14 @@ def test_progress_writes_a_line_per_finished_trial(tmp_path, capsys):
     assert progress.study_bar.total == 4  # the epochs that ended trials skip are not coming
 
 
-def test_the_time_estimate_of_an_n0_study_counts_its_epoch_budget():
+def test_the_time_estimate_of_an_n0_study_counts_its_epoch_budget(monkeypatch):
     """depth_vs_k with budget.epochs 1,700 trains at most 8 of its 200-epoch trials (no trial
     starts that would pass the budget): the estimate for running it on these CPUs counts those
     1,600 epochs, as the dry run's worst case does, not its 110-trial cap nor 9 trials."""
     path = Path("search_spaces/depth_vs_k.yaml")
     study = load_study(path, ["budget.epochs=1700"])
+    # The measured step is not what this counts (the test above measures one).
+    monkeypatch.setattr("orchestrator.study.placement.seconds_per_step", lambda cfg: 1.0)
     with pytest.raises(ConfigError) as error:
         check_place(study, LAPTOP, str(path))
     here = str(error.value).splitlines()[-1]

@@ -3,6 +3,7 @@ linked and every link resolves, and no sentence is kept in two homes (README, do
 import ast
 import importlib
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -47,9 +48,10 @@ def test_commands_name_what_exists():
         assert (ROOT / study).is_file(), study
 
 
-def test_every_command_has_a_console_script_and_a_python_m_form():
+def test_every_command_has_a_console_script_and_a_python_m_form(tmp_path):
     """Each module of orchestrator/commands/ (but cli.py) is `multires-<name>` once installed
-    and `python -m orchestrator.<name>` from a checkout; both reach the same `main`."""
+    and `python -m orchestrator.<name>` from a checkout; both reach the same `main`, and each
+    names itself as it was started in its usage line."""
     tomllib = pytest.importorskip("tomllib")
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     names = {p.stem for p in (ROOT / "orchestrator/commands").glob("*.py")} - {"__init__", "cli"}
@@ -59,7 +61,26 @@ def test_every_command_has_a_console_script_and_a_python_m_form():
         assert (ROOT / "orchestrator" / f"{name}.py").is_file(), f"orchestrator/{name}.py"
         out = subprocess.run([sys.executable, "-m", f"orchestrator.{name}", "--help"], cwd=ROOT,
                              capture_output=True, text=True, check=True).stdout
-        assert out.startswith(f"usage: python -m orchestrator.{name}"), out[:200]
+        assert out.startswith(f"usage: python -m orchestrator.{name} "), out[:200]
+        script = console_script(tmp_path, f"multires-{name}", scripts[f"multires-{name}"])
+        out = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                             text=True, check=True).stdout
+        assert out.startswith(f"usage: multires-{name} "), out[:200]
+    out = subprocess.run([sys.executable, "-m", "orchestrator.commands.sweep", "--bogus"],
+                         cwd=ROOT, capture_output=True, text=True).stderr
+    assert out.startswith("usage: python -m orchestrator.commands.sweep "), out[:200]
+
+
+def console_script(folder: Path, name: str, entry_point: str) -> Path:
+    """The launcher pip writes for a console script (`module:function`), as `folder/name`."""
+    module, function = entry_point.split(":")
+    path = folder / name
+    path.write_text(f"import re, sys\nfrom {module} import {function}\n"
+                    f"if __name__ == '__main__':\n"
+                    f"    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])\n"
+                    f"    sys.exit({function}())\n")
+    return path
 
 
 def test_ci_runs_the_readme_install_and_test_commands():

@@ -286,7 +286,7 @@ def assert_signed_and_a_planted_file_refused(folder: Path, command: list[str], t
 def trained_folder(tmp_path: Path, *overrides: str) -> tuple[list[str], Path]:
     """A results folder that holds pairs_cpu trained with `overrides` (its state and the n0
     searcher's log of four finished trials, as a sweep leaves them), and the command's args."""
-    from orchestrator.study.runner import config_hash, resolve_paths
+    from orchestrator.study.folder import config_hash, resolve_paths
 
     args = ["--storage-path", str(tmp_path / "results"), "--tracking-uri",
             f"sqlite:///{tmp_path / 'mlflow.db'}", "--data-dir", str(tmp_path / "data")]

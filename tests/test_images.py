@@ -193,7 +193,7 @@ def test_the_cost_estimate_counts_an_image_folder_without_train_size(folder):
     training images (36 here); a folder not there yet counts 0."""
     from orchestrator.results import training_flops
     from orchestrator.study.config import load_study
-    from orchestrator.study.outputs import estimated_cost
+    from orchestrator.study.preview import estimated_cost
 
     study_file = Path(__file__).parent.parent / "search_spaces" / "imagefolder_cpu.yaml"
     settings = ["train.train_size=null", "train.batch_size=8", "train.epochs=2"]

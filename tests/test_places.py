@@ -235,7 +235,7 @@ def finished_study(t: Path, status: str = "FINISHED"):
     from mlflow.tracking import MlflowClient
 
     from orchestrator.study.config import load_study
-    from orchestrator.study.runner import STATE_FILE, config_hash, resolve_paths
+    from orchestrator.study.folder import STATE_FILE, config_hash, resolve_paths
 
     uri = f"sqlite:///{t / 'mlflow.db'}"
     study = resolve_paths(load_study(SMOKE, ["storage_path=" + str(t / "results"),
@@ -447,7 +447,7 @@ def test_a_studys_parent_run_gone_or_its_database_moved(tmp_path, capsys, monkey
 
 
 def test_a_second_sweep_of_the_same_study_is_refused(tmp_path, capsys):
-    from orchestrator.study.runner import LOCK_FILE
+    from orchestrator.study.folder import LOCK_FILE
 
     folder = tmp_path / "results" / "smoke"
     folder.mkdir(parents=True)
@@ -504,7 +504,7 @@ def test_a_study_on_s3_storage(ray_address, tmp_path, capsys, monkeypatch):
     import pyarrow.fs
 
     from orchestrator.storage import filesystem, join, read_text
-    from orchestrator.study.runner import STATE_FILE
+    from orchestrator.study.folder import STATE_FILE
     from tests.servers import S3Server
 
     monkeypatch.chdir(tmp_path)

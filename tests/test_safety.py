@@ -138,7 +138,7 @@ def results_folder(tmp_path: Path) -> Path:
     import json
     import pickle
 
-    from orchestrator.study.runner import STATE_FILE
+    from orchestrator.study.folder import STATE_FILE
     from orchestrator.trust import sign
 
     folder = tmp_path / "results" / "smoke"

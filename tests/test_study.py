@@ -7,7 +7,7 @@ import yaml
 
 from orchestrator.errors import ConfigError
 from orchestrator.study.config import load_study
-from orchestrator.study.outputs import first_trials
+from orchestrator.study.preview import first_trials
 from orchestrator.study.trials import planned_trials
 from orchestrator.commands.sweep import main as sweep_main
 

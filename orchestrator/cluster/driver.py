@@ -14,6 +14,7 @@ from typing import Any
 import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
 from orchestrator.cluster.worker import train_loop_per_worker
 from orchestrator.compat import (PLACEMENT_GROUP_ID, RAY_CONSTANTS, TORCH_BACKEND,
@@ -60,8 +61,6 @@ def release_placement_groups(settle_s: float = 2.0, limit_s: float = 15.0) -> No
     already stopped, its controller not yet gone) was seen to outlive the job, holding its CPUs
     or GPUs on a long-lived cluster until someone removed it by hand."""
     PlacementGroupID = resolve(PLACEMENT_GROUP_ID)
-    from ray.util.placement_group import (PlacementGroup, placement_group_table,
-                                          remove_placement_group)
 
     job = ray.get_runtime_context().get_job_id()
     start = last = time.monotonic()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import ray.train
 import torch
+import torch._inductor.config
 
 from models.complexity import summarize
 from orchestrator.cluster.system_metrics import SystemSampler
@@ -85,7 +86,6 @@ def train_loop_per_worker(config: dict) -> None:
 def limit_compile_threads() -> None:
     """Inductor's compile workers from this worker's CPUs, not the node's (by default up to
     32 a process: with 8 trials on a node, 256 cold compiles at once)."""
-    import torch._inductor.config
 
     cpus = assigned_cpus()
     if cpus is not None:

@@ -61,6 +61,17 @@ def setup_logging(verbose: bool = False) -> None:
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
+def invoked_as(name: str) -> str:
+    """The command `name` as it was started, for its usage line: `python -m orchestrator.<name>`
+    (or `orchestrator.commands.<name>`) run as a module, the console script's own name
+    (`multires-<name>`), else (`main` called from Python) the `python -m` form."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name in (f"orchestrator.{name}", f"orchestrator.commands.{name}"):
+        return f"python -m {spec.name}"
+    script = os.path.basename(sys.argv[0]) if sys.argv else ""
+    return script if script == f"multires-{name}" else f"python -m orchestrator.{name}"
+
+
 def add_common_flags(parser: argparse._ActionsContainer) -> None:  # a parser or a group of it
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an error instead of one line")

@@ -3,6 +3,8 @@ trained network at test time and report the test error of each deletion (Veit et
 ensemble evidence of the paper's Section III; `orchestrator.analysis.lesion_study`).
 
     python -m orchestrator.lesion results/study/train-xyz/checkpoint_.../checkpoint.pt --out lesion/
+
+Heavy imports wait inside the functions, after the flags are read (commands/cli.py).
 """
 from __future__ import annotations
 
@@ -10,11 +12,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from orchestrator.commands.cli import add_common_flags, command
+from orchestrator.commands.cli import add_common_flags, command, invoked_as
+from orchestrator.storage import check_writable
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m orchestrator.lesion",
+    p = argparse.ArgumentParser(prog=invoked_as("lesion"),
                                 description=__doc__.split("\n")[0].split(": ", 1)[1])
     p.add_argument("checkpoint", help="checkpoint.pt written by orchestrator.train or a sweep")
     p.add_argument("--data-dir", help="another copy of the checkpoint's dataset (default: the "
@@ -30,7 +33,6 @@ def lesion_command(args: argparse.Namespace) -> None:
     from orchestrator.analysis.lesion_study import lesion_study, load_model, plot, test_split
     from orchestrator.run.config import TrainConfig
     from orchestrator.run.data import DATASETS
-    from orchestrator.storage import check_writable
 
     check_writable(args.out, "--out")  # before the lesion study, not after it
     model, config = load_model(Path(args.checkpoint))

@@ -5,6 +5,7 @@
 
 Writes report.md and PNG figures to --out (default report-<name>/), prints the tables and n0 on a
 line of its own, and, from MLflow, logs the report to the study's parent run.
+Heavy imports wait inside the functions, after the flags are read (commands/cli.py).
 """
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from orchestrator.commands.cli import add_common_flags, command
+from orchestrator.commands.cli import add_common_flags, command, invoked_as
+from orchestrator.errors import ConfigError
+from orchestrator.storage import check_writable
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m orchestrator.report",
+    p = argparse.ArgumentParser(prog=invoked_as("report"),
                                 description=__doc__.split("\n")[0].split(": ", 1)[1])
     source = p.add_mutually_exclusive_group()
     source.add_argument("--experiment", help="MLflow experiment (the study name)")
@@ -34,8 +37,6 @@ def parser() -> argparse.ArgumentParser:
 
 def report_command(args: argparse.Namespace) -> None:
     from orchestrator.analysis.report_builder import build_report, show
-    from orchestrator.errors import ConfigError
-    from orchestrator.storage import check_writable
 
     if not args.experiment and not args.from_csv:
         raise ConfigError("give --experiment NAME (MLflow) or --from-csv FILE")

@@ -2,6 +2,8 @@
 
     python -m orchestrator.summary --depth 110 --k 1
     python -m orchestrator.summary --depth 26 --k 2 --width 10 --json
+
+Heavy imports wait inside the functions, after the flags are read (commands/cli.py).
 """
 from __future__ import annotations
 
@@ -9,11 +11,13 @@ import argparse
 import json
 import sys
 
-from orchestrator.commands.cli import add_architecture_flags, add_common_flags, architecture_fields, command
+from orchestrator.commands.cli import (add_architecture_flags, add_common_flags, architecture_fields,
+                                       command, invoked_as)
+from orchestrator.errors import ConfigError
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m orchestrator.summary",
+    p = argparse.ArgumentParser(prog=invoked_as("summary"),
                                 description=__doc__.split("\n")[0].split(": ", 1)[1])
     add_architecture_flags(p)
     p.add_argument("--dataset", choices=["cifar10", "cifar100", "imagenet"], default="cifar10")
@@ -27,7 +31,6 @@ def summary_command(args: argparse.Namespace) -> None:
 
     from models.multi_resnet import Architecture
     from models.complexity import summarize
-    from orchestrator.errors import ConfigError
     from orchestrator.run.config import describe
 
     try:

@@ -6,17 +6,19 @@
 
 The study machinery is `orchestrator.study` (sweep.py runs it). Running the same command again
 after Ctrl-C (or with --resume) continues the study.
+Heavy imports wait inside the functions, after the flags are read (commands/cli.py).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from orchestrator.commands.cli import add_common_flags, command
+from orchestrator.commands.cli import add_common_flags, command, invoked_as
+from orchestrator.errors import ConfigError
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m orchestrator.sweep",
+    p = argparse.ArgumentParser(prog=invoked_as("sweep"),
                                 description="Run a study: Ray Tune + Optuna over Ray Train trials, "
                                             "tracked in MLflow.")
     p.add_argument("study", help="study file (search_spaces/*.yaml)")
@@ -42,7 +44,6 @@ def parser() -> argparse.ArgumentParser:
 def load_checked_study(args: argparse.Namespace) -> tuple[str, ...]:
     """The study, loaded and validated before torch, Ray and MLflow load (its schema imports
     none of them), so that bad input is answered at once; then the modules the command needs."""
-    from orchestrator.errors import ConfigError
     from orchestrator.study.config import load_study
 
     overrides = list(args.set)
@@ -56,17 +57,14 @@ def load_checked_study(args: argparse.Namespace) -> tuple[str, ...]:
     return DRY_RUN_MODULES if args.dry_run else SWEEP_MODULES
 
 
-DRY_RUN_MODULES = ("orchestrator.study.outputs",)
-SWEEP_MODULES = ("orchestrator.study.runner", "orchestrator.study.outputs",
-                 "orchestrator.study.searchers", "orchestrator.study.tracking",
-                 "orchestrator.study.placement", "orchestrator.study.console",
-                 "orchestrator.cluster.driver")
+DRY_RUN_MODULES = ("orchestrator.study.preview",)
+SWEEP_MODULES = ("orchestrator.study.runner",)  # and what it imports
 
 
 def sweep_command(args: argparse.Namespace) -> int:
     study = args.loaded_study
     if args.dry_run:
-        from orchestrator.study.outputs import dry_run
+        from orchestrator.study.preview import dry_run
 
         dry_run(study, args.dry_run_trials)
         return 0

@@ -5,6 +5,7 @@
     python -m orchestrator.train --dataset imagenet --data-dir /data/ilsvrc2012 --depth 50
 
 Without --data-dir, CIFAR is looked for (and downloaded when online) under ./data.
+Heavy imports wait inside the functions, after the flags are read (commands/cli.py).
 """
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from orchestrator.commands.cli import add_architecture_flags, add_common_flags, architecture_fields, command
-from orchestrator.errors import ConfigError
+from orchestrator.commands.cli import (add_architecture_flags, add_common_flags, architecture_fields,
+                                       command, invoked_as)
+from orchestrator.errors import ConfigError, OutOfMemory, UserError
+from orchestrator.results import CHECKPOINT_FILE
+from orchestrator.storage import check_regular, resolve
 
 # Flag name -> TrainConfig field, for the flags that map one to one.
 RUN_FLAGS = ("dataset", "data_dir", "train_size", "test_size", "epochs", "steps", "batch_size",
@@ -24,7 +28,7 @@ RUN_FLAGS = ("dataset", "data_dir", "train_size", "test_size", "epochs", "steps"
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m orchestrator.train",
+    p = argparse.ArgumentParser(prog=invoked_as("train"),
                                 description="Train one Multi-ResNet.",
                                 argument_default=argparse.SUPPRESS)
     p.add_argument("--config", help="YAML file with TrainConfig keys (flags override it)")
@@ -98,8 +102,6 @@ def build_config(args: argparse.Namespace):
     if arch_flags:
         fields["architecture"] = {**fields.get("architecture", {}), **arch_flags}
     if isinstance(fields.setdefault("data_dir", "data"), str):  # as the checkpoint records it
-        from orchestrator.storage import resolve
-
         fields["data_dir"] = str(resolve(fields["data_dir"], "--data-dir"))
     try:
         return TrainConfig(**fields)
@@ -120,7 +122,6 @@ def parse_pairs(text: str) -> dict:
 def train_command(args: argparse.Namespace) -> None:
     import torch
 
-    from orchestrator.errors import OutOfMemory
     from orchestrator.run.loop import out_of_memory, train_loop
     from orchestrator.run.session import LocalSession
 
@@ -146,9 +147,6 @@ def interrupted(args: argparse.Namespace) -> str:
     flags and the --config file."""
     import yaml
 
-    from orchestrator.errors import UserError
-    from orchestrator.results import CHECKPOINT_FILE
-    from orchestrator.storage import check_regular
 
     folder = getattr(args, "checkpoint_dir", None)
     if folder is None and getattr(args, "config", None):

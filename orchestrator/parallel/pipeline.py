@@ -7,6 +7,9 @@ checkpoints, stay those of the whole model.
 
 BatchNorm under pipelining: every micro-batch is normalised with its own batch statistics (as it
 is under gradient accumulation), and the running statistics are updated once per micro-batch.
+
+torch.distributed.pipelining is imported where a schedule is built: it takes 1.6 s, paid
+otherwise by each of a run's Ray processes whether or not the run has pipeline stages.
 """
 from __future__ import annotations
 
@@ -98,8 +101,6 @@ def build_schedule(stage_model: MultiResNet, stage: int, stages: int, device: to
         stage_model.register_forward_hook(lambda module, args, out: out.contiguous())
     if stage != 0 and channels_last:
         stage_model.register_forward_pre_hook(lambda module, args: (_ToChannelsLast.apply(args[0]),))
-    # Imported here: it takes 1.6 s, paid otherwise by each of a run's Ray processes (trial
-    # driver, Ray Train controller, workers) whether or not the run has pipeline stages.
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
     pipe_stage = PipelineStage(stage_model, stage, stages, device, group=group)

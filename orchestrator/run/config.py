@@ -4,6 +4,7 @@ Every entry point (the `orchestrator.train` flags, YAML files, sweep trials) bui
 defaults live here and nowhere else. The recipe defaults are the paper's: SGD with Nesterov momentum
 0.9, lr 0.1, weight decay 1e-4, batch 128, lr x0.1 at 50% and 75% of training. The ImageNet recipe
 (`recipe: imagenet`, fb.resnet.torch's) changes the defaults in `RECIPES` and the augmentation.
+Only the two functions that ask the device import torch: run files validate without it.
 """
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from torchvision import datasets
 
 from orchestrator.errors import DataError, short
 from orchestrator.storage import check_regular
@@ -114,8 +115,6 @@ def _read_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray, boo
 
 
 def _download(name: str, data_dir: Path) -> None:
-    from torchvision import datasets
-
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
     created = [p for p in (data_dir, *data_dir.parents) if not p.exists()]  # deepest first
     try:

@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 from tqdm import tqdm
 
+from models.complexity import summarize
 from orchestrator.errors import CheckpointError, ConfigError, TrainingDiverged, short
 from orchestrator.parallel.engine import RankEngine
 from orchestrator.run.checkpoint import SMALL_CHECKPOINT_BYTES, check_same_run, checkpoint_due
@@ -81,7 +82,6 @@ def timed(batches, waited: list[float]):
 
 def checkpoint_bytes(cfg: TrainConfig) -> int:
     """About the size of a checkpoint: weights and momentum (BN statistics are small)."""
-    from models.complexity import summarize
 
     return summarize(cfg.architecture)["params"] * 2 * DTYPE_BYTES[cfg.dtype]
 

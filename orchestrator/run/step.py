@@ -18,7 +18,10 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
+from models.blocks import MultiResidualBlock
+from models.complexity import input_size
 from orchestrator.parallel.engine import RankEngine
 from orchestrator.run.config import TrainConfig
 
@@ -49,7 +52,6 @@ def compile_blocks(model: torch.nn.Module, **options) -> int:
     dynamic pass would otherwise turn the later stages' graphs into dynamic-shape ones once a
     second input size appears. All blocks share one code object, so its recompile limit must
     cover every distinct block (a 4-stage ImageNet net has 8). Returns the number compiled."""
-    from models.blocks import MultiResidualBlock
 
     blocks = [m for m in model.modules() if isinstance(m, MultiResidualBlock)]
     config = torch._dynamo.config
@@ -75,8 +77,6 @@ def build_scaler(device: torch.device, world: int):
     if world == 1:
         scaler = torch.amp.GradScaler(device.type)
     else:
-        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
         scaler = ShardedGradScaler(device.type)  # all-reduces "found inf" over the world
     # A pipeline stage without the loss never calls scale(); this creates the scale it unscales by.
     scaler.scale(torch.zeros((), device=device))
@@ -199,7 +199,6 @@ class TrainingStep:
 def seconds_per_step(cfg: TrainConfig, steps: int = 2) -> float:
     """A short measurement: seconds per training step of `cfg` (one process, this machine's
     device, random images), after one warm-up step."""
-    from models.complexity import input_size
 
     cfg = cfg.resolved(torch.cuda.is_available())
     device = torch.device(cfg.device)

@@ -1,7 +1,8 @@
 """The study file: what to train (`train`), what to vary (`space`), how to search, where results
 go. `load_study` reads, overrides and validates one; `StudyConfig.trial_config` gives each trial's
 run config. (Over 300 lines: one schema class whose validators and space enumeration read the
-same fields, kept whole; its parts live in settings.py and pairs.py.)"""
+same fields, kept whole; its parts live in settings.py and pairs.py.) MLflow's name rules and
+pandas load inside the checks that use them, so a bad key is answered before they load."""
 from __future__ import annotations
 
 import itertools

@@ -23,10 +23,15 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from typing import Any, Callable
 
+import pandas as pd
+
 from orchestrator.study.mlflow_names import Tag
 from orchestrator.errors import ConfigError, short
 from orchestrator.storage import filesystem, join, read_text, shown, write_text
+from orchestrator.study.config import StudyConfig, set_dotted
+from orchestrator.study.n0_search import N0Search, continuation_plan
 from orchestrator.study.search_state import JsonStateSearcher
+from orchestrator.trust import unpickled_files
 
 PRIOR_FILE = "multires_prior.json"
 
@@ -165,7 +170,6 @@ def write_prior(results: str, prior: Prior) -> None:
 
 def read_prior(results: str) -> Prior | None:
     """The folder's prior trials, None if it has none; read back as data and checked."""
-    import pandas as pd
 
     place = join(results, PRIOR_FILE)
     text = read_text(place, fix=f"remove {shown(results)} to start the study again")
@@ -193,7 +197,6 @@ def prior_for(results: str, digest: str) -> Prior | None:
 
 def tune_state_files(results: str) -> list[str]:
     """The Tune experiment's own state in the folder (not its trials'), tuner.pkl first."""
-    from orchestrator.trust import unpickled_files
 
     names = [n for n in unpickled_files(results) if "/" not in n]
     return sorted(names, key=lambda n: n != "tuner.pkl")
@@ -251,7 +254,6 @@ class ContinuedSearch(JsonStateSearcher):
         if seed.get("running"):  # a study that ended has none
             raise ConfigError("the study's earlier part has trials still running; run it to "
                               "its end before extending it")
-        from orchestrator.study.n0_search import N0Search, continuation_plan
 
         if isinstance(searcher, N0Search):  # the earlier parts' looks spent alpha too
             searcher.policy.plan = continuation_plan(searcher.policy, seed)
@@ -260,8 +262,6 @@ class ContinuedSearch(JsonStateSearcher):
         self.load_state(seed)
 
     def load_state(self, data: dict) -> None:
-        from orchestrator.study.n0_search import N0Search
-
         self.inner = copy.deepcopy(self.blank)
         if isinstance(self.inner, N0Search):  # the seed was planned with the smaller budget
             data = {**data, "plan": self.inner.state()["plan"]}
@@ -327,7 +327,6 @@ def trained_so_far(data: dict | None, epochs: int) -> tuple[int, float]:
 def earlier_study(study, old: dict):
     """The study as its results folder was trained: `study` with the keys an extension changed
     put back to their `old` values (from `StudyState.config`)."""
-    from orchestrator.study.config import StudyConfig, set_dotted
 
     data = study.model_dump(mode="json", exclude_unset=True)
     before, now = flat(old), flat(study.model_dump(mode="json"))

@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
+import requests
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from orchestrator.errors import TrackingError, short
@@ -73,8 +75,6 @@ def retryable(exc: Exception) -> bool:
     """Unreachable, timed out or a server error: an outage, worth another try. A 4xx answer, or
     any other exception (a bug in the update), is not: retrying would hold back every later
     update."""
-    import requests
-    from mlflow.exceptions import MlflowException
 
     if isinstance(exc, MlflowException):
         return exc.get_http_status_code() >= 500

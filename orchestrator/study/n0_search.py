@@ -3,14 +3,18 @@ finished study's search ended, replayed from its trials."""
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any
 
+import numpy as np
 from ray.tune.search import Searcher
 
+from models.architecture import Architecture, parameter_count
+from models.complexity import summarize
 from orchestrator.results import DIVERGED, DONE
 from orchestrator.study.config import StudyConfig
 from orchestrator.analysis.n0_policy import FULL, Growth, N0Plan, N0Policy, Net, Result, Trial
+from orchestrator.analysis.pairs import Pair, matched_multi, next_deep
 from orchestrator.study.search_state import WAIT, JsonStateSearcher
 
 
@@ -26,8 +30,6 @@ def n0_plan(study: StudyConfig) -> N0Plan:
 
 
 def n0_policy(study: StudyConfig) -> N0Policy:
-    from models.complexity import summarize
-
     nets = {}
     for c in study.feasible():
         a = c.architecture
@@ -46,10 +48,6 @@ def ladder_of(study: StudyConfig):
     design = study.pairs
     if design is None:
         return None
-    from models.multi_resnet import Architecture
-    from models.architecture import parameter_count
-    from models.complexity import summarize
-    from orchestrator.analysis.pairs import Pair, matched_multi, next_deep
 
     def grow(side: str, pairs: list, nets: dict) -> tuple | None:
         deeps = design.deep_nets() + [n.blocks for n in nets.values()
@@ -157,15 +155,11 @@ class N0Search(JsonStateSearcher):
                             100 * result["test_error"] if ok and result else float("nan"), epochs)
 
     def state(self) -> dict:
-        from dataclasses import asdict
-
         return {"plan": asdict(self.policy.plan), "log": [r.saved() for r in self.policy.log],
                 "added": [a.saved() for a in self.policy.added],
                 "running": {k: list(t) for k, t in self.trials.items()}, "fixed": self.fixed}
 
     def load_state(self, data: dict) -> None:
-        from dataclasses import asdict
-
         plan = {**SAVED_BEFORE, **{k: tuple(v) if isinstance(v, list) else v
                                    for k, v in data["plan"].items()}}
         now = asdict(self.policy.plan)
@@ -186,7 +180,6 @@ def simulated_cost(study: StudyConfig, studies: int = 10, noise: float = 0.2,
     """(mean, 90th percentile) epochs the search trains on simulated results, and what they
     buy: the median width of the final interval (inf: open-ended in most) and the share of
     studies whose interval has two ends (`simulated_studies`' model)."""
-    import numpy as np
 
     runs = simulated_studies(study, studies, noise, rho)
     spent = [r["spent"] for r in runs]
@@ -206,8 +199,6 @@ def simulated_studies(study: StudyConfig, studies: int = 10, noise: float = 0.2,
     noise `noise` points, short schedules correlated `rho` with the full ones
     (bench/n0_search.py's model); trials finish in the order they start, `concurrency` at a
     time."""
-
-    import numpy as np
 
     out = []
     for i in range(studies):

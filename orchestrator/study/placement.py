@@ -9,9 +9,15 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray
+import torch
+
+from models.complexity import summarize
 from orchestrator.errors import ConfigError
 from orchestrator.results import training_flops
+from orchestrator.run.step import seconds_per_step
 from orchestrator.study.config import StudyConfig, load_study
+from orchestrator.study.preview import estimated_cost, worst_epochs
 from orchestrator.study.settings import Resources
 from orchestrator.study.trials import planned_trials
 
@@ -27,8 +33,6 @@ class Cluster:
 
     @classmethod
     def of_ray(cls) -> "Cluster":
-        import ray
-
         nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
         per_gpu = [n.get("CPU", 0) / n["GPU"] for n in nodes if n.get("GPU")]
         return cls(sum(n.get("CPU", 0) for n in nodes), sum(n.get("GPU", 0) for n in nodes),
@@ -146,11 +150,6 @@ def fits(path: Path, cluster: Cluster) -> bool:
 def estimate(study: StudyConfig, resources: Resources, at_once: int) -> str:
     """How long the study would at least train here: its training FLOPs over the rate that a
     short step of its median architecture reaches on this machine, `at_once` trials at a time."""
-    import torch
-
-    from models.complexity import summarize
-    from orchestrator.run.step import seconds_per_step
-    from orchestrator.study.outputs import estimated_cost, worst_epochs
 
     configs = sorted((study.trial_config({"arch": c.name}) for c in study.feasible()),
                      key=lambda cfg: summarize(cfg.architecture)["flops"])

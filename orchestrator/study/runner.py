@@ -10,146 +10,51 @@ Run with a larger budget (trials, budget.epochs, seeds, depths, pairs) it extend
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
-import os
 import shutil
 import signal
-import tempfile
 import threading
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray.tune import ExperimentAnalysis, FailureConfig, RunConfig, TuneConfig, Tuner
 
-from orchestrator.errors import Busy, ConfigError, StorageError, TrialsFailed, short
+from orchestrator.cluster.driver import init_ray, release_placement_groups
+from orchestrator.errors import ConfigError, StorageError, TrialsFailed, short
 from orchestrator.results import trained
-from orchestrator.run.data import DATASETS, load_dataset
+from orchestrator.storage import check_still_there, check_writable, is_remote, join, shown, \
+    upload, write_text
 from orchestrator.study.config import StudyConfig
-from orchestrator.storage import (check_regular, check_still_there, check_writable, is_remote,
-                                  join, read_text, resolve, shown, upload, write_text)
-from orchestrator.study.trials import planned_trials
+from orchestrator.study.console import RAY_LOG, StudyProgress, ray_output_to, start_line, \
+    to_console
+from orchestrator.study.extension import begin, check_extension, extended_line, mark_parent, \
+    prior_for, seeded
+from orchestrator.study.folder import STATE_FILE, config_hash, local_folder, read_state, \
+    resolve_paths, study_lock
+from orchestrator.study.mlflow_client import check_scheme, connect, sqlite_path
+from orchestrator.study.n0_search import replayed, search_verdict
+from orchestrator.study.outputs import failed_trials, register_best_model, report_n0, \
+    report_summary, show_finished, summarize_results
+from orchestrator.study.placement import Cluster, check_place
+from orchestrator.study.searchers import build_searcher
+from orchestrator.study.tracking import StudyRun, TrialTracker, check_parent
+from orchestrator.study.trainable import trainable_of
+from orchestrator.study.trials import build_scheduler, planned_trials
+from orchestrator.trust import TUNER_STATE, check, sign, signing, state_key, unpickled_files
 
-STATE_FILE = "multires_study.json"
-LOCK_FILE = ".multires.lock"
 log = logging.getLogger(__name__)
 
 
 def start_ray(study: StudyConfig, study_file: str | None) -> tuple[StudyConfig, int]:
     """Connect to RAY_ADDRESS or start a local Ray; the study with its resources fitted to the
     cluster, and how many trials run at once."""
-    from orchestrator.cluster.driver import init_ray
-    from orchestrator.study.placement import Cluster, check_place
-
     init_ray()
     return check_place(study, Cluster.of_ray(), study_file)
-
-
-def resolve_paths(study: StudyConfig, fetch: bool = True) -> StudyConfig:
-    """Make every path absolute (trials run in other folders, or on other machines) and fetch
-    the dataset once, before any trial starts (`fetch`; the dry run does not)."""
-    train = study.train
-    if DATASETS[train.dataset].needs_files:
-        data_dir = str(resolve(train.data_dir or "data", "--data-dir"))
-        if fetch:  # downloads when absent and online; checks the files, sizes and classes
-            images = len(load_dataset(train.dataset, data_dir, train.train_size,
-                                      train.test_size, train.seed)[0])
-            batch = max(study.trial_config(sampled).batch_size
-                        for sampled in _batch_choices(study))
-            if images < batch:  # as orchestrator.train says, before any trial starts
-                raise ConfigError(f"train_size {images} is smaller than one batch ({batch}); "
-                                  f"raise train_size or lower batch_size")
-        train = train.model_copy(update={"data_dir": data_dir})
-    mlflow = study.mlflow.model_copy(update={"tracking_uri": study.tracking_uri()})
-    return study.model_copy(update={"train": train, "mlflow": mlflow,
-                                    "storage_path": study.storage()})
-
-
-def _batch_choices(study: StudyConfig) -> list[dict]:
-    """A sampled trial at each end of the study's batch sizes (one when it is fixed)."""
-    dist = study.searched().get("batch_size")
-    values = getattr(dist, "choices", None) or [getattr(dist, "low", None),
-                                                getattr(dist, "high", None)]
-    return [{"batch_size": v} for v in values if v is not None] or [{}]
-
-
-def config_hash(study: StudyConfig) -> str:
-    return hashlib.sha256(json.dumps(study.model_dump(mode="json"), sort_keys=True).encode()
-                          ).hexdigest()[:16]
-
-
-def trainable_of(study: StudyConfig):
-    """What Tune runs for each trial of the study (a fit, or a restore, takes it)."""
-    import ray.tune
-
-    from orchestrator.study.trials import trial_driver
-
-    return ray.tune.with_resources(
-        ray.tune.with_parameters(trial_driver,
-                                 study_data=study.model_dump(mode="json", exclude_unset=True)),
-        {"cpu": study.resources.driver_cpus})
-
-
-class StudyState(BaseModel):
-    """What a results folder's multires_study.json holds (read back: checked, never trusted)."""
-    model_config = ConfigDict(extra="ignore", strict=True)
-    # MLflow's run ids are hex; the id goes into search filters, so no quote gets in.
-    parent_run_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    config_hash: str = Field(pattern=r"^[0-9a-f]{16}$")
-    tracking_uri: str = Field(max_length=4096)
-    experiment: str = Field(max_length=4096)
-    config: dict | None = None  # what was trained (an extension is checked against it)
-
-
-def read_state(results: str) -> dict | None:
-    """The study's own state in its results folder (local or a storage URI), None if absent."""
-    place = join(results, STATE_FILE)
-    fix = f"remove {shown(results)} to start the study again"
-    try:
-        text = read_text(place, fix=fix)
-        return None if text is None else StudyState.model_validate_json(text).model_dump()
-    except (ValueError, ValidationError):  # not UTF-8, not JSON, not the fields
-        raise ConfigError(f"{shown(place)} is not a study's state (truncated or edited); "
-                          f"{fix}") from None
-
-
-def local_folder(study: StudyConfig) -> Path:
-    """Where this machine keeps the study's own files (Ray's log, the report, the lock): its
-    results folder, or for remote storage a folder in the temporary directory."""
-    results = study.results_place()
-    return Path(tempfile.gettempdir(), "multires", study.name) if is_remote(results) else \
-        Path(results)
-
-
-@contextlib.contextmanager
-def study_lock(folder: Path, study: StudyConfig):
-    """One sweep of a study at a time on a results folder: a second one is refused, not mixed
-    in. (With remote storage the lock is this machine's only.)"""
-    import fcntl
-
-    folder.mkdir(parents=True, exist_ok=True)
-    if (folder / LOCK_FILE).exists():  # read back below: a pipe would block, a device not lock
-        check_regular(folder / LOCK_FILE, "storage_path", fix="remove it")
-    with open(folder / LOCK_FILE, "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = short(lock.read(64).strip() or "?", 20)
-            raise Busy(f"study {study.name} is running in another process (pid {holder}) on "
-                       f"{shown(study.results_place())}; wait for it to end, or use another "
-                       f"--storage-path") from None
-        lock.truncate(0)
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
-        yield
 
 
 def check_results(results: str, trust: bool = False) -> None:
     """Before Ray starts: the folder's study state reads whole, and every file Ray would
     unpickle from it was signed by this user's sweeps (`trust`: sign what is there)."""
-    from orchestrator.trust import check, sign, state_key, unpickled_files
-
     state_key(create=True)  # one that cannot sign is refused now, not after training
     if read_state(results) is not None:
         (sign if trust else check)(results)
@@ -164,9 +69,6 @@ def run(study: StudyConfig, study_file: str, resume: bool, verbose: bool = False
         trust: bool = False) -> int:
     """Run the study; Ray's own output goes to a log file in its results folder unless
     `verbose`. A study that never started leaves no results folder behind."""
-    from orchestrator.study.console import RAY_LOG, ray_output_to
-    from orchestrator.study.mlflow_client import check_scheme, sqlite_path
-
     check_scheme(study.tracking_uri())
     results = study.results_place()
     # Before anything: a file, read-only, a name too long, a full disk.
@@ -192,13 +94,6 @@ def run(study: StudyConfig, study_file: str, resume: bool, verbose: bool = False
 
 def _run(study: StudyConfig, study_file: str, resume: bool, results: str, local: Path,
          ray_log: Path | None) -> int:
-    from orchestrator.study.console import start_line
-    from orchestrator.study.extension import begin, extended_line, mark_parent, prior_for
-    from orchestrator.study.mlflow_client import connect
-    from orchestrator.study.outputs import show_finished
-    from orchestrator.study.tracking import StudyRun
-    from orchestrator.trust import check
-
     digest = config_hash(study)  # before `auto` resources are fitted to this cluster
     settings = study.model_dump(mode="json")
     state = read_state(results)
@@ -243,8 +138,6 @@ def growth(study: StudyConfig, state: dict | None, digest: str, settings: dict, 
            results: str):
     """How the study grew since its results folder began (None: it did not), or one line
     refusing what would alter trained trials (`extension.check_extension`)."""
-    from orchestrator.study.extension import check_extension
-
     if state is None or state["config_hash"] == digest:
         return None
     change = check_extension(state.get("config"), settings, study.name, results)
@@ -260,10 +153,6 @@ def tracking_before_ray(study: StudyConfig, state: dict | None, change, results:
     """(an MLflow client, or None until the cluster is there; the parent run if the study
     finished and nothing grew), checked before Ray starts: the study's parent run is where the
     results folder says it is."""
-    from orchestrator.study.extension import prior_for
-    from orchestrator.study.mlflow_client import connect, sqlite_path
-    from orchestrator.study.tracking import check_parent
-
     if state is None:
         database = sqlite_path(study.tracking_uri())
         if database is None or database.exists():
@@ -283,10 +172,6 @@ def tracking_before_ray(study: StudyConfig, state: dict | None, change, results:
 def conclude(study: StudyConfig, outcome, parent, prior, results: str, local: Path) -> int:
     """After Tune: interrupted (130), trials missing (`TrialsFailed`), or the summary, the best
     model and the report, and the parent run FINISHED."""
-    from orchestrator.study.extension import extended_line
-    from orchestrator.study.outputs import (failed_trials, register_best_model, report_n0,
-                                            report_summary, summarize_results)
-
     ended = outcome.num_terminated + outcome.num_errors
     rows = summarize_results(outcome, study)
     missing = failed_trials(outcome, study)
@@ -296,8 +181,6 @@ def conclude(study: StudyConfig, outcome, parent, prior, results: str, local: Pa
     elif missing:  # reported below; a rerun trains them, then the search goes on
         interrupted = False
     elif study.searcher.sampler == "n0":
-        from orchestrator.study.n0_search import replayed, search_verdict
-
         policy = replayed(study, kept + rows)  # once, for the verdict and the report
         verdict = search_verdict(policy)  # None: the search wanted more trials
         interrupted = verdict is None
@@ -326,8 +209,6 @@ def left_unfinished(outcome) -> bool:
     """Whether the state Tune saved for `Tuner.restore` holds trials that had not ended. After
     Ctrl-C or SIGTERM, Tune's clean-up marks the trials it stops TERMINATED (or ERROR, one caught
     starting) in the outcome, while its saved state keeps them RUNNING or PENDING."""
-    from ray.tune import ExperimentAnalysis
-
     quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # its warning for each trial with no result yet is noise here
@@ -344,11 +225,6 @@ def left_unfinished(outcome) -> bool:
 def old_rows(study: StudyConfig, results: str) -> list[dict]:
     """The summary rows of the study's last Tune experiment in `results` (none if it never
     saved its state), read before an extension starts a new one there."""
-    from ray.tune import Tuner
-
-    from orchestrator.study.outputs import summarize_results
-    from orchestrator.trust import check
-
     if not check(results):  # signed, or refused before anything is unpickled
         return []
     return summarize_results(Tuner.restore(results, trainable=trainable_of(study)).get_results(),
@@ -358,8 +234,6 @@ def old_rows(study: StudyConfig, results: str) -> list[dict]:
 def fail_missing(missing: dict[str, str], trials: int, parent, study: StudyConfig) -> None:
     """Trials that did not train: each named on the console with its reason, the parent run
     FAILED, and the command's error line (the same command again trains exactly those)."""
-    from orchestrator.study.console import to_console
-
     for name, reason in missing.items():
         to_console(f"error: trial {name} did not train: {reason}")
     parent.close("FAILED", study.mlflow.outage_wait_s)
@@ -371,11 +245,6 @@ def run_tuner(study: StudyConfig, results: str, restoring: bool, parent,
               config: tuple[str, dict], concurrency: int, quiet: bool, prior=None):
     """Run (or restore) the study's Tune experiment; `config`: its hash and what it trains, as
     the results folder keeps them; `prior`: an extension's finished trials."""
-    from ray.tune import Tuner
-
-    from orchestrator.cluster.driver import release_placement_groups
-    from orchestrator.trust import check, signing
-
     if restoring:
         log.info(f"resuming study {study.name} from {shown(results)}")
         check(results)  # again, just before Tune unpickles its state
@@ -410,16 +279,6 @@ def new_tuner(study: StudyConfig, results: str, parent, config: tuple[str, dict]
               concurrency: int, quiet: bool, prior):
     """The study's Tune experiment, started: the results folder's state file written first,
     then the Tuner (its own state file signed at once)."""
-    import ray.tune
-    from ray.tune import Tuner
-
-    from orchestrator.study.console import StudyProgress
-    from orchestrator.study.extension import seeded
-    from orchestrator.study.searchers import build_searcher
-    from orchestrator.study.tracking import TrialTracker
-    from orchestrator.study.trials import build_scheduler
-    from orchestrator.trust import TUNER_STATE, sign
-
     write_text(join(results, STATE_FILE), json.dumps(  # whole or absent, even if killed
         {"parent_run_id": parent.run_id, "config_hash": config[0],
          "tracking_uri": study.tracking_uri(), "experiment": study.experiment_name,
@@ -431,7 +290,7 @@ def new_tuner(study: StudyConfig, results: str, parent, config: tuple[str, dict]
     planned = planned_trials(study) - len(kept)
     tuner = Tuner(
         trainable_of(study),
-        tune_config=ray.tune.TuneConfig(
+        tune_config=TuneConfig(
             search_alg=seeded(build_searcher(study), prior), scheduler=build_scheduler(study),
             num_samples=max(1, planned), max_concurrent_trials=concurrency,
             # Each trial in a driver process of its own. Reusing one (Tune's reset_config)
@@ -439,12 +298,12 @@ def new_tuner(study: StudyConfig, results: str, parent, config: tuple[str, dict]
             # stopped trial cannot end; past that Tune drops the next trial (seen under load).
             reuse_actors=False,
             trial_name_creator=lambda trial: study.trial_name(trial.config)),
-        run_config=ray.tune.RunConfig(
+        run_config=RunConfig(
             name=study.name, storage_path=study.storage(),
             callbacks=[tracker, StudyProgress(study, planned)],
             verbose=0 if quiet else None,  # our table (console.py) instead of Tune's
             # A trial whose driver's node was lost restarts from its last checkpoint too.
-            failure_config=ray.tune.FailureConfig(max_failures=study.resources.max_failures)),
+            failure_config=FailureConfig(max_failures=study.resources.max_failures)),
     )
     sign(results, only=(TUNER_STATE,))  # written by Tuner() itself, not through Tune's copy
     return tuner

@@ -9,7 +9,8 @@
   and stops when the interval is narrow enough.
 
 Both keep their whole state in `save`/`restore`, which Tune calls with its experiment state, so a
-resumed study (`Tuner.restore`) never repeats a trial.
+resumed study (`Tuner.restore`) never repeats a trial. Optuna loads only for an Optuna sampler
+(an n0 study's dry run goes without it).
 """
 from __future__ import annotations
 

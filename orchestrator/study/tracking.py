@@ -9,6 +9,7 @@ so that tags and parameter names change in one place.)
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import subprocess
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
+import pandas as pd
 from mlflow.entities import Metric, Param, Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -362,7 +364,6 @@ class TrialTracker(Callback):
 
 def stored_results(trial) -> list[dict]:
     """The results a trial reported, one per epoch, as Tune stored them (its result.json)."""
-    import json
 
     path = f"{trial.path}/result.json"
     try:
@@ -385,7 +386,6 @@ def failure_reason(trial) -> str:
 def finished_trials(tracking_uri: str, experiment: str, parent_id: str | None = None):
     """(runs table, per-epoch test error histories, parent run id) of a study's finished trials
     (the latest study of the experiment unless `parent_id`), for the report."""
-    import pandas as pd
 
     database = sqlite_path(tracking_uri)
     if database is not None and not database.exists():
