@@ -201,6 +201,17 @@ def test_mlflow_stopped_mid_study_is_caught_up_by_the_rerun(ray_address, tmp_pat
         server.stop()
 
 
+def test_a_sweep_that_misses_its_bound_is_stopped_not_left_to_the_next_tests():
+    """A fault test's driver that misses a bound is killed with the failure: left running, its
+    trials held the test run's one Ray instance and the tests after it failed too."""
+    proc = subprocess.Popen([sys.executable, "-c", "print('training', flush=True); "
+                             "import time; time.sleep(600)"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with pytest.raises(AssertionError, match="the condition: not within 1 s; the sweep printed"):
+        wait_for(lambda: False, proc, timeout=1)
+    assert proc.poll() is not None
+
+
 def test_run_of_a_trial_the_restored_study_forgot_is_ended_and_deleted(tmp_path):
     """The tracker of a restored study, given the trials Tune restored: a child run of any other
     trial (started after Tune's last save) is ended, tagged and deleted; the others are kept."""
