@@ -175,20 +175,6 @@ class N0Search(JsonStateSearcher):
         self.fixed = data["fixed"]
 
 
-def simulated_cost(study: StudyConfig, studies: int = 10, noise: float = 0.2,
-                   rho: float = 0.7) -> tuple[float, float, float, float]:
-    """(mean, 90th percentile) epochs the search trains on simulated results, and what they
-    buy: the median width of the final interval (inf: open-ended in most) and the share of
-    studies whose interval has two ends (`simulated_studies`' model)."""
-
-    runs = simulated_studies(study, studies, noise, rho)
-    spent = [r["spent"] for r in runs]
-    widths = [r["width"] for r in runs]
-    closed = float(np.mean(np.isfinite(widths)))
-    return (float(np.mean(spent)), float(np.quantile(spent, 0.9)),
-            float(np.median(widths)), closed)
-
-
 def simulated_studies(study: StudyConfig, studies: int = 10, noise: float = 0.2,
                       rho: float = 0.7, then: StudyConfig | None = None) -> list[dict]:
     """Per simulated study: the epochs the search trains (`spent`), the width of its final
