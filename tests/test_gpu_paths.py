@@ -166,17 +166,23 @@ def ray_worker(monkeypatch):
 
 
 def test_data_and_compile_workers_follow_the_trials_cpus(ray_worker, monkeypatch):
-    import torch._inductor.config
-
     from orchestrator.cluster.worker import limit_compile_threads
 
     assert images.default_workers() == 3  # not 127: the node's cores are every trial's
     # A stand-in for inductor's process-wide config: patching the real one here preceded a later
     # compile in the same process failing with "compile_threads does not exist".
     inductor = types.SimpleNamespace(compile_threads=32)
-    monkeypatch.setattr(torch._inductor, "config", inductor)
+    monkeypatch.setitem(sys.modules, "torch._inductor.config", inductor)
     limit_compile_threads()
     assert inductor.compile_threads == 4
+    # Where inductor is not imported yet, the worker does not import it (seconds of every trial
+    # process) but sets the variable inductor reads when it is.
+    monkeypatch.delitem(sys.modules, "torch._inductor.config")
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    limit_compile_threads()
+    assert os.environ["TORCHINDUCTOR_COMPILE_THREADS"] == "4"
+    assert "torch._inductor.config" not in sys.modules
+
 
 
 def test_device_decoding_runs_on_a_side_stream_ordered_with_the_current_one(monkeypatch):

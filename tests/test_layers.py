@@ -102,6 +102,17 @@ def test_study_and_run_files_validate_without_torch():
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
+def test_a_trials_driver_loads_neither_the_training_loop_nor_torchvision():
+    """Each trial starts its driver and Ray Train's controller as new processes, which load the
+    driver module; the training loop and torchvision (with torch's compiler, which torchvision
+    imports) load only in the run's workers, where they are used."""
+    code = ("import sys, orchestrator.study.trainable; print(sorted(m for m in ('torchvision', "
+            "'torch._dynamo', 'orchestrator.run.loop') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 def test_functions_are_short():
     """No function of the project over 60 lines: a long one is split into named steps."""
     long = [f"{module_name(path)}.{node.name} ({node.end_lineno - node.lineno + 1} lines)"

@@ -16,7 +16,6 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
-from orchestrator.cluster.worker import train_loop_per_worker
 from orchestrator.compat import (PLACEMENT_GROUP_ID, RAY_CONSTANTS, TORCH_BACKEND,
                                  TORCH_DISTRIBUTED_ENV, resolve)
 from orchestrator.errors import ConfigError, TrainingDiverged, UserError, sigterm_as_ctrl_c
@@ -148,6 +147,15 @@ class _ScopedTorchBackend(_TorchBackend):  # Ray's own, but for the rendezvous
                  for rank in range(world_size)])
 
 
+def run_rank(config: dict) -> None:
+    """What Ray Train runs in each worker: `orchestrator.cluster.worker`, imported there. A trial's
+    driver and Ray Train's controller load this module to start a run; the worker's imports (the
+    training loop, torchvision and its compiler) would cost each of them about 2 CPU-s a trial."""
+    from orchestrator.cluster.worker import train_loop_per_worker
+
+    train_loop_per_worker(config)
+
+
 def _node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
@@ -163,7 +171,7 @@ def build_trainer(cfg: TrainConfig, *, name: str, storage_path: str, echo: bool,
     for setting in (HEALTH_CHECK_INTERVAL, WORKER_GROUP_START_TIMEOUT):
         os.environ.setdefault(*setting)  # Ray Train passes them to its controller
     return TorchTrainer(
-        train_loop_per_worker,
+        run_rank,
         train_loop_config={"run": cfg.model_dump(mode="json"), "echo": echo},
         torch_config=ScopedTorchConfig(),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.parallel.world_size,

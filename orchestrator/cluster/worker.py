@@ -8,12 +8,13 @@ on GPU; see driver.ScopedTorchConfig); the loop builds its mesh on it.
 """
 from __future__ import annotations
 
+import os
+import sys
 import tempfile
 from pathlib import Path
 
 import ray.train
 import torch
-import torch._inductor.config
 
 from models.complexity import summarize
 from orchestrator.cluster.system_metrics import SystemSampler
@@ -88,8 +89,16 @@ def limit_compile_threads() -> None:
     32 a process: with 8 trials on a node, 256 cold compiles at once)."""
 
     cpus = assigned_cpus()
-    if cpus is not None:
-        torch._inductor.config.compile_threads = max(1, int(cpus))
+    if cpus is None:
+        return
+    threads = max(1, int(cpus))
+    # Inductor reads the variable when it is first imported: a run that does not compile never
+    # imports it.
+    inductor = sys.modules.get("torch._inductor.config")
+    if inductor is None:
+        os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = str(threads)
+    else:
+        inductor.compile_threads = threads  # type: ignore[attr-defined]
 
 
 def limit_gpu_memory() -> float | None:
