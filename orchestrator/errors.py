@@ -7,6 +7,7 @@ import threading
 
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 _terminated = threading.Event()
+_stop_asked = threading.Event()  # a Ctrl-C or SIGTERM reached this command
 
 
 class UserError(Exception):
@@ -73,6 +74,7 @@ def sigterm_as_ctrl_c(fresh: bool = False):
     command, no SIGTERM seen yet. Returns the handler it replaced (None off the main thread)."""
     if fresh:
         _terminated.clear()
+        _stop_asked.clear()
     if threading.current_thread() is threading.main_thread():
         return signal.signal(signal.SIGTERM, _as_ctrl_c)
     return None
@@ -80,11 +82,40 @@ def sigterm_as_ctrl_c(fresh: bool = False):
 
 def _as_ctrl_c(signum, frame) -> None:
     _terminated.set()
+    _stop_asked.set()
     handler = signal.getsignal(signal.SIGINT)
     if callable(handler):
         handler(signal.SIGINT, frame)
     else:
         raise KeyboardInterrupt
+
+
+class _Noted:
+    """A SIGINT handler that notes the stop, then runs the handler it wraps."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, signum, frame) -> None:
+        _stop_asked.set()
+        if callable(self.inner):
+            self.inner(signum, frame)
+        elif self.inner != signal.SIG_IGN:
+            raise KeyboardInterrupt
+
+
+def note_ctrl_c() -> None:
+    """From now on a Ctrl-C is noted (`stop_asked`) before the SIGINT handler installed now runs.
+    Tune installs its own as a fit starts, and its graceful stop returns as if the study had
+    ended; a callback of the fit calls this. Main thread only; never wraps twice."""
+    handler = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is threading.main_thread() and not isinstance(handler, _Noted):
+        signal.signal(signal.SIGINT, _Noted(handler))
+
+
+def stop_asked() -> bool:
+    """Whether a Ctrl-C (seen since `note_ctrl_c`) or a SIGTERM reached this command."""
+    return _stop_asked.is_set()
 
 
 def interrupted_status() -> int:

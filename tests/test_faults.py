@@ -498,3 +498,36 @@ def test_a_bucket_deleted_mid_study_fails_cleanly(ray_address, tmp_path):
     _, parents, children = runs(uri)
     assert [p.info.status for p in parents] == ["FAILED"]
     assert "RUNNING" not in [c.info.status for c in children]
+
+
+def test_only_a_stop_makes_trials_left_in_tunes_saved_state_an_interruption(monkeypatch):
+    """Tune's saved state was seen (loaded machine) to list a trial that had failed as running:
+    without a Ctrl-C or SIGTERM that state is not asked, and the failure is reported as one.
+    Ctrl-C, noted before Tune's own handler runs, and SIGTERM make it an interruption."""
+    import signal
+
+    from orchestrator import errors
+    from orchestrator.study import runner
+
+    monkeypatch.setattr(runner, "left_unfinished", lambda outcome: True)  # the stale state
+    seen = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+    previous_term = signal.getsignal(signal.SIGTERM)
+    try:
+        errors.sigterm_as_ctrl_c(fresh=True)
+        assert not runner.stopped_early(None, ended=2, trials=2)
+        assert runner.stopped_early(None, ended=1, trials=2)  # a trial that never ended
+        errors.note_ctrl_c()
+        errors.note_ctrl_c()  # wraps once
+        signal.raise_signal(signal.SIGINT)
+        assert seen == [signal.SIGINT] and runner.stopped_early(None, ended=2, trials=2)
+        assert errors.interrupted_status() == errors.EXIT_INTERRUPTED
+        errors.sigterm_as_ctrl_c(fresh=True)
+        assert not runner.stopped_early(None, ended=2, trials=2)
+        signal.raise_signal(signal.SIGTERM)  # Ctrl-C's path, exit 143
+        assert seen == [signal.SIGINT] * 2 and runner.stopped_early(None, ended=2, trials=2)
+        assert errors.interrupted_status() == errors.EXIT_TERMINATED
+    finally:
+        errors.sigterm_as_ctrl_c(fresh=True)  # the notes cleared
+        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)

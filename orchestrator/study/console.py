@@ -14,6 +14,7 @@ from ray.tune import Callback
 from tqdm import tqdm
 
 from orchestrator.compat import RAY_WORKER, resolve
+from orchestrator.errors import note_ctrl_c
 from orchestrator.results import DIVERGED, outcome
 
 RAY_LOG = "ray.log"
@@ -143,6 +144,11 @@ class StudyProgress(Callback):
                                   bar_format="{desc} {bar:20} {n_fmt}/{total_fmt} epochs "
                                              "[{elapsed}, {remaining} left]{postfix}")
         return self.study_bar
+
+    def on_step_begin(self, iteration, trials, **info):
+        # The user's Ctrl-C is noted once Tune's own handler is set (a restored study's
+        # callbacks are this class's code too: the note holds for a study begun before it).
+        note_ctrl_c()
 
     def on_trial_start(self, iteration, trials, trial, **info):
         study_bar = self._study_bar()

@@ -20,7 +20,7 @@ from pathlib import Path
 from ray.tune import ExperimentAnalysis, FailureConfig, RunConfig, TuneConfig, Tuner
 
 from orchestrator.cluster.driver import init_ray, release_placement_groups
-from orchestrator.errors import ConfigError, StorageError, TrialsFailed, short
+from orchestrator.errors import ConfigError, StorageError, TrialsFailed, short, stop_asked
 from orchestrator.results import trained
 from orchestrator.storage import check_still_there, check_writable, is_remote, join, shown, \
     upload, write_text
@@ -176,7 +176,7 @@ def conclude(study: StudyConfig, outcome, parent, prior, results: str, local: Pa
     rows = summarize_results(outcome, study)
     missing = failed_trials(outcome, study)
     verdict, policy, kept = None, None, prior.rows if prior else []
-    if ended < len(rows) or left_unfinished(outcome):  # trials that never ended: interrupted
+    if stopped_early(outcome, ended, len(rows)):
         interrupted = True
     elif missing:  # reported below; a rerun trains them, then the search goes on
         interrupted = False
@@ -203,6 +203,14 @@ def conclude(study: StudyConfig, outcome, parent, prior, results: str, local: Pa
         upload(local / "report", join(results, "report"))
     parent.close("FINISHED", study.mlflow.outage_wait_s)
     return 0 if any(trained(r["status"]) for r in rows) else 1
+
+
+def stopped_early(outcome, ended: int, trials: int) -> bool:
+    """Whether trials were left unfinished: some never ended, or Ctrl-C or SIGTERM stopped the
+    fit and the state Tune saved for `Tuner.restore` holds trials that had not ended. (Without a
+    stop that state is not asked: on a loaded machine Tune was seen to save a trial that failed
+    as still running.)"""
+    return ended < trials or (stop_asked() and left_unfinished(outcome))
 
 
 def left_unfinished(outcome) -> bool:
