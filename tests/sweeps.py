@@ -1,6 +1,8 @@
 """The smoke study run by tests, in-process or as a driver process of its own, and its MLflow runs
 read back."""
+import contextlib
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -8,7 +10,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from orchestrator.study.mlflow_client import quick_http
+from orchestrator.study.mlflow_client import quick_http, sqlite_path
 from orchestrator.commands.sweep import main as sweep_main
 
 SMOKE = str(Path(__file__).parent.parent / "search_spaces" / "smoke.yaml")
@@ -36,10 +38,29 @@ def runs(uri: str, experiment: str = "smoke"):
 
 
 def child_statuses(uri: str, experiment: str = "smoke") -> list[str]:
+    """While a sweep runs: its child runs' statuses, none before it made its database."""
+    if not made(uri):
+        return []
     try:
         return [c.info.status for c in runs(uri, experiment)[2]]
     except Exception:  # the database is still being created
         return []
+
+
+def made(uri: str) -> bool:
+    """Whether MLflow's tables are in a sqlite database (other stores: True). A reader that
+    finds none creates them itself, and two processes creating them at once collide: under load
+    the sweep then failed at its start (`MLflow at ... cannot be used (OperationalError)`)."""
+    path = sqlite_path(uri)
+    if path is None:
+        return True
+    if not path.exists():
+        return False
+    with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+        try:
+            return db.execute("select count(*) from alembic_version").fetchone()[0] > 0
+        except sqlite3.Error:  # not yet, or being written
+            return False
 
 
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 900, every: float = 0.5,
