@@ -11,7 +11,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from orchestrator.errors import ConfigError
-from orchestrator.run import images
+from orchestrator.run import cpus, images
 from orchestrator.run.config import TrainConfig
 from orchestrator.study.config import StudyConfig
 from tests.images import write_image_folder
@@ -162,13 +162,13 @@ def ray_worker(monkeypatch):
     context = types.SimpleNamespace(get_assigned_resources=lambda: {"CPU": 4.0, "GPU": 1.0})
     fake = types.SimpleNamespace(is_initialized=lambda: True, get_runtime_context=lambda: context)
     monkeypatch.setitem(sys.modules, "ray", fake)
-    monkeypatch.setattr(images.os, "sched_getaffinity", lambda pid: set(range(128)))
+    monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: set(range(128)))
 
 
 def test_data_and_compile_workers_follow_the_trials_cpus(ray_worker, monkeypatch):
     from orchestrator.cluster.worker import limit_compile_threads
 
-    assert images.default_workers() == 3  # not 127: the node's cores are every trial's
+    assert cpus.default_workers() == 3  # not 127: the node's cores are every trial's
     # A stand-in for inductor's process-wide config: patching the real one here preceded a later
     # compile in the same process failing with "compile_threads does not exist".
     inductor = types.SimpleNamespace(compile_threads=32)

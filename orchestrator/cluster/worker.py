@@ -22,7 +22,7 @@ from orchestrator.errors import OutOfMemory, TrainingDiverged
 from orchestrator.results import CHECKPOINT_FILE, DIVERGED, training_flops
 from orchestrator.run.checkpoint import load_checkpoint, save_atomic
 from orchestrator.run.config import TrainConfig
-from orchestrator.run.images import assigned_cpus
+from orchestrator.run.cpus import assigned_cpus
 from orchestrator.run.loop import out_of_memory, train_loop
 from orchestrator.run.session import LocalSession
 

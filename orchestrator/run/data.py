@@ -11,7 +11,6 @@ sees the same batch.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import logging
@@ -23,13 +22,11 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from torchvision import datasets
 
 from orchestrator.errors import DataError, short
 from orchestrator.storage import check_regular
 from orchestrator.run.batches import check_split, share, share_size
-from orchestrator.run.datasets import DATASETS, FOLDER_NORMALIZATION, IMAGENET_CLASSES
-from orchestrator.run.images import folder_batches, load_folder, pad_share, scan
+from orchestrator.run.datasets import DATASETS
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +112,10 @@ def _read_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray, boo
 
 
 def _download(name: str, data_dir: Path) -> None:
+    # Here only: torchvision imports torch's compiler (seconds in every process that loads this
+    # module, a Ray Train worker on synthetic data among them).
+    from torchvision import datasets
+
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
     created = [p for p in (data_dir, *data_dir.parents) if not p.exists()]  # deepest first
     try:
@@ -201,12 +202,8 @@ def load_synthetic(data_dir, train_size, test_size, seed) -> tuple[Split, Split]
     return synthetic_cifar(train_size or 2048, test_size or 512, seed=seed)
 
 
-def load_image_folder(data_dir, train_size, test_size, seed):
-    return load_folder(data_dir)
 
 
-def load_imagenet(data_dir, train_size, test_size, seed):
-    return load_folder(data_dir, IMAGENET_CLASSES, "imagenet")
 
 
 # The batchers that `DATASETS` names: (split, cfg, batch_size, device, train, shard), cfg a
@@ -217,19 +214,8 @@ def held_batches(split: Split, cfg, batch_size: int, device: torch.device | str,
                    channels_last=cfg.channels_last)
 
 
-def image_folder_batches(*args, **kwargs):
-    return folder_batches(*args, normalization=FOLDER_NORMALIZATION, **kwargs)
 
 
-@functools.lru_cache(maxsize=16)
-def train_images(name: str, data_dir: str | None) -> int:
-    """Images in a dataset's training split, for cost estimates: the registry's count, or for
-    an image folder the files in its train/ (listed, none opened; 0 while the folder is not
-    there, as in a dry run before the data is copied)."""
-    count = DATASETS[name].train_images
-    if count or data_dir is None or not (Path(data_dir).expanduser() / "train").is_dir():
-        return count
-    return len(scan(Path(data_dir).expanduser().resolve(), "train"))
 
 
 def load_dataset(name: str, data_dir: str | Path | None, train_size: int | None = None,
@@ -351,6 +337,17 @@ class Batches:
             x, y = self.images[mine.start:mine.stop], self.labels[mine.start:mine.stop]
             yield *pad_share(x, y, per, self.memory_format), len(mine)
 
+
+
+def pad_share(x: torch.Tensor, y: torch.Tensor, rows: int, memory_format: torch.memory_format
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A replica's share of an evaluation batch padded to `rows` images (zeros, label 0): the
+    fixed shapes of evaluation steps (pipeline stages keep the shapes of their first step)."""
+    if len(y) == rows:
+        return x, y
+    x = torch.cat([x, x.new_zeros((rows - len(y), *x.shape[1:]))]).contiguous(
+        memory_format=memory_format)
+    return x, torch.cat([y, y.new_zeros(rows - len(y))])
 
 
 # Images normalised and augmented per chunk: bounds the temporary copies on a GPU, and keeps

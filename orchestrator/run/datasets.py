@@ -59,12 +59,12 @@ DATASETS: dict[str, Dataset] = {
                          "orchestrator.run.data:load_synthetic", 2048, needs_files=False),
     # Image folders; the normalisation follows the recipe (see FOLDER_NORMALIZATION).
     "imagefolder": Dataset(None, (IMAGENET_MEAN, IMAGENET_STD), "imagenet",
-                           "orchestrator.run.data:load_image_folder", 0,
-                           batcher="orchestrator.run.data:image_folder_batches",
+                           "orchestrator.run.images:load_image_folder", 0,
+                           batcher="orchestrator.run.images:image_folder_batches",
                            image_files=True, any_architecture=True),
     "imagenet": Dataset(IMAGENET_CLASSES, (IMAGENET_MEAN, IMAGENET_STD), "imagenet",
-                        "orchestrator.run.data:load_imagenet", 1_281_167,
-                        batcher="orchestrator.run.data:image_folder_batches",
+                        "orchestrator.run.images:load_imagenet", 1_281_167,
+                        batcher="orchestrator.run.images:image_folder_batches",
                         image_files=True),
 }
 # An image folder trained with the CIFAR recipe is normalised as CIFAR-10 is.

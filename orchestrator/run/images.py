@@ -30,7 +30,6 @@ import logging
 import math
 import mmap
 import os
-import sys
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,9 @@ from torchvision.transforms.v2.functional import resize
 from models.complexity import input_size
 from orchestrator.errors import DataError
 from orchestrator.run.batches import check_split, share, share_size
+from orchestrator.run.cpus import default_workers
+from orchestrator.run.data import pad_share
+from orchestrator.run.datasets import DATASETS, FOLDER_NORMALIZATION, IMAGENET_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -550,25 +552,6 @@ def batch_memory(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
     return torch.frombuffer(memory, dtype=dtype).view(shape)  # the tensor keeps `memory` alive
 
 
-def assigned_cpus() -> float | None:
-    """The CPUs Ray assigned to this process (a Ray worker), else None. Under Ray the CPUs a
-    process may run on are the whole node's, shared by every trial there."""
-    ray = sys.modules.get("ray")  # imported by any Ray worker; not imported here otherwise
-    if ray is None or not ray.is_initialized():
-        return None
-    return ray.get_runtime_context().get_assigned_resources().get("CPU")
-
-
-def default_workers() -> int:
-    """This process's share of the CPU cores, less one for the training loop: its Ray
-    worker's CPUs, else the cores it may use shared by the node's ranks (LOCAL_WORLD_SIZE, as
-    torchrun sets it)."""
-    cpus = assigned_cpus()
-    if cpus is None:
-        cpus = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, int(cpus) - 1)
-
-
 class FolderBatches:
     """Batches of an image-folder split, an `EpochBatches`: epoch e's order and augmentation
     depend only on (seed, e); `shard=(index, count)` gives one data-parallel replica its `share`
@@ -673,17 +656,6 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device, non_blocking=True)
 
 
-def pad_share(x: torch.Tensor, y: torch.Tensor, rows: int, memory_format: torch.memory_format
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A replica's share of an evaluation batch padded to `rows` images (zeros, label 0): the
-    fixed shapes of evaluation steps (pipeline stages keep the shapes of their first step)."""
-    if len(y) == rows:
-        return x, y
-    x = torch.cat([x, x.new_zeros((rows - len(y), *x.shape[1:]))]).contiguous(
-        memory_format=memory_format)
-    return x, torch.cat([y, y.new_zeros(rows - len(y))])
-
-
 def folder_batches(split: FolderSplit, cfg, batch_size: int, device, train: bool,
                    shard: tuple[int, int], normalization: dict) -> FolderBatches:
     """`FolderBatches` for a run config (a resolved `TrainConfig`): its recipe, input size,
@@ -693,3 +665,28 @@ def folder_batches(split: FolderSplit, cfg, batch_size: int, device, train: bool
                          device, train, seed=cfg.seed, shard=shard,
                          channels_last=cfg.channels_last, workers=cfg.data_workers,
                          bad_images=cfg.bad_images, decode=cfg.decode)
+
+
+# The loaders and the batcher that `DATASETS` (datasets.py) names for image folders.
+def load_image_folder(data_dir, train_size, test_size, seed) -> tuple[FolderSplit, FolderSplit]:
+    return load_folder(data_dir)
+
+
+def load_imagenet(data_dir, train_size, test_size, seed) -> tuple[FolderSplit, FolderSplit]:
+    return load_folder(data_dir, IMAGENET_CLASSES, "imagenet")
+
+
+def image_folder_batches(split: FolderSplit, cfg, batch_size: int, device, train: bool,
+                         shard: tuple[int, int]) -> FolderBatches:
+    return folder_batches(split, cfg, batch_size, device, train, shard, FOLDER_NORMALIZATION)
+
+
+@functools.lru_cache(maxsize=16)
+def train_images(name: str, data_dir: str | None) -> int:
+    """Images in a dataset's training split, for cost estimates: the registry's count, or for
+    an image folder the files in its train/ (listed, none opened; 0 while the folder is not
+    there, as in a dry run before the data is copied)."""
+    count = DATASETS[name].train_images
+    if count or data_dir is None or not (Path(data_dir).expanduser() / "train").is_dir():
+        return count
+    return len(scan(Path(data_dir).expanduser().resolve(), "train"))

@@ -11,7 +11,7 @@ import pandas as pd
 from models.complexity import summarize
 from orchestrator.costs import GPU_IMAGES_PER_S, trial_flops
 from orchestrator.costs import gpu_hours as hours_of
-from orchestrator.run.data import train_images
+from orchestrator.run.images import train_images
 from orchestrator.study.config import StudyConfig
 from orchestrator.study.extension import (ContinuedSearch, check_extension, earlier_study,
                                           last_state, trained_so_far)
