@@ -316,19 +316,40 @@ def gap_ends(x: np.ndarray, trained: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return low, high
 
 
+def run_ends(diffs: np.ndarray, trained: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per draw (draws x pairs, pairs by depth at `trained`), the range of n0 whose ends each
+    rest on two neighbouring pairs of one sign: up to the first of the first two neighbours both
+    <= 0 (+inf: none), from the last of two neighbours both > 0 before it (-inf: none). One
+    pair's sign, as at the end of the ladder, closes no end."""
+    pos = diffs > 0
+    k = diffs.shape[1]
+    neg2 = np.zeros_like(pos)
+    neg2[:, :-1] = ~pos[:, :-1] & ~pos[:, 1:]
+    pos2 = np.zeros_like(pos)
+    pos2[:, 1:] = pos[:, :-1] & pos[:, 1:]
+    first = np.where(neg2.any(axis=1), neg2.argmax(axis=1), k)  # k: none
+    high = np.where(first < k, trained[np.minimum(first, k - 1)], np.inf)
+    before = pos2 & (np.arange(k)[None, :] < first[:, None])
+    last = np.where(before.any(axis=1), k - 1 - before[:, ::-1].argmax(axis=1), -1)
+    low = np.where(last >= 0, trained[np.maximum(last, 0)], -np.inf)
+    return low, high
+
+
 # How a draw of the pairs' differences is read as a range of n0 (N0Plan.interval).
-READINGS = ("pairs", "isotonic", "isotonic-line")
+READINGS = ("pairs", "runs", "isotonic", "isotonic-line")
 
 
 def draw_ends(fit: Fit, pairs: list[Pair], reading: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per draw, the range of n0 it says: "pairs", the gap around its first crossing;
-    "isotonic", the gap around the crossing of its nonincreasing fit (a single crossing: noise
-    that flips a pair's sign is pooled with its neighbours); "isotonic-line", that crossing
-    interpolated linearly inside its gap (a straight line between pairs; the gap beyond the end
-    pairs)."""
+    """Per draw, the range of n0 it says: "pairs", the gap around its first crossing; "runs",
+    each end on two pairs of one sign (`run_ends`); "isotonic", the gap around the crossing of
+    its nonincreasing fit (a single crossing: noise that flips a pair's sign is pooled with its
+    neighbours); "isotonic-line", that crossing interpolated linearly inside its gap (a
+    straight line between pairs; the gap beyond the end pairs)."""
     trained = np.array([pairs[i].depth for i in fit.pairs], dtype=float)
     if reading == "pairs":
         return gap_ends(fit.crossing, trained)
+    if reading == "runs":
+        return run_ends(fit.diff_draws, trained)
     x = crossings(trained, nonincreasing(fit.diff_draws, fit.precision))
     low, high = gap_ends(x, trained)
     if reading == "isotonic-line":
@@ -838,8 +859,9 @@ class N0Policy:
         if fit is None:
             return
         tail = (1 - self.plan.level) / 2
-        for side, beyond, end in (("shallower", fit.crossing == -np.inf, 0),
-                                  ("deeper", fit.crossing == np.inf, len(self.pairs) - 1)):
+        lows, highs = draw_ends(fit, self.pairs, self.reading)
+        for side, beyond, end in (("shallower", lows == -np.inf, 0),
+                                  ("deeper", highs == np.inf, len(self.pairs) - 1)):
             pair = self.pairs[end]
             ready = fit.pairs[0 if end == 0 else -1] == end and min(
                 len(self.seeds_of(pair.deep, FULL)), len(self.seeds_of(pair.multi, FULL))
