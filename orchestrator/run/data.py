@@ -1,6 +1,6 @@
 """Datasets: CIFAR-10/100 from their standard python layouts, synthetic CIFAR-shaped data, and
-image folders (a user's own, and ImageNet: orchestrator.run.images), each an entry of
-`DATASETS` (datasets.py) naming its loader here.
+image folders (a user's own, and ImageNet: orchestrator.run.images, which holds their loaders),
+each an entry of `DATASETS` (datasets.py) naming its loader.
 
 CIFAR is held whole as one uint8 tensor on the training device and augmented a whole epoch at a
 time there, batches being slices (the airbench approach): normalise with the per-channel means and
@@ -202,20 +202,12 @@ def load_synthetic(data_dir, train_size, test_size, seed) -> tuple[Split, Split]
     return synthetic_cifar(train_size or 2048, test_size or 512, seed=seed)
 
 
-
-
-
-
 # The batchers that `DATASETS` names: (split, cfg, batch_size, device, train, shard), cfg a
 # resolved `TrainConfig`, shard (replica index, replicas) -> `EpochBatches` (batches.py).
 def held_batches(split: Split, cfg, batch_size: int, device: torch.device | str, train: bool,
                  shard: tuple[int, int]) -> Batches:
     return Batches(split, cfg.dataset, batch_size, device, train, seed=cfg.seed, shard=shard,
                    channels_last=cfg.channels_last)
-
-
-
-
 
 
 def load_dataset(name: str, data_dir: str | Path | None, train_size: int | None = None,
@@ -336,7 +328,6 @@ class Batches:
             mine = self.positions(step, shard)
             x, y = self.images[mine.start:mine.stop], self.labels[mine.start:mine.stop]
             yield *pad_share(x, y, per, self.memory_format), len(mine)
-
 
 
 def pad_share(x: torch.Tensor, y: torch.Tensor, rows: int, memory_format: torch.memory_format
