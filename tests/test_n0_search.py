@@ -10,7 +10,7 @@ import pytest
 
 from orchestrator.analysis.n0 import single_crossings
 from orchestrator.analysis.n0_policy import (FULL, SCREEN_SHARE, Growth, N0Plan, N0Policy,
-                                             Net, Result, bisection_order, run_ends)
+                                             Net, Result, bisection_order)
 from orchestrator.analysis.pairs import Pair
 
 DEPTHS = [8, 14, 20, 26, 32, 38, 44]
@@ -334,27 +334,6 @@ def test_no_straight_line_inside_a_gap_makes_the_interval_narrow_and_wrong():
     assert (n0.low, n0.high) == (26.0, 32.0)
     assert n0.value == pytest.approx(27.9, abs=0.1)  # the point estimate still interpolates
 
-
-def test_the_runs_reading_closes_no_end_on_one_pair():
-    """Reading "runs": each end of a draw's range rests on two neighbouring pairs of one sign,
-    so the deepest pair alone (n0 beyond the ladder, one pair drawn negative) closes nothing,
-    nor one pair's sign flipped inside the ladder; two of one sign on each side close both."""
-    depths = np.array([10.0, 16, 22, 28, 34])
-    draws = np.array([[1, 1, -1, -1, -1],     # n0 between 16 and 22
-                      [1, 1, 1, 1, -1],       # the deepest pair alone: open past 28
-                      [1, -1, 1, 1, -1],      # a flipped pair at 16: open past 28
-                      [1, 1, -1, 1, -1],      # no two negatives: open past 16
-                      [1, -1, -1, -1, -1],    # no two positives before them: open below 16
-                      [-1, -1, -1, -1, -1]], dtype=float)
-    low, high = run_ends(draws, depths)
-    assert low.tolist() == [16, 28, 28, 16, -np.inf, -np.inf]
-    assert high.tolist() == [22, np.inf, np.inf, np.inf, 16, 10]
-    # As a policy's interval: the steep curve's n0 = 27 with noise as small is its gap too.
-    nets, pairs = ladder()
-    policy = N0Policy(nets, pairs, plan(fidelities=(FULL,), interval="runs"))
-    steep_errors(policy, 27.0)
-    n0 = policy.interval(0.95)
-    assert (n0.low, n0.high) == (26.0, 32.0)
 
 def test_a_wrong_shape_that_is_kept_does_not_decide():
     """Where a smooth shape kept by its lack-of-fit test gives a narrow interval that misses

@@ -316,55 +316,19 @@ def gap_ends(x: np.ndarray, trained: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return low, high
 
 
-def run_ends(diffs: np.ndarray, trained: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per draw (draws x pairs, pairs by depth at `trained`), the range of n0 whose ends each
-    rest on two neighbouring pairs of one sign: up to the first of the first two neighbours both
-    <= 0 (+inf: none), from the last of two neighbours both > 0 before it (-inf: none). One
-    pair's sign, as at the end of the ladder, closes no end."""
-    pos = diffs > 0
-    k = diffs.shape[1]
-    neg2 = np.zeros_like(pos)
-    neg2[:, :-1] = ~pos[:, :-1] & ~pos[:, 1:]
-    pos2 = np.zeros_like(pos)
-    pos2[:, 1:] = pos[:, :-1] & pos[:, 1:]
-    first = np.where(neg2.any(axis=1), neg2.argmax(axis=1), k)  # k: none
-    high = np.where(first < k, trained[np.minimum(first, k - 1)], np.inf)
-    before = pos2 & (np.arange(k)[None, :] < first[:, None])
-    last = np.where(before.any(axis=1), k - 1 - before[:, ::-1].argmax(axis=1), -1)
-    low = np.where(last >= 0, trained[np.maximum(last, 0)], -np.inf)
-    return low, high
-
-
-def inner_ends(x: np.ndarray, trained: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`gap_ends`, but a crossing in the first or last gap of the trained pairs leaves that end
-    open: it would rest on the end pair's sign alone, with no pair beyond to agree (where seed
-    noise grows with depth, the pooled estimate understates the deepest pair's most)."""
-    low, high = gap_ends(x, trained)
-    if len(trained) > 2:
-        inside = np.isfinite(x)
-        low = np.where(inside & (low == trained[0]), -np.inf, low)
-        high = np.where(inside & (high == trained[-1]), np.inf, high)
-    return low, high
-
-
 # How a draw of the pairs' differences is read as a range of n0 (N0Plan.interval).
-READINGS = ("pairs", "inner", "runs", "isotonic", "isotonic-line")
+READINGS = ("pairs", "isotonic", "isotonic-line")
 
 
 def draw_ends(fit: Fit, pairs: list[Pair], reading: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per draw, the range of n0 it says: "pairs", the gap around its first crossing; "inner",
-    that gap with no end on the ladder's end pair alone (`inner_ends`); "runs", each end on two
-    pairs of one sign (`run_ends`); "isotonic", the gap around the crossing of
-    its nonincreasing fit (a single crossing: noise that flips a pair's sign is pooled with its
-    neighbours); "isotonic-line", that crossing interpolated linearly inside its gap (a
-    straight line between pairs; the gap beyond the end pairs)."""
+    """Per draw, the range of n0 it says: "pairs", the gap around its first crossing;
+    "isotonic", the gap around the crossing of its nonincreasing fit (a single crossing: noise
+    that flips a pair's sign is pooled with its neighbours); "isotonic-line", that crossing
+    interpolated linearly inside its gap (a straight line between pairs; the gap beyond the end
+    pairs)."""
     trained = np.array([pairs[i].depth for i in fit.pairs], dtype=float)
     if reading == "pairs":
         return gap_ends(fit.crossing, trained)
-    if reading == "inner":
-        return inner_ends(fit.crossing, trained)
-    if reading == "runs":
-        return run_ends(fit.diff_draws, trained)
     x = crossings(trained, nonincreasing(fit.diff_draws, fit.precision))
     low, high = gap_ends(x, trained)
     if reading == "isotonic-line":
