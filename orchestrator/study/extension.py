@@ -170,7 +170,6 @@ def write_prior(results: str, prior: Prior) -> None:
 
 def read_prior(results: str) -> Prior | None:
     """The folder's prior trials, None if it has none; read back as data and checked."""
-
     place = join(results, PRIOR_FILE)
     text = read_text(place, fix=f"remove {shown(results)} to start the study again")
     if text is None:
@@ -197,7 +196,6 @@ def prior_for(results: str, digest: str) -> Prior | None:
 
 def tune_state_files(results: str) -> list[str]:
     """The Tune experiment's own state in the folder (not its trials'), tuner.pkl first."""
-
     names = [n for n in unpickled_files(results) if "/" not in n]
     return sorted(names, key=lambda n: n != "tuner.pkl")
 
@@ -327,7 +325,6 @@ def trained_so_far(data: dict | None, epochs: int) -> tuple[int, float]:
 def earlier_study(study, old: dict):
     """The study as its results folder was trained: `study` with the keys an extension changed
     put back to their `old` values (from `StudyState.config`)."""
-
     data = study.model_dump(mode="json", exclude_unset=True)
     before, now = flat(old), flat(study.model_dump(mode="json"))
     for key in sorted(before):
