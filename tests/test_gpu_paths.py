@@ -184,7 +184,6 @@ def test_data_and_compile_workers_follow_the_trials_cpus(ray_worker, monkeypatch
     assert "torch._inductor.config" not in sys.modules
 
 
-
 def test_device_decoding_runs_on_a_side_stream_ordered_with_the_current_one(monkeypatch):
     """nvJPEG writes from its own stream without waiting for the caller's: the decode runs on a
     side stream that waits for the current one; the current one then waits for it, and the
