@@ -40,7 +40,9 @@ Reported per row: epochs vs the grid's full-schedule epochs (mean and 90th perce
 (an open-ended interval covers when the true n0 lies beyond its finite end) overall and per stop
 reason (`stops (coverage)`; `worst stop coverage`: the lowest over the reasons that end a tenth
 of the studies or more), the median width (inf when open-ended), the share of closed intervals
-and their median width, `closed wrongly` (a closed interval missing an n0 beyond the ladder),
+and their median width, `closed wrongly` (a closed interval where n0 lies beyond the deepest
+pair trained on the full schedule; with `--outside`: where the ladder grew past n0, a closed
+interval that misses it counts against coverage only),
 the share of worker time idle (until the last trial ends) and of it before the search stopped,
 and the simulated wall clock vs the grid's at the same concurrency. `--bound`: instead, what no
 searcher beats at those shares of the grid (`bound_row`: the Cramer-Rao bound, one look) and
@@ -220,11 +222,17 @@ def one_study(args, study: int, rho: float, concurrency: int, fidelities, outsid
     stop = (policy.stopped or "").split(":")[0].split(" (")[0]
     return {"epochs": sum(r.cost for r in policy.log) / (len(nets0) * len(SEEDS) * EPOCHS),
             "hit": covers(n0.low, n0.high, oracle.n0), "width": n0.width,
-            "closed wrongly": outside and math.isfinite(n0.width) and not
-            covers(n0.low, n0.high, oracle.n0),
+            "closed wrongly": outside and math.isfinite(n0.width) and oracle.n0 > deepest(policy),
             "idle": idle, "idle before stop": before,
             "wall": wall / grid_wall(nets0, concurrency),
             "stop": STOPS.get(stop, stop), "grown": len(policy.added)}
+
+
+def deepest(policy: N0Policy) -> float:
+    """The depth of the deepest pair with full-schedule results of both its nets."""
+    errors = policy.errors(FULL)
+    return max((p.depth for p in policy.pairs if errors.get(p.deep) and errors.get(p.multi)),
+               default=-math.inf)
 
 
 STOPS = {"no trial left that narrows it": "nothing left", "n0 not found": "not found"}
