@@ -41,13 +41,13 @@ Reported per row: epochs vs the grid's full-schedule epochs (mean and 90th perce
 reason (`stops (coverage)`; `worst stop coverage`: the lowest over the reasons that end a tenth
 of the studies or more), the median width (inf when open-ended), the share of closed intervals
 and their median width, `closed wrongly` (a closed interval where n0 lies beyond the deepest
-pair trained on the full schedule; with `--outside`: where the ladder grew past n0, a closed
-interval that misses it counts against coverage only),
-the share of worker time idle (until the last trial ends) and of it before the search stopped,
-and the simulated wall clock vs the grid's at the same concurrency. `--bound`: instead, what no
-searcher beats at those shares of the grid (`bound_row`: the Cramer-Rao bound, one look) and
-the honest one-look yardstick (`yardstick_row`: an exact interval at the best design for the
-true shape, the noise estimated).
+pair trained on the full schedule: where the ladder grew past n0, a closed interval that misses
+it counts against coverage only), the share of worker time idle (until the last trial ends) and
+of it before the search stopped, and the simulated wall clock vs the grid's at the same
+concurrency. `--bound`: instead, what no searcher beats at those shares of the grid
+(`bound_row`: the Cramer-Rao bound, one look) and the honest one-look yardstick
+(`yardstick_row`: an exact interval at the best design for the true shape, the noise
+estimated).
 """
 from __future__ import annotations
 
