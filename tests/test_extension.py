@@ -328,6 +328,7 @@ def test_the_dry_run_on_a_trained_folder_says_what_an_extension_adds(tmp_path, c
     assert sorted(p.name for p in results.iterdir()) == before  # the dry run changed nothing
 
 
+@pytest.mark.usefixtures("in_empty_folder")
 def test_the_dry_run_prices_a_gpu_study_and_what_an_extension_would_need(capsys):
     from orchestrator.commands.sweep import main as sweep_main
 
