@@ -70,12 +70,11 @@ def ray_address():
 
 
 @pytest.fixture
-def in_empty_folder(tmp_path, monkeypatch) -> Path:
+def in_empty_folder(tmp_path, monkeypatch) -> None:
     """Start the test in an empty folder: a sweep's default results/ and mlflow.db are in the
     starting folder, and a test that relies on them must not read a study the user ran in the
     checkout (the README's smoke study)."""
     monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 SLOW_FIXTURES = {"ray_address", "cluster", "cifar10_dir"}
