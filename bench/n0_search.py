@@ -47,7 +47,7 @@ of it before the search stopped, and the simulated wall clock vs the grid's at t
 concurrency. `--bound`: instead, what no searcher beats at those shares of the grid
 (`bound_row`: the Cramer-Rao bound, one look) and the honest one-look yardstick
 (`yardstick_row`: an exact interval at the best design for the true shape, the noise
-estimated).
+estimated), and the floor of any interval that reads the pairs' signs alone (`sign_floor_row`).
 """
 from __future__ import annotations
 
@@ -344,8 +344,7 @@ def yardstick_row(args, share: float) -> dict:
         rng = np.random.default_rng(10_000 * study + 7)
         oracle = Oracle(rng, 0.0, args.short_noise, shape=args.shape, hard=not args.easy)
         curve = partial(shape_at, SHAPES[args.shape], oracle.steep)
-        growth = 1 + oracle.growth * (0.9 * (ladder_d - 8) / 48 - 0.4)
-        var = 2 * (oracle.sd * growth) ** 2 * (1 - oracle.shared)  # a pair-seed's difference
+        var = pair_seed_variance(oracle, ladder_d)
         eps = 1e-3
         grad_a = curve(ladder_d, oracle.n0)
         grad_n0 = oracle.scale * (curve(ladder_d, oracle.n0 + eps) - grad_a) / eps
@@ -377,6 +376,38 @@ def yardstick_row(args, share: float) -> dict:
     widths = np.array(widths)
     return {"shape": args.shape, "budget": f"{share:.0%}", "pair-seeds": pair_seeds,
             "yardstick: median width": float(np.median(widths)),
+            "closed": float(np.isfinite(widths).mean())}
+
+
+def pair_seed_variance(oracle: Oracle, depths: np.ndarray) -> np.ndarray:
+    """The variance of one pair-seed's difference (multi - deep of one seed) at each depth."""
+    growth = 1 + oracle.growth * (0.9 * (depths - 8) / 48 - 0.4)
+    return 2 * (oracle.sd * growth) ** 2 * (1 - oracle.shared)
+
+
+def sign_floor_row(args, share: float) -> dict:
+    """The floor of every interval that reads the pairs' signs without a shape between them,
+    at this share of the grid: a study that knew n0 and the seed noise, put all its pair-seeds
+    on the two ladder pairs around n0 in the best split and looked once (each end's sign at
+    97.5%, known noise). Per study, the narrowest such pair of depths that closes with
+    probability 1/2 or more (inf: none); its median over the studies."""
+    from scipy.stats import norm
+
+    pair_seeds = round(share * 18 * len(SEEDS) / 2)
+    ladder_d, z = np.array(DEPTHS, dtype=float), norm.ppf(0.975)
+    widths = []
+    for study in range(args.studies):
+        oracle = Oracle(np.random.default_rng(10_000 * study + 7), 0.0, args.short_noise,
+                        shape=args.shape, hard=not args.easy)
+        sd, gap = np.sqrt(pair_seed_variance(oracle, ladder_d)), oracle.gap(ladder_d)
+        low, high = ladder_d < oracle.n0, ladder_d > oracle.n0
+        closes = [ladder_d[j] - ladder_d[i] for i in np.flatnonzero(low)
+                  for j in np.flatnonzero(high) for n in range(2, pair_seeds - 1)
+                  if norm.cdf(gap[i] / sd[i] * math.sqrt(n) - z)
+                  * norm.cdf(-gap[j] / sd[j] * math.sqrt(pair_seeds - n) - z) >= 0.5]
+        widths.append(min(closes, default=np.inf))
+    return {"shape": args.shape, "budget": f"{share:.0%}", "pair-seeds": pair_seeds,
+            "pair-sign floor: median width": float(np.median(widths)),
             "closed": float(np.isfinite(widths).mean())}
 
 
@@ -449,12 +480,14 @@ def main(argv=None) -> int:
                    help="the end look also where the budget ends on a scheduled look "
                    "(N0Plan.end_on_look)")
     p.add_argument("--bound", type=float, nargs="*",
-                   help="only the bound at these shares of the grid (bound_row)")
+                   help="only the bound, the yardstick and the pair-sign floor at these shares of the "
+                   "grid (bound_row, yardstick_row, sign_floor_row)")
     p.add_argument("--json", help="write the table here")
     args = p.parse_args(argv)
     start = time.time()
     rows = ([bound_row(args, share, rho) for share in args.bound for rho in args.rho]
             + [yardstick_row(args, share) for share in args.bound]
+            + [sign_floor_row(args, share) for share in args.bound]
             if args.bound else searcher_rows(args))
     table = pd.DataFrame(rows)
     print(f"{args.studies} simulated studies per row; grid = 18 nets x {len(SEEDS)} seeds x "
