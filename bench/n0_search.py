@@ -336,7 +336,7 @@ def yardstick_row(args, share: float) -> dict:
     open)."""
     from scipy import stats
 
-    pair_seeds = round(share * 18 * len(SEEDS) / 2)
+    pair_seeds = one_look_pair_seeds(share)
     grid = np.arange(2.0, 150.0, 0.25)
     ladder_d = np.array(DEPTHS, dtype=float)
     widths = []
@@ -379,6 +379,11 @@ def yardstick_row(args, share: float) -> dict:
             "closed": float(np.isfinite(widths).mean())}
 
 
+def one_look_pair_seeds(share: float) -> int:
+    """Whole pair-seeds (both nets, one seed, full schedule) in this share of the grid."""
+    return round(share * 18 * len(SEEDS) / 2)
+
+
 def pair_seed_variance(oracle: Oracle, depths: np.ndarray) -> np.ndarray:
     """The variance of one pair-seed's difference (multi - deep of one seed) at each depth."""
     growth = 1 + oracle.growth * (0.9 * (depths - 8) / 48 - 0.4)
@@ -393,7 +398,7 @@ def sign_floor_row(args, share: float) -> dict:
     probability 1/2 or more (inf: none); its median over the studies."""
     from scipy.stats import norm
 
-    pair_seeds = round(share * 18 * len(SEEDS) / 2)
+    pair_seeds = one_look_pair_seeds(share)
     ladder_d, z = np.array(DEPTHS, dtype=float), norm.ppf(0.975)
     widths = []
     for study in range(args.studies):
