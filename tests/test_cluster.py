@@ -130,6 +130,14 @@ def test_study_submitted_to_a_two_node_cluster(cluster):
     workers = ray_list(cluster, "actors", "class_name=RayTrainWorker")
     assert len(workers) == 2 and len({w["node_id"] for w in workers}) == 2
 
+    # The cluster checks the token (docs/cluster.md starts it with one): a wrong one is refused.
+    nobody = {**{k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN_PATH"},
+              "RAY_AUTH_TOKEN": secrets.token_hex(32), "HOME": str(cluster["tmp"])}
+    listed = subprocess.run([str(BIN / "ray"), "list", "nodes", "--address", cluster["dashboard"]],
+                            env=nobody, capture_output=True, text=True, timeout=120)
+    assert listed.returncode != 0, listed.stdout[-2000:]
+    assert "token" in (listed.stdout + listed.stderr).lower(), listed.stderr[-2000:]
+
 
 HOLD_HEAD = """
 import sys, time, ray
