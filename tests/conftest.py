@@ -1,6 +1,10 @@
+import atexit
 import os
 import pickle
+import secrets
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +13,13 @@ import pytest
 # Sweeps sign Ray's state in their results folders with this key instead of the user's key
 # file (~/.config/multires/state.key): tests leave nothing in the home folder.
 os.environ.setdefault("MULTIRES_STATE_KEY", "test key, not secret")
+# The local Ray instances they start take their token from here, not from ~/.ray/auth_token
+# (which Ray writes where there is none).
+if not {"RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & set(os.environ):
+    _ray_token = Path(tempfile.mkdtemp(prefix="multires-tests-")) / "auth_token"
+    _ray_token.write_text(secrets.token_hex(32))
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(_ray_token)
+    atexit.register(shutil.rmtree, _ray_token.parent, True)
 
 
 def real_cifar10_dir() -> Path | None:
