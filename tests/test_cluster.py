@@ -46,12 +46,9 @@ def node_ports(*taken: int) -> list[str]:
 def cluster(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cluster")
     short = Path(tempfile.mkdtemp(prefix="mr"))  # Ray's socket paths must stay under 108 bytes
-    # The cluster's own token: `ray start` finds none in a home folder where no Ray has run yet.
-    token = tmp / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN_PATH": str(token)}
-    env.pop("RAY_AUTH_TOKEN", None)
+    # Token authentication on, with the test run's token (conftest.py): `ray start` refuses
+    # to start a head in this mode without one.
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     for name in ("RAY_ADDRESS", LOOPBACK_ONLY):  # a cluster of nodes, not the local instance
         env.pop(name, None)
     gcs, dashboard, client = free_port(), free_port(), free_port()
