@@ -26,6 +26,9 @@ FILESYSTEM_SYNCER = "ray.train._internal.storage:_FilesystemSyncer"
 # The name rules MLflow applies to experiments and registered models, checked before Ray starts.
 VALIDATE_EXPERIMENT_NAME = "mlflow.utils.validation:_validate_experiment_name"
 VALIDATE_MODEL_NAME = "mlflow.utils.validation:_validate_model_name"
+# The schema revision MLflow migrates a new database to: the tests wait for it before they read a
+# sqlite database that a sweep is creating (a reader that finds it unfinished migrates it too).
+MLFLOW_SCHEMA_HEAD = "mlflow.store.db.utils:_get_latest_schema_revision"
 
 PRIVATE = {
     TORCH_BACKEND: "on_start",
@@ -36,6 +39,7 @@ PRIVATE = {
     FILESYSTEM_SYNCER: "_sync_up_command",
     VALIDATE_EXPERIMENT_NAME: "__call__",
     VALIDATE_MODEL_NAME: "__call__",
+    MLFLOW_SCHEMA_HEAD: "__call__",
 }  # each name -> an attribute that the project uses on it
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from orchestrator import compat
 from orchestrator.study.mlflow_client import quick_http, sqlite_path
 from orchestrator.commands.sweep import main as sweep_main
 
@@ -49,9 +50,11 @@ def child_statuses(uri: str, experiment: str = "smoke") -> list[str]:
 
 
 def made(uri: str) -> bool:
-    """Whether MLflow's tables are in a sqlite database (other stores: True). A reader that
-    finds none creates them itself, and two processes creating them at once collide: under load
-    the sweep then failed at its start (`MLflow at ... cannot be used (OperationalError)`)."""
+    """Whether a sqlite database's MLflow schema is complete (other stores: True). A reader that
+    finds it unfinished migrates it itself, and two processes migrating at once collide: the
+    sweep then failed at its start (`MLflow at ... cannot be used (OperationalError)`). Alembic
+    records each migration as it goes, so a recorded revision is not enough: it must be the
+    last one."""
     path = sqlite_path(uri)
     if path is None:
         return True
@@ -59,9 +62,10 @@ def made(uri: str) -> bool:
         return False
     with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
         try:
-            return db.execute("select count(*) from alembic_version").fetchone()[0] > 0
+            revisions = [row[0] for row in db.execute("select version_num from alembic_version")]
         except sqlite3.Error:  # not yet, or being written
             return False
+    return revisions == [compat.resolve(compat.MLFLOW_SCHEMA_HEAD)()]
 
 
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 900, every: float = 0.5,
