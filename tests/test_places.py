@@ -18,6 +18,7 @@ from orchestrator.commands.lesion import main as lesion_main
 from orchestrator.commands.report import main as report_main
 from orchestrator.commands.sweep import main as sweep_main
 from orchestrator.commands.train import main as train_main
+from tests.sweeps import made
 
 ROOT = Path(__file__).parent.parent
 SMOKE = str(ROOT / "search_spaces" / "smoke.yaml")
@@ -389,6 +390,27 @@ def test_a_tracking_server_that_repeats_a_page_is_an_error():
     pages = iter([PagedList([1], "b"), PagedList([2], None)])
     client.search_runs = lambda *args, **kwargs: next(pages)
     assert all_runs(client, ["1"]) == [1, 2]
+
+
+def test_studies_started_at_once_on_a_new_database_all_reach_it(tmp_path):
+    """Three commands open one new sqlite database at the same moment (studies started side by
+    side on the default ./mlflow.db): each connects, none fails on the others' migration of
+    it (without the lock, two of three failed in each of three rounds)."""
+    go = tmp_path / "go"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    opener = ("import sys, time\n"
+              "from orchestrator.study.mlflow_client import connect\n"
+              "print('ready', flush=True)\n"
+              "while not __import__('os').path.exists(sys.argv[1]): time.sleep(0.01)\n"
+              "connect(sys.argv[2])\n")
+    procs = [subprocess.Popen([sys.executable, "-c", opener, str(go), uri],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(3)]
+    assert [p.stdout.readline() for p in procs] == ["ready\n"] * 3  # each has loaded MLflow
+    go.touch()
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outputs
+    assert made(uri)
 
 
 def test_a_rerun_registers_the_best_model_once(tmp_path, capsys, monkeypatch, caplog):

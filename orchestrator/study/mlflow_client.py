@@ -2,8 +2,11 @@
 run past MLflow's pages, and deliver updates in order through outages (`Outbox`)."""
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import logging
 import os
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
@@ -45,7 +48,7 @@ def connect(tracking_uri: str) -> MlflowClient:
         check_regular(database, "--tracking-uri", TrackingError,
                       fix="give the path of an MLflow sqlite database")
     try:
-        with quick_http():
+        with quick_http(), one_at_a_time(database):
             client = MlflowClient(tracking_uri)
             client.search_experiments(max_results=1)
     except Exception as exc:
@@ -57,6 +60,29 @@ def connect(tracking_uri: str) -> MlflowClient:
                             f"({type(exc).__name__}); start the server or pass another "
                             f"--tracking-uri") from None
     return client
+
+
+@contextmanager
+def one_at_a_time(database: Path | None):
+    """Held while MLflow opens a sqlite database. MLflow's tracking store migrates a database
+    whose schema it finds unfinished, with no lock: two studies started at once on a new one
+    (the default ./mlflow.db) both migrated it, and each but one failed. A lock named after
+    the database lets one make it and the others find it made."""
+    if database is None:
+        yield
+        return
+    name = hashlib.sha256(str(database.resolve()).encode()).hexdigest()[:16]
+    lock = Path(tempfile.gettempdir()) / f"multires-mlflow-{name}.lock"
+    try:
+        descriptor = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o644)
+    except OSError:  # another user's, unreadable: unlocked, as MLflow itself opens it
+        yield
+        return
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
 
 
 @contextmanager
