@@ -191,10 +191,11 @@ def test_unusable_tracking_server_fails_before_training(ray_address, tmp_path, c
 @pytest.mark.slow
 def test_two_studies_side_by_side_each_keep_to_their_own_local_ray(tmp_path):
     """Two sweeps started at once on one machine, neither given RAY_ADDRESS (and the test run's
-    own Ray instance may be a third): each starts its own local Ray and every process of it
-    (Tune, Ray Train, Train's placement-group cleaner) reaches that one; both finish, every
-    trial trained once, in its own study and folder. (Left trains two trials one at a time, the
-    case that reused trial processes would break; right one, beside it.)"""
+    own Ray instance may be a third), tracked in one new MLflow database: each starts its own
+    local Ray and every process of it (Tune, Ray Train, Train's placement-group cleaner)
+    reaches that one; both finish, every trial trained once, in its own study and folder.
+    (Left trains two trials one at a time, the case that reused trial processes would break;
+    right one, beside it.)"""
     import os
     import subprocess
     import sys
@@ -207,14 +208,14 @@ def test_two_studies_side_by_side_each_keep_to_their_own_local_ray(tmp_path):
     trials = {"left": 2, "right": 1}
     procs = {name: subprocess.Popen(
         [sys.executable, "-m", "orchestrator.sweep", SMOKE, "--storage-path", str(tmp_path / name),
-         "--tracking-uri", f"sqlite:///{tmp_path / name}.db", "--set", f"name={name}",
+         "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--set", f"name={name}",
          "--set", f"trials={trials[name]}", "--set", "concurrency=1", "--set",
          "scheduler.type=none", "--set", "train.epochs=1"], env=env, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True) for name in trials}
     outputs = {name: proc.communicate(timeout=900)[0] for name, proc in procs.items()}
     for name, proc in procs.items():
         assert proc.returncode == 0, outputs[name][-3000:]
-        client, parents, children = runs(f"sqlite:///{tmp_path / name}.db", name)
+        client, parents, children = runs(f"sqlite:///{tmp_path / 'mlflow.db'}", name)
         assert [p.info.status for p in parents] == ["FINISHED"]
         assert [c.info.status for c in children] == ["FINISHED"] * trials[name]
         ids = {c.data.tags["trial_id"] for c in children}
