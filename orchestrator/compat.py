@@ -9,10 +9,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# Ray Train's torch backend: subclassed so that the process group's store binds where the ranks
-# are (ray.train's public TorchConfig has no such setting).
-TORCH_BACKEND = "ray.train.torch.config:_TorchBackend"
+# The steps of Ray Train's torch backend that run on the workers, reused by the project's own
+# backend (cluster.driver: the process group's store binds where the ranks are, which ray.train's
+# public TorchConfig cannot set). Resolved on the workers: their module imports torch.
 TORCH_DISTRIBUTED_ENV = "ray.train.torch.config:_set_torch_distributed_env_vars"
+TORCH_SHUTDOWN = "ray.train.torch.config:_shutdown_torch"
+TORCH_TRAIN_CONTEXT = "ray.train.torch.config:TorchConfigContextManager"
+# What Ray Train's run state (its dashboard, state export) calls the framework of a backend.
+TRAINING_FRAMEWORK = "ray.train.v2._internal.util:TrainingFramework"
 # A placement group from its hex id, to remove a finished job's groups (the public
 # PlacementGroup takes an id object, and only this class makes one from hex).
 PLACEMENT_GROUP_ID = "ray._raylet:PlacementGroupID"
@@ -31,8 +35,10 @@ VALIDATE_MODEL_NAME = "mlflow.utils.validation:_validate_model_name"
 MLFLOW_SCHEMA_HEAD = "mlflow.store.db.utils:_get_latest_schema_revision"
 
 PRIVATE = {
-    TORCH_BACKEND: "on_start",
     TORCH_DISTRIBUTED_ENV: "__call__",
+    TORCH_SHUTDOWN: "__call__",
+    TORCH_TRAIN_CONTEXT: "__enter__",
+    TRAINING_FRAMEWORK: "TORCH",
     PLACEMENT_GROUP_ID: "from_hex",
     RAY_CONSTANTS: "ENABLE_RAY_CLUSTER",
     RAY_WORKER: "print_worker_logs",

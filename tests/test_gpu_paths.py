@@ -44,6 +44,41 @@ def test_workers_given_no_gpu_train_on_the_cpu(monkeypatch, tmp_path):
         driver.run_on_ray(cfg.model_copy(update={"device": "cuda"}))
 
 
+def test_the_process_groups_backend_does_on_gpus_what_ray_trains_torch_backend_does(monkeypatch):
+    """The project's backend (torch-free where Ray Train's controller loads it) keeps what Ray's
+    own torch backend does beyond the rendezvous: a node's ranks see its GPUs, each rank's CUDA
+    device is set around the training function, and the group is destroyed and each device's
+    cache emptied at the end; Ray's run state calls it torch."""
+    import ray.train.torch
+    import ray.train.torch.config as ray_torch
+
+    from orchestrator.cluster import driver
+
+    assert driver.ScopedTorchBackend.share_cuda_visible_devices is \
+        ray_torch._TorchBackend.share_cuda_visible_devices is True
+    assert driver.ScopedTorchConfig().framework == ray_torch.TorchConfig().framework
+    set_to = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cuda", 1))
+    monkeypatch.setattr(torch.cuda, "set_device", set_to.append)
+    with driver.ScopedTorchConfig().train_func_context():
+        assert set_to == [torch.device("cuda", 1)]
+
+    ended = []
+    monkeypatch.setattr(ray_torch, "_shutdown_torch", lambda **kw: ended.append(kw))
+    monkeypatch.setattr(driver.ray, "get", lambda done, timeout: done)
+
+    class TwoRanks:
+        def __len__(self):
+            return 2
+
+        def execute_async(self, fn, *args, **kwargs):
+            return [fn(*args, **kwargs) for _ in range(2)]
+
+    driver.ScopedTorchBackend().on_shutdown(TwoRanks(), driver.ScopedTorchConfig())
+    assert ended == [{"destroy_process_group": True}] * 2
+
+
 def test_a_slow_worker_start_is_waited_for_unless_the_user_says_otherwise(monkeypatch, tmp_path):
     """Ray Train's 60 s for a worker group to start is raised (under load a start took longer,
     and the trial restarted its workers again and again); a value the user set is kept."""

@@ -114,6 +114,15 @@ def test_resolved_settings_follow_the_device(monkeypatch, cpu_bf16):
         TrainConfig(precision="bf16", dtype="float64")
 
 
+def test_the_cpus_bf16_is_read_as_torch_reads_it():
+    """`precision: auto` reads the CPU's bf16 arithmetic from the kernel's flags on Linux (a
+    trial's driver then loads no torch): the same answer as torch's own check."""
+    from orchestrator.run.config import cpu_computes_bf16
+
+    assert cpu_computes_bf16() == bool(torch.cpu._is_amx_tile_supported()
+                                       or torch.cpu._is_avx512_bf16_supported())
+
+
 def test_studies_record_what_their_trials_run(monkeypatch):
     monkeypatch.setattr("orchestrator.run.config.cpu_computes_bf16", lambda: False)
     study = dict(name="s", space={"depth": 8}, train={"dataset": "synthetic"})

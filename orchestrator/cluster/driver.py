@@ -1,5 +1,8 @@
-"""The driver's side of Ray: connect to a cluster (or start a private local one), and a
-`TorchTrainer` whose workers are a run's ranks (`orchestrator.cluster.worker`)."""
+"""The driver's side of Ray: connect to a cluster (or start a private local one), and a Ray Train
+trainer whose workers are a run's ranks (`orchestrator.cluster.worker`) in one torch process group.
+
+This module imports no torch: each trial's driver and Ray Train's controller load it, and neither
+trains (torch costs each about 3 CPU-s to import)."""
 from __future__ import annotations
 
 import datetime
@@ -9,20 +12,22 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import ray
 import ray.train
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.exceptions import GetTimeoutError
+from ray.train.backend import Backend, BackendConfig
+from ray.train.constants import (DEFAULT_TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S,
+                                 TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S)
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
-from orchestrator.compat import (PLACEMENT_GROUP_ID, RAY_CONSTANTS, TORCH_BACKEND,
-                                 TORCH_DISTRIBUTED_ENV, resolve)
+from orchestrator.compat import (PLACEMENT_GROUP_ID, RAY_CONSTANTS, TORCH_DISTRIBUTED_ENV,
+                                 TORCH_SHUTDOWN, TORCH_TRAIN_CONTEXT, TRAINING_FRAMEWORK, resolve)
 from orchestrator.errors import ConfigError, TrainingDiverged, UserError, sigterm_as_ctrl_c
 from orchestrator.parallel import process_group
 from orchestrator.results import DIVERGED
 from orchestrator.run.config import TrainConfig
-from orchestrator.run.session import check_outputs
 from orchestrator.storage import check_writable
 
 # Ray's loopback-only mode for a single machine (see init_ray).
@@ -118,20 +123,37 @@ def _start_local(num_cpus: int | None) -> None:
 
 
 @dataclass
-class ScopedTorchConfig(TorchConfig):
-    """Ray Train's torch process group with its rendezvous store listening on the address the
-    ranks use (127.0.0.1 when a trial's workers share a machine), not on every interface."""
+class ScopedTorchConfig(BackendConfig):
+    """The torch process group that Ray Train's TorchConfig sets up, but with its rendezvous store
+    listening on the address the ranks use (127.0.0.1 when a trial's workers share a machine), not
+    on every interface. Not a TorchConfig: that module imports torch wherever the config goes."""
+
+    backend: str | None = None  # None: nccl where the workers have GPUs, else gloo
+    timeout_s: int = 1800
 
     @property
     def backend_cls(self):
-        return _ScopedTorchBackend
+        return ScopedTorchBackend
+
+    @property
+    def train_func_context(self):
+        return OnTorchDevice
+
+    @property
+    def framework(self):
+        return resolve(TRAINING_FRAMEWORK).TORCH
+
+    def to_dict(self) -> dict:
+        return {"backend": self.backend, "timeout_s": self.timeout_s}
 
 
-_TorchBackend: Any = resolve(TORCH_BACKEND)  # a private class of Ray's, found by its name
+class ScopedTorchBackend(Backend):
+    """Ray Train's torch backend, but for the rendezvous; its steps on the workers are Ray's."""
 
+    share_cuda_visible_devices = True  # as Ray's: a node's ranks see each other's GPUs
 
-class _ScopedTorchBackend(_TorchBackend):  # Ray's own, but for the rendezvous
-    def on_start(self, worker_group, backend_config: TorchConfig):
+    def on_start(self, worker_group, backend_config: BackendConfig):
+        assert isinstance(backend_config, ScopedTorchConfig), "the backend of ScopedTorchConfig"
         world_size = len(worker_group)
         if len(set(worker_group.execute(_node_id))) == 1:
             address = process_group.LOOPBACK
@@ -140,11 +162,37 @@ class _ScopedTorchBackend(_TorchBackend):  # Ray's own, but for the rendezvous
         gpus = worker_group.get_resources_per_worker().get("GPU", 0)
         backend = backend_config.backend or ("nccl" if gpus else "gloo")
         port = worker_group.execute_single(0, process_group.listen, address)
-        worker_group.execute(resolve(TORCH_DISTRIBUTED_ENV))
+        worker_group.execute(on_worker, TORCH_DISTRIBUTED_ENV)
         timeout = datetime.timedelta(seconds=backend_config.timeout_s)
         ray.get([worker_group.execute_single_async(rank, process_group.join, backend, rank,
                                                    world_size, address, port, timeout)
                  for rank in range(world_size)])
+
+    def on_shutdown(self, worker_group, backend_config: BackendConfig):
+        done = worker_group.execute_async(on_worker, TORCH_SHUTDOWN,
+                                          destroy_process_group=len(worker_group) > 1)
+        try:
+            ray.get(done, timeout=int(os.environ.get(TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S,
+                                                     DEFAULT_TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S)))
+        except GetTimeoutError:
+            pass  # as Ray's: the workers are being torn down anyway
+
+
+def on_worker(name: str, *args, **kwargs):
+    """One of Ray's torch steps, found by name on the worker (which imports torch anyway)."""
+    return resolve(name)(*args, **kwargs)
+
+
+class OnTorchDevice:
+    """Ray's torch context around the training function (it sets the rank's CUDA device), built
+    on the worker."""
+
+    def __enter__(self):
+        self.inner = resolve(TORCH_TRAIN_CONTEXT)()
+        return self.inner.__enter__()
+
+    def __exit__(self, *exc):
+        return self.inner.__exit__(*exc)
 
 
 def run_rank(config: dict) -> None:
@@ -163,17 +211,18 @@ def _node_id() -> str:
 def build_trainer(cfg: TrainConfig, *, name: str, storage_path: str, echo: bool,
                   cpus_per_worker: float = 1, gpus_per_worker: float = 0, max_failures: int = 0,
                   callbacks: list | None = None):
-    """A TorchTrainer with one worker per rank of cfg.parallel's mesh. The same (storage_path,
-    name) restores the run from its latest checkpoint."""
+    """A Ray Train run with one worker per rank of cfg.parallel's mesh, the ranks in one torch
+    process group (`ScopedTorchConfig`). The same (storage_path, name) restores the run from its
+    latest checkpoint."""
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
     if not gpus_per_worker:  # Ray (2.60) no longer hides GPUs from a worker given none
         cfg = cfg.model_copy(update={"device": "cpu"})  # (auto: every rank on cuda:0, gloo)
     for setting in (HEALTH_CHECK_INTERVAL, WORKER_GROUP_START_TIMEOUT):
         os.environ.setdefault(*setting)  # Ray Train passes them to its controller
-    return TorchTrainer(
+    return DataParallelTrainer(
         run_rank,
         train_loop_config={"run": cfg.model_dump(mode="json"), "echo": echo},
-        torch_config=ScopedTorchConfig(),
+        backend_config=ScopedTorchConfig(),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.parallel.world_size,
                                                use_gpu=gpus_per_worker > 0,
                                                resources_per_worker=resources),
@@ -196,6 +245,8 @@ def run_on_ray(cfg: TrainConfig) -> dict:
                           f"another --checkpoint-dir")
     if cfg.resume and not (storage / "train").exists():
         raise ConfigError(f"no run to resume in {storage}; run without --resume")
+    from orchestrator.run.session import check_outputs  # it imports torch: see the docstring
+
     check_outputs(cfg, checkpoint_dir=False)  # Ray Train keeps the checkpoints in storage/train
     check_writable(storage, "--checkpoint-dir")  # all of it before Ray starts
     init_ray()

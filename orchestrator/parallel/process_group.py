@@ -12,8 +12,6 @@ import os
 import socket
 import sys
 
-import torch.distributed as dist
-
 LOOPBACK = "127.0.0.1"
 _listening: socket.socket | None = None  # rank 0's store socket, between listen() and join()
 
@@ -31,6 +29,8 @@ def listen(address: str, port: int = 0) -> int:
 def join(backend: str, rank: int, world_size: int, address: str, port: int,
          timeout: datetime.timedelta = datetime.timedelta(minutes=30)) -> None:
     """Every rank: join the group whose store rank 0 listens on at address:port."""
+    import torch.distributed as dist  # here: Ray Train's controller loads this module, not torch
+
     global _listening
     if address == LOOPBACK:
         interface = "lo" if sys.platform.startswith("linux") else "lo0"

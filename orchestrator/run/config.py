@@ -46,7 +46,15 @@ def fastest_form(architecture: Architecture, device: str) -> str:
 
 def cpu_computes_bf16() -> bool:
     """Whether this CPU has bf16 arithmetic (AMX or AVX512-BF16): there, bf16 training steps ran
-    1.5-1.8x as fast as fp32 (bench/RESULTS.md); elsewhere bf16 is emulated, and slower."""
+    1.5-1.8x as fast as fp32 (bench/RESULTS.md); elsewhere bf16 is emulated, and slower. Read from
+    the kernel's x86 flags on Linux: each trial's driver resolves its run here, and torch costs
+    it about 3 CPU-s to import; torch's own check elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next(line for line in cpuinfo if line.startswith("flags"))
+        return bool({"amx_tile", "avx512_bf16"} & set(flags.partition(":")[2].split()))
+    except (OSError, StopIteration):  # not Linux, or not x86 (no such flags line)
+        pass
     import torch
 
     try:
@@ -60,9 +68,9 @@ def auto_precision(device: str) -> str:
     capability 8.0 on; a CPU with bf16 arithmetic), fp16 on older GPUs (V100, T4: bf16 is
     emulated there, slower than fp32; fp16 runs on their tensor cores, with a loss scaler),
     else fp32. A driver that sees no GPU (a study's head node) assumes a recent one."""
-    import torch
-
     if device == "cuda":
+        import torch
+
         old = torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 0)
         return "fp16" if old else "bf16"
     return "bf16" if cpu_computes_bf16() else "fp32"

@@ -1,6 +1,6 @@
 """A study as Ray Tune trials of Ray Train runs, tracked in MLflow.
 
-Study file -> StudyConfig -> Tuner(searcher, trial scheduler) -> trial driver -> TorchTrainer ->
+Study file -> StudyConfig -> Tuner(searcher, trial scheduler) -> trial driver -> Ray Train run ->
 workers (`orchestrator.cluster.worker`) -> ray.train.report -> Tune -> MLflow (`tracking`).
 Running the same command again after Ctrl-C (or with --resume) continues the study with
 `Tuner.restore`: finished trials are kept, unfinished ones resume from their last checkpoint.

@@ -19,7 +19,7 @@ def trainable_of(study: StudyConfig):
 
 
 def trial_driver(config: dict, study_data: dict) -> None:
-    """Runs inside a Tune trial: builds the trial's TrainConfig and fits a TorchTrainer."""
+    """Runs inside a Tune trial: builds the trial's TrainConfig and fits its Ray Train run."""
     study = StudyConfig(**study_data)
     cfg = study.trial_config(config)
     res = study.resources
