@@ -8,8 +8,7 @@ import pytest
 from models.multi_resnet import Architecture
 from models.complexity import summarize
 from orchestrator.commands.sweep import main as sweep_main
-from tests.sweeps import (PARENT, SMOKE, checkpoints, child_statuses, runs,
-                          start_sweep, wait_for)
+from tests.sweeps import PARENT, SMOKE, checkpoints, runs, start_sweep
 
 
 def assert_best_model_loads(uri: str, name: str, children) -> None:
@@ -115,37 +114,6 @@ def pair_study(tmp_path: Path, **changes) -> Path:
     path = tmp_path / "pairs.yaml"
     path.write_text(yaml.safe_dump(study))
     return path
-
-
-def test_a_study_stopped_during_its_last_trial_is_interrupted_not_done(ray_address, tmp_path):
-    """SIGTERM while the last trial trains: Tune's clean-up marks that trial TERMINATED in what
-    `fit` returns (its saved state keeps it RUNNING), which read as a study done with a trial
-    stopped early (exit 0). It is an interruption: exit 143, the parent run KILLED; the same
-    command trains the rest of that trial, each epoch once."""
-    args = ["--set", "trials=1", "--set", "concurrency=1", "--set", "scheduler.type=none",
-            "--set", "train.epochs=3", "--storage-path", str(tmp_path / "results"),
-            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
-    uri = args[-1]
-    proc = start_sweep(args, ray_address, cwd=tmp_path)
-
-    def first_epoch_logged() -> bool:
-        children = runs(uri)[2] if child_statuses(uri) else []
-        return any("test_error" in c.data.metrics for c in children)
-
-    wait_for(first_epoch_logged, proc, timeout=600, what="the first epoch in MLflow")
-    proc.send_signal(signal.SIGTERM)
-    output = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 143, output[-3000:]
-    assert "best:" not in output
-    _, (parent,), children = runs(uri)
-    assert parent.info.status == "KILLED" and len(children) == 1
-    assert children[0].info.status != "FINISHED"  # not brought "up to date" as if it had ended
-
-    assert sweep_main([SMOKE, *args]) == 0
-    client, _, (child,) = runs(uri)
-    assert child.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(child.info.run_id, "test_error")] == \
-        [1, 2, 3]
 
 
 def test_trials_on_a_data_parallel_mesh_one_diverging(ray_address, tmp_path):
