@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.study.mlflow_client import quick_http
 from tests.ranks import free_port
+from tests.sweeps import new_database
 
 BIN = Path(sys.executable).parent
 
@@ -56,6 +57,8 @@ class MlflowServer:
         # One web worker and no job runner: the server starts in seconds instead of a minute on
         # two cores (the tests need neither more workers nor MLflow's background jobs).
         env = {**(self.env or os.environ), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        if not (self.folder / "mlflow.db").exists():  # made once per test run, not per server
+            new_database(self.folder)
         self.proc = start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port",
                            str(self.port), "--workers", "1", "--backend-store-uri",
                            f"sqlite:///{self.folder / 'mlflow.db'}", "--artifacts-destination",

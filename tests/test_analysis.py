@@ -95,9 +95,11 @@ def test_a_report_from_mlflow_reads_the_runs_its_csv_holds(tmp_path, capsys):
     table as the CSV of the same runs, and their epoch histories a figure of their own."""
     from mlflow.tracking import MlflowClient
 
+    from tests.sweeps import new_database
+
     runs = constructed(seeds=2).assign(flops=lambda r: 300 * r.params)
     runs.to_csv(tmp_path / "x.csv", index=False)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_database(tmp_path)
     client = MlflowClient(uri)
     experiment = client.create_experiment("x")
     parent = client.create_run(experiment, tags={"study": "x"}).info.run_id

@@ -14,6 +14,7 @@ from orchestrator.commands.summary import main as summary_main
 from orchestrator.commands.sweep import main as sweep_main
 from orchestrator.commands.train import main as train_main
 from tests.conftest import write_cifar_layout
+from tests.sweeps import new_database
 
 SMOKE = (Path(__file__).parent.parent / "search_spaces" / "smoke.yaml").read_text()
 IMAGEFOLDER = (Path(__file__).parent.parent / "search_spaces" / "imagefolder_cpu.yaml").read_text()
@@ -183,28 +184,13 @@ def truncated_state(tmp: Path) -> str:
     return str(tmp / "inputs" / "results")
 
 
-EMPTY_DATABASE: list[bytes] = []  # an MLflow sqlite database made once (its tables take seconds)
-
-
 def mlflow_study(tmp: Path, damage: dict) -> str:
     """An MLflow database (in the inputs) holding a study's parent run and one finished trial
     whose params, metrics or tags are replaced by `damage` ({"param.seed": "abc", ...}; None
     leaves it out); the arguments of a report from it."""
-    import logging
-
     from mlflow.tracking import MlflowClient
 
-    database = tmp / "inputs" / "mlflow.db"
-    if not EMPTY_DATABASE:
-        logger = logging.getLogger("mlflow")
-        level = logger.level
-        logger.setLevel(logging.WARNING)  # its lines on making the tables
-        MlflowClient(f"sqlite:///{tmp / 'empty.db'}").search_experiments()
-        logger.setLevel(level)
-        EMPTY_DATABASE.append((tmp / "empty.db").read_bytes())
-        (tmp / "empty.db").unlink()
-    database.write_bytes(EMPTY_DATABASE[0])
-    uri = f"sqlite:///{database}"
+    uri = new_database(tmp / "inputs")
     client = MlflowClient(uri)
     experiment = client.create_experiment("x")
     parent = client.create_run(experiment, tags={"study": "x"}).info.run_id

@@ -179,11 +179,12 @@ def test_an_n0_study_stopped_resumed_extended_and_killed_trains_each_net_once(
       orchestrator.report reads the same study back from MLflow;
     - every file Ray would unpickle from the folder was signed by the sweeps; one planted
       there is refused before Ray starts."""
-    from tests.sweeps import assert_resumes_once, child_statuses, runs, start_sweep, wait_for
+    from tests.sweeps import (assert_resumes_once, child_statuses, new_database, runs,
+                              start_sweep, wait_for)
     from tests.test_sweep import pair_study
 
     path = pair_study(tmp_path)
-    uri, results = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "results"
+    uri, results = new_database(tmp_path), tmp_path / "results"
     args = [str(path), "--storage-path", str(results), "--tracking-uri", uri,
             "--set", "concurrency=1"]
     from orchestrator.commands.sweep import main as sweep_main

@@ -14,8 +14,8 @@ import torch
 from mlflow.entities import ViewType
 
 from tests.servers import MlflowServer
-from tests.sweeps import (PARENT, SMOKE, assert_resumes_once, checkpoints, child_statuses, poll,
-                          runs, start_sweep, wait_for)
+from tests.sweeps import (PARENT, SMOKE, assert_resumes_once, checkpoints, child_statuses,
+                          new_database, poll, runs, start_sweep, wait_for)
 
 ONE_TRIAL = ["--set", "trials=1", "--set", "space.depth=8", "--set", "space.lr=0.05",
              "--set", "scheduler.type=none"]
@@ -26,7 +26,7 @@ def test_killed_worker_restarts_from_its_checkpoint(ray_address, tmp_path):
     the epoch-2 checkpoint and ends with the weights of an uninterrupted run (float64)."""
     from ray.util.state import list_actors
 
-    uri, results = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "results"
+    uri, results = new_database(tmp_path), tmp_path / "results"
     run = [*ONE_TRIAL, "--set", "space.k=2", "--set", "train.epochs=4",
            "--set", "train.train_size=128", "--set", "train.dtype=float64"]
     proc = start_sweep(["--storage-path", str(results), "--tracking-uri", uri,
@@ -73,7 +73,7 @@ def test_killed_driver_resumes_without_retraining_or_duplicates(ray_address, tmp
     file, right after Tune's first save, during a trial, as a trial has finished, and right
     after a later save. No rerun is refused; the last one finishes the study in the same MLflow
     runs, every trial trained and logged once."""
-    uri, results = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "results"
+    uri, results = new_database(tmp_path), tmp_path / "results"
     folder = results / "smoke"
     args = ["--storage-path", str(results), "--tracking-uri", uri, "--set", "trials=3",
             "--set", "concurrency=1", "--set", "scheduler.type=none"]
@@ -221,7 +221,7 @@ def test_run_of_a_trial_the_restored_study_forgot_is_ended_and_deleted(tmp_path)
     from orchestrator.study.mlflow_client import connect
     from orchestrator.study.tracking import StudyRun, TrialTracker
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_database(tmp_path)
     study = load_study(SMOKE, [f"mlflow.tracking_uri={uri}"])
     parent = StudyRun(connect(uri), study)
     parent.open(None, tmp_path, "")
@@ -253,7 +253,7 @@ def test_trials_that_ended_unseen_by_mlflow_are_caught_up_from_their_stored_resu
     from orchestrator.study.mlflow_client import connect
     from orchestrator.study.tracking import StudyRun, TrialTracker
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_database(tmp_path)
     study = load_study(SMOKE, [f"mlflow.tracking_uri={uri}"])
     parent = StudyRun(connect(uri), study)
     parent.open(None, tmp_path, "")
@@ -369,7 +369,7 @@ def test_every_run_is_read_past_mlflows_first_page(tmp_path):
         def search_runs(self, *args, max_results: int = 1000, **kwargs):
             return super().search_runs(*args, max_results=min(max_results, 10), **kwargs)
 
-    client = SmallPages(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = SmallPages(new_database(tmp_path))
     experiment = client.create_experiment("many")
     for _ in range(23):
         client.create_run(experiment)
@@ -398,7 +398,7 @@ def test_system_metrics_reach_the_trials_run(tmp_path):
     assert sampled["system/process_memory_rss_megabytes"] > 10
     assert 0 < sampled["system/system_memory_usage_percentage"] < 100
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_database(tmp_path)
     study = load_study(SMOKE, [f"mlflow.tracking_uri={uri}"])
     parent = StudyRun(connect(uri), study)
     parent.open(None, tmp_path, "")
@@ -435,7 +435,7 @@ def test_a_failed_trial_is_named_and_the_rerun_trains_exactly_it(ray_address, tm
     that trial alone, from its checkpoint, and finishes the study."""
     from ray.util.state import list_actors
 
-    uri, results = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "results"
+    uri, results = new_database(tmp_path), tmp_path / "results"
     args = ["--storage-path", str(results), "--tracking-uri", uri, "--set", "trials=2",
             "--set", "concurrency=1", "--set", "scheduler.type=none",
             "--set", "resources.max_failures=0", "--set", "train.epochs=5"]
@@ -471,7 +471,7 @@ def test_a_bucket_deleted_mid_study_fails_cleanly(ray_address, tmp_path):
     from tests.servers import S3Server
 
     s3 = S3Server(tmp_path).start()
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_database(tmp_path)
     proc = None
     try:
         proc = start_sweep(["--storage-path", s3.uri("results"), "--tracking-uri", uri,

@@ -599,12 +599,12 @@ def test_a_sweep_over_an_image_folder_tracks_top1_and_top5(ray_address, tmp_path
     """search_spaces/imagefolder_cpu.yaml on a generated folder (one small trial): every epoch's
     top-1 and top-5 error, data and step time in MLflow; the final top-5 on the run."""
     from orchestrator.commands.sweep import main as sweep_main
-    from tests.sweeps import runs
+    from tests.sweeps import new_database, runs
 
     root = write_image_folder(tmp_path / "folder", train=16, val=4, size=(32, 32),
                               exact_size=True)
     monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_database(tmp_path)
     study = str(Path(__file__).parent.parent / "search_spaces" / "imagefolder_cpu.yaml")
     assert sweep_main([study, "--data-dir", str(root), "--storage-path", str(tmp_path / "results"),
                        "--tracking-uri", uri, "--set", "space.depth=8", "--set", "space.k=1",

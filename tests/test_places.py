@@ -18,7 +18,7 @@ from orchestrator.commands.lesion import main as lesion_main
 from orchestrator.commands.report import main as report_main
 from orchestrator.commands.sweep import main as sweep_main
 from orchestrator.commands.train import main as train_main
-from tests.sweeps import made
+from tests.sweeps import made, new_database
 
 ROOT = Path(__file__).parent.parent
 SMOKE = str(ROOT / "search_spaces" / "smoke.yaml")
@@ -194,7 +194,7 @@ def test_undelivered_mlflow_updates_on_a_full_disk(tmp_path, monkeypatch, caplog
     from orchestrator.study.tracking import StudyRun
 
     monkeypatch.setattr(mlflow_client, "OUTBOXES", {})  # this test's own
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_database(tmp_path)
     study = load_study(SMOKE, ["mlflow.tracking_uri=" + uri])
     parent = StudyRun(MlflowClient(uri), study)
     results = tmp_path / "results"
@@ -238,7 +238,7 @@ def finished_study(t: Path, status: str = "FINISHED"):
     from orchestrator.study.config import load_study
     from orchestrator.study.folder import STATE_FILE, config_hash, resolve_paths
 
-    uri = f"sqlite:///{t / 'mlflow.db'}"
+    uri = new_database(t)
     study = resolve_paths(load_study(SMOKE, ["storage_path=" + str(t / "results"),
                                              "mlflow.tracking_uri=" + uri]))
     client = MlflowClient(uri)
@@ -490,7 +490,7 @@ def test_report_takes_the_newest_study_run(tmp_path):
 
     from orchestrator.study.tracking import finished_trials
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_database(tmp_path)
     client = MlflowClient(uri)
     experiment = client.create_experiment("x")
     study = client.create_run(experiment, tags={"study": "x"}).info.run_id
@@ -534,7 +534,7 @@ def test_a_study_on_s3_storage(ray_address, tmp_path, capsys, monkeypatch):
     try:
         results = s3.uri("results")
         args = [SMOKE, "--storage-path", results, "--tracking-uri",
-                f"sqlite:///{tmp_path / 'mlflow.db'}", "--set", "trials=1", "--set",
+                new_database(tmp_path), "--set", "trials=1", "--set",
                 "space.depth=8", "--set", "space.k=1", "--set", "space.lr=0.05", "--set",
                 "scheduler.type=none", "--set", "train.epochs=1"]
         assert sweep_main(args) == 0

@@ -229,8 +229,9 @@ def test_sweep_end_logs_n0_to_the_parent_run(tmp_path, capsys):
 
     from orchestrator.study.outputs import report_n0
     from orchestrator.study.tracking import StudyRun
+    from tests.sweeps import new_database
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_database(tmp_path)
     study = load_study(SPACES / "paper_table2.yaml", [f"mlflow.tracking_uri={uri}"])
     parent = StudyRun(MlflowClient(uri), study)
     parent.open(None, tmp_path, "name: paper_table2\n")

@@ -8,7 +8,7 @@ import pytest
 from models.multi_resnet import Architecture
 from models.complexity import summarize
 from orchestrator.commands.sweep import main as sweep_main
-from tests.sweeps import PARENT, SMOKE, checkpoints, runs, start_sweep
+from tests.sweeps import PARENT, SMOKE, checkpoints, new_database, runs, start_sweep
 
 
 def assert_best_model_loads(uri: str, name: str, children) -> None:
@@ -121,7 +121,7 @@ def test_trials_on_a_data_parallel_mesh_one_diverging(ray_address, tmp_path):
     whose loss becomes non-finite fails with that reason, and the sweep goes on. Ctrl-C
     belongs to the caller again afterwards. The storage is given as a file:// URI: the same
     folder."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_database(tmp_path)
     ctrl_c = signal.getsignal(signal.SIGINT)
     assert sweep_main([SMOKE, "--storage-path", (tmp_path / "results").as_uri(),
                        "--tracking-uri", uri,
