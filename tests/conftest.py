@@ -80,6 +80,18 @@ def ray_address():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def checkout_left_as_it_was():
+    """No test writes into the checkout (a sweep's default results/ and mlflow.db, MLflow's
+    ./mlruns of an experiment made without a place): each test keeps to its own folder."""
+    root = Path(__file__).parent.parent
+    names = ("results", "mlflow.db", "mlruns", "mlartifacts")
+    before = {name for name in names if (root / name).exists()}
+    yield
+    made = sorted({name for name in names if (root / name).exists()} - before)
+    assert not made, f"the tests wrote {made} into the checkout"
+
+
 @pytest.fixture
 def in_empty_folder(tmp_path, monkeypatch) -> None:
     """Start the test in an empty folder: a sweep's default results/ and mlflow.db are in the

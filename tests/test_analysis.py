@@ -101,7 +101,8 @@ def test_a_report_from_mlflow_reads_the_runs_its_csv_holds(tmp_path, capsys):
     runs.to_csv(tmp_path / "x.csv", index=False)
     uri = new_database(tmp_path)
     client = MlflowClient(uri)
-    experiment = client.create_experiment("x")
+    # The report logs itself to the parent run: its files in this test's folder, not ./mlruns.
+    experiment = client.create_experiment("x", (tmp_path / "artifacts").as_uri())
     parent = client.create_run(experiment, tags={"study": "x"}).info.run_id
     for row in runs.itertuples():
         run = client.create_run(experiment, tags={"mlflow.parentRunId": parent}).info.run_id
